@@ -1,0 +1,152 @@
+"""The one contract between twinloss and a backbone.
+
+Time convention (stated once, used everywhere in twinloss)
+-----------------------------------------------------------
+``t = 1`` is pure noise, ``t = 0`` is data, and on the default linear path
+
+    x_t = t * z + (1 - t) * x,        velocity  v = dx_t/dt = z - x.
+
+A model is a *two-time* velocity field ``F(x_t, t, r)``: the average velocity
+that carries ``x_t`` from time ``t`` to an earlier target time ``r <= t`` in
+one jump, ``x_r = x_t - (t - r) * F``. ``r = t`` is the ordinary instantaneous
+velocity, ``r = 0`` the one-step (1-NFE) generator.
+
+A **negative** time marks the twin (fake) trajectory: ``F(x_t, -t, -r)`` is the
+velocity field of the flow from noise to the model's *own* one-step samples.
+The interpolant always uses ``|t|``; only the time signal the network sees
+carries the sign. Adapters (``twinloss_adapters``) convert these times to a
+backbone's own units; nothing else in twinloss does.
+"""
+
+import inspect
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = [
+    "Conditioning",
+    "VelocityModel",
+    "check_conditioning",
+    "check_model_keywords",
+    "concat_conditioning",
+    "select_rows",
+]
+
+Conditioning = Mapping[str, Tensor]
+"""Keyword tensors passed to the model, each with the batch as its first dim."""
+
+RESERVED_KEYWORDS = frozenset({"x_t", "t", "r"})
+
+
+class VelocityModel(Protocol):
+    """What TwinFlowLoss and AnyStepSampler call.
+
+    ``model(x_t, t, r, **cond) -> velocity`` where
+
+    * ``x_t``: the interpolant, ``[B, ...]`` (any trailing shape), in the
+      model's dtype;
+    * ``t``, ``r``: signed float tensors of shape ``[B]`` with
+      ``|r| <= |t| <= 1`` and ``sign(r) == sign(t)``; a negative sign selects
+      the twin (fake) trajectory;
+    * ``cond``: batch-leading conditioning tensors (class labels, text
+      embeddings, masks), sliced by twinloss per row group;
+    * returns the average velocity ``F(x_t, t, r)`` with the shape of ``x_t``.
+
+    Any ``nn.Module`` or function with this signature qualifies; the adapters
+    in ``twinloss_adapters`` turn stock diffusers transformers into one.
+    """
+
+    def __call__(
+        self,
+        x_t: Tensor,
+        t: Float[Tensor, " batch"],
+        r: Float[Tensor, " batch"],
+        **cond: Tensor,
+    ) -> Tensor: ...
+
+
+def check_conditioning(
+    cond: Conditioning | None, batch_size: int, *, name: str
+) -> dict[str, Tensor]:
+    """Validate a conditioning mapping and return a shallow copy of it.
+
+    Raises:
+        ValueError: naming ``name[key]`` if a value is not a tensor, does not
+            lead with the batch dimension, or a key collides with ``x_t``,
+            ``t`` or ``r``.
+    """
+    if cond is None:
+        return {}
+    if not isinstance(cond, Mapping):
+        raise ValueError(f"{name} must be a mapping of str to tensors, got {type(cond).__name__}")
+    checked = {}
+    for key, value in cond.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{name} keys must be strings, got {key!r}")
+        if key in RESERVED_KEYWORDS:
+            raise ValueError(
+                f"{name}[{key!r}] collides with the model's positional argument {key!r}; "
+                "rename the conditioning key"
+            )
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name}[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+        if value.ndim == 0 or value.shape[0] != batch_size:
+            raise ValueError(
+                f"{name}[{key!r}] must lead with the batch dimension {batch_size}, "
+                f"got shape {tuple(value.shape)}"
+            )
+        checked[key] = value
+    return checked
+
+
+def check_model_keywords(model: object, cond: Conditioning, *, name: str = "cond") -> None:
+    """Reject conditioning keys the model's signature cannot accept.
+
+    A misspelled key must not vanish into ``**kwargs`` unnoticed, nor surface
+    as a ``TypeError`` deep inside a training step. Models whose signature
+    cannot be read, or that accept ``**kwargs``, are trusted.
+    """
+    if not cond:
+        return
+    try:
+        signature = inspect.signature(model)  # nn.Module: the signature of forward
+    except (TypeError, ValueError):
+        return
+    parameters = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = {
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    unknown = sorted(set(cond) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{name} has keys {unknown} that the model does not accept; "
+            f"its keyword arguments are {sorted(accepted - RESERVED_KEYWORDS)}"
+        )
+
+
+def select_rows(cond: Conditioning, rows: slice | Tensor) -> dict[str, Tensor]:
+    """Index every conditioning tensor by the same rows (a view for slices)."""
+    return {key: value[rows] for key, value in cond.items()}
+
+
+def concat_conditioning(*conds: Conditioning) -> dict[str, Tensor]:
+    """Concatenate conditioning mappings along the batch, for one batched call.
+
+    Raises:
+        ValueError: if the mappings do not share the same keys.
+    """
+    keys = set(conds[0])
+    for other in conds[1:]:
+        if set(other) != keys:
+            raise ValueError(
+                f"uncond must have the same keys as cond to batch them in one call; "
+                f"got {sorted(keys)} and {sorted(other)}"
+            )
+    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}

@@ -1,0 +1,135 @@
+"""Teachers: who evaluates the no-grad passes of a TwinFlow step.
+
+The guidance passes and the RCGM chain (ALGORITHM.md, steps 4-5) call a
+*teacher*, never the grad-carrying model. A teacher is an ``nn.Module`` with
+
+* ``forward(model, x_t, t, r, cond) -> velocity``: one no-grad evaluation of
+  the two-time field. It receives the online model at call time, so it holds
+  no second registration of weights a wrapper (FSDP, DDP, accelerate) owns;
+* ``update(model)``: called by the trainer after ``optimizer.step()``;
+* ``state_dict()`` / ``load_state_dict()``: so a resumed run continues
+  exactly (the state travels inside ``TwinFlowLoss.state_dict()``).
+
+New teachers (LoRA base, LoRA-EMA, sharded EMA) subclass :class:`Teacher`.
+"""
+
+import abc
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from twinloss.protocol import Conditioning, VelocityModel
+
+__all__ = ["EMATeacher", "OnlineTeacher", "Teacher"]
+
+
+class Teacher(nn.Module, abc.ABC):
+    """Base class of the no-grad evaluator used for targets."""
+
+    @abc.abstractmethod
+    def forward(
+        self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
+    ) -> Tensor:
+        """Return ``F(x_t, t, r, **cond)`` without building a graph."""
+
+    def update(self, model: VelocityModel) -> None:
+        """Advance the teacher after an optimizer step (no-op by default)."""
+
+
+class OnlineTeacher(Teacher):
+    """The online model itself under ``no_grad`` (default; costs no memory)."""
+
+    def forward(
+        self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
+    ) -> Tensor:
+        with torch.no_grad():
+            return model(x_t, t, r, **cond)
+
+
+class EMATeacher(Teacher):
+    r"""An exponential moving average of the online weights, with warm-up.
+
+    After each optimizer step, with ``d`` the current decay (starting at 0),
+
+    .. math::
+        \bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta, \qquad
+        d \leftarrow d + \tfrac{1}{2}(1 - d)(d_\text{target} - d),
+
+    so the first update copies the weights and ``d`` rises towards
+    ``target_decay``. The average is kept in at least float32 and evaluated
+    with :func:`torch.func.functional_call` on the online module, so no second
+    module is built. The model must therefore be an ``nn.Module`` whose
+    parameters the average mirrors.
+
+    Args:
+        target_decay: the decay the warm-up approaches (*default* 0.99), in [0, 1).
+    """
+
+    def __init__(self, target_decay: float = 0.99) -> None:
+        super().__init__()
+        if not (0.0 <= target_decay < 1.0) or math.isnan(target_decay):
+            raise ValueError(f"target_decay must lie in [0, 1), got {target_decay}")
+        self.target_decay = float(target_decay)
+        self.decay = 0.0
+        self.num_updates = 0
+        self.shadow: dict[str, Tensor] = {}
+
+    @staticmethod
+    def _module(model: VelocityModel) -> nn.Module:
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"EMATeacher needs the model to be an nn.Module, got {type(model).__name__}"
+            )
+        return model
+
+    @torch.no_grad()
+    def update(self, model: VelocityModel) -> None:
+        module = self._module(model)
+        params = dict(module.named_parameters())
+        if not self.shadow:
+            self.shadow = {
+                name: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
+                for name, p in params.items()
+            }
+        else:
+            if set(params) != set(self.shadow):
+                raise ValueError(
+                    "EMATeacher.update: the model's parameters differ from the averaged ones "
+                    f"(missing {sorted(set(self.shadow) - set(params))[:3]}, "
+                    f"new {sorted(set(params) - set(self.shadow))[:3]})"
+                )
+            for name, p in params.items():
+                self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1.0 - self.decay)
+        self.decay = self.decay + 0.5 * (1.0 - self.decay) * (self.target_decay - self.decay)
+        self.num_updates += 1
+
+    def forward(
+        self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
+    ) -> Tensor:
+        module = self._module(model)
+        if not self.shadow:
+            self.update(module)  # first use: the average starts as the current weights
+        dtypes = {name: p.dtype for name, p in module.named_parameters()}
+        params = {name: average.to(dtypes[name]) for name, average in self.shadow.items()}
+        with torch.no_grad():
+            return functional_call(module, params, (x_t, t, r), dict(cond))
+
+    def get_extra_state(self) -> dict:
+        return {
+            "target_decay": self.target_decay,
+            "decay": self.decay,
+            "num_updates": self.num_updates,
+            "shadow": {name: p.clone() for name, p in self.shadow.items()},
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        if state["target_decay"] != self.target_decay:
+            raise ValueError(
+                f"the saved EMA targets decay {state['target_decay']}, "
+                f"this teacher {self.target_decay}"
+            )
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+        self.shadow = {name: p.clone() for name, p in state["shadow"].items()}
