@@ -1,0 +1,66 @@
+"""The ``twinloss`` command line: ``twinloss demo [--steps N] [--seed S] [--out DIR] [--quick]``."""
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twinloss", description="TwinFlow: one-step generation tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="train a small 2-D model with flow matching, fine-tune it with TwinFlow, compare samplers",
+        description=(
+            "Pretrain a small MLP with flow matching on 8 Gaussians on a ring, fine-tune the same weights "
+            "with TwinFlow, and compare 1-NFE TwinFlow with 1-NFE and multi-step flow matching. "
+            "Writes demo.png and results.json to --out (about two minutes on 2 CPU cores)."
+        ),
+    )
+    demo.add_argument("--steps", type=int, default=None, help="TwinFlow fine-tuning steps (default 800; quick: 30)")
+    demo.add_argument(
+        "--pretrain-steps", type=int, default=None, help="flow-matching pretraining steps (default 1500; quick: 60)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of data, weights and noise (default 0)")
+    demo.add_argument("--out", default="demo-output", help="output directory (default demo-output/)")
+    demo.add_argument("--quick", action="store_true", help="a few-second run with a tiny model (for tests)")
+    demo.add_argument("--threads", type=int, default=None, help="torch threads (default 1: fastest here)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from twinloss.demo import DemoConfig, run_demo
+
+        config = DemoConfig.quick(seed=args.seed) if args.quick else DemoConfig(seed=args.seed)
+        overrides = {}
+        if args.steps is not None:
+            overrides["finetune_steps"] = args.steps
+        if args.pretrain_steps is not None:
+            overrides["pretrain_steps"] = args.pretrain_steps
+        if args.threads is not None:
+            overrides["threads"] = args.threads
+        try:
+            config = replace(config, **overrides)
+        except ValueError as error:
+            print(f"twinloss demo: {error}", file=sys.stderr)
+            return 2
+        report = run_demo(config, args.out, progress=not args.no_progress)
+        rows = [(name, r) for name, r in report["results"].items()]
+        print(f"{'method':28s} {'NFE':>4s} {'SW':>7s} {'MMD':>8s} {'div':>6s} {'modes':>6s}")
+        for name, r in rows:
+            print(
+                f"{name:28s} {r['nfe']:4d} {r['sliced_wasserstein']:7.3f} {r['mmd_rbf']:8.4f} "
+                f"{r['diversity_ratio']:6.2f} {r['mode_coverage']:6.2f}"
+            )
+        print(f"wrote {args.out}/demo.png and {args.out}/results.json in {report['timing_s']['total']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
