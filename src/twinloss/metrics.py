@@ -74,8 +74,8 @@ def _quantiles(values: Tensor, levels: Tensor) -> Tensor:
 
 
 def sliced_wasserstein(
-    x: Float[Tensor, "n *shape"],
-    y: Float[Tensor, "m *shape"],
+    x: Float[Tensor, "n *shape_x"],
+    y: Float[Tensor, "m *shape_y"],
     *,
     projections: int = 256,
     p: float = 2.0,
@@ -119,8 +119,8 @@ def _median_bandwidth(a: Tensor, b: Tensor) -> float:
 
 
 def mmd_rbf(
-    x: Float[Tensor, "n *shape"],
-    y: Float[Tensor, "m *shape"],
+    x: Float[Tensor, "n *shape_x"],
+    y: Float[Tensor, "m *shape_y"],
     *,
     bandwidths: tuple[float, ...] | None = None,
 ) -> Float[Tensor, ""]:
@@ -159,7 +159,7 @@ def _sqrtm_psd(matrix: Tensor) -> Tensor:
 
 
 def frechet_distance(
-    x: Float[Tensor, "n features"], y: Float[Tensor, "m features"]
+    x: Float[Tensor, "n features_x"], y: Float[Tensor, "m features_y"]
 ) -> Float[Tensor, ""]:
     r"""Squared Fréchet distance of the Gaussian fits of two feature sets (FID's formula).
 
@@ -236,7 +236,7 @@ class RandomConvFeatures(nn.Module):
 
 def image_frechet_distance(
     x: Float[Tensor, "n channels height width"],
-    y: Float[Tensor, "m channels height width"],
+    y: Float[Tensor, "m channels height_y width_y"],
     *,
     features: RandomConvFeatures | None = None,
 ) -> Float[Tensor, ""]:
@@ -294,8 +294,8 @@ class ModeStatistics:
 
 
 def mode_statistics(
-    samples: Float[Tensor, "n dim"],
-    data: Float[Tensor, "m dim"],
+    samples: Float[Tensor, "n dim_samples"],
+    data: Float[Tensor, "m dim_data"],
     centers: Float[Tensor, "modes dim"],
     *,
     min_share: float = 0.1,
