@@ -281,6 +281,8 @@ class ModeStatistics:
             near 0 means samples collapse onto points, > 1 means blur.
         coverage: fraction of modes holding at least ``min_share`` of their
             fair share ``n / modes`` of the samples.
+        off_mode_fraction: fraction of samples farther than ``radius`` from
+            every centre (0 without a radius): the samples between the modes.
         mode_fractions: fraction of the samples assigned to each mode.
         within_spread_samples: per-mode spread of the samples (NaN if unpopulated).
         within_spread_data: per-mode spread of the reference data.
@@ -288,6 +290,7 @@ class ModeStatistics:
 
     diversity_ratio: float
     coverage: float
+    off_mode_fraction: float
     mode_fractions: tuple[float, ...]
     within_spread_samples: tuple[float, ...] = field(repr=False)
     within_spread_data: tuple[float, ...] = field(repr=False)
@@ -300,6 +303,7 @@ def mode_statistics(
     *,
     min_share: float = 0.1,
     min_count: int = 2,
+    radius: float | None = None,
 ) -> ModeStatistics:
     """Mode coverage and within-mode diversity ratio of ``samples`` against ``data``.
 
@@ -312,11 +316,17 @@ def mode_statistics(
             its fair share of the samples (*default* 0.1).
         min_count: modes with fewer assigned points are left out of the
             spread average (*default* 2).
+        radius: when given, only points within ``radius`` of their centre
+            enter the spreads (in samples and data alike), so a few samples
+            stranded between modes do not read as diversity; their share is
+            ``off_mode_fraction``.
     """
     if not (0.0 < min_share <= 1.0):
         raise ValueError(f"min_share must lie in (0, 1], got {min_share}")
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 2:
         raise ValueError(f"min_count must be an int >= 2, got {min_count!r}")
+    if radius is not None and not (radius > 0 and math.isfinite(radius)):
+        raise ValueError(f"radius must be a finite number > 0, got {radius}")
     a, d, c = _flat(samples, "samples"), _flat(data, "data"), _flat(centers, "centers")
     _same_width(a, c, ("samples", "centers"))
     _same_width(d, c, ("data", "centers"))
@@ -325,6 +335,14 @@ def mode_statistics(
     counts = torch.bincount(sample_labels, minlength=modes).to(torch.float64)
     fractions = counts / a.shape[0]
     coverage = float((counts >= min_share * a.shape[0] / modes).to(torch.float64).mean())
+    off_mode = 0.0
+    if radius is not None:
+        sample_near = (a - c[sample_labels]).norm(dim=1) <= radius
+        data_near = (d - c[data_labels]).norm(dim=1) <= radius
+        off_mode = float(1.0 - sample_near.to(torch.float64).mean())
+        # Points outside the radius get the label ``modes``, which no spread reads.
+        sample_labels = torch.where(sample_near, sample_labels, modes)
+        data_labels = torch.where(data_near, data_labels, modes)
     spread_samples = _within_spread(a, sample_labels, modes, min_count)
     spread_data = _within_spread(d, data_labels, modes, min_count)
     both = ~(spread_samples.isnan() | spread_data.isnan())
@@ -335,6 +353,7 @@ def mode_statistics(
     return ModeStatistics(
         diversity_ratio=ratio,
         coverage=coverage,
+        off_mode_fraction=off_mode,
         mode_fractions=tuple(fractions.tolist()),
         within_spread_samples=tuple(spread_samples.tolist()),
         within_spread_data=tuple(spread_data.tolist()),

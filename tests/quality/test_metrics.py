@@ -137,3 +137,16 @@ def test_mean_pairwise_distance_closed_form():
 def test_bad_input_raises_value_error_naming_it(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_mode_statistics_radius_leaves_stranded_samples_out_of_the_spread():
+    g = torch.Generator().manual_seed(3)
+    centers = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
+    labels = torch.randint(0, 2, (2000,), generator=g)
+    data = centers[labels] + 0.1 * torch.randn(2000, 2, generator=g)
+    same = centers[labels] + 0.1 * torch.randn(2000, 2, generator=g)
+    stranded = torch.cat([same[:1800], torch.zeros(200, 2) + torch.tensor([0.0, 1.5])])  # 10% between modes
+    without = metrics.mode_statistics(stranded, data, centers)
+    within = metrics.mode_statistics(stranded, data, centers, radius=0.5)
+    assert without.diversity_ratio > 3 and without.off_mode_fraction == 0.0
+    assert abs(within.diversity_ratio - 1.0) < 0.06 and abs(within.off_mode_fraction - 0.1) < 1e-9

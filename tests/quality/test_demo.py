@@ -1,0 +1,58 @@
+"""``twinloss demo --quick`` end to end: files, JSON keys, a readable PNG."""
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from PIL import Image
+
+from twinloss.cli import main
+
+METHODS = ("flow_matching_multi_step", "flow_matching_1nfe", "twinflow_1nfe", "twinflow_2nfe", "data_second_draw")
+FIGURES = ("nfe", "sliced_wasserstein", "mmd_rbf", "diversity_ratio", "mode_coverage", "off_mode_fraction")
+
+
+def _check_output(out: Path) -> dict:
+    report = json.loads((out / "results.json").read_text())
+    assert set(report) >= {"config", "dataset", "results", "metrics", "timing_s"}
+    assert set(report["results"]) == set(METHODS)
+    for name in METHODS:
+        assert set(report["results"][name]) == set(FIGURES)
+        assert all(value >= 0 for value in report["results"][name].values())
+    assert report["results"]["twinflow_1nfe"]["nfe"] == 1
+    assert report["results"]["flow_matching_multi_step"]["nfe"] == report["config"]["multi_steps"]
+    with Image.open(out / "demo.png") as image:
+        assert image.format == "PNG" and image.width > 4 * image.height // 2
+    return report
+
+
+def test_demo_quick_in_process(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "out"), "--seed", "1", "--no-progress"]) == 0
+    report = _check_output(tmp_path / "out")
+    assert report["config"]["seed"] == 1
+    assert "twinflow_1nfe" in capsys.readouterr().out
+
+
+def test_demo_command_line_quick(tmp_path):
+    """``python -m twinloss.cli`` in a fresh process (what the ``twinloss`` script calls)."""
+    out = tmp_path / "demo-output"
+    done = subprocess.run(
+        [sys.executable, "-m", "twinloss.cli", "demo", "--quick", "--steps", "8", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    report = _check_output(out)
+    assert report["config"]["finetune_steps"] == 8
+
+
+def test_console_script_points_at_the_cli():
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    assert scripts["twinloss"] == "twinloss.cli:main"
+
+
+def test_demo_rejects_bad_options(tmp_path, capsys):
+    assert main(["demo", "--quick", "--steps", "-1", "--out", str(tmp_path)]) == 2
+    assert "finetune_steps" in capsys.readouterr().err
