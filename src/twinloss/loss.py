@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 
 from twinloss._random import RandomState
@@ -270,7 +270,7 @@ class TwinFlowLoss(nn.Module):
     def forward(
         self,
         model: VelocityModel,
-        x: Float[Tensor, "batch *shape"],
+        x: Shaped[Tensor, "batch *shape"],
         *,
         cond: Conditioning | None = None,
         uncond: Conditioning | None = None,

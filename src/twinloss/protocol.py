@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "Conditioning",
@@ -112,8 +112,9 @@ def check_model_keywords(model: object, cond: Conditioning, *, name: str = "cond
     """
     if not cond:
         return
+    target = model.forward if isinstance(model, nn.Module) else model
     try:
-        signature = inspect.signature(model)  # nn.Module: the signature of forward
+        signature = inspect.signature(target)
     except (TypeError, ValueError):
         return
     parameters = signature.parameters.values()

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 
 from twinloss.paths import AffinePath, LinearPath
@@ -156,7 +156,7 @@ class AnyStepSampler(nn.Module):
     def forward(
         self,
         model: VelocityModel,
-        noise: Float[Tensor, "batch *shape"],
+        noise: Shaped[Tensor, "batch *shape"],
         *,
         cond: Conditioning | None = None,
         uncond: Conditioning | None = None,

@@ -85,23 +85,27 @@ class EMATeacher(Teacher):
         return model
 
     @torch.no_grad()
+    def _initialize(self, module: nn.Module) -> None:
+        """Start the average at the current weights (kept in at least float32)."""
+        self.shadow = {
+            name: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
+            for name, p in module.named_parameters()
+        }
+
+    @torch.no_grad()
     def update(self, model: VelocityModel) -> None:
         module = self._module(model)
-        params = dict(module.named_parameters())
         if not self.shadow:
-            self.shadow = {
-                name: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
-                for name, p in params.items()
-            }
-        else:
-            if set(params) != set(self.shadow):
-                raise ValueError(
-                    "EMATeacher.update: the model's parameters differ from the averaged ones "
-                    f"(missing {sorted(set(self.shadow) - set(params))[:3]}, "
-                    f"new {sorted(set(params) - set(self.shadow))[:3]})"
-                )
-            for name, p in params.items():
-                self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1.0 - self.decay)
+            self._initialize(module)
+        params = dict(module.named_parameters())
+        if set(params) != set(self.shadow):
+            raise ValueError(
+                "EMATeacher.update: the model's parameters differ from the averaged ones "
+                f"(missing {sorted(set(self.shadow) - set(params))[:3]}, "
+                f"new {sorted(set(params) - set(self.shadow))[:3]})"
+            )
+        for name, p in params.items():
+            self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1.0 - self.decay)
         self.decay = self.decay + 0.5 * (1.0 - self.decay) * (self.target_decay - self.decay)
         self.num_updates += 1
 
@@ -110,7 +114,7 @@ class EMATeacher(Teacher):
     ) -> Tensor:
         module = self._module(model)
         if not self.shadow:
-            self.update(module)  # first use: the average starts as the current weights
+            self._initialize(module)  # first use before any update: the current weights
         dtypes = {name: p.dtype for name, p in module.named_parameters()}
         params = {name: average.to(dtypes[name]) for name, average in self.shadow.items()}
         with torch.no_grad():
