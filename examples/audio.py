@@ -41,7 +41,8 @@ class SignalTransformer(nn.Module):
     """A two-time velocity field on ``[B, L, D]``: linear in, 2 transformer layers, linear out.
 
     The times enter as one extra token built from sinusoidal features of ``|t|``,
-    ``|t| - |r|`` and the sign of ``t`` (negative: the twin trajectory).
+    ``|t| - |r|``, plus a zero-initialised *twin* term for ``t < 0`` (the fake trajectory), so
+    the fake field starts equal to the real one.
     """
 
     def __init__(self, length: int = 32, channels: int = 2, width: int = 64, layers: int = 2) -> None:
@@ -49,20 +50,23 @@ class SignalTransformer(nn.Module):
         self.frequencies = 8
         self.embed = nn.Linear(channels, width)
         self.position = nn.Parameter(0.02 * torch.randn(1, length + 1, width))
-        self.time = nn.Sequential(nn.Linear(4 * self.frequencies + 1, width), nn.SiLU(), nn.Linear(width, width))
+        self.time = nn.Sequential(nn.Linear(4 * self.frequencies, width), nn.SiLU(), nn.Linear(width, width))
+        self.twin = nn.Linear(4 * self.frequencies, width)  # zero-initialised: fake field starts as the real one
+        nn.init.zeros_(self.twin.weight)
+        nn.init.zeros_(self.twin.bias)
         layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width, dropout=0.0,
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, channels))
 
     def forward(self, x_t: Tensor, t: Tensor, r: Tensor) -> Tensor:
-        sign = torch.where(t < 0, -1.0, 1.0).to(x_t.dtype).unsqueeze(1)
+        twin = (t < 0).to(x_t.dtype).unsqueeze(1)
         features = torch.cat([
             toy.sinusoidal_features(t.abs().to(x_t.dtype), self.frequencies),
             toy.sinusoidal_features((t.abs() - r.abs()).to(x_t.dtype), self.frequencies),
-            sign,
         ], dim=1)
-        tokens = torch.cat([self.time(features).unsqueeze(1), self.embed(x_t)], dim=1) + self.position
+        time_token = self.time(features) + twin * self.twin(features)
+        tokens = torch.cat([time_token.unsqueeze(1), self.embed(x_t)], dim=1) + self.position
         return self.out(self.encoder(tokens)[:, 1:])
 
 

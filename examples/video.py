@@ -1,4 +1,4 @@
-"""TwinFlow on video ``[B, C, F, H, W]``: generated moving-blob clips, a small 3-D conv net.
+"""TwinFlow on video ``[B, C, F, H, W]``: generated moving-blob clips, a tiny space-time transformer.
 
 Each clip is ``F = 4`` frames of ``8 x 8`` pixels in ``[-1, 1]`` showing one Gaussian blob
 (width 1 px) that starts at a random point and moves with a random constant velocity. Two
@@ -22,6 +22,7 @@ import json
 import time
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 import twinloss
@@ -42,47 +43,44 @@ def moving_blobs(n: int, *, generator: torch.Generator | None = None) -> Tensor:
     return (-1.0 + 2.0 * torch.exp(-(dx**2 + dy**2) / 2.0)).unsqueeze(1)
 
 
-class Film3d(nn.Module):
-    """3x3x3 conv, a FiLM of the time embedding, SiLU, and a global (pooled) context term."""
+class VideoTransformer(nn.Module):
+    """A two-time velocity field on ``[B, C, F, H, W]`` clips: a tiny space-time transformer.
 
-    def __init__(self, channels: int, width: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv3d(channels, channels, 3, padding=1)
-        self.film = nn.Linear(width, 2 * channels)
-        self.context = nn.Linear(channels, channels)
-
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
-        scale, shift = self.film(emb)[:, :, None, None, None].chunk(2, dim=1)
-        out = self.conv(h) * (1 + scale) + shift
-        out = out + self.context(h.mean(dim=(2, 3, 4)))[:, :, None, None, None]
-        return h + nn.functional.silu(out)
-
-
-class VideoConvNet(nn.Module):
-    """A two-time velocity field on ``[B, C, F, H, W]`` clips.
-
-    Time features: sinusoidal ``|t|``, ``|t| - |r|`` and the sign of ``t``.
+    Each frame is cut into ``patch x patch`` patches; every (frame, patch) is one token with a
+    learned space-time position embedding, and one extra token carries the times: sinusoidal
+    features of ``|t|``, ``|t| - |r|``, plus a zero-initialised *twin* term for ``t < 0`` (the fake trajectory), so
+    the fake field starts equal to the real one.
+    Global attention lets a single evaluation place the blob consistently in every frame.
     """
 
-    def __init__(self, channels: int = 1, hidden: int = 32, blocks: int = 4, width: int = 64) -> None:
+    def __init__(self, channels: int = 1, patch: int = 4, width: int = 64, layers: int = 2) -> None:
         super().__init__()
-        self.frequencies = 8
-        self.time = nn.Sequential(nn.Linear(4 * self.frequencies + 1, width), nn.SiLU(), nn.Linear(width, width))
-        self.inp = nn.Conv3d(channels, hidden, 3, padding=1)
-        self.blocks = nn.ModuleList([Film3d(hidden, width) for _ in range(blocks)])
-        self.out = nn.Conv3d(hidden, channels, 3, padding=1)
+        self.frequencies, self.patch, self.channels = 8, patch, channels
+        tokens = FRAMES * (SIZE // patch) ** 2
+        self.embed = nn.Linear(channels * patch * patch, width)
+        self.position = nn.Parameter(0.02 * torch.randn(1, tokens + 1, width))
+        self.time = nn.Sequential(nn.Linear(4 * self.frequencies, width), nn.SiLU(), nn.Linear(width, width))
+        self.twin = nn.Linear(4 * self.frequencies, width)  # zero-initialised: fake field starts as the real one
+        nn.init.zeros_(self.twin.weight)
+        nn.init.zeros_(self.twin.bias)
+        layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, channels * patch * patch))
 
     def forward(self, x_t: Tensor, t: Tensor, r: Tensor) -> Tensor:
-        sign = torch.where(t < 0, -1.0, 1.0).to(x_t.dtype).unsqueeze(1)
-        emb = self.time(torch.cat([
+        b, c, f, h, w = x_t.shape
+        p = self.patch
+        tokens = rearrange(x_t, "b c f (h p) (w q) -> b (f h w) (c p q)", p=p, q=p)
+        twin = (t < 0).to(x_t.dtype).unsqueeze(1)
+        features = torch.cat([
             toy.sinusoidal_features(t.abs().to(x_t.dtype), self.frequencies),
             toy.sinusoidal_features((t.abs() - r.abs()).to(x_t.dtype), self.frequencies),
-            sign,
-        ], dim=1))
-        h = self.inp(x_t)
-        for block in self.blocks:
-            h = block(h, emb)
-        return self.out(h)
+        ], dim=1)
+        time_token = self.time(features) + twin * self.twin(features)
+        h_tokens = torch.cat([time_token.unsqueeze(1), self.embed(tokens)], dim=1) + self.position
+        out = self.out(self.encoder(h_tokens)[:, 1:])
+        return rearrange(out, "b (f h w) (c p q) -> b c f (h p) (w q)", f=f, h=h // p, w=w // p, p=p, q=p)
 
 
 def contrast(clips: Tensor) -> float:
@@ -115,7 +113,7 @@ def run(*, pretrain_steps: int = 1500, finetune_steps: int = 600, batch: int = 6
         eval_samples: int = 256, log=print) -> dict[str, dict[str, float]]:
     """Pretrain (flow matching), fine-tune (TwinFlow) and evaluate; returns figures per sampler."""
     torch.manual_seed(seed)
-    model = VideoConvNet()
+    model = VideoTransformer()
     g = torch.Generator().manual_seed(seed + 1)
 
     def draw(generator):

@@ -95,10 +95,14 @@ def sinusoidal_features(
 class TimeMLP(nn.Module):
     """A two-time velocity field for ``[B, *shape]`` data (flattened internally).
 
-    The time input is ``[emb(|t|), emb(|t| - |r|), sign(t), sign(t) * emb(|t|)]``
-    (sinusoidal ``emb``), mapped by a small MLP and added to the first hidden
-    layer; a class label ``y`` (with a null class ``num_classes``) is added
-    the same way when ``num_classes > 0``.
+    The time input ``[emb(|t|), emb(|t| - |r|)]`` (sinusoidal ``emb``) is mapped
+    by a small MLP and added to the first hidden layer; a class label ``y``
+    (with a null class ``num_classes``) is added the same way when
+    ``num_classes > 0``. The twin (fake) rows, ``t < 0``, get one more term
+    from a linear *twin* layer of the same features, initialised to zero: as
+    the adapters do (ALGORITHM.md, section 1), a model pretrained on positive
+    times starts fine-tuning with a fake field equal to the real one, so the
+    rectification gap starts at 0 instead of at noise.
 
     Args:
         shape: trailing data shape (e.g. ``(2,)``).
@@ -122,8 +126,11 @@ class TimeMLP(nn.Module):
         self.shape = tuple(shape)
         features = math.prod(self.shape)
         self.frequencies = frequencies
-        time_features = 4 * frequencies + 1 + 2 * frequencies
+        time_features = 4 * frequencies
         self.time = nn.Sequential(nn.Linear(time_features, width), nn.SiLU(), nn.Linear(width, width))
+        self.twin = nn.Linear(time_features, width)
+        nn.init.zeros_(self.twin.weight)
+        nn.init.zeros_(self.twin.bias)
         self.label = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
         self.num_classes = num_classes
         self.input = nn.Linear(features, width)
@@ -139,15 +146,13 @@ class TimeMLP(nn.Module):
         r: Float[Tensor, " batch"],
         y: Int[Tensor, " batch"] | None = None,
     ) -> Float[Tensor, "batch *shape"]:
-        sign = torch.where(t < 0, -1.0, 1.0).to(x_t.dtype)
+        twin = (t < 0).to(x_t.dtype).unsqueeze(1)
         t_abs = t.abs().to(x_t.dtype)
         gap = t_abs - r.abs().to(x_t.dtype)
-        emb_t = sinusoidal_features(t_abs, self.frequencies)
         time = torch.cat(
-            [emb_t, sinusoidal_features(gap, self.frequencies), sign.unsqueeze(1), sign.unsqueeze(1) * emb_t],
-            dim=1,
+            [sinusoidal_features(t_abs, self.frequencies), sinusoidal_features(gap, self.frequencies)], dim=1
         )
-        h = self.input(x_t.reshape(x_t.shape[0], -1)) + self.time(time)
+        h = self.input(x_t.reshape(x_t.shape[0], -1)) + self.time(time) + twin * self.twin(time)
         if self.label is not None:
             labels = y if y is not None else torch.full_like(t, self.num_classes, dtype=torch.long)
             h = h + self.label(labels)
