@@ -84,7 +84,7 @@ def evaluate(samples: Tensor, held_out: Tensor) -> dict[str, float]:
 
 
 def run(*, pretrain_steps: int = 1500, finetune_steps: int = 600, batch: int = 128, seed: int = 0,
-        eval_samples: int = 512, log=print) -> dict[str, dict[str, float]]:
+        eval_samples: int = 512, finetune_lr: float = 3e-4, log=print) -> dict[str, dict[str, float]]:
     """Pretrain (flow matching), fine-tune (TwinFlow) and evaluate; returns figures per sampler."""
     torch.manual_seed(seed)
     model = SignalTransformer()
@@ -96,7 +96,7 @@ def run(*, pretrain_steps: int = 1500, finetune_steps: int = 600, batch: int = 1
     t0 = time.perf_counter()
     toy.train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=pretrain_steps, lr=1e-3, generator=g)
     pretrained = copy.deepcopy(model)
-    toy.train(model, twinloss.TwinFlowLoss(guidance_scale=0.0), draw, steps=finetune_steps, lr=3e-4, generator=g)
+    toy.train(model, twinloss.TwinFlowLoss(guidance_scale=0.0), draw, steps=finetune_steps, lr=finetune_lr, generator=g)
     log(f"trained in {time.perf_counter() - t0:.0f}s")
 
     ev = torch.Generator().manual_seed(seed + 2)
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    kwargs = dict(pretrain_steps=100, finetune_steps=30, eval_samples=128) if args.quick else {}
+    kwargs = dict(pretrain_steps=300, finetune_steps=100, eval_samples=128) if args.quick else {}
     results = run(seed=args.seed, **kwargs)
     print(f"{'sampler':26s} {'SW':>7s} {'amp err':>8s} {'diversity':>9s}")
     for name, r in results.items():
