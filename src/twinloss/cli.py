@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Pretrain a small MLP with flow matching on 8 Gaussians on a ring, fine-tune the same weights "
             "with TwinFlow, and compare 1-NFE TwinFlow with 1-NFE and multi-step flow matching. "
-            "Writes demo.png and results.json to --out (about two minutes on 2 CPU cores)."
+            "Writes demo.png and metrics.json to --out (about two minutes on 2 CPU cores)."
         ),
     )
     demo.add_argument("--steps", type=int, default=None, help="TwinFlow fine-tuning steps (default 800; quick: 30)")
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{name:28s} {r['nfe']:4d} {r['sliced_wasserstein']:7.3f} {r['mmd_rbf']:8.4f} "
                 f"{r['diversity_ratio']:6.2f} {r['mode_coverage']:6.2f} {r['off_mode_fraction']:6.3f}"
             )
-        print(f"wrote {args.out}/demo.png and {args.out}/results.json in {report['timing_s']['total']:.0f} s")
+        print(f"wrote {args.out}/demo.png and {args.out}/metrics.json in {report['timing_s']['total']:.0f} s")
     return 0
 
 

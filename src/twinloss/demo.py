@@ -10,7 +10,7 @@ The protocol is the one of the quality benchmark (``benchmarks/quality``):
    with held-out data: sliced Wasserstein distance, squared MMD, mode coverage
    and the within-mode diversity ratio (:mod:`twinloss.metrics`).
 
-Writes ``demo.png`` (density panels with titles) and ``results.json`` to the
+Writes ``demo.png`` (density panels with titles) and ``metrics.json`` to the
 output directory.
 """
 
@@ -142,9 +142,9 @@ def render_panels(
 
 
 def run_demo(config: DemoConfig, out: Path | str, *, progress: bool = True) -> dict:
-    """Train, sample, measure and write ``demo.png`` and ``results.json`` under ``out``.
+    """Train, sample, measure and write ``demo.png`` and ``metrics.json`` under ``out``.
 
-    Returns the dictionary written to ``results.json``.
+    Returns the dictionary written to ``metrics.json``.
     """
     from tqdm.auto import tqdm
 
@@ -242,5 +242,5 @@ def run_demo(config: DemoConfig, out: Path | str, *, progress: bool = True) -> d
             "total": round(time.perf_counter() - start, 2),
         },
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

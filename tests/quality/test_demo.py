@@ -15,7 +15,7 @@ FIGURES = ("nfe", "sliced_wasserstein", "mmd_rbf", "diversity_ratio", "mode_cove
 
 
 def _check_output(out: Path) -> dict:
-    report = json.loads((out / "results.json").read_text())
+    report = json.loads((out / "metrics.json").read_text())
     assert set(report) >= {"config", "dataset", "results", "metrics", "timing_s"}
     assert set(report["results"]) == set(METHODS)
     for name in METHODS:
