@@ -3,9 +3,9 @@
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from twinloss.cli import main
@@ -48,6 +48,7 @@ def test_demo_command_line_quick(tmp_path):
 
 
 def test_console_script_points_at_the_cli():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
     assert scripts["twinloss"] == "twinloss.cli:main"

