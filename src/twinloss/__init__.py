@@ -26,6 +26,8 @@ from twinloss.time_distributions import (
 )
 from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
 
+from twinloss import metrics, monitor  # noqa: E402  (submodules: twinloss.metrics, twinloss.monitor)
+
 __version__ = "0.1.0"
 
 __all__ = [
