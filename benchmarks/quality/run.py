@@ -16,7 +16,8 @@ and 50 Euler steps, on
 Ablations (ring): TwinFlow share lambda, RCGM order 1 vs 2, guidance on/off, EMA vs online
 teacher, and a control that continues flow matching for the same budget.
 
-    PYTHONPATH=src python benchmarks/quality/run.py            # full run (~15 min on 2 cores)
+    PYTHONPATH=src python benchmarks/quality/run.py            # full run, seed 0 (~13 min on 2 cores)
+    PYTHONPATH=src python benchmarks/quality/run.py --only ring --seed 1   # more seeds of one part
     PYTHONPATH=src python benchmarks/quality/run.py --quick    # seconds, for a smoke check
 """
 
@@ -191,6 +192,7 @@ def run_shapes(args, log):
     finetune("FM continued (control)", twinloss.TwinFlowLoss.plain_flow_matching(), fm_control=True)
     finetune("TwinFlow (w 0, lambda 1/2)", twinloss.TwinFlowLoss(guidance_scale=0.0))
     if not args.quick:
+        finetune("RCGM only (no twin terms, w 0)", twinloss.TwinFlowLoss(mode="rcgm", guidance_scale=0.0))
         finetune("TwinFlow (w 0, lambda 1/3)",
                  twinloss.TwinFlowLoss(guidance_scale=0.0, shares=twinloss.GroupShares.from_twin_share(1 / 3)))
     return rows
@@ -239,7 +241,8 @@ def main():
         (out / f"shapes_seed{args.seed}.md").write_text(table(report["shapes"], ["nfe", "fd", "sw", "diversity", "train_s"]))
     report["wall_s"] = round(time.perf_counter() - started, 1)
     suffix = "_quick" if args.quick else ""
-    (out / f"results_seed{args.seed}{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    part = f"{args.only}_" if args.only else ""
+    (out / f"results_{part}seed{args.seed}{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     for part in ("ring", "shapes"):
         if part in report:
             print(f"\n## {part}\n")

@@ -1,6 +1,6 @@
 """Average the quality benchmark over seeds and draw its figure.
 
-    PYTHONPATH=src python benchmarks/quality/summarize.py      # reads benchmarks/quality/results/results_seed*.json
+    PYTHONPATH=src python benchmarks/quality/summarize.py      # reads benchmarks/quality/results/results_*.json
 
 Writes ``benchmarks/quality/results/summary.md`` (mean ± std over the seeds found) and
 ``docs/img/quality-ring.png`` (sliced Wasserstein at 1 NFE per method, with the multi-step
@@ -21,15 +21,16 @@ COLUMNS = {
 
 
 def load() -> dict[str, list[dict]]:
-    runs: dict[str, list[dict]] = {"ring": [], "shapes": []}
-    for path in sorted(RESULTS.glob("results_seed*.json")):
+    """One run per (part, seed) from every ``results_*.json`` (quick runs left out)."""
+    by_seed: dict[str, dict[int, dict]] = {"ring": {}, "shapes": {}}
+    for path in sorted(RESULTS.glob("results_*.json")):
         if path.stem.endswith("_quick"):
             continue
         report = json.loads(path.read_text())
-        for part in runs:
+        for part in by_seed:
             if part in report:
-                runs[part].append(report[part])
-    return runs
+                by_seed[part][report["config"]["seed"]] = report[part]
+    return {part: [runs[seed] for seed in sorted(runs)] for part, runs in by_seed.items()}
 
 
 def aggregate(runs: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:

@@ -20,9 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Writes demo.png and metrics.json to --out (about two minutes on 2 CPU cores)."
         ),
     )
-    demo.add_argument("--steps", type=int, default=None, help="TwinFlow fine-tuning steps (default 800; quick: 30)")
+    demo.add_argument("--steps", type=int, default=None, help="TwinFlow fine-tuning steps (default 2000; quick: 30)")
     demo.add_argument(
-        "--pretrain-steps", type=int, default=None, help="flow-matching pretraining steps (default 1500; quick: 60)"
+        "--pretrain-steps", type=int, default=None, help="flow-matching pretraining steps (default 2500; quick: 60)"
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of data, weights and noise (default 0)")
     demo.add_argument("--out", default="demo-output", help="output directory (default demo-output/)")

@@ -46,8 +46,8 @@ class DemoConfig:
         threads: torch intra-op threads (1 is fastest for this small MLP).
     """
 
-    pretrain_steps: int = 1500
-    finetune_steps: int = 800
+    pretrain_steps: int = 2500
+    finetune_steps: int = 2000
     batch_size: int = 256
     pretrain_lr: float = 1e-3
     finetune_lr: float = 3e-4
