@@ -84,7 +84,7 @@ def evaluate(samples: Tensor, held_out: Tensor) -> dict[str, float]:
 
 
 def run(*, pretrain_steps: int = 1500, finetune_steps: int = 600, batch: int = 128, seed: int = 0,
-        eval_samples: int = 512, finetune_lr: float = 3e-4, log=print) -> dict[str, dict[str, float]]:
+        eval_samples: int = 512, finetune_lr: float = 1e-4, log=print) -> dict[str, dict[str, float]]:
     """Pretrain (flow matching), fine-tune (TwinFlow) and evaluate; returns figures per sampler."""
     torch.manual_seed(seed)
     model = SignalTransformer()
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    kwargs = dict(pretrain_steps=300, finetune_steps=100, eval_samples=128) if args.quick else {}
+    kwargs = dict(pretrain_steps=300, finetune_steps=100, eval_samples=128, finetune_lr=3e-4) if args.quick else {}
     results = run(seed=args.seed, **kwargs)
     print(f"{'sampler':26s} {'SW':>7s} {'amp err':>8s} {'diversity':>9s}")
     for name, r in results.items():

@@ -48,7 +48,9 @@ def test_video_shapes_and_data():
 
 
 def test_audio_twinflow_one_step_beats_flow_matching_one_step():
-    results = audio.run(pretrain_steps=300, finetune_steps=100, batch=64, eval_samples=128, seed=1, log=lambda _: None)
+    results = audio.run(
+        pretrain_steps=300, finetune_steps=100, batch=64, eval_samples=128, seed=1, finetune_lr=3e-4, log=lambda _: None
+    )
     fm, twin = results["flow matching, 1 NFE"], results["TwinFlow, 1 NFE"]
     assert twin["amplitude_error"] < 0.5 * fm["amplitude_error"], results
     assert twin["sliced_wasserstein"] < 0.8 * fm["sliced_wasserstein"], results
