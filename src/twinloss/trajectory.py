@@ -1,0 +1,187 @@
+r"""Which rows of a batch train what: the four TwinFlow groups and their times.
+
+The released recipe splits each mini-batch into contiguous groups
+(ALGORITHM.md, section 2), in this order:
+
+============== ======================================== =====================
+group          times ``(t, r)``                         trains
+============== ======================================== =====================
+``one_step``   ``(1, 0)``                               the 1-NFE generator
+``multi_step`` ``r = t - u t g``, ``g = 0.05``          instantaneous velocity
+``any_step``   ``r = t - u t``                          any-jump average velocity
+``fake``       ``(-t, -t)``                             the twin (fake) field
+============== ======================================== =====================
+
+with ``t`` from a :class:`~twinloss.time_distributions.TimeDistribution` and
+``u ~ U(0, 1)``. The rows of ``x`` are taken in that order: the first
+``counts["one_step"]`` rows form the one-step group, and so on.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from twinloss.time_distributions import BetaTime, TimeDistribution
+
+__all__ = ["GROUPS", "GroupShares", "Trajectory", "TrajectorySampler"]
+
+GROUPS = ("one_step", "multi_step", "any_step", "fake")
+
+
+@dataclass(frozen=True)
+class GroupShares:
+    """Fractions of each batch given to the four groups (*default* equal).
+
+    Shares must be non-negative and sum to 1. Rows are assigned by
+    largest-remainder rounding of ``share * batch_size``; a group with a
+    positive share that would receive no row is an error
+    (:meth:`counts` raises), never a silent drop.
+
+    The paper's balance ``lambda`` (the weight of the TwinFlow terms against
+    the any-step base) is :meth:`from_twin_share`.
+    """
+
+    one_step: float = 0.25
+    multi_step: float = 0.25
+    any_step: float = 0.25
+    fake: float = 0.25
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"shares.{f.name} must be a finite number >= 0, got {value!r}")
+        total = sum(getattr(self, name) for name in GROUPS)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"group shares must sum to 1, got {total} from {self}")
+
+    @classmethod
+    def from_twin_share(cls, twin_share: float) -> "GroupShares":
+        """``twin_share`` of the rows to the TwinFlow groups (``one_step``, ``fake``).
+
+        The rest is split evenly between ``multi_step`` and ``any_step``; the
+        default equal shares are ``twin_share = 0.5``; the paper's ablation
+        peaks near ``1/3``.
+        """
+        if not (0.0 <= twin_share <= 1.0):
+            raise ValueError(f"twin_share must lie in [0, 1], got {twin_share}")
+        half_twin, half_base = twin_share / 2, (1 - twin_share) / 2
+        return cls(one_step=half_twin, multi_step=half_base, any_step=half_base, fake=half_twin)
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in GROUPS}
+
+    def min_batch_size(self) -> int:
+        """The smallest batch from which on every batch gives each positive group a row.
+
+        Rounding is not monotone in the batch size (``(1, 5, 5, 5) / 16``
+        works at 4 rows, not at 5), so this is the start of the range where
+        every size works: ``max(ceil(1 / share))`` always does, and smaller
+        sizes are admitted while each of them works too.
+        """
+        positive = [share for share in self.as_dict().values() if share > 0]
+        batch = max(math.ceil(1 / share - 1e-9) for share in positive)
+        while batch > 1 and not self._starved(self._round(batch - 1)):
+            batch -= 1
+        return batch
+
+    def _round(self, batch_size: int) -> dict[str, int]:
+        """Largest-remainder (Hamilton) rounding of ``share * batch_size``."""
+        exact = {name: share * batch_size for name, share in self.as_dict().items()}
+        counts = {name: math.floor(value) for name, value in exact.items()}
+        by_remainder = sorted(GROUPS, key=lambda n: (-(exact[n] - counts[n]), GROUPS.index(n)))
+        for name in by_remainder[: batch_size - sum(counts.values())]:
+            counts[name] += 1
+        return counts
+
+    def _starved(self, counts: dict[str, int]) -> list[str]:
+        return [name for name in GROUPS if getattr(self, name) > 0 and counts[name] == 0]
+
+    def counts(self, batch_size: int) -> dict[str, int]:
+        """Rows per group for a batch of ``batch_size`` (largest-remainder rounding).
+
+        Raises:
+            ValueError: if a group with a positive share would get no row.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        counts = self._round(batch_size)
+        starved = self._starved(counts)
+        if starved:
+            raise ValueError(
+                f"batch_size={batch_size} is too small for group shares {self.as_dict()}: "
+                f"group(s) {starved} would get no row; use a batch of at least "
+                f"{self.min_batch_size()} or set their share to 0"
+            )
+        return counts
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """Signed times per row and the contiguous rows of each group.
+
+    ``t`` and ``r`` are negative on the ``fake`` rows (the twin trajectory).
+    """
+
+    t: Float[Tensor, " batch"]
+    r: Float[Tensor, " batch"]
+    groups: dict[str, slice]
+
+    def size(self, group: str) -> int:
+        rows = self.groups[group]
+        return rows.stop - rows.start
+
+
+class TrajectorySampler(nn.Module):
+    """Draws ``(t, r)`` for every row of a batch, group by group.
+
+    Args:
+        time_distribution: law of ``t`` (*default* ``Beta(1, 1)``, uniform).
+        shares: the group partition (*default* equal shares).
+        multi_step_gap: ``g`` in ``r = t - u t g`` for ``multi_step`` rows
+            (*default* 0.05); ``0`` gives ``r = t`` exactly.
+    """
+
+    def __init__(
+        self,
+        time_distribution: TimeDistribution | None = None,
+        shares: GroupShares | None = None,
+        multi_step_gap: float = 0.05,
+    ) -> None:
+        super().__init__()
+        if not (0.0 <= multi_step_gap <= 1.0):
+            raise ValueError(f"multi_step_gap must lie in [0, 1], got {multi_step_gap}")
+        self.time_distribution = time_distribution if time_distribution is not None else BetaTime()
+        self.shares = shares if shares is not None else GroupShares()
+        self.multi_step_gap = float(multi_step_gap)
+
+    def forward(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> Trajectory:
+        counts = self.shares.counts(batch_size)
+        groups, start = {}, 0
+        for name in GROUPS:
+            groups[name] = slice(start, start + counts[name])
+            start += counts[name]
+
+        t = self.time_distribution(batch_size, device=device, dtype=dtype, generator=generator)
+        u = torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
+        gap = torch.zeros(batch_size, device=device, dtype=dtype)
+        gap[groups["multi_step"]] = self.multi_step_gap
+        gap[groups["any_step"]] = 1.0
+        r = t - u * t * gap  # fake rows: gap 0, so r = t
+
+        one_step = groups["one_step"]
+        t = torch.cat([torch.ones_like(t[one_step]), t[one_step.stop :]])
+        r = torch.cat([torch.zeros_like(r[one_step]), r[one_step.stop :]])
+        sign = torch.ones(batch_size, device=device, dtype=dtype)
+        sign[groups["fake"]] = -1.0
+        return Trajectory(t=sign * t, r=sign * r, groups=groups)
