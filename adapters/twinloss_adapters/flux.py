@@ -40,7 +40,7 @@ class FluxAdapter(AdaptedTransformer):
 
     required_cond = ("encoder_hidden_states", "pooled_projections")
 
-    def __init__(self, transformer: nn.Module, *, target_time: bool = True, sign: bool = True) -> None:
+    def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
         if config.patch_size != 1:
@@ -89,7 +89,7 @@ class FluxAdapter(AdaptedTransformer):
         return unpack_image_patches(tokens, height, width, PACKING_PATCH)
 
 
-def adapt(transformer: nn.Module, *, target_time: bool = True, sign: bool = True) -> FluxAdapter:
+def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> FluxAdapter:
     """Adapt a ``FluxTransformer2DModel`` in place and return the protocol model.
 
     Raises:

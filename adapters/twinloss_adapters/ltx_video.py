@@ -48,7 +48,7 @@ class LTXVideoAdapter(AdaptedTransformer):
 
     def __init__(
         self,
-        transformer: nn.Module,
+        transformer: object,
         *,
         target_time: bool = True,
         sign: bool = True,
@@ -117,7 +117,7 @@ class LTXVideoAdapter(AdaptedTransformer):
 
 
 def adapt(
-    transformer: nn.Module,
+    transformer: object,
     *,
     target_time: bool = True,
     sign: bool = True,

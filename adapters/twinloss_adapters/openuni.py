@@ -119,7 +119,7 @@ class OpenUniAdapter(SanaAdapter):
     optional_cond = ("llm_attention_mask",)
 
     def __init__(
-        self, transformer: nn.Module, connector: nn.Module, *, target_time: bool = True, sign: bool = True
+        self, transformer: object, connector: object, *, target_time: bool = True, sign: bool = True
     ) -> None:
         if not isinstance(connector, nn.Module):
             raise ValueError(f"connector must be an nn.Module, got {type(connector).__name__}")
@@ -152,7 +152,7 @@ class OpenUniAdapter(SanaAdapter):
 
 
 def adapt(
-    transformer: nn.Module, connector: nn.Module, *, target_time: bool = True, sign: bool = True
+    transformer: object, connector: object, *, target_time: bool = True, sign: bool = True
 ) -> OpenUniAdapter:
     """Adapt a ``SanaTransformer2DModel`` in place and attach an OpenUni connector.
 

@@ -43,7 +43,7 @@ class QwenImageAdapter(AdaptedTransformer):
     required_cond = ("encoder_hidden_states",)
     optional_cond = ("encoder_hidden_states_mask",)
 
-    def __init__(self, transformer: nn.Module, *, target_time: bool = True, sign: bool = True) -> None:
+    def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
         enabled = [flag for flag in UNSUPPORTED_FLAGS if getattr(config, flag, False)]
@@ -93,7 +93,7 @@ class QwenImageAdapter(AdaptedTransformer):
         return unpack_image_patches(tokens, height, width, patch)
 
 
-def adapt(transformer: nn.Module, *, target_time: bool = True, sign: bool = True) -> QwenImageAdapter:
+def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> QwenImageAdapter:
     """Adapt a ``QwenImageTransformer2DModel`` in place and return the protocol model.
 
     Raises:

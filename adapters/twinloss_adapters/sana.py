@@ -36,7 +36,7 @@ class SanaAdapter(AdaptedTransformer):
     required_cond = ("encoder_hidden_states",)
     optional_cond = ("encoder_attention_mask",)
 
-    def __init__(self, transformer: nn.Module, *, target_time: bool = True, sign: bool = True) -> None:
+    def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
         out_channels = config.out_channels or config.in_channels
@@ -77,7 +77,7 @@ class SanaAdapter(AdaptedTransformer):
         )[0]
 
 
-def adapt(transformer: nn.Module, *, target_time: bool = True, sign: bool = True) -> SanaAdapter:
+def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> SanaAdapter:
     """Adapt a ``SanaTransformer2DModel`` in place and return the protocol model.
 
     Args:

@@ -32,7 +32,7 @@ class SD3Adapter(AdaptedTransformer):
 
     required_cond = ("encoder_hidden_states", "pooled_projections")
 
-    def __init__(self, transformer: nn.Module, *, target_time: bool = True, sign: bool = True) -> None:
+    def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
         if transformer.out_channels != config.in_channels:
@@ -73,7 +73,7 @@ class SD3Adapter(AdaptedTransformer):
         )[0]
 
 
-def adapt(transformer: nn.Module, *, target_time: bool = True, sign: bool = True) -> SD3Adapter:
+def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> SD3Adapter:
     """Adapt an ``SD3Transformer2DModel`` in place and return the protocol model.
 
     Raises:

@@ -42,7 +42,7 @@ class WanAdapter(AdaptedTransformer):
 
     required_cond = ("encoder_hidden_states",)
 
-    def __init__(self, transformer: nn.Module, *, target_time: bool = True, sign: bool = True) -> None:
+    def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
         self.latent_channels = config.out_channels or config.in_channels
@@ -110,7 +110,7 @@ class WanAdapter(AdaptedTransformer):
         )[0]
 
 
-def adapt(transformer: nn.Module, *, target_time: bool = True, sign: bool = True) -> WanAdapter:
+def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> WanAdapter:
     """Adapt a ``WanTransformer3DModel`` in place and return the protocol model.
 
     Raises:
