@@ -13,6 +13,7 @@ conditioning keys, a latent-shape check and the stock call (packing included).
 import abc
 from collections.abc import Mapping
 
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -29,7 +30,7 @@ __all__ = ["AdaptedTransformer", "check_backbone_class", "unadapt_transformer"]
 
 def check_backbone_class(transformer: object, expected: type, *, argument: str = "transformer") -> None:
     """Raise ValueError unless ``transformer`` is an instance of the stock class ``expected``."""
-    if type(transformer).__name__ in ("PeftModel",) or hasattr(transformer, "get_base_model"):
+    if hasattr(transformer, "get_base_model"):  # a peft PeftModel (diffusers models have no such method)
         raise ValueError(
             f"{argument} is a peft PeftModel; adapt the bare {expected.__name__} first, "
             "then wrap it with twinloss_adapters.lora.add_lora"
@@ -112,7 +113,8 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         self.capabilities.check_times(t, r)
         self.check_cond(cond, batch_size)
         self.check_latent(x_t)
-        timestep = self.time_convention.to_backbone(t).to(x_t.dtype)
+        # Full precision for the timestep: each backbone casts it where its own code does.
+        timestep = self.time_convention.to_backbone(t.to(torch.promote_types(t.dtype, torch.float32)))
         if self.injection is None:
             prediction = self.run_backbone(x_t, timestep, cond)
         else:

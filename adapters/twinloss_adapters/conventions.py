@@ -107,18 +107,28 @@ class Capabilities:
         if not (torch.is_floating_point(t) and torch.is_floating_point(r)):
             raise ValueError(f"t and r must be float tensors, got {t.dtype} and {r.dtype}")
         abs_t, abs_r = t.abs(), r.abs()
-        if bool((abs_t > 1 + atol).any()):
+        violations = torch.stack(
+            [
+                (abs_t > 1 + atol).any(),
+                (abs_r > abs_t + atol).any(),
+                ((t * r) < 0).any(),
+                ((abs_t - abs_r).abs() > atol).any() & (not self.target_time),
+                (t < 0).any() & (not self.sign),
+            ]
+        ).tolist()  # one device sync for all checks
+        above_one, r_beyond_t, signs_differ, needs_target_time, needs_sign = violations
+        if above_one:
             raise ValueError(f"t must satisfy |t| <= 1, got max |t| = {abs_t.max().item():.6g}")
-        if bool((abs_r > abs_t + atol).any()):
+        if r_beyond_t:
             raise ValueError("r must satisfy |r| <= |t| row by row (a jump goes towards data)")
-        if bool(((t * r) < 0).any()):
+        if signs_differ:
             raise ValueError("r must have the sign of t (both negative on the twin trajectory)")
-        if not self.target_time and bool(((abs_t - abs_r).abs() > atol).any()):
+        if needs_target_time:
             raise ValueError(
                 "r differs from t but this model was adapted with target_time=False; "
                 "adapt it with target_time=True to train or sample any-step jumps"
             )
-        if not self.sign and bool((t < 0).any()):
+        if needs_sign:
             raise ValueError(
                 "t is negative (twin trajectory) but this model was adapted with sign=False; "
                 "adapt it with sign=True for TwinFlow training"
