@@ -139,3 +139,18 @@ def test_from_pretrained_loads_and_adapts(name: str, tmp_path) -> None:
     t = torch.tensor([0.9, 0.3])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, t, **cond), case.stock_call(transformer, x, t, cond))
+
+
+def test_bfloat16_model_matches_stock_and_keeps_the_twin_module_in_its_dtype() -> None:
+    torch.manual_seed(0)
+    transformer = build_sana().to(torch.bfloat16)
+    x, text = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.randn(2, TEXT_LEN, 24, dtype=torch.bfloat16)
+    t = torch.tensor([0.83, 0.41])
+    with torch.no_grad():
+        stock = transformer(x, text, 1000 * t, return_dict=False)[0]
+    model = sana.adapt(transformer)
+    assert all(p.dtype == torch.bfloat16 for p in transformer.twinflow_time_embedding.parameters())
+    with torch.no_grad():
+        out = model(x, t, t, encoder_hidden_states=text)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, stock, rtol=0, atol=0)
