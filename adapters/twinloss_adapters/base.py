@@ -25,7 +25,7 @@ from twinloss_adapters.time_embedding import (
     inject_time_embedding,
 )
 
-__all__ = ["AdaptedTransformer", "check_backbone_class", "unadapt_transformer"]
+__all__ = ["AdaptedTransformer", "check_backbone_class", "unadapt", "unadapt_transformer"]
 
 
 def check_backbone_class(transformer: object, expected: type, *, argument: str = "transformer") -> None:
@@ -188,3 +188,20 @@ def unadapt_transformer(transformer: nn.Module) -> nn.Module:
     if injection is not None:
         injection.remove()
     return transformer
+
+
+def unadapt(adapted: object) -> nn.Module:
+    """Undo a backbone's ``adapt``: return the stock transformer with its original behaviour.
+
+    Accepts the adapted model or the adapted transformer itself.
+
+    Raises:
+        ValueError: if ``adapted`` is neither.
+    """
+    if isinstance(adapted, AdaptedTransformer):
+        return unadapt_transformer(adapted.transformer)
+    if isinstance(adapted, nn.Module) and find_injection(adapted) is not None:
+        return unadapt_transformer(adapted)
+    raise ValueError(
+        f"adapted must be a model returned by adapt() or an adapted transformer, got {type(adapted).__name__}"
+    )

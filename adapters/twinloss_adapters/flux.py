@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt_transformer
+from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_image_patches, patch_grid_ids, unpack_image_patches
 
@@ -98,10 +98,6 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     """
     return FluxAdapter(transformer, target_time=target_time, sign=sign)
 
-
-def unadapt(adapted: nn.Module) -> nn.Module:
-    """Undo :func:`adapt`: return the stock transformer with its original behaviour."""
-    return unadapt_transformer(adapted.transformer if isinstance(adapted, AdaptedTransformer) else adapted)
 
 
 def from_pretrained(

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt_transformer
+from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_video_patches, unpack_video_patches
 
@@ -140,10 +140,6 @@ def adapt(
         vae_spatial_compression=vae_spatial_compression,
     )
 
-
-def unadapt(adapted: nn.Module) -> nn.Module:
-    """Undo :func:`adapt`: return the stock transformer with its original behaviour."""
-    return unadapt_transformer(adapted.transformer if isinstance(adapted, AdaptedTransformer) else adapted)
 
 
 def from_pretrained(

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from twinloss_adapters.base import AdaptedTransformer, unadapt_transformer
+from twinloss_adapters.base import unadapt
 from twinloss_adapters.sana import SanaAdapter
 
 __all__ = ["OpenUniAdapter", "OpenUniConnector", "adapt", "unadapt"]
@@ -169,7 +169,3 @@ def adapt(
     """
     return OpenUniAdapter(transformer, connector, target_time=target_time, sign=sign)
 
-
-def unadapt(adapted: nn.Module) -> nn.Module:
-    """Undo :func:`adapt`: return the stock SANA transformer (the connector is dropped)."""
-    return unadapt_transformer(adapted.transformer if isinstance(adapted, AdaptedTransformer) else adapted)

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt_transformer
+from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["SanaAdapter", "adapt", "from_pretrained", "unadapt"]
@@ -92,10 +92,6 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     """
     return SanaAdapter(transformer, target_time=target_time, sign=sign)
 
-
-def unadapt(adapted: nn.Module) -> nn.Module:
-    """Undo :func:`adapt`: return the stock transformer with its original behaviour."""
-    return unadapt_transformer(adapted.transformer if isinstance(adapted, AdaptedTransformer) else adapted)
 
 
 def from_pretrained(

@@ -37,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 __all__ = [
     "TimeEmbeddingInjection",
     "TwinTimeEmbedding",
+    "find_injection",
     "inject_time_embedding",
     "sinusoidal_features",
 ]

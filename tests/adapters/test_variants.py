@@ -154,3 +154,40 @@ def test_bfloat16_model_matches_stock_and_keeps_the_twin_module_in_its_dtype() -
         out = model(x, t, t, encoder_hidden_states=text)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, stock, rtol=0, atol=0)
+
+
+def test_deepcopy_and_the_core_ema_teacher_see_the_twin_parameters() -> None:
+    import copy
+
+    import twinloss
+
+    case = CASES["sana"]
+    torch.manual_seed(0)
+    transformer = case.build()
+    model = case.adapt(transformer)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, *case.latent_shape, generator=generator)
+    cond = case.make_cond(transformer, 3, generator)
+    t, r = torch.tensor([0.9, -0.5, 1.0]), torch.tensor([0.1, -0.2, 0.0])
+    with torch.no_grad():
+        for parameter in transformer.twinflow_time_embedding.parameters():
+            parameter.normal_()
+        before = model(x, t, r, **cond)
+    teacher = twinloss.EMATeacher()
+    teacher.update(model)
+    duplicate = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in transformer.twinflow_time_embedding.parameters():
+            parameter.zero_()
+        moved = model(x, t, r, **cond)
+        assert (moved - before).abs().max() > 1e-4
+        # The copy owns its own twin module and hook; the EMA evaluates its averaged twin weights.
+        torch.testing.assert_close(duplicate(x, t, r, **cond), before)
+    torch.testing.assert_close(teacher(model, x, t, r, cond), before)
+
+
+def test_unadapt_rejects_what_was_never_adapted() -> None:
+    with pytest.raises(ValueError, match="returned by adapt"):
+        sana.unadapt(build_sana())
+    model = sana.adapt(build_sana())
+    assert sana.unadapt(model.transformer) is model.transformer  # the transformer itself works too
