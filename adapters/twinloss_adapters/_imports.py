@@ -9,7 +9,7 @@ __all__ = ["require_diffusers", "require_peft"]
 def _require(module_name: str, extra: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module_name)
-    except ImportError as error:  # pragma: no cover - exercised only without the extra
+    except ImportError as error:
         raise ImportError(
             f"{purpose} needs the `{module_name}` package; install it with "
             f"`pip install twinloss[{extra}]`"
