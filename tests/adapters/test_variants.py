@@ -191,3 +191,29 @@ def test_unadapt_rejects_what_was_never_adapted() -> None:
         sana.unadapt(build_sana())
     model = sana.adapt(build_sana())
     assert sana.unadapt(model.transformer) is model.transformer  # the transformer itself works too
+
+
+def test_frame_counts_must_fit_the_temporal_patch() -> None:
+    from diffusers import LTXVideoTransformer3DModel, WanTransformer3DModel
+
+    from twinloss_adapters import ltx_video
+
+    torch.manual_seed(0)
+    wan_model = wan.adapt(
+        WanTransformer3DModel(
+            patch_size=(2, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=24, freq_dim=32, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
+        )
+    )
+    ltx_model = ltx_video.adapt(
+        LTXVideoTransformer3DModel(
+            in_channels=8, out_channels=8, patch_size=1, patch_size_t=2, num_attention_heads=2,
+            attention_head_dim=12, cross_attention_dim=24, num_layers=1, caption_channels=24,
+        )
+    )
+    text = torch.randn(2, TEXT_LEN, 24)
+    t = torch.full((2,), 0.5)
+    for model, channels in ((wan_model, 4), (ltx_model, 4)):
+        with pytest.raises(ValueError, match="3 latent frames; expected a multiple of"):
+            model(torch.randn(2, channels, 3, 4, 4), t, t, encoder_hidden_states=text)
+        assert model(torch.randn(2, channels, 4, 4, 4), t, t, encoder_hidden_states=text).shape == (2, channels, 4, 4, 4)
