@@ -11,7 +11,7 @@ from torch.testing import assert_close
 import twinloss
 from twinloss import BarronDistance, EMATeacher, L2Distance, TwinFlowLoss
 
-from conftest import TinyVelocityNet
+from core_models import TinyVelocityNet
 from reference import barron, l2, reference_step
 
 

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from twinloss import AnyStepSampler, time_schedule
 
-from conftest import GaussianFlow, TinyVelocityNet
+from core_models import GaussianFlow, TinyVelocityNet
 
 
 def test_uniform_schedule_and_endpoints():

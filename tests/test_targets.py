@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from twinloss import guidance_target, rcgm_target
 
-from conftest import GaussianFlow
+from core_models import GaussianFlow
 
 
 def _gaussian_batch(n=64, seed=0):

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from twinloss import EMATeacher, OnlineTeacher
 
-from conftest import TinyVelocityNet
+from core_models import TinyVelocityNet
 
 
 def _inputs():
