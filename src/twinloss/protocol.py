@@ -20,7 +20,7 @@ backbone's own units; nothing else in twinloss does.
 
 import inspect
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -41,6 +41,7 @@ Conditioning = Mapping[str, Tensor]
 RESERVED_KEYWORDS = frozenset({"x_t", "t", "r"})
 
 
+@runtime_checkable
 class VelocityModel(Protocol):
     """What TwinFlowLoss and AnyStepSampler call.
 

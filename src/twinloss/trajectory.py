@@ -75,29 +75,44 @@ class GroupShares:
         return {name: float(getattr(self, name)) for name in GROUPS}
 
     def min_batch_size(self) -> int:
-        """The smallest batch for which every group with a positive share gets a row."""
-        batch = sum(1 for share in self.as_dict().values() if share > 0)
-        while True:
-            try:
-                self.counts(batch)
-                return batch
-            except ValueError:
-                batch += 1
+        """The smallest batch from which on every batch gives each positive group a row.
 
-    def counts(self, batch_size: int) -> dict[str, int]:
-        """Rows per group for a batch of ``batch_size`` (largest-remainder rounding)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        shares = self.as_dict()
-        exact = {name: share * batch_size for name, share in shares.items()}
+        Rounding is not monotone in the batch size (``(1, 5, 5, 5) / 16``
+        works at 4 rows, not at 5), so this is the start of the range where
+        every size works: ``max(ceil(1 / share))`` always does, and smaller
+        sizes are admitted while each of them works too.
+        """
+        positive = [share for share in self.as_dict().values() if share > 0]
+        batch = max(math.ceil(1 / share - 1e-9) for share in positive)
+        while batch > 1 and not self._starved(self._round(batch - 1)):
+            batch -= 1
+        return batch
+
+    def _round(self, batch_size: int) -> dict[str, int]:
+        """Largest-remainder (Hamilton) rounding of ``share * batch_size``."""
+        exact = {name: share * batch_size for name, share in self.as_dict().items()}
         counts = {name: math.floor(value) for name, value in exact.items()}
         by_remainder = sorted(GROUPS, key=lambda n: (-(exact[n] - counts[n]), GROUPS.index(n)))
         for name in by_remainder[: batch_size - sum(counts.values())]:
             counts[name] += 1
-        starved = [name for name in GROUPS if shares[name] > 0 and counts[name] == 0]
+        return counts
+
+    def _starved(self, counts: dict[str, int]) -> list[str]:
+        return [name for name in GROUPS if getattr(self, name) > 0 and counts[name] == 0]
+
+    def counts(self, batch_size: int) -> dict[str, int]:
+        """Rows per group for a batch of ``batch_size`` (largest-remainder rounding).
+
+        Raises:
+            ValueError: if a group with a positive share would get no row.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        counts = self._round(batch_size)
+        starved = self._starved(counts)
         if starved:
             raise ValueError(
-                f"batch_size={batch_size} is too small for group shares {shares}: "
+                f"batch_size={batch_size} is too small for group shares {self.as_dict()}: "
                 f"group(s) {starved} would get no row; use a batch of at least "
                 f"{self.min_batch_size()} or set their share to 0"
             )

@@ -1,0 +1,84 @@
+"""Group partition and per-group times."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twinloss import GroupShares, TrajectorySampler
+from twinloss.trajectory import GROUPS
+
+
+def test_default_shares_are_equal_and_count_exactly():
+    assert GroupShares().counts(8) == {name: 2 for name in GROUPS}
+    assert GroupShares().counts(10) == {"one_step": 3, "multi_step": 3, "any_step": 2, "fake": 2}
+    assert GroupShares().min_batch_size() == 4
+
+
+def test_twin_share_is_the_papers_lambda():
+    shares = GroupShares.from_twin_share(1 / 3)
+    assert shares.one_step + shares.fake == pytest.approx(1 / 3)
+    assert shares.multi_step == shares.any_step == pytest.approx(1 / 3)
+    assert GroupShares.from_twin_share(0.5) == GroupShares()
+
+
+def test_batch_too_small_is_an_explicit_error():
+    with pytest.raises(ValueError, match=r"batch_size=3 is too small.*at least 4"):
+        GroupShares().counts(3)
+    with pytest.raises(ValueError, match=r"batch_size=4.*\['any_step', 'fake'\].*at least 8"):
+        GroupShares(0.7, 0.1, 0.1, 0.1).counts(4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [({"fake": -0.1, "one_step": 0.35}, "shares.fake"), ({"one_step": 0.5}, "sum to 1")],
+)
+def test_invalid_shares(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        GroupShares(**kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    weights=st.lists(st.integers(0, 5), min_size=4, max_size=4).filter(lambda w: sum(w) > 0),
+    batch=st.integers(1, 64),
+)
+def test_counts_sum_to_batch_or_raise(weights, batch):
+    total = sum(weights)
+    shares = GroupShares(*(w / total for w in weights))
+    try:
+        counts = shares.counts(batch)
+    except ValueError:
+        assert batch < shares.min_batch_size()
+        return
+    assert sum(counts.values()) == batch
+    for name, share in shares.as_dict().items():
+        assert abs(counts[name] - share * batch) < 1  # largest-remainder rounding
+        assert (counts[name] > 0) == (share > 0) or share * batch >= 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(4, 80), seed=st.integers(0, 2**16), gap=st.floats(0.0, 1.0))
+def test_times_of_each_group(batch, seed, gap):
+    traj = TrajectorySampler(multi_step_gap=gap)(batch, generator=torch.Generator().manual_seed(seed))
+    t, r, g = traj.t, traj.r, traj.groups
+    assert t.shape == r.shape == (batch,)
+    assert bool((t[g["one_step"]] == 1).all()) and bool((r[g["one_step"]] == 0).all())
+    multi_t, multi_r = t[g["multi_step"]], r[g["multi_step"]]
+    assert bool((multi_r <= multi_t).all()) and bool((multi_t - multi_r <= gap * multi_t + 1e-6).all())
+    any_t, any_r = t[g["any_step"]], r[g["any_step"]]
+    assert bool((0 <= any_r).all()) and bool((any_r <= any_t).all())
+    fake_t, fake_r = t[g["fake"]], r[g["fake"]]
+    assert bool((fake_t <= 0).all()) and torch.equal(fake_t, fake_r)
+    assert bool((t.abs() <= 1).all())
+    assert [traj.size(name) for name in GROUPS] == list(GroupShares().counts(batch).values())
+
+
+def test_zero_gap_gives_r_equal_t():
+    traj = TrajectorySampler(shares=GroupShares(0.0, 1.0, 0.0, 0.0), multi_step_gap=0.0)(16)
+    assert torch.equal(traj.t, traj.r)
+
+
+def test_bad_gap():
+    with pytest.raises(ValueError, match="multi_step_gap"):
+        TrajectorySampler(multi_step_gap=1.5)
