@@ -113,6 +113,10 @@ class ShardedEMATeacher(Teacher):
                 f"ShardedEMATeacher needs the model to be an nn.Module, got {type(model).__name__}"
             )
         dtensor = _dtensor_type()
+        # A gathered FSDP module exposes plain (unsharded) parameters: reshard
+        # first, so the DTensors are registered and no weights stay gathered.
+        for m in fsdp_modules(model):
+            m.reshard()
         params = dict(model.named_parameters())
         plain = [name for name, p in params.items() if dtensor is None or not isinstance(p, dtensor)]
         if plain or not fsdp_modules(model):
@@ -175,12 +179,10 @@ class ShardedEMATeacher(Teacher):
         if not self.shadow:
             self.materialize(model)
         self._check_names(params)
-        modules = fsdp_modules(model)
+        modules = fsdp_modules(model)  # resharded by _sharded_parameters
         pairs = [(local_shard(p.detach()), local_shard(self.shadow[n])) for n, p in params.items()]
         exact = all(online.dtype == average.dtype for online, average in pairs)
         with torch.no_grad():
-            for m in modules:
-                m.reshard()
             backup = None if exact else [online.clone() for online, _ in pairs]
             for online, average in pairs:
                 if exact:
