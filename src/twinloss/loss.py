@@ -304,11 +304,13 @@ class TwinFlowLoss(nn.Module):
             velocity_gen = no_grad_call(z_gen, ones, torch.zeros_like(ones), select_rows(cond, fake), False)
             x_fake = self.path.jump(z_gen, velocity_gen, ones, torch.zeros_like(ones))
             x_rows = torch.cat([x_rows[real], x_fake])
+            del z_gen, velocity_gen, x_fake  # no-grad outputs must not live through the step
 
         # 2. Interpolate every row at |t|; conditional velocity v.
         z = torch.randn(x_rows.shape, device=device, dtype=work, generator=generator)
         point = self.path.sample(x_rows, z, t)
         x_t, v = point.x_t, point.velocity
+        del point, z, x_rows  # not needed past here; the peak comes after the main forward
 
         # 3. The main forward: the only model call that carries grad.
         prediction = call(x_t, t, r, cond).to(work)
@@ -322,6 +324,7 @@ class TwinFlowLoss(nn.Module):
 
         # 6. Base loss: weighted distance per row, fake rows (L_adv) at weight 1.
         per_row = self.distance(prediction, target.detach())
+        del target_real, target, v  # the rectification pass runs after this point
         weight = torch.ones_like(per_row)
         if self.time_weight is not None:
             weight = torch.cat([self.time_weight(t[real], r[real]), weight[groups["fake"]]])
@@ -375,6 +378,9 @@ class TwinFlowLoss(nn.Module):
                 cond_velocity, uncond_velocity = both.chunk(2)
                 guided = guidance_target(v[rows], cond_velocity, uncond_velocity, self.guidance_scale)
                 v = v.index_copy(0, rows, guided)
+                # Free the guidance outputs before the RCGM chain runs on top of
+                # the main forward's activations (they were 2x the real rows).
+                del both, cond_velocity, uncond_velocity, guided, x_in
         if self.mode == "flow_matching":
             return v
 
