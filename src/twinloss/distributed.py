@@ -177,7 +177,7 @@ class ShardedEMATeacher(Teacher):
         """
         params = self._sharded_parameters(model)
         if not self.shadow:
-            self.materialize(model)
+            self.update(model)  # first use: as EMATeacher, the average starts as the weights
         self._check_names(params)
         modules = fsdp_modules(model)  # resharded by _sharded_parameters
         pairs = [(local_shard(p.detach()), local_shard(self.shadow[n])) for n, p in params.items()]
