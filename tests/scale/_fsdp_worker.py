@@ -124,5 +124,23 @@ def run(rank: int, world_size: int, out_dir: str) -> None:
     result["dcp_is_dtensor"] = all(
         type(s).__name__ == "DTensor" for s in restored.shadow.values()
     )
+    # F. per-rank peak bytes (FSDPMemTracker): online teacher vs sharded EMA.
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    for name in ("online", "ema"):
+        model = shard(make_model())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        teacher = ShardedEMATeacher() if name == "ema" else None
+        loss_fn = twinloss.TwinFlowLoss(teacher=teacher)
+        if teacher is not None:
+            teacher.update(model)  # the average exists before the tracked step
+        tracker = FSDPMemTracker(model, optimizer)
+        with tracker:
+            loss_step(loss_fn, model, rank)
+        result[f"peak_{name}"] = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+        if teacher is not None:
+            result["shadow_bytes"] = sum(
+                local_shard(s).numel() * local_shard(s).element_size() for s in teacher.shadow.values()
+            )
     dist.barrier()
     torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")

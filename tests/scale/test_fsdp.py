@@ -141,3 +141,20 @@ def test_sharded_ema_rejects_an_unsharded_model():
     with pytest.raises(ValueError, match="target_decay"):
         twinloss.distributed.ShardedEMATeacher(target_decay=1.0)
 
+
+
+def test_sharded_ema_adds_exactly_its_local_shards_per_rank(ranks):
+    """FSDPMemTracker peaks on each rank: the EMA adds its own shards, half the copy."""
+    model = make_model()
+    full_copy = sum(p.numel() * p.element_size() for p in model.parameters())
+    shadows = [ranks[k]["shadow_bytes"] for k in range(2)]
+    assert sum(shadows) == full_copy
+    # FSDP2 on gloo overlaps one block's all-gather with the previous block's
+    # reshard in a thread-timing-dependent order, so a peak can move by up to
+    # one gathered block (seen: +6552 bytes in about one run of three); the
+    # EMA's own share is its shards, exactly.
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in model.blocks)
+    for rank in range(2):
+        added = ranks[rank]["peak_ema"] - ranks[rank]["peak_online"]
+        assert abs(added - shadows[rank]) <= block, (added, shadows[rank], block)
+        assert shadows[rank] <= full_copy // 2 + 64 * 4  # half, up to uneven dim-0 rows
