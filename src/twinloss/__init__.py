@@ -11,6 +11,7 @@ negative time marks the twin (fake) trajectory.
 """
 
 from twinloss.distances import BarronDistance, Distance, L2Distance
+from twinloss.distributed import ShardedEMATeacher
 from twinloss.loss import TangentTimeWeight, TwinFlowLoss, TwinFlowOutput
 from twinloss.paths import AffinePath, CosinePath, LinearPath, PathCoefficients, PathSample, VPPath
 from twinloss.protocol import Conditioning, VelocityModel
@@ -48,6 +49,7 @@ __all__ = [
     "PathCoefficients",
     "PathSample",
     "SamplerOutput",
+    "ShardedEMATeacher",
     "ShiftedTime",
     "TangentTimeWeight",
     "Teacher",

@@ -11,10 +11,12 @@ with ``T`` the guided RCGM target, ``w`` the tangent time weight and
 :math:`\Delta v = \mathrm{clamp}(F(y, -s, -s) - F(y, s, s))` the gap between
 the fake and the real velocity fields at re-noised one-step samples ``y``.
 
-Model calls per step (full recipe, default settings): one with grad (the
-whole batch), and without grad one for the fake samples, one batched
-cond/uncond guidance call, ``estimate_order`` RCGM calls and one batched
-fake/real rectification call.
+Model calls per step (full recipe, default settings), in order: without grad
+one for the fake samples, one batched cond/uncond guidance call and
+``estimate_order`` RCGM calls; then the one call with grad (the whole batch);
+then without grad one batched fake/real rectification call (it needs the
+prediction). Running the teacher passes first keeps their working memory off
+the grad-carrying forward's activations.
 """
 
 import contextlib
@@ -36,7 +38,7 @@ from twinloss.protocol import (
     concat_conditioning,
     select_rows,
 )
-from twinloss.targets import guidance_target, rcgm_target
+from twinloss.targets import guidance_target, rcgm_displacement, rcgm_residual_target
 from twinloss.teachers import OnlineTeacher, Teacher
 from twinloss.time_distributions import TimeDistribution
 from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
@@ -304,24 +306,40 @@ class TwinFlowLoss(nn.Module):
             velocity_gen = no_grad_call(z_gen, ones, torch.zeros_like(ones), select_rows(cond, fake), False)
             x_fake = self.path.jump(z_gen, velocity_gen, ones, torch.zeros_like(ones))
             x_rows = torch.cat([x_rows[real], x_fake])
+            del z_gen, velocity_gen, x_fake  # no-grad outputs must not live through the step
 
         # 2. Interpolate every row at |t|; conditional velocity v.
         z = torch.randn(x_rows.shape, device=device, dtype=work, generator=generator)
         point = self.path.sample(x_rows, z, t)
         x_t, v = point.x_t, point.velocity
+        del point, z, x_rows  # not needed past here; the peak comes after the main forward
+
+        # 4-5a. Teacher passes of the real rows (no grad): the guided velocity and
+        # the RCGM chain's displacement need no prediction, so they run before
+        # the main forward and their working memory never stacks on its
+        # activations (the rectification pass needs the prediction and comes after).
+        v_real, displacement = self._teacher_passes(
+            no_grad_call, x_t[real], t[real], r[real], v[real],
+            select_rows(cond, real), None if uncond is None else select_rows(uncond, real),
+        )
 
         # 3. The main forward: the only model call that carries grad.
         prediction = call(x_t, t, r, cond).to(work)
 
-        # 4-5. Targets of the real rows (no grad).
-        target_real = self._real_target(
-            no_grad_call, x_t[real], t[real], r[real], v[real], prediction[real],
-            select_rows(cond, real), None if uncond is None else select_rows(uncond, real),
-        )
+        # 5b. RCGM target of the real rows from the prediction and the displacement.
+        if displacement is None:
+            target_real = v_real
+        else:
+            target_real = rcgm_residual_target(
+                t[real], r[real], v_real, prediction[real], displacement,
+                step=self.estimate_step, clamp=self.residual_clamp,
+            )
+            del displacement
         target = torch.cat([target_real, v[groups["fake"]]])
 
         # 6. Base loss: weighted distance per row, fake rows (L_adv) at weight 1.
         per_row = self.distance(prediction, target.detach())
+        del target_real, target, v, v_real  # the rectification pass runs after this point
         weight = torch.ones_like(per_row)
         if self.time_weight is not None:
             weight = torch.cat([self.time_weight(t[real], r[real]), weight[groups["fake"]]])
@@ -348,20 +366,24 @@ class TwinFlowLoss(nn.Module):
             grad_sample_evaluations=batch,
         )
 
-    def _real_target(
+    def _teacher_passes(
         self,
         no_grad_call,
         x_t: Tensor,
         t: Tensor,
         r: Tensor,
         v: Tensor,
-        prediction: Tensor,
         cond: dict[str, Tensor],
         uncond: dict[str, Tensor] | None,
-    ) -> Tensor:
-        """Steps 4 (guidance) and 5 (RCGM) for the real rows."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """Steps 4 (guidance) and 5 up to the displacement (RCGM chain) for the real rows.
+
+        Returns the (guided) velocity and the teacher's displacement, or
+        ``None`` for it when no RCGM target is needed (flow-matching mode or no
+        real rows).
+        """
         if x_t.shape[0] == 0:
-            return v
+            return v, None
         if self.guidance_scale > 0 and uncond is not None:
             low, high = self.guidance_interval
             rows = ((t > low) & (t < high)).nonzero().squeeze(1)
@@ -375,16 +397,18 @@ class TwinFlowLoss(nn.Module):
                 cond_velocity, uncond_velocity = both.chunk(2)
                 guided = guidance_target(v[rows], cond_velocity, uncond_velocity, self.guidance_scale)
                 v = v.index_copy(0, rows, guided)
+                # Free the guidance outputs (2x the real rows) before the RCGM chain.
+                del both, cond_velocity, uncond_velocity, guided, x_in
         if self.mode == "flow_matching":
-            return v
+            return v, None
 
         def teacher(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
             return no_grad_call(x_in, t_in, r_in, cond, True)
 
-        return rcgm_target(
-            teacher, x_t, t, r, v, prediction,
-            step=self.estimate_step, order=self.estimate_order, clamp=self.residual_clamp,
+        displacement = rcgm_displacement(
+            teacher, x_t, t, r, v, step=self.estimate_step, order=self.estimate_order
         )
+        return v, displacement
 
     def _rectify(
         self,

@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["guidance_target", "rcgm_target"]
+__all__ = ["guidance_target", "rcgm_displacement", "rcgm_residual_target", "rcgm_target"]
 
 TeacherField = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``(x, t, r) -> F(x, t, r)``: the teacher with its conditioning bound."""
@@ -69,11 +69,34 @@ def rcgm_target(
     Raises:
         ValueError: if any ``r > t`` or a time lies outside ``[0, 1]``.
     """
+    displacement = rcgm_displacement(teacher, x_t, t, r, velocity, step=step, order=order)
+    return rcgm_residual_target(t, r, velocity, prediction, displacement, step=step, clamp=clamp)
+
+
+@torch.no_grad()
+def rcgm_displacement(
+    teacher: TeacherField,
+    x_t: Float[Tensor, "batch *shape"],
+    t: Float[Tensor, " batch"],
+    r: Float[Tensor, " batch"],
+    velocity: Float[Tensor, "batch *shape"],
+    *,
+    step: float = 0.01,
+    order: int = 2,
+) -> Float[Tensor, "batch *shape"]:
+    r"""Steps 1-2 of :func:`rcgm_target`: the teacher's displacement ``D`` from ``t_m`` to ``r``.
+
+    Needs no prediction, so :class:`~twinloss.TwinFlowLoss` runs it *before*
+    the grad-carrying forward, when that forward's activations do not yet
+    occupy memory.
+
+    Raises:
+        ValueError: if any ``r > t`` or a time lies outside ``[0, 1]``.
+    """
     if bool((r > t).any()):
         raise ValueError("r must not exceed t in any row (the target time precedes the current)")
     if bool((r < 0).any()) or bool((t > 1).any()):
         raise ValueError("rcgm_target takes real-trajectory times with 0 <= r <= t <= 1")
-    prediction = prediction.detach().to(velocity.dtype)
     t_mid = torch.maximum(t - step, r)
     x = x_t - step * velocity
     s = t_mid
@@ -84,11 +107,27 @@ def rcgm_target(
         x = x - jump
         displacement = displacement + jump
         s = s_next
+    return displacement
+
+
+@torch.no_grad()
+def rcgm_residual_target(
+    t: Float[Tensor, " batch"],
+    r: Float[Tensor, " batch"],
+    velocity: Float[Tensor, "batch *shape"],
+    prediction: Float[Tensor, "batch *shape"],
+    displacement: Float[Tensor, "batch *shape"],
+    *,
+    step: float = 0.01,
+    clamp: float = 1.0,
+) -> Float[Tensor, "batch *shape"]:
+    r"""Steps 3-4 of :func:`rcgm_target`: :math:`T = \mathrm{sg}(F_\theta) - \mathrm{clamp}(R)`."""
+    prediction = prediction.detach().to(velocity.dtype)
     span = t - r
-    long_jump = _per_row(span >= step, x)
+    long_jump = _per_row(span >= step, velocity)
     residual = torch.where(
         long_jump,
-        (_per_row(span, x) * prediction - displacement) / step - velocity,
+        (_per_row(span, velocity) * prediction - displacement) / step - velocity,
         prediction - velocity,
     )
     return prediction - residual.clamp(-clamp, clamp)
