@@ -64,8 +64,10 @@ def test_exactly_one_forward_carries_grad_and_no_target_does():
     with_grad = [c for c in model.calls if c["grad"]]
     assert len(with_grad) == 1 and with_grad[0]["x_t"].shape[0] == 8
     assert all(not c["out"].requires_grad for c in model.calls if not c["grad"])
-    # fake samples, guidance (cond+uncond batched), two RCGM jumps, rectify (fake+real batched)
-    assert [c["x_t"].shape[0] for c in model.calls] == [2, 8, 2 * 4, 6, 6, 2 * 2]
+    # fake samples, guidance (cond+uncond batched), two RCGM jumps, the main forward,
+    # then rectify (fake+real batched): teacher passes run before the grad forward
+    assert [c["x_t"].shape[0] for c in model.calls] == [2, 2 * 4, 6, 6, 8, 2 * 2]
+    assert [c["grad"] for c in model.calls] == [False, False, False, False, True, False]
     assert out.model_calls == len(model.calls) == 6
     assert out.sample_evaluations == sum(c["x_t"].shape[0] for c in model.calls)
     assert out.grad_sample_evaluations == 8
