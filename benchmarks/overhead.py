@@ -23,11 +23,9 @@ near 1 means the step costs what its model evaluations cost.
 same configuration's step with the real model.
 
 Models: ``mlp`` (toy TimeMLP), ``sana`` (stock diffusers SanaTransformer2DModel,
-tiny config) and ``wan`` (stock WanTransformer3DModel, tiny video config).
-The diffusers models go through a minimal cost shim (timestep = 1000 |t|;
-``r`` and the sign are not embedded): the twinloss adapters add a
-zero-initialised embedding whose cost is negligible, and they were not merged
-when this was written.
+tiny config) and ``wan`` (stock WanTransformer3DModel, tiny video config), the
+diffusers ones bound by ``twinloss_adapters.sana`` / ``.wan`` exactly as a user
+would (target-time and sign embeddings included).
 
 Reproduce (CPU)::
 
@@ -68,32 +66,6 @@ class FreeModel(nn.Module):
         return self.weight * x_t
 
 
-class SanaShim(nn.Module):
-    """Stock SanaTransformer2DModel behind the twinloss protocol (cost shim)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x_t: Tensor, t: Tensor, r: Tensor, context: Tensor) -> Tensor:
-        return self.model(
-            hidden_states=x_t, encoder_hidden_states=context, timestep=1000 * t.abs(), return_dict=False
-        )[0]
-
-
-class WanShim(nn.Module):
-    """Stock WanTransformer3DModel behind the twinloss protocol (cost shim)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x_t: Tensor, t: Tensor, r: Tensor, context: Tensor) -> Tensor:
-        return self.model(
-            hidden_states=x_t, timestep=1000 * t.abs(), encoder_hidden_states=context, return_dict=False
-        )[0]
-
-
 def build(name: str, batch: int, device: torch.device, dtype: torch.dtype):
     """``(model, x, cond, uncond)`` for one benchmark model."""
     g = torch.Generator().manual_seed(0)
@@ -106,24 +78,28 @@ def build(name: str, batch: int, device: torch.device, dtype: torch.dtype):
     elif name == "sana":
         from diffusers import SanaTransformer2DModel
 
-        model = SanaShim(SanaTransformer2DModel(
+        from twinloss_adapters import sana
+
+        model = sana.adapt(SanaTransformer2DModel(
             in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=16, num_layers=4,
             num_cross_attention_heads=4, cross_attention_head_dim=16, cross_attention_dim=64,
             caption_channels=32, sample_size=16, patch_size=1,
         ))
         x = torch.randn(batch, 8, 16, 16, generator=g)
         context = torch.randn(batch, 8, 32, generator=g)
-        cond, uncond = {"context": context}, {"context": torch.zeros_like(context)}
+        cond, uncond = {"encoder_hidden_states": context}, {"encoder_hidden_states": torch.zeros_like(context)}
     elif name == "wan":
         from diffusers import WanTransformer3DModel
 
-        model = WanShim(WanTransformer3DModel(
+        from twinloss_adapters import wan
+
+        model = wan.adapt(WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=8,
             out_channels=8, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=4, rope_max_seq_len=64,
         ))
         x = torch.randn(batch, 8, 4, 16, 16, generator=g)
         context = torch.randn(batch, 8, 32, generator=g)
-        cond, uncond = {"context": context}, {"context": torch.zeros_like(context)}
+        cond, uncond = {"encoder_hidden_states": context}, {"encoder_hidden_states": torch.zeros_like(context)}
     else:
         raise ValueError(f"model must be one of mlp, sana, wan; got {name!r}")
     model = model.to(device=device, dtype=dtype)
