@@ -14,17 +14,13 @@ with :class:`twinloss.TwinFlowLoss`, compare 1-NFE TwinFlow with 1-NFE and 2-NFE
     PYTHONPATH=src python examples/audio.py --quick      # seconds
 """
 
-import argparse
-import copy
-import json
 import math
-import time
 
+import protocol
 import torch
 from torch import Tensor, nn
 
-import twinloss
-from twinloss import metrics, toy
+from twinloss import toy
 
 
 def tones_and_chirps(n: int, *, length: int = 32, generator: torch.Generator | None = None) -> Tensor:
@@ -47,25 +43,16 @@ class SignalTransformer(nn.Module):
 
     def __init__(self, length: int = 32, channels: int = 2, width: int = 64, layers: int = 2) -> None:
         super().__init__()
-        self.frequencies = 8
         self.embed = nn.Linear(channels, width)
         self.position = nn.Parameter(0.02 * torch.randn(1, length + 1, width))
-        self.time = nn.Sequential(nn.Linear(4 * self.frequencies, width), nn.SiLU(), nn.Linear(width, width))
-        self.twin = nn.Linear(4 * self.frequencies, width)  # zero-initialised: fake field starts as the real one
-        nn.init.zeros_(self.twin.weight)
-        nn.init.zeros_(self.twin.bias)
+        self.time = toy.TwoTimeEmbedding(width, frequencies=8)  # fake field starts as the real one
         layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width, dropout=0.0,
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, channels))
 
     def forward(self, x_t: Tensor, t: Tensor, r: Tensor) -> Tensor:
-        twin = (t < 0).to(x_t.dtype).unsqueeze(1)
-        features = torch.cat([
-            toy.sinusoidal_features(t.abs().to(x_t.dtype), self.frequencies),
-            toy.sinusoidal_features((t.abs() - r.abs()).to(x_t.dtype), self.frequencies),
-        ], dim=1)
-        time_token = self.time(features) + twin * self.twin(features)
+        time_token = self.time(t, r, x_t.dtype)
         tokens = torch.cat([time_token.unsqueeze(1), self.embed(x_t)], dim=1) + self.position
         return self.out(self.encoder(tokens)[:, 1:])
 
@@ -75,59 +62,19 @@ def amplitude_error(x: Tensor) -> float:
     return float((x.norm(dim=-1) - 1).abs().mean())
 
 
-def evaluate(samples: Tensor, held_out: Tensor) -> dict[str, float]:
-    return {
-        "sliced_wasserstein": float(metrics.sliced_wasserstein(samples, held_out, generator=torch.Generator().manual_seed(0))),
-        "amplitude_error": amplitude_error(samples),
-        "diversity": float(metrics.mean_pairwise_distance(samples) / metrics.mean_pairwise_distance(held_out)),
-    }
-
-
 def run(*, pretrain_steps: int = 1500, finetune_steps: int = 600, batch: int = 128, seed: int = 0,
         eval_samples: int = 512, finetune_lr: float = 1e-4, log=print) -> dict[str, dict[str, float]]:
     """Pretrain (flow matching), fine-tune (TwinFlow) and evaluate; returns figures per sampler."""
     torch.manual_seed(seed)
-    model = SignalTransformer()
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def draw(generator):
-        return tones_and_chirps(batch, generator=generator), None, None
-
-    t0 = time.perf_counter()
-    toy.train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=pretrain_steps, lr=1e-3, generator=g)
-    pretrained = copy.deepcopy(model)
-    toy.train(model, twinloss.TwinFlowLoss(guidance_scale=0.0), draw, steps=finetune_steps, lr=finetune_lr, generator=g)
-    log(f"trained in {time.perf_counter() - t0:.0f}s")
-
-    ev = torch.Generator().manual_seed(seed + 2)
-    held_out = tones_and_chirps(eval_samples, generator=ev)
-    noise = torch.randn(held_out.shape, generator=ev)
-    results = {"data (second draw)": evaluate(tones_and_chirps(eval_samples, generator=ev), held_out)}
-    for name, network, sampler in [
-        ("flow matching, 1 NFE", pretrained, twinloss.AnyStepSampler(1)),
-        ("flow matching, 2 Euler", pretrained, twinloss.AnyStepSampler(2, mode="multi")),
-        ("flow matching, 50 Euler", pretrained, twinloss.AnyStepSampler(50, mode="multi")),
-        ("TwinFlow, 1 NFE", model, twinloss.AnyStepSampler(1)),
-        ("TwinFlow, 2 NFE", model, twinloss.AnyStepSampler(2)),
-    ]:
-        samples = sampler(network, noise, generator=torch.Generator().manual_seed(seed + 3)).sample
-        results[name] = evaluate(samples, held_out)
-    return results
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="TwinFlow on generated tones and chirps [B, L, D].")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    kwargs = dict(pretrain_steps=300, finetune_steps=100, eval_samples=128, finetune_lr=3e-4) if args.quick else {}
-    results = run(seed=args.seed, **kwargs)
-    print(f"{'sampler':26s} {'SW':>7s} {'amp err':>8s} {'diversity':>9s}")
-    for name, r in results.items():
-        print(f"{name:26s} {r['sliced_wasserstein']:7.3f} {r['amplitude_error']:8.3f} {r['diversity']:9.2f}")
-    print(json.dumps(results))
+    return protocol.run(
+        SignalTransformer(), tones_and_chirps, {"amplitude_error": amplitude_error},
+        pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, batch=batch, seed=seed,
+        eval_samples=eval_samples, finetune_lr=finetune_lr, log=log,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    protocol.main(
+        "TwinFlow on generated tones and chirps [B, L, D].", run,
+        quick=dict(pretrain_steps=300, finetune_steps=100, eval_samples=128, finetune_lr=3e-4),
+    )

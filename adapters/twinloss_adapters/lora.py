@@ -20,14 +20,13 @@ copy of the base weights:
 
 import contextlib
 import copy
-import math
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from twinloss.protocol import Conditioning, VelocityModel
-from twinloss.teachers import Teacher
+from twinloss.teachers import MovingAverageTeacher, Teacher
 from twinloss_adapters._imports import require_peft
 from twinloss_adapters.base import AdaptedTransformer
 
@@ -110,18 +109,12 @@ class BaseModelTeacher(Teacher):
             return peft_model(x_t, t, r, **cond)
 
 
-class LoRAEMATeacher(Teacher):
+class LoRAEMATeacher(MovingAverageTeacher):
     r"""An EMA of the trained adapter, kept as a second adapter on the same base.
 
-    After each optimizer step, with ``d`` the current decay (starting at 0),
-
-    .. math::
-        \bar\phi \leftarrow d\,\bar\phi + (1 - d)\,\phi, \qquad
-        d \leftarrow d + \tfrac{1}{2}(1 - d)(d_\text{target} - d),
-
-    over the adapter parameters ``phi`` only (LoRA matrices and the
-    ``modules_to_save`` copies, i.e. the TwinFlow embeddings): the frozen base
-    is shared, so the teacher costs one extra LoRA, not one extra model.
+    The average and warm-up of :class:`twinloss.EMATeacher`, over the adapter
+    parameters only (LoRA matrices and the ``modules_to_save`` copies, i.e. the
+    TwinFlow embeddings): the frozen base is shared, so the teacher costs one extra LoRA, not one extra model.
     The EMA adapter is created on first use (or by :meth:`attach`, which a
     resumed run calls before ``load_state_dict``) as a copy of the trained one.
 
@@ -131,15 +124,10 @@ class LoRAEMATeacher(Teacher):
     """
 
     def __init__(self, target_decay: float = 0.99, *, ema_adapter: str = "twinflow_ema") -> None:
-        super().__init__()
-        if not (0.0 <= target_decay < 1.0) or math.isnan(target_decay):
-            raise ValueError(f"target_decay must lie in [0, 1), got {target_decay}")
+        super().__init__(target_decay)
         if not ema_adapter:
             raise ValueError("ema_adapter must be a non-empty adapter name")
-        self.target_decay = float(target_decay)
         self.ema_adapter = ema_adapter
-        self.decay = 0.0
-        self.num_updates = 0
         self._pairs: dict[str, tuple[Tensor, Tensor]] = {}  # ema name -> (online param, ema param)
         self._pending: dict[str, Tensor] | None = None
 
@@ -191,9 +179,8 @@ class LoRAEMATeacher(Teacher):
         if not self._pairs:
             self.attach(model)
         for online_parameter, ema_parameter in self._pairs.values():
-            ema_parameter.lerp_(online_parameter.detach().to(ema_parameter.dtype), 1.0 - self.decay)
-        self.decay = self.decay + 0.5 * (1.0 - self.decay) * (self.target_decay - self.decay)
-        self.num_updates += 1
+            ema_parameter.lerp_(online_parameter.detach().to(ema_parameter.dtype), self.average_weight)
+        self.advance()
 
     def forward(
         self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
@@ -214,22 +201,14 @@ class LoRAEMATeacher(Teacher):
             ema = {name: ema_parameter.detach().clone() for name, (_, ema_parameter) in self._pairs.items()}
         else:
             ema = {name: value.clone() for name, value in (self._pending or {}).items()}
-        return {
-            "target_decay": self.target_decay,
-            "decay": self.decay,
-            "num_updates": self.num_updates,
-            "ema_adapter": self.ema_adapter,
-            "ema": ema,
-        }
+        return {**self.schedule_state(), "ema_adapter": self.ema_adapter, "ema": ema}
 
     def set_extra_state(self, state: dict) -> None:
-        if state["target_decay"] != self.target_decay or state["ema_adapter"] != self.ema_adapter:
+        if state["ema_adapter"] != self.ema_adapter:
             raise ValueError(
-                f"the saved teacher averages adapter {state['ema_adapter']!r} towards decay {state['target_decay']}, "
-                f"this one {self.ema_adapter!r} towards {self.target_decay}"
+                f"the saved teacher averages adapter {state['ema_adapter']!r}, this one {self.ema_adapter!r}"
             )
-        self.decay = float(state["decay"])
-        self.num_updates = int(state["num_updates"])
+        self.load_schedule_state(state, describe=f"EMA of adapter {self.ema_adapter!r}")
         weights = {name: value.clone() for name, value in state["ema"].items()}
         if self._pairs and weights:
             with torch.no_grad():

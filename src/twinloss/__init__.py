@@ -17,7 +17,7 @@ from twinloss.paths import AffinePath, CosinePath, LinearPath, PathCoefficients,
 from twinloss.protocol import Conditioning, VelocityModel
 from twinloss.sampling import AnyStepSampler, SamplerOutput, time_schedule
 from twinloss.targets import guidance_target, rcgm_target
-from twinloss.teachers import EMATeacher, OnlineTeacher, Teacher
+from twinloss.teachers import EMATeacher, MovingAverageTeacher, OnlineTeacher, Teacher
 from twinloss.time_distributions import (
     BetaTime,
     KumaraswamyTime,
@@ -45,6 +45,7 @@ __all__ = [
     "L2Distance",
     "LinearPath",
     "LogitNormalTime",
+    "MovingAverageTeacher",
     "OnlineTeacher",
     "PathCoefficients",
     "PathSample",

@@ -25,14 +25,13 @@ use :class:`~twinloss.teachers.EMATeacher` there.
 """
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from twinloss.protocol import Conditioning, VelocityModel
-from twinloss.teachers import Teacher
+from twinloss.teachers import MovingAverageTeacher
 
 __all__ = ["ShardedEMATeacher", "fsdp_modules", "local_shard"]
 
@@ -69,17 +68,19 @@ def fsdp_modules(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, fsdp_module)]
 
 
-class ShardedEMATeacher(Teacher):
+def _exchange(a: Tensor, b: Tensor) -> None:
+    """Swap the contents of two same-shape, same-dtype tensors in place (one scratch shard)."""
+    scratch = a.clone()
+    a.copy_(b)
+    b.copy_(scratch)
+
+
+class ShardedEMATeacher(MovingAverageTeacher):
     r"""An EMA of an FSDP2-sharded model, kept and updated shard by shard.
 
-    Same average and warm-up as :class:`~twinloss.teachers.EMATeacher`: after
-    each optimizer step, with ``d`` the current decay (starting at 0),
-
-    .. math::
-        \bar\theta_\text{local} \leftarrow d\,\bar\theta_\text{local} + (1 - d)\,\theta_\text{local},
-        \qquad d \leftarrow d + \tfrac{1}{2}(1 - d)(d_\text{target} - d),
-
-    applied to each rank's local shard only (no collective). The shards are
+    Same average and warm-up as :class:`~twinloss.teachers.EMATeacher`
+    (:class:`~twinloss.teachers.MovingAverageTeacher`), applied to each rank's
+    local shard only (no collective). The shards are
     DTensors with the parameters' mesh and placements, so the state saves
     and loads (and reshards) through ``torch.distributed.checkpoint``.
 
@@ -97,12 +98,7 @@ class ShardedEMATeacher(Teacher):
     """
 
     def __init__(self, target_decay: float = 0.99) -> None:
-        super().__init__()
-        if not (0.0 <= target_decay < 1.0) or math.isnan(target_decay):
-            raise ValueError(f"target_decay must lie in [0, 1), got {target_decay}")
-        self.target_decay = float(target_decay)
-        self.decay = 0.0
-        self.num_updates = 0
+        super().__init__(target_decay)
         self.shadow: dict[str, Tensor] = {}
 
     # ----------------------------------------------------------------- helpers
@@ -161,12 +157,10 @@ class ShardedEMATeacher(Teacher):
             self.materialize(model)
         else:
             self._check_names(params)
-            weight = 1.0 - self.decay
             for name, p in params.items():
                 average = local_shard(self.shadow[name])
-                average.lerp_(local_shard(p.detach()).to(average.dtype), weight)
-        self.decay = self.decay + 0.5 * (1.0 - self.decay) * (self.target_decay - self.decay)
-        self.num_updates += 1
+                average.lerp_(local_shard(p.detach()).to(average.dtype), self.average_weight)
+        self.advance()
 
     @contextlib.contextmanager
     def swapped_in(self, model: VelocityModel) -> Iterator[None]:
@@ -186,10 +180,7 @@ class ShardedEMATeacher(Teacher):
             backup = None if exact else [online.clone() for online, _ in pairs]
             for online, average in pairs:
                 if exact:
-                    scratch = online.clone()
-                    online.copy_(average)
-                    average.copy_(scratch)
-                    del scratch
+                    _exchange(online, average)
                 else:
                     online.copy_(average)
         try:
@@ -200,10 +191,7 @@ class ShardedEMATeacher(Teacher):
                     m.reshard()
                 for index, (online, average) in enumerate(pairs):
                     if exact:
-                        scratch = online.clone()
-                        online.copy_(average)
-                        average.copy_(scratch)
-                        del scratch
+                        _exchange(online, average)
                     else:
                         online.copy_(backup[index])
 
@@ -217,21 +205,10 @@ class ShardedEMATeacher(Teacher):
     def get_extra_state(self) -> dict:
         # The shards themselves (no copy): torch.distributed.checkpoint loads
         # into them in place, and a full-size clone is what this class avoids.
-        return {
-            "target_decay": self.target_decay,
-            "decay": self.decay,
-            "num_updates": self.num_updates,
-            "shadow": dict(self.shadow),
-        }
+        return {**self.schedule_state(), "shadow": dict(self.shadow)}
 
     def set_extra_state(self, state: dict) -> None:
-        if state["target_decay"] != self.target_decay:
-            raise ValueError(
-                f"the saved EMA targets decay {state['target_decay']}, "
-                f"this teacher {self.target_decay}"
-            )
-        self.decay = float(state["decay"])
-        self.num_updates = int(state["num_updates"])
+        self.load_schedule_state(state)
         loaded = state["shadow"]
         with torch.no_grad():
             for name, value in loaded.items():

@@ -10,7 +10,9 @@ The guidance passes and the RCGM chain (ALGORITHM.md, steps 4-5) call a
 * ``state_dict()`` / ``load_state_dict()``: so a resumed run continues
   exactly (the state travels inside ``TwinFlowLoss.state_dict()``).
 
-New teachers (LoRA base, LoRA-EMA, sharded EMA) subclass :class:`Teacher`.
+New teachers (LoRA base, LoRA-EMA, sharded EMA) subclass :class:`Teacher`;
+the averaging ones subclass :class:`MovingAverageTeacher`, which owns the
+decay warm-up and its saved state, and keep the average where it fits them.
 """
 
 import abc
@@ -22,7 +24,7 @@ from torch.func import functional_call
 
 from twinloss.protocol import Conditioning, VelocityModel
 
-__all__ = ["EMATeacher", "OnlineTeacher", "Teacher"]
+__all__ = ["EMATeacher", "MovingAverageTeacher", "OnlineTeacher", "Teacher"]
 
 
 class Teacher(nn.Module, abc.ABC):
@@ -48,8 +50,8 @@ class OnlineTeacher(Teacher):
             return model(x_t, t, r, **cond)
 
 
-class EMATeacher(Teacher):
-    r"""An exponential moving average of the online weights, with warm-up.
+class MovingAverageTeacher(Teacher):
+    r"""The warm-up schedule every exponential-moving-average teacher shares.
 
     After each optimizer step, with ``d`` the current decay (starting at 0),
 
@@ -58,10 +60,9 @@ class EMATeacher(Teacher):
         d \leftarrow d + \tfrac{1}{2}(1 - d)(d_\text{target} - d),
 
     so the first update copies the weights and ``d`` rises towards
-    ``target_decay``. The average is kept in at least float32 and evaluated
-    with :func:`torch.func.functional_call` on the online module, so no second
-    module is built. The model must therefore be an ``nn.Module`` whose
-    parameters the average mirrors.
+    ``target_decay``. A subclass keeps ``bar theta`` wherever it fits (a dict
+    of tensors, local shards, a second LoRA adapter), averages with
+    ``lerp_(theta, self.average_weight)`` and then calls :meth:`advance`.
 
     Args:
         target_decay: the decay the warm-up approaches (*default* 0.99), in [0, 1).
@@ -74,6 +75,47 @@ class EMATeacher(Teacher):
         self.target_decay = float(target_decay)
         self.decay = 0.0
         self.num_updates = 0
+
+    @property
+    def average_weight(self) -> float:
+        """``1 - d``: the weight of the online parameters in the next update."""
+        return 1.0 - self.decay
+
+    def advance(self) -> None:
+        """Move the decay one warm-up step towards ``target_decay`` and count the update."""
+        self.decay = self.decay + 0.5 * (1.0 - self.decay) * (self.target_decay - self.decay)
+        self.num_updates += 1
+
+    def schedule_state(self) -> dict:
+        """The schedule's part of ``get_extra_state``."""
+        return {"target_decay": self.target_decay, "decay": self.decay, "num_updates": self.num_updates}
+
+    def load_schedule_state(self, state: dict, *, describe: str = "") -> None:
+        """Restore the schedule from ``state``; refuses a checkpoint that targets another decay."""
+        if state["target_decay"] != self.target_decay:
+            raise ValueError(
+                f"the saved {describe or 'EMA'} targets decay {state['target_decay']}, "
+                f"this teacher {self.target_decay}"
+            )
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+
+
+class EMATeacher(MovingAverageTeacher):
+    r"""An exponential moving average of the online weights, with the warm-up of
+    :class:`MovingAverageTeacher`.
+
+    The average is kept in at least float32 and evaluated
+    with :func:`torch.func.functional_call` on the online module, so no second
+    module is built. The model must therefore be an ``nn.Module`` whose
+    parameters the average mirrors.
+
+    Args:
+        target_decay: the decay the warm-up approaches (*default* 0.99), in [0, 1).
+    """
+
+    def __init__(self, target_decay: float = 0.99) -> None:
+        super().__init__(target_decay)
         self.shadow: dict[str, Tensor] = {}
 
     @staticmethod
@@ -105,9 +147,8 @@ class EMATeacher(Teacher):
                 f"new {sorted(set(params) - set(self.shadow))[:3]})"
             )
         for name, p in params.items():
-            self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1.0 - self.decay)
-        self.decay = self.decay + 0.5 * (1.0 - self.decay) * (self.target_decay - self.decay)
-        self.num_updates += 1
+            self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), self.average_weight)
+        self.advance()
 
     def forward(
         self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
@@ -121,19 +162,8 @@ class EMATeacher(Teacher):
             return functional_call(module, params, (x_t, t, r), dict(cond))
 
     def get_extra_state(self) -> dict:
-        return {
-            "target_decay": self.target_decay,
-            "decay": self.decay,
-            "num_updates": self.num_updates,
-            "shadow": {name: p.clone() for name, p in self.shadow.items()},
-        }
+        return {**self.schedule_state(), "shadow": {name: p.clone() for name, p in self.shadow.items()}}
 
     def set_extra_state(self, state: dict) -> None:
-        if state["target_decay"] != self.target_decay:
-            raise ValueError(
-                f"the saved EMA targets decay {state['target_decay']}, "
-                f"this teacher {self.target_decay}"
-            )
-        self.decay = float(state["decay"])
-        self.num_updates = int(state["num_updates"])
+        self.load_schedule_state(state)
         self.shadow = {name: p.clone() for name, p in state["shadow"].items()}

@@ -6,8 +6,10 @@ Nothing here is downloaded: every data set is drawn from a seeded
 * :func:`ring_mixture`: ``modes`` Gaussians on a circle (the classic 2-D test
   of mode coverage), with labels for class-conditional training.
 * :func:`checkerboard`: uniform points on the dark squares of a 4x4 board.
-* :class:`TimeMLP`: an MLP velocity field ``F(x_t, t, r, y=None)`` that sees
-  ``|t|``, ``|t| - |r|`` and the sign of ``t`` through sinusoidal features,
+* :class:`TwoTimeEmbedding`: ``(t, r) -> [B, width]`` from sinusoidal features of
+  ``|t|`` and ``|t| - |r|``, plus a zero-initialised term for the sign of ``t``;
+  the time input of every small model in the project.
+* :class:`TimeMLP`: an MLP velocity field ``F(x_t, t, r, y=None)`` built on it,
   as the twinloss protocol requires.
 * :func:`train`: a plain loop around :class:`~twinloss.TwinFlowLoss`.
 """
@@ -26,6 +28,7 @@ from twinloss.teachers import Teacher
 __all__ = [
     "LabelledPoints",
     "TimeMLP",
+    "TwoTimeEmbedding",
     "checkerboard",
     "ring_centers",
     "ring_mixture",
@@ -92,17 +95,55 @@ def sinusoidal_features(
     return torch.cat([angle.sin(), angle.cos()], dim=1)
 
 
+class TwoTimeEmbedding(nn.Module):
+    r"""The two times of the protocol as one ``[B, width]`` embedding.
+
+    .. math::
+
+        e(t, r) = \mathrm{MLP}(\phi) + [t < 0]\, W_\text{twin} \phi, \qquad
+        \phi = [\mathrm{emb}(|t|), \mathrm{emb}(|t| - |r|)]
+
+    with ``emb`` the sinusoidal features of :func:`sinusoidal_features`. Rows at
+    ``t`` and ``-t`` see the same ``phi``; the twin (fake) rows, ``t < 0``, get
+    one more term from a linear layer initialised to zero. As the adapters do
+    (ALGORITHM.md, section 1), a model pretrained on positive times therefore
+    starts fine-tuning with a fake field equal to the real one, so the
+    rectification gap starts at 0 instead of at noise.
+
+    Args:
+        width: embedding width.
+        frequencies: sinusoidal frequencies per time input.
+    """
+
+    def __init__(self, width: int, frequencies: int = 16) -> None:
+        super().__init__()
+        if width < 1 or frequencies < 1:
+            raise ValueError(f"width and frequencies must be >= 1, got width={width}, frequencies={frequencies}")
+        self.frequencies = frequencies
+        features = 4 * frequencies
+        self.mlp = nn.Sequential(nn.Linear(features, width), nn.SiLU(), nn.Linear(width, width))
+        self.twin = nn.Linear(features, width)
+        nn.init.zeros_(self.twin.weight)
+        nn.init.zeros_(self.twin.bias)
+
+    def forward(
+        self, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], dtype: torch.dtype
+    ) -> Float[Tensor, "batch width"]:
+        t_abs = t.abs().to(dtype)
+        phi = torch.cat(
+            [sinusoidal_features(t_abs, self.frequencies), sinusoidal_features(t_abs - r.abs().to(dtype), self.frequencies)],
+            dim=1,
+        )
+        twin = (t < 0).to(dtype).unsqueeze(1)
+        return self.mlp(phi) + twin * self.twin(phi)
+
+
 class TimeMLP(nn.Module):
     """A two-time velocity field for ``[B, *shape]`` data (flattened internally).
 
-    The time input ``[emb(|t|), emb(|t| - |r|)]`` (sinusoidal ``emb``) is mapped
-    by a small MLP and added to the first hidden layer; a class label ``y``
-    (with a null class ``num_classes``) is added the same way when
-    ``num_classes > 0``. The twin (fake) rows, ``t < 0``, get one more term
-    from a linear *twin* layer of the same features, initialised to zero: as
-    the adapters do (ALGORITHM.md, section 1), a model pretrained on positive
-    times starts fine-tuning with a fake field equal to the real one, so the
-    rectification gap starts at 0 instead of at noise.
+    The :class:`TwoTimeEmbedding` of ``(t, r)`` is added to the first hidden
+    layer; a class label ``y`` (with a null class ``num_classes``) is added the
+    same way when ``num_classes > 0``.
 
     Args:
         shape: trailing data shape (e.g. ``(2,)``).
@@ -125,12 +166,7 @@ class TimeMLP(nn.Module):
             raise ValueError(f"width and depth must be >= 1, got width={width}, depth={depth}")
         self.shape = tuple(shape)
         features = math.prod(self.shape)
-        self.frequencies = frequencies
-        time_features = 4 * frequencies
-        self.time = nn.Sequential(nn.Linear(time_features, width), nn.SiLU(), nn.Linear(width, width))
-        self.twin = nn.Linear(time_features, width)
-        nn.init.zeros_(self.twin.weight)
-        nn.init.zeros_(self.twin.bias)
+        self.time = TwoTimeEmbedding(width, frequencies)
         self.label = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
         self.num_classes = num_classes
         self.input = nn.Linear(features, width)
@@ -146,13 +182,7 @@ class TimeMLP(nn.Module):
         r: Float[Tensor, " batch"],
         y: Int[Tensor, " batch"] | None = None,
     ) -> Float[Tensor, "batch *shape"]:
-        twin = (t < 0).to(x_t.dtype).unsqueeze(1)
-        t_abs = t.abs().to(x_t.dtype)
-        gap = t_abs - r.abs().to(x_t.dtype)
-        time = torch.cat(
-            [sinusoidal_features(t_abs, self.frequencies), sinusoidal_features(gap, self.frequencies)], dim=1
-        )
-        h = self.input(x_t.reshape(x_t.shape[0], -1)) + self.time(time) + twin * self.twin(time)
+        h = self.input(x_t.reshape(x_t.shape[0], -1)) + self.time(t, r, x_t.dtype)
         if self.label is not None:
             labels = y if y is not None else torch.full_like(t, self.num_classes, dtype=torch.long)
             h = h + self.label(labels)

@@ -42,6 +42,9 @@ def test_video_shapes_and_data():
     assert clips.shape == (8, 1, video.FRAMES, video.SIZE, video.SIZE)
     assert float(clips.min()) >= -1 and float(clips.max()) <= 1
     assert abs(video.contrast(clips) - 1.8) < 0.3
+    assert video.wobble(clips) < 0.6  # constant velocity: only edge effects
+    spliced = torch.cat([clips[:, :, :2], clips.flip(0)[:, :, 2:]], dim=2)  # two motions per clip
+    assert video.wobble(spliced) > 3 * video.wobble(clips)
     model = video.VideoTransformer()
     t = torch.rand(8, generator=g)
     assert model(clips, t, t * 0.5).shape == clips.shape
