@@ -10,7 +10,7 @@ GPUs, NCCL, bf16 parameters with fp32 reduction, sharded EMA teacher::
     PYTHONPATH=src:benchmarks torchrun --standalone --nproc_per_node 8 \\
         benchmarks/fsdp_train.py --device cuda --mixed-precision --ema --steps 1000
 
-The model is the toy ``TimeMLP``; swap in any backbone that follows the
+The model is the toy ``BlockMLP``; swap in any backbone that follows the
 protocol ``model(x_t, t, r, **cond)`` and wrap its blocks the same way. Each
 rank draws its own data and its own loss generator (seeded by rank); FSDP2
 averages the gradients. With ``--checkpoint DIR`` the model, optimizer and
@@ -26,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from toy_models import TimeMLP
+from toy_models import BlockMLP
 
 import twinloss
 from twinloss.distributed import ShardedEMATeacher
@@ -66,7 +66,7 @@ def main(argv=None) -> list[float]:
         device = torch.device("cpu")
 
     torch.manual_seed(args.seed)  # same initial weights on every rank before sharding
-    model = TimeMLP((args.data,), width=args.width, depth=args.depth, num_classes=args.classes).to(device)
+    model = BlockMLP((args.data,), width=args.width, depth=args.depth, num_classes=args.classes).to(device)
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if args.mixed_precision

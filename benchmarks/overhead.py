@@ -22,7 +22,7 @@ near 1 means the step costs what its model evaluations cost.
 (sampling, targets, distances, slicing); it is reported as a share of the
 same configuration's step with the real model.
 
-Models: ``mlp`` (toy TimeMLP), ``sana`` (stock diffusers SanaTransformer2DModel,
+Models: ``mlp`` (toy BlockMLP), ``sana`` (stock diffusers SanaTransformer2DModel,
 tiny config) and ``wan`` (stock WanTransformer3DModel, tiny video config), the
 diffusers ones bound by ``twinloss_adapters.sana`` / ``.wan`` exactly as a user
 would (target-time and sign embeddings included).
@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from toy_models import TimeMLP
+from toy_models import BlockMLP
 
 import twinloss
 
@@ -71,7 +71,7 @@ def build(name: str, batch: int, device: torch.device, dtype: torch.dtype):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if name == "mlp":
-        model = TimeMLP((64,), width=256, depth=4, num_classes=10)
+        model = BlockMLP((64,), width=256, depth=4, num_classes=10)
         x = torch.randn(batch, 64, generator=g)
         y = torch.randint(0, 10, (batch,), generator=g)
         cond, uncond = {"y": y}, {"y": torch.full_like(y, 10)}

@@ -1,6 +1,6 @@
 """Small two-time velocity fields for the scale tests and benchmarks.
 
-``TimeMLP`` follows the model protocol ``model(x_t, t, r, **cond) -> velocity``
+``BlockMLP`` follows the model protocol ``model(x_t, t, r, **cond) -> velocity``
 on data of any trailing shape (flattened inside); its residual blocks are
 separate modules, so ``fully_shard`` can wrap each block on its own (the
 per-block FSDP2 layout of a transformer). An optional class label ``y``
@@ -10,7 +10,7 @@ per-block FSDP2 layout of a transformer). An optional class label ``y``
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Block", "TimeMLP"]
+__all__ = ["Block", "BlockMLP"]
 
 
 class Block(nn.Module):
@@ -26,7 +26,7 @@ class Block(nn.Module):
         return h + self.down(nn.functional.gelu(self.up(self.norm(h) + embedding)))
 
 
-class TimeMLP(nn.Module):
+class BlockMLP(nn.Module):
     """A residual MLP velocity field ``F(x_t, t, r, y=None)``.
 
     The times enter as ``(t, r, t - r)`` (signed, so the twin trajectory is
@@ -52,7 +52,7 @@ class TimeMLP(nn.Module):
         embedding = self.time(times)
         if self.label is not None:
             if y is None:
-                raise ValueError("this TimeMLP is class-conditional: pass y")
+                raise ValueError("this BlockMLP is class-conditional: pass y")
             embedding = embedding + self.label(y)
         h = self.inp(x_t.flatten(1))
         for block in self.blocks:

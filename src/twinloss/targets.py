@@ -93,10 +93,18 @@ def rcgm_displacement(
     Raises:
         ValueError: if any ``r > t`` or a time lies outside ``[0, 1]``.
     """
-    if bool((r > t).any()):
-        raise ValueError("r must not exceed t in any row (the target time precedes the current)")
-    if bool((r < 0).any()) or bool((t > 1).any()):
+    if bool(((r > t) | (r < 0) | (t > 1)).any()):  # one device sync on the valid path
+        if bool((r > t).any()):
+            raise ValueError("r must not exceed t in any row (the target time precedes the current)")
         raise ValueError("rcgm_target takes real-trajectory times with 0 <= r <= t <= 1")
+    return unchecked_rcgm_displacement(teacher, x_t, t, r, velocity, step=step, order=order)
+
+
+@torch.no_grad()
+def unchecked_rcgm_displacement(
+    teacher: TeacherField, x_t: Tensor, t: Tensor, r: Tensor, velocity: Tensor, *, step: float, order: int
+) -> Tensor:
+    """:func:`rcgm_displacement` without the time check: for times valid by construction."""
     t_mid = torch.maximum(t - step, r)
     x = x_t - step * velocity
     s = t_mid

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._composable import checkpoint
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from toy_models import TimeMLP
+from toy_models import BlockMLP
 
 import twinloss
 from twinloss.distributed import ShardedEMATeacher, local_shard
@@ -15,9 +15,9 @@ from twinloss.distributed import ShardedEMATeacher, local_shard
 DATA, WIDTH, DEPTH, CLASSES, LOCAL_BATCH = 12, 16, 2, 3, 8
 
 
-def make_model() -> TimeMLP:
+def make_model() -> BlockMLP:
     torch.manual_seed(0)
-    return TimeMLP((DATA,), width=WIDTH, depth=DEPTH, num_classes=CLASSES)
+    return BlockMLP((DATA,), width=WIDTH, depth=DEPTH, num_classes=CLASSES)
 
 
 def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
@@ -39,7 +39,7 @@ def loss_step(loss_fn, model, rank: int):
     return out
 
 
-def shard(model: TimeMLP, *, mp_policy=None, activation_checkpointing=False) -> TimeMLP:
+def shard(model: BlockMLP, *, mp_policy=None, activation_checkpointing=False) -> BlockMLP:
     kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in model.blocks:
         if activation_checkpointing:

@@ -2,15 +2,15 @@
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
-from toy_models import TimeMLP
+from toy_models import BlockMLP
 
 CPU = torch.device("cpu")
 NULL_LABEL = 3
 
 
-def make(width: int, depth: int, data: int, seed: int = 0) -> TimeMLP:
+def make(width: int, depth: int, data: int, seed: int = 0) -> BlockMLP:
     torch.manual_seed(seed)
-    return TimeMLP((data,), width=width, depth=depth, num_classes=NULL_LABEL)
+    return BlockMLP((data,), width=width, depth=depth, num_classes=NULL_LABEL)
 
 
 def batch(size: int, data: int, seed: int = 0) -> tuple[torch.Tensor, dict, dict]:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from toy_models import TimeMLP
+from toy_models import BlockMLP
 
 import twinloss
 
@@ -31,7 +31,7 @@ def test_fsdp_train_runs_two_steps_under_torchrun(tmp_path):
 
     # step 0 in one process: the mean of both ranks' losses on the same weights
     torch.manual_seed(0)
-    model = TimeMLP((12,), width=16, depth=2, num_classes=3)
+    model = BlockMLP((12,), width=16, depth=2, num_classes=3)
     loss_fn = twinloss.TwinFlowLoss(teacher=twinloss.EMATeacher())
     expected = []
     for rank in range(2):
