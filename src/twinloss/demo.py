@@ -133,7 +133,8 @@ def render_panels(
         counts.index_put_((pixels - 1 - cells[:, 1], cells[:, 0]), torch.ones(cells.shape[0]), accumulate=True)
         level = 1 - torch.exp(-counts / max(1.0, points.shape[0] / 2000))
         rgb = torch.stack([1 - 0.85 * level, 1 - 0.65 * level, 1 - 0.25 * level], dim=2)
-        tile = Image.fromarray((rgb * 255).round().to(torch.uint8).numpy(), "RGB")
+        # Through bytes, not numpy: the demo's install (`.[demo]`) has no numpy.
+        tile = Image.frombytes("RGB", (pixels, pixels), bytes((rgb * 255).round().to(torch.uint8).flatten().tolist()))
         canvas.paste(tile, (left, header))
         draw.rectangle([left, header, left + pixels - 1, header + pixels - 1], outline=(160, 160, 160))
         draw.text((left + 2, header + pixels + 4), name, fill="black", font=_font(15))
