@@ -29,11 +29,15 @@ def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
     return x[rows], y[rows], torch.Generator().manual_seed(100 + rank)
 
 
-def loss_step(loss_fn, model, rank: int):
+def loss_step(loss_fn, model, rank: int, *, backward=None):
+    """One loss forward and backward on ``rank``'s rows (``backward(loss)`` defaults to ``loss.backward()``)."""
     x, y, g = rank_batch(rank)
     x_before = x.clone()
     out = loss_fn(model, x, cond={"y": y}, uncond={"y": torch.full_like(y, CLASSES)}, generator=g)
-    out.loss.backward()
+    if backward is None:
+        out.loss.backward()
+    else:
+        backward(out.loss)
     if not torch.equal(x, x_before):
         raise RuntimeError("the loss modified the caller's batch")
     return out
