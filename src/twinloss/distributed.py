@@ -123,14 +123,6 @@ class ShardedEMATeacher(MovingAverageTeacher):
             )
         return params
 
-    def _check_names(self, params: dict[str, nn.Parameter]) -> None:
-        if set(params) != set(self.shadow):
-            raise ValueError(
-                "ShardedEMATeacher: the model's parameters differ from the averaged ones "
-                f"(missing {sorted(set(self.shadow) - set(params))[:3]}, "
-                f"new {sorted(set(params) - set(self.shadow))[:3]})"
-            )
-
     @torch.no_grad()
     def materialize(self, model: VelocityModel) -> None:
         """Start the average at the current weights if it does not exist yet.
@@ -141,12 +133,9 @@ class ShardedEMATeacher(MovingAverageTeacher):
         """
         params = self._sharded_parameters(model)
         if self.shadow:
-            self._check_names(params)
+            self.check_same_parameters(params, self.shadow)
             return
-        self.shadow = {
-            name: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
-            for name, p in params.items()
-        }
+        self.shadow = self.start_average(params)
 
     # --------------------------------------------------------------- teacher
     @torch.no_grad()
@@ -156,7 +145,7 @@ class ShardedEMATeacher(MovingAverageTeacher):
         if not self.shadow:
             self.materialize(model)
         else:
-            self._check_names(params)
+            self.check_same_parameters(params, self.shadow)
             for name, p in params.items():
                 average = local_shard(self.shadow[name])
                 average.lerp_(local_shard(p.detach()).to(average.dtype), self.average_weight)
@@ -172,7 +161,7 @@ class ShardedEMATeacher(MovingAverageTeacher):
         params = self._sharded_parameters(model)
         if not self.shadow:
             self.materialize(model)  # first use before any update: the current weights, as EMATeacher
-        self._check_names(params)
+        self.check_same_parameters(params, self.shadow)
         modules = fsdp_modules(model)  # resharded by _sharded_parameters
         pairs = [(local_shard(p.detach()), local_shard(self.shadow[n])) for n, p in params.items()]
         exact = all(online.dtype == average.dtype for online, average in pairs)

@@ -86,6 +86,21 @@ class MovingAverageTeacher(Teacher):
         self.decay = self.decay + 0.5 * (1.0 - self.decay) * (self.target_decay - self.decay)
         self.num_updates += 1
 
+    @staticmethod
+    def start_average(params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A copy of ``params`` to average into, in at least float32."""
+        return {
+            name: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True) for name, p in params.items()
+        }
+
+    def check_same_parameters(self, params: dict[str, Tensor], averaged: dict[str, Tensor]) -> None:
+        """Refuse a model whose parameter names are not the averaged ones."""
+        if set(params) != set(averaged):
+            raise ValueError(
+                f"{type(self).__name__}: the model's parameters differ from the averaged ones "
+                f"(missing {sorted(set(averaged) - set(params))[:3]}, new {sorted(set(params) - set(averaged))[:3]})"
+            )
+
     def schedule_state(self) -> dict:
         """The schedule's part of ``get_extra_state``."""
         return {"target_decay": self.target_decay, "decay": self.decay, "num_updates": self.num_updates}
@@ -129,10 +144,7 @@ class EMATeacher(MovingAverageTeacher):
     @torch.no_grad()
     def _initialize(self, module: nn.Module) -> None:
         """Start the average at the current weights (kept in at least float32)."""
-        self.shadow = {
-            name: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
-            for name, p in module.named_parameters()
-        }
+        self.shadow = self.start_average(dict(module.named_parameters()))
 
     @torch.no_grad()
     def update(self, model: VelocityModel) -> None:
@@ -140,12 +152,7 @@ class EMATeacher(MovingAverageTeacher):
         if not self.shadow:
             self._initialize(module)
         params = dict(module.named_parameters())
-        if set(params) != set(self.shadow):
-            raise ValueError(
-                "EMATeacher.update: the model's parameters differ from the averaged ones "
-                f"(missing {sorted(set(self.shadow) - set(params))[:3]}, "
-                f"new {sorted(set(params) - set(self.shadow))[:3]})"
-            )
+        self.check_same_parameters(params, self.shadow)
         for name, p in params.items():
             self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), self.average_weight)
         self.advance()
