@@ -247,6 +247,40 @@ def ltx_video_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str
     return unpack_video_patches(tokens, frames, height, width)
 
 
+# --- HunyuanVideo ----------------------------------------------------------------------
+
+
+def build_hunyuan_video() -> nn.Module:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=24, pooled_projection_dim=12, rope_axes_dim=(2, 4, 4),
+    )
+
+
+def adapt_hunyuan_video(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import hunyuan_video
+
+    return hunyuan_video.adapt(transformer)
+
+
+def hunyuan_video_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {
+        "encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24), "encoder_attention_mask": _text_mask(batch),
+        "pooled_projections": _randn(generator, batch, 12), "guidance": torch.full((batch,), 6.0),
+    }
+
+
+def hunyuan_video_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    return transformer(
+        hidden_states=x, timestep=1000 * t, encoder_hidden_states=cond["encoder_hidden_states"],
+        encoder_attention_mask=cond["encoder_attention_mask"], pooled_projections=cond["pooled_projections"],
+        guidance=1000 * cond["guidance"], return_dict=False,
+    )[0]
+
+
 CASES = {
     "sana": BackboneCase("sana", build_sana, adapt_sana, (4, 8, 8), sana_cond, sana_stock, ((4, 8), (3, 8, 8))),
     "openuni": BackboneCase("openuni", build_openuni, adapt_openuni, (4, 8, 8), openuni_cond, None, ((4, 8), (3, 8, 8))),
@@ -259,5 +293,9 @@ CASES = {
     "wan": BackboneCase("wan", build_wan, adapt_wan, (4, 2, 4, 4), wan_cond, wan_stock, ((4, 4, 4), (4, 2, 3, 4))),
     "ltx_video": BackboneCase(
         "ltx_video", build_ltx_video, adapt_ltx_video, (4, 2, 4, 4), ltx_video_cond, ltx_video_stock, ((4, 4, 4), (3, 2, 4, 4))
+    ),
+    "hunyuan_video": BackboneCase(
+        "hunyuan_video", build_hunyuan_video, adapt_hunyuan_video, (4, 2, 4, 4), hunyuan_video_cond, hunyuan_video_stock,
+        ((4, 4, 4), (3, 2, 4, 4)),
     ),
 }

@@ -125,7 +125,7 @@ def test_qwen_image_edit_variants_are_rejected() -> None:
         qwen_image.adapt(edit)
 
 
-@pytest.mark.parametrize("name", ["sana", "qwen_image", "flux", "sd3", "wan", "ltx_video"])
+@pytest.mark.parametrize("name", ["sana", "qwen_image", "flux", "sd3", "wan", "ltx_video", "hunyuan_video"])
 def test_from_pretrained_loads_and_adapts(name: str, tmp_path) -> None:
     case = CASES[name]
     torch.manual_seed(0)
@@ -217,3 +217,35 @@ def test_frame_counts_must_fit_the_temporal_patch() -> None:
         with pytest.raises(ValueError, match="3 latent frames; expected a multiple of"):
             model(torch.randn(2, channels, 3, 4, 4), t, t, encoder_hidden_states=text)
         assert model(torch.randn(2, channels, 4, 4, 4), t, t, encoder_hidden_states=text).shape == (2, channels, 4, 4, 4)
+
+
+def test_hunyuan_video_rejects_image_to_video_variants_and_defaults_the_text_mask() -> None:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from twinloss_adapters import hunyuan_video
+
+    small = dict(
+        num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1, num_refiner_layers=1,
+        patch_size=1, patch_size_t=1, text_embed_dim=24, pooled_projection_dim=12, rope_axes_dim=(2, 4, 4),
+    )
+    for variant, channels in (("latent_concat", 9), ("token_replace", 4)):
+        image_to_video = HunyuanVideoTransformer3DModel(
+            in_channels=channels, out_channels=4, image_condition_type=variant, **small
+        )
+        with pytest.raises(ValueError, match=f"image_condition_type='{variant}'"):
+            hunyuan_video.adapt(image_to_video)
+
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, guidance_embeds=False, **small)
+    model = hunyuan_video.adapt(transformer)
+    assert model.capabilities.guidance_inputs == ()
+    x, text, pooled = torch.randn(2, 4, 2, 4, 4), torch.randn(2, TEXT_LEN, 24), torch.randn(2, 12)
+    t = torch.tensor([0.8, 0.3])
+    with torch.no_grad():
+        stock = transformer(
+            hidden_states=x, timestep=1000 * t, encoder_hidden_states=text,
+            encoder_attention_mask=torch.ones(2, TEXT_LEN), pooled_projections=pooled, return_dict=False,
+        )[0]
+        torch.testing.assert_close(model(x, t, t, encoder_hidden_states=text, pooled_projections=pooled), stock)
+    with pytest.raises(ValueError, match="without guidance embeddings"):
+        model(x, t, t, encoder_hidden_states=text, pooled_projections=pooled, guidance=torch.full((2,), 6.0))

@@ -1,0 +1,121 @@
+"""HunyuanVideo (``HunyuanVideoTransformer3DModel``) as a twinloss model.
+
+``HunyuanVideoPipeline`` calls the transformer on video latents
+``[B, C, F, H, W]`` as they are (it patchifies inside), with
+``timestep = 1000 t`` (flow matching, ``t = 1`` noise) and, for the released
+guidance-distilled model, ``guidance = 1000 w`` for an embedded guidance scale
+``w``; it predicts ``z - x``. ``time_text_embed`` sums the time, guidance and
+pooled-text embeddings into the ``temb`` every block modulates with; the
+TwinFlow embeddings are added to its ``timestep_embedder`` output, inside that
+sum. (The text token refiner keeps its own time embedding of ``|t|``: it
+refines the prompt, and the paper's change is to the modulation.)
+
+Conditioning:
+
+* ``encoder_hidden_states`` ``[B, L, text_embed_dim]`` (LLaMA), required;
+* ``pooled_projections`` ``[B, pooled_projection_dim]`` (CLIP), required;
+* ``encoder_attention_mask`` ``[B, L]`` (1 keep, 0 pad), optional: all ones
+  when absent (the stock class needs one);
+* ``guidance`` ``[B]``, the embedded guidance scale ``w`` (e.g. 6.0; the
+  adapter multiplies by 1000 as the pipeline does), required exactly when the
+  model has guidance embeddings.
+
+Only the text-to-video layout is supported: the image-to-video variants
+(``image_condition_type`` ``"latent_concat"`` or ``"token_replace"``) take an
+image latent the protocol has no slot for, and ``token_replace`` embeds a
+second timestep through the same embedder; both are rejected.
+"""
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from twinloss_adapters._imports import require_diffusers
+from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.conventions import TimeConvention
+
+__all__ = ["HunyuanVideoAdapter", "adapt", "from_pretrained", "unadapt"]
+
+GUIDANCE_SCALE = 1000.0  # HunyuanVideoPipeline embeds guidance_scale * 1000
+
+
+def _stock_class() -> type:
+    return require_diffusers().HunyuanVideoTransformer3DModel
+
+
+class HunyuanVideoAdapter(AdaptedTransformer):
+    """``HunyuanVideoTransformer3DModel`` behind the protocol; latents ``[B, C, F, H, W]``."""
+
+    required_cond = ("encoder_hidden_states", "pooled_projections")
+    optional_cond = ("encoder_attention_mask",)
+
+    def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
+        check_backbone_class(transformer, _stock_class())
+        config = transformer.config
+        if config.image_condition_type is not None:
+            raise ValueError(
+                f"transformer has image_condition_type={config.image_condition_type!r} (an image-to-video variant); "
+                "the HunyuanVideo adapter supports the text-to-video model (image_condition_type=None)"
+            )
+        if config.out_channels not in (None, config.in_channels):
+            raise ValueError(
+                f"transformer maps {config.in_channels} latent channels to {config.out_channels}; expected equal counts"
+            )
+        self.latent_channels = config.in_channels
+        self.patch, self.patch_t = config.patch_size, config.patch_size_t
+        super().__init__(
+            transformer,
+            time_convention=TimeConvention(scale=1000.0),
+            embedder_path="time_text_embed.timestep_embedder",
+            embedding_dim=config.num_attention_heads * config.attention_head_dim,
+            target_time=target_time,
+            sign=sign,
+            guidance_inputs=("guidance",) if config.guidance_embeds else (),
+        )
+
+    def check_latent(self, x_t: Tensor) -> None:
+        if x_t.ndim != 5 or x_t.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"x_t must be a video latent [B, {self.latent_channels}, F, H, W] for this HunyuanVideo model, "
+                f"got {tuple(x_t.shape)}"
+            )
+        frames, height, width = x_t.shape[2:]
+        if frames % self.patch_t:
+            raise ValueError(f"x_t has {frames} latent frames; expected a multiple of patch_size_t {self.patch_t}")
+        if height % self.patch or width % self.patch:
+            raise ValueError(f"x_t height and width must be multiples of patch_size {self.patch}, got {(height, width)}")
+
+    def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        text = cond["encoder_hidden_states"]
+        mask = cond.get("encoder_attention_mask")
+        if mask is None:
+            mask = torch.ones(text.shape[:2], device=text.device, dtype=torch.long)
+        guidance = cond.get("guidance")
+        return self.transformer(
+            hidden_states=x_t,
+            timestep=timestep,
+            encoder_hidden_states=text,
+            encoder_attention_mask=mask,
+            pooled_projections=cond["pooled_projections"],
+            guidance=None if guidance is None else GUIDANCE_SCALE * guidance,
+            return_dict=False,
+        )[0]
+
+
+def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> HunyuanVideoAdapter:
+    """Adapt a ``HunyuanVideoTransformer3DModel`` in place and return the protocol model.
+
+    Raises:
+        ValueError: if ``transformer`` is not a ``HunyuanVideoTransformer3DModel``,
+            is an image-to-video variant, or is already adapted.
+    """
+    return HunyuanVideoAdapter(transformer, target_time=target_time, sign=sign)
+
+
+def from_pretrained(
+    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
+) -> HunyuanVideoAdapter:
+    """Load a HunyuanVideo transformer with ``from_pretrained`` and adapt it."""
+    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+    return adapt(transformer)
