@@ -293,3 +293,28 @@ def test_training_reduces_the_loss_and_ema_resumes_exactly():
     assert loss_fn2.teacher.num_updates == 5
     resumed = run(5, loss_fn2, model2, opt2, 5)
     assert resumed == uninterrupted
+
+
+class _CallableField:
+    """A plain callable object (not an nn.Module) following the protocol."""
+
+    def __call__(self, x_t, t, r, *, y):
+        return x_t
+
+
+@pytest.mark.parametrize(
+    "model",
+    [TinyVelocityNet((3,)), NoLabels(), _CallableField(), lambda x_t, t, r, y: x_t],
+    ids=["module", "module-without-y", "callable-object", "function"],
+)
+def test_keyword_check_reads_every_kind_of_callable_and_never_accepts_self(model):
+    from twinloss.protocol import check_model_keywords
+
+    for _ in range(2):  # the second call reads the cached signature
+        if isinstance(model, NoLabels):
+            with pytest.raises(ValueError, match=r"cond has keys \['y'\]"):
+                check_model_keywords(model, {"y": torch.zeros(2)})
+        else:
+            check_model_keywords(model, {"y": torch.zeros(2)})
+        with pytest.raises(ValueError, match=r"cond has keys \['self'\]"):
+            check_model_keywords(model, {"self": torch.zeros(2)})

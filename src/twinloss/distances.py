@@ -16,7 +16,6 @@ import abc
 import math
 
 import torch
-from einops import reduce
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -29,7 +28,7 @@ def mean_squared_error(
     """Row-wise mean of ``(prediction - target)^2`` in at least float32."""
     dtype = torch.promote_types(prediction.dtype, torch.float32)
     error = prediction.to(dtype) - target.to(dtype)
-    return reduce(error.square(), "b ... -> b", "mean")
+    return error.square().reshape(error.shape[0], -1).mean(dim=1)  # mean over all but the batch dim
 
 
 class Distance(nn.Module, abc.ABC):

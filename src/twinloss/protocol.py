@@ -18,6 +18,7 @@ carries the sign. Adapters (``twinloss_adapters``) convert these times to a
 backbone's own units; nothing else in twinloss does.
 """
 
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
@@ -103,6 +104,31 @@ def check_conditioning(
     return checked
 
 
+@functools.lru_cache(maxsize=256)
+def _keywords_of_function(function: object, bound: bool) -> frozenset[str] | None:
+    """The keyword names ``function`` accepts (without ``self`` when ``bound``); None: any, or unreadable."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if bound and parameters:
+        parameters = parameters[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(p.name for p in parameters if p.kind in keyword_kinds)
+
+
+def _accepted_keywords(target: object) -> frozenset[str] | None:
+    """:func:`_keywords_of_function` for any callable; cached per function, as a loss calls it every step."""
+    function = getattr(target, "__func__", None)  # a bound method: cache on the function itself
+    if function is not None and inspect.isfunction(function):
+        return _keywords_of_function(function, True)
+    if inspect.isfunction(target):
+        return _keywords_of_function(target, False)
+    return _keywords_of_function.__wrapped__(target, False)  # other callables: read each time (may be unhashable)
+
+
 def check_model_keywords(model: object, cond: Conditioning, *, name: str = "cond") -> None:
     """Reject conditioning keys the model's signature cannot accept.
 
@@ -112,19 +138,9 @@ def check_model_keywords(model: object, cond: Conditioning, *, name: str = "cond
     """
     if not cond:
         return
-    target = model.forward if isinstance(model, nn.Module) else model
-    try:
-        signature = inspect.signature(target)
-    except (TypeError, ValueError):
+    accepted = _accepted_keywords(model.forward if isinstance(model, nn.Module) else model)
+    if accepted is None:
         return
-    parameters = signature.parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return
-    accepted = {
-        p.name
-        for p in parameters
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
     unknown = sorted(set(cond) - accepted)
     if unknown:
         raise ValueError(

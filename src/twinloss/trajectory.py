@@ -17,6 +17,7 @@ with ``t`` from a :class:`~twinloss.time_distributions.TimeDistribution` and
 ``counts["one_step"]`` rows form the one-step group, and so on.
 """
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -82,11 +83,7 @@ class GroupShares:
         every size works: ``max(ceil(1 / share))`` always does, and smaller
         sizes are admitted while each of them works too.
         """
-        positive = [share for share in self.as_dict().values() if share > 0]
-        batch = max(math.ceil(1 / share - 1e-9) for share in positive)
-        while batch > 1 and not self._starved(self._round(batch - 1)):
-            batch -= 1
-        return batch
+        return _min_batch_size(self)
 
     def _round(self, batch_size: int) -> dict[str, int]:
         """Largest-remainder (Hamilton) rounding of ``share * batch_size``."""
@@ -185,3 +182,13 @@ class TrajectorySampler(nn.Module):
         sign = torch.ones(batch_size, device=device, dtype=dtype)
         sign[groups["fake"]] = -1.0
         return Trajectory(t=sign * t, r=sign * r, groups=groups)
+
+
+@functools.lru_cache(maxsize=64)
+def _min_batch_size(shares: GroupShares) -> int:
+    """:meth:`GroupShares.min_batch_size`, cached: the loss checks it every step, and shares are frozen."""
+    positive = [share for share in shares.as_dict().values() if share > 0]
+    batch = max(math.ceil(1 / share - 1e-9) for share in positive)
+    while batch > 1 and not shares._starved(shares._round(batch - 1)):
+        batch -= 1
+    return batch
