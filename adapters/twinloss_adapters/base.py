@@ -25,7 +25,7 @@ from twinloss_adapters.time_embedding import (
     inject_time_embedding,
 )
 
-__all__ = ["AdaptedTransformer", "check_backbone_class", "unadapt", "unadapt_transformer"]
+__all__ = ["AdaptedTransformer", "check_backbone_class", "check_video_latent", "unadapt", "unadapt_transformer"]
 
 
 def check_backbone_class(transformer: object, expected: type, *, argument: str = "transformer") -> None:
@@ -37,6 +37,21 @@ def check_backbone_class(transformer: object, expected: type, *, argument: str =
         )
     if not isinstance(transformer, expected):
         raise ValueError(f"{argument} must be a diffusers {expected.__name__}, got {type(transformer).__name__}")
+
+
+def check_video_latent(x_t: Tensor, channels: int, patch: tuple[int, int, int], backbone: str) -> None:
+    """Raise ValueError naming ``x_t`` unless it is ``[B, channels, F, H, W]`` with ``(F, H, W)`` divisible by ``patch``.
+
+    ``patch`` is the backbone's ``(temporal, height, width)`` patch size; ``backbone`` names it in the message.
+    """
+    if x_t.ndim != 5 or x_t.shape[1] != channels:
+        raise ValueError(f"x_t must be a video latent [B, {channels}, F, H, W] for this {backbone} model, got {tuple(x_t.shape)}")
+    frames, height, width = x_t.shape[2:]
+    patch_t, patch_h, patch_w = patch
+    if frames % patch_t:
+        raise ValueError(f"x_t has {frames} latent frames; expected a multiple of the temporal patch {patch_t}")
+    if height % patch_h or width % patch_w:
+        raise ValueError(f"x_t height and width must be multiples of the patch ({patch_h}, {patch_w}), got {(height, width)}")
 
 
 class AdaptedTransformer(nn.Module, abc.ABC):

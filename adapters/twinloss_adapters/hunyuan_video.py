@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["HunyuanVideoAdapter", "adapt", "from_pretrained", "unadapt"]
@@ -75,16 +75,7 @@ class HunyuanVideoAdapter(AdaptedTransformer):
         )
 
     def check_latent(self, x_t: Tensor) -> None:
-        if x_t.ndim != 5 or x_t.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"x_t must be a video latent [B, {self.latent_channels}, F, H, W] for this HunyuanVideo model, "
-                f"got {tuple(x_t.shape)}"
-            )
-        frames, height, width = x_t.shape[2:]
-        if frames % self.patch_t:
-            raise ValueError(f"x_t has {frames} latent frames; expected a multiple of patch_size_t {self.patch_t}")
-        if height % self.patch or width % self.patch:
-            raise ValueError(f"x_t height and width must be multiples of patch_size {self.patch}, got {(height, width)}")
+        check_video_latent(x_t, self.latent_channels, (self.patch_t, self.patch, self.patch), "HunyuanVideo")
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         text = cond["encoder_hidden_states"]

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_video_patches, unpack_video_patches
 
@@ -89,16 +89,7 @@ class LTXVideoAdapter(AdaptedTransformer):
         )
 
     def check_latent(self, x_t: Tensor) -> None:
-        if x_t.ndim != 5 or x_t.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"x_t must be a video latent [B, {self.latent_channels}, F, H, W] for this LTX-Video model, "
-                f"got {tuple(x_t.shape)}"
-            )
-        frames, height, width = x_t.shape[2:]
-        if frames % self.patch_t:
-            raise ValueError(f"x_t has {frames} latent frames; expected a multiple of patch_size_t {self.patch_t}")
-        if height % self.patch or width % self.patch:
-            raise ValueError(f"x_t height and width must be multiples of patch_size {self.patch}, got {(height, width)}")
+        check_video_latent(x_t, self.latent_channels, (self.patch_t, self.patch, self.patch), "LTX-Video")
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         frames, height, width = x_t.shape[2:]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["WanAdapter", "adapt", "from_pretrained", "unadapt"]
@@ -68,19 +68,7 @@ class WanAdapter(AdaptedTransformer):
         )
 
     def check_latent(self, x_t: Tensor) -> None:
-        patch_t, patch_h, patch_w = self.transformer.config.patch_size
-        if x_t.ndim != 5 or x_t.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"x_t must be a video latent [B, {self.latent_channels}, F, H, W] for this Wan model, "
-                f"got {tuple(x_t.shape)}"
-            )
-        frames, height, width = x_t.shape[2:]
-        if frames % patch_t:
-            raise ValueError(f"x_t has {frames} latent frames; expected a multiple of the temporal patch {patch_t}")
-        if height % patch_h or width % patch_w:
-            raise ValueError(
-                f"x_t height and width must be multiples of the patch ({patch_h}, {patch_w}), got {(height, width)}"
-            )
+        check_video_latent(x_t, self.latent_channels, tuple(self.transformer.config.patch_size), "Wan")
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         super().check_cond(cond, batch_size)
