@@ -7,7 +7,8 @@
    distance, a diversity ratio (mean pairwise distance of samples over that of the data)
    and the example's own figures.
 
-An example supplies its data (``make_data(n, generator)``), its model, and its figures.
+An example supplies its data (``make_data(n, generator)``), its model, its figures and,
+for ``--png``, how to draw one sample as a picture.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import copy
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +26,7 @@ from twinloss import metrics, toy
 
 MakeData = Callable[..., Tensor]
 Figures = dict[str, Callable[[Tensor], float]]
+DrawSample = Callable[[Tensor], "PIL.Image.Image"]  # noqa: F821 (Pillow is imported only to draw)
 
 
 def evaluate(samples: Tensor, held_out: Tensor, figures: Figures) -> dict[str, float]:
@@ -47,8 +50,14 @@ def run(
     eval_samples: int,
     finetune_lr: float,
     log: Callable[[str], None] = print,
+    keep_samples: dict[str, Tensor] | None = None,
+    samples_per_row: int = 6,
 ) -> dict[str, dict[str, float]]:
-    """Pretrain ``model`` in place (flow matching), fine-tune it (TwinFlow), evaluate; figures per sampler."""
+    """Pretrain ``model`` in place (flow matching), fine-tune it (TwinFlow), evaluate; figures per sampler.
+
+    When ``keep_samples`` is a dict, the first ``samples_per_row`` held-out examples and
+    samples of every sampler (all from the same noise rows) are stored in it by name.
+    """
     g = torch.Generator().manual_seed(seed + 1)
 
     def draw(generator):
@@ -64,6 +73,8 @@ def run(
     held_out = make_data(eval_samples, generator=ev)
     noise = torch.randn(held_out.shape, generator=ev)
     results = {"data (second draw)": evaluate(make_data(eval_samples, generator=ev), held_out, figures)}
+    if keep_samples is not None:
+        keep_samples["held-out data"] = held_out[:samples_per_row]
     for name, network, sampler in [
         ("flow matching, 1 NFE", pretrained, twinloss.AnyStepSampler(1)),
         ("flow matching, 2 Euler", pretrained, twinloss.AnyStepSampler(2, mode="multi")),
@@ -73,17 +84,52 @@ def run(
     ]:
         samples = sampler(network, noise, generator=torch.Generator().manual_seed(seed + 3)).sample
         results[name] = evaluate(samples, held_out, figures)
+        if keep_samples is not None:
+            keep_samples[name] = samples[:samples_per_row]
     return results
 
 
-def main(description: str, run_example: Callable[..., dict[str, dict[str, float]]], quick: dict) -> None:
-    """Command line of an example: ``--quick`` runs it with the ``quick`` keywords; prints a table and JSON."""
+def render_rows(samples: dict[str, Tensor], draw: DrawSample, path: Path, title: str) -> None:
+    """One row per sampler: its name, then each kept sample drawn by ``draw``; saved as a PNG."""
+    from PIL import Image, ImageDraw
+
+    rows = {name: [draw(sample) for sample in batch] for name, batch in samples.items()}
+    cell_w = max(tile.width for tiles in rows.values() for tile in tiles)
+    cell_h = max(tile.height for tiles in rows.values() for tile in tiles)
+    label_w, gap, header = 170, 6, 28
+    columns = max(len(tiles) for tiles in rows.values())
+    canvas = Image.new(
+        "RGB", (label_w + columns * (cell_w + gap) + gap, header + len(rows) * (cell_h + gap) + gap), "white"
+    )
+    pen = ImageDraw.Draw(canvas)
+    pen.text((gap, 8), title, fill="black")
+    for row, (name, tiles) in enumerate(rows.items()):
+        top = header + row * (cell_h + gap)
+        pen.text((gap, top + cell_h // 2 - 6), name, fill="black")
+        for column, tile in enumerate(tiles):
+            canvas.paste(tile, (label_w + column * (cell_w + gap), top))
+    canvas.save(path)
+
+
+
+def main(
+    description: str, run_example: Callable[..., dict[str, dict[str, float]]], quick: dict, draw: DrawSample
+) -> None:
+    """Command line of an example: ``--quick`` runs it with the ``quick`` keywords; prints a table and JSON.
+
+    ``--png PATH`` also writes the kept samples of every sampler, one row each, drawn by ``draw``.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--png", type=Path, default=None, help="write samples of every sampler to this PNG")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = run_example(seed=args.seed, **(quick if args.quick else {}))
+    kept: dict[str, Tensor] | None = {} if args.png else None
+    results = run_example(seed=args.seed, keep_samples=kept, **(quick if args.quick else {}))
+    if kept is not None:
+        render_rows(kept, draw, args.png, f"{description} Same noise in every row; seed {args.seed}.")
+        print(f"wrote {args.png}")
     columns = list(next(iter(results.values())))
     print(f"{'sampler':26s} " + " ".join(f"{c[:18]:>18s}" for c in columns))
     for name, row in results.items():

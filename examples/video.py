@@ -97,19 +97,30 @@ def wobble(clips: Tensor) -> float:
     return float(second_difference.norm(dim=-1).mean())
 
 
+def draw_clip(clip: Tensor, scale: int = 6):
+    """A ``[1, F, H, W]`` clip as its frames side by side, grey levels from ``[-1, 1]``."""
+    from PIL import Image
+
+    frames = ((clip[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [F, H, W]
+    frames = frames.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    gap = torch.full((frames.shape[0], frames.shape[1], 2), 255, dtype=torch.uint8)
+    strip = torch.cat([torch.cat([frame, spacer], dim=1) for frame, spacer in zip(frames, gap)], dim=1)
+    return Image.frombytes("L", (strip.shape[1], strip.shape[0]), bytes(strip.flatten().tolist())).convert("RGB")
+
+
 def run(*, pretrain_steps: int = 1500, finetune_steps: int = 600, batch: int = 64, seed: int = 0,
-        eval_samples: int = 256, finetune_lr: float = 1e-3, log=print) -> dict[str, dict[str, float]]:
+        eval_samples: int = 256, finetune_lr: float = 1e-3, log=print, keep_samples=None) -> dict[str, dict[str, float]]:
     """Pretrain (flow matching), fine-tune (TwinFlow) and evaluate; returns figures per sampler."""
     torch.manual_seed(seed)
     return protocol.run(
         VideoTransformer(), moving_blobs, {"contrast": contrast, "wobble": wobble},
         pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, batch=batch, seed=seed,
-        eval_samples=eval_samples, finetune_lr=finetune_lr, log=log,
+        eval_samples=eval_samples, finetune_lr=finetune_lr, log=log, keep_samples=keep_samples,
     )
 
 
 if __name__ == "__main__":
     protocol.main(
         "TwinFlow on generated moving-blob clips [B, C, F, H, W].", run,
-        quick=dict(pretrain_steps=300, finetune_steps=100, eval_samples=128),
+        quick=dict(pretrain_steps=300, finetune_steps=100, eval_samples=128), draw=draw_clip,
     )
