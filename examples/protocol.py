@@ -26,7 +26,7 @@ from twinloss import metrics, toy
 
 MakeData = Callable[..., Tensor]
 Figures = dict[str, Callable[[Tensor], float]]
-DrawSample = Callable[[Tensor], "PIL.Image.Image"]  # noqa: F821 (Pillow is imported only to draw)
+DrawSample = Callable[[Tensor], object]  # one sample -> a PIL image (Pillow is imported only to draw)
 
 
 def evaluate(samples: Tensor, held_out: Tensor, figures: Figures) -> dict[str, float]:
@@ -128,7 +128,7 @@ def main(
     kept: dict[str, Tensor] | None = {} if args.png else None
     results = run_example(seed=args.seed, keep_samples=kept, **(quick if args.quick else {}))
     if kept is not None:
-        render_rows(kept, draw, args.png, f"{description} Same noise in every row; seed {args.seed}.")
+        render_rows(kept, draw, args.png, f"{description} Every sampler row starts from the same noise; seed {args.seed}.")
         print(f"wrote {args.png}")
     columns = list(next(iter(results.values())))
     print(f"{'sampler':26s} " + " ".join(f"{c[:18]:>18s}" for c in columns))
