@@ -81,3 +81,13 @@ def test_same_generator_same_times(dist):
 def test_bad_parameters_name_the_argument(make, name):
     with pytest.raises(ValueError, match=rf"^{name} "):
         make()
+
+
+@pytest.mark.parametrize("batch_size", [-1, True])  # non-ints: the type hints reject them first under test
+def test_every_time_distribution_rejects_a_bad_batch_size(batch_size):
+    from twinloss.time_distributions import BetaTime, KumaraswamyTime, LogitNormalTime, ShiftedTime
+
+    for dist in (BetaTime(), BetaTime(2.0, 3.0), LogitNormalTime(), ShiftedTime(), KumaraswamyTime()):
+        with pytest.raises(ValueError, match="^batch_size must be an int >= 0"):
+            dist(batch_size)
+        assert dist(0).shape == (0,)

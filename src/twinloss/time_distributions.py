@@ -37,9 +37,12 @@ def _check_positive(name: str, value: float) -> float:
 
 
 class TimeDistribution(nn.Module, abc.ABC):
-    """A distribution over ``[0, 1]`` sampled with an explicit generator."""
+    """A distribution over ``[0, 1]`` sampled with an explicit generator.
 
-    @abc.abstractmethod
+    Call it as ``dist(batch_size, device=..., dtype=..., generator=...)``; a
+    subclass implements :meth:`sample` with the same arguments.
+    """
+
     def forward(
         self,
         batch_size: int,
@@ -49,6 +52,15 @@ class TimeDistribution(nn.Module, abc.ABC):
         generator: torch.Generator | None = None,
     ) -> Float[Tensor, " batch"]:
         """Draw ``batch_size`` times."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
+        return self.sample(batch_size, device, dtype, generator)
+
+    @abc.abstractmethod
+    def sample(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, generator: torch.Generator | None
+    ) -> Float[Tensor, " batch"]:
+        """Draw ``batch_size`` times (arguments as :meth:`forward`'s, already checked)."""
 
 
 def sample_gamma(
@@ -96,13 +108,8 @@ class BetaTime(TimeDistribution):
         self.alpha = _check_positive("alpha", alpha)
         self.beta = _check_positive("beta", beta)
 
-    def forward(
-        self,
-        batch_size: int,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
+    def sample(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, generator: torch.Generator | None
     ) -> Float[Tensor, " batch"]:
         if self.alpha == 1.0 and self.beta == 1.0:
             return torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
@@ -122,13 +129,8 @@ class LogitNormalTime(TimeDistribution):
         self.mean = float(mean)
         self.std = _check_positive("std", std)
 
-    def forward(
-        self,
-        batch_size: int,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
+    def sample(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, generator: torch.Generator | None
     ) -> Float[Tensor, " batch"]:
         n = torch.randn(batch_size, device=device, dtype=torch.float32, generator=generator)
         return torch.sigmoid(self.mean + self.std * n).to(dtype)
@@ -145,13 +147,8 @@ class ShiftedTime(TimeDistribution):
         self.shift = _check_positive("shift", shift)
         self.base = base if base is not None else BetaTime()
 
-    def forward(
-        self,
-        batch_size: int,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
+    def sample(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, generator: torch.Generator | None
     ) -> Float[Tensor, " batch"]:
         t = self.base(batch_size, device=device, dtype=dtype, generator=generator)
         return self.shift * t / (1 + (self.shift - 1) * t)
@@ -173,13 +170,8 @@ class KumaraswamyTime(TimeDistribution):
         self.b = _check_positive("b", b)
         self.c = _check_positive("c", c)
 
-    def forward(
-        self,
-        batch_size: int,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
+    def sample(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, generator: torch.Generator | None
     ) -> Float[Tensor, " batch"]:
         u = torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
         return kumaraswamy_warp(u, self.a, self.b, self.c)
