@@ -42,8 +42,8 @@ from twinloss_adapters.base import (
 )
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_image_patches, unpack_image_patches
-from twinloss_adapters.releases import load_release
-from twinloss_adapters.time_embedding import qwen_image_release
+from twinloss_adapters.releases import load_release, load_stock_refusing_release
+from twinloss_adapters.time_embedding import QWEN_IMAGE_RELEASE_NAME, qwen_image_release
 
 __all__ = ["QwenImageAdapter", "adapt", "from_pretrained", "unadapt"]
 
@@ -159,7 +159,8 @@ def from_pretrained(
     TwinFlow-Qwen-Image-v1.0: the stock weights into the stock class, the
     ``time_text_embed_2.*`` weights into the released second embedder (see
     :func:`twinloss_adapters.releases.load_release`, which raises on missing,
-    mis-shaped or unused keys).
+    mis-shaped or unused keys). The default kind refuses a checkpoint that
+    carries the release's second embedder instead of dropping it.
     """
     check_time_embedding_kind(time_embedding, has_release=True)
     if time_embedding == RELEASE_TIME_EMBEDDING:
@@ -167,5 +168,7 @@ def from_pretrained(
             _stock_class(), functools.partial(adapt, time_embedding=time_embedding),
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs,
         )
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+    transformer = load_stock_refusing_release(
+        _stock_class(), QWEN_IMAGE_RELEASE_NAME, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+    )
     return adapt(transformer)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import AdaptedTransformer
 
-__all__ = ["load_release", "read_checkpoint_tensors"]
+__all__ = ["load_release", "load_stock_refusing_release", "read_checkpoint_tensors"]
 
 HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 """``from_pretrained`` keyword arguments that also locate the checkpoint files."""
@@ -90,6 +90,28 @@ def load_release(
         {f"transformer.{key}": value.to(expected[key].dtype) for key, value in loaded.items()}, strict=False
     )
     return adapted
+
+
+def load_stock_refusing_release(
+    stock_class: type, second_name: str, pretrained_model_name_or_path: str, *, subfolder: str | None, **kwargs: object
+) -> nn.Module:
+    """The stock ``from_pretrained``, refusing a release checkpoint it would silently strip.
+
+    Raises:
+        ValueError: naming the keys, if the checkpoint carries weights under
+            ``second_name`` (the release's second embedder), which the stock
+            class would drop with only a warning.
+    """
+    transformer, info = stock_class.from_pretrained(
+        pretrained_model_name_or_path, subfolder=subfolder, output_loading_info=True, **kwargs
+    )
+    stray = sorted(key for key in info["unexpected_keys"] if _under(key, (second_name,)))
+    if stray:
+        raise ValueError(
+            f"checkpoint {pretrained_model_name_or_path!r} carries the TwinFlow release's time embedding {stray}, "
+            "which the default time embedding would drop; load it with time_embedding='twinflow_release'"
+        )
+    return transformer
 
 
 def _under(key: str, module_names: Iterable[str]) -> bool:

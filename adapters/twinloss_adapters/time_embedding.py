@@ -58,6 +58,10 @@ __all__ = [
 ]
 
 DEFAULT_MODULE_NAME = "twinflow_time_embedding"
+QWEN_IMAGE_RELEASE_NAME = "time_text_embed_2"
+"""Attribute and checkpoint key prefix of TwinFlow-Qwen-Image-v1.0's second time embedder."""
+Z_IMAGE_RELEASE_NAME = "t_embedder_2"
+"""Attribute and checkpoint key prefix of TwinFlow-Z-Image-Turbo-exp's second time embedder."""
 INJECTION_ATTRIBUTE = "_twinflow_time_injection"
 
 TimeDelta = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
@@ -380,13 +384,13 @@ class ReleasedTimeEmbedding:
 
 def qwen_image_release() -> ReleasedTimeEmbedding:
     """TwinFlow-Qwen-Image-v1.0: ``time_text_embed_2``, see :func:`qwen_image_release_delta`."""
-    return ReleasedTimeEmbedding("time_text_embed", "time_text_embed_2", qwen_image_release_delta, sees_sign=True)
+    return ReleasedTimeEmbedding("time_text_embed", QWEN_IMAGE_RELEASE_NAME, qwen_image_release_delta, sees_sign=True)
 
 
 def z_image_release(t_scale: float) -> ReleasedTimeEmbedding:
     """TwinFlow-Z-Image-Turbo-exp: ``t_embedder_2``, see :func:`z_image_release_delta`."""
     delta = functools.partial(z_image_release_delta, t_scale=float(t_scale))
-    return ReleasedTimeEmbedding("t_embedder", "t_embedder_2", delta, sees_sign=False)
+    return ReleasedTimeEmbedding("t_embedder", Z_IMAGE_RELEASE_NAME, delta, sees_sign=False)
 
 
 def inject_released_time_embedding(

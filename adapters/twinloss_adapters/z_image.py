@@ -40,8 +40,8 @@ from twinloss_adapters.base import (
     unadapt,
 )
 from twinloss_adapters.conventions import TimeConvention
-from twinloss_adapters.releases import load_release
-from twinloss_adapters.time_embedding import z_image_release
+from twinloss_adapters.releases import load_release, load_stock_refusing_release
+from twinloss_adapters.time_embedding import Z_IMAGE_RELEASE_NAME, z_image_release
 
 __all__ = ["ZImageAdapter", "adapt", "from_pretrained", "unadapt"]
 
@@ -155,7 +155,9 @@ def from_pretrained(
     With ``time_embedding="twinflow_release"`` the checkpoint is loaded as
     TwinFlow-Z-Image-Turbo-exp: the ``t_embedder_2.*`` weights go into the
     released second embedder (see :func:`twinloss_adapters.releases.load_release`,
-    which raises on missing, mis-shaped or unused keys).
+    which raises on missing, mis-shaped or unused keys). The default kind
+    refuses a checkpoint that carries the release's second embedder instead
+    of dropping it.
     """
     check_time_embedding_kind(time_embedding, has_release=True)
     if time_embedding == RELEASE_TIME_EMBEDDING:
@@ -163,5 +165,7 @@ def from_pretrained(
             _stock_class(), functools.partial(adapt, time_embedding=time_embedding),
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs,
         )
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+    transformer = load_stock_refusing_release(
+        _stock_class(), Z_IMAGE_RELEASE_NAME, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+    )
     return adapt(transformer)

@@ -8,6 +8,7 @@ layout are synthesised on tiny builds.
 
 import json
 import math
+import re
 from collections.abc import Callable
 
 import pytest
@@ -24,7 +25,7 @@ from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME
 
 BATCH = 3
 RELEASE = "twinflow_release"
-QWEN_SECOND = "time_text_embed_2"
+QWEN_SECOND = "time_text_embed_2"  # the released key names, spelled out rather than imported
 Z_SECOND = "t_embedder_2"
 
 
@@ -274,6 +275,13 @@ def test_released_checkpoint_with_missing_mis_shaped_or_unplaced_keys_raises(tmp
         _rewrite(folder, edit)
         with pytest.raises(ValueError, match=message):
             qwen_image.from_pretrained(str(folder), subfolder=None, time_embedding=RELEASE)
+
+
+@pytest.mark.parametrize("name", sorted(RELEASES))
+def test_default_time_embedding_refuses_a_released_checkpoint_instead_of_dropping_its_keys(name: str, tmp_path) -> None:
+    extra = _write_release_checkpoint(name, tmp_path)
+    with pytest.raises(ValueError, match=rf"{re.escape(sorted(extra)[0])}.*time_embedding='twinflow_release'"):
+        RELEASES[name][0].from_pretrained(str(tmp_path), subfolder=None)
 
 
 def test_release_model_with_trained_sign_embedding_round_trips_through_save_pretrained(tmp_path) -> None:
