@@ -26,11 +26,11 @@ Edit (``zero_cond_t``) and layered (``use_layer3d_rope``,
 times; they are rejected with a ValueError rather than half-supported.
 """
 
-import functools
 from collections.abc import Mapping
 
 from torch import Tensor
 
+from twinloss_adapters import releases
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import (
     RELEASE_TIME_EMBEDDING,
@@ -42,7 +42,6 @@ from twinloss_adapters.base import (
 )
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_image_patches, unpack_image_patches
-from twinloss_adapters.releases import load_release, load_stock_refusing_release
 from twinloss_adapters.time_embedding import QWEN_IMAGE_RELEASE_NAME, qwen_image_release
 
 __all__ = ["QwenImageAdapter", "adapt", "from_pretrained", "unadapt"]
@@ -162,13 +161,7 @@ def from_pretrained(
     mis-shaped or unused keys). The default kind refuses a checkpoint that
     carries the release's second embedder instead of dropping it.
     """
-    check_time_embedding_kind(time_embedding, has_release=True)
-    if time_embedding == RELEASE_TIME_EMBEDDING:
-        return load_release(
-            _stock_class(), functools.partial(adapt, time_embedding=time_embedding),
-            pretrained_model_name_or_path, subfolder=subfolder, **kwargs,
-        )
-    transformer = load_stock_refusing_release(
-        _stock_class(), QWEN_IMAGE_RELEASE_NAME, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+    return releases.from_pretrained(
+        _stock_class(), adapt, QWEN_IMAGE_RELEASE_NAME, pretrained_model_name_or_path,
+        subfolder=subfolder, time_embedding=time_embedding, **kwargs,
     )
-    return adapt(transformer)

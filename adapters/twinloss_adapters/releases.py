@@ -15,12 +15,50 @@ from collections.abc import Callable, Iterable
 from torch import Tensor, nn
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer
+from twinloss_adapters.base import (
+    RELEASE_TIME_EMBEDDING,
+    AdaptedTransformer,
+    check_time_embedding_kind,
+)
 
-__all__ = ["load_release", "load_stock_refusing_release", "read_checkpoint_tensors"]
+__all__ = ["from_pretrained", "load_release", "load_stock_refusing_release", "read_checkpoint_tensors"]
 
 HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 """``from_pretrained`` keyword arguments that also locate the checkpoint files."""
+
+
+def from_pretrained(
+    stock_class: type,
+    adapt: Callable[..., AdaptedTransformer],
+    second_name: str,
+    pretrained_model_name_or_path: str,
+    *,
+    subfolder: str | None,
+    time_embedding: str,
+    **kwargs: object,
+) -> AdaptedTransformer:
+    """A backbone's ``from_pretrained`` when it has a release: :func:`load_release` or the stock load.
+
+    Args:
+        stock_class: the stock diffusers transformer class.
+        adapt: the backbone's ``adapt`` (takes ``time_embedding=``).
+        second_name: the release's second-embedder key prefix, refused by the default kind.
+        time_embedding: ``"twinflow"`` or ``"twinflow_release"``.
+
+    Raises:
+        ValueError: for an unknown ``time_embedding``, and as
+            :func:`load_release` / :func:`load_stock_refusing_release`.
+    """
+    check_time_embedding_kind(time_embedding, has_release=True)
+    if time_embedding == RELEASE_TIME_EMBEDDING:
+        return load_release(
+            stock_class, lambda transformer: adapt(transformer, time_embedding=time_embedding),
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs,
+        )
+    transformer = load_stock_refusing_release(
+        stock_class, second_name, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+    )
+    return adapt(transformer, time_embedding=time_embedding)
 
 
 def load_release(

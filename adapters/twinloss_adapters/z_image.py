@@ -24,12 +24,12 @@ embedding cannot tell ``t`` from ``-t`` at ``r = t``; with ``sign=True``
 training, which leaves the release's outputs unchanged until trained.
 """
 
-import functools
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
+from twinloss_adapters import releases
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import (
     RELEASE_TIME_EMBEDDING,
@@ -40,7 +40,6 @@ from twinloss_adapters.base import (
     unadapt,
 )
 from twinloss_adapters.conventions import TimeConvention
-from twinloss_adapters.releases import load_release, load_stock_refusing_release
 from twinloss_adapters.time_embedding import Z_IMAGE_RELEASE_NAME, z_image_release
 
 __all__ = ["ZImageAdapter", "adapt", "from_pretrained", "unadapt"]
@@ -159,13 +158,7 @@ def from_pretrained(
     refuses a checkpoint that carries the release's second embedder instead
     of dropping it.
     """
-    check_time_embedding_kind(time_embedding, has_release=True)
-    if time_embedding == RELEASE_TIME_EMBEDDING:
-        return load_release(
-            _stock_class(), functools.partial(adapt, time_embedding=time_embedding),
-            pretrained_model_name_or_path, subfolder=subfolder, **kwargs,
-        )
-    transformer = load_stock_refusing_release(
-        _stock_class(), Z_IMAGE_RELEASE_NAME, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+    return releases.from_pretrained(
+        _stock_class(), adapt, Z_IMAGE_RELEASE_NAME, pretrained_model_name_or_path,
+        subfolder=subfolder, time_embedding=time_embedding, **kwargs,
     )
-    return adapt(transformer)
