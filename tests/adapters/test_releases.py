@@ -209,10 +209,16 @@ def test_signed_time_convention_keeps_the_sign_and_refuses_reversed() -> None:
 
 
 def _write_release_checkpoint(name: str, folder, *, shard: bool = False) -> dict[str, Tensor]:
-    """A stock checkpoint of a tiny build plus a second embedder under the released key names."""
+    """A stock checkpoint of a tiny build plus a second embedder under the released key names.
+
+    As the authors' ``*Wrapper`` subclasses save it: their class name in the config.
+    """
     torch.manual_seed(0)
     transformer = CASES[name].build()
     transformer.save_pretrained(folder, max_shard_size="200KB" if shard else "10GB")
+    config = json.loads((folder / "config.json").read_text())  # the authors saved their subclass
+    config["_class_name"] += "Wrapper"
+    (folder / "config.json").write_text(json.dumps(config))
     embedder_path = RELEASES[name][1]
     second_name = QWEN_SECOND if name == "qwen_image" else Z_SECOND
     generator = torch.Generator().manual_seed(5)
