@@ -222,8 +222,9 @@ class TimeEmbeddingInjection:
                 f"{self.embedder_path} returned shape {tuple(output.shape)}; expected "
                 f"[{t.shape[0]}, D] (one embedding per batch row)"
             )
+        stock = output
         for name, delta in self.terms.items():
-            output = output + delta(self.module(name), t, r, output).to(output.dtype)
+            output = output + delta(self.module(name), t, r, stock).to(stock.dtype)
         return output
 
     def remove(self) -> None:
@@ -358,7 +359,9 @@ def z_image_release_delta(
     convention. For ``r`` of the sign of ``t`` and ``r != 0`` this is
     :math:`(|t| - |r|)\, E_2(s (t - r))`; at ``r = t`` it vanishes, so the
     release alone does not see the sign of ``t`` there; at ``r = 0`` exactly
-    :math:`\tau_r = 0` (see :func:`_release_time`).
+    :math:`\tau_r = 0` (see :func:`_release_time`). The hook adds the result in
+    the embedding's dtype; the release adds in float64 and casts afterwards
+    (a last-bit difference).
     """
     release_t, release_r = _release_time(t), _release_time(r)
     return second(release_r * t_scale - release_t * t_scale) * (release_t - release_r).abs()[:, None]
