@@ -379,3 +379,24 @@ def test_z_image_adapter_reproduces_every_transformer_call_of_z_image_pipeline()
             velocity = adapted(x_t, t, t, encoder_hidden_states=padded, encoder_attention_mask=mask)
         torch.testing.assert_close(velocity, -torch.stack(outputs).squeeze(2), rtol=0, atol=0)
     assert calls[0][0][1].tolist() == [0.0] * 4 and calls[1][0][1].tolist() == [0.25] * 4
+
+
+@pytest.mark.parametrize("name", sorted(RELEASES))
+def test_release_under_lora_trains_lora_and_the_released_modules_only(name: str) -> None:
+    from peft import LoraConfig
+
+    from twinloss_adapters.lora import add_lora
+
+    adapted, cond, x = _release(name)
+    released = [QWEN_SECOND] if name == "qwen_image" else [Z_SECOND, DEFAULT_MODULE_NAME]
+    model = add_lora(adapted, LoraConfig(r=2, target_modules=["to_q", "to_k"], init_lora_weights="gaussian"))
+    assert sorted(model.peft_config["default"].modules_to_save) == sorted(released)
+    t, r = TIMES
+    model(x, t, r, **cond).square().mean().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad <= trainable
+    assert all("lora_" in n or ".modules_to_save.default." in n for n in trainable), trainable
+    assert any("lora_B" in n for n in with_grad)  # B starts at zero; its gradient does not
+    for module_name in released:
+        assert any(f"{module_name}.modules_to_save.default." in n for n in with_grad), module_name
