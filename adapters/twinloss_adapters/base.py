@@ -45,11 +45,10 @@ RELEASE_TIME_EMBEDDING = "twinflow_release"
 TIME_EMBEDDINGS = (TWINFLOW_TIME_EMBEDDING, RELEASE_TIME_EMBEDDING)
 
 
-def check_time_embedding_kind(time_embedding: str, *, has_release: bool) -> None:
-    """Raise ValueError naming ``time_embedding`` unless it is a kind this backbone has."""
-    allowed = TIME_EMBEDDINGS if has_release else (TWINFLOW_TIME_EMBEDDING,)
-    if time_embedding not in allowed:
-        raise ValueError(f"time_embedding must be one of {allowed} for this backbone, got {time_embedding!r}")
+def check_time_embedding_kind(time_embedding: str) -> None:
+    """Raise ValueError naming ``time_embedding`` unless it is one of :data:`TIME_EMBEDDINGS`."""
+    if time_embedding not in TIME_EMBEDDINGS:
+        raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {time_embedding!r}")
 
 
 def check_backbone_class(transformer: object, expected: type, *, argument: str = "transformer") -> None:

@@ -68,7 +68,7 @@ class QwenImageAdapter(AdaptedTransformer):
         time_embedding: str = TWINFLOW_TIME_EMBEDDING,
     ) -> None:
         check_backbone_class(transformer, _stock_class())
-        check_time_embedding_kind(time_embedding, has_release=True)
+        check_time_embedding_kind(time_embedding)
         release = qwen_image_release() if time_embedding == RELEASE_TIME_EMBEDDING else None
         config = transformer.config
         enabled = [flag for flag in UNSUPPORTED_FLAGS if getattr(config, flag, False)]

@@ -49,7 +49,7 @@ def from_pretrained(
         ValueError: for an unknown ``time_embedding``, and as
             :func:`load_release` / :func:`load_stock_refusing_release`.
     """
-    check_time_embedding_kind(time_embedding, has_release=True)
+    check_time_embedding_kind(time_embedding)
     if time_embedding == RELEASE_TIME_EMBEDDING:
         return load_release(
             stock_class, lambda transformer: adapt(transformer, time_embedding=time_embedding),

@@ -68,7 +68,7 @@ class ZImageAdapter(AdaptedTransformer):
         time_embedding: str = TWINFLOW_TIME_EMBEDDING,
     ) -> None:
         check_backbone_class(transformer, _stock_class())
-        check_time_embedding_kind(time_embedding, has_release=True)
+        check_time_embedding_kind(time_embedding)
         config = transformer.config
         patch_pairs = list(zip(config.all_patch_size, config.all_f_patch_size, strict=True))
         if (PATCH_SIZE, FRAME_PATCH_SIZE) not in patch_pairs:
