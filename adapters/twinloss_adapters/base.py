@@ -19,13 +19,36 @@ from torch import Tensor, nn
 
 from twinloss_adapters.conventions import Capabilities, TimeConvention
 from twinloss_adapters.time_embedding import (
-    DEFAULT_MODULE_NAME,
+    ReleasedTimeEmbedding,
     TimeEmbeddingInjection,
     find_injection,
+    inject_released_time_embedding,
     inject_time_embedding,
 )
 
-__all__ = ["AdaptedTransformer", "check_backbone_class", "check_video_latent", "unadapt", "unadapt_transformer"]
+__all__ = [
+    "RELEASE_TIME_EMBEDDING",
+    "TIME_EMBEDDINGS",
+    "TWINFLOW_TIME_EMBEDDING",
+    "AdaptedTransformer",
+    "check_backbone_class",
+    "check_time_embedding_kind",
+    "check_video_latent",
+    "unadapt",
+    "unadapt_transformer",
+]
+
+TWINFLOW_TIME_EMBEDDING = "twinflow"
+"""twinloss's own time embedding (:class:`~twinloss_adapters.time_embedding.TwinTimeEmbedding`)."""
+RELEASE_TIME_EMBEDDING = "twinflow_release"
+"""The time embedding of the authors' released checkpoint of that backbone."""
+TIME_EMBEDDINGS = (TWINFLOW_TIME_EMBEDDING, RELEASE_TIME_EMBEDDING)
+
+
+def check_time_embedding_kind(time_embedding: str) -> None:
+    """Raise ValueError naming ``time_embedding`` unless it is one of :data:`TIME_EMBEDDINGS`."""
+    if time_embedding not in TIME_EMBEDDINGS:
+        raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {time_embedding!r}")
 
 
 def check_backbone_class(transformer: object, expected: type, *, argument: str = "transformer") -> None:
@@ -78,13 +101,24 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         target_time: bool = True,
         sign: bool = True,
         guidance_inputs: tuple[str, ...] = (),
+        release: ReleasedTimeEmbedding | None = None,
     ) -> None:
         super().__init__()
+        if release is not None and not target_time:
+            raise ValueError(
+                "target_time=False cannot be honoured with time_embedding='twinflow_release': "
+                "the released embedding always embeds the target time"
+            )
+        if release is not None and embedder_path != release.embedder_path:
+            raise ValueError(f"embedder_path {embedder_path!r} differs from the release's {release.embedder_path!r}")
         self.transformer = transformer
         self.time_convention = time_convention
         self.capabilities = Capabilities(target_time=target_time, sign=sign, guidance_inputs=guidance_inputs)
+        self.time_embedding_kind = TWINFLOW_TIME_EMBEDDING if release is None else RELEASE_TIME_EMBEDDING
         self.injection: TimeEmbeddingInjection | None = None
-        if target_time or sign:
+        if release is not None:
+            self.injection = inject_released_time_embedding(transformer, release, embedding_dim, sign=sign)
+        elif target_time or sign:
             self.injection = inject_time_embedding(
                 transformer, embedder_path, embedding_dim, target_time=target_time, sign=sign
             )
@@ -176,8 +210,10 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         return {key: value for key, value in self.state_dict().items() if key.startswith(prefixes)}
 
     def extra_prefixes(self) -> tuple[str, ...]:
-        """State-dict key prefixes of the adapter's own modules."""
-        return (f"transformer.{DEFAULT_MODULE_NAME}.",)
+        """State-dict key prefixes of the adapter's own modules (none without an injection)."""
+        if self.injection is None:
+            return ()
+        return tuple(f"transformer.{name}." for name in self.injection.module_names)
 
     def load_extra_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load what :meth:`extra_state_dict` saved.

@@ -299,3 +299,37 @@ CASES = {
         ((4, 4, 4), (3, 2, 4, 4)),
     ),
 }
+
+
+# --- Z-Image ------------------------------------------------------------------------------
+
+
+def build_z_image() -> nn.Module:
+    from diffusers import ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel(
+        in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=24,
+        axes_dims=[4, 6, 6], axes_lens=[64, 32, 32],
+    )
+
+
+def adapt_z_image(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import z_image
+
+    return z_image.adapt(transformer)
+
+
+def z_image_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {"encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24), "encoder_attention_mask": _text_mask(batch)}
+
+
+def z_image_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """ZImagePipeline's call: lists of latents and kept caption tokens, timestep 1 - t, output negated."""
+    captions = [row[keep.bool()] for row, keep in zip(cond["encoder_hidden_states"], cond["encoder_attention_mask"], strict=True)]
+    outputs = transformer(list(x.unsqueeze(2).unbind(0)), 1 - t, captions, return_dict=False)[0]
+    return -torch.stack(outputs).squeeze(2)
+
+
+CASES["z_image"] = BackboneCase(
+    "z_image", build_z_image, adapt_z_image, (4, 8, 8), z_image_cond, z_image_stock, ((4, 8), (3, 8, 8), (4, 7, 8))
+)

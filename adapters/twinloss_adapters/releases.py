@@ -1,0 +1,226 @@
+"""Load the authors' released TwinFlow checkpoints into the stock diffusers classes.
+
+A release checkpoint is a stock transformer checkpoint plus the weights of a
+second time embedder under the release's key names (``time_text_embed_2.*``
+for TwinFlow-Qwen-Image-v1.0, ``t_embedder_2.*`` for
+TwinFlow-Z-Image-Turbo-exp). The stock class alone would drop those keys with
+a warning. :func:`load_release` loads the stock part with the stock
+``from_pretrained``, adapts the model with the release's time embedding and
+loads the extra keys by name, raising on anything it cannot place.
+"""
+
+import json
+from collections.abc import Callable, Iterable
+
+from torch import Tensor, nn
+
+from twinloss_adapters._imports import require_diffusers
+from twinloss_adapters.base import (
+    RELEASE_TIME_EMBEDDING,
+    AdaptedTransformer,
+    check_time_embedding_kind,
+)
+
+__all__ = ["from_pretrained", "load_release", "load_stock_refusing_release", "read_checkpoint_tensors"]
+
+HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+"""``from_pretrained`` keyword arguments that also locate the checkpoint files."""
+
+
+def from_pretrained(
+    stock_class: type,
+    adapt: Callable[..., AdaptedTransformer],
+    second_name: str,
+    pretrained_model_name_or_path: str,
+    *,
+    subfolder: str | None,
+    time_embedding: str,
+    **kwargs: object,
+) -> AdaptedTransformer:
+    """A backbone's ``from_pretrained`` when it has a release: :func:`load_release` or the stock load.
+
+    Args:
+        stock_class: the stock diffusers transformer class.
+        adapt: the backbone's ``adapt`` (takes ``time_embedding=``).
+        second_name: the release's second-embedder key prefix, refused by the default kind.
+        time_embedding: ``"twinflow"`` or ``"twinflow_release"``.
+
+    Raises:
+        ValueError: for an unknown ``time_embedding``, and as
+            :func:`load_release` / :func:`load_stock_refusing_release`.
+    """
+    check_time_embedding_kind(time_embedding)
+    if time_embedding == RELEASE_TIME_EMBEDDING:
+        return load_release(
+            stock_class, lambda transformer: adapt(transformer, time_embedding=time_embedding),
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs,
+        )
+    transformer = load_stock_refusing_release(
+        stock_class, second_name, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+    )
+    return adapt(transformer, time_embedding=time_embedding)
+
+
+def load_release(
+    stock_class: type,
+    adapt: Callable[[nn.Module], AdaptedTransformer],
+    pretrained_model_name_or_path: str,
+    *,
+    subfolder: str | None = "transformer",
+    **kwargs: object,
+) -> AdaptedTransformer:
+    """Load a released checkpoint: stock weights into ``stock_class``, then the adapter's extras by key name.
+
+    The adapted model's first injected module (the release's second embedder)
+    must be complete in the checkpoint; any further injected module (the
+    optional sign embedding, absent from the authors' files but written when a
+    model adapted this way is saved) is loaded when present, all or nothing.
+
+    Args:
+        stock_class: the stock diffusers transformer class.
+        adapt: turns the loaded stock transformer into the adapted model with
+            the release's time embedding.
+        pretrained_model_name_or_path, subfolder, kwargs: as for the stock
+            ``from_pretrained``.
+
+    Raises:
+        ValueError: naming the keys, if the checkpoint lacks stock keys or
+            the second embedder's keys, has them with the wrong shape, has a
+            partial optional module, or has keys nothing would load.
+    """
+    transformer, info = stock_class.from_pretrained(
+        pretrained_model_name_or_path, subfolder=subfolder, output_loading_info=True, **kwargs
+    )
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise ValueError(
+            f"checkpoint {pretrained_model_name_or_path!r} does not fit {stock_class.__name__}: "
+            f"missing {sorted(info['missing_keys'])}, mis-shaped {info['mismatched_keys']}"
+        )
+    adapted = adapt(transformer)
+    expected = {key.removeprefix("transformer."): value for key, value in adapted.extra_state_dict().items()}
+    present = set(info["unexpected_keys"])
+    unplaced = sorted(present - set(expected))
+    if unplaced:
+        raise ValueError(
+            f"checkpoint {pretrained_model_name_or_path!r} has keys {unplaced} that neither {stock_class.__name__} "
+            f"nor the {adapted.time_embedding_kind!r} time embedding has; they would be lost"
+        )
+    required, *optional = adapted.injection.module_names
+    missing = sorted(key for key in expected if _under(key, (required,)) and key not in present)
+    for name in optional:
+        module_keys = {key for key in expected if _under(key, (name,))}
+        if module_keys & present and module_keys - present:
+            missing += sorted(module_keys - present)
+    if missing:
+        raise ValueError(f"checkpoint {pretrained_model_name_or_path!r} lacks the release keys {missing}")
+    hub = {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
+    loaded = read_checkpoint_tensors(
+        pretrained_model_name_or_path, sorted(present), subfolder=subfolder, variant=kwargs.get("variant"), **hub
+    )
+    mis_shaped = [
+        f"{key}: {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+        for key, value in loaded.items()
+        if value.shape != expected[key].shape
+    ]
+    if mis_shaped:
+        raise ValueError(f"checkpoint {pretrained_model_name_or_path!r} has mis-shaped release keys {mis_shaped}")
+    adapted.load_state_dict(
+        {f"transformer.{key}": value.to(expected[key].dtype) for key, value in loaded.items()}, strict=False
+    )
+    return adapted
+
+
+def load_stock_refusing_release(
+    stock_class: type, second_name: str, pretrained_model_name_or_path: str, *, subfolder: str | None, **kwargs: object
+) -> nn.Module:
+    """The stock ``from_pretrained``, refusing a release checkpoint it would silently strip.
+
+    Raises:
+        ValueError: naming the keys, if the checkpoint carries weights under
+            ``second_name`` (the release's second embedder), which the stock
+            class would drop with only a warning.
+    """
+    transformer, info = stock_class.from_pretrained(
+        pretrained_model_name_or_path, subfolder=subfolder, output_loading_info=True, **kwargs
+    )
+    stray = sorted(key for key in info["unexpected_keys"] if _under(key, (second_name,)))
+    if stray:
+        raise ValueError(
+            f"checkpoint {pretrained_model_name_or_path!r} carries the TwinFlow release's time embedding {stray}, "
+            "which the default time embedding would drop; load it with time_embedding='twinflow_release'"
+        )
+    return transformer
+
+
+def _under(key: str, module_names: Iterable[str]) -> bool:
+    return any(key.startswith(f"{name}.") for name in module_names)
+
+
+def read_checkpoint_tensors(
+    pretrained_model_name_or_path: str,
+    keys: Iterable[str],
+    *,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    **hub: object,
+) -> dict[str, Tensor]:
+    """Read only ``keys`` from a diffusers model checkpoint (local folder or Hub id).
+
+    Looks for a sharded safetensors index, then one safetensors file, then
+    ``diffusion_pytorch_model.bin``, with diffusers' own file lookup.
+
+    Raises:
+        ValueError: if a key is not in the checkpoint.
+    """
+    diffusers = require_diffusers()
+    from diffusers.models.model_loading_utils import load_state_dict
+    from diffusers.utils.hub_utils import _add_variant, _get_model_file
+
+    keys = list(keys)
+    if not keys:
+        return {}
+
+    def locate(weights_name: str) -> str:
+        return _get_model_file(pretrained_model_name_or_path, weights_name=weights_name, subfolder=subfolder, **hub)
+
+    utils = diffusers.utils
+    try:
+        index_file = locate(_add_variant(utils.SAFE_WEIGHTS_INDEX_NAME, variant))
+    except OSError:
+        index_file = None
+    if index_file is not None:
+        with open(index_file) as handle:
+            weight_map = json.load(handle)["weight_map"]
+        absent = [key for key in keys if key not in weight_map]
+        if absent:
+            raise ValueError(f"keys {absent} are not in the checkpoint index {index_file}")
+        files: dict[str, list[str]] = {}
+        for key in keys:
+            files.setdefault(weight_map[key], []).append(key)
+        return {
+            key: tensor
+            for shard, shard_keys in files.items()
+            for key, tensor in _read_safetensors(locate(shard), shard_keys).items()
+        }
+    try:
+        single_file = locate(_add_variant(utils.SAFETENSORS_WEIGHTS_NAME, variant))
+    except OSError:
+        single_file = None
+    if single_file is not None:
+        return _read_safetensors(single_file, keys)
+    state = load_state_dict(locate(_add_variant(utils.WEIGHTS_NAME, variant)))
+    absent = [key for key in keys if key not in state]
+    if absent:
+        raise ValueError(f"keys {absent} are not in the checkpoint")
+    return {key: state[key] for key in keys}
+
+
+def _read_safetensors(path: str, keys: list[str]) -> dict[str, Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        available = set(handle.keys())
+        absent = [key for key in keys if key not in available]
+        if absent:
+            raise ValueError(f"keys {absent} are not in {path}")
+        return {key: handle.get_tensor(key) for key in keys}
