@@ -34,7 +34,9 @@ from twinloss_adapters._imports import require_diffusers
 __all__ = [
     "EXTRAS_WEIGHTS_NAME",
     "TWINLOSS_CONFIG_NAME",
+    "check_exact_match",
     "load_adapted",
+    "load_exactly",
     "save_adapted",
     "split_construction_arguments",
 ]
@@ -197,12 +199,8 @@ def _read_tensors(files: list[str], prefixes: tuple[str, ...]) -> dict[str, Tens
 # --- strict loading -----------------------------------------------------------------------------
 
 
-def load_exactly(module: nn.Module, expected: Mapping[str, Tensor], found: Mapping[str, Tensor], what: str) -> None:
-    """Load ``found`` into ``module`` (keys as in ``module.state_dict()``) only if it covers ``expected`` exactly.
-
-    Raises:
-        ValueError: naming the missing, unexpected and mis-shaped keys.
-    """
+def check_exact_match(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], what: str) -> None:
+    """Raise ValueError naming the keys of ``found`` that are missing, unexpected or mis-shaped against ``expected``."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     mis_shaped = sorted(
@@ -215,6 +213,15 @@ def load_exactly(module: nn.Module, expected: Mapping[str, Tensor], found: Mappi
             f"{what} do not match the adapted model: missing {missing}, unexpected {unexpected}, "
             f"wrong shape {mis_shaped}"
         )
+
+
+def load_exactly(module: nn.Module, expected: Mapping[str, Tensor], found: Mapping[str, Tensor], what: str) -> None:
+    """Load ``found`` into ``module`` (keys as in ``module.state_dict()``) only if it matches ``expected`` exactly.
+
+    Raises:
+        ValueError: naming the missing, unexpected and mis-shaped keys.
+    """
+    check_exact_match(expected, found, what)
     with torch.no_grad():
         targets = module.state_dict(keep_vars=True)
         for key, value in found.items():
