@@ -20,10 +20,12 @@ that are missing, partial, unexpected or mis-shaped raise ``ValueError``
 naming them.
 """
 
+import contextlib
 import inspect
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -45,6 +47,8 @@ TWINLOSS_CONFIG_NAME = "twinloss_config.json"
 EXTRAS_WEIGHTS_NAME = "twinloss_extras.safetensors"
 FORMAT_VERSION = 1
 TRANSFORMER_PREFIX = "transformer."
+STOCK_LOADER_LOGGER = "diffusers.models.modeling_utils"
+UNUSED_WEIGHTS_MESSAGE = "were not used when initializing"
 HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 JSON_SCALARS = (bool, int, float, str, type(None))
 
@@ -272,6 +276,44 @@ def _adapter_arguments(
     return arguments
 
 
+class _UnusedWeightsReport(logging.Filter):
+    """Holds back the stock loader's "weights ... were not used" warning until the twin keys are loaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if UNUSED_WEIGHTS_MESSAGE in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self, consumed: set[str]) -> None:
+        """Re-log each held warning for the keys not in ``consumed`` (all of it if it cannot be parsed)."""
+        logger = logging.getLogger(STOCK_LOADER_LOGGER)
+        for record in self.records:
+            head, _, listing = record.getMessage().partition("\n")
+            keys = [key for key in listing.strip().strip("[]'").split(", ") if key]
+            if not keys:
+                logger.handle(record)
+                continue
+            left = [key for key in keys if key not in consumed]
+            if left:
+                logger.warning(f"{head} {left}")
+
+
+@contextlib.contextmanager
+def _holding_unused_weights_warning() -> Iterator[_UnusedWeightsReport]:
+    report = _UnusedWeightsReport()
+    logger = logging.getLogger(STOCK_LOADER_LOGGER)
+    logger.addFilter(report)
+    try:
+        yield report
+    finally:
+        logger.removeFilter(report)
+
+
 def load_adapted(
     adapter_class: type,
     pretrained_model_name_or_path: str | os.PathLike,
@@ -290,6 +332,7 @@ def load_adapted(
             contradicts the saved one, a missing module argument, or twin or
             extra weights that are missing, partial, unexpected or mis-shaped.
     """
+    pretrained_model_name_or_path = os.fspath(pretrained_model_name_or_path)  # diffusers' AutoModel wants a str
     constructor = inspect.signature(adapter_class.__init__).parameters
     adapter_names = [name for name in constructor if name not in ("self", "transformer")]
     given = {name: kwargs.pop(name) for name in adapter_names if name in kwargs}
@@ -297,9 +340,10 @@ def load_adapted(
     config = _read_twinloss_config(pretrained_model_name_or_path, subfolder, hub_arguments)
     arguments = _adapter_arguments(adapter_class, config, given)
 
-    transformer = require_diffusers().AutoModel.from_pretrained(
-        pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-    )
+    with _holding_unused_weights_warning() as unused_weights:
+        transformer = require_diffusers().AutoModel.from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
     adapted = adapter_class(transformer, **arguments)
 
     prefixes = _transformer_prefixes(adapted)
@@ -308,6 +352,7 @@ def load_adapted(
     if config is not None or saved_twin:  # a stock checkpoint has neither: twin modules stay at zero
         expected = {k: v for k, v in adapted.transformer.state_dict().items() if k.startswith(prefixes)}
         load_exactly(adapted.transformer, expected, saved_twin, "the checkpoint's twin weights")
+    unused_weights.release(consumed=set(saved_twin))
     expected_extras = _external_extras(adapted)
     if config is not None and (expected_extras or config["extra_keys"]):
         extras_file = _resolve_file(pretrained_model_name_or_path, EXTRAS_WEIGHTS_NAME, subfolder, hub_arguments)

@@ -299,3 +299,13 @@ CASES = {
         ((4, 4, 4), (3, 2, 4, 4)),
     ),
 }
+
+
+# --- persistence: the module arguments a loader must be given (their architecture, not their weights) ---
+
+
+def module_arguments(name: str) -> dict[str, nn.Module]:
+    """Keyword arguments ``AdapterClass.from_pretrained`` needs besides the path (OpenUni: a connector)."""
+    if name == "openuni":
+        return {"connector": adapt_openuni(build_openuni()).connector}
+    return {}
