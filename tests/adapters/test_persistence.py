@@ -306,3 +306,51 @@ def test_merged_export_fuses_the_lora_and_loads_with_one_call(name: str, tmp_pat
     for key, value in merged.extra_state_dict().items():
         module_path, _, leaf = key.rpartition(f"{DEFAULT_MODULE_NAME}.")
         assert torch.equal(value, trained[f"base_model.model.{module_path}{DEFAULT_MODULE_NAME}.modules_to_save.default.{leaf}"])
+
+
+# --- resuming a LoRA run ----------------------------------------------------------------------------------
+
+
+@needs_peft
+def test_lora_run_with_ema_teacher_resumes_with_the_uninterrupted_losses(tmp_path) -> None:
+    from peft import LoraConfig
+
+    import twinloss
+    from twinloss.checkpoint import load_training_state, save_training_state
+    from twinloss_adapters import lora
+
+    case = CASES["sana"]
+
+    def setup(seed: int):
+        torch.manual_seed(0)
+        config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights="gaussian")
+        model = lora.add_lora(case.adapt(case.build()), config)
+        torch.manual_seed(seed)  # the LoRA draws above are equal; what follows differs between runs
+        teacher = lora.LoRAEMATeacher(target_decay=0.9)
+        teacher.attach(model)  # a resumed run attaches before loading
+        loss_fn = twinloss.TwinFlowLoss(teacher=teacher, guidance_scale=0.0)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        generators = {"data": torch.Generator().manual_seed(seed), "loss": torch.Generator().manual_seed(seed + 1)}
+        return model, loss_fn, optimizer, generators
+
+    def train(count: int, model, loss_fn, optimizer, generators) -> list[float]:
+        losses = []
+        for _ in range(count):
+            x = torch.randn(4, *case.latent_shape, generator=generators["data"])
+            cond = case.make_cond(None, 4, generators["data"])
+            out = loss_fn(model, x, cond=cond, generator=generators["loss"])
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            loss_fn.teacher.update(model)
+            losses.append(out.loss.item())
+        return losses
+
+    uninterrupted = train(3, *setup(seed=1))
+    model, loss_fn, optimizer, generators = setup(seed=1)
+    first = train(2, model, loss_fn, optimizer, generators)
+    save_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn, generators=generators)
+    model, loss_fn, optimizer, generators = setup(seed=5)
+    load_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn, generators=generators)
+    assert loss_fn.teacher.num_updates == 2
+    assert first + train(1, model, loss_fn, optimizer, generators) == uninterrupted
