@@ -246,8 +246,8 @@ def load_sharded_training_state(
 ) -> int:
     """Restore what :func:`save_sharded_training_state` wrote, on every rank; return the saved step.
 
-    The model must be sharded as when saving (DCP reshards between layouts
-    of the same parameters).
+    Build and shard the model, optimizer and loss as for the first run
+    before calling (tested with the same world size and sharding).
 
     Raises:
         ValueError: as :func:`load_training_state`, and when this rank's RNG
