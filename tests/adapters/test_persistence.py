@@ -160,6 +160,27 @@ def test_missing_partial_or_misshaped_twin_weights_raise_naming_the_keys(edit, k
         type(adapted).from_pretrained(tmp_path)
 
 
+def test_the_unused_weights_log_names_only_keys_no_one_loaded(tmp_path) -> None:
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    adapted = _trained(CASES["sana"])
+    adapted.save_pretrained(tmp_path)
+    logger.addHandler(handler)
+    try:
+        type(adapted).from_pretrained(tmp_path)
+        assert not [message for message in records if "were not used" in message]
+        _rewrite_weights(tmp_path, lambda state: state.update({"stray.weight": torch.zeros(2)}))
+        type(adapted).from_pretrained(tmp_path)
+    finally:
+        logger.removeHandler(handler)
+    unused = [message for message in records if "were not used" in message]
+    assert len(unused) == 1 and "stray.weight" in unused[0] and DEFAULT_MODULE_NAME not in unused[0]
+
+
 def test_saved_options_are_restored_and_a_contradicting_option_or_class_raises(tmp_path) -> None:
     from twinloss_adapters import ltx_video, sana
 
