@@ -99,6 +99,24 @@ def _transformer_prefixes(adapted: nn.Module) -> tuple[str, ...]:
     return tuple(p[len(TRANSFORMER_PREFIX):] for p in adapted.extra_prefixes() if p.startswith(TRANSFORMER_PREFIX))
 
 
+def _added_weights(
+    transformer: nn.Module, stock_modules: set[str], stock_keys: set[str], adapted: nn.Module
+) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    """What adapting added to ``transformer``: its new state entries, and key prefixes that cover them.
+
+    The prefixes are the top-most new modules (``twinflow_time_embedding.``, a
+    release embedder, ...), entries added to existing modules, and the
+    adapter's declared ``extra_prefixes`` (so twin keys in a checkpoint are
+    seen even when this adapter was built without twin modules).
+    """
+    added = {k: v for k, v in transformer.state_dict().items() if k not in stock_keys}
+    new_modules = [name for name, _ in transformer.named_modules() if name and name not in stock_modules]
+    top_most = {name for name in new_modules if name.rpartition(".")[0] not in new_modules}
+    covered = tuple(f"{name}." for name in top_most)
+    loose = {key for key in added if not key.startswith(covered)}
+    return added, tuple(sorted(set(covered) | loose | set(_transformer_prefixes(adapted))))
+
+
 def _external_extras(adapted: nn.Module) -> dict[str, Tensor]:
     """Adapter weights that live outside the transformer (keys as in ``adapted.state_dict()``)."""
     return {k: v for k, v in adapted.extra_state_dict().items() if not k.startswith(TRANSFORMER_PREFIX)}
@@ -344,13 +362,14 @@ def load_adapted(
         transformer = require_diffusers().AutoModel.from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
+    stock_modules = {name for name, _ in transformer.named_modules()}
+    stock_keys = set(transformer.state_dict())
     adapted = adapter_class(transformer, **arguments)
 
-    prefixes = _transformer_prefixes(adapted)
+    expected, prefixes = _added_weights(transformer, stock_modules, stock_keys, adapted)
     files = _weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("variant"), hub_arguments)
     saved_twin = _read_tensors(files, prefixes)
     if config is not None or saved_twin:  # a stock checkpoint has neither: twin modules stay at zero
-        expected = {k: v for k, v in adapted.transformer.state_dict().items() if k.startswith(prefixes)}
         load_exactly(adapted.transformer, expected, saved_twin, "the checkpoint's twin weights")
     unused_weights.release(consumed=set(saved_twin))
     expected_extras = _external_extras(adapted)

@@ -160,6 +160,13 @@ def test_missing_partial_or_misshaped_twin_weights_raise_naming_the_keys(edit, k
         type(adapted).from_pretrained(tmp_path)
 
 
+def test_twin_weights_without_config_refuse_an_adapter_built_without_twin_modules(tmp_path) -> None:
+    adapted = _trained(CASES["sana"])
+    adapted.transformer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"unexpected \['twinflow_time_embedding.negative_time_embedding', 'twinflow_time_embedding.target_time_mlp.0.bias'"):
+        type(adapted).from_pretrained(tmp_path, target_time=False, sign=False)
+
+
 def test_the_unused_weights_log_names_only_keys_no_one_loaded(tmp_path) -> None:
     import logging
 
