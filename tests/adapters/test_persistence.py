@@ -235,6 +235,15 @@ def test_sharded_checkpoint_loaded_in_bfloat16_keeps_the_twin_weights(tmp_path) 
         assert loaded[key].dtype == torch.bfloat16 and torch.equal(loaded[key], saved[key].to(torch.bfloat16)), key
 
 
+def test_pickled_weights_and_a_variant_keep_the_twin_weights(tmp_path) -> None:
+    case = CASES["sana"]
+    adapted = _trained(case)
+    adapted.save_pretrained(tmp_path, safe_serialization=False, variant="ema")
+    assert (tmp_path / "diffusion_pytorch_model.ema.bin").is_file()
+    reloaded = type(adapted).from_pretrained(tmp_path, variant="ema")
+    assert torch.equal(_outputs(reloaded, case), _outputs(adapted, case))
+
+
 # --- LoRA ---------------------------------------------------------------------------------------------
 
 
