@@ -148,6 +148,8 @@ def save_adapted(adapted: nn.Module, save_directory: str | os.PathLike, **kwargs
     extras = _external_extras(adapted)
     if extras:
         save_file({k: v.detach().contiguous().cpu() for k, v in extras.items()}, str(directory / EXTRAS_WEIGHTS_NAME))
+    else:
+        (directory / EXTRAS_WEIGHTS_NAME).unlink(missing_ok=True)  # a stale one from an earlier save
     prefixes = _transformer_prefixes(adapted)
     config = {
         "format_version": FORMAT_VERSION,
