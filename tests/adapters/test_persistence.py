@@ -325,10 +325,16 @@ def test_merged_export_fuses_the_lora_and_loads_with_one_call(name: str, tmp_pat
     from twinloss_adapters import lora
 
     case = CASES[name]
-    model, _ = _lora_trained(case, tmp_path / "stock")
+    model, teacher = _lora_trained(case, tmp_path / "stock")
     expected = _outputs(model, case)
     lora.save_merged(model, tmp_path / "merged")
     assert torch.equal(_outputs(model, case), expected)  # the caller's LoRA model is untouched
+    assert model.active_adapter == "default"
+
+    lora.save_merged(model, tmp_path / "merged_ema", adapter_name=teacher.ema_adapter)
+    x, cond = _inputs(case, model.get_base_model().transformer)
+    merged_ema = type(model.get_base_model()).from_pretrained(tmp_path / "merged_ema")
+    torch.testing.assert_close(_outputs(merged_ema, case), teacher(model, x, T, R, cond), rtol=1e-5, atol=1e-5)
 
     merged = type(model.get_base_model()).from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(_outputs(merged, case), expected, rtol=1e-5, atol=1e-5)
