@@ -109,6 +109,13 @@ def test_loading_a_mismatched_state_raises_naming_what_differs(tmp_path) -> None
     with pytest.raises(ValueError, match=r"loss_fn: .*unexpected \['teacher._extra_state'\]"):
         load_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=online,
                             generators={"loss": torch.Generator()})
+    gpu_state = torch.load(tmp_path / "state.pt", weights_only=True)
+    gpu_state["rng"]["cuda.0"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(gpu_state, tmp_path / "gpu_state.pt")
+    if torch.cuda.device_count() != 1:
+        with pytest.raises(ValueError, match="rng: the checkpoint holds the CUDA RNG of 1 devices"):
+            load_training_state(tmp_path / "gpu_state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn,
+                                generators={"loss": torch.Generator()})
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a twinloss training state"):
         load_training_state(tmp_path / "other.pt", model=model, optimizer=optimizer, loss_fn=loss_fn)
