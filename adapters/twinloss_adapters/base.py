@@ -11,6 +11,8 @@ conditioning keys, a latent-shape check and the stock call (packing included).
 """
 
 import abc
+import inspect
+import os
 from collections.abc import Mapping
 
 import torch
@@ -90,6 +92,17 @@ class AdaptedTransformer(nn.Module, abc.ABC):
 
     required_cond: tuple[str, ...] = ()
     optional_cond: tuple[str, ...] = ()
+    construction_arguments: dict[str, object]
+
+    def __new__(cls, *args: object, **kwargs: object) -> "AdaptedTransformer":
+        """Record the constructor's keyword arguments (``construction_arguments``), so a save can rebuild the adapter."""
+        instance = super().__new__(cls)
+        if args or kwargs:  # copy.deepcopy and pickle call __new__ bare and restore __dict__ themselves
+            bound = inspect.signature(cls.__init__).bind(instance, *args, **kwargs)
+            bound.apply_defaults()
+            recorded = {name: value for name, value in bound.arguments.items() if name not in ("self", "transformer")}
+            object.__setattr__(instance, "construction_arguments", recorded)
+        return instance
 
     def __init__(
         self,
@@ -201,6 +214,39 @@ class AdaptedTransformer(nn.Module, abc.ABC):
                 raise ValueError(
                     f"cond[{key!r}] must lead with the batch dimension {batch_size}, got {tuple(value.shape)}"
                 )
+
+    # --- saving and loading (twinloss_adapters.persistence) ------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: object) -> None:
+        """Save the transformer with its twin weights and a ``twinloss_config.json``; see ``docs/saving.md``.
+
+        ``kwargs`` go to the stock ``save_pretrained`` (``variant``,
+        ``max_shard_size``, ``is_main_process``, ...). Reload with
+        ``type(self).from_pretrained(save_directory)``.
+        """
+        from twinloss_adapters.persistence import save_adapted
+
+        save_adapted(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, subfolder: str | None = None, **kwargs: object
+    ) -> "AdaptedTransformer":
+        """Load a stock or twinloss checkpoint, adapt it and restore every twin weight, strictly.
+
+        Args:
+            pretrained_model_name_or_path: a directory or Hub repository.
+            subfolder: e.g. ``"transformer"`` inside a pipeline repository.
+            **kwargs: the adapter's own arguments (``target_time``, ``sign``,
+                ``connector``, ...; a saved option may not be contradicted) and
+                the stock ``from_pretrained``'s (``torch_dtype``, ``variant``, ...).
+
+        Raises:
+            ValueError: see :func:`twinloss_adapters.persistence.load_adapted`.
+        """
+        from twinloss_adapters.persistence import load_adapted
+
+        return load_adapted(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     # --- extras and un-adaptation -------------------------------------------------
 

@@ -162,6 +162,6 @@ def from_pretrained(
     carries the release's second embedder instead of dropping it.
     """
     return releases.from_pretrained(
-        _stock_class(), adapt, QWEN_IMAGE_RELEASE_NAME, pretrained_model_name_or_path,
+        QwenImageAdapter, _stock_class(), QWEN_IMAGE_RELEASE_NAME, pretrained_model_name_or_path,
         subfolder=subfolder, time_embedding=time_embedding, **kwargs,
     )

@@ -21,15 +21,15 @@ from twinloss_adapters.base import (
     check_time_embedding_kind,
 )
 
-__all__ = ["from_pretrained", "load_release", "load_stock_refusing_release", "read_checkpoint_tensors"]
+__all__ = ["from_pretrained", "load_release", "read_checkpoint_tensors"]
 
 HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 """``from_pretrained`` keyword arguments that also locate the checkpoint files."""
 
 
 def from_pretrained(
+    adapter_class: type[AdaptedTransformer],
     stock_class: type,
-    adapt: Callable[..., AdaptedTransformer],
     second_name: str,
     pretrained_model_name_or_path: str,
     *,
@@ -37,28 +37,50 @@ def from_pretrained(
     time_embedding: str,
     **kwargs: object,
 ) -> AdaptedTransformer:
-    """A backbone's ``from_pretrained`` when it has a release: :func:`load_release` or the stock load.
+    """A backbone's ``from_pretrained`` when it has a release.
+
+    Three kinds of checkpoint load through it:
+
+    - one saved by twinloss (it has ``twinloss_config.json``): the strict
+      :meth:`AdaptedTransformer.from_pretrained`, whatever the time embedding;
+    - the authors' release (``time_embedding="twinflow_release"``, no twinloss
+      config): :func:`load_release`, by key name;
+    - a stock checkpoint with the default kind: the strict adapter load, after
+      refusing a checkpoint that carries the release's second embedder (the
+      default kind would drop it).
 
     Args:
+        adapter_class: the backbone's adapter class (takes ``time_embedding=``).
         stock_class: the stock diffusers transformer class.
-        adapt: the backbone's ``adapt`` (takes ``time_embedding=``).
         second_name: the release's second-embedder key prefix, refused by the default kind.
         time_embedding: ``"twinflow"`` or ``"twinflow_release"``.
 
     Raises:
-        ValueError: for an unknown ``time_embedding``, and as
-            :func:`load_release` / :func:`load_stock_refusing_release`.
+        ValueError: for an unknown ``time_embedding``, a default-kind load of a
+            release checkpoint, and as :func:`load_release` /
+            :func:`twinloss_adapters.persistence.load_adapted`.
     """
+    from twinloss_adapters import persistence
+
     check_time_embedding_kind(time_embedding)
-    if time_embedding == RELEASE_TIME_EMBEDDING:
+    hub = {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
+    saved_by_twinloss = persistence.read_twinloss_config(pretrained_model_name_or_path, subfolder, hub) is not None
+    if time_embedding == RELEASE_TIME_EMBEDDING and not saved_by_twinloss:
         return load_release(
-            stock_class, lambda transformer: adapt(transformer, time_embedding=time_embedding),
+            stock_class, lambda transformer: adapter_class(transformer, time_embedding=time_embedding),
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs,
         )
-    transformer = load_stock_refusing_release(
-        stock_class, second_name, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+    if time_embedding != RELEASE_TIME_EMBEDDING:
+        files = persistence.weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("variant"), hub)
+        stray = sorted(persistence.read_tensors(files, (f"{second_name}.",)))
+        if stray:
+            raise ValueError(
+                f"checkpoint {pretrained_model_name_or_path!r} carries the TwinFlow release's time embedding "
+                f"{stray}, which the default time embedding would drop; load it with time_embedding='twinflow_release'"
+            )
+    return adapter_class.from_pretrained(
+        pretrained_model_name_or_path, subfolder=subfolder, time_embedding=time_embedding, **kwargs
     )
-    return adapt(transformer, time_embedding=time_embedding)
 
 
 def load_release(
@@ -128,28 +150,6 @@ def load_release(
         {f"transformer.{key}": value.to(expected[key].dtype) for key, value in loaded.items()}, strict=False
     )
     return adapted
-
-
-def load_stock_refusing_release(
-    stock_class: type, second_name: str, pretrained_model_name_or_path: str, *, subfolder: str | None, **kwargs: object
-) -> nn.Module:
-    """The stock ``from_pretrained``, refusing a release checkpoint it would silently strip.
-
-    Raises:
-        ValueError: naming the keys, if the checkpoint carries weights under
-            ``second_name`` (the release's second embedder), which the stock
-            class would drop with only a warning.
-    """
-    transformer, info = stock_class.from_pretrained(
-        pretrained_model_name_or_path, subfolder=subfolder, output_loading_info=True, **kwargs
-    )
-    stray = sorted(key for key in info["unexpected_keys"] if _under(key, (second_name,)))
-    if stray:
-        raise ValueError(
-            f"checkpoint {pretrained_model_name_or_path!r} carries the TwinFlow release's time embedding {stray}, "
-            "which the default time embedding would drop; load it with time_embedding='twinflow_release'"
-        )
-    return transformer
 
 
 def _under(key: str, module_names: Iterable[str]) -> bool:

@@ -156,9 +156,10 @@ def from_pretrained(
     released second embedder (see :func:`twinloss_adapters.releases.load_release`,
     which raises on missing, mis-shaped or unused keys). The default kind
     refuses a checkpoint that carries the release's second embedder instead
-    of dropping it.
+    of dropping it. A checkpoint saved by twinloss loads strictly with its
+    saved options (``docs/saving.md``).
     """
     return releases.from_pretrained(
-        _stock_class(), adapt, Z_IMAGE_RELEASE_NAME, pretrained_model_name_or_path,
+        ZImageAdapter, _stock_class(), Z_IMAGE_RELEASE_NAME, pretrained_model_name_or_path,
         subfolder=subfolder, time_embedding=time_embedding, **kwargs,
     )

@@ -333,3 +333,13 @@ def z_image_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, 
 CASES["z_image"] = BackboneCase(
     "z_image", build_z_image, adapt_z_image, (4, 8, 8), z_image_cond, z_image_stock, ((4, 8), (3, 8, 8), (4, 7, 8))
 )
+
+
+# --- persistence: the module arguments a loader must be given (their architecture, not their weights) ---
+
+
+def module_arguments(name: str) -> dict[str, nn.Module]:
+    """Keyword arguments ``AdapterClass.from_pretrained`` needs besides the path (OpenUni: a connector)."""
+    if name == "openuni":
+        return {"connector": adapt_openuni(build_openuni()).connector}
+    return {}

@@ -306,6 +306,22 @@ def test_release_model_with_trained_sign_embedding_round_trips_through_save_pret
         z_image.from_pretrained(str(tmp_path), subfolder=None, time_embedding=RELEASE)
 
 
+@pytest.mark.parametrize("name", sorted(RELEASES))
+def test_release_model_saved_by_twinloss_reloads_bit_exact_and_refuses_the_default_kind(name: str, tmp_path) -> None:
+    adapted, cond, x = _release(name)
+    for module_name in adapted.injection.module_names:
+        _perturb(adapted.transformer.get_submodule(module_name), torch.Generator().manual_seed(5))
+    adapted.save_pretrained(tmp_path)
+    reloaded = RELEASES[name][0].from_pretrained(str(tmp_path), subfolder=None, time_embedding=RELEASE)
+    assert reloaded.time_embedding_kind == RELEASE
+    t, r = TIMES
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, t, r, **cond), adapted(x, t, r, **cond), rtol=0, atol=0)
+        torch.testing.assert_close(reloaded(x, -t, -t, **cond), adapted(x, -t, -t, **cond), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="time_embedding='twinflow_release'"):
+        RELEASES[name][0].from_pretrained(str(tmp_path), subfolder=None)
+
+
 # --- training and sampling ----------------------------------------------------------------------
 
 
