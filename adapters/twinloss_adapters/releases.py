@@ -9,19 +9,17 @@ a warning. :func:`load_release` loads the stock part with the stock
 loads the extra keys by name, raising on anything it cannot place.
 """
 
-import json
 from collections.abc import Callable, Iterable
 
-from torch import Tensor, nn
+from torch import nn
 
-from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import (
     RELEASE_TIME_EMBEDDING,
     AdaptedTransformer,
     check_time_embedding_kind,
 )
 
-__all__ = ["from_pretrained", "load_release", "read_checkpoint_tensors"]
+__all__ = ["from_pretrained", "load_release"]
 
 HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 """``from_pretrained`` keyword arguments that also locate the checkpoint files."""
@@ -135,10 +133,11 @@ def load_release(
             missing += sorted(module_keys - present)
     if missing:
         raise ValueError(f"checkpoint {pretrained_model_name_or_path!r} lacks the release keys {missing}")
+    from twinloss_adapters import persistence
+
     hub = {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
-    loaded = read_checkpoint_tensors(
-        pretrained_model_name_or_path, sorted(present), subfolder=subfolder, variant=kwargs.get("variant"), **hub
-    )
+    files = persistence.weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("variant"), hub)
+    loaded = {key: value for key, value in persistence.read_tensors(files, tuple(present)).items() if key in present}
     mis_shaped = [
         f"{key}: {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
         for key, value in loaded.items()
@@ -154,73 +153,3 @@ def load_release(
 
 def _under(key: str, module_names: Iterable[str]) -> bool:
     return any(key.startswith(f"{name}.") for name in module_names)
-
-
-def read_checkpoint_tensors(
-    pretrained_model_name_or_path: str,
-    keys: Iterable[str],
-    *,
-    subfolder: str | None = None,
-    variant: str | None = None,
-    **hub: object,
-) -> dict[str, Tensor]:
-    """Read only ``keys`` from a diffusers model checkpoint (local folder or Hub id).
-
-    Looks for a sharded safetensors index, then one safetensors file, then
-    ``diffusion_pytorch_model.bin``, with diffusers' own file lookup.
-
-    Raises:
-        ValueError: if a key is not in the checkpoint.
-    """
-    diffusers = require_diffusers()
-    from diffusers.models.model_loading_utils import load_state_dict
-    from diffusers.utils.hub_utils import _add_variant, _get_model_file
-
-    keys = list(keys)
-    if not keys:
-        return {}
-
-    def locate(weights_name: str) -> str:
-        return _get_model_file(pretrained_model_name_or_path, weights_name=weights_name, subfolder=subfolder, **hub)
-
-    utils = diffusers.utils
-    try:
-        index_file = locate(_add_variant(utils.SAFE_WEIGHTS_INDEX_NAME, variant))
-    except OSError:
-        index_file = None
-    if index_file is not None:
-        with open(index_file) as handle:
-            weight_map = json.load(handle)["weight_map"]
-        absent = [key for key in keys if key not in weight_map]
-        if absent:
-            raise ValueError(f"keys {absent} are not in the checkpoint index {index_file}")
-        files: dict[str, list[str]] = {}
-        for key in keys:
-            files.setdefault(weight_map[key], []).append(key)
-        return {
-            key: tensor
-            for shard, shard_keys in files.items()
-            for key, tensor in _read_safetensors(locate(shard), shard_keys).items()
-        }
-    try:
-        single_file = locate(_add_variant(utils.SAFETENSORS_WEIGHTS_NAME, variant))
-    except OSError:
-        single_file = None
-    if single_file is not None:
-        return _read_safetensors(single_file, keys)
-    state = load_state_dict(locate(_add_variant(utils.WEIGHTS_NAME, variant)))
-    absent = [key for key in keys if key not in state]
-    if absent:
-        raise ValueError(f"keys {absent} are not in the checkpoint")
-    return {key: state[key] for key in keys}
-
-
-def _read_safetensors(path: str, keys: list[str]) -> dict[str, Tensor]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        available = set(handle.keys())
-        absent = [key for key in keys if key not in available]
-        if absent:
-            raise ValueError(f"keys {absent} are not in {path}")
-        return {key: handle.get_tensor(key) for key in keys}
