@@ -7,27 +7,6 @@ from adapter_backbones import CASES, LLM_WIDTH, QUERIES, TEXT_LEN, build_sana
 from twinloss_adapters import flux, openuni, qwen_image, sana, wan
 
 
-def test_sana_with_guidance_embeddings_requires_guidance() -> None:
-    from diffusers import SanaTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = SanaTransformer2DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
-        caption_channels=24, sample_size=8, guidance_embeds=True,
-    )
-    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, TEXT_LEN, 24)
-    t, guidance = torch.tensor([0.8, 0.4]), torch.tensor([4.5, 4.5])
-    with torch.no_grad():
-        stock = transformer(x, text, 1000 * t, guidance=guidance, return_dict=False)[0]
-    model = sana.adapt(transformer)
-    assert model.capabilities.guidance_inputs == ("guidance",)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, t, t, encoder_hidden_states=text, guidance=guidance), stock, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="missing \\['guidance'\\]"):
-        model(x, t, t, encoder_hidden_states=text)
-
-
 def test_guidance_is_rejected_where_the_backbone_has_none() -> None:
     model = sana.adapt(build_sana())
     assert model.capabilities.guidance_inputs == ()
