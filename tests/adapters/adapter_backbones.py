@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from twinloss_adapters.openuni import META_QUERIES
 from twinloss_adapters.packing import pack_image_patches, pack_video_patches, patch_grid_ids, unpack_image_patches, unpack_video_patches
 
 TEXT_LEN = 5
@@ -65,10 +66,31 @@ def sana_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Ten
     return transformer(x, cond["encoder_hidden_states"], 1000 * t, encoder_attention_mask=cond["encoder_attention_mask"], return_dict=False)[0]
 
 
-# --- OpenUni (SANA + connector) -----------------------------------------------
+# --- OpenUni (SANA + the released connector, projector and meta queries) -------------------
 
 LLM_WIDTH = 16
 QUERIES = 4
+OPENUNI_HEADS = 2
+
+
+def openuni_checkpoint(
+    *, num_layers: int = 1, intermediate: int = 24, caption_channels: int = 24, seed: int = 0
+) -> dict[str, Tensor]:
+    """A state dict with the released OpenUni key names and shapes (tiny widths), random values."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {META_QUERIES: (QUERIES, LLM_WIDTH), "projector.weight": (caption_channels, LLM_WIDTH), "projector.bias": (caption_channels,)}
+    for index in range(num_layers):
+        layer = f"connector.layers.{index}."
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[f"{layer}{norm}.weight"] = shapes[f"{layer}{norm}.bias"] = (LLM_WIDTH,)
+        for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{layer}self_attn.{projection}.weight"] = (LLM_WIDTH, LLM_WIDTH)
+            shapes[f"{layer}self_attn.{projection}.bias"] = (LLM_WIDTH,)
+        shapes.update({
+            f"{layer}mlp.fc1.weight": (intermediate, LLM_WIDTH), f"{layer}mlp.fc1.bias": (intermediate,),
+            f"{layer}mlp.fc2.weight": (LLM_WIDTH, intermediate), f"{layer}mlp.fc2.bias": (LLM_WIDTH,),
+        })
+    return {key: torch.randn(*shape, generator=generator) / shape[-1] ** 0.5 for key, shape in shapes.items()}
 
 
 def build_openuni() -> nn.Module:
@@ -78,14 +100,11 @@ def build_openuni() -> nn.Module:
 def adapt_openuni(transformer: nn.Module) -> nn.Module:
     from twinloss_adapters import openuni
 
-    connector = openuni.OpenUniConnector(LLM_WIDTH, 24, num_layers=1, num_heads=2, mlp_ratio=2.0)
-    return openuni.adapt(transformer, connector)
+    return openuni.adapt(transformer, openuni_checkpoint(), num_heads=OPENUNI_HEADS)
 
 
 def openuni_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
-    mask = torch.ones(batch, QUERIES)
-    mask[0, -1] = 0
-    return {"llm_hidden_states": _randn(generator, batch, QUERIES, LLM_WIDTH), "llm_attention_mask": mask}
+    return {"llm_hidden_states": _randn(generator, batch, QUERIES, LLM_WIDTH)}
 
 
 # --- Qwen-Image ----------------------------------------------------------------
