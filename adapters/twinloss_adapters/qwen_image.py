@@ -21,7 +21,7 @@ times; they are rejected with a ValueError rather than half-supported.
 
 from collections.abc import Mapping
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
@@ -42,15 +42,16 @@ class QwenImageAdapter(AdaptedTransformer):
 
     required_cond = ("encoder_hidden_states",)
     optional_cond = ("encoder_hidden_states_mask",)
+    rejected_flags: tuple[str, ...] = UNSUPPORTED_FLAGS  # the edit adapter accepts zero_cond_t
 
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        enabled = [flag for flag in UNSUPPORTED_FLAGS if getattr(config, flag, False)]
+        enabled = [flag for flag in self.rejected_flags if getattr(config, flag, False)]
         if enabled:
             raise ValueError(
-                f"transformer has {enabled} set; the Qwen-Image adapter supports the text-to-image "
-                "model only (edit/layered variants condition extra tokens on their own times)"
+                f"transformer has {enabled} set; {type(self).__name__} does not support it (edit models, "
+                "zero_cond_t included: twinloss_adapters.qwen_image_edit; layered variants: not supported)"
             )
         patch = config.patch_size
         self.latent_channels = config.in_channels // (patch * patch)

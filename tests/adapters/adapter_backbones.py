@@ -318,3 +318,42 @@ CASES = {
         ((4, 4, 4), (3, 2, 4, 4)),
     ),
 }
+
+
+# --- Qwen-Image-Edit (reference-image tokens after the target's) -----------------------------------
+
+REFERENCE_SHAPE = (4, 4, 8)  # a reference of another size than the target: its own img_shapes entry
+
+
+def adapt_qwen_image_edit(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import qwen_image_edit
+
+    return qwen_image_edit.adapt(transformer)
+
+
+def qwen_image_edit_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {**qwen_image_cond(transformer, batch, generator), "reference_latents": _randn(generator, batch, *REFERENCE_SHAPE)}
+
+
+def qwen_image_edit_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """QwenImageEditPlusPipeline's call (its own packing helpers), one or more references, output truncated."""
+    from diffusers import QwenImageEditPlusPipeline as Pipeline
+
+    batch, channels, height, width = x.shape
+    references = [cond[key] for key in ("reference_latents", "reference_latents_2", "reference_latents_3") if key in cond]
+    latents = Pipeline._pack_latents(x, batch, channels, height, width)
+    packed = [Pipeline._pack_latents(ref, batch, channels, ref.shape[2], ref.shape[3]) for ref in references]
+    img_shapes = [[(1, height // 2, width // 2), *[(1, ref.shape[2] // 2, ref.shape[3] // 2) for ref in references]]] * batch
+    noise_pred = transformer(
+        hidden_states=torch.cat([latents, *packed], dim=1), timestep=t, guidance=None,
+        encoder_hidden_states_mask=cond.get("encoder_hidden_states_mask"), encoder_hidden_states=cond["encoder_hidden_states"],
+        img_shapes=img_shapes, return_dict=False,
+    )[0]
+    noise_pred = noise_pred[:, : latents.size(1)]
+    return Pipeline._unpack_latents(noise_pred, height * 8, width * 8, 8).squeeze(2)
+
+
+CASES["qwen_image_edit"] = BackboneCase(
+    "qwen_image_edit", build_qwen_image, adapt_qwen_image_edit, (4, 8, 8), qwen_image_edit_cond, qwen_image_edit_stock,
+    ((16, 8), (4, 7, 8), (16, 4, 4)),
+)

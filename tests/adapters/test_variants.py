@@ -59,15 +59,15 @@ def test_wan_image_to_video_concatenates_the_latent_condition() -> None:
         model(x, t, t, **{**cond, "latent_condition": condition[:, :, :1]})
 
 
-def test_qwen_image_edit_variants_are_rejected() -> None:
+def test_qwen_image_layered_variants_are_rejected() -> None:
     from diffusers import QwenImageTransformer2DModel
 
-    edit = QwenImageTransformer2DModel(
+    layered = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), zero_cond_t=True,
+        num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), use_additional_t_cond=True,
     )
-    with pytest.raises(ValueError, match="zero_cond_t"):
-        qwen_image.adapt(edit)
+    with pytest.raises(ValueError, match="use_additional_t_cond"):
+        qwen_image.adapt(layered)
 
 
 @pytest.mark.parametrize("name", ["sana", "qwen_image", "flux", "sd3", "wan", "ltx_video", "hunyuan_video"])
