@@ -77,3 +77,21 @@ def test_sprint_requires_guidance_and_plain_sana_rejects_it() -> None:
     assert plain.capabilities.guidance_inputs == ()
     with pytest.raises(ValueError, match="without guidance embeddings"):
         plain(x, t, t, encoder_hidden_states=text, guidance=torch.ones(2))
+
+
+def test_sprint_output_moves_with_r_and_sign_once_the_twin_embedding_has_trained() -> None:
+    torch.manual_seed(0)
+    model = sana.adapt(build_sana_sprint())
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, TEXT_LEN, 24)
+    t, guidance = torch.tensor([0.9, 0.5]), torch.full((2,), GUIDANCE_SCALE)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        stock = model(x, t, t, encoder_hidden_states=text, guidance=guidance)
+        for parameter in model.transformer.twinflow_time_embedding.parameters():
+            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+        at_t = model(x, t, t, encoder_hidden_states=text, guidance=guidance)
+        jump = model(x, t, t / 3, encoder_hidden_states=text, guidance=guidance)
+        twin = model(x, -t, -t, encoder_hidden_states=text, guidance=guidance)
+    torch.testing.assert_close(at_t, stock, rtol=0, atol=0)
+    for other in (jump, twin):
+        assert bool(((other - at_t).flatten(1).abs().amax(dim=1) > 1e-4).all())
