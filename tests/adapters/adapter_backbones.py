@@ -27,6 +27,11 @@ class BackboneCase:
     make_cond: Callable[[nn.Module, int, torch.Generator], dict[str, Tensor]]
     stock_call: Callable[[nn.Module, Tensor, Tensor, dict[str, Tensor]], Tensor]
     wrong_latent_shapes: tuple[tuple[int, ...], ...] = field(default=())
+    module: str | None = None  # the twinloss_adapters module, when it is not ``name``
+
+    @property
+    def module_name(self) -> str:
+        return self.module or self.name
 
 
 def _randn(generator: torch.Generator, *shape: int) -> Tensor:
@@ -356,4 +361,35 @@ def qwen_image_edit_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: di
 CASES["qwen_image_edit"] = BackboneCase(
     "qwen_image_edit", build_qwen_image, adapt_qwen_image_edit, (4, 8, 8), qwen_image_edit_cond, qwen_image_edit_stock,
     ((16, 8), (4, 7, 8), (16, 4, 4)),
+)
+
+
+# --- SANA-Sprint (guidance_embeds=True: timestep in [0, 1], guidance x guidance_embeds_scale) ---------
+
+
+def build_sana_sprint() -> nn.Module:
+    from diffusers import SanaTransformer2DModel
+
+    return SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=24,
+        sample_size=8, guidance_embeds=True, qk_norm="rms_norm_across_heads", timestep_scale=1000.0,
+    )
+
+
+def sana_sprint_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {**sana_cond(transformer, batch, generator), "guidance": torch.full((batch,), 4.5)}
+
+
+def sana_sprint_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """SanaSprintPipeline's call: the flow time itself, guidance_scale * guidance_embeds_scale."""
+    return transformer(
+        x, encoder_hidden_states=cond["encoder_hidden_states"], encoder_attention_mask=cond["encoder_attention_mask"],
+        guidance=cond["guidance"] * transformer.config.guidance_embeds_scale, timestep=t, return_dict=False,
+    )[0]
+
+
+CASES["sana_sprint"] = BackboneCase(
+    "sana_sprint", build_sana_sprint, adapt_sana, (4, 8, 8), sana_sprint_cond, sana_sprint_stock, ((4, 8), (3, 8, 8)),
+    module="sana",
 )

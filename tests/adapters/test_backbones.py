@@ -137,7 +137,7 @@ def test_unadapt_restores_the_stock_class(case: BackboneCase) -> None:
     with torch.no_grad():
         expected = _stock(case, adapted, x, t, cond)
     _perturb_twin_parameters(adapted)
-    module = __import__(f"twinloss_adapters.{case.name}", fromlist=["unadapt"])
+    module = __import__(f"twinloss_adapters.{case.module_name}", fromlist=["unadapt"])
     restored = module.unadapt(adapted)
     assert restored is transformer
     assert set(restored.state_dict()) == stock_keys
@@ -189,7 +189,7 @@ def test_times_outside_the_protocol_raise(case: BackboneCase) -> None:
 def test_declared_capabilities_are_enforced(case: BackboneCase) -> None:
     torch.manual_seed(0)
     transformer = case.build()
-    module = __import__(f"twinloss_adapters.{case.name}", fromlist=["adapt"])
+    module = __import__(f"twinloss_adapters.{case.module_name}", fromlist=["adapt"])
     if case.name == "openuni":
         plain = module.adapt(transformer, openuni_checkpoint(), num_heads=OPENUNI_HEADS, target_time=False, sign=False)
     else:
