@@ -79,21 +79,22 @@ OPENUNI_HEADS = 2
 
 
 def openuni_checkpoint(
-    *, num_layers: int = 1, intermediate: int = 24, caption_channels: int = 24, seed: int = 0
+    *, num_layers: int = 1, intermediate: int = 24, caption_channels: int = 24, seed: int = 0,
+    width: int = LLM_WIDTH, queries: int = QUERIES,
 ) -> dict[str, Tensor]:
-    """A state dict with the released OpenUni key names and shapes (tiny widths), random values."""
+    """A state dict with the released OpenUni key names and shapes (tiny widths by default), random values."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = {META_QUERIES: (QUERIES, LLM_WIDTH), "projector.weight": (caption_channels, LLM_WIDTH), "projector.bias": (caption_channels,)}
+    shapes = {META_QUERIES: (queries, width), "projector.weight": (caption_channels, width), "projector.bias": (caption_channels,)}
     for index in range(num_layers):
         layer = f"connector.layers.{index}."
         for norm in ("layer_norm1", "layer_norm2"):
-            shapes[f"{layer}{norm}.weight"] = shapes[f"{layer}{norm}.bias"] = (LLM_WIDTH,)
+            shapes[f"{layer}{norm}.weight"] = shapes[f"{layer}{norm}.bias"] = (width,)
         for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"{layer}self_attn.{projection}.weight"] = (LLM_WIDTH, LLM_WIDTH)
-            shapes[f"{layer}self_attn.{projection}.bias"] = (LLM_WIDTH,)
+            shapes[f"{layer}self_attn.{projection}.weight"] = (width, width)
+            shapes[f"{layer}self_attn.{projection}.bias"] = (width,)
         shapes.update({
-            f"{layer}mlp.fc1.weight": (intermediate, LLM_WIDTH), f"{layer}mlp.fc1.bias": (intermediate,),
-            f"{layer}mlp.fc2.weight": (LLM_WIDTH, intermediate), f"{layer}mlp.fc2.bias": (LLM_WIDTH,),
+            f"{layer}mlp.fc1.weight": (intermediate, width), f"{layer}mlp.fc1.bias": (intermediate,),
+            f"{layer}mlp.fc2.weight": (width, intermediate), f"{layer}mlp.fc2.bias": (width,),
         })
     return {key: torch.randn(*shape, generator=generator) / shape[-1] ** 0.5 for key, shape in shapes.items()}
 

@@ -170,3 +170,23 @@ def test_query_states_from_the_llm_do_not_depend_on_prompt_padding() -> None:
     assert (other - unpadded).abs().max() > 1e-3
     with pytest.raises(ValueError, match="prompt_mask"):
         openuni.llm_query_inputs(prompt, torch.ones(1, 4), model.meta_queries)
+
+
+def test_released_widths_load_with_the_default_heads_and_epsilon() -> None:
+    """OpenUni-L's real shapes (one of its six layers): width 1536, MLP 8960, 256 queries, captions 2304."""
+    from diffusers import SanaTransformer2DModel
+
+    checkpoint = openuni_checkpoint(width=1536, intermediate=8960, caption_channels=2304, queries=256)
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
+        caption_channels=2304, sample_size=8,
+    )
+    model = openuni.adapt(transformer, checkpoint)
+    attention = model.connector.layers[0].self_attn
+    assert attention.num_heads == 24 and model.connector.layers[0].layer_norm1.eps == 1e-6
+    assert model.meta_queries.shape == (256, 1536) and model.projector.out_features == 2304
+    assert all(not parameter.requires_grad for parameter in model.connector.parameters())
+    t = torch.tensor([0.7])
+    out = model(torch.randn(1, 4, 8, 8), t, t, llm_hidden_states=torch.randn(1, 8, 1536))
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
