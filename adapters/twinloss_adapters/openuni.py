@@ -201,10 +201,10 @@ class OpenUniAdapter(SanaAdapter):
             raise ValueError(
                 f"projector maps to {projector.out_features} features; SANA's caption_channels is {caption_channels}"
             )
-        if meta_queries.ndim != 2 or meta_queries.shape[1] != projector.in_features:
+        if not isinstance(meta_queries, Tensor) or meta_queries.ndim != 2 or meta_queries.shape[1] != projector.in_features:
             raise ValueError(
                 f"meta_queries must be [Q, {projector.in_features}] (the projector's input width), "
-                f"got {tuple(meta_queries.shape)}"
+                f"got {tuple(meta_queries.shape) if isinstance(meta_queries, Tensor) else type(meta_queries).__name__}"
             )
         super().__init__(transformer, target_time=target_time, sign=sign)
         self.connector = connector.requires_grad_(train_connector)
