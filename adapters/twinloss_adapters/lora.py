@@ -59,11 +59,15 @@ def add_lora(adapted: nn.Module, config: object, *, adapter_name: str = "default
     if not isinstance(config, peft.LoraConfig):
         raise ValueError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
     config = copy.deepcopy(config)
-    extra_modules = [prefix.rstrip(".").split(".")[-1] for prefix in adapted.extra_prefixes()]
-    present = [name for name in extra_modules if _has_trainable_submodule(adapted, name)]
-    config.modules_to_save = sorted(set(config.modules_to_save or ()) | set(present))
+    config.modules_to_save = sorted(set(config.modules_to_save or ()) | set(_extra_module_names(adapted)))
     adapted.requires_grad_(False)
     return peft.get_peft_model(adapted, config, adapter_name=adapter_name)
+
+
+def _extra_module_names(adapted: AdaptedTransformer) -> list[str]:
+    """Names of the adapter's own trainable modules on ``adapted`` (what ``modules_to_save`` must hold)."""
+    names = [prefix.rstrip(".").split(".")[-1] for prefix in adapted.extra_prefixes()]
+    return [name for name in names if _has_trainable_submodule(adapted, name)]
 
 
 def _has_trainable_submodule(root: nn.Module, name: str) -> bool:
