@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 RELEASED_NUM_HEADS = 24  # OpenUni-L (InternVL3-2B + SANA-1.6B 512px): 1536 wide, 24 heads
+RELEASED_NUM_QUERIES = 256
 RELEASED_LAYER_NORM_EPS = 1e-6
 RELEASED_MODULES = ("transformer.", "connector.", "projector.")
 META_QUERIES = "meta_queries"
@@ -171,7 +172,9 @@ class OpenUniAdapter(SanaAdapter):
         connector: maps ``[B, Q, D]`` LLM query states to ``[B, Q, D]``
             (:class:`OpenUniConnector`).
         projector: ``nn.Linear(D, caption_channels)``.
-        meta_queries: ``[Q, D]``, the LLM's query inputs (never trained here).
+        num_queries: number of meta queries ``Q`` (*released* 256); the
+            ``[Q, D]`` parameter ``meta_queries`` starts as OpenUni initialises
+            it, ``N(0, 1 / D)``, and is never trained here (it is the LLM's input).
         train_connector: train the connector and projector with SANA
             (*default* False: frozen, as the authors train).
         target_time, sign: which TwinFlow embeddings to add.
@@ -185,8 +188,8 @@ class OpenUniAdapter(SanaAdapter):
         transformer: object,
         connector: object,
         projector: object,
-        meta_queries: Tensor,
         *,
+        num_queries: int = RELEASED_NUM_QUERIES,
         train_connector: bool = False,
         target_time: bool = True,
         sign: bool = True,
@@ -195,21 +198,20 @@ class OpenUniAdapter(SanaAdapter):
             raise ValueError(f"connector must be an nn.Module, got {type(connector).__name__}")
         if not isinstance(projector, nn.Linear):
             raise ValueError(f"projector must be an nn.Linear, got {type(projector).__name__}")
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
         check_backbone_class(transformer, _stock_class())
         caption_channels = transformer.config.caption_channels
         if projector.out_features != caption_channels:
             raise ValueError(
                 f"projector maps to {projector.out_features} features; SANA's caption_channels is {caption_channels}"
             )
-        if not isinstance(meta_queries, Tensor) or meta_queries.ndim != 2 or meta_queries.shape[1] != projector.in_features:
-            raise ValueError(
-                f"meta_queries must be [Q, {projector.in_features}] (the projector's input width), "
-                f"got {tuple(meta_queries.shape) if isinstance(meta_queries, Tensor) else type(meta_queries).__name__}"
-            )
         super().__init__(transformer, target_time=target_time, sign=sign)
         self.connector = connector.requires_grad_(train_connector)
         self.projector = projector.requires_grad_(train_connector)
-        self.meta_queries = nn.Parameter(meta_queries.detach().clone(), requires_grad=False)
+        width = projector.in_features
+        queries = torch.randn(num_queries, width, dtype=projector.weight.dtype, device=projector.weight.device)
+        self.meta_queries = nn.Parameter(queries / math.sqrt(width), requires_grad=False)
 
     def extra_prefixes(self) -> tuple[str, ...]:
         return (*super().extra_prefixes(), "connector.", "projector.", META_QUERIES)
@@ -383,6 +385,11 @@ def adapt(
         raise ValueError("checkpoint lacks a 2-D projector.weight")
     projector = nn.Linear(projector_weight.shape[1], projector_weight.shape[0])
     _load_exactly(projector, groups["projector."], "projector.")
+    meta_queries = checkpoint[META_QUERIES]
+    if meta_queries.ndim != 2 or meta_queries.shape[1] != hidden_size:
+        raise ValueError(
+            f"checkpoint's meta_queries must be [Q, {hidden_size}] (the connector's width), got {tuple(meta_queries.shape)}"
+        )
     sana_state = groups["transformer."]
     if sana_state:
         _check_matches(transformer.state_dict(), sana_state, "transformer.")
@@ -390,11 +397,13 @@ def adapt(
         transformer,
         connector.to(device=reference.device, dtype=reference.dtype),
         projector.to(device=reference.device, dtype=reference.dtype),
-        checkpoint[META_QUERIES].to(device=reference.device, dtype=reference.dtype),
+        num_queries=meta_queries.shape[0],
         train_connector=train_connector,
         target_time=target_time,
         sign=sign,
     )
+    with torch.no_grad():
+        adapted.meta_queries.copy_(meta_queries)
     if sana_state:  # checked above; only the TwinFlow embedding's keys are absent
         adapted.transformer.load_state_dict(dict(sana_state), strict=False)
     return adapted
