@@ -110,24 +110,6 @@ class WanAdapter(AdaptedTransformer):
         )[0]
 
 
-def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> WanAdapter:
-    """Adapt a ``WanTransformer3DModel`` in place and return the protocol model.
-
-    Raises:
-        ValueError: if ``transformer`` is not a ``WanTransformer3DModel`` or is already adapted.
-    """
-    return WanAdapter(transformer, target_time=target_time, sign=sign)
-
-
-
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> WanAdapter:
-    """Load a Wan transformer with ``from_pretrained`` and adapt it."""
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-    return adapt(transformer)
-
-
 class WanExpertsModel(nn.Module):
     r"""Wan 2.2's two experts behind one protocol model, routed per row by ``|t|``.
 
@@ -248,7 +230,9 @@ def adapt_experts(
 
 
 def from_pretrained_experts(pretrained_model_name_or_path: str, **kwargs: object) -> WanExpertsModel:
-    """Load a local Wan 2.2 A14B pipeline folder's two experts and its ``boundary_ratio`` (``model_index.json``).
+    """Load a local Wan 2.2 A14B pipeline folder's two experts (each with :func:`from_pretrained`) and its ``boundary_ratio``.
+
+    ``boundary_ratio`` is read from the folder's ``model_index.json``.
 
     Raises:
         ValueError: if ``model_index.json`` has no ``boundary_ratio`` (a
@@ -261,9 +245,26 @@ def from_pretrained_experts(pretrained_model_name_or_path: str, **kwargs: object
             f"{pretrained_model_name_or_path}/model_index.json has no boundary_ratio: a single-expert Wan, "
             "load it with wan.from_pretrained"
         )
-    stock = _stock_class()
-    return adapt_experts(
-        stock.from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **kwargs),
-        stock.from_pretrained(pretrained_model_name_or_path, subfolder="transformer_2", **kwargs),
+    return WanExpertsModel(
+        from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **kwargs),
+        from_pretrained(pretrained_model_name_or_path, subfolder="transformer_2", **kwargs),
         float(boundary_ratio),
     )
+
+
+def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> WanAdapter:
+    """Adapt a ``WanTransformer3DModel`` in place and return the protocol model.
+
+    Raises:
+        ValueError: if ``transformer`` is not a ``WanTransformer3DModel`` or is already adapted.
+    """
+    return WanAdapter(transformer, target_time=target_time, sign=sign)
+
+
+
+def from_pretrained(
+    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
+) -> WanAdapter:
+    """Load a Wan transformer with ``from_pretrained`` and adapt it."""
+    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+    return adapt(transformer)
