@@ -1,7 +1,7 @@
 """Adapters that bind stock diffusers transformers to the twinloss model protocol.
 
-Each backbone module (``sana``, ``openuni``, ``qwen_image``, ``flux``, ``sd3``,
-``wan``, ``ltx_video``, ``hunyuan_video``, ``z_image``) exposes ``adapt(transformer, ...)``, returning an
+Each backbone module (``sana``, ``openuni``, ``qwen_image``, ``qwen_image_edit``,
+``flux``, ``sd3``, ``wan``, ``ltx_video``, ``hunyuan_video``, ``z_image``) exposes ``adapt(transformer, ...)``, returning an
 ``nn.Module`` with ``model(x_t, t, r, **cond) -> velocity``, and ``unadapt``.
 ``twinloss_adapters.lora`` adds LoRA training through peft and the two
 memory-free LoRA teachers; ``twinloss_adapters.releases`` loads the authors'

@@ -2,8 +2,9 @@
 
 :func:`add_lora` wraps an adapted model in a ``peft.PeftModel``: the base
 transformer is frozen, LoRA layers are injected where the config says, and the
-adapter's own modules (the TwinFlow time embedding, OpenUni's connector) go
-into ``modules_to_save``, so they train and are saved with the LoRA
+adapter's own trainable modules (the TwinFlow time embedding; OpenUni's
+connector and projector when built with ``train_connector=True``) go into
+``modules_to_save``, so they train and are saved with the LoRA
 (``save_pretrained`` / ``get_peft_model_state_dict``). The ``PeftModel``
 keeps the protocol: ``peft_model(x_t, t, r, **cond)``.
 
@@ -47,7 +48,8 @@ def add_lora(adapted: nn.Module, config: object, *, adapter_name: str = "default
     Args:
         adapted: a model returned by a backbone's ``adapt``.
         config: a ``peft.LoraConfig``; it is copied, never modified. Its
-            ``modules_to_save`` is extended by the adapter's modules.
+            ``modules_to_save`` is extended by the adapter's own modules that
+            have trainable parameters (frozen ones stay frozen).
         adapter_name: the peft adapter name of the trained LoRA.
 
     Returns:
@@ -71,13 +73,17 @@ def add_lora(adapted: nn.Module, config: object, *, adapter_name: str = "default
 
 
 def _extra_module_names(adapted: AdaptedTransformer) -> list[str]:
-    """Names of the adapter's own modules that exist on ``adapted`` (what ``modules_to_save`` must hold)."""
+    """Names of the adapter's own trainable modules on ``adapted`` (what ``modules_to_save`` must hold)."""
     names = [prefix.rstrip(".").split(".")[-1] for prefix in adapted.extra_prefixes()]
-    return [name for name in names if _has_submodule(adapted, name)]
+    return [name for name in names if _has_trainable_submodule(adapted, name)]
 
 
-def _has_submodule(root: nn.Module, name: str) -> bool:
-    return any(path.split(".")[-1] == name for path, _ in root.named_modules())
+def _has_trainable_submodule(root: nn.Module, name: str) -> bool:
+    """A submodule called ``name`` with a trainable parameter (a frozen OpenUni connector stays frozen)."""
+    return any(
+        path.split(".")[-1] == name and any(parameter.requires_grad for parameter in module.parameters())
+        for path, module in root.named_modules()
+    )
 
 
 def load_lora(

@@ -58,6 +58,7 @@ class QwenImageAdapter(AdaptedTransformer):
 
     required_cond = ("encoder_hidden_states",)
     optional_cond = ("encoder_hidden_states_mask",)
+    rejected_flags: tuple[str, ...] = UNSUPPORTED_FLAGS  # the edit adapter accepts zero_cond_t
 
     def __init__(
         self,
@@ -71,11 +72,11 @@ class QwenImageAdapter(AdaptedTransformer):
         check_time_embedding_kind(time_embedding)
         release = qwen_image_release() if time_embedding == RELEASE_TIME_EMBEDDING else None
         config = transformer.config
-        enabled = [flag for flag in UNSUPPORTED_FLAGS if getattr(config, flag, False)]
+        enabled = [flag for flag in self.rejected_flags if getattr(config, flag, False)]
         if enabled:
             raise ValueError(
-                f"transformer has {enabled} set; the Qwen-Image adapter supports the text-to-image "
-                "model only (edit/layered variants condition extra tokens on their own times)"
+                f"transformer has {enabled} set; {type(self).__name__} does not support it (edit models, "
+                "zero_cond_t included: twinloss_adapters.qwen_image_edit; layered variants: not supported)"
             )
         patch = config.patch_size
         self.latent_channels = config.in_channels // (patch * patch)

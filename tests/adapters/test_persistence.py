@@ -210,17 +210,21 @@ def test_saved_options_are_restored_and_a_contradicting_option_or_class_raises(t
         adapted.save_pretrained(tmp_path / "other", push_to_hub=True)
 
 
-def test_openuni_needs_its_connector_and_loads_its_weights_strictly(tmp_path) -> None:
+def test_openuni_needs_its_connector_and_projector_and_loads_their_weights_strictly(tmp_path) -> None:
     from twinloss_adapters import openuni
 
     adapted = _trained(CASES["openuni"])
     adapted.save_pretrained(tmp_path)
-    assert set(load_file(tmp_path / EXTRAS_WEIGHTS_NAME)) == {k for k in adapted.extra_state_dict() if k.startswith("connector.")}
-    with pytest.raises(ValueError, match=r"takes modules \['connector'\]"):
+    outside_transformer = {k for k in adapted.extra_state_dict() if not k.startswith("transformer.")}
+    assert {"meta_queries", "projector.weight"} <= outside_transformer
+    assert set(load_file(tmp_path / EXTRAS_WEIGHTS_NAME)) == outside_transformer
+    with pytest.raises(ValueError, match=r"takes modules \['connector', 'projector'\]"):
         openuni.OpenUniAdapter.from_pretrained(tmp_path)
-    wider = openuni.OpenUniConnector(32, 24, num_layers=1, num_heads=2, mlp_ratio=2.0)
-    with pytest.raises(ValueError, match=r"twinloss_extras.safetensors do not match.*connector\.projector\.weight \(saved \(24, 16\), model \(24, 32\)\)"):
-        openuni.OpenUniAdapter.from_pretrained(tmp_path, connector=wider)
+    modules = module_arguments("openuni")
+    hidden = modules["connector"].layers[0].self_attn.q_proj.in_features
+    wider = openuni.OpenUniConnector(hidden, 2 * hidden + 8, num_layers=1, num_heads=2)
+    with pytest.raises(ValueError, match=r"twinloss_extras.safetensors do not match.*connector\.layers\.0\.mlp\.fc1\.weight"):
+        openuni.OpenUniAdapter.from_pretrained(tmp_path, connector=wider, projector=modules["projector"])
 
 
 def test_sharded_checkpoint_loaded_in_bfloat16_keeps_the_twin_weights(tmp_path) -> None:
