@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from twinloss.time_distributions import BetaTime, TimeDistribution
@@ -130,6 +130,21 @@ class Trajectory:
     def size(self, group: str) -> int:
         rows = self.groups[group]
         return rows.stop - rows.start
+
+    def rows(self, *names: str) -> Int[Tensor, " rows"]:
+        """Ascending indices of the rows of the named groups, whatever order the groups have in the batch.
+
+        Raises:
+            ValueError: naming an unknown group.
+        """
+        unknown = [name for name in names if name not in self.groups]
+        if unknown:
+            raise ValueError(f"names must be groups among {sorted(self.groups)}, got {unknown}")
+        ranges = sorted({(self.groups[name].start, self.groups[name].stop) for name in names})
+        device = self.t.device
+        # arange on the device: no host-to-device copy, no sync
+        return torch.cat([torch.arange(0, dtype=torch.long, device=device)]
+                         + [torch.arange(start, stop, dtype=torch.long, device=device) for start, stop in ranges])
 
 
 class TrajectorySampler(nn.Module):
