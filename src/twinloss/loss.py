@@ -66,6 +66,9 @@ __all__ = ["REAL_GROUPS", "TangentTimeWeight", "TwinFlowLoss", "TwinFlowOutput"]
 REAL_GROUPS = ("one_step", "multi_step", "any_step")
 """The groups interpolated from real data (every group but ``fake``)."""
 
+Rows = slice | Int[Tensor, " rows"]
+"""Rows of a batch, as :meth:`~twinloss.trajectory.Trajectory.rows` gives them."""
+
 
 class TangentTimeWeight(nn.Module):
     r"""Per-row weight :math:`1 + \tan\big((1 - (|t| - |r|))\,\pi / \text{divisor}\big)`
@@ -484,7 +487,9 @@ class TwinFlowLoss(nn.Module):
         samples = fake_samples(fake_noise, velocity)
         if self.image_free:
             return samples
-        return x.index_copy(0, traj.rows("fake"), samples)
+        rows = x.clone()  # never written into the caller's x
+        rows[traj.groups["fake"]] = samples
+        return rows
 
     def _guided_velocity(
         self,
@@ -492,20 +497,20 @@ class TwinFlowLoss(nn.Module):
         x_t: Tensor,
         v: Tensor,
         traj: Trajectory,
-        real: Tensor,
+        real: Rows,
         cond: dict[str, Tensor],
         uncond: dict[str, Tensor] | None,
     ) -> Float[Tensor, " real *shape"]:
         """Step 4: the real rows' velocity, guided where ``t`` lies inside ``guidance_interval``."""
         v_real = v[real]
-        if self.guidance_scale == 0 or uncond is None or real.numel() == 0:
+        if self.guidance_scale == 0 or uncond is None or v_real.shape[0] == 0:
             return v_real
         low, high = self.guidance_interval
         t_real = traj.t[real]
         positions = ((t_real > low) & (t_real < high)).nonzero().squeeze(1)  # among the real rows
         if positions.numel() == 0:
             return v_real
-        inside = real[positions]
+        inside = positions + real.start if isinstance(real, slice) else real[positions]
         x_in, t_in = x_t[inside], traj.t[inside]
         both = evaluate(
             "guidance", torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), torch.cat([t_in, t_in]),
@@ -524,11 +529,11 @@ class TwinFlowLoss(nn.Module):
         x_t: Tensor,
         v_real: Tensor,
         traj: Trajectory,
-        real: Tensor,
+        real: Rows,
         cond: dict[str, Tensor],
     ) -> Float[Tensor, " real *shape"] | None:
         """Step 5a: the RCGM teacher's displacement for the real rows (``None`` when RCGM is off)."""
-        if self.estimate_order == 0 or real.numel() == 0:
+        if self.estimate_order == 0 or v_real.shape[0] == 0:
             return None
         cond_real = select_rows(cond, real)
 
@@ -549,18 +554,18 @@ class TwinFlowLoss(nn.Module):
         v_real: Tensor,
         displacement: Tensor | None,
         traj: Trajectory,
-        real: Tensor,
+        real: Rows,
     ) -> Float[Tensor, " batch *shape"]:
         """Step 5b: the RCGM target on real rows, ``v = z - x_fake`` (L_adv) on fake rows; detached."""
-        if real.numel() == 0:
-            return v
         target_real = v_real
         if displacement is not None:
             target_real = rcgm_residual_target(
                 traj.t[real], traj.r[real], v_real, prediction[real], displacement,
                 step=self.estimate_step, clamp=self.residual_clamp,
             )
-        return v.index_copy(0, real, target_real).detach()
+        target = v.detach().clone()
+        target[real] = target_real
+        return target
 
     def _row_weights(self, traj: Trajectory) -> Float[Tensor, " batch"]:
         """Step 6: the time weight on real rows, 1 on fake rows (and everywhere without a time weight)."""
@@ -600,7 +605,7 @@ class TwinFlowLoss(nn.Module):
         weighted: Float[Tensor, " batch"],
         rectify: Tensor,
         traj: Trajectory,
-        real: Int[Tensor, " real"],
+        real: Rows,
         evaluate: StepEvaluator,
     ) -> TwinFlowOutput:
         """Step 8: ``L = base + adv + c_rect * rectify``, the logged terms and the call counts."""

@@ -131,8 +131,12 @@ class Trajectory:
         rows = self.groups[group]
         return rows.stop - rows.start
 
-    def rows(self, *names: str) -> Int[Tensor, " rows"]:
-        """Ascending indices of the rows of the named groups, whatever order the groups have in the batch.
+    def rows(self, *names: str) -> slice | Int[Tensor, " rows"]:
+        """The rows of the named groups in ascending order, whatever order the groups have in the batch.
+
+        A slice (a view when indexing) when those rows are contiguous, else
+        an index tensor built on the device (no host sync); either indexes a
+        tensor's first dim and assigns into it.
 
         Raises:
             ValueError: naming an unknown group.
@@ -140,11 +144,18 @@ class Trajectory:
         unknown = [name for name in names if name not in self.groups]
         if unknown:
             raise ValueError(f"names must be groups among {sorted(self.groups)}, got {unknown}")
-        ranges = sorted({(self.groups[name].start, self.groups[name].stop) for name in names})
+        ranges = sorted((self.groups[name].start, self.groups[name].stop) for name in names)
+        ranges = [(start, stop) for start, stop in ranges if stop > start]
+        if not ranges:
+            return slice(0, 0)
+        if all(stop == next_start for (_, stop), (next_start, _) in zip(ranges, ranges[1:])):
+            return slice(ranges[0][0], ranges[-1][1])
         device = self.t.device
-        # arange on the device: no host-to-device copy, no sync
-        return torch.cat([torch.arange(0, dtype=torch.long, device=device)]
-                         + [torch.arange(start, stop, dtype=torch.long, device=device) for start, stop in ranges])
+        return torch.cat([torch.arange(start, stop, dtype=torch.long, device=device) for start, stop in ranges])
+
+    def count(self, *names: str) -> int:
+        """Rows in the named groups."""
+        return sum(self.size(name) for name in names)
 
 
 class TrajectorySampler(nn.Module):
