@@ -567,3 +567,43 @@ def test_keyword_check_reads_every_kind_of_callable_and_never_accepts_self(model
             check_model_keywords(model, {"y": torch.zeros(2)})
         with pytest.raises(ValueError, match=r"cond has keys \['self'\]"):
             check_model_keywords(model, {"self": torch.zeros(2)})
+
+
+@st.composite
+def _shares(draw):
+    weights = [draw(st.sampled_from([0, 1, 2])) for _ in range(4)]
+    if sum(weights) == 0:
+        weights[1] = 1
+    total = sum(weights)
+    return GroupShares(*(w / total for w in weights))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    distribution=st.sampled_from([BetaTime(), BetaTime(2.0, 1.5), LogitNormalTime(), ShiftedTime(3.0)]),
+    shares=_shares(),
+    seed=st.integers(0, 100),
+)
+def test_any_dtype_time_distribution_and_shares_give_a_consistent_step(dtype, distribution, shares, seed):
+    model = TinyVelocityNet((3,)).to(dtype)
+    batch = max(8, shares.min_batch_size())
+    x, y, null_y = _data((batch, 3), seed=seed, dtype=dtype)
+    rectify_weight = 0.5 if shares.one_step > 0 else 0.0
+    loss_fn = TwinFlowLoss(shares=shares, time_distribution=distribution, rectify_weight=rectify_weight)
+    out = loss_fn(model, x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(seed))
+    out.loss.backward()
+    assert out.loss.dtype == torch.promote_types(dtype, torch.float32) and bool(torch.isfinite(out.loss))
+    assert_close(out.terms["loss"], out.terms["base"] + out.terms["adv"] + rectify_weight * out.terms["rectify"])
+    for p in model.net.parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all())
+    counts = shares.counts(batch)
+    real = counts["one_step"] + counts["multi_step"] + counts["any_step"]
+    assert out.calls_per_pass["main"] == 1 and out.grad_sample_evaluations == batch
+    assert out.calls_per_pass["fake"] == int(counts["fake"] > 0)
+    assert out.calls_per_pass["rcgm"] == (2 if real else 0)
+    assert out.calls_per_pass["rectify"] == int(counts["one_step"] > 0)
+    assert out.calls_per_pass["guidance"] <= int(counts["multi_step"] + counts["any_step"] > 0)
+    rows_without_guidance = counts["fake"] + 2 * real + batch + 2 * counts["one_step"]
+    guided = out.sample_evaluations - rows_without_guidance
+    assert guided % 2 == 0 and 0 <= guided // 2 <= counts["multi_step"] + counts["any_step"]

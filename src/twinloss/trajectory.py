@@ -18,6 +18,7 @@ with ``t`` from a :class:`~twinloss.time_distributions.TimeDistribution` and
 """
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, fields
 
@@ -148,7 +149,7 @@ class Trajectory:
         ranges = [(start, stop) for start, stop in ranges if stop > start]
         if not ranges:
             return slice(0, 0)
-        if all(stop == next_start for (_, stop), (next_start, _) in zip(ranges, ranges[1:])):
+        if all(stop == next_start for (_, stop), (next_start, _) in itertools.pairwise(ranges)):
             return slice(ranges[0][0], ranges[-1][1])
         device = self.t.device
         return torch.cat([torch.arange(start, stop, dtype=torch.long, device=device) for start, stop in ranges])
