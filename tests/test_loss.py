@@ -607,3 +607,16 @@ def test_any_dtype_time_distribution_and_shares_give_a_consistent_step(dtype, di
     rows_without_guidance = counts["fake"] + 2 * real + batch + 2 * counts["one_step"]
     guided = out.sample_evaluations - rows_without_guidance
     assert guided % 2 == 0 and 0 <= guided // 2 <= counts["multi_step"] + counts["any_step"]
+
+
+class IgnoresTargetTime(OnlineTeacher):
+    reads_target_time = False
+
+
+@pytest.mark.parametrize("argument", ["teacher", "rcgm_teacher"])
+def test_a_teacher_blind_to_r_is_refused_for_the_rcgm_chain_but_guides(argument):
+    with pytest.raises(ValueError, match=rf"^{argument} IgnoresTargetTime ignores r"):
+        TwinFlowLoss(**{argument: IgnoresTargetTime()})
+    loss_fn = TwinFlowLoss(guidance_teacher=IgnoresTargetTime())
+    assert isinstance(loss_fn.rcgm_teacher, OnlineTeacher) and not isinstance(loss_fn.rcgm_teacher, IgnoresTargetTime)
+    TwinFlowLoss(estimate_order=0, teacher=IgnoresTargetTime())  # no RCGM chain: guidance only

@@ -345,6 +345,12 @@ class TwinFlowLoss(nn.Module):
             raise ValueError("rcgm_teacher is given, but estimate_order=0 runs no RCGM chain")
         if teacher is not None and not (guidance_used or rcgm_used):
             raise ValueError("teacher is given, but guidance_scale=0 and estimate_order=0 run no teacher pass")
+        for argument, value in (("teacher", teacher), ("rcgm_teacher", rcgm_teacher)):
+            if rcgm_used and value is not None and not value.reads_target_time:
+                raise ValueError(
+                    f"{argument} {type(value).__name__} ignores r and the sign of t, so it cannot evaluate "
+                    "the RCGM chain; pass it as guidance_teacher= (the RCGM chain then uses the online model)"
+                )
         if teacher is None and guidance_teacher is None and rcgm_teacher is None:
             teacher = OnlineTeacher()
         if teacher is not None:

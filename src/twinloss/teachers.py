@@ -24,6 +24,7 @@ teacher for full fine-tuning) are :class:`FrozenTeacher`.
 import abc
 import math
 import warnings
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,17 @@ def _check_same_names(owner: str, params: dict[str, Tensor], kept: dict[str, Ten
 
 
 class Teacher(nn.Module, abc.ABC):
-    """Base class of the no-grad evaluator used for targets."""
+    """Base class of the no-grad evaluator used for targets.
+
+    Attributes:
+        reads_target_time: whether the teacher's field depends on ``r`` and on
+            the sign of ``t`` (True by default). A teacher that ignores them
+            (a pretrained base model, which has neither) can guide, but cannot
+            evaluate the RCGM chain: :class:`~twinloss.TwinFlowLoss` refuses
+            it as ``rcgm_teacher``.
+    """
+
+    reads_target_time: ClassVar[bool] = True
 
     @abc.abstractmethod
     def forward(
