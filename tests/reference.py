@@ -1,6 +1,6 @@
 """An independent, loop-by-loop float64 reference of one TwinFlow step.
 
-It follows ALGORITHM.md section 2 literally, draws its random numbers in the
+It follows docs/method.md section 2 literally, draws its random numbers in the
 order TwinFlowLoss documents (t, u, fake noise, interpolation noise,
 rectification noise, rectification time), computes every target under
 ``no_grad`` from a *separate* no-grad forward, and back-propagates through a

@@ -59,33 +59,30 @@ def _grads(model):
 @pytest.mark.parametrize("shape", [(8, 3), (8, 2, 3, 3)], ids=str)
 def test_matches_float64_reference_in_value_and_gradient(distance, reference_distance, shape):
     model = TinyVelocityNet(shape[1:]).double()
-    x, y, null_y = _data(shape)
-    out = TwinFlowLoss(distance=distance)(model, x, cond={"y": y}, uncond={"y": null_y},
-                                          generator=torch.Generator().manual_seed(5))
+    _assert_step_matches_reference(TwinFlowLoss(distance=distance), model, _data(shape), seed=5,
+                                   distance=reference_distance)
+
+
+def _assert_step_matches_reference(loss_fn, model, data, *, seed, **reference_options):
+    """One step of ``loss_fn`` against ``reference_step`` in float64: value and every gradient."""
+    x, y, null_y = data
+    out = loss_fn(model, x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(seed))
     out.loss.backward()
     grads = _grads(model)
     model.zero_grad()
-    expected, _, _ = reference_step(model, x, y, null_y, seed=5, distance=reference_distance)
+    expected, _, _ = reference_step(model, x, y, null_y, seed=seed, **reference_options)
     expected.backward()
     assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
     for got, want in zip(grads, _grads(model), strict=True):
         assert_close(got, want, rtol=1e-9, atol=1e-12)
+    return out
 
 
 @pytest.mark.parametrize("path,reference_path", [(CosinePath(), cosine), (VPPath(), vp)], ids=["cosine", "vp"])
 def test_nonlinear_paths_match_float64_reference_in_value_and_gradient(path, reference_path):
     model = TinyVelocityNet((3,)).double()
-    x, y, null_y = _data((8, 3))
-    out = TwinFlowLoss(path=path, distance=L2Distance())(
-        model, x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(11))
-    out.loss.backward()
-    grads = _grads(model)
-    model.zero_grad()
-    expected, _, _ = reference_step(model, x, y, null_y, seed=11, path=reference_path)
-    expected.backward()
-    assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
-    for got, want in zip(grads, _grads(model), strict=True):
-        assert_close(got, want, rtol=1e-9, atol=1e-12)
+    _assert_step_matches_reference(TwinFlowLoss(path=path, distance=L2Distance()), model, _data((8, 3)), seed=11,
+                                   path=reference_path)
 
 
 def test_image_free_with_a_frozen_guidance_teacher_matches_float64_reference():
@@ -100,19 +97,10 @@ def test_image_free_with_a_frozen_guidance_teacher_matches_float64_reference():
             p.add_(0.3 * torch.randn_like(p))
     x, y, null_y = _data((8, 3))
     loss_fn = TwinFlowLoss(image_free=True, guidance_scale=4.0, guidance_teacher=teacher, distance=L2Distance())
-    out = loss_fn(model, x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(2))
-    out.loss.backward()
-    grads = _grads(model)
-    model.zero_grad()
-    expected, _, _ = reference_step(model, x, y, null_y, seed=2, guidance=4.0, image_free=True,
-                                    guidance_model=pretrained)
-    expected.backward()
-    assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
-    for got, want in zip(grads, _grads(model), strict=True):
-        assert_close(got, want, rtol=1e-9, atol=1e-12)
+    out = _assert_step_matches_reference(loss_fn, model, (x, y, null_y), seed=2, guidance=4.0, image_free=True,
+                                         guidance_model=pretrained)
     # the data never enters: any x of the same shape gives the same loss
-    other = TwinFlowLoss(image_free=True, guidance_scale=4.0, guidance_teacher=teacher, distance=L2Distance())(
-        model, 100 + x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(2))
+    other = loss_fn(model, 100 + x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(2))
     assert_close(other.loss, out.loss, rtol=0, atol=0)
 
 

@@ -73,61 +73,38 @@ class Preset:
     config: str
     lora: bool
     guidance_scale: float
-    guidance_interval: tuple[float, float]
     estimate_order: int
     ema_decay: float
     rectify_weight: float
     image_free: bool = False
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
     time_dist_ctrl: tuple[float, float, float] = (1.0, 1.0, 1.0)
     barron_alpha: float = 1.0
     consistency_ratio: float = 1.0
 
 
-def _preset(task: str, stem: str, **numbers: Any) -> Preset:
-    return Preset(config=f"src/configs/{task}/{stem}.yaml", lora="_lora_" in stem, **numbers)
-
+# Read by hand from each file's ``method:`` block. Every file also has enhanced_range [0, 1],
+# time_dist_ctrl [1, 1, 1], barron_reweighting with alpha 1 and consistc_ratio 1 (the Preset defaults).
+# stem: (folder, enhanced_ratio, estimate_order, ema_decay_rate, dist_match_cof, use_image_free)
+_FILES: dict[str, tuple[str, float, int, float, float, bool]] = {
+    "openuni_full": ("openuni_task", 0.8, 2, 0.999, 0.75, False),
+    "openuni_full_imgfree": ("openuni_task", 4.0, 2, 1.0, 0.75, True),
+    "openuni_lora_1order": ("openuni_task", 0.8, 1, 0.0, 0.75, False),
+    "openuni_lora_2order": ("openuni_task", 0.8, 2, 0.99, 0.75, False),
+    "qwenimage_full": ("qwenimage_task", 0.8, 2, 0.0, 0.5, False),
+    "qwenimage_lora_1order": ("qwenimage_task", 4.0, 1, 1.0, 0.5, False),
+    "qwenimage_lora_2order": ("qwenimage_task", 0.8, 2, 0.99, 0.5, False),
+    "sd35_full": ("sd_task", 0.8, 2, 0.99, 0.5, False),
+    "sd35_lora_1order": ("sd_task", 0.8, 1, 0.0, 0.5, False),
+    "sd35_lora_2order": ("sd_task", 0.8, 2, 0.99, 0.5, False),
+}
 
 PRESETS: dict[str, Preset] = {
-    "openuni_full": _preset(
-        "openuni_task", "openuni_full", guidance_scale=0.8, guidance_interval=(0.0, 1.0),
-        estimate_order=2, ema_decay=0.999, rectify_weight=0.75,
-    ),
-    "openuni_full_imgfree": _preset(
-        "openuni_task", "openuni_full_imgfree", guidance_scale=4.0, guidance_interval=(0.0, 1.0),
-        estimate_order=2, ema_decay=1.0, rectify_weight=0.75, image_free=True,
-    ),
-    "openuni_lora_1order": _preset(
-        "openuni_task", "openuni_lora_1order", guidance_scale=0.8, guidance_interval=(0.0, 1.0),
-        estimate_order=1, ema_decay=0.0, rectify_weight=0.75,
-    ),
-    "openuni_lora_2order": _preset(
-        "openuni_task", "openuni_lora_2order", guidance_scale=0.8, guidance_interval=(0.0, 1.0),
-        estimate_order=2, ema_decay=0.99, rectify_weight=0.75,
-    ),
-    "qwenimage_full": _preset(
-        "qwenimage_task", "qwenimage_full", guidance_scale=0.8, guidance_interval=(0.0, 1.0),
-        estimate_order=2, ema_decay=0.0, rectify_weight=0.5,
-    ),
-    "qwenimage_lora_1order": _preset(
-        "qwenimage_task", "qwenimage_lora_1order", guidance_scale=4.0, guidance_interval=(0.0, 1.0),
-        estimate_order=1, ema_decay=1.0, rectify_weight=0.5,
-    ),
-    "qwenimage_lora_2order": _preset(
-        "qwenimage_task", "qwenimage_lora_2order", guidance_scale=0.8, guidance_interval=(0.0, 1.0),
-        estimate_order=2, ema_decay=0.99, rectify_weight=0.5,
-    ),
-    "sd35_full": _preset(
-        "sd_task", "sd35_full", guidance_scale=0.8, guidance_interval=(0.0, 1.0),
-        estimate_order=2, ema_decay=0.99, rectify_weight=0.5,
-    ),
-    "sd35_lora_1order": _preset(
-        "sd_task", "sd35_lora_1order", guidance_scale=0.8, guidance_interval=(0.0, 1.0),
-        estimate_order=1, ema_decay=0.0, rectify_weight=0.5,
-    ),
-    "sd35_lora_2order": _preset(
-        "sd_task", "sd35_lora_2order", guidance_scale=0.8, guidance_interval=(0.0, 1.0),
-        estimate_order=2, ema_decay=0.99, rectify_weight=0.5,
-    ),
+    stem: Preset(
+        config=f"src/configs/{folder}/{stem}.yaml", lora="_lora_" in stem, guidance_scale=scale,
+        estimate_order=order, ema_decay=decay, rectify_weight=rectify, image_free=image_free,
+    )
+    for stem, (folder, scale, order, decay, rectify, image_free) in _FILES.items()
 }
 
 

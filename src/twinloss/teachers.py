@@ -1,6 +1,6 @@
 """Teachers: who evaluates the no-grad passes of a TwinFlow step.
 
-The guidance passes and the RCGM chain (ALGORITHM.md, steps 4-5) call a
+The guidance passes and the RCGM chain (docs/method.md, steps 4-5) call a
 *teacher*, never the grad-carrying model. A teacher is an ``nn.Module`` with
 
 * ``forward(model, x_t, t, r, cond) -> velocity``: one no-grad evaluation of

@@ -1,7 +1,7 @@
 r"""Which rows of a batch train what: the four TwinFlow groups and their times.
 
 The released recipe splits each mini-batch into contiguous groups
-(ALGORITHM.md, section 2), in this order:
+(docs/method.md, section 2), in this order:
 
 ============== ======================================== =====================
 group          times ``(t, r)``                         trains
