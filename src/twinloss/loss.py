@@ -36,7 +36,9 @@ from jaxtyping import Float, Int, Shaped
 from torch import Tensor, nn
 
 from twinloss import presets
+from twinloss._checks import check_int
 from twinloss._random import RandomState
+from twinloss._tensors import at_least_float32
 from twinloss.distances import BarronDistance, Distance, L2Distance
 from twinloss.evaluator import StepEvaluator
 from twinloss.paths import AffinePath, LinearPath
@@ -112,12 +114,6 @@ class TwinFlowOutput:
     sample_evaluations: int
     grad_sample_evaluations: int
     calls_per_pass: dict[str, int] = field(default_factory=dict)
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class TwinFlowLoss(nn.Module):
@@ -202,7 +198,7 @@ class TwinFlowLoss(nn.Module):
         super().__init__()
         if not (0.0 < estimate_step < 1.0):
             raise ValueError(f"estimate_step must lie in (0, 1), got {estimate_step}")
-        self.estimate_order = _check_int("estimate_order", estimate_order, 0)
+        self.estimate_order = check_int(estimate_order, "estimate_order", minimum=0)
         for name, value in (("residual_clamp", residual_clamp), ("rectify_clamp", rectify_clamp)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -441,7 +437,7 @@ class TwinFlowLoss(nn.Module):
     ) -> TwinFlowOutput:
         """One TwinFlow loss evaluation on the batch ``x`` (never modified): the steps of docs/method.md."""
         cond, uncond = self._check_inputs(model, x, cond, uncond)
-        work = torch.promote_types(x.dtype, torch.float32)  # targets in >= float32
+        work = at_least_float32(x.dtype)  # targets in >= float32
         traj = self.trajectory(x.shape[0], device=x.device, dtype=work, generator=generator)
         fake_noise = self._fake_noise(x, traj, work, generator)
         noise = torch.randn(x.shape, device=x.device, dtype=work, generator=generator)

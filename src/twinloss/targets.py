@@ -25,6 +25,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from twinloss._tensors import per_row
+
 __all__ = [
     "fake_samples",
     "guidance_target",
@@ -38,10 +40,6 @@ __all__ = [
 
 TeacherField = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``(x, t, r) -> F(x, t, r)``: the teacher with its conditioning bound."""
-
-
-def _per_row(values: Tensor, like: Tensor) -> Tensor:
-    return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def fake_samples(
@@ -167,7 +165,7 @@ def unchecked_rcgm_displacement(
     displacement = torch.zeros_like(x_t)
     for k in range(1, order + 1):
         s_next = t_mid - k * (t_mid - r) / order
-        jump = _per_row(s - s_next, x) * teacher(x, s, s_next).to(x.dtype)
+        jump = per_row(s - s_next, x) * teacher(x, s, s_next).to(x.dtype)
         x = x - jump
         displacement = displacement + jump
         s = s_next
@@ -188,10 +186,10 @@ def rcgm_residual_target(
     r"""Steps 3-4 of :func:`rcgm_target`: :math:`T = \mathrm{sg}(F_\theta) - \mathrm{clamp}(R)`."""
     prediction = prediction.detach().to(velocity.dtype)
     span = t - r
-    long_jump = _per_row(span >= step, velocity)
+    long_jump = per_row(span >= step, velocity)
     residual = torch.where(
         long_jump,
-        (_per_row(span, velocity) * prediction - displacement) / step - velocity,
+        (per_row(span, velocity) * prediction - displacement) / step - velocity,
         prediction - velocity,
     )
     return prediction - residual.clamp(-clamp, clamp)

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from twinloss._checks import check_int
+from twinloss._tensors import at_least_float32
 from twinloss.protocol import Conditioning, VelocityModel
 
 __all__ = ["EMATeacher", "FrozenTeacher", "MovingAverageTeacher", "OnlineTeacher", "Teacher"]
@@ -110,12 +112,10 @@ class MovingAverageTeacher(Teacher):
         super().__init__()
         if not (0.0 <= target_decay < 1.0) or math.isnan(target_decay):
             raise ValueError(f"target_decay must lie in [0, 1), got {target_decay}")
-        if isinstance(warn_after_steps, bool) or not isinstance(warn_after_steps, int) or warn_after_steps < 1:
-            raise ValueError(f"warn_after_steps must be an int >= 1, got {warn_after_steps!r}")
+        self.warn_after_steps = check_int(warn_after_steps, "warn_after_steps", minimum=1)
         self.target_decay = float(target_decay)
         self.decay = 0.0
         self.num_updates = 0
-        self.warn_after_steps = warn_after_steps
         self.steps_since_update = 0
 
     def record_use(self) -> None:
@@ -145,7 +145,7 @@ class MovingAverageTeacher(Teacher):
     def start_average(params: dict[str, Tensor]) -> dict[str, Tensor]:
         """A copy of ``params`` to average into, in at least float32."""
         return {
-            name: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True) for name, p in params.items()
+            name: p.detach().to(at_least_float32(p.dtype), copy=True) for name, p in params.items()
         }
 
     def check_same_parameters(self, params: dict[str, Tensor], averaged: dict[str, Tensor]) -> None:
