@@ -137,7 +137,13 @@ class TwinFlowLoss(nn.Module):
             or ``None`` to weigh every row 1.
         teacher: evaluator of both the guidance and the RCGM passes; shorthand
             for passing the same teacher as ``guidance_teacher`` and
-            ``rcgm_teacher`` (give either this or those).
+            ``rcgm_teacher`` (give either this or those). A loss whose passes
+            share one teacher (the default, an online one) has it as
+            ``loss_fn.teacher`` and saves it under ``teacher.``; separate
+            teachers are saved under ``guidance_teacher.`` and
+            ``rcgm_teacher.``. Either way ``loss_fn.guidance_teacher`` and
+            ``loss_fn.rcgm_teacher`` name them and
+            :meth:`update_teachers` updates each once.
         guidance_teacher: evaluator of the guidance pass (*default* online
             model under no_grad). The authors' LoRA and image-free recipes use
             the base model here.
@@ -441,6 +447,7 @@ class TwinFlowLoss(nn.Module):
         traj = self.trajectory(x.shape[0], device=x.device, dtype=work, generator=generator)
         fake_noise = self._fake_noise(x, traj, work, generator)
         noise = torch.randn(x.shape, device=x.device, dtype=work, generator=generator)
+        # every model pass starts from the random state left after the loss's own draws above
         evaluate = StepEvaluator(
             model, guidance_teacher=self.guidance_teacher, rcgm_teacher=self.rcgm_teacher,
             input_dtype=x.dtype, output_dtype=work,
