@@ -22,6 +22,8 @@ from twinloss import (
     LogitNormalTime,
     OnlineTeacher,
     ShiftedTime,
+    Trajectory,
+    TrajectorySampler,
     TwinFlowLoss,
     VPPath,
 )
@@ -608,3 +610,49 @@ def test_a_teacher_blind_to_r_is_refused_for_the_rcgm_chain_but_guides(argument)
     loss_fn = TwinFlowLoss(guidance_teacher=IgnoresTargetTime())
     assert isinstance(loss_fn.rcgm_teacher, OnlineTeacher) and not isinstance(loss_fn.rcgm_teacher, IgnoresTargetTime)
     TwinFlowLoss(estimate_order=0, teacher=IgnoresTargetTime())  # no RCGM chain: guidance only
+
+
+class ReversedGroupOrder(TrajectorySampler):
+    """The default draws, with the groups laid out as fake, any_step, multi_step, one_step."""
+
+    ORDER = ("fake", "any_step", "multi_step", "one_step")
+
+    def forward(self, batch_size, *, device="cpu", dtype=torch.float32, generator=None):
+        drawn = super().forward(batch_size, device=device, dtype=dtype, generator=generator)
+        perm = torch.cat([torch.arange(drawn.groups[name].start, drawn.groups[name].stop) for name in self.ORDER])
+        groups, start = {}, 0
+        for name in self.ORDER:
+            groups[name] = slice(start, start + drawn.size(name))
+            start += drawn.size(name)
+        return Trajectory(t=drawn.t[perm], r=drawn.r[perm], groups=groups)
+
+
+def test_the_step_does_not_depend_on_the_order_of_the_groups_in_the_batch(monkeypatch):
+    model = TinyVelocityNet((3,)).double()  # row-independent: each row's output depends on that row only
+    x, y, null_y = _data((8, 3))
+    perm = torch.tensor([6, 7, 4, 5, 2, 3, 0, 1])  # reversed layout row i holds default row perm[i]
+
+    def step(loss_fn, x, y, null_y):
+        out = loss_fn(model, x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(4))
+        out.loss.backward()
+        grads = _grads(model)
+        model.zero_grad()
+        return out, grads
+
+    default, default_grads = step(TwinFlowLoss(), x, y, null_y)
+    reordered_fn = TwinFlowLoss()
+    reordered_fn.trajectory = ReversedGroupOrder()
+    real_randn = torch.randn
+
+    def randn_following_the_rows(*args, **kwargs):  # the interpolation noise moves with its row
+        out = real_randn(*args, **kwargs)
+        return out[perm] if out.shape == x.shape else out
+
+    monkeypatch.setattr(torch, "randn", randn_following_the_rows)
+    reordered, reordered_grads = step(reordered_fn, x[perm], y[perm], null_y[perm])
+    assert default.terms.keys() == reordered.terms.keys()
+    for name, value in default.terms.items():
+        assert_close(reordered.terms[name], value, rtol=1e-12, atol=1e-15)
+    for got, want in zip(reordered_grads, default_grads, strict=True):
+        assert_close(got, want, rtol=1e-10, atol=1e-14)
+    assert reordered.calls_per_pass == default.calls_per_pass
