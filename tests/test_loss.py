@@ -392,8 +392,8 @@ def test_guidance_and_rcgm_teachers_get_only_their_own_pass():
     assert out.calls_per_pass == {"fake": 1, "guidance": 1, "rcgm": 3, "main": 1, "rectify": 1}
     assert loss_fn.guidance_teacher is guidance and loss_fn.rcgm_teacher is rcgm
     assert {key.split(".")[0] for key in loss_fn.state_dict()} <= {"guidance_teacher", "rcgm_teacher"}
-    shared = TwinFlowLoss(teacher=guidance)
-    assert shared.guidance_teacher is shared.rcgm_teacher is shared.teacher is guidance
+    for shared in (TwinFlowLoss(teacher=guidance), TwinFlowLoss(guidance_teacher=guidance, rcgm_teacher=guidance)):
+        assert shared.guidance_teacher is shared.rcgm_teacher is shared.teacher is guidance
 
 
 class WrongShapeTeacher(OnlineTeacher):

@@ -353,8 +353,8 @@ class TwinFlowLoss(nn.Module):
                     f"{argument} {type(value).__name__} ignores r and the sign of t, so it cannot evaluate "
                     "the RCGM chain; pass it as guidance_teacher= (the RCGM chain then uses the online model)"
                 )
-        if teacher is None and guidance_teacher is None and rcgm_teacher is None:
-            teacher = OnlineTeacher()
+        if teacher is None and guidance_teacher is rcgm_teacher:  # none given, or one object for both
+            teacher = guidance_teacher if guidance_teacher is not None else OnlineTeacher()
         if teacher is not None:
             self.teacher = teacher  # one module, saved once under "teacher."
             self._teachers = {"guidance": teacher, "rcgm": teacher}
