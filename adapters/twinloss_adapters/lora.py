@@ -205,8 +205,12 @@ class BaseModelTeacher(Teacher):
 
     It ignores ``r`` and the sign (the base has neither), so it returns the
     stock model's instantaneous velocity at ``|t|``: a fixed reference for the
-    guidance and RCGM passes, at no memory cost.
+    guidance pass (``TwinFlowLoss(guidance_teacher=BaseModelTeacher())``, the
+    authors' ``ema_decay_rate: 1``), at no memory cost. The loss refuses it
+    for the RCGM chain, which needs ``r``.
     """
+
+    reads_target_time = False
 
     def forward(
         self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
