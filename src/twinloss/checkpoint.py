@@ -197,12 +197,13 @@ def _rank() -> int:
 
 
 def _materialize_sharded_teacher(loss_fn: nn.Module, model: nn.Module) -> None:
-    """Give a sharded EMA teacher its sharded tensors, so DCP has something to load into."""
+    """Give each sharded EMA teacher (guidance and RCGM, once each) its sharded tensors, so DCP can load into them."""
     from twinloss.distributed import ShardedEMATeacher
 
-    teacher = getattr(loss_fn, "teacher", None)
-    if isinstance(teacher, ShardedEMATeacher):
-        teacher.materialize(model)
+    teachers = {id(t): t for t in (getattr(loss_fn, "guidance_teacher", None), getattr(loss_fn, "rcgm_teacher", None))}
+    for teacher in teachers.values():
+        if isinstance(teacher, ShardedEMATeacher):
+            teacher.materialize(model)
 
 
 def save_sharded_training_state(
