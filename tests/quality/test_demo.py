@@ -1,6 +1,7 @@
 """``twinloss demo --quick`` end to end: files, JSON keys, a readable PNG."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from twinloss.cli import main
+from twinloss_demo.cli import DEMO_EXTRA_MODULES, main
 
 METHODS = ("flow_matching_multi_step", "flow_matching_1nfe", "twinflow_1nfe", "twinflow_2nfe", "data_second_draw")
+DEMO_PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "demo"
+
+
+def _run_fresh_python(script: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``script`` in a new interpreter that finds ``twinloss_demo`` installed or not (as pytest's pythonpath does)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(DEMO_PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env)
+
+
 FIGURES = ("nfe", "sliced_wasserstein", "mmd_rbf", "diversity_ratio", "mode_coverage", "off_mode_fraction")
 
 
@@ -43,20 +54,45 @@ def test_demo_command_line_quick(tmp_path):
     """
     out = tmp_path / "demo-output"
     script = (
-        "import sys; sys.modules['numpy'] = None; from twinloss.cli import main; "
+        "import sys; sys.modules['numpy'] = None; from twinloss_demo.cli import main; "
         f"sys.exit(main(['demo', '--quick', '--steps', '8', '--out', {str(out)!r}]))"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = _run_fresh_python(script, timeout=120)
     assert done.returncode == 0, done.stderr
     report = _check_output(out)
     assert report["config"]["finetune_steps"] == 8
 
 
-def test_console_script_points_at_the_cli():
+def test_console_script_points_at_the_demo_package_and_the_demo_extra_holds_its_imports():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-    scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
-    assert scripts["twinloss"] == "twinloss.cli:main"
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["twinloss"] == "twinloss_demo.cli:main"
+    assert "demo" in project["tool"]["setuptools"]["packages"]["find"]["where"]
+    extra = {requirement.split(">")[0].split("=")[0].strip().lower() for requirement in project["project"]["optional-dependencies"]["demo"]}
+    assert set(DEMO_EXTRA_MODULES.values()) <= extra
+
+
+def test_the_core_library_holds_no_application_code():
+    import twinloss
+    from twinloss import toy
+
+    package = Path(twinloss.__file__).parent
+    assert not (package / "cli.py").exists() and not (package / "demo.py").exists()
+    assert not hasattr(toy, "train")
+
+
+@pytest.mark.parametrize("blocked", ["tqdm", "PIL"])
+def test_demo_without_the_extra_names_the_extra_and_exits_1(tmp_path, blocked):
+    """A core install without ``[demo]``: a message naming the extra, no traceback, no output written."""
+    out = tmp_path / "demo-output"
+    script = (
+        f"import sys; sys.modules[{blocked!r}] = None; from twinloss_demo.cli import main; "
+        f"sys.exit(main(['demo', '--quick', '--out', {str(out)!r}]))"
+    )
+    done = _run_fresh_python(script, timeout=60)
+    assert done.returncode == 1
+    assert "twinloss[demo]" in done.stderr and DEMO_EXTRA_MODULES[blocked] in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
 
 
 def test_demo_rejects_bad_options(tmp_path, capsys):

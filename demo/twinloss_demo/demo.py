@@ -27,6 +27,7 @@ from torch import Tensor
 from twinloss import metrics, toy
 from twinloss.loss import TwinFlowLoss
 from twinloss.sampling import AnyStepSampler
+from twinloss_demo.training import train
 
 __all__ = ["DemoConfig", "evaluate_samples", "render_panels", "run_demo"]
 
@@ -172,14 +173,14 @@ def run_demo(config: DemoConfig, out: Path | str, *, progress: bool = True) -> d
             if step % 25 == 0:
                 bar.set_postfix(loss=f"{loss:.3g}")
 
-        toy.train(
+        train(
             model, TwinFlowLoss.plain_flow_matching(), draw_batch,
             steps=config.pretrain_steps, lr=config.pretrain_lr, generator=train_noise, progress=tick,
         )
         pretrained = copy.deepcopy(model)
         pretrain_done = time.perf_counter()
         bar.set_description("TwinFlow")
-        toy.train(
+        train(
             model, TwinFlowLoss(guidance_scale=0.0), draw_batch,
             steps=config.finetune_steps, lr=config.finetune_lr, generator=train_noise, progress=tick,
         )
