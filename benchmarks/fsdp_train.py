@@ -57,7 +57,7 @@ def main(argv=None) -> list[float]:
         raise ValueError(f"--batch must be >= 4 (four row groups), got {args.batch}")
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     if args.device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)

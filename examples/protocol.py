@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import twinloss
-from twinloss import metrics, toy
+from twinloss import metrics
 from twinloss_demo.training import train
 
 MakeData = Callable[..., Tensor]

@@ -53,7 +53,7 @@ def test_matches_float64_reference_in_value_and_gradient(distance, reference_dis
     expected, _, _ = reference_step(model, x, y, null_y, seed=5, distance=reference_distance)
     expected.backward()
     assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
-    for got, want in zip(grads, _grads(model)):
+    for got, want in zip(grads, _grads(model), strict=True):
         assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 

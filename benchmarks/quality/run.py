@@ -24,7 +24,6 @@ teacher, and a control that continues flow matching for the same budget.
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 

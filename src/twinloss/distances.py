@@ -23,7 +23,7 @@ __all__ = ["BarronDistance", "Distance", "L2Distance", "mean_squared_error"]
 
 
 def mean_squared_error(
-    prediction: Float[Tensor, "batch *shape"], target: Float[Tensor, "batch *shape"]
+    prediction: Float[Tensor, " batch *shape"], target: Float[Tensor, " batch *shape"]
 ) -> Float[Tensor, " batch"]:
     """Row-wise mean of ``(prediction - target)^2`` in at least float32."""
     dtype = torch.promote_types(prediction.dtype, torch.float32)
@@ -36,7 +36,7 @@ class Distance(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(
-        self, prediction: Float[Tensor, "batch *shape"], target: Float[Tensor, "batch *shape"]
+        self, prediction: Float[Tensor, " batch *shape"], target: Float[Tensor, " batch *shape"]
     ) -> Float[Tensor, " batch"]:
         """Distance of each row of ``prediction`` to the same row of ``target``."""
 
@@ -45,7 +45,7 @@ class L2Distance(Distance):
     """Mean squared error per row."""
 
     def forward(
-        self, prediction: Float[Tensor, "batch *shape"], target: Float[Tensor, "batch *shape"]
+        self, prediction: Float[Tensor, " batch *shape"], target: Float[Tensor, " batch *shape"]
     ) -> Float[Tensor, " batch"]:
         return mean_squared_error(prediction, target)
 
@@ -68,7 +68,7 @@ class BarronDistance(Distance):
         self.c = float(c)
 
     def forward(
-        self, prediction: Float[Tensor, "batch *shape"], target: Float[Tensor, "batch *shape"]
+        self, prediction: Float[Tensor, " batch *shape"], target: Float[Tensor, " batch *shape"]
     ) -> Float[Tensor, " batch"]:
         mse = mean_squared_error(prediction, target)
         if self.alpha == 2.0:

@@ -74,8 +74,8 @@ def _quantiles(values: Tensor, levels: Tensor) -> Tensor:
 
 
 def sliced_wasserstein(
-    x: Float[Tensor, "n *shape_x"],
-    y: Float[Tensor, "m *shape_y"],
+    x: Float[Tensor, " n *shape_x"],
+    y: Float[Tensor, " m *shape_y"],
     *,
     projections: int = 256,
     p: float = 2.0,
@@ -119,8 +119,8 @@ def _median_bandwidth(a: Tensor, b: Tensor) -> float:
 
 
 def mmd_rbf(
-    x: Float[Tensor, "n *shape_x"],
-    y: Float[Tensor, "m *shape_y"],
+    x: Float[Tensor, " n *shape_x"],
+    y: Float[Tensor, " m *shape_y"],
     *,
     bandwidths: tuple[float, ...] | None = None,
 ) -> Float[Tensor, ""]:
@@ -360,7 +360,7 @@ def mode_statistics(
     )
 
 
-def mean_pairwise_distance(x: Float[Tensor, "n *shape"], *, max_samples: int = 2048) -> Float[Tensor, ""]:
+def mean_pairwise_distance(x: Float[Tensor, " n *shape"], *, max_samples: int = 2048) -> Float[Tensor, ""]:
     """Mean Euclidean distance between distinct samples (the first ``max_samples``).
 
     A model-free diversity figure: 0 for a collapsed generator.

@@ -120,12 +120,12 @@ class DiversityMonitor:
 
     def __init__(
         self,
-        noise: Float[Tensor, "samples *shape"],
+        noise: Float[Tensor, " samples *shape"],
         *,
         cond: Conditioning | None = None,
         multi_steps: int = 50,
         collapse_fraction: float = 0.5,
-        centers: Float[Tensor, "modes *center_shape"] | None = None,
+        centers: Float[Tensor, " modes *center_shape"] | None = None,
         warn: bool = True,
         seed: int = 0,
     ) -> None:

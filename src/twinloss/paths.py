@@ -40,8 +40,8 @@ class PathCoefficients:
 class PathSample:
     """A point on the path and the conditional velocity that moves it."""
 
-    x_t: Float[Tensor, "batch *shape"]
-    velocity: Float[Tensor, "batch *shape"]
+    x_t: Float[Tensor, " batch *shape"]
+    velocity: Float[Tensor, " batch *shape"]
     t: Float[Tensor, " batch"]
 
 
@@ -59,8 +59,8 @@ class AffinePath(nn.Module, abc.ABC):
 
     def sample(
         self,
-        x: Float[Tensor, "batch *shape"],
-        z: Float[Tensor, "batch *shape"],
+        x: Float[Tensor, " batch *shape"],
+        z: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
     ) -> PathSample:
         """Interpolate at ``|t|`` and return ``x_t`` with velocity ``a' z + b' x``."""
@@ -71,10 +71,10 @@ class AffinePath(nn.Module, abc.ABC):
 
     def velocity_to_data(
         self,
-        x_t: Float[Tensor, "batch *shape"],
-        velocity: Float[Tensor, "batch *shape"],
+        x_t: Float[Tensor, " batch *shape"],
+        velocity: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
-    ) -> Float[Tensor, "batch *shape"]:
+    ) -> Float[Tensor, " batch *shape"]:
         r"""Data estimate from an instantaneous velocity: :math:`\hat x = (a v - a' x_t) / (a b' - a' b)`."""
         c = self.coefficients(t.abs())
         det = c.noise * c.d_data - c.d_noise * c.data
@@ -84,10 +84,10 @@ class AffinePath(nn.Module, abc.ABC):
 
     def velocity_to_noise(
         self,
-        x_t: Float[Tensor, "batch *shape"],
-        velocity: Float[Tensor, "batch *shape"],
+        x_t: Float[Tensor, " batch *shape"],
+        velocity: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
-    ) -> Float[Tensor, "batch *shape"]:
+    ) -> Float[Tensor, " batch *shape"]:
         r"""Noise estimate from an instantaneous velocity: :math:`\hat z = (b' x_t - b v) / (a b' - a' b)`."""
         c = self.coefficients(t.abs())
         det = c.noise * c.d_data - c.d_noise * c.data
@@ -97,10 +97,10 @@ class AffinePath(nn.Module, abc.ABC):
 
     def data_to_noise(
         self,
-        x_t: Float[Tensor, "batch *shape"],
-        x_hat: Float[Tensor, "batch *shape"],
+        x_t: Float[Tensor, " batch *shape"],
+        x_hat: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
-    ) -> Float[Tensor, "batch *shape"]:
+    ) -> Float[Tensor, " batch *shape"]:
         r"""The noise consistent with ``x_t`` and a data estimate: :math:`\hat z = (x_t - b\,\hat x) / a`.
 
         Undefined at ``t = 0`` (``a = 0``), where ``x_t`` holds no noise.
@@ -110,11 +110,11 @@ class AffinePath(nn.Module, abc.ABC):
 
     @staticmethod
     def jump(
-        x_t: Float[Tensor, "batch *shape"],
-        average_velocity: Float[Tensor, "batch *shape"],
+        x_t: Float[Tensor, " batch *shape"],
+        average_velocity: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
         r: Float[Tensor, " batch"],
-    ) -> Float[Tensor, "batch *shape"]:
+    ) -> Float[Tensor, " batch *shape"]:
         r"""Follow an average velocity from ``|t|`` to ``|r|``: :math:`x_r = x_t - (t - r) F`.
 
         With ``r = 0`` this is the one-step data estimate ``x_hat = x_t - t F``.

@@ -173,11 +173,11 @@ class TimeMLP(nn.Module):
 
     def forward(
         self,
-        x_t: Float[Tensor, "batch *shape"],
+        x_t: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
         r: Float[Tensor, " batch"],
         y: Int[Tensor, " batch"] | None = None,
-    ) -> Float[Tensor, "batch *shape"]:
+    ) -> Float[Tensor, " batch *shape"]:
         h = self.input(x_t.reshape(x_t.shape[0], -1)) + self.time(t, r, x_t.dtype)
         if self.label is not None:
             labels = y if y is not None else torch.full_like(t, self.num_classes, dtype=torch.long)
