@@ -15,9 +15,10 @@ r"""Per-row distances ``rho(prediction, target) -> [B]``, computed in float32.
 import abc
 import math
 
-import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+
+from twinloss._tensors import at_least_float32
 
 __all__ = ["BarronDistance", "Distance", "L2Distance", "mean_squared_error"]
 
@@ -26,7 +27,7 @@ def mean_squared_error(
     prediction: Float[Tensor, " batch *shape"], target: Float[Tensor, " batch *shape"]
 ) -> Float[Tensor, " batch"]:
     """Row-wise mean of ``(prediction - target)^2`` in at least float32."""
-    dtype = torch.promote_types(prediction.dtype, torch.float32)
+    dtype = at_least_float32(prediction.dtype)
     error = prediction.to(dtype) - target.to(dtype)
     return error.square().reshape(error.shape[0], -1).mean(dim=1)  # mean over all but the batch dim
 

@@ -23,6 +23,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from twinloss._tensors import per_row
+
 __all__ = ["AffinePath", "CosinePath", "LinearPath", "PathCoefficients", "PathSample", "VPPath"]
 
 
@@ -45,11 +47,6 @@ class PathSample:
     t: Float[Tensor, " batch"]
 
 
-def _per_row(coefficient: Tensor, like: Tensor) -> Tensor:
-    """Reshape ``[B]`` to ``[B, 1, ..., 1]`` so it broadcasts against ``like``."""
-    return coefficient.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 class AffinePath(nn.Module, abc.ABC):
     """A path ``x_t = a(t) z + b(t) x``; subclasses give ``a``, ``b`` and derivatives."""
 
@@ -65,8 +62,8 @@ class AffinePath(nn.Module, abc.ABC):
     ) -> PathSample:
         """Interpolate at ``|t|`` and return ``x_t`` with velocity ``a' z + b' x``."""
         c = self.coefficients(t.abs())
-        x_t = _per_row(c.noise, x) * z + _per_row(c.data, x) * x
-        velocity = _per_row(c.d_noise, x) * z + _per_row(c.d_data, x) * x
+        x_t = per_row(c.noise, x) * z + per_row(c.data, x) * x
+        velocity = per_row(c.d_noise, x) * z + per_row(c.d_data, x) * x
         return PathSample(x_t=x_t, velocity=velocity, t=t)
 
     def velocity_to_data(
@@ -78,7 +75,7 @@ class AffinePath(nn.Module, abc.ABC):
         r"""Data estimate from an instantaneous velocity: :math:`\hat x = (a v - a' x_t) / (a b' - a' b)`."""
         c = self.coefficients(t.abs())
         det = c.noise * c.d_data - c.d_noise * c.data
-        return (_per_row(c.noise, x_t) * velocity - _per_row(c.d_noise, x_t) * x_t) / _per_row(
+        return (per_row(c.noise, x_t) * velocity - per_row(c.d_noise, x_t) * x_t) / per_row(
             det, x_t
         )
 
@@ -91,7 +88,7 @@ class AffinePath(nn.Module, abc.ABC):
         r"""Noise estimate from an instantaneous velocity: :math:`\hat z = (b' x_t - b v) / (a b' - a' b)`."""
         c = self.coefficients(t.abs())
         det = c.noise * c.d_data - c.d_noise * c.data
-        return (_per_row(c.d_data, x_t) * x_t - _per_row(c.data, x_t) * velocity) / _per_row(
+        return (per_row(c.d_data, x_t) * x_t - per_row(c.data, x_t) * velocity) / per_row(
             det, x_t
         )
 
@@ -106,7 +103,7 @@ class AffinePath(nn.Module, abc.ABC):
         Undefined at ``t = 0`` (``a = 0``), where ``x_t`` holds no noise.
         """
         c = self.coefficients(t.abs())
-        return (x_t - _per_row(c.data, x_t) * x_hat) / _per_row(c.noise, x_t)
+        return (x_t - per_row(c.data, x_t) * x_hat) / per_row(c.noise, x_t)
 
     @staticmethod
     def jump(
@@ -119,7 +116,7 @@ class AffinePath(nn.Module, abc.ABC):
 
         With ``r = 0`` this is the one-step data estimate ``x_hat = x_t - t F``.
         """
-        return x_t - _per_row(t.abs() - r.abs(), x_t) * average_velocity
+        return x_t - per_row(t.abs() - r.abs(), x_t) * average_velocity
 
 
 class LinearPath(AffinePath):
