@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from twinloss_demo.cli import DEMO_EXTRA_MODULES, main
+from twinloss_demo.demo import evaluate_samples
 
 METHODS = ("flow_matching_multi_step", "flow_matching_1nfe", "twinflow_1nfe", "twinflow_2nfe", "data_second_draw")
 DEMO_PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "demo"
@@ -22,16 +24,22 @@ def _run_fresh_python(script: str, timeout: float) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-FIGURES = ("nfe", "sliced_wasserstein", "mmd_rbf", "diversity_ratio", "mode_coverage", "off_mode_fraction")
+FIGURES = ("sliced_wasserstein", "mmd_rbf", "diversity_ratio", "mode_coverage", "off_mode_fraction")
 
 
 def _check_output(out: Path) -> dict:
     report = json.loads((out / "metrics.json").read_text())
     assert set(report) >= {"config", "dataset", "results", "metrics", "timing_s"}
     assert set(report["results"]) == set(METHODS)
+    seeds = report["config"]["eval_seeds"]
     for name in METHODS:
-        assert set(report["results"][name]) == set(FIGURES)
-        assert all(value >= 0 for value in report["results"][name].values())
+        row = report["results"][name]
+        assert set(row) == {"nfe", *FIGURES}
+        for figure in FIGURES:
+            values = torch.tensor(row[figure]["per_seed"], dtype=torch.float64)
+            assert values.shape == (seeds,) and bool((values >= 0).all())
+            assert row[figure]["mean"] == pytest.approx(float(values.mean()))
+            assert row[figure]["std"] == pytest.approx(float(values.std()))
     assert report["results"]["twinflow_1nfe"]["nfe"] == 1
     assert report["results"]["flow_matching_multi_step"]["nfe"] == report["config"]["multi_steps"]
     with Image.open(out / "demo.png") as image:
@@ -98,3 +106,9 @@ def test_demo_without_the_extra_names_the_extra_and_exits_1(tmp_path, blocked):
 def test_demo_rejects_bad_options(tmp_path, capsys):
     assert main(["demo", "--quick", "--steps", "-1", "--out", str(tmp_path)]) == 2
     assert "finetune_steps" in capsys.readouterr().err
+
+
+def test_evaluate_samples_refuses_unequal_sample_sizes():
+    points = torch.zeros(32, 2)
+    with pytest.raises(ValueError, match="samples and held_out must be the same size"):
+        evaluate_samples(points, torch.zeros(33, 2), torch.zeros(8, 2))
