@@ -1,6 +1,6 @@
 r"""Watch 1-NFE diversity during training: :class:`DiversityMonitor`.
 
-Fast generators lose diversity first (ALGORITHM.md, section 6). Call the
+Fast generators lose diversity first (docs/method.md, section 6). Call the
 monitor every ``N`` training steps; each call draws 1-NFE samples and
 multi-step samples of the model from the *same fixed noise* and compares
 their spread:
