@@ -127,18 +127,28 @@ def mmd_rbf(
     y: Float[Tensor, " m *shape_y"],
     *,
     bandwidths: tuple[float, ...] | None = None,
+    unbiased: bool = False,
 ) -> Float[Tensor, ""]:
     r"""Squared MMD with the kernel :math:`k(a, b) = \frac1K\sum_k \exp(-\|a - b\|^2 / (2 \sigma_k^2))`.
 
-    The biased (V-statistic) estimate
-    :math:`\overline{k(x, x')} + \overline{k(y, y')} - 2\,\overline{k(x, y)}`:
-    non-negative, and exactly 0 when the two sets are identical.
+    *Default*: the biased (V-statistic) estimate
+    :math:`\overline{k(x, x')} + \overline{k(y, y')} - 2\,\overline{k(x, y)}`,
+    the means over all pairs: non-negative, and exactly 0 when the two sets
+    are identical.
+
+    ``unbiased=True``: the U-statistic, whose within-set means leave out the
+    pairs of a point with itself (:math:`n(n-1)` and :math:`m(m-1)` pairs).
+    Its expectation is the population MMD², so two independent draws of one
+    distribution score 0 on average at any sample size (single values can be
+    negative and are not clipped), and no sampler can score below that in
+    expectation. Needs at least two samples per set.
 
     Args:
         x, y: sample sets (trailing dims flattened; same feature count).
         bandwidths: kernel widths :math:`\sigma_k` (each > 0). *Default*: the
             median pairwise distance of the pooled sets times
             ``(0.5, 1, 2)``; pass fixed widths to compare runs with each other.
+        unbiased: the U-statistic instead of the V-statistic.
     """
     a, b = _flat(x, "x"), _flat(y, "y")
     _same_width(a, b, ("x", "y"))
@@ -150,11 +160,23 @@ def mmd_rbf(
     if len(bandwidths) == 0 or not all(w > 0 and math.isfinite(w) for w in bandwidths):
         raise ValueError(f"bandwidths must be a non-empty tuple of finite numbers > 0, got {bandwidths}")
 
-    def kernel_mean(u: Tensor, v: Tensor) -> Tensor:
-        squared = torch.cdist(u, v).square()
-        return torch.stack([torch.exp(-squared / (2 * w * w)).mean() for w in bandwidths]).mean()
+    if unbiased and min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"unbiased=True needs at least 2 samples per set, got {a.shape[0]} and {b.shape[0]}")
 
-    return (kernel_mean(a, a) + kernel_mean(b, b) - 2 * kernel_mean(a, b)).clamp(min=0)
+    def pair_mean(kernel: Tensor, without_self_pairs: bool) -> Tensor:
+        if not without_self_pairs:
+            return kernel.mean()
+        n = kernel.shape[0]
+        return (kernel.sum() - kernel.diagonal().sum()) / (n * (n - 1))
+
+    def kernel_mean(u: Tensor, v: Tensor, *, without_self_pairs: bool = False) -> Tensor:
+        squared = torch.cdist(u, v).square()
+        means = [pair_mean(torch.exp(-squared / (2 * w * w)), without_self_pairs) for w in bandwidths]
+        return torch.stack(means).mean()
+
+    within = kernel_mean(a, a, without_self_pairs=unbiased) + kernel_mean(b, b, without_self_pairs=unbiased)
+    value = within - 2 * kernel_mean(a, b)
+    return value if unbiased else value.clamp(min=0)
 
 
 def _sqrtm_psd(matrix: Tensor) -> Tensor:

@@ -37,7 +37,8 @@ def _check_output(out: Path) -> dict:
         assert set(row) == {"nfe", *FIGURES}
         for figure in FIGURES:
             values = torch.tensor(row[figure]["per_seed"], dtype=torch.float64)
-            assert values.shape == (seeds,) and bool((values >= 0).all())
+            assert values.shape == (seeds,)
+            assert figure == "mmd_rbf" or bool((values >= 0).all())  # the unbiased MMD may dip below 0
             assert row[figure]["mean"] == pytest.approx(float(values.mean()))
             assert row[figure]["std"] == pytest.approx(float(values.std()))
     assert report["results"]["twinflow_1nfe"]["nfe"] == 1
@@ -63,7 +64,7 @@ def test_demo_command_line_quick(tmp_path):
     out = tmp_path / "demo-output"
     script = (
         "import sys; sys.modules['numpy'] = None; from twinloss_demo.cli import main; "
-        f"sys.exit(main(['demo', '--quick', '--steps', '8', '--out', {str(out)!r}]))"
+        f"sys.exit(main(['demo', '--quick', '--steps', '8', '--pretrain-steps', '8', '--out', {str(out)!r}]))"
     )
     done = _run_fresh_python(script, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -112,3 +113,30 @@ def test_evaluate_samples_refuses_unequal_sample_sizes():
     points = torch.zeros(32, 2)
     with pytest.raises(ValueError, match="samples and held_out must be the same size"):
         evaluate_samples(points, torch.zeros(33, 2), torch.zeros(8, 2))
+
+
+def test_training_loop_takes_one_step_per_batch_and_updates_the_teacher_after_each():
+    from twinloss import TwinFlowLoss, toy
+    from twinloss.teachers import OnlineTeacher
+    from twinloss_demo.training import train
+
+    class CountingTeacher(OnlineTeacher):
+        updates = 0
+
+        def update(self, model) -> None:
+            type(self).updates += 1
+
+    torch.manual_seed(0)
+    model = toy.TimeMLP((2,), width=8, depth=1, frequencies=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = []
+    losses = train(
+        model, TwinFlowLoss.plain_flow_matching(),
+        lambda g: (toy.ring_mixture(8, generator=g).x, None, None),
+        steps=3, lr=1e-2, generator=torch.Generator().manual_seed(0), teacher=CountingTeacher(),
+        progress=lambda step, loss: seen.append((step, loss)),
+    )
+    assert len(losses) == 3 and [step for step, _ in seen] == [0, 1, 2]
+    assert [loss for _, loss in seen] == losses
+    assert CountingTeacher.updates == 3
+    assert not torch.equal(before[0], next(model.parameters()))  # the optimizer stepped
