@@ -73,11 +73,7 @@ class AffinePath(nn.Module, abc.ABC):
         t: Float[Tensor, " batch"],
     ) -> Float[Tensor, " batch *shape"]:
         r"""Data estimate from an instantaneous velocity: :math:`\hat x = (a v - a' x_t) / (a b' - a' b)`."""
-        c = self.coefficients(t.abs())
-        det = c.noise * c.d_data - c.d_noise * c.data
-        return (per_row(c.noise, x_t) * velocity - per_row(c.d_noise, x_t) * x_t) / per_row(
-            det, x_t
-        )
+        return self._solve(x_t, velocity, t, for_data=True)
 
     def velocity_to_noise(
         self,
@@ -86,11 +82,15 @@ class AffinePath(nn.Module, abc.ABC):
         t: Float[Tensor, " batch"],
     ) -> Float[Tensor, " batch *shape"]:
         r"""Noise estimate from an instantaneous velocity: :math:`\hat z = (b' x_t - b v) / (a b' - a' b)`."""
+        return self._solve(x_t, velocity, t, for_data=False)
+
+    def _solve(self, x_t: Tensor, velocity: Tensor, t: Tensor, *, for_data: bool) -> Tensor:
+        """One unknown of ``x_t = a z + b x``, ``v = a' z + b' x`` by Cramer's rule: ``x`` (``for_data``) or ``z``."""
         c = self.coefficients(t.abs())
-        det = c.noise * c.d_data - c.d_noise * c.data
-        return (per_row(c.d_data, x_t) * x_t - per_row(c.data, x_t) * velocity) / per_row(
-            det, x_t
-        )
+        det = per_row(c.noise * c.d_data - c.d_noise * c.data, x_t)
+        if for_data:
+            return (per_row(c.noise, x_t) * velocity - per_row(c.d_noise, x_t) * x_t) / det
+        return (per_row(c.d_data, x_t) * x_t - per_row(c.data, x_t) * velocity) / det
 
     def data_to_noise(
         self,
