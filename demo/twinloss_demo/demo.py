@@ -256,8 +256,8 @@ def run_demo(config: DemoConfig, out: Path | str, *, progress: bool = True) -> d
             ("TwinFlow fine-tuned, 1 NFE", subtitle("twinflow_1nfe"), samples["twinflow_1nfe"]),
         ],
         out / "demo.png",
-        title=f"8 Gaussians on a ring: same pretrained weights, same noise; figures: mean over {config.eval_seeds} "
-        "noise seeds (SW, MMD: lower is better; div: within-mode spread / data's, 1 is ideal; off: between modes)",
+        title=f"8 Gaussians on a ring, same weights and noise; mean of {config.eval_seeds} seeds "
+        "(SW, MMD: lower is better; div: 1 is ideal; off: between modes)",
     )
     report = {
         "config": asdict(config),
