@@ -52,7 +52,7 @@ class SignalTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Conv1d(channels, width, kernel_size=5, padding=2)
         self.position = nn.Parameter(0.02 * torch.randn(1, length + 1, width))
-        self.time = toy.TwoTimeEmbedding(width, frequencies=8)  # fake field starts as the real one
+        self.time = toy.ToyTimeEmbedding(width, frequencies=8)  # fake field starts as the real one
         layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width, dropout=0.0,
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)

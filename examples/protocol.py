@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 import twinloss
-from twinloss import metrics, toy
+from twinloss import metrics
+from twinloss_demo.training import train
 
 MakeData = Callable[..., Tensor]
 Figures = dict[str, Callable[[Tensor], float]]
@@ -64,9 +65,9 @@ def run(
         return make_data(batch, generator=generator), None, None
 
     t0 = time.perf_counter()
-    toy.train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=pretrain_steps, lr=1e-3, generator=g)
+    train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=pretrain_steps, lr=1e-3, generator=g)
     pretrained = copy.deepcopy(model)
-    toy.train(model, twinloss.TwinFlowLoss(guidance_scale=0.0), draw, steps=finetune_steps, lr=finetune_lr, generator=g)
+    train(model, twinloss.TwinFlowLoss(guidance_scale=0.0), draw, steps=finetune_steps, lr=finetune_lr, generator=g)
     log(f"trained in {time.perf_counter() - t0:.0f}s")
 
     ev = torch.Generator().manual_seed(seed + 2)

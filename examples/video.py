@@ -56,7 +56,7 @@ class VideoTransformer(nn.Module):
         tokens = FRAMES * (SIZE // patch) ** 2
         self.embed = nn.Linear(channels * patch * patch, width)
         self.position = nn.Parameter(0.02 * torch.randn(1, tokens + 1, width))
-        self.time = toy.TwoTimeEmbedding(width, frequencies=8)  # fake field starts as the real one
+        self.time = toy.ToyTimeEmbedding(width, frequencies=8)  # fake field starts as the real one
         layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width, dropout=0.0,
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -104,7 +104,7 @@ def draw_clip(clip: Tensor, scale: int = 6):
     frames = ((clip[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [F, H, W]
     frames = frames.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     gap = torch.full((frames.shape[0], frames.shape[1], 2), 255, dtype=torch.uint8)
-    strip = torch.cat([torch.cat([frame, spacer], dim=1) for frame, spacer in zip(frames, gap)], dim=1)
+    strip = torch.cat([torch.cat([frame, spacer], dim=1) for frame, spacer in zip(frames, gap, strict=True)], dim=1)
     return Image.frombytes("L", (strip.shape[1], strip.shape[0]), bytes(strip.flatten().tolist())).convert("RGB")
 
 

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from twinloss.protocol import check_conditioning
 from twinloss_adapters.conventions import Capabilities, TimeConvention
 from twinloss_adapters.time_embedding import (
     ReleasedTimeEmbedding,
@@ -207,13 +208,7 @@ class AdaptedTransformer(nn.Module, abc.ABC):
                 f"cond has keys {unknown} that {type(self).__name__} does not accept{hint}; "
                 f"it accepts {sorted(accepted)}"
             )
-        for key, value in cond.items():
-            if not isinstance(value, Tensor):
-                raise ValueError(f"cond[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
-            if value.ndim == 0 or value.shape[0] != batch_size:
-                raise ValueError(
-                    f"cond[{key!r}] must lead with the batch dimension {batch_size}, got {tuple(value.shape)}"
-                )
+        check_conditioning(cond, batch_size, name="cond")  # tensors leading with the batch
 
     # --- saving and loading (twinloss_adapters.persistence) ------------------------
 

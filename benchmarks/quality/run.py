@@ -24,7 +24,6 @@ teacher, and a control that continues flow matching for the same budget.
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 
 import twinloss
 from twinloss import metrics, toy
+from twinloss_demo.training import train
 
 RING_STD, RING_MODES, RING_CLASSES = 0.1, 8, 4
 NULL = RING_CLASSES  # the null class of the conditional ring model; class c owns modes c and c + 4
@@ -105,7 +105,7 @@ def run_ring(args, log):
     model = toy.TimeMLP((2,), width=args.width, depth=4, num_classes=RING_CLASSES)
     g = torch.Generator().manual_seed(args.seed + 1)
     started = time.perf_counter()
-    toy.train(model, twinloss.TwinFlowLoss.plain_flow_matching(), ring_batch(args.batch), steps=args.pretrain,
+    train(model, twinloss.TwinFlowLoss.plain_flow_matching(), ring_batch(args.batch), steps=args.pretrain,
               lr=1e-3, generator=g)
     log(f"ring: pretrained {args.pretrain} steps in {time.perf_counter() - started:.0f}s")
     pretrained = copy.deepcopy(model)
@@ -130,7 +130,7 @@ def run_ring(args, log):
         g.set_state(state[1])
         model = copy.deepcopy(pretrained)
         t0 = time.perf_counter()
-        toy.train(model, loss_fn, ring_batch(args.batch), steps=args.finetune, lr=args.lr, generator=g,
+        train(model, loss_fn, ring_batch(args.batch), steps=args.finetune, lr=args.lr, generator=g,
                   teacher=teacher)
         seconds = time.perf_counter() - t0
         for steps in ((1, 50) if fm_control else (1, 2)):
@@ -165,7 +165,7 @@ def run_shapes(args, log):
         return shapes(args.batch, generator), None, None
 
     started = time.perf_counter()
-    toy.train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=args.image_pretrain, lr=1e-3,
+    train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=args.image_pretrain, lr=1e-3,
               generator=g)
     log(f"shapes: pretrained {args.image_pretrain} steps in {time.perf_counter() - started:.0f}s")
     pretrained = copy.deepcopy(model)
@@ -182,7 +182,7 @@ def run_shapes(args, log):
         g.set_state(state[1])
         model = copy.deepcopy(pretrained)
         t0 = time.perf_counter()
-        toy.train(model, loss_fn, draw, steps=args.image_finetune, lr=args.lr, generator=g)
+        train(model, loss_fn, draw, steps=args.image_finetune, lr=args.lr, generator=g)
         seconds = time.perf_counter() - t0
         for steps in ((1, 50) if fm_control else (1, 2)):
             x = sample(model, noise, steps, "multi" if fm_control else "few")

@@ -27,7 +27,7 @@ from twinloss.time_distributions import (
 )
 from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
 
-from twinloss import metrics, monitor  # noqa: E402  (submodules: twinloss.metrics, twinloss.monitor)
+from twinloss import metrics, monitor  # noqa: E402, F401  (submodules: twinloss.metrics, twinloss.monitor)
 
 __version__ = "0.1.0"
 

@@ -15,18 +15,19 @@ r"""Per-row distances ``rho(prediction, target) -> [B]``, computed in float32.
 import abc
 import math
 
-import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+
+from twinloss._tensors import at_least_float32
 
 __all__ = ["BarronDistance", "Distance", "L2Distance", "mean_squared_error"]
 
 
 def mean_squared_error(
-    prediction: Float[Tensor, "batch *shape"], target: Float[Tensor, "batch *shape"]
+    prediction: Float[Tensor, " batch *shape"], target: Float[Tensor, " batch *shape"]
 ) -> Float[Tensor, " batch"]:
     """Row-wise mean of ``(prediction - target)^2`` in at least float32."""
-    dtype = torch.promote_types(prediction.dtype, torch.float32)
+    dtype = at_least_float32(prediction.dtype)
     error = prediction.to(dtype) - target.to(dtype)
     return error.square().reshape(error.shape[0], -1).mean(dim=1)  # mean over all but the batch dim
 
@@ -36,7 +37,7 @@ class Distance(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(
-        self, prediction: Float[Tensor, "batch *shape"], target: Float[Tensor, "batch *shape"]
+        self, prediction: Float[Tensor, " batch *shape"], target: Float[Tensor, " batch *shape"]
     ) -> Float[Tensor, " batch"]:
         """Distance of each row of ``prediction`` to the same row of ``target``."""
 
@@ -45,7 +46,7 @@ class L2Distance(Distance):
     """Mean squared error per row."""
 
     def forward(
-        self, prediction: Float[Tensor, "batch *shape"], target: Float[Tensor, "batch *shape"]
+        self, prediction: Float[Tensor, " batch *shape"], target: Float[Tensor, " batch *shape"]
     ) -> Float[Tensor, " batch"]:
         return mean_squared_error(prediction, target)
 
@@ -68,7 +69,7 @@ class BarronDistance(Distance):
         self.c = float(c)
 
     def forward(
-        self, prediction: Float[Tensor, "batch *shape"], target: Float[Tensor, "batch *shape"]
+        self, prediction: Float[Tensor, " batch *shape"], target: Float[Tensor, " batch *shape"]
     ) -> Float[Tensor, " batch"]:
         mse = mean_squared_error(prediction, target)
         if self.alpha == 2.0:

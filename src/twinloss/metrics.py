@@ -21,6 +21,7 @@ functions serve 2-D points, images, clips and sequences.
   assign each sample to its nearest centre and report mode coverage and the
   *diversity ratio*: within-mode spread of the samples over that of the data
   (1 is ideal; near 0 is mode collapse onto the centres, > 1 is blur).
+* :func:`within_mode_spread`: the per-mode spread behind :func:`mode_statistics` and the monitor.
 * :func:`mean_pairwise_distance`: a model-free diversity figure.
 """
 
@@ -32,6 +33,9 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from twinloss._checks import check_int
+from twinloss._tensors import at_least_float32
+
 __all__ = [
     "ModeStatistics",
     "RandomConvFeatures",
@@ -42,6 +46,7 @@ __all__ = [
     "mode_statistics",
     "nearest_mode",
     "sliced_wasserstein",
+    "within_mode_spread",
 ]
 
 
@@ -52,7 +57,7 @@ def _flat(x: Tensor, name: str) -> Tensor:
         raise ValueError(f"{name} must have shape [N, ...] with N >= 1, got {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
-    return rearrange(x, "n ... -> n (...)").to(torch.promote_types(x.dtype, torch.float32))
+    return rearrange(x, "n ... -> n (...)").to(at_least_float32(x.dtype))
 
 
 def _same_width(x: Tensor, y: Tensor, names: tuple[str, str]) -> None:
@@ -74,8 +79,8 @@ def _quantiles(values: Tensor, levels: Tensor) -> Tensor:
 
 
 def sliced_wasserstein(
-    x: Float[Tensor, "n *shape_x"],
-    y: Float[Tensor, "m *shape_y"],
+    x: Float[Tensor, " n *shape_x"],
+    y: Float[Tensor, " m *shape_y"],
     *,
     projections: int = 256,
     p: float = 2.0,
@@ -92,8 +97,7 @@ def sliced_wasserstein(
         p: order (>= 1; *default* 2).
         generator: draws the directions; pass a seeded one for a repeatable figure.
     """
-    if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:
-        raise ValueError(f"projections must be an int >= 1, got {projections!r}")
+    check_int(projections, "projections", minimum=1)
     if not (p >= 1 and math.isfinite(p)):
         raise ValueError(f"p must be a finite number >= 1, got {p}")
     a, b = _flat(x, "x"), _flat(y, "y")
@@ -119,22 +123,32 @@ def _median_bandwidth(a: Tensor, b: Tensor) -> float:
 
 
 def mmd_rbf(
-    x: Float[Tensor, "n *shape_x"],
-    y: Float[Tensor, "m *shape_y"],
+    x: Float[Tensor, " n *shape_x"],
+    y: Float[Tensor, " m *shape_y"],
     *,
     bandwidths: tuple[float, ...] | None = None,
+    unbiased: bool = False,
 ) -> Float[Tensor, ""]:
     r"""Squared MMD with the kernel :math:`k(a, b) = \frac1K\sum_k \exp(-\|a - b\|^2 / (2 \sigma_k^2))`.
 
-    The biased (V-statistic) estimate
-    :math:`\overline{k(x, x')} + \overline{k(y, y')} - 2\,\overline{k(x, y)}`:
-    non-negative, and exactly 0 when the two sets are identical.
+    *Default*: the biased (V-statistic) estimate
+    :math:`\overline{k(x, x')} + \overline{k(y, y')} - 2\,\overline{k(x, y)}`,
+    the means over all pairs: non-negative, and exactly 0 when the two sets
+    are identical.
+
+    ``unbiased=True``: the U-statistic, whose within-set means leave out the
+    pairs of a point with itself (:math:`n(n-1)` and :math:`m(m-1)` pairs).
+    Its expectation is the population MMD², so two independent draws of one
+    distribution score 0 on average at any sample size (single values can be
+    negative and are not clipped), and no sampler can score below that in
+    expectation. Needs at least two samples per set.
 
     Args:
         x, y: sample sets (trailing dims flattened; same feature count).
         bandwidths: kernel widths :math:`\sigma_k` (each > 0). *Default*: the
             median pairwise distance of the pooled sets times
             ``(0.5, 1, 2)``; pass fixed widths to compare runs with each other.
+        unbiased: the U-statistic instead of the V-statistic.
     """
     a, b = _flat(x, "x"), _flat(y, "y")
     _same_width(a, b, ("x", "y"))
@@ -146,11 +160,23 @@ def mmd_rbf(
     if len(bandwidths) == 0 or not all(w > 0 and math.isfinite(w) for w in bandwidths):
         raise ValueError(f"bandwidths must be a non-empty tuple of finite numbers > 0, got {bandwidths}")
 
-    def kernel_mean(u: Tensor, v: Tensor) -> Tensor:
-        squared = torch.cdist(u, v).square()
-        return torch.stack([torch.exp(-squared / (2 * w * w)).mean() for w in bandwidths]).mean()
+    if unbiased and min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"unbiased=True needs at least 2 samples per set, got {a.shape[0]} and {b.shape[0]}")
 
-    return (kernel_mean(a, a) + kernel_mean(b, b) - 2 * kernel_mean(a, b)).clamp(min=0)
+    def pair_mean(kernel: Tensor, without_self_pairs: bool) -> Tensor:
+        if not without_self_pairs:
+            return kernel.mean()
+        n = kernel.shape[0]
+        return (kernel.sum() - kernel.diagonal().sum()) / (n * (n - 1))
+
+    def kernel_mean(u: Tensor, v: Tensor, *, without_self_pairs: bool = False) -> Tensor:
+        squared = torch.cdist(u, v).square()
+        means = [pair_mean(torch.exp(-squared / (2 * w * w)), without_self_pairs) for w in bandwidths]
+        return torch.stack(means).mean()
+
+    within = kernel_mean(a, a, without_self_pairs=unbiased) + kernel_mean(b, b, without_self_pairs=unbiased)
+    value = within - 2 * kernel_mean(a, b)
+    return value if unbiased else value.clamp(min=0)
 
 
 def _sqrtm_psd(matrix: Tensor) -> Tensor:
@@ -200,10 +226,8 @@ class RandomConvFeatures(nn.Module):
 
     def __init__(self, in_channels: int = 1, width: int = 32, seed: int = 0) -> None:
         super().__init__()
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be an int >= 1, got {in_channels!r}")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be an int >= 1, got {width!r}")
+        check_int(in_channels, "in_channels", minimum=1)
+        check_int(width, "width", minimum=1)
         generator = torch.Generator().manual_seed(seed)
         channels = (in_channels, width, 2 * width, 4 * width)
         self.layers = nn.ModuleList()
@@ -260,8 +284,19 @@ def nearest_mode(
     return torch.cdist(a, c.to(a.dtype)).argmin(dim=1)
 
 
-def _within_spread(points: Tensor, labels: Tensor, modes: int, min_count: int) -> Tensor:
-    """Per-mode mean squared distance to the mode's own mean (NaN if < min_count points)."""
+def within_mode_spread(
+    points: Float[Tensor, "n dim"], labels: Int[Tensor, " n"], modes: int, *, min_count: int = 2
+) -> Float[Tensor, " modes"]:
+    r"""Per-mode spread: the mean squared distance of a mode's points to their own mean.
+
+    .. math::
+        s_k = \frac{1}{n_k} \sum_{i:\, \ell_i = k} \|p_i - \bar p_k\|^2,
+
+    with :math:`\bar p_k` the mean of the :math:`n_k` points labelled ``k``;
+    NaN where :math:`n_k <` ``min_count``. Labels outside ``[0, modes)`` belong
+    to no mode and are ignored.
+    """
+    check_int(min_count, "min_count", minimum=1)
     spread = torch.full((modes,), float("nan"), dtype=points.dtype, device=points.device)
     for k in range(modes):
         members = points[labels == k]
@@ -323,8 +358,7 @@ def mode_statistics(
     """
     if not (0.0 < min_share <= 1.0):
         raise ValueError(f"min_share must lie in (0, 1], got {min_share}")
-    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 2:
-        raise ValueError(f"min_count must be an int >= 2, got {min_count!r}")
+    check_int(min_count, "min_count", minimum=2)
     if radius is not None and not (radius > 0 and math.isfinite(radius)):
         raise ValueError(f"radius must be a finite number > 0, got {radius}")
     a, d, c = _flat(samples, "samples"), _flat(data, "data"), _flat(centers, "centers")
@@ -343,8 +377,8 @@ def mode_statistics(
         # Points outside the radius get the label ``modes``, which no spread reads.
         sample_labels = torch.where(sample_near, sample_labels, modes)
         data_labels = torch.where(data_near, data_labels, modes)
-    spread_samples = _within_spread(a, sample_labels, modes, min_count)
-    spread_data = _within_spread(d, data_labels, modes, min_count)
+    spread_samples = within_mode_spread(a, sample_labels, modes, min_count=min_count)
+    spread_data = within_mode_spread(d, data_labels, modes, min_count=min_count)
     both = ~(spread_samples.isnan() | spread_data.isnan())
     if bool(both.any()):
         ratio = math.sqrt(float(spread_samples[both].mean()) / max(float(spread_data[both].mean()), 1e-30))
@@ -360,7 +394,7 @@ def mode_statistics(
     )
 
 
-def mean_pairwise_distance(x: Float[Tensor, "n *shape"], *, max_samples: int = 2048) -> Float[Tensor, ""]:
+def mean_pairwise_distance(x: Float[Tensor, " n *shape"], *, max_samples: int = 2048) -> Float[Tensor, ""]:
     """Mean Euclidean distance between distinct samples (the first ``max_samples``).
 
     A model-free diversity figure: 0 for a collapsed generator.

@@ -1,6 +1,6 @@
 r"""Watch 1-NFE diversity during training: :class:`DiversityMonitor`.
 
-Fast generators lose diversity first (ALGORITHM.md, section 6). Call the
+Fast generators lose diversity first (docs/method.md, section 6). Call the
 monitor every ``N`` training steps; each call draws 1-NFE samples and
 multi-step samples of the model from the *same fixed noise* and compares
 their spread:
@@ -30,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from twinloss import metrics
+from twinloss._checks import check_int
 from twinloss.protocol import Conditioning, VelocityModel, check_conditioning
 from twinloss.sampling import AnyStepSampler
 
@@ -89,16 +90,13 @@ def _ratio(numerator: float, denominator: float) -> float:
 def _within_mode(samples: Tensor, centers: Tensor, min_count: int = 2) -> tuple[float, float]:
     """RMS distance to the own mode's mean (over populated modes) and the populated fraction."""
     flat = samples.reshape(samples.shape[0], -1).to(torch.float32)
+    modes = centers.shape[0]
     labels = metrics.nearest_mode(flat, centers)
-    spreads, populated = [], 0
-    for k in range(centers.shape[0]):
-        members = flat[labels == k]
-        if members.shape[0] >= 1:
-            populated += 1
-        if members.shape[0] >= min_count:
-            spreads.append(float((members - members.mean(0)).square().sum(1).mean()))
-    spread = math.sqrt(sum(spreads) / len(spreads)) if spreads else 0.0
-    return spread, populated / centers.shape[0]
+    spreads = metrics.within_mode_spread(flat, labels, modes, min_count=min_count)
+    measured = spreads[~spreads.isnan()]
+    spread = math.sqrt(float(measured.double().mean())) if measured.numel() else 0.0
+    populated = int((torch.bincount(labels, minlength=modes) >= 1).sum())
+    return spread, populated / modes
 
 
 class DiversityMonitor:
@@ -120,12 +118,12 @@ class DiversityMonitor:
 
     def __init__(
         self,
-        noise: Float[Tensor, "samples *shape"],
+        noise: Float[Tensor, " samples *shape"],
         *,
         cond: Conditioning | None = None,
         multi_steps: int = 50,
         collapse_fraction: float = 0.5,
-        centers: Float[Tensor, "modes *center_shape"] | None = None,
+        centers: Float[Tensor, " modes *center_shape"] | None = None,
         warn: bool = True,
         seed: int = 0,
     ) -> None:
@@ -133,8 +131,7 @@ class DiversityMonitor:
             raise ValueError(f"noise must be a floating-point tensor [N, ...] with N >= 2, got {tuple(noise.shape)}")
         if not (0.0 < collapse_fraction <= 1.0):
             raise ValueError(f"collapse_fraction must lie in (0, 1], got {collapse_fraction}")
-        if isinstance(multi_steps, bool) or not isinstance(multi_steps, int) or multi_steps < 2:
-            raise ValueError(f"multi_steps must be an int >= 2, got {multi_steps!r}")
+        check_int(multi_steps, "multi_steps", minimum=2)
         if centers is not None and math.prod(centers.shape[1:]) != math.prod(noise.shape[1:]):
             raise ValueError(
                 f"centers must have one point per mode shaped like a sample {tuple(noise.shape[1:])}, "

@@ -23,6 +23,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from twinloss._tensors import per_row
+
 __all__ = ["AffinePath", "CosinePath", "LinearPath", "PathCoefficients", "PathSample", "VPPath"]
 
 
@@ -40,14 +42,9 @@ class PathCoefficients:
 class PathSample:
     """A point on the path and the conditional velocity that moves it."""
 
-    x_t: Float[Tensor, "batch *shape"]
-    velocity: Float[Tensor, "batch *shape"]
+    x_t: Float[Tensor, " batch *shape"]
+    velocity: Float[Tensor, " batch *shape"]
     t: Float[Tensor, " batch"]
-
-
-def _per_row(coefficient: Tensor, like: Tensor) -> Tensor:
-    """Reshape ``[B]`` to ``[B, 1, ..., 1]`` so it broadcasts against ``like``."""
-    return coefficient.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 class AffinePath(nn.Module, abc.ABC):
@@ -59,67 +56,67 @@ class AffinePath(nn.Module, abc.ABC):
 
     def sample(
         self,
-        x: Float[Tensor, "batch *shape"],
-        z: Float[Tensor, "batch *shape"],
+        x: Float[Tensor, " batch *shape"],
+        z: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
     ) -> PathSample:
         """Interpolate at ``|t|`` and return ``x_t`` with velocity ``a' z + b' x``."""
         c = self.coefficients(t.abs())
-        x_t = _per_row(c.noise, x) * z + _per_row(c.data, x) * x
-        velocity = _per_row(c.d_noise, x) * z + _per_row(c.d_data, x) * x
+        x_t = per_row(c.noise, x) * z + per_row(c.data, x) * x
+        velocity = per_row(c.d_noise, x) * z + per_row(c.d_data, x) * x
         return PathSample(x_t=x_t, velocity=velocity, t=t)
 
     def velocity_to_data(
         self,
-        x_t: Float[Tensor, "batch *shape"],
-        velocity: Float[Tensor, "batch *shape"],
+        x_t: Float[Tensor, " batch *shape"],
+        velocity: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
-    ) -> Float[Tensor, "batch *shape"]:
+    ) -> Float[Tensor, " batch *shape"]:
         r"""Data estimate from an instantaneous velocity: :math:`\hat x = (a v - a' x_t) / (a b' - a' b)`."""
-        c = self.coefficients(t.abs())
-        det = c.noise * c.d_data - c.d_noise * c.data
-        return (_per_row(c.noise, x_t) * velocity - _per_row(c.d_noise, x_t) * x_t) / _per_row(
-            det, x_t
-        )
+        return self._solve(x_t, velocity, t, for_data=True)
 
     def velocity_to_noise(
         self,
-        x_t: Float[Tensor, "batch *shape"],
-        velocity: Float[Tensor, "batch *shape"],
+        x_t: Float[Tensor, " batch *shape"],
+        velocity: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
-    ) -> Float[Tensor, "batch *shape"]:
+    ) -> Float[Tensor, " batch *shape"]:
         r"""Noise estimate from an instantaneous velocity: :math:`\hat z = (b' x_t - b v) / (a b' - a' b)`."""
+        return self._solve(x_t, velocity, t, for_data=False)
+
+    def _solve(self, x_t: Tensor, velocity: Tensor, t: Tensor, *, for_data: bool) -> Tensor:
+        """One unknown of ``x_t = a z + b x``, ``v = a' z + b' x`` by Cramer's rule: ``x`` (``for_data``) or ``z``."""
         c = self.coefficients(t.abs())
-        det = c.noise * c.d_data - c.d_noise * c.data
-        return (_per_row(c.d_data, x_t) * x_t - _per_row(c.data, x_t) * velocity) / _per_row(
-            det, x_t
-        )
+        det = per_row(c.noise * c.d_data - c.d_noise * c.data, x_t)
+        if for_data:
+            return (per_row(c.noise, x_t) * velocity - per_row(c.d_noise, x_t) * x_t) / det
+        return (per_row(c.d_data, x_t) * x_t - per_row(c.data, x_t) * velocity) / det
 
     def data_to_noise(
         self,
-        x_t: Float[Tensor, "batch *shape"],
-        x_hat: Float[Tensor, "batch *shape"],
+        x_t: Float[Tensor, " batch *shape"],
+        x_hat: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
-    ) -> Float[Tensor, "batch *shape"]:
+    ) -> Float[Tensor, " batch *shape"]:
         r"""The noise consistent with ``x_t`` and a data estimate: :math:`\hat z = (x_t - b\,\hat x) / a`.
 
         Undefined at ``t = 0`` (``a = 0``), where ``x_t`` holds no noise.
         """
         c = self.coefficients(t.abs())
-        return (x_t - _per_row(c.data, x_t) * x_hat) / _per_row(c.noise, x_t)
+        return (x_t - per_row(c.data, x_t) * x_hat) / per_row(c.noise, x_t)
 
     @staticmethod
     def jump(
-        x_t: Float[Tensor, "batch *shape"],
-        average_velocity: Float[Tensor, "batch *shape"],
+        x_t: Float[Tensor, " batch *shape"],
+        average_velocity: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
         r: Float[Tensor, " batch"],
-    ) -> Float[Tensor, "batch *shape"]:
+    ) -> Float[Tensor, " batch *shape"]:
         r"""Follow an average velocity from ``|t|`` to ``|r|``: :math:`x_r = x_t - (t - r) F`.
 
         With ``r = 0`` this is the one-step data estimate ``x_hat = x_t - t F``.
         """
-        return x_t - _per_row(t.abs() - r.abs(), x_t) * average_velocity
+        return x_t - per_row(t.abs() - r.abs(), x_t) * average_velocity
 
 
 class LinearPath(AffinePath):

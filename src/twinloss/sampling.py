@@ -205,7 +205,7 @@ class AnyStepSampler(nn.Module):
         x = noise.to(work)
         states = [noise] if self.return_trajectory else None
         zero = schedule.new_zeros(())
-        for s, s_next in zip(schedule[:-1], schedule[1:]):
+        for s, s_next in zip(schedule[:-1], schedule[1:], strict=True):
             if self.mode == "few":
                 x = self._few_step(x, velocity(x, s, zero), s, s_next, generator)
             elif self.mode == "any":

@@ -19,6 +19,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from twinloss._checks import check_int
+
 __all__ = [
     "BetaTime",
     "KumaraswamyTime",
@@ -52,8 +54,7 @@ class TimeDistribution(nn.Module, abc.ABC):
         generator: torch.Generator | None = None,
     ) -> Float[Tensor, " batch"]:
         """Draw ``batch_size`` times."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
-            raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
+        check_int(batch_size, "batch_size", minimum=0)
         return self.sample(batch_size, device, dtype, generator)
 
     @abc.abstractmethod

@@ -6,34 +6,32 @@ Nothing here is downloaded: every data set is drawn from a seeded
 * :func:`ring_mixture`: ``modes`` Gaussians on a circle (the classic 2-D test
   of mode coverage), with labels for class-conditional training.
 * :func:`checkerboard`: uniform points on the dark squares of a 4x4 board.
-* :class:`TwoTimeEmbedding`: ``(t, r) -> [B, width]`` from sinusoidal features of
+* :class:`ToyTimeEmbedding`: ``(t, r) -> [B, width]`` from log-spaced sinusoids of
   ``|t|`` and ``|t| - |r|``, plus a zero-initialised term for the sign of ``t``;
-  the time input of every small model in the project.
+  the time input of every small model in the project (the diffusers adapters
+  use :class:`twinloss_adapters.TwinTimeEmbedding` instead, a term added to a
+  backbone's own time embedding).
 * :class:`TimeMLP`: an MLP velocity field ``F(x_t, t, r, y=None)`` built on it,
   as the twinloss protocol requires.
-* :func:`train`: a plain loop around :class:`~twinloss.TwinFlowLoss`.
+
+The training loop the demo and examples share is ``twinloss_demo.training.train``.
 """
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from twinloss.loss import TwinFlowLoss
-from twinloss.teachers import Teacher
-
 __all__ = [
     "LabelledPoints",
     "TimeMLP",
-    "TwoTimeEmbedding",
+    "ToyTimeEmbedding",
     "checkerboard",
+    "log_spaced_sinusoids",
     "ring_centers",
     "ring_mixture",
-    "sinusoidal_features",
-    "train",
 ]
 
 
@@ -86,7 +84,7 @@ def checkerboard(
     return ((cells + offset) / squares - 0.5) * scale
 
 
-def sinusoidal_features(
+def log_spaced_sinusoids(
     value: Float[Tensor, " batch"], frequencies: int, max_frequency: float = 100.0
 ) -> Float[Tensor, "batch features"]:
     """``[sin(w_k v), cos(w_k v)]`` for ``frequencies`` geometric ``w_k`` in ``[1, max_frequency]``."""
@@ -95,7 +93,7 @@ def sinusoidal_features(
     return torch.cat([angle.sin(), angle.cos()], dim=1)
 
 
-class TwoTimeEmbedding(nn.Module):
+class ToyTimeEmbedding(nn.Module):
     r"""The two times of the protocol as one ``[B, width]`` embedding.
 
     .. math::
@@ -103,10 +101,10 @@ class TwoTimeEmbedding(nn.Module):
         e(t, r) = \mathrm{MLP}(\phi) + [t < 0]\, W_\text{twin} \phi, \qquad
         \phi = [\mathrm{emb}(|t|), \mathrm{emb}(|t| - |r|)]
 
-    with ``emb`` the sinusoidal features of :func:`sinusoidal_features`. Rows at
+    with ``emb`` the sinusoidal features of :func:`log_spaced_sinusoids`. Rows at
     ``t`` and ``-t`` see the same ``phi``; the twin (fake) rows, ``t < 0``, get
     one more term from a linear layer initialised to zero. As the adapters do
-    (ALGORITHM.md, section 1), a model pretrained on positive times therefore
+    (docs/method.md, section 1), a model pretrained on positive times therefore
     starts fine-tuning with a fake field equal to the real one, so the
     rectification gap starts at 0 instead of at noise.
 
@@ -130,10 +128,8 @@ class TwoTimeEmbedding(nn.Module):
         self, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], dtype: torch.dtype
     ) -> Float[Tensor, "batch width"]:
         t_abs = t.abs().to(dtype)
-        phi = torch.cat(
-            [sinusoidal_features(t_abs, self.frequencies), sinusoidal_features(t_abs - r.abs().to(dtype), self.frequencies)],
-            dim=1,
-        )
+        gap = t_abs - r.abs().to(dtype)
+        phi = torch.cat([log_spaced_sinusoids(t_abs, self.frequencies), log_spaced_sinusoids(gap, self.frequencies)], dim=1)
         twin = (t < 0).to(dtype).unsqueeze(1)
         return self.mlp(phi) + twin * self.twin(phi)
 
@@ -141,7 +137,7 @@ class TwoTimeEmbedding(nn.Module):
 class TimeMLP(nn.Module):
     """A two-time velocity field for ``[B, *shape]`` data (flattened internally).
 
-    The :class:`TwoTimeEmbedding` of ``(t, r)`` is added to the first hidden
+    The :class:`ToyTimeEmbedding` of ``(t, r)`` is added to the first hidden
     layer; a class label ``y`` (with a null class ``num_classes``) is added the
     same way when ``num_classes > 0``.
 
@@ -166,7 +162,7 @@ class TimeMLP(nn.Module):
             raise ValueError(f"width and depth must be >= 1, got width={width}, depth={depth}")
         self.shape = tuple(shape)
         features = math.prod(self.shape)
-        self.time = TwoTimeEmbedding(width, frequencies)
+        self.time = ToyTimeEmbedding(width, frequencies)
         self.label = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
         self.num_classes = num_classes
         self.input = nn.Linear(features, width)
@@ -177,11 +173,11 @@ class TimeMLP(nn.Module):
 
     def forward(
         self,
-        x_t: Float[Tensor, "batch *shape"],
+        x_t: Float[Tensor, " batch *shape"],
         t: Float[Tensor, " batch"],
         r: Float[Tensor, " batch"],
         y: Int[Tensor, " batch"] | None = None,
-    ) -> Float[Tensor, "batch *shape"]:
+    ) -> Float[Tensor, " batch *shape"]:
         h = self.input(x_t.reshape(x_t.shape[0], -1)) + self.time(t, r, x_t.dtype)
         if self.label is not None:
             labels = y if y is not None else torch.full_like(t, self.num_classes, dtype=torch.long)
@@ -189,38 +185,3 @@ class TimeMLP(nn.Module):
         for block in self.blocks:
             h = h + block(h)
         return self.output(h).reshape(x_t.shape)
-
-
-def train(
-    model: nn.Module,
-    loss_fn: TwinFlowLoss,
-    draw_batch: Callable[[torch.Generator], tuple[Tensor, dict[str, Tensor] | None, dict[str, Tensor] | None]],
-    *,
-    steps: int,
-    lr: float,
-    generator: torch.Generator,
-    teacher: Teacher | None = None,
-    grad_clip: float = 1.0,
-    progress: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """Adam on ``loss_fn(model, x, cond=..., uncond=...)`` for ``steps`` steps.
-
-    ``draw_batch(generator) -> (x, cond, uncond)``; ``teacher.update(model)``
-    runs after each optimizer step when a teacher is given. Returns the losses.
-    """
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    for step in range(steps):
-        x, cond, uncond = draw_batch(generator)
-        out = loss_fn(model, x, cond=cond, uncond=uncond, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        if teacher is not None:
-            teacher.update(model)
-        losses.append(float(out.loss.detach()))
-        if progress is not None:
-            progress(step, losses[-1])
-    return losses

@@ -157,13 +157,13 @@ def test_lora_ema_teacher_averages_only_the_adapter() -> None:
     _perturb_trainable(model, seed=4)
     first = [online.detach().clone() for online, _ in pairs]
     teacher.update(model)  # decay 0: copy
-    for (_, ema), value in zip(pairs, first):
+    for (_, ema), value in zip(pairs, first, strict=True):
         torch.testing.assert_close(ema, value)
     assert teacher.decay == pytest.approx(0.495)
     _perturb_trainable(model, seed=5)
     second = [online.detach().clone() for online, _ in pairs]
     teacher.update(model)
-    for (_, ema), old, new in zip(pairs, first, second):
+    for (_, ema), old, new in zip(pairs, first, second, strict=True):
         torch.testing.assert_close(ema, 0.495 * old + 0.505 * new)
 
     # The teacher evaluates the EMA adapter, and leaves the trained one active and trainable.

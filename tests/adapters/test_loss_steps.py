@@ -46,7 +46,7 @@ def test_twinflow_steps_train_the_adapted_backbone(name: str) -> None:
     assert all(torch.isfinite(torch.tensor(losses)))
     # Same draws every step (fixed generator): the loss moves only because the weights do.
     assert len({round(loss, 7) for loss in losses}) == STEPS, losses
-    assert any((p - p0).abs().max() > 0 for p, p0 in zip(twin.parameters(), initial_twin))
+    assert any((p - p0).abs().max() > 0 for p, p0 in zip(twin.parameters(), initial_twin, strict=True))
     torch.testing.assert_close(x, x_before, rtol=0, atol=0)
     for key in cond:
         torch.testing.assert_close(cond[key], cond_before[key], rtol=0, atol=0)

@@ -150,3 +150,35 @@ def test_mode_statistics_radius_leaves_stranded_samples_out_of_the_spread():
     within = metrics.mode_statistics(stranded, data, centers, radius=0.5)
     assert without.diversity_ratio > 3 and without.off_mode_fraction == 0.0
     assert abs(within.diversity_ratio - 1.0) < 0.06 and abs(within.off_mode_fraction - 0.1) < 1e-9
+
+
+def _rbf_mean(u: torch.Tensor, v: torch.Tensor, sigma: float, skip_diagonal: bool) -> float:
+    """Mean of exp(-|u_i - v_j|^2 / (2 sigma^2)) over all pairs, or over i != j, in float64 loops."""
+    total, count = 0.0, 0
+    for i, a in enumerate(u.tolist()):
+        for j, b in enumerate(v.tolist()):
+            if skip_diagonal and i == j:
+                continue
+            total += math.exp(-sum((p - q) ** 2 for p, q in zip(a, b, strict=True)) / (2 * sigma**2))
+            count += 1
+    return total / count
+
+
+def test_unbiased_mmd_leaves_out_self_pairs_and_is_not_clipped():
+    x, y = _gaussian(9, 2, 0.0, 1.0, seed=20), _gaussian(7, 2, 0.3, 1.0, seed=21)
+    sigmas = (0.7, 1.5)
+    expected = sum(
+        _rbf_mean(x, x, w, True) + _rbf_mean(y, y, w, True) - 2 * _rbf_mean(x, y, w, False) for w in sigmas
+    ) / len(sigmas)
+    value = metrics.mmd_rbf(x, y, bandwidths=sigmas, unbiased=True)
+    assert_close(value, torch.tensor(expected, dtype=torch.float64))
+    # Two draws of one law: the U-statistic averages to 0, so single values fall below it; the V-statistic cannot.
+    draws = [metrics.mmd_rbf(_gaussian(40, 2, 0.0, 1.0, seed=2 * k), _gaussian(40, 2, 0.0, 1.0, seed=2 * k + 1),
+                             bandwidths=(1.0,), unbiased=True) for k in range(20)]
+    assert min(float(d) for d in draws) < 0
+    assert abs(float(torch.stack(draws).mean())) < 3 * float(torch.stack(draws).std()) / math.sqrt(20)
+
+
+def test_unbiased_mmd_needs_two_samples_per_set():
+    with pytest.raises(ValueError, match="unbiased=True needs at least 2 samples"):
+        metrics.mmd_rbf(torch.zeros(1, 2), torch.zeros(5, 2), bandwidths=(1.0,), unbiased=True)

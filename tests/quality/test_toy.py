@@ -6,9 +6,9 @@ import torch
 from twinloss import toy
 
 
-def test_two_time_embedding_is_sign_blind_until_the_twin_layer_moves():
+def test_toy_time_embedding_is_sign_blind_until_the_twin_layer_moves():
     torch.manual_seed(0)
-    embedding = toy.TwoTimeEmbedding(width=16, frequencies=4)
+    embedding = toy.ToyTimeEmbedding(width=16, frequencies=4)
     t = torch.rand(8) + 0.05
     r = t * torch.rand(8)
     real, fake = embedding(t, r, torch.float32), embedding(-t, -r, torch.float32)
@@ -20,9 +20,9 @@ def test_two_time_embedding_is_sign_blind_until_the_twin_layer_moves():
     torch.testing.assert_close(embedding(t, r, torch.float32), real, rtol=0, atol=0)
 
 
-def test_two_time_embedding_sees_the_gap_and_keeps_dtype():
+def test_toy_time_embedding_sees_the_gap_and_keeps_dtype():
     torch.manual_seed(0)
-    embedding = toy.TwoTimeEmbedding(width=8, frequencies=4).double()
+    embedding = toy.ToyTimeEmbedding(width=8, frequencies=4).double()
     t = torch.full((4,), 0.7, dtype=torch.float64)
     same, shorter = embedding(t, t, torch.float64), embedding(t, 0.5 * t, torch.float64)
     assert same.dtype == torch.float64
@@ -30,9 +30,9 @@ def test_two_time_embedding_sees_the_gap_and_keeps_dtype():
 
 
 @pytest.mark.parametrize("kwargs", [dict(width=0), dict(width=4, frequencies=0)])
-def test_two_time_embedding_rejects_empty_sizes(kwargs):
+def test_toy_time_embedding_rejects_empty_sizes(kwargs):
     with pytest.raises(ValueError, match="width and frequencies"):
-        toy.TwoTimeEmbedding(**kwargs)
+        toy.ToyTimeEmbedding(**kwargs)
 
 
 def test_time_mlp_keeps_shape_and_starts_twin_blind():

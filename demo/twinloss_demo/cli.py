@@ -1,11 +1,31 @@
-"""The ``twinloss`` command line: ``twinloss demo [--steps N] [--seed S] [--out DIR] [--quick]``."""
+"""The ``twinloss`` command line: ``twinloss demo [--steps N] [--seed S] [--out DIR] [--quick]``.
+
+Imports nothing beyond the standard library until a command runs, so a core
+install without the ``demo`` extra gets a message naming the extra, not an
+ImportError.
+"""
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-__all__ = ["build_parser", "main"]
+__all__ = ["DEMO_EXTRA_MODULES", "build_parser", "main", "missing_demo_modules"]
+
+DEMO_EXTRA_MODULES = {"PIL": "pillow", "tqdm": "tqdm"}
+"""The import names the demo needs beyond the core install, and the distributions of the ``demo`` extra."""
+
+
+def missing_demo_modules() -> list[str]:
+    """The distributions of the ``demo`` extra whose modules cannot be imported here."""
+    missing = []
+    for module, distribution in DEMO_EXTRA_MODULES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(distribution)
+    return missing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from twinloss.demo import DemoConfig, run_demo
+        missing = missing_demo_modules()
+        if missing:
+            print(
+                f"twinloss demo: needs the `demo` extra (missing: {', '.join(missing)}); "
+                'install it with `pip install "twinloss[demo]"`',
+                file=sys.stderr,
+            )
+            return 1
+        from twinloss_demo.demo import DemoConfig, run_demo
 
         config = DemoConfig.quick(seed=args.seed) if args.quick else DemoConfig(seed=args.seed)
         overrides = {}
@@ -51,12 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"twinloss demo: {error}", file=sys.stderr)
             return 2
         report = run_demo(config, args.out, progress=not args.no_progress)
-        rows = [(name, r) for name, r in report["results"].items()]
-        print(f"{'method':28s} {'NFE':>4s} {'SW':>7s} {'MMD':>8s} {'div':>6s} {'modes':>6s} {'off':>6s}")
-        for name, r in rows:
+        print(f"mean +- std over {config.eval_seeds} evaluation seeds, {config.eval_samples} samples per row")
+        print(f"{'method':28s} {'NFE':>4s} {'SW':>15s} {'MMD':>17s} {'div':>6s} {'modes':>6s} {'off':>6s}")
+        for name, r in report["results"].items():
+            sw, mmd = r["sliced_wasserstein"], r["mmd_rbf"]
             print(
-                f"{name:28s} {r['nfe']:4d} {r['sliced_wasserstein']:7.3f} {r['mmd_rbf']:8.4f} "
-                f"{r['diversity_ratio']:6.2f} {r['mode_coverage']:6.2f} {r['off_mode_fraction']:6.3f}"
+                f"{name:28s} {r['nfe']:4d} {sw['mean']:7.3f}+-{sw['std']:.3f} {mmd['mean']:8.4f}+-{mmd['std']:.4f} "
+                f"{r['diversity_ratio']['mean']:6.2f} {r['mode_coverage']['mean']:6.2f} "
+                f"{r['off_mode_fraction']['mean']:6.3f}"
             )
         print(f"wrote {args.out}/demo.png and {args.out}/metrics.json in {report['timing_s']['total']:.0f} s")
     return 0
