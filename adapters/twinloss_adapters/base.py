@@ -15,11 +15,11 @@ import inspect
 import os
 from collections.abc import Mapping
 
-import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from twinloss.protocol import check_conditioning
+from twinloss._tensors import at_least_float32
 from twinloss_adapters.conventions import Capabilities, TimeConvention
 from twinloss_adapters.time_embedding import (
     ReleasedTimeEmbedding,
@@ -177,7 +177,7 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         self.check_cond(cond, batch_size)
         self.check_latent(x_t)
         # Full precision for the timestep: each backbone casts it where its own code does.
-        timestep = self.time_convention.to_backbone(t.to(torch.promote_types(t.dtype, torch.float32)))
+        timestep = self.time_convention.to_backbone(t.to(at_least_float32(t.dtype)))
         if self.injection is None:
             prediction = self.run_backbone(x_t, timestep, cond)
         else:

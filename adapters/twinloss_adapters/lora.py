@@ -8,7 +8,7 @@ connector and projector when built with ``train_connector=True``) go into
 (``save_pretrained`` / ``get_peft_model_state_dict``). The ``PeftModel``
 keeps the protocol: ``peft_model(x_t, t, r, **cond)``.
 
-Two teachers for the no-grad passes (ALGORITHM.md section 4) cost no second
+Two teachers for the no-grad passes (``docs/method.md``, teachers) cost no second
 copy of the base weights:
 
 * :class:`BaseModelTeacher`: the pretrained backbone, i.e. the model with all

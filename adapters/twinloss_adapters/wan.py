@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from twinloss._tensors import at_least_float32
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
 from twinloss_adapters.conventions import TimeConvention
@@ -152,7 +153,7 @@ class WanExpertsModel(nn.Module):
 
     def uses_high_noise_expert(self, t: Float[Tensor, " batch"]) -> Tensor:
         """Boolean ``[B]``: rows the pipeline would give to ``transformer``."""
-        timestep = self.time_convention.to_backbone(t.to(torch.promote_types(t.dtype, torch.float32)))
+        timestep = self.time_convention.to_backbone(t.to(at_least_float32(t.dtype)))
         return timestep >= self.boundary_ratio * self.time_convention.scale
 
     def forward(
