@@ -78,6 +78,7 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         target_time: bool = True,
         sign: bool = True,
         guidance_inputs: tuple[str, ...] = (),
+        per_token_time: bool = False,
     ) -> None:
         super().__init__()
         self.transformer = transformer
@@ -86,7 +87,8 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         self.injection: TimeEmbeddingInjection | None = None
         if target_time or sign:
             self.injection = inject_time_embedding(
-                transformer, embedder_path, embedding_dim, target_time=target_time, sign=sign
+                transformer, embedder_path, embedding_dim, target_time=target_time, sign=sign,
+                per_token=per_token_time,
             )
 
     # --- what a backbone defines ------------------------------------------------

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "PerTokenTimeEmbeddingInjection",
     "TimeEmbeddingInjection",
     "TwinTimeEmbedding",
     "find_injection",
@@ -208,6 +209,7 @@ def inject_time_embedding(
     sign: bool = True,
     module_name: str = DEFAULT_MODULE_NAME,
     frequency_dim: int = 256,
+    per_token: bool = False,
 ) -> TimeEmbeddingInjection:
     """Add TwinFlow's target-time and sign embeddings to any time embedder.
 
@@ -226,6 +228,9 @@ def inject_time_embedding(
         sign: add the sign embedding.
         module_name: attribute under which the new module is registered.
         frequency_dim: sinusoidal features of ``|r|``.
+        per_token: the embedder returns one embedding per token or
+            modulation slot (``[B, L, D]`` or ``[B * L, D]``) instead of one
+            per row; see :class:`PerTokenTimeEmbeddingInjection`.
 
     Raises:
         ValueError: if ``embedder_path`` does not name a submodule, ``root``
@@ -248,7 +253,8 @@ def inject_time_embedding(
     if reference is not None:
         embedding = embedding.to(device=reference.device, dtype=reference.dtype)
     root.add_module(module_name, embedding)
-    injection = TimeEmbeddingInjection(root, embedder_path, module_name)
+    injection_class = PerTokenTimeEmbeddingInjection if per_token else TimeEmbeddingInjection
+    injection = injection_class(root, embedder_path, module_name)
     object.__setattr__(root, INJECTION_ATTRIBUTE, injection)
     return injection
 
@@ -256,3 +262,39 @@ def inject_time_embedding(
 def find_injection(root: nn.Module) -> TimeEmbeddingInjection | None:
     """The live injection on ``root``, if any."""
     return getattr(root, INJECTION_ATTRIBUTE, None)
+
+
+class PerTokenTimeEmbeddingInjection(TimeEmbeddingInjection):
+    r"""An injection for embedders that return one embedding per token.
+
+    Some backbones modulate per token or per modulation slot: Chroma's
+    approximator maps ``[B, L, .]`` (one row per modulation slot) to
+    ``[B, L, D]``; AnyFlow and other per-frame-timestep models embed a
+    ``[B, F]`` timestep as ``[B * F, D]`` (batch-major). Every token of batch
+    row ``b`` receives the same row of ``Delta e(t, r)``:
+
+    .. math::
+        e_{b, l} \leftarrow e_{b, l} + \Delta e(t_b, r_b).
+
+    Created by :func:`inject_time_embedding` with ``per_token=True``.
+    """
+
+    def _add_twin_embedding(self, module: nn.Module, args: tuple, output: object) -> object:
+        if self._times is None:
+            return output  # called outside an adapter call: the stock model, untouched
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                f"{self.embedder_path} returned {type(output).__name__}; the per-token injection needs a module "
+                "that returns the time embedding as one tensor [B, L, D] or [B * L, D]"
+            )
+        t, r = self._times
+        batch_size = t.shape[0]
+        delta = self.embedding(t, r).to(output.dtype)
+        if output.ndim == 3 and output.shape[0] == batch_size:
+            return output + delta[:, None, :]
+        if output.ndim == 2 and output.shape[0] > 0 and output.shape[0] % batch_size == 0:
+            return output + delta.repeat_interleave(output.shape[0] // batch_size, dim=0)
+        raise ValueError(
+            f"{self.embedder_path} returned shape {tuple(output.shape)}; expected [{batch_size}, L, D] "
+            f"or [{batch_size} * L, D] (embeddings grouped by batch row)"
+        )

@@ -281,6 +281,116 @@ def hunyuan_video_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict
     )[0]
 
 
+# --- Lumina2 ------------------------------------------------------------------------------
+
+
+def build_lumina2() -> nn.Module:
+    from diffusers import Lumina2Transformer2DModel
+
+    return Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(16, 16, 16),
+        cap_feat_dim=24,
+    )
+
+
+def adapt_lumina2(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import lumina2
+
+    return lumina2.adapt(transformer)
+
+
+def lumina2_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {"encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24), "encoder_attention_mask": _text_mask(batch).long()}
+
+
+def lumina2_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    # Lumina2Pipeline: timestep = 1 - sigma, and it negates the prediction.
+    return -transformer(
+        hidden_states=x, timestep=1 - t, encoder_hidden_states=cond["encoder_hidden_states"],
+        encoder_attention_mask=cond["encoder_attention_mask"], return_dict=False,
+    )[0]
+
+
+# --- HiDream -------------------------------------------------------------------------------
+
+HIDREAM_LLAMA_LAYERS = 3
+
+
+def build_hidream() -> nn.Module:
+    from diffusers import HiDreamImageTransformer2DModel
+
+    return HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        caption_channels=[24, 16], text_emb_dim=12, num_routed_experts=2, num_activated_experts=1,
+        axes_dims_rope=(8, 4, 4), max_resolution=(8, 8), llama_layers=[0, 2],
+    )
+
+
+def adapt_hidream(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import hidream
+
+    return hidream.adapt(transformer)
+
+
+def hidream_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {
+        "encoder_hidden_states_t5": _randn(generator, batch, TEXT_LEN, 24),
+        "encoder_hidden_states_llama3": _randn(generator, batch, HIDREAM_LLAMA_LAYERS, TEXT_LEN, 16),
+        "pooled_embeds": _randn(generator, batch, 12),
+    }
+
+
+def hidream_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """HiDreamImagePipeline's call (Llama layers stacked first, prediction negated), read in eval mode."""
+    was_training = transformer.training
+    transformer.eval()  # the pipeline's layout; the training-mode layout is checked in test_new_backbones.py
+    try:
+        return -transformer(
+            hidden_states=x, timesteps=1000 * t, encoder_hidden_states_t5=cond["encoder_hidden_states_t5"],
+            encoder_hidden_states_llama3=cond["encoder_hidden_states_llama3"].movedim(1, 0),
+            pooled_embeds=cond["pooled_embeds"], return_dict=False,
+        )[0]
+    finally:
+        transformer.train(was_training)
+
+
+# --- FLUX.2 ----------------------------------------------------------------------------------
+
+
+def build_flux2() -> nn.Module:
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, timestep_guidance_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=True,
+    )
+
+
+def adapt_flux2(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import flux2
+
+    return flux2.adapt(transformer)
+
+
+def flux2_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {"encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24), "guidance": torch.full((batch,), 4.0)}
+
+
+def flux2_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """Flux2Pipeline's call, with the pipeline's own packing and id helpers."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+    latent_ids = Flux2Pipeline._prepare_latent_ids(x)
+    tokens = transformer(
+        hidden_states=Flux2Pipeline._pack_latents(x), timestep=t, guidance=cond["guidance"],
+        encoder_hidden_states=cond["encoder_hidden_states"],
+        txt_ids=Flux2Pipeline._prepare_text_ids(cond["encoder_hidden_states"]), img_ids=latent_ids, return_dict=False,
+    )[0]
+    return Flux2Pipeline._unpack_latents_with_ids(tokens, latent_ids)
+
+
 CASES = {
     "sana": BackboneCase("sana", build_sana, adapt_sana, (4, 8, 8), sana_cond, sana_stock, ((4, 8), (3, 8, 8))),
     "openuni": BackboneCase("openuni", build_openuni, adapt_openuni, (4, 8, 8), openuni_cond, None, ((4, 8), (3, 8, 8))),
@@ -298,4 +408,11 @@ CASES = {
         "hunyuan_video", build_hunyuan_video, adapt_hunyuan_video, (4, 2, 4, 4), hunyuan_video_cond, hunyuan_video_stock,
         ((4, 4, 4), (3, 2, 4, 4)),
     ),
+    "lumina2": BackboneCase(
+        "lumina2", build_lumina2, adapt_lumina2, (4, 8, 8), lumina2_cond, lumina2_stock, ((4, 7, 8), (3, 8, 8), (4, 8))
+    ),
+    "hidream": BackboneCase(
+        "hidream", build_hidream, adapt_hidream, (4, 8, 8), hidream_cond, hidream_stock, ((4, 7, 8), (3, 8, 8), (4, 10, 10))
+    ),
+    "flux2": BackboneCase("flux2", build_flux2, adapt_flux2, (8, 4, 4), flux2_cond, flux2_stock, ((4, 4, 4), (8, 4))),
 }
