@@ -391,6 +391,45 @@ def flux2_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Te
     return Flux2Pipeline._unpack_latents_with_ids(tokens, latent_ids)
 
 
+# --- Chroma (per-slot modulation) ------------------------------------------------------------
+
+
+def build_chroma() -> nn.Module:
+    from diffusers import ChromaTransformer2DModel
+
+    return ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, axes_dims_rope=(4, 6, 6), approximator_num_channels=16, approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+
+
+def adapt_chroma(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import chroma
+
+    return chroma.adapt(transformer)
+
+
+def chroma_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {"encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24), "attention_mask": _text_mask(batch)}
+
+
+def chroma_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """ChromaPipeline's call, with the pipeline's own packing, id and mask helpers."""
+    from diffusers.pipelines.chroma.pipeline_chroma import ChromaPipeline
+
+    batch, channels, height, width = x.shape
+    image_tokens = (height // 2) * (width // 2)
+    tokens = transformer(
+        hidden_states=ChromaPipeline._pack_latents(x, batch, channels, height, width), timestep=t,
+        encoder_hidden_states=cond["encoder_hidden_states"], txt_ids=torch.zeros(TEXT_LEN, 3),
+        img_ids=ChromaPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, x.dtype),
+        attention_mask=ChromaPipeline._prepare_attention_mask(None, batch, image_tokens, x.dtype, cond["attention_mask"]),
+        return_dict=False,
+    )[0]
+    return ChromaPipeline._unpack_latents(tokens, height, width, 1)
+
+
 CASES = {
     "sana": BackboneCase("sana", build_sana, adapt_sana, (4, 8, 8), sana_cond, sana_stock, ((4, 8), (3, 8, 8))),
     "openuni": BackboneCase("openuni", build_openuni, adapt_openuni, (4, 8, 8), openuni_cond, None, ((4, 8), (3, 8, 8))),
@@ -415,4 +454,5 @@ CASES = {
         "hidream", build_hidream, adapt_hidream, (4, 8, 8), hidream_cond, hidream_stock, ((4, 7, 8), (3, 8, 8), (4, 10, 10))
     ),
     "flux2": BackboneCase("flux2", build_flux2, adapt_flux2, (8, 4, 4), flux2_cond, flux2_stock, ((4, 4, 4), (8, 4))),
+    "chroma": BackboneCase("chroma", build_chroma, adapt_chroma, (4, 8, 8), chroma_cond, chroma_stock, ((4, 7, 8), (16, 4, 4))),
 }

@@ -1,0 +1,213 @@
+"""What the standard set does not cover for the new backbones (Lumina2, HiDream, FLUX.2, Chroma, ...).
+
+The per-token time injection, each backbone's extra inputs and layouts, and
+``from_pretrained`` of a saved tiny checkpoint.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from adapter_backbones import CASES, TEXT_LEN, build_flux2, build_hidream, build_lumina2
+from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME, PerTokenTimeEmbeddingInjection, inject_time_embedding
+
+DIM = 8
+NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma"]
+
+
+class PerSlotBackbone(nn.Module):
+    """Chroma's shape: per-slot features [B, L, F] -> embedding [B, L, D] -> per-slot modulation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(3, DIM)
+        self.out_proj = nn.Linear(DIM, DIM)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(nn.functional.silu(self.in_proj(features)))
+
+
+def _perturbed_injection(root: nn.Module, path: str) -> nn.Module:
+    injection = inject_time_embedding(root, path, DIM, per_token=True)
+    assert isinstance(injection, PerTokenTimeEmbeddingInjection)
+    twin = root.get_submodule(DEFAULT_MODULE_NAME)
+    with torch.no_grad():
+        for parameter in twin.parameters():
+            parameter.normal_()
+    return twin
+
+
+def test_per_token_injection_adds_the_row_embedding_to_every_slot() -> None:
+    torch.manual_seed(0)
+    backbone = PerSlotBackbone()
+    twin = _perturbed_injection(backbone, "in_proj")
+    features = torch.randn(2, 5, 3)
+    t, r = torch.tensor([0.8, -0.4]), torch.tensor([0.2, -0.4])
+    delta = twin(t, r)  # [B, D], checked in closed form in test_time_embedding.py
+    expected = backbone.out_proj(nn.functional.silu(backbone.in_proj(features) + delta[:, None, :]))
+    with backbone._twinflow_time_injection.times(t, r):
+        torch.testing.assert_close(backbone(features), expected)
+    # Outside the adapter's context the stock module is untouched.
+    torch.testing.assert_close(backbone(features), backbone.out_proj(nn.functional.silu(backbone.in_proj(features))))
+
+
+def test_per_token_injection_expands_batch_major_flattened_rows() -> None:
+    torch.manual_seed(0)
+    root = nn.Module()
+    root.embedder = nn.Linear(3, DIM)
+    twin = _perturbed_injection(root, "embedder")
+    frames = 4
+    features = torch.randn(2 * frames, 3)  # AnyFlow-style [B * F, .] per-frame timesteps, batch-major
+    t, r = torch.tensor([0.8, -0.4]), torch.tensor([0.2, -0.1])
+    delta = twin(t, r)
+    expected = root.embedder(features) + torch.stack([delta[0]] * frames + [delta[1]] * frames)
+    with root._twinflow_time_injection.times(t, r):
+        torch.testing.assert_close(root.embedder(features), expected)
+        with pytest.raises(ValueError, match=r"expected \[2, L, D\] or \[2 \* L, D\]"):
+            root.embedder(torch.randn(3, 3))
+
+
+def test_per_token_injection_sign_gradient_sums_over_the_twin_rows_slots() -> None:
+    torch.manual_seed(0)
+    backbone = PerSlotBackbone()
+    inject_time_embedding(backbone, "in_proj", DIM, per_token=True)
+    twin = backbone.get_submodule(DEFAULT_MODULE_NAME)
+    features = torch.randn(2, 5, 3)
+    t, r = torch.tensor([0.8, -0.4]), torch.tensor([0.2, -0.4])
+    with backbone._twinflow_time_injection.times(t, r):
+        backbone(features).sum().backward()
+    # Independent derivation: the gradient at the embedding e[b, l], then d e[b, l] / d s = 1[t_b < 0].
+    embedding = (backbone.in_proj(features) + twin(t, r)[:, None, :]).detach().requires_grad_()
+    backbone.out_proj(nn.functional.silu(embedding)).sum().backward()
+    torch.testing.assert_close(twin.negative_time_embedding.grad, embedding.grad[1].sum(dim=0))
+    assert twin.target_time_mlp[-1].weight.grad.abs().sum() > 0
+    torch.testing.assert_close(twin.target_time_mlp[0].weight.grad, torch.zeros(DIM, twin.frequency_dim))
+
+
+@pytest.mark.parametrize("name", NEW_BACKBONES)
+def test_from_pretrained_loads_and_adapts(name: str, tmp_path) -> None:
+    case = CASES[name]
+    torch.manual_seed(0)
+    transformer = case.build()
+    transformer.save_pretrained(tmp_path / "transformer")
+    module = __import__(f"twinloss_adapters.{name}", fromlist=["from_pretrained"])
+    model = module.from_pretrained(str(tmp_path))
+    assert type(model.transformer) is type(transformer)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *case.latent_shape, generator=generator)
+    cond = case.make_cond(transformer, 2, generator)
+    t = torch.tensor([0.9, 0.3])
+    transformer.eval()  # from_pretrained returns an eval-mode model
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, t, **cond), case.stock_call(transformer, x, t, cond), rtol=0, atol=0)
+
+
+def test_lumina2_default_mask_is_all_ones_and_float_masks_are_read_as_bool() -> None:
+    from twinloss_adapters import lumina2
+
+    torch.manual_seed(0)
+    model = lumina2.adapt(build_lumina2())
+    x, text, t = torch.randn(2, 4, 8, 8), torch.randn(2, TEXT_LEN, 24), torch.tensor([0.7, 0.2])
+    with torch.no_grad():
+        default = model(x, t, t, encoder_hidden_states=text)
+        ones = model(x, t, t, encoder_hidden_states=text, encoder_attention_mask=torch.ones(2, TEXT_LEN, dtype=torch.long))
+        padded_long = torch.ones(2, TEXT_LEN, dtype=torch.long)
+        padded_long[0, -2:] = 0
+        padded = model(x, t, t, encoder_hidden_states=text, encoder_attention_mask=padded_long)
+        padded_float = model(x, t, t, encoder_hidden_states=text, encoder_attention_mask=padded_long.float())
+    torch.testing.assert_close(default, ones, rtol=0, atol=0)
+    torch.testing.assert_close(padded_float, padded, rtol=0, atol=0)
+    assert (padded[0] - ones[0]).abs().max() > 1e-4
+
+
+def test_hidream_training_layout_is_laid_out_as_the_image() -> None:
+    """In training mode the stock class returns [B, C, tokens, p * p]; the adapter returns the eval-mode image."""
+    from twinloss_adapters import hidream
+
+    torch.manual_seed(0)
+    transformer = build_hidream()  # top-1 routing: the training and inference MoE paths agree exactly
+    model = hidream.adapt(transformer)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    cond = CASES["hidream"].make_cond(transformer, 2, generator)
+    t = torch.tensor([0.8, 0.3])
+    with torch.no_grad():
+        raw_training = transformer(
+            hidden_states=x, timesteps=1000 * t, encoder_hidden_states_t5=cond["encoder_hidden_states_t5"],
+            encoder_hidden_states_llama3=cond["encoder_hidden_states_llama3"].movedim(1, 0),
+            pooled_embeds=cond["pooled_embeds"], return_dict=False,
+        )[0]
+        training = model(x, t, t, **cond)
+        transformer.eval()
+        inference = model(x, t, t, **cond)
+    assert raw_training.shape == (2, 4, 16, 4)
+    torch.testing.assert_close(training, inference, rtol=0, atol=0)
+    torch.testing.assert_close(inference, CASES["hidream"].stock_call(transformer, x, t, cond), rtol=0, atol=0)
+
+
+def test_hidream_needs_the_llama_layers_its_config_reads() -> None:
+    from twinloss_adapters import hidream
+
+    torch.manual_seed(0)
+    transformer = build_hidream()
+    model = hidream.adapt(transformer)
+    cond = CASES["hidream"].make_cond(transformer, 2, torch.Generator().manual_seed(0))
+    t = torch.full((2,), 0.5)
+    too_few = {**cond, "encoder_hidden_states_llama3": cond["encoder_hidden_states_llama3"][:, :2]}
+    with pytest.raises(ValueError, match=r"encoder_hidden_states_llama3.*N >= 3"):
+        model(torch.zeros(2, 4, 8, 8), t, t, **too_few)
+
+
+def test_flux2_reference_latents_match_the_pipeline_edit_call() -> None:
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+    from twinloss_adapters import flux2
+
+    torch.manual_seed(0)
+    transformer = build_flux2()
+    model = flux2.adapt(transformer)
+    generator = torch.Generator().manual_seed(0)
+    x, reference = torch.randn(2, 8, 4, 4, generator=generator), torch.randn(2, 2, 8, 2, 4, generator=generator)
+    cond = CASES["flux2"].make_cond(transformer, 2, generator)
+    t = torch.tensor([0.9, 0.4])
+    # Flux2Pipeline with two reference images: packed reference tokens after the target's, T = 10 and 20.
+    latent_ids = Flux2Pipeline._prepare_latent_ids(x)
+    reference_tokens, reference_ids = [], []
+    for row in range(2):
+        images = [reference[row : row + 1, index] for index in range(2)]
+        reference_ids.append(Flux2Pipeline._prepare_image_ids(images)[0])
+        reference_tokens.append(torch.cat([Flux2Pipeline._pack_latents(image)[0] for image in images]))
+    with torch.no_grad():
+        tokens = transformer(
+            hidden_states=torch.cat([Flux2Pipeline._pack_latents(x), torch.stack(reference_tokens)], dim=1),
+            timestep=t, guidance=cond["guidance"], encoder_hidden_states=cond["encoder_hidden_states"],
+            txt_ids=Flux2Pipeline._prepare_text_ids(cond["encoder_hidden_states"]),
+            img_ids=torch.cat([latent_ids, torch.stack(reference_ids)], dim=1), return_dict=False,
+        )[0]
+        expected = Flux2Pipeline._unpack_latents_with_ids(tokens[:, : latent_ids.shape[1]], latent_ids)
+        edited = model(x, t, t, **cond, reference_latents=reference)
+        one_reference = model(x, t, t, **cond, reference_latents=reference[:, 0])
+        plain = model(x, t, t, **cond)
+    torch.testing.assert_close(edited, expected, rtol=0, atol=0)
+    assert (edited - one_reference).abs().max() > 1e-4 and (one_reference - plain).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"reference_latents.*\[B, 8, H, W\]"):
+        model(x, t, t, **cond, reference_latents=torch.zeros(2, 4, 2, 2))
+
+
+def test_flux2_klein_without_guidance_embeddings_rejects_guidance() -> None:
+    from diffusers import Flux2Transformer2DModel
+
+    from twinloss_adapters import flux2
+
+    torch.manual_seed(0)
+    klein = Flux2Transformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, timestep_guidance_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+    model = flux2.adapt(klein)
+    assert model.capabilities.guidance_inputs == ()
+    x, text, t = torch.randn(2, 8, 4, 4), torch.randn(2, TEXT_LEN, 24), torch.full((2,), 0.5)
+    assert model(x, t, t, encoder_hidden_states=text).shape == x.shape
+    with pytest.raises(ValueError, match="without guidance embeddings"):
+        model(x, t, t, encoder_hidden_states=text, guidance=torch.full((2,), 4.0))
