@@ -26,6 +26,7 @@ class BackboneCase:
     make_cond: Callable[[nn.Module, int, torch.Generator], dict[str, Tensor]]
     stock_call: Callable[[nn.Module, Tensor, Tensor, dict[str, Tensor]], Tensor]
     wrong_latent_shapes: tuple[tuple[int, ...], ...] = field(default=())
+    native_target_time: bool = False  # the stock model embeds r itself (AnyFlow): the adapter adds only the sign
 
 
 def _randn(generator: torch.Generator, *shape: int) -> Tensor:
@@ -430,6 +431,36 @@ def chroma_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, T
     return ChromaPipeline._unpack_latents(tokens, height, width, 1)
 
 
+# --- AnyFlow (native flow map: r is the model's own input) ----------------------------------------
+
+
+def build_anyflow() -> nn.Module:
+    from diffusers import AnyFlowTransformer3DModel
+
+    return AnyFlowTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=24, freq_dim=32, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
+    )
+
+
+def adapt_anyflow(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import anyflow
+
+    return anyflow.adapt(transformer)
+
+
+def anyflow_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor], r: Tensor | None = None) -> Tensor:
+    """AnyFlowPipeline's call: frames first, per-frame source and target timesteps in [0, 1000]."""
+    r = t if r is None else r
+    frames = x.shape[2]
+    velocity = transformer(
+        hidden_states=x.permute(0, 2, 1, 3, 4), timestep=(1000 * t)[:, None].repeat(1, frames),
+        r_timestep=(1000 * r)[:, None].repeat(1, frames), encoder_hidden_states=cond["encoder_hidden_states"],
+        return_dict=False,
+    )[0]
+    return velocity.permute(0, 2, 1, 3, 4)
+
+
 CASES = {
     "sana": BackboneCase("sana", build_sana, adapt_sana, (4, 8, 8), sana_cond, sana_stock, ((4, 8), (3, 8, 8))),
     "openuni": BackboneCase("openuni", build_openuni, adapt_openuni, (4, 8, 8), openuni_cond, None, ((4, 8), (3, 8, 8))),
@@ -455,4 +486,8 @@ CASES = {
     ),
     "flux2": BackboneCase("flux2", build_flux2, adapt_flux2, (8, 4, 4), flux2_cond, flux2_stock, ((4, 4, 4), (8, 4))),
     "chroma": BackboneCase("chroma", build_chroma, adapt_chroma, (4, 8, 8), chroma_cond, chroma_stock, ((4, 7, 8), (16, 4, 4))),
+    "anyflow": BackboneCase(
+        "anyflow", build_anyflow, adapt_anyflow, (4, 2, 4, 4), wan_cond, anyflow_stock, ((4, 4, 4), (4, 2, 3, 4)),
+        native_target_time=True,
+    ),
 }

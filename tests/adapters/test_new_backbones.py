@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_backbones import CASES, TEXT_LEN, build_flux2, build_hidream, build_lumina2
+from adapter_backbones import CASES, TEXT_LEN, anyflow_stock, build_anyflow, build_flux2, build_hidream, build_lumina2
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME, PerTokenTimeEmbeddingInjection, inject_time_embedding
 
 DIM = 8
-NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma"]
+NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma", "anyflow"]
 
 
 class PerSlotBackbone(nn.Module):
@@ -211,3 +211,23 @@ def test_flux2_klein_without_guidance_embeddings_rejects_guidance() -> None:
     assert model(x, t, t, encoder_hidden_states=text).shape == x.shape
     with pytest.raises(ValueError, match="without guidance embeddings"):
         model(x, t, t, encoder_hidden_states=text, guidance=torch.full((2,), 4.0))
+
+
+def test_anyflow_passes_r_to_its_own_target_timestep_and_adds_only_the_sign() -> None:
+    from twinloss_adapters import anyflow
+
+    torch.manual_seed(0)
+    transformer = build_anyflow()
+    model = anyflow.adapt(transformer)
+    twin = transformer.get_submodule(DEFAULT_MODULE_NAME)
+    assert twin.target_time_mlp is None and model.capabilities.target_time
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 2, 4, 4, generator=generator)
+    cond = CASES["anyflow"].make_cond(transformer, 3, generator)
+    t, r = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.0, 0.25, 0.3])
+    with torch.no_grad():
+        # AnyFlowPipeline's mean-velocity call (use_mean_velocity): r_timestep = 1000 r for every frame.
+        torch.testing.assert_close(model(x, t, r, **cond), anyflow_stock(transformer, x, t, cond, r), rtol=0, atol=0)
+        twin.negative_time_embedding.normal_()
+        on_twin = model(x, -t, -r, **cond)
+    assert ((on_twin - anyflow_stock(transformer, x, t, cond, r)).flatten(1).abs().amax(dim=1) > 1e-4).all()
