@@ -25,13 +25,12 @@ Conditioning:
 
 from collections.abc import Mapping
 
-import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
-from twinloss_adapters.conventions import Capabilities, TimeConvention
+from twinloss_adapters.base import check_backbone_class, check_video_latent, unadapt
+from twinloss_adapters.conventions import TimeConvention
+from twinloss_adapters.flow_map import FlowMapAdapter
 
 __all__ = ["AnyFlowAdapter", "adapt", "from_pretrained", "unadapt"]
 
@@ -40,7 +39,7 @@ def _stock_class() -> type:
     return require_diffusers().AnyFlowTransformer3DModel
 
 
-class AnyFlowAdapter(AdaptedTransformer):
+class AnyFlowAdapter(FlowMapAdapter):
     """``AnyFlowTransformer3DModel`` behind the protocol; latents ``[B, C, F, H, W]``.
 
     Args:
@@ -62,43 +61,27 @@ class AnyFlowAdapter(AdaptedTransformer):
         if config.image_dim is not None:
             self.required_cond = ("encoder_hidden_states", "encoder_hidden_states_image")
         self.latent_channels = config.in_channels
-        self._r_timestep: Tensor | None = None
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1000.0),
             embedder_path="condition_embedder.time_embedder",
             embedding_dim=config.num_attention_heads * config.attention_head_dim,
-            target_time=False,  # no added module: r goes to the model's own r_timestep
+            target_time=target_time,
             sign=sign,
             per_token_time=True,
         )
-        self.capabilities = Capabilities(target_time=target_time, sign=sign)
 
     def check_latent(self, x_t: Tensor) -> None:
         check_video_latent(x_t, self.latent_channels, tuple(self.transformer.config.patch_size), "AnyFlow")
 
-    def forward(
-        self,
-        x_t: Tensor,
-        t: Float[Tensor, " batch"],
-        r: Float[Tensor, " batch"],
-        **cond: Tensor,
+    def run_flow_map(
+        self, x_t: Tensor, timestep: Tensor, target_timestep: Tensor, cond: Mapping[str, Tensor]
     ) -> Tensor:
-        """Return ``F(x_t, t, r)``; ``r`` reaches the model's ``r_timestep`` (see :meth:`AdaptedTransformer.forward`)."""
-        self._r_timestep = self.time_convention.to_backbone(r.to(torch.promote_types(r.dtype, torch.float32)))
-        try:
-            return super().forward(x_t, t, r, **cond)
-        finally:
-            self._r_timestep = None
-
-    def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
-        if self._r_timestep is None:
-            raise ValueError("AnyFlowAdapter.run_backbone needs the target time; call the adapter itself")
         frames = x_t.shape[2]
         velocity = self.transformer(
             hidden_states=x_t.permute(0, 2, 1, 3, 4),
             timestep=timestep[:, None].expand(-1, frames),
-            r_timestep=self._r_timestep[:, None].expand(-1, frames),
+            r_timestep=target_timestep[:, None].expand(-1, frames),
             encoder_hidden_states=cond["encoder_hidden_states"],
             encoder_hidden_states_image=cond.get("encoder_hidden_states_image"),
             return_dict=False,
