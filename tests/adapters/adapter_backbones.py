@@ -461,6 +461,41 @@ def anyflow_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, 
     return velocity.permute(0, 2, 1, 3, 4)
 
 
+# --- ACE-Step (audio, native mean-flow r input) ----------------------------------------------------
+
+ACE_STEP_FRAMES = 9  # odd: the stock class pads to its patch size 2 and crops back
+
+
+def build_ace_step() -> nn.Module:
+    from diffusers import AceStepTransformer1DModel
+
+    return AceStepTransformer1DModel(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, in_channels=24, audio_acoustic_hidden_dim=8, patch_size=2, sliding_window=4, encoder_hidden_size=24,
+    )
+
+
+def adapt_ace_step(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import ace_step
+
+    return ace_step.adapt(transformer)
+
+
+def ace_step_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {
+        "encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24),
+        "context_latents": _randn(generator, batch, ACE_STEP_FRAMES, 16),
+    }
+
+
+def ace_step_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor], r: Tensor | None = None) -> Tensor:
+    """AceStepPipeline's call: timestep and timestep_r in [0, 1] (equal in the pipeline)."""
+    return transformer(
+        hidden_states=x, timestep=t, timestep_r=t if r is None else r, encoder_hidden_states=cond["encoder_hidden_states"],
+        context_latents=cond["context_latents"], return_dict=False,
+    )[0]
+
+
 CASES = {
     "sana": BackboneCase("sana", build_sana, adapt_sana, (4, 8, 8), sana_cond, sana_stock, ((4, 8), (3, 8, 8))),
     "openuni": BackboneCase("openuni", build_openuni, adapt_openuni, (4, 8, 8), openuni_cond, None, ((4, 8), (3, 8, 8))),
@@ -489,5 +524,9 @@ CASES = {
     "anyflow": BackboneCase(
         "anyflow", build_anyflow, adapt_anyflow, (4, 2, 4, 4), wan_cond, anyflow_stock, ((4, 4, 4), (4, 2, 3, 4)),
         native_target_time=True,
+    ),
+    "ace_step": BackboneCase(
+        "ace_step", build_ace_step, adapt_ace_step, (ACE_STEP_FRAMES, 8), ace_step_cond, ace_step_stock,
+        ((ACE_STEP_FRAMES, 7), (2, ACE_STEP_FRAMES, 8)), native_target_time=True,
     ),
 }

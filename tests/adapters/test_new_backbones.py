@@ -12,7 +12,7 @@ from adapter_backbones import CASES, TEXT_LEN, anyflow_stock, build_anyflow, bui
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME, PerTokenTimeEmbeddingInjection, inject_time_embedding
 
 DIM = 8
-NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma", "anyflow"]
+NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma", "anyflow", "ace_step"]
 
 
 class PerSlotBackbone(nn.Module):
@@ -231,3 +231,43 @@ def test_anyflow_passes_r_to_its_own_target_timestep_and_adds_only_the_sign() ->
         twin.negative_time_embedding.normal_()
         on_twin = model(x, -t, -r, **cond)
     assert ((on_twin - anyflow_stock(transformer, x, t, cond, r)).flatten(1).abs().amax(dim=1) > 1e-4).all()
+
+
+def test_ace_step_twinflow_lora_fine_tune_trains_only_lora_and_the_sign() -> None:
+    """TwinFlow on a real audio DiT: LoRA + sign embedding train, the base stays, the base teacher is the stock flow map."""
+    from peft import LoraConfig
+
+    import twinloss
+    from twinloss_adapters import lora
+
+    case = CASES["ace_step"]
+    torch.manual_seed(0)
+    transformer = case.build()
+    model = lora.add_lora(case.adapt(transformer), LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, *case.latent_shape, generator=generator)
+    cond = case.make_cond(transformer, 4, generator)
+    uncond = {**cond, "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"])}
+    t, r = torch.tensor([0.9, 0.7, 0.5, 0.2]), torch.tensor([0.1, 0.7, 0.0, 0.2])
+    with torch.no_grad():  # the pretrained flow map at (t, r), read before any training
+        stock_jump = case.stock_call(transformer, x, t, cond, r)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any("negative_time_embedding" in n for n in trained) and any("lora_B" in n for n in trained)
+    loss_fn = twinloss.TwinFlowLoss(teacher=lora.BaseModelTeacher(), guidance_scale=0.5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        out = loss_fn(model, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(1))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and len(set(losses)) == 3, losses
+    parameters = dict(model.named_parameters())
+    for name, value in frozen.items():
+        torch.testing.assert_close(parameters[name], value, rtol=0, atol=0)
+    for key in ("negative_time_embedding", "lora_B"):
+        assert any((parameters[n] - v).abs().max() > 0 for n, v in trained.items() if key in n), key
+    teacher = lora.BaseModelTeacher()(model, x, t, r, cond)
+    torch.testing.assert_close(teacher, stock_jump, rtol=0, atol=0)
