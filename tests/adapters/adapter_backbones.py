@@ -496,6 +496,52 @@ def ace_step_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str,
     )[0]
 
 
+# --- HunyuanVideo 1.5 (text- and image-to-video; the mean-flow variant takes r itself) ---------------
+
+HUNYUAN_VIDEO15_VISION_TOKENS = 3
+
+
+def build_hunyuan_video15(use_meanflow: bool = False) -> nn.Module:
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_refiner_layers=1,
+        mlp_ratio=2.0, text_embed_dim=24, text_embed_2_dim=12, image_embed_dim=12, rope_axes_dim=(4, 6, 6),
+        use_meanflow=use_meanflow,
+    )
+
+
+def adapt_hunyuan_video15(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import hunyuan_video15
+
+    return hunyuan_video15.adapt(transformer, vision_tokens=HUNYUAN_VIDEO15_VISION_TOKENS)
+
+
+def hunyuan_video15_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {
+        "encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24), "encoder_attention_mask": _text_mask(batch),
+        "encoder_hidden_states_2": _randn(generator, batch, 4, 12),
+    }
+
+
+def hunyuan_video15_stock(
+    transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor], r: Tensor | None = None
+) -> Tensor:
+    """HunyuanVideo15Pipeline's text-to-video call: zero condition latents, mask and image embeddings."""
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import HunyuanVideo15Pipeline
+
+    batch = x.shape[0]
+    condition, mask = HunyuanVideo15Pipeline.prepare_cond_latents_and_mask(None, x, x.dtype, x.device)
+    return transformer(
+        hidden_states=torch.cat([x, condition, mask], dim=1), timestep=1000 * t,
+        timestep_r=None if r is None else 1000 * r,
+        encoder_hidden_states=cond["encoder_hidden_states"], encoder_attention_mask=cond["encoder_attention_mask"],
+        encoder_hidden_states_2=cond["encoder_hidden_states_2"],
+        encoder_attention_mask_2=torch.ones(batch, cond["encoder_hidden_states_2"].shape[1]),
+        image_embeds=torch.zeros(batch, HUNYUAN_VIDEO15_VISION_TOKENS, 12), return_dict=False,
+    )[0]
+
+
 CASES = {
     "sana": BackboneCase("sana", build_sana, adapt_sana, (4, 8, 8), sana_cond, sana_stock, ((4, 8), (3, 8, 8))),
     "openuni": BackboneCase("openuni", build_openuni, adapt_openuni, (4, 8, 8), openuni_cond, None, ((4, 8), (3, 8, 8))),
@@ -528,5 +574,9 @@ CASES = {
     "ace_step": BackboneCase(
         "ace_step", build_ace_step, adapt_ace_step, (ACE_STEP_FRAMES, 8), ace_step_cond, ace_step_stock,
         ((ACE_STEP_FRAMES, 7), (2, ACE_STEP_FRAMES, 8)), native_target_time=True,
+    ),
+    "hunyuan_video15": BackboneCase(
+        "hunyuan_video15", build_hunyuan_video15, adapt_hunyuan_video15, (4, 2, 4, 4), hunyuan_video15_cond,
+        hunyuan_video15_stock, ((4, 4, 4), (3, 2, 4, 4)),
     ),
 }

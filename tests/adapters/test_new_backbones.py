@@ -8,11 +8,22 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_backbones import CASES, TEXT_LEN, anyflow_stock, build_anyflow, build_flux2, build_hidream, build_lumina2
+from adapter_backbones import (
+    CASES,
+    HUNYUAN_VIDEO15_VISION_TOKENS,
+    TEXT_LEN,
+    anyflow_stock,
+    build_anyflow,
+    build_flux2,
+    build_hidream,
+    build_hunyuan_video15,
+    build_lumina2,
+    hunyuan_video15_stock,
+)
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME, PerTokenTimeEmbeddingInjection, inject_time_embedding
 
 DIM = 8
-NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma", "anyflow", "ace_step"]
+NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma", "anyflow", "ace_step", "hunyuan_video15"]
 
 
 class PerSlotBackbone(nn.Module):
@@ -91,7 +102,8 @@ def test_from_pretrained_loads_and_adapts(name: str, tmp_path) -> None:
     transformer = case.build()
     transformer.save_pretrained(tmp_path / "transformer")
     module = __import__(f"twinloss_adapters.{name}", fromlist=["from_pretrained"])
-    model = module.from_pretrained(str(tmp_path))
+    options = {"vision_tokens": HUNYUAN_VIDEO15_VISION_TOKENS} if name == "hunyuan_video15" else {}
+    model = module.from_pretrained(str(tmp_path), **options)
     assert type(model.transformer) is type(transformer)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, *case.latent_shape, generator=generator)
@@ -271,3 +283,52 @@ def test_ace_step_twinflow_lora_fine_tune_trains_only_lora_and_the_sign() -> Non
         assert any((parameters[n] - v).abs().max() > 0 for n, v in trained.items() if key in n), key
     teacher = lora.BaseModelTeacher()(model, x, t, r, cond)
     torch.testing.assert_close(teacher, stock_jump, rtol=0, atol=0)
+
+
+def test_hunyuan_video15_image_to_video_inputs_reach_the_stock_call() -> None:
+    """The image-to-video pipeline's inputs: first-frame latent + mask in the condition channels, SigLIP tokens."""
+    from twinloss_adapters import hunyuan_video15
+
+    torch.manual_seed(0)
+    transformer = build_hunyuan_video15()
+    model = hunyuan_video15.adapt(transformer)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 2, 4, 4, generator=generator)
+    cond = CASES["hunyuan_video15"].make_cond(transformer, 2, generator)
+    image_latent, image_embeds = torch.randn(2, 4, 1, 4, 4, generator=generator), torch.randn(2, 7, 12, generator=generator)
+    condition = torch.cat([image_latent, torch.zeros(2, 4, 1, 4, 4)], dim=2)  # HunyuanVideo15ImageToVideoPipeline
+    mask = torch.zeros(2, 1, 2, 4, 4)
+    mask[:, :, 0] = 1.0
+    t = torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        expected = transformer(
+            hidden_states=torch.cat([x, condition, mask], dim=1), timestep=1000 * t,
+            encoder_hidden_states=cond["encoder_hidden_states"], encoder_attention_mask=cond["encoder_attention_mask"],
+            encoder_hidden_states_2=cond["encoder_hidden_states_2"], encoder_attention_mask_2=torch.ones(2, 4),
+            image_embeds=image_embeds, return_dict=False,
+        )[0]
+        actual = model(x, t, t, **cond, latent_condition=torch.cat([condition, mask], dim=1), image_embeds=image_embeds)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"latent_condition'\] must be \[B, 5, F, H, W\]"):
+        model(x, t, t, **cond, latent_condition=condition)
+
+
+def test_hunyuan_video15_mean_flow_variant_passes_r_to_timestep_r() -> None:
+    from twinloss_adapters import hunyuan_video15
+
+    torch.manual_seed(0)
+    transformer = build_hunyuan_video15(use_meanflow=True)
+    with pytest.raises(ValueError, match="use_meanflow=True"):
+        hunyuan_video15.HunyuanVideo15Adapter(transformer)
+    model = hunyuan_video15.adapt(transformer, vision_tokens=HUNYUAN_VIDEO15_VISION_TOKENS)
+    assert isinstance(model, hunyuan_video15.HunyuanVideo15MeanFlowAdapter)
+    assert transformer.get_submodule(DEFAULT_MODULE_NAME).target_time_mlp is None
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 2, 4, 4, generator=generator)
+    cond = CASES["hunyuan_video15"].make_cond(transformer, 2, generator)
+    t, r = torch.tensor([0.9, 0.4]), torch.tensor([0.3, 0.0])
+    with torch.no_grad():
+        expected = hunyuan_video15_stock(transformer, x, t, cond, r)
+        torch.testing.assert_close(model(x, t, r, **cond), expected, rtol=0, atol=0)
+        transformer.get_submodule(DEFAULT_MODULE_NAME).negative_time_embedding.normal_()
+        assert ((model(x, -t, -r, **cond) - expected).flatten(1).abs().amax(dim=1) > 1e-4).all()
