@@ -542,6 +542,38 @@ def hunyuan_video15_stock(
     )[0]
 
 
+# --- FLUX.1 Kontext (reference-image tokens) -------------------------------------------------------
+
+
+def adapt_flux_kontext(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import flux_kontext
+
+    return flux_kontext.adapt(transformer)
+
+
+def flux_kontext_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {**flux_cond(transformer, batch, generator), "image_latents": _randn(generator, batch, 4, 4, 8)}
+
+
+def flux_kontext_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """FluxKontextPipeline's call, with the pipeline's own packing and id helpers."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import FluxKontextPipeline
+
+    batch, channels, height, width = x.shape
+    image = cond["image_latents"]
+    image_ids = FluxKontextPipeline._prepare_latent_image_ids(batch, image.shape[2] // 2, image.shape[3] // 2, x.device, x.dtype)
+    image_ids[..., 0] = 1
+    latent_ids = FluxKontextPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, x.dtype)
+    tokens = FluxKontextPipeline._pack_latents(x, batch, channels, height, width)
+    image_tokens = FluxKontextPipeline._pack_latents(image, batch, channels, image.shape[2], image.shape[3])
+    output = transformer(
+        hidden_states=torch.cat([tokens, image_tokens], dim=1), timestep=t, guidance=cond["guidance"],
+        pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
+        txt_ids=torch.zeros(TEXT_LEN, 3), img_ids=torch.cat([latent_ids, image_ids], dim=0), return_dict=False,
+    )[0]
+    return FluxKontextPipeline._unpack_latents(output[:, : tokens.shape[1]], height, width, 1)
+
+
 CASES = {
     "sana": BackboneCase("sana", build_sana, adapt_sana, (4, 8, 8), sana_cond, sana_stock, ((4, 8), (3, 8, 8))),
     "openuni": BackboneCase("openuni", build_openuni, adapt_openuni, (4, 8, 8), openuni_cond, None, ((4, 8), (3, 8, 8))),
@@ -578,5 +610,9 @@ CASES = {
     "hunyuan_video15": BackboneCase(
         "hunyuan_video15", build_hunyuan_video15, adapt_hunyuan_video15, (4, 2, 4, 4), hunyuan_video15_cond,
         hunyuan_video15_stock, ((4, 4, 4), (3, 2, 4, 4)),
+    ),
+    "flux_kontext": BackboneCase(
+        "flux_kontext", build_flux, adapt_flux_kontext, (4, 8, 8), flux_kontext_cond, flux_kontext_stock,
+        ((4, 7, 8), (16, 4, 4)),
     ),
 }

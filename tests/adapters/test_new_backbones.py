@@ -23,7 +23,7 @@ from adapter_backbones import (
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME, PerTokenTimeEmbeddingInjection, inject_time_embedding
 
 DIM = 8
-NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma", "anyflow", "ace_step", "hunyuan_video15"]
+NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma", "anyflow", "ace_step", "hunyuan_video15", "flux_kontext"]
 
 
 class PerSlotBackbone(nn.Module):
@@ -332,3 +332,26 @@ def test_hunyuan_video15_mean_flow_variant_passes_r_to_timestep_r() -> None:
         torch.testing.assert_close(model(x, t, r, **cond), expected, rtol=0, atol=0)
         transformer.get_submodule(DEFAULT_MODULE_NAME).negative_time_embedding.normal_()
         assert ((model(x, -t, -r, **cond) - expected).flatten(1).abs().amax(dim=1) > 1e-4).all()
+
+
+def test_flux_kontext_reference_image_conditions_the_target_and_is_checked() -> None:
+    from adapter_backbones import build_flux
+
+    from twinloss_adapters import flux_kontext
+
+    torch.manual_seed(0)
+    transformer = build_flux()
+    model = flux_kontext.adapt(transformer)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    cond = CASES["flux_kontext"].make_cond(transformer, 2, generator)
+    without_image = {key: value for key, value in cond.items() if key != "image_latents"}
+    t = torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        edited = model(x, t, t, **cond)
+        plain = model(x, t, t, **without_image)
+        # Without a reference image the Kontext call is the plain Flux pipeline call.
+        torch.testing.assert_close(plain, CASES["flux"].stock_call(transformer, x, t, without_image), rtol=0, atol=0)
+    assert edited.shape == x.shape and (edited - plain).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"image_latents'\] must be \[B, 4, H', W'\] with even"):
+        model(x, t, t, **{**cond, "image_latents": torch.zeros(2, 4, 3, 4)})
