@@ -574,6 +574,38 @@ def flux_kontext_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[
     return FluxKontextPipeline._unpack_latents(output[:, : tokens.shape[1]], height, width, 1)
 
 
+# --- HunyuanVideo image-to-video (latent_concat) -----------------------------------------------------
+
+
+def build_hunyuan_video_i2v() -> nn.Module:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=24, pooled_projection_dim=12, rope_axes_dim=(2, 4, 4), image_condition_type="latent_concat",
+    )
+
+
+def adapt_hunyuan_video_i2v(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import hunyuan_video_i2v
+
+    return hunyuan_video_i2v.adapt(transformer)
+
+
+def hunyuan_video_i2v_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Text inputs plus HunyuanVideoImageToVideoPipeline's condition: image latent and mask in frame 0."""
+    image = torch.zeros(batch, 4, 2, 4, 4)
+    image[:, :, :1] = _randn(generator, batch, 4, 1, 4, 4)
+    mask = torch.zeros(batch, 1, 2, 4, 4)
+    mask[:, :, 0] = 1.0
+    return {**hunyuan_video_cond(transformer, batch, generator), "latent_condition": torch.cat([image, mask], dim=1)}
+
+
+def hunyuan_video_i2v_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    return hunyuan_video_stock(transformer, torch.cat([x, cond["latent_condition"]], dim=1), t, cond)
+
+
 CASES = {
     "sana": BackboneCase("sana", build_sana, adapt_sana, (4, 8, 8), sana_cond, sana_stock, ((4, 8), (3, 8, 8))),
     "openuni": BackboneCase("openuni", build_openuni, adapt_openuni, (4, 8, 8), openuni_cond, None, ((4, 8), (3, 8, 8))),
@@ -614,5 +646,9 @@ CASES = {
     "flux_kontext": BackboneCase(
         "flux_kontext", build_flux, adapt_flux_kontext, (4, 8, 8), flux_kontext_cond, flux_kontext_stock,
         ((4, 7, 8), (16, 4, 4)),
+    ),
+    "hunyuan_video_i2v": BackboneCase(
+        "hunyuan_video_i2v", build_hunyuan_video_i2v, adapt_hunyuan_video_i2v, (4, 2, 4, 4), hunyuan_video_i2v_cond,
+        hunyuan_video_i2v_stock, ((4, 4, 4), (9, 2, 4, 4)),
     ),
 }

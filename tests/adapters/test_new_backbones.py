@@ -23,7 +23,7 @@ from adapter_backbones import (
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME, PerTokenTimeEmbeddingInjection, inject_time_embedding
 
 DIM = 8
-NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma", "anyflow", "ace_step", "hunyuan_video15", "flux_kontext"]
+NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma", "anyflow", "ace_step", "hunyuan_video15", "flux_kontext", "hunyuan_video_i2v"]
 
 
 class PerSlotBackbone(nn.Module):
@@ -355,3 +355,28 @@ def test_flux_kontext_reference_image_conditions_the_target_and_is_checked() -> 
     assert edited.shape == x.shape and (edited - plain).abs().max() > 1e-4
     with pytest.raises(ValueError, match=r"image_latents'\] must be \[B, 4, H', W'\] with even"):
         model(x, t, t, **{**cond, "image_latents": torch.zeros(2, 4, 3, 4)})
+
+
+def test_hunyuan_video_i2v_serves_only_latent_concat_and_checks_the_condition() -> None:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from adapter_backbones import build_hunyuan_video, build_hunyuan_video_i2v
+    from twinloss_adapters import hunyuan_video_i2v
+
+    small = dict(
+        num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1, num_refiner_layers=1,
+        patch_size=1, patch_size_t=1, text_embed_dim=24, pooled_projection_dim=12, rope_axes_dim=(2, 4, 4),
+    )
+    token_replace = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, image_condition_type="token_replace", **small)
+    for other, variant in ((token_replace, "'token_replace'"), (build_hunyuan_video(), "None")):
+        with pytest.raises(ValueError, match=f"image_condition_type={variant}; this adapter serves 'latent_concat'"):
+            hunyuan_video_i2v.adapt(other)
+    torch.manual_seed(0)
+    transformer = build_hunyuan_video_i2v()
+    model = hunyuan_video_i2v.adapt(transformer)
+    cond = CASES["hunyuan_video_i2v"].make_cond(transformer, 2, torch.Generator().manual_seed(0))
+    t = torch.full((2,), 0.5)
+    with pytest.raises(ValueError, match=r"latent_condition'\] must be \[B, 5, F, H, W\]"):
+        model(torch.zeros(2, 4, 2, 4, 4), t, t, **{**cond, "latent_condition": cond["latent_condition"][:, :4]})
+    with pytest.raises(ValueError, match=r"latent_condition'\] spans \(1, 4, 4\) but x_t spans \(2, 4, 4\)"):
+        model(torch.zeros(2, 4, 2, 4, 4), t, t, **{**cond, "latent_condition": cond["latent_condition"][:, :, :1]})
