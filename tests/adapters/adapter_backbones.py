@@ -606,6 +606,54 @@ def hunyuan_video_i2v_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: 
     return hunyuan_video_stock(transformer, torch.cat([x, cond["latent_condition"]], dim=1), t, cond)
 
 
+# --- LTX-2 (joint video + audio tokens) ------------------------------------------------------------
+
+LTX2_VIDEO_GRID = (2, 2, 2)  # latent frames, height, width
+LTX2_AUDIO_LENGTH = 3
+
+
+def build_ltx2() -> nn.Module:
+    from diffusers import LTX2VideoTransformer3DModel
+
+    return LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=1, caption_channels=12,
+    )
+
+
+def adapt_ltx2(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import ltx2
+
+    return ltx2.adapt(transformer)
+
+
+def ltx2_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    frames, height, width = LTX2_VIDEO_GRID
+    return {
+        "encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 12),
+        "audio_encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 12),
+        "encoder_attention_mask": _text_mask(batch),
+        # LTX2Pipeline's coordinates, built by the model's own rotary helpers.
+        "video_coords": transformer.rope.prepare_video_coords(batch, frames, height, width, torch.device("cpu"), fps=24.0),
+        "audio_coords": transformer.audio_rope.prepare_audio_coords(batch, LTX2_AUDIO_LENGTH, torch.device("cpu")),
+    }
+
+
+def ltx2_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """LTX2Pipeline's call on the video tokens and the audio tokens of the joint sequence."""
+    frames, height, width = LTX2_VIDEO_GRID
+    video_tokens = frames * height * width
+    video, audio = transformer(
+        hidden_states=x[:, :video_tokens], audio_hidden_states=x[:, video_tokens:],
+        encoder_hidden_states=cond["encoder_hidden_states"], audio_encoder_hidden_states=cond["audio_encoder_hidden_states"],
+        timestep=1000 * t, sigma=1000 * t, encoder_attention_mask=cond["encoder_attention_mask"],
+        audio_encoder_attention_mask=cond["encoder_attention_mask"], num_frames=frames, height=height, width=width,
+        fps=24.0, audio_num_frames=LTX2_AUDIO_LENGTH, use_cross_timestep=True, return_dict=False,
+    )
+    return torch.cat([video, audio], dim=1)
+
+
 CASES = {
     "sana": BackboneCase("sana", build_sana, adapt_sana, (4, 8, 8), sana_cond, sana_stock, ((4, 8), (3, 8, 8))),
     "openuni": BackboneCase("openuni", build_openuni, adapt_openuni, (4, 8, 8), openuni_cond, None, ((4, 8), (3, 8, 8))),
@@ -650,5 +698,8 @@ CASES = {
     "hunyuan_video_i2v": BackboneCase(
         "hunyuan_video_i2v", build_hunyuan_video_i2v, adapt_hunyuan_video_i2v, (4, 2, 4, 4), hunyuan_video_i2v_cond,
         hunyuan_video_i2v_stock, ((4, 4, 4), (9, 2, 4, 4)),
+    ),
+    "ltx2": BackboneCase(
+        "ltx2", build_ltx2, adapt_ltx2, (8 + LTX2_AUDIO_LENGTH, 8), ltx2_cond, ltx2_stock, ((11, 7), (2, 11, 8), (12, 8)),
     ),
 }

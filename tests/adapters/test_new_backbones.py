@@ -23,7 +23,7 @@ from adapter_backbones import (
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME, PerTokenTimeEmbeddingInjection, inject_time_embedding
 
 DIM = 8
-NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma", "anyflow", "ace_step", "hunyuan_video15", "flux_kontext", "hunyuan_video_i2v"]
+NEW_BACKBONES = ["lumina2", "hidream", "flux2", "chroma", "anyflow", "ace_step", "hunyuan_video15", "flux_kontext", "hunyuan_video_i2v", "ltx2"]
 
 
 class PerSlotBackbone(nn.Module):
@@ -380,3 +380,53 @@ def test_hunyuan_video_i2v_serves_only_latent_concat_and_checks_the_condition() 
         model(torch.zeros(2, 4, 2, 4, 4), t, t, **{**cond, "latent_condition": cond["latent_condition"][:, :4]})
     with pytest.raises(ValueError, match=r"latent_condition'\] spans \(1, 4, 4\) but x_t spans \(2, 4, 4\)"):
         model(torch.zeros(2, 4, 2, 4, 4), t, t, **{**cond, "latent_condition": cond["latent_condition"][:, :, :1]})
+
+
+def test_ltx2_joint_tokens_follow_the_pipeline_packing_and_coordinates() -> None:
+    from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
+
+    from adapter_backbones import build_ltx2
+    from twinloss_adapters import ltx2
+
+    torch.manual_seed(0)
+    transformer = build_ltx2()
+    video, audio = torch.randn(2, 8, 2, 3, 2), torch.randn(2, 2, 5, 4)  # audio: 2 channels x 4 mel bins = 8 features
+    tokens = ltx2.pack_audio_video(video, audio)
+    expected = torch.cat([LTX2Pipeline._pack_latents(video), LTX2Pipeline._pack_audio_latents(audio)], dim=1)
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
+    unpacked_video, unpacked_audio = ltx2.unpack_audio_video(tokens, 2, 3, 2, mel_bins=4)
+    torch.testing.assert_close(unpacked_video, video, rtol=0, atol=0)
+    torch.testing.assert_close(unpacked_audio, audio, rtol=0, atol=0)
+    coords = ltx2.coordinates(transformer, 2, 2, 3, 2, 5, fps=24.0)
+    torch.testing.assert_close(coords["video_coords"], transformer.rope.prepare_video_coords(2, 2, 3, 2, torch.device("cpu"), fps=24.0))
+    assert coords["audio_coords"].shape == (2, 1, 5, 2)
+
+
+def test_ltx2_audio_stream_gets_its_own_twin_embedding_and_unadapt_removes_both() -> None:
+    from adapter_backbones import LTX2_VIDEO_GRID, build_ltx2
+    from twinloss_adapters import ltx2
+
+    torch.manual_seed(0)
+    transformer = build_ltx2()
+    stock_keys = set(transformer.state_dict())
+    model = ltx2.adapt(transformer)
+    audio_twin = transformer.audio_time_embed.get_submodule(DEFAULT_MODULE_NAME)
+    assert audio_twin.embedding_dim == 8  # the audio stream's width, not the video's 16
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *CASES["ltx2"].latent_shape, generator=generator)
+    cond = CASES["ltx2"].make_cond(transformer, 2, generator)
+    t = torch.tensor([0.8, 0.5])
+    with torch.no_grad():
+        before = model(x, -t, -t, **cond)
+        audio_twin.negative_time_embedding.normal_()
+        after = model(x, -t, -t, **cond)
+    video_tokens = LTX2_VIDEO_GRID[0] * LTX2_VIDEO_GRID[1] * LTX2_VIDEO_GRID[2]
+    # The audio sign embedding moves the audio tokens directly (and the video ones through cross-attention).
+    assert (after[:, video_tokens:] - before[:, video_tokens:]).abs().max() > 1e-4
+    assert any(key.startswith("transformer.audio_time_embed.twinflow_time_embedding.") for key in model.extra_state_dict())
+    with pytest.raises(ValueError, match="x_t has 12 tokens but the coordinates describe 8 video \\+ 3 audio"):
+        model(torch.zeros(2, 12, 8), t, t, **cond)
+    restored = ltx2.unadapt(model)
+    assert restored is transformer and set(restored.state_dict()) == stock_keys
+    with pytest.raises(ValueError, match="ltx2.adapt"):
+        ltx2.unadapt(transformer)
