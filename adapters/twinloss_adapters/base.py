@@ -25,7 +25,15 @@ from twinloss_adapters.time_embedding import (
     inject_time_embedding,
 )
 
-__all__ = ["AdaptedTransformer", "check_backbone_class", "check_video_latent", "unadapt", "unadapt_transformer"]
+__all__ = [
+    "AdaptedTransformer",
+    "check_backbone_class",
+    "check_image_latent",
+    "check_latent_condition",
+    "check_video_latent",
+    "unadapt",
+    "unadapt_transformer",
+]
 
 
 def check_backbone_class(transformer: object, expected: type, *, argument: str = "transformer") -> None:
@@ -52,6 +60,27 @@ def check_video_latent(x_t: Tensor, channels: int, patch: tuple[int, int, int], 
         raise ValueError(f"x_t has {frames} latent frames; expected a multiple of the temporal patch {patch_t}")
     if height % patch_h or width % patch_w:
         raise ValueError(f"x_t height and width must be multiples of the patch ({patch_h}, {patch_w}), got {(height, width)}")
+
+
+def check_image_latent(x_t: Tensor, channels: int, patch: int, backbone: str) -> None:
+    """Raise ValueError naming ``x_t`` unless it is ``[B, channels, H, W]`` with ``H`` and ``W`` divisible by ``patch``."""
+    if x_t.ndim != 4 or x_t.shape[1] != channels:
+        raise ValueError(f"x_t must be [B, {channels}, H, W] for this {backbone} model, got {tuple(x_t.shape)}")
+    if x_t.shape[2] % patch or x_t.shape[3] % patch:
+        raise ValueError(f"x_t height and width must be multiples of patch_size {patch}, got {tuple(x_t.shape)}")
+
+
+def check_latent_condition(condition: Tensor, channels: int, x_t: Tensor | None = None) -> None:
+    """Raise ValueError naming ``cond['latent_condition']`` unless it is ``[B, channels, *x_t.shape[2:]]``.
+
+    ``x_t`` may be omitted to check only the channels (before the latent itself is checked).
+    """
+    if condition.ndim != 5 or condition.shape[1] != channels:
+        raise ValueError(f"cond['latent_condition'] must be [B, {channels}, F, H, W], got {tuple(condition.shape)}")
+    if x_t is not None and condition.shape[2:] != x_t.shape[2:]:
+        raise ValueError(
+            f"cond['latent_condition'] spans {tuple(condition.shape[2:])} but x_t spans {tuple(x_t.shape[2:])}"
+        )
 
 
 class AdaptedTransformer(nn.Module, abc.ABC):

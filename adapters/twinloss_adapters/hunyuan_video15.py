@@ -35,7 +35,13 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_latent_condition,
+    check_video_latent,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.flow_map import FlowMapAdapter
 
@@ -70,6 +76,16 @@ class _HunyuanVideo15Inputs:
             )
         self.vision_tokens = vision_tokens
 
+    @staticmethod
+    def _injection_arguments(transformer: object) -> dict[str, object]:
+        """Where the TwinFlow embeddings go and how time is converted (the same for both adapters)."""
+        config = transformer.config
+        return {
+            "time_convention": TIME_CONVENTION,
+            "embedder_path": "time_embed.timestep_embedder",
+            "embedding_dim": config.num_attention_heads * config.attention_head_dim,
+        }
+
     def check_latent(self, x_t: Tensor) -> None:
         config = self.transformer.config
         patch = (config.patch_size_t, config.patch_size, config.patch_size)
@@ -77,12 +93,8 @@ class _HunyuanVideo15Inputs:
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         super().check_cond(cond, batch_size)
-        condition = cond.get("latent_condition")
-        if condition is not None and (condition.ndim != 5 or condition.shape[1] != self.condition_channels):
-            raise ValueError(
-                f"cond['latent_condition'] must be [B, {self.condition_channels}, F, H, W] "
-                f"(condition latents and mask), got {tuple(condition.shape)}"
-            )
+        if "latent_condition" in cond:
+            check_latent_condition(cond["latent_condition"], self.condition_channels)
 
     def _call_stock(
         self, x_t: Tensor, timestep: Tensor, timestep_r: Tensor | None, cond: Mapping[str, Tensor]
@@ -91,10 +103,7 @@ class _HunyuanVideo15Inputs:
         condition = cond.get("latent_condition")
         if condition is None:
             condition = x_t.new_zeros(batch_size, self.condition_channels, *x_t.shape[2:])
-        elif condition.shape[2:] != x_t.shape[2:]:
-            raise ValueError(
-                f"cond['latent_condition'] spans {tuple(condition.shape[2:])} but x_t spans {tuple(x_t.shape[2:])}"
-            )
+        check_latent_condition(condition, self.condition_channels, x_t)
         image_embeds = cond.get("image_embeds")
         if image_embeds is None:
             image_embeds = x_t.new_zeros(batch_size, self.vision_tokens, self.transformer.config.image_embed_dim)
@@ -129,14 +138,7 @@ class HunyuanVideo15Adapter(_HunyuanVideo15Inputs, AdaptedTransformer):
         self._read_config(transformer, vision_tokens)
         if transformer.config.use_meanflow:
             raise ValueError("transformer has use_meanflow=True; adapt it with HunyuanVideo15MeanFlowAdapter (adapt() does)")
-        super().__init__(
-            transformer,
-            time_convention=TIME_CONVENTION,
-            embedder_path="time_embed.timestep_embedder",
-            embedding_dim=transformer.config.num_attention_heads * transformer.config.attention_head_dim,
-            target_time=target_time,
-            sign=sign,
-        )
+        super().__init__(transformer, **self._injection_arguments(transformer), target_time=target_time, sign=sign)
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         return self._call_stock(x_t, timestep, None, cond)
@@ -157,14 +159,7 @@ class HunyuanVideo15MeanFlowAdapter(_HunyuanVideo15Inputs, FlowMapAdapter):
         self._read_config(transformer, vision_tokens)
         if not transformer.config.use_meanflow:
             raise ValueError("transformer has use_meanflow=False; adapt it with HunyuanVideo15Adapter (adapt() does)")
-        super().__init__(
-            transformer,
-            time_convention=TIME_CONVENTION,
-            embedder_path="time_embed.timestep_embedder",
-            embedding_dim=transformer.config.num_attention_heads * transformer.config.attention_head_dim,
-            target_time=target_time,
-            sign=sign,
-        )
+        super().__init__(transformer, **self._injection_arguments(transformer), target_time=target_time, sign=sign)
 
     def run_flow_map(
         self, x_t: Tensor, timestep: Tensor, target_timestep: Tensor, cond: Mapping[str, Tensor]

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_latent_condition, unadapt
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.hunyuan_video import HunyuanVideoAdapter, _stock_class
 
@@ -66,19 +66,11 @@ class HunyuanVideoImageToVideoAdapter(HunyuanVideoAdapter):
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         super().check_cond(cond, batch_size)
-        condition = cond["latent_condition"]
-        if condition.ndim != 5 or condition.shape[1] != self.condition_channels:
-            raise ValueError(
-                f"cond['latent_condition'] must be [B, {self.condition_channels}, F, H, W] (image latents and mask), "
-                f"got {tuple(condition.shape)}"
-            )
+        check_latent_condition(cond["latent_condition"], self.condition_channels)
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         condition = cond["latent_condition"]
-        if condition.shape[2:] != x_t.shape[2:]:
-            raise ValueError(
-                f"cond['latent_condition'] spans {tuple(condition.shape[2:])} but x_t spans {tuple(x_t.shape[2:])}"
-            )
+        check_latent_condition(condition, self.condition_channels, x_t)
         return super().run_backbone(torch.cat([x_t, condition.to(x_t.dtype)], dim=1), timestep, cond)
 
 

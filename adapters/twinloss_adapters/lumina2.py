@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_image_latent, unadapt
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["Lumina2Adapter", "adapt", "from_pretrained", "unadapt"]
@@ -62,11 +62,7 @@ class Lumina2Adapter(AdaptedTransformer):
 
     def check_latent(self, x_t: Tensor) -> None:
         config = self.transformer.config
-        patch = config.patch_size
-        if x_t.ndim != 4 or x_t.shape[1] != config.in_channels:
-            raise ValueError(f"x_t must be [B, {config.in_channels}, H, W] for this Lumina2 model, got {tuple(x_t.shape)}")
-        if x_t.shape[2] % patch or x_t.shape[3] % patch:
-            raise ValueError(f"x_t height and width must be multiples of patch_size {patch}, got {tuple(x_t.shape)}")
+        check_image_latent(x_t, config.in_channels, config.patch_size, "Lumina2")
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         text = cond["encoder_hidden_states"]
