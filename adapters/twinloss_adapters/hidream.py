@@ -10,7 +10,10 @@ TwinFlow embeddings are added to its output.
 
 In training mode (unless the config sets ``force_inference_output``) the stock
 class returns its patches as ``[B, C, tokens, p * p]`` instead of the image;
-the adapter lays them out as ``[B, C, H, W]`` either way.
+the adapter lays them out as ``[B, C, H, W]`` either way. Train in training
+mode: in eval mode the stock mixture-of-experts runs its routed experts under
+``torch.no_grad`` (``MOEFeedForwardSwiGLU.moe_infer``), so no gradient passes
+through them (the shared expert and the modulation still carry one).
 
 Conditioning (batch-leading, as the protocol asks):
 
