@@ -19,13 +19,18 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import unadapt
-from twinloss_adapters.flux import PACKING_PATCH, FluxAdapter, _stock_class
+from twinloss_adapters.flux import PACKING_PATCH, FluxAdapter
 from twinloss_adapters.packing import pack_image_patches, patch_grid_ids, unpack_image_patches
 
 __all__ = ["FluxKontextAdapter", "adapt", "from_pretrained", "unadapt"]
 
 REFERENCE_ID = 1.0  # FluxKontextPipeline: image_ids[..., 0] = 1 for the reference tokens
+
+
+def _stock_class() -> type:
+    return require_diffusers().FluxTransformer2DModel
 
 
 class FluxKontextAdapter(FluxAdapter):

@@ -24,11 +24,16 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_latent_condition, unadapt
 from twinloss_adapters.conventions import TimeConvention
-from twinloss_adapters.hunyuan_video import HunyuanVideoAdapter, _stock_class
+from twinloss_adapters.hunyuan_video import HunyuanVideoAdapter
 
 __all__ = ["HunyuanVideoImageToVideoAdapter", "adapt", "from_pretrained", "unadapt"]
+
+
+def _stock_class() -> type:
+    return require_diffusers().HunyuanVideoTransformer3DModel
 
 
 class HunyuanVideoImageToVideoAdapter(HunyuanVideoAdapter):

@@ -78,6 +78,15 @@ def test_per_token_injection_expands_batch_major_flattened_rows() -> None:
             root.embedder(torch.randn(3, 3))
 
 
+def test_per_token_injection_rejects_a_tuple_output() -> None:
+    root = nn.Module()
+    root.embedder = nn.Linear(3, DIM)
+    injection = inject_time_embedding(root, "embedder", DIM, per_token=True)
+    root.embedder.register_forward_hook(lambda module, args, output: (output, output), prepend=True)
+    with pytest.raises(ValueError, match="per-token injection needs"), injection.times(torch.ones(2), torch.ones(2)):
+        root.embedder(torch.randn(2, 3))
+
+
 def test_per_token_injection_sign_gradient_sums_over_the_twin_rows_slots() -> None:
     torch.manual_seed(0)
     backbone = PerSlotBackbone()
