@@ -276,6 +276,10 @@ class PerTokenTimeEmbeddingInjection(TimeEmbeddingInjection):
     .. math::
         e_{b, l} \leftarrow e_{b, l} + \Delta e(t_b, r_b).
 
+    It lays the output out as one row per token, repeats each row's times and
+    lets the ``[B, D]`` injection add its terms, so the per-token case adds
+    exactly what the per-row one does (the twin MLP then runs once per token:
+    a few GFLOP for Chroma's 344 slots, nothing next to the transformer).
     Created by :func:`inject_time_embedding` with ``per_token=True``.
     """
 
@@ -289,12 +293,19 @@ class PerTokenTimeEmbeddingInjection(TimeEmbeddingInjection):
             )
         t, r = self._times
         batch_size = t.shape[0]
-        delta = self.embedding(t, r).to(output.dtype)
         if output.ndim == 3 and output.shape[0] == batch_size:
-            return output + delta[:, None, :]
-        if output.ndim == 2 and output.shape[0] > 0 and output.shape[0] % batch_size == 0:
-            return output + delta.repeat_interleave(output.shape[0] // batch_size, dim=0)
-        raise ValueError(
-            f"{self.embedder_path} returned shape {tuple(output.shape)}; expected [{batch_size}, L, D] "
-            f"or [{batch_size} * L, D] (embeddings grouped by batch row)"
-        )
+            tokens = output.shape[1]
+        elif output.ndim == 2 and output.shape[0] > 0 and output.shape[0] % batch_size == 0:
+            tokens = output.shape[0] // batch_size
+        else:
+            raise ValueError(
+                f"{self.embedder_path} returned shape {tuple(output.shape)}; expected [{batch_size}, L, D] "
+                f"or [{batch_size} * L, D] (embeddings grouped by batch row)"
+            )
+        # One row per token, batch-major, each with its row's times: the [B, D] injection does the rest.
+        self._times = (t.repeat_interleave(tokens), r.repeat_interleave(tokens))
+        try:
+            flat = super()._add_twin_embedding(module, args, output.reshape(batch_size * tokens, output.shape[-1]))
+        finally:
+            self._times = (t, r)
+        return flat.reshape(output.shape)

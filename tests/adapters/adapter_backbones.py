@@ -671,35 +671,39 @@ CASES = {
         "hunyuan_video", build_hunyuan_video, adapt_hunyuan_video, (4, 2, 4, 4), hunyuan_video_cond, hunyuan_video_stock,
         ((4, 4, 4), (3, 2, 4, 4)),
     ),
-    "lumina2": BackboneCase(
-        "lumina2", build_lumina2, adapt_lumina2, (4, 8, 8), lumina2_cond, lumina2_stock, ((4, 7, 8), (3, 8, 8), (4, 8))
-    ),
-    "hidream": BackboneCase(
-        "hidream", build_hidream, adapt_hidream, (4, 8, 8), hidream_cond, hidream_stock, ((4, 7, 8), (3, 8, 8), (4, 10, 10))
-    ),
-    "flux2": BackboneCase("flux2", build_flux2, adapt_flux2, (8, 4, 4), flux2_cond, flux2_stock, ((4, 4, 4), (8, 4))),
-    "chroma": BackboneCase("chroma", build_chroma, adapt_chroma, (4, 8, 8), chroma_cond, chroma_stock, ((4, 7, 8), (16, 4, 4))),
-    "anyflow": BackboneCase(
-        "anyflow", build_anyflow, adapt_anyflow, (4, 2, 4, 4), wan_cond, anyflow_stock, ((4, 4, 4), (4, 2, 3, 4)),
-        native_target_time=True,
-    ),
-    "ace_step": BackboneCase(
-        "ace_step", build_ace_step, adapt_ace_step, (ACE_STEP_FRAMES, 8), ace_step_cond, ace_step_stock,
-        ((ACE_STEP_FRAMES, 7), (2, ACE_STEP_FRAMES, 8)), native_target_time=True,
-    ),
-    "hunyuan_video15": BackboneCase(
-        "hunyuan_video15", build_hunyuan_video15, adapt_hunyuan_video15, (4, 2, 4, 4), hunyuan_video15_cond,
-        hunyuan_video15_stock, ((4, 4, 4), (3, 2, 4, 4)),
-    ),
-    "flux_kontext": BackboneCase(
-        "flux_kontext", build_flux, adapt_flux_kontext, (4, 8, 8), flux_kontext_cond, flux_kontext_stock,
-        ((4, 7, 8), (16, 4, 4)),
-    ),
-    "hunyuan_video_i2v": BackboneCase(
-        "hunyuan_video_i2v", build_hunyuan_video_i2v, adapt_hunyuan_video_i2v, (4, 2, 4, 4), hunyuan_video_i2v_cond,
-        hunyuan_video_i2v_stock, ((4, 4, 4), (9, 2, 4, 4)),
-    ),
-    "ltx2": BackboneCase(
-        "ltx2", build_ltx2, adapt_ltx2, (8 + LTX2_AUDIO_LENGTH, 8), ltx2_cond, ltx2_stock, ((11, 7), (2, 11, 8), (12, 8)),
-    ),
 }
+
+
+# --- the new backbones (backbones-new): definitions above, registered here ---
+
+CASES["lumina2"] = BackboneCase(
+    "lumina2", build_lumina2, adapt_lumina2, (4, 8, 8), lumina2_cond, lumina2_stock, ((4, 7, 8), (3, 8, 8), (4, 8))
+)
+CASES["hidream"] = BackboneCase(
+    "hidream", build_hidream, adapt_hidream, (4, 8, 8), hidream_cond, hidream_stock, ((4, 7, 8), (3, 8, 8), (4, 10, 10))
+)
+CASES["flux2"] = BackboneCase("flux2", build_flux2, adapt_flux2, (8, 4, 4), flux2_cond, flux2_stock, ((4, 4, 4), (8, 4)))
+CASES["chroma"] = BackboneCase("chroma", build_chroma, adapt_chroma, (4, 8, 8), chroma_cond, chroma_stock, ((4, 7, 8), (16, 4, 4)))
+CASES["anyflow"] = BackboneCase(
+    "anyflow", build_anyflow, adapt_anyflow, (4, 2, 4, 4), wan_cond, anyflow_stock, ((4, 4, 4), (4, 2, 3, 4)),
+    native_target_time=True,
+)
+CASES["ace_step"] = BackboneCase(
+    "ace_step", build_ace_step, adapt_ace_step, (ACE_STEP_FRAMES, 8), ace_step_cond, ace_step_stock,
+    ((ACE_STEP_FRAMES, 7), (2, ACE_STEP_FRAMES, 8)), native_target_time=True,
+)
+CASES["hunyuan_video15"] = BackboneCase(
+    "hunyuan_video15", build_hunyuan_video15, adapt_hunyuan_video15, (4, 2, 4, 4), hunyuan_video15_cond,
+    hunyuan_video15_stock, ((4, 4, 4), (3, 2, 4, 4)),
+)
+CASES["flux_kontext"] = BackboneCase(
+    "flux_kontext", build_flux, adapt_flux_kontext, (4, 8, 8), flux_kontext_cond, flux_kontext_stock,
+    ((4, 7, 8), (16, 4, 4)),
+)
+CASES["hunyuan_video_i2v"] = BackboneCase(
+    "hunyuan_video_i2v", build_hunyuan_video_i2v, adapt_hunyuan_video_i2v, (4, 2, 4, 4), hunyuan_video_i2v_cond,
+    hunyuan_video_i2v_stock, ((4, 4, 4), (9, 2, 4, 4)),
+)
+CASES["ltx2"] = BackboneCase(
+    "ltx2", build_ltx2, adapt_ltx2, (8 + LTX2_AUDIO_LENGTH, 8), ltx2_cond, ltx2_stock, ((11, 7), (2, 11, 8), (12, 8)),
+)
