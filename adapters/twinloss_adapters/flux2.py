@@ -18,7 +18,7 @@ Conditioning:
   required;
 * ``guidance`` ``[B]``, the pipeline's ``guidance_scale`` (e.g. 4.0), required
   exactly when the model has guidance embeddings (dev; Klein has none);
-* ``reference_latents`` ``[B, C, H', W']`` or ``[B, N, C, H', W']``, optional:
+* ``image_latents`` ``[B, C, H', W']`` or ``[B, N, C, H', W']``, optional:
   reference images for editing, in the same latent space. As in the pipeline,
   reference ``i`` gets position ids ``(10 (i + 1), row, col, 0)``, its tokens
   follow the target's, and the prediction keeps only the target tokens.
@@ -57,7 +57,7 @@ class Flux2Adapter(AdaptedTransformer):
     """``Flux2Transformer2DModel`` behind the protocol; latents ``[B, C, H, W]``."""
 
     required_cond = ("encoder_hidden_states",)
-    optional_cond = ("reference_latents",)
+    optional_cond = ("image_latents",)
 
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
@@ -87,11 +87,11 @@ class Flux2Adapter(AdaptedTransformer):
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         super().check_cond(cond, batch_size)
-        reference = cond.get("reference_latents")
+        reference = cond.get("image_latents")
         channels = self.transformer.config.in_channels
         if reference is not None and (reference.ndim not in (4, 5) or reference.shape[-3] != channels):
             raise ValueError(
-                f"cond['reference_latents'] must be [B, {channels}, H, W] or [B, N, {channels}, H, W], "
+                f"cond['image_latents'] must be [B, {channels}, H, W] or [B, N, {channels}, H, W], "
                 f"got {tuple(reference.shape)}"
             )
 
@@ -100,7 +100,7 @@ class Flux2Adapter(AdaptedTransformer):
         text = cond["encoder_hidden_states"]
         tokens = rearrange(x_t, "b c h w -> b (h w) c")
         ids = [flux2_position_ids(0, height, width, 1, device=x_t.device)]
-        reference = cond.get("reference_latents")
+        reference = cond.get("image_latents")
         if reference is not None:
             references = reference.unsqueeze(1) if reference.ndim == 4 else reference
             reference_tokens = rearrange(references, "b n c h w -> b (n h w) c").to(tokens.dtype)

@@ -160,7 +160,7 @@ def test_hidream_needs_the_llama_layers_its_config_reads() -> None:
         model(torch.zeros(2, 4, 8, 8), t, t, **too_few)
 
 
-def test_flux2_reference_latents_match_the_pipeline_edit_call() -> None:
+def test_flux2_image_latents_match_the_pipeline_edit_call() -> None:
     from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
     from twinloss_adapters import flux2
@@ -187,13 +187,13 @@ def test_flux2_reference_latents_match_the_pipeline_edit_call() -> None:
             img_ids=torch.cat([latent_ids, torch.stack(reference_ids)], dim=1), return_dict=False,
         )[0]
         expected = Flux2Pipeline._unpack_latents_with_ids(tokens[:, : latent_ids.shape[1]], latent_ids)
-        edited = model(x, t, t, **cond, reference_latents=reference)
-        one_reference = model(x, t, t, **cond, reference_latents=reference[:, 0])
+        edited = model(x, t, t, **cond, image_latents=reference)
+        one_reference = model(x, t, t, **cond, image_latents=reference[:, 0])
         plain = model(x, t, t, **cond)
     torch.testing.assert_close(edited, expected, rtol=0, atol=0)
     assert (edited - one_reference).abs().max() > 1e-4 and (one_reference - plain).abs().max() > 1e-4
-    with pytest.raises(ValueError, match=r"reference_latents.*\[B, 8, H, W\]"):
-        model(x, t, t, **cond, reference_latents=torch.zeros(2, 4, 2, 2))
+    with pytest.raises(ValueError, match=r"image_latents.*\[B, 8, H, W\]"):
+        model(x, t, t, **cond, image_latents=torch.zeros(2, 4, 2, 2))
 
 
 def test_flux2_klein_without_guidance_embeddings_rejects_guidance() -> None:
