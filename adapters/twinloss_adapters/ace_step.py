@@ -91,8 +91,8 @@ class AceStepAdapter(FlowMapAdapter):
             raise ValueError(f"cond['context_latents'] spans {context.shape[1]} frames but x_t spans {x_t.shape[1]}")
         return self.transformer(
             hidden_states=x_t,
-            timestep=timestep,
-            timestep_r=target_timestep,
+            timestep=timestep.to(x_t.dtype),  # the pipeline's dtype; the class feeds it to its Linear as is
+            timestep_r=target_timestep.to(x_t.dtype),
             encoder_hidden_states=cond["encoder_hidden_states"],
             context_latents=context,
             return_dict=False,

@@ -420,3 +420,22 @@ def test_ltx2_audio_stream_gets_its_own_twin_embedding_and_unadapt_removes_both(
     assert restored is transformer and set(restored.state_dict()) == stock_keys
     with pytest.raises(ValueError, match="ltx2.adapt"):
         ltx2.unadapt(transformer)
+
+
+def test_ace_step_bfloat16_model_matches_the_pipeline_call() -> None:
+    """AceStepPipeline passes the times in the model's dtype; a float32 time would not reach a bf16 Linear."""
+    from adapter_backbones import build_ace_step
+    from twinloss_adapters import ace_step
+
+    torch.manual_seed(0)
+    transformer = build_ace_step().to(torch.bfloat16)
+    model = ace_step.adapt(transformer)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *CASES["ace_step"].latent_shape, generator=generator).bfloat16()
+    cond = {key: value.bfloat16() for key, value in CASES["ace_step"].make_cond(transformer, 2, generator).items()}
+    t, r = torch.tensor([0.8, 0.3]), torch.tensor([0.2, 0.3])
+    with torch.no_grad():
+        expected = CASES["ace_step"].stock_call(transformer, x, t.bfloat16(), cond, r.bfloat16())
+        actual = model(x, t, r, **cond)
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
