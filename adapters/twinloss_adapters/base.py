@@ -30,6 +30,7 @@ __all__ = [
     "check_backbone_class",
     "check_image_latent",
     "check_latent_condition",
+    "check_velocity_channels",
     "check_video_latent",
     "unadapt",
     "unadapt_transformer",
@@ -68,6 +69,15 @@ def check_image_latent(x_t: Tensor, channels: int, patch: int, backbone: str) ->
         raise ValueError(f"x_t must be [B, {channels}, H, W] for this {backbone} model, got {tuple(x_t.shape)}")
     if x_t.shape[2] % patch or x_t.shape[3] % patch:
         raise ValueError(f"x_t height and width must be multiples of patch_size {patch}, got {tuple(x_t.shape)}")
+
+
+def check_velocity_channels(in_channels: int, out_channels: int) -> None:
+    """Raise ValueError naming ``transformer`` unless it predicts as many channels as it takes (a velocity of ``x_t``)."""
+    if out_channels != in_channels:
+        raise ValueError(
+            f"transformer predicts {out_channels} channels for {in_channels} input channels; "
+            "a velocity must have the latent's shape"
+        )
 
 
 def check_latent_condition(condition: Tensor, channels: int, x_t: Tensor | None = None) -> None:

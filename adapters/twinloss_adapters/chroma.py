@@ -32,7 +32,11 @@ from torch import Tensor
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
 from twinloss_adapters.conventions import TimeConvention
-from twinloss_adapters.packing import pack_image_patches, patch_grid_ids, unpack_image_patches
+from twinloss_adapters.packing import (
+    pack_image_patches,
+    patch_grid_ids,
+    unpack_image_patches,
+)
 
 __all__ = ["ChromaAdapter", "adapt", "from_pretrained", "unadapt"]
 

@@ -22,7 +22,11 @@ from torch import Tensor
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import unadapt
 from twinloss_adapters.flux import PACKING_PATCH, FluxAdapter
-from twinloss_adapters.packing import pack_image_patches, patch_grid_ids, unpack_image_patches
+from twinloss_adapters.packing import (
+    pack_image_patches,
+    patch_grid_ids,
+    unpack_image_patches,
+)
 
 __all__ = ["FluxKontextAdapter", "adapt", "from_pretrained", "unadapt"]
 

@@ -25,7 +25,12 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_latent_condition, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_latent_condition,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.hunyuan_video import HunyuanVideoAdapter
 

@@ -40,10 +40,18 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt_transformer
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    unadapt_transformer,
+)
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_video_patches, unpack_video_patches
-from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME, find_injection, inject_time_embedding
+from twinloss_adapters.time_embedding import (
+    DEFAULT_MODULE_NAME,
+    find_injection,
+    inject_time_embedding,
+)
 
 __all__ = [
     "LTX2Adapter",

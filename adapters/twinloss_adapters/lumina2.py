@@ -25,7 +25,13 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_image_latent, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_image_latent,
+    check_velocity_channels,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["Lumina2Adapter", "adapt", "from_pretrained", "unadapt"]
@@ -46,11 +52,7 @@ class Lumina2Adapter(AdaptedTransformer):
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        if transformer.out_channels != config.in_channels:
-            raise ValueError(
-                f"transformer predicts {transformer.out_channels} channels for {config.in_channels} input channels; "
-                "a velocity must have the latent's shape"
-            )
+        check_velocity_channels(config.in_channels, transformer.out_channels)
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1.0, reversed=True, output_sign=-1),

@@ -528,7 +528,9 @@ def hunyuan_video15_stock(
     transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor], r: Tensor | None = None
 ) -> Tensor:
     """HunyuanVideo15Pipeline's text-to-video call: zero condition latents, mask and image embeddings."""
-    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import HunyuanVideo15Pipeline
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import (
+        HunyuanVideo15Pipeline,
+    )
 
     batch = x.shape[0]
     condition, mask = HunyuanVideo15Pipeline.prepare_cond_latents_and_mask(None, x, x.dtype, x.device)

@@ -7,8 +7,6 @@ every backbone in ``test_variants.py``.)
 
 import pytest
 import torch
-from torch import nn
-
 from adapter_backbones import (
     CASES,
     HUNYUAN_VIDEO15_VISION_TOKENS,
@@ -21,7 +19,12 @@ from adapter_backbones import (
     build_lumina2,
     hunyuan_video15_stock,
 )
-from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME, PerTokenTimeEmbeddingInjection, inject_time_embedding
+from torch import nn
+from twinloss_adapters.time_embedding import (
+    DEFAULT_MODULE_NAME,
+    PerTokenTimeEmbeddingInjection,
+    inject_time_embedding,
+)
 
 DIM = 8
 
@@ -162,7 +165,6 @@ def test_hidream_needs_the_llama_layers_its_config_reads() -> None:
 
 def test_flux2_image_latents_match_the_pipeline_edit_call() -> None:
     from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
-
     from twinloss_adapters import flux2
 
     torch.manual_seed(0)
@@ -198,7 +200,6 @@ def test_flux2_image_latents_match_the_pipeline_edit_call() -> None:
 
 def test_flux2_klein_without_guidance_embeddings_rejects_guidance() -> None:
     from diffusers import Flux2Transformer2DModel
-
     from twinloss_adapters import flux2
 
     torch.manual_seed(0)
@@ -238,9 +239,9 @@ def test_anyflow_passes_r_to_its_own_target_timestep_and_adds_only_the_sign() ->
 def test_ace_step_twinflow_lora_fine_tune_trains_only_lora_and_the_sign() -> None:
     """TwinFlow on a real audio DiT: LoRA + sign embedding train, the base stays, the base teacher is the stock flow map."""
     from peft import LoraConfig
+    from twinloss_adapters import lora
 
     import twinloss
-    from twinloss_adapters import lora
 
     case = CASES["ace_step"]
     torch.manual_seed(0)
@@ -326,7 +327,6 @@ def test_hunyuan_video15_mean_flow_variant_passes_r_to_timestep_r() -> None:
 
 def test_flux_kontext_reference_image_conditions_the_target_and_is_checked() -> None:
     from adapter_backbones import build_flux
-
     from twinloss_adapters import flux_kontext
 
     torch.manual_seed(0)
@@ -348,15 +348,15 @@ def test_flux_kontext_reference_image_conditions_the_target_and_is_checked() -> 
 
 
 def test_hunyuan_video_i2v_serves_only_latent_concat_and_checks_the_condition() -> None:
-    from diffusers import HunyuanVideoTransformer3DModel
-
     from adapter_backbones import build_hunyuan_video, build_hunyuan_video_i2v
+    from diffusers import HunyuanVideoTransformer3DModel
     from twinloss_adapters import hunyuan_video_i2v
 
-    small = dict(
-        num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1, num_refiner_layers=1,
-        patch_size=1, patch_size_t=1, text_embed_dim=24, pooled_projection_dim=12, rope_axes_dim=(2, 4, 4),
-    )
+    small = {
+        "num_attention_heads": 2, "attention_head_dim": 10, "num_layers": 1, "num_single_layers": 1,
+        "num_refiner_layers": 1, "patch_size": 1, "patch_size_t": 1, "text_embed_dim": 24,
+        "pooled_projection_dim": 12, "rope_axes_dim": (2, 4, 4),
+    }
     token_replace = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, image_condition_type="token_replace", **small)
     for other, variant in ((token_replace, "'token_replace'"), (build_hunyuan_video(), "None")):
         with pytest.raises(ValueError, match=f"image_condition_type={variant}; this adapter serves 'latent_concat'"):
@@ -373,9 +373,8 @@ def test_hunyuan_video_i2v_serves_only_latent_concat_and_checks_the_condition() 
 
 
 def test_ltx2_joint_tokens_follow_the_pipeline_packing_and_coordinates() -> None:
-    from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
-
     from adapter_backbones import build_ltx2
+    from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
     from twinloss_adapters import ltx2
 
     torch.manual_seed(0)
