@@ -13,8 +13,10 @@ GPUs, NCCL, bf16 parameters with fp32 reduction, sharded EMA teacher::
 The model is the toy ``BlockMLP``; swap in any backbone that follows the
 protocol ``model(x_t, t, r, **cond)`` and wrap its blocks the same way. Each
 rank draws its own data and its own loss generator (seeded by rank); FSDP2
-averages the gradients. With ``--checkpoint DIR`` the model, optimizer and
-teacher state are saved through torch.distributed.checkpoint at the end.
+averages the gradients. With ``--checkpoint DIR`` the training state (model,
+optimizer, teacher, each rank's generators and RNG; ``twinloss.checkpoint``)
+is saved through torch.distributed.checkpoint at the end; ``--resume DIR``
+continues from such a state with the losses the uninterrupted run would give.
 """
 
 import argparse
@@ -22,13 +24,12 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed._composable import checkpoint as activation_checkpoint
-from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from toy_models import BlockMLP
 
 import twinloss
+from twinloss.checkpoint import load_sharded_training_state, save_sharded_training_state
 from twinloss.distributed import ShardedEMATeacher
 
 
@@ -46,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--ema", action="store_true", help="sharded EMA teacher")
     parser.add_argument("--guidance-scale", type=float, default=0.5)
-    parser.add_argument("--checkpoint", default=None, help="directory for a DCP checkpoint")
+    parser.add_argument("--checkpoint", default=None, help="directory for a DCP training state, saved at the end")
+    parser.add_argument("--resume", default=None, help="directory of a DCP training state to continue from")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -57,7 +59,7 @@ def main(argv=None) -> list[float]:
         raise ValueError(f"--batch must be >= 4 (four row groups), got {args.batch}")
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     if args.device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
@@ -84,9 +86,12 @@ def main(argv=None) -> list[float]:
     data_gen = torch.Generator(device).manual_seed(1000 + rank)
     loss_gen = torch.Generator(device).manual_seed(2000 + rank)
     null = torch.full((args.batch,), args.classes, device=device)
+    generators = {"data": data_gen, "loss": loss_gen}
+    state = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, generators=generators)
+    start = load_sharded_training_state(args.resume, **state) if args.resume else 0
 
     losses = []
-    for step in range(args.steps):
+    for step in range(start, start + args.steps):
         x = torch.randn(args.batch, args.data, device=device, generator=data_gen)
         y = torch.randint(0, args.classes, (args.batch,), device=device, generator=data_gen)
         out = loss_fn(model, x, cond={"y": y}, uncond={"y": null}, generator=loss_gen)
@@ -102,11 +107,7 @@ def main(argv=None) -> list[float]:
                   f"sample_evaluations {out.sample_evaluations}", flush=True)
 
     if args.checkpoint:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save(
-            {"model": model_state, "optimizer": optim_state, "loss": loss_fn.state_dict()},
-            checkpoint_id=args.checkpoint,
-        )
+        save_sharded_training_state(args.checkpoint, **state, step=start + args.steps)
     dist.destroy_process_group()
     return losses
 

@@ -49,7 +49,7 @@ import twinloss
 
 CONFIGS: dict[str, Callable[[], twinloss.TwinFlowLoss]] = {
     "fm": lambda: twinloss.TwinFlowLoss.plain_flow_matching(),
-    "rcgm": lambda: twinloss.TwinFlowLoss(mode="rcgm", guidance_scale=0.0),
+    "rcgm": lambda: twinloss.TwinFlowLoss.rcgm(guidance_scale=0.0),
     "twinflow": lambda: twinloss.TwinFlowLoss(guidance_scale=0.0),
     "twinflow+cfg": lambda: twinloss.TwinFlowLoss(guidance_scale=0.5),
 }

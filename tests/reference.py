@@ -1,6 +1,6 @@
 """An independent, loop-by-loop float64 reference of one TwinFlow step.
 
-It follows ALGORITHM.md section 2 literally, draws its random numbers in the
+It follows docs/method.md section 2 literally, draws its random numbers in the
 order TwinFlowLoss documents (t, u, fake noise, interpolation noise,
 rectification noise, rectification time), computes every target under
 ``no_grad`` from a *separate* no-grad forward, and back-propagates through a
@@ -10,6 +10,28 @@ single forward with those precomputed targets.
 import math
 
 import torch
+
+
+def linear(t):
+    return t, 1 - t
+
+
+def cosine(t):
+    return torch.sin(math.pi * t / 2), torch.cos(math.pi * t / 2)
+
+
+def vp(t, beta_min=0.1, beta_max=20.0):
+    b = torch.exp(-0.5 * (beta_min * t + 0.5 * (beta_max - beta_min) * t**2))
+    return torch.sqrt(1 - b**2), b
+
+
+def _with_derivatives(path, t):
+    """``a, b, a', b'`` at ``t``, the derivatives by autograd (independent of any closed form)."""
+    t = t.detach().clone().requires_grad_(True)
+    a, b = path(t)
+    da, = torch.autograd.grad(a.sum(), t, retain_graph=True)
+    db, = torch.autograd.grad(b.sum(), t)
+    return a.detach(), b.detach(), da, db
 
 
 def l2(p, q):
@@ -22,7 +44,14 @@ def barron(p, q, c=1e-3):
 
 
 def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=2,
-                   clamp=1.0, rectify_weight=0.5, rectify_clamp=1.0, distance=l2):
+                   clamp=1.0, rectify_weight=0.5, rectify_clamp=1.0, distance=l2, path=linear,
+                   image_free=False, guidance_model=None):
+    """One step, row by row. ``path(t) -> (a, b)`` with ``x_t = a z + b x``;
+    ``image_free`` follows the authors' ``use_image_free`` with their fixed
+    teacher: every row starts from the online model's one-jump sample, and
+    the guided rows' target is ``F_u + w (F_c - F_u)`` of ``guidance_model``.
+    """
+    guidance_model = model if guidance_model is None else guidance_model
     g = torch.Generator().manual_seed(seed)
     batch = x.shape[0]
     n = batch // 4
@@ -39,14 +68,15 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     t[fake], r[fake] = -t0[fake], -t0[fake]
 
     with torch.no_grad():
-        z_gen = torch.randn(x[fake].shape, dtype=x.dtype, generator=g)
-        ones = torch.ones(n, dtype=x.dtype)
-        x_fake = z_gen - model(z_gen, ones, 0 * ones, y=y[fake])
-    x_rows = torch.cat([x[real], x_fake])
+        made = slice(0, batch) if image_free else fake  # rows made by the online model
+        z_gen = torch.randn(x[made].shape, dtype=x.dtype, generator=g)
+        ones = torch.ones(z_gen.shape[0], dtype=x.dtype)
+        samples = z_gen - model(z_gen, ones, 0 * ones, y=y[made])  # x_t - (1 - 0) F at t = 1
+        x_rows = samples if image_free else torch.cat([x[real], samples])
     z = torch.randn(x_rows.shape, dtype=x.dtype, generator=g)
-    a = t.abs().reshape(view)
-    x_t = a * z + (1 - a) * x_rows
-    v = z - x_rows
+    a, b, da, db = _with_derivatives(path, t.abs())
+    x_t = a.reshape(view) * z + b.reshape(view) * x_rows
+    v = da.reshape(view) * z + db.reshape(view) * x_rows
 
     with torch.no_grad():
         prediction = model(x_t, t, r, y=y)
@@ -55,9 +85,9 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
             ti, ri = t[i : i + 1], r[i : i + 1]
             xi, vi = x_t[i : i + 1], v[i : i + 1].clone()
             if guidance > 0 and 0 < ti.item() < 1:
-                fc = model(xi, ti, ti, y=y[i : i + 1])
-                fu = model(xi, ti, ti, y=null_y[i : i + 1])
-                vi = vi + guidance * (fc - fu)
+                fc = guidance_model(xi, ti, ti, y=y[i : i + 1])
+                fu = guidance_model(xi, ti, ti, y=null_y[i : i + 1])
+                vi = fu + guidance * (fc - fu) if image_free else vi + guidance * (fc - fu)
             t_mid = max(ti.item() - step, ri.item())
             xs = xi - step * vi
             s, disp = t_mid, torch.zeros_like(xi)
@@ -75,7 +105,8 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
         x_hat = x_t[one] - prediction[one]  # t = 1, r = 0
         z2 = torch.randn(x_hat.shape, dtype=x.dtype, generator=g)
         s = torch.rand(n, dtype=x.dtype, generator=g)
-        y_mix = s.reshape(view) * z2 + (1 - s.reshape(view)) * x_hat
+        a_s, b_s = path(s)
+        y_mix = a_s.reshape(view) * z2 + b_s.reshape(view) * x_hat
         gap = (model(y_mix, -s, -s, y=y[one]) - model(y_mix, s, s, y=y[one])).clamp(
             -rectify_clamp, rectify_clamp)
 

@@ -1,10 +1,13 @@
 """RCGM and guidance targets against closed forms in float64."""
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
 
 from twinloss import guidance_target, rcgm_target
+from twinloss.targets import fake_samples, image_free_guidance_target, rectification_target, tangent_time_weight
 
 from core_models import GaussianFlow
 
@@ -96,3 +99,43 @@ def test_guidance_target():
     v, c, u = torch.randn(3, 4, 2, dtype=torch.float64).unbind(0)
     assert_close(guidance_target(v, c, u, 0.5), v + 0.5 * (c - u))
     assert_close(guidance_target(v, c, u, 0.0), v)
+
+
+def test_fake_samples_are_one_jump_from_noise_to_data():
+    z, velocity = torch.randn(2, 5, 3, dtype=torch.float64).unbind(0)
+    # x_r = x_t - (t - r) F with t = 1, r = 0, written out
+    assert_close(fake_samples(z, velocity), z - 1.0 * velocity, rtol=0, atol=0)
+    # the exact Gaussian flow's jump from pure noise lands on its data mean for z = 0
+    flow = GaussianFlow(mu=0.7, s=0.5)
+    ones = torch.ones(5, dtype=torch.float64)
+    zero_noise = torch.zeros(5, 3, dtype=torch.float64)
+    assert_close(fake_samples(zero_noise, flow(zero_noise, ones, 0 * ones)), torch.full((5, 3), 0.7, dtype=torch.float64))
+
+
+def test_image_free_guidance_target_is_the_teachers_cfg_velocity():
+    c, u = torch.randn(2, 4, 2, dtype=torch.float64).unbind(0)
+    assert_close(image_free_guidance_target(c, u, 4.0), u + 4.0 * (c - u))
+    assert_close(image_free_guidance_target(c, u, 1.0), c)  # w = 1: the conditional velocity itself
+    # it is the data-driven target with the data velocity v replaced by the unconditional teacher
+    assert_close(image_free_guidance_target(c, u, 0.8), guidance_target(u, c, u, 0.8))
+
+
+def test_tangent_time_weight_closed_form():
+    t = torch.tensor([1.0, 0.5, 0.5, -0.3], dtype=torch.float64)
+    r = torch.tensor([0.0, 0.5, 0.1, -0.3], dtype=torch.float64)
+    expected = 1 + torch.tan(torch.tensor([0.0, 1.0, 0.6, 1.0], dtype=torch.float64) * math.pi / 2.5)
+    assert_close(tangent_time_weight(t, r), expected)
+    assert tangent_time_weight(t, r)[0] == 1.0 and abs(tangent_time_weight(t, r)[1].item() - 4.0777) < 1e-4
+
+
+def test_rectification_target_gradient_is_the_clamped_gap():
+    g = torch.Generator().manual_seed(5)
+    prediction = torch.randn(4, 3, dtype=torch.float64, generator=g).requires_grad_(True)
+    fake, real = (2 * torch.randn(2, 4, 3, dtype=torch.float64, generator=g)).unbind(0)
+    target = rectification_target(prediction, fake, real, clamp=1.0)
+    assert not target.requires_grad
+    gap = (fake - real).clamp(-1, 1)
+    assert bool((gap.abs() == 1).any()) and bool((gap.abs() < 1).any())
+    assert_close(target, prediction.detach() - gap)
+    (0.5 * ((prediction - target) ** 2).sum()).backward()
+    assert_close(prediction.grad, gap)

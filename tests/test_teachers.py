@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from twinloss import EMATeacher, OnlineTeacher
+from twinloss import EMATeacher, FrozenTeacher, OnlineTeacher
 
 from core_models import TinyVelocityNet
 
@@ -77,3 +77,88 @@ def test_ema_rejects_bad_decay_and_foreign_models():
     ema.update(TinyVelocityNet((3,)))
     with pytest.raises(ValueError, match="parameters differ"):
         ema.update(TinyVelocityNet((3,), num_classes=2).net)
+
+
+def test_ema_casts_once_per_update_not_per_call(monkeypatch):
+    import twinloss.teachers as teachers
+
+    model = TinyVelocityNet((3,)).to(torch.bfloat16)
+    ema = EMATeacher(0.5)
+    ema.update(model)
+    seen = []
+    original = teachers.functional_call
+
+    def recording(module, params, args, kwargs):
+        seen.append({name: (p.data_ptr(), p.dtype) for name, p in params.items()})
+        return original(module, params, args, kwargs)
+
+    monkeypatch.setattr(teachers, "functional_call", recording)
+    x, t, r = _inputs()
+    for _ in range(3):
+        ema(model, x.bfloat16(), t, r, {})
+    # the same bfloat16 tensors every call: no per-call cast of the float32 average
+    assert seen[0] == seen[1] == seen[2]
+    assert all(dtype == torch.bfloat16 for _, dtype in seen[0].values())
+    assert {n: (p.data_ptr(), p.dtype) for n, p in ema.evaluation_weights.items()} == seen[0]
+    # an update rewrites the same buffers with the new average, cast once
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    ema(model, x.bfloat16(), t, r, {})
+    assert seen[-1] == seen[0]
+    for name, average in ema.shadow.items():
+        assert torch.equal(ema.evaluation_weights[name], average.to(torch.bfloat16))
+
+
+def test_ema_of_a_float32_model_evaluates_the_average_itself_with_no_second_copy():
+    model = TinyVelocityNet((3,))
+    ema = EMATeacher()
+    ema.update(model)
+    assert all(ema.evaluation_weights[name] is average for name, average in ema.shadow.items())
+
+
+def test_ema_follows_a_model_cast_after_its_last_update():
+    model = TinyVelocityNet((3,))
+    ema = EMATeacher()
+    ema.update(model)
+    model.to(torch.float64)
+    x, t, r = _inputs()
+    assert ema(model, x.double(), t.double(), r.double(), {}).dtype == torch.float64
+    assert all(p.dtype == torch.float32 for p in ema.shadow.values())
+
+
+def test_ema_state_round_trip_rebuilds_the_evaluation_copy():
+    model = TinyVelocityNet((3,)).to(torch.bfloat16)
+    ema = EMATeacher(0.9)
+    ema.update(model)
+    x, t, r = _inputs()
+    expected = ema(model, x.bfloat16(), t, r, {})
+    restored = EMATeacher(0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 1 and restored.evaluation_weights == {}
+    assert torch.equal(restored(model, x.bfloat16(), t, r, {}), expected)
+
+
+def test_frozen_teacher_keeps_the_weights_of_construction_and_survives_a_checkpoint():
+    model = TinyVelocityNet((3,))
+    x, t, r = _inputs()
+    before = model(x, t, r).detach()
+    frozen = FrozenTeacher(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    assert_close(frozen(model, x, t, r, {}), before, rtol=0, atol=0)
+    frozen.update(model)  # fixed weights: an update changes nothing
+    assert_close(frozen(model, x, t, r, {}), before, rtol=0, atol=0)
+    resumed = FrozenTeacher(model)  # built from the trained weights, then restored
+    resumed.load_state_dict(frozen.state_dict())
+    assert_close(resumed(model, x, t, r, {}), before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="parameters differ from the frozen ones"):
+        frozen(TinyVelocityNet((3,), num_classes=2).net, x, t, r, {})
+
+
+def test_warn_after_steps_must_be_a_positive_int():
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="^warn_after_steps"):
+            EMATeacher(warn_after_steps=bad)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twinloss import GroupShares, TrajectorySampler
+from twinloss import GroupShares, Trajectory, TrajectorySampler
 from twinloss.trajectory import GROUPS
 
 
@@ -82,3 +82,20 @@ def test_zero_gap_gives_r_equal_t():
 def test_bad_gap():
     with pytest.raises(ValueError, match="multi_step_gap"):
         TrajectorySampler(multi_step_gap=1.5)
+
+
+def test_rows_of_groups_do_not_depend_on_group_order():
+    t = torch.zeros(10)
+    ordered = Trajectory(t=t, r=t, groups={"one_step": slice(0, 3), "multi_step": slice(3, 6),
+                                            "any_step": slice(6, 8), "fake": slice(8, 10)})
+    assert ordered.rows("one_step", "multi_step", "any_step") == slice(0, 8)
+    assert ordered.rows("fake") == slice(8, 10)
+    shuffled = Trajectory(t=t, r=t, groups={"fake": slice(0, 2), "any_step": slice(2, 4),
+                                             "one_step": slice(4, 7), "multi_step": slice(7, 10)})
+    assert shuffled.rows("one_step", "multi_step", "any_step") == slice(2, 10)
+    assert torch.equal(shuffled.rows("fake", "one_step"), torch.tensor([0, 1, 4, 5, 6]))
+    assert shuffled.count("fake", "one_step") == 5
+    empty = Trajectory(t=t, r=t, groups={"one_step": slice(0, 0), "fake": slice(0, 10)})
+    assert torch.arange(10)[empty.rows("one_step")].numel() == 0
+    with pytest.raises(ValueError, match="^names must be groups"):
+        ordered.rows("real")

@@ -112,6 +112,5 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
 def from_pretrained(
     pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
 ) -> AceStepAdapter:
-    """Load an ACE-Step transformer with ``from_pretrained`` and adapt it."""
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-    return adapt(transformer)
+    """``AceStepAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
+    return AceStepAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -11,6 +11,8 @@ conditioning keys, a latent-shape check and the stock call (packing included).
 """
 
 import abc
+import inspect
+import os
 from collections.abc import Mapping
 
 import torch
@@ -19,22 +21,39 @@ from torch import Tensor, nn
 
 from twinloss_adapters.conventions import Capabilities, TimeConvention
 from twinloss_adapters.time_embedding import (
-    DEFAULT_MODULE_NAME,
+    ReleasedTimeEmbedding,
     TimeEmbeddingInjection,
     find_injection,
+    inject_released_time_embedding,
     inject_time_embedding,
 )
 
 __all__ = [
+    "RELEASE_TIME_EMBEDDING",
+    "TIME_EMBEDDINGS",
+    "TWINFLOW_TIME_EMBEDDING",
     "AdaptedTransformer",
     "check_backbone_class",
     "check_image_latent",
     "check_latent_condition",
+    "check_time_embedding_kind",
     "check_velocity_channels",
     "check_video_latent",
     "unadapt",
     "unadapt_transformer",
 ]
+
+TWINFLOW_TIME_EMBEDDING = "twinflow"
+"""twinloss's own time embedding (:class:`~twinloss_adapters.time_embedding.TwinTimeEmbedding`)."""
+RELEASE_TIME_EMBEDDING = "twinflow_release"
+"""The time embedding of the authors' released checkpoint of that backbone."""
+TIME_EMBEDDINGS = (TWINFLOW_TIME_EMBEDDING, RELEASE_TIME_EMBEDDING)
+
+
+def check_time_embedding_kind(time_embedding: str) -> None:
+    """Raise ValueError naming ``time_embedding`` unless it is one of :data:`TIME_EMBEDDINGS`."""
+    if time_embedding not in TIME_EMBEDDINGS:
+        raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {time_embedding!r}")
 
 
 def check_backbone_class(transformer: object, expected: type, *, argument: str = "transformer") -> None:
@@ -106,6 +125,17 @@ class AdaptedTransformer(nn.Module, abc.ABC):
 
     required_cond: tuple[str, ...] = ()
     optional_cond: tuple[str, ...] = ()
+    construction_arguments: dict[str, object]
+
+    def __new__(cls, *args: object, **kwargs: object) -> "AdaptedTransformer":
+        """Record the constructor's keyword arguments (``construction_arguments``), so a save can rebuild the adapter."""
+        instance = super().__new__(cls)
+        if args or kwargs:  # copy.deepcopy and pickle call __new__ bare and restore __dict__ themselves
+            bound = inspect.signature(cls.__init__).bind(instance, *args, **kwargs)
+            bound.apply_defaults()
+            recorded = {name: value for name, value in bound.arguments.items() if name not in ("self", "transformer")}
+            object.__setattr__(instance, "construction_arguments", recorded)
+        return instance
 
     def __init__(
         self,
@@ -117,14 +147,30 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         target_time: bool = True,
         sign: bool = True,
         guidance_inputs: tuple[str, ...] = (),
+        release: ReleasedTimeEmbedding | None = None,
         per_token_time: bool = False,
     ) -> None:
         super().__init__()
+        if release is not None and not target_time:
+            raise ValueError(
+                "target_time=False cannot be honoured with time_embedding='twinflow_release': "
+                "the released embedding always embeds the target time"
+            )
+        if release is not None and embedder_path != release.embedder_path:
+            raise ValueError(f"embedder_path {embedder_path!r} differs from the release's {release.embedder_path!r}")
+        if release is not None and per_token_time:
+            raise ValueError(
+                "per_token_time=True cannot be honoured with time_embedding='twinflow_release': "
+                "the released embeddings add one embedding per batch row"
+            )
         self.transformer = transformer
         self.time_convention = time_convention
         self.capabilities = Capabilities(target_time=target_time, sign=sign, guidance_inputs=guidance_inputs)
+        self.time_embedding_kind = TWINFLOW_TIME_EMBEDDING if release is None else RELEASE_TIME_EMBEDDING
         self.injection: TimeEmbeddingInjection | None = None
-        if target_time or sign:
+        if release is not None:
+            self.injection = inject_released_time_embedding(transformer, release, embedding_dim, sign=sign)
+        elif target_time or sign:
             self.injection = inject_time_embedding(
                 transformer, embedder_path, embedding_dim, target_time=target_time, sign=sign,
                 per_token=per_token_time,
@@ -209,6 +255,39 @@ class AdaptedTransformer(nn.Module, abc.ABC):
                     f"cond[{key!r}] must lead with the batch dimension {batch_size}, got {tuple(value.shape)}"
                 )
 
+    # --- saving and loading (twinloss_adapters.persistence) ------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: object) -> None:
+        """Save the transformer with its twin weights and a ``twinloss_config.json``; see ``docs/saving.md``.
+
+        ``kwargs`` go to the stock ``save_pretrained`` (``variant``,
+        ``max_shard_size``, ``is_main_process``, ...). Reload with
+        ``type(self).from_pretrained(save_directory)``.
+        """
+        from twinloss_adapters.persistence import save_adapted
+
+        save_adapted(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, subfolder: str | None = None, **kwargs: object
+    ) -> "AdaptedTransformer":
+        """Load a stock or twinloss checkpoint, adapt it and restore every twin weight, strictly.
+
+        Args:
+            pretrained_model_name_or_path: a directory or Hub repository.
+            subfolder: e.g. ``"transformer"`` inside a pipeline repository.
+            **kwargs: the adapter's own arguments (``target_time``, ``sign``,
+                ``connector``, ...; a saved option may not be contradicted) and
+                the stock ``from_pretrained``'s (``torch_dtype``, ``variant``, ...).
+
+        Raises:
+            ValueError: see :func:`twinloss_adapters.persistence.load_adapted`.
+        """
+        from twinloss_adapters.persistence import load_adapted
+
+        return load_adapted(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
     # --- extras and un-adaptation -------------------------------------------------
 
     def extra_state_dict(self) -> dict[str, Tensor]:
@@ -217,8 +296,10 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         return {key: value for key, value in self.state_dict().items() if key.startswith(prefixes)}
 
     def extra_prefixes(self) -> tuple[str, ...]:
-        """State-dict key prefixes of the adapter's own modules."""
-        return (f"transformer.{DEFAULT_MODULE_NAME}.",)
+        """State-dict key prefixes of the adapter's own modules (none without an injection)."""
+        if self.injection is None:
+            return ()
+        return tuple(f"transformer.{name}." for name in self.injection.module_names)
 
     def load_extra_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load what :meth:`extra_state_dict` saved.

@@ -29,6 +29,10 @@ class TimeConvention:
         \begin{cases} 1 - |t| & \text{reversed} \\ |t| & \text{otherwise,} \end{cases}
         \qquad v_\text{twinloss} = \text{output\_sign} \cdot v_\text{backbone}.
 
+    With ``signed`` the timestep keeps the sign of ``t`` (``tau = scale * t``):
+    the TwinFlow-Qwen-Image release feeds the twin trajectory's negative times
+    to the stock sinusoidal embedder.
+
     Args:
         scale: backbone units per unit of time: 1000 for the diffusers flow
             transformers that embed ``timestep`` directly (SANA, SD3, Wan, LTX),
@@ -36,20 +40,26 @@ class TimeConvention:
         reversed: True for backbones whose ``timestep = 0`` is noise.
         output_sign: +1 if the backbone predicts ``z - x`` (every diffusers
             flow-match pipeline here), -1 if it predicts ``x - z``.
+        signed: keep the sign of ``t`` in the timestep (not with ``reversed``).
     """
 
     scale: float = 1000.0
     reversed: bool = False
     output_sign: int = 1
+    signed: bool = False
 
     def __post_init__(self) -> None:
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise ValueError(f"scale must be a positive finite number, got {self.scale}")
         if self.output_sign not in (1, -1):
             raise ValueError(f"output_sign must be +1 or -1, got {self.output_sign}")
+        if self.signed and self.reversed:
+            raise ValueError("signed=True needs reversed=False: a reversed timestep 1 - |t| has no sign to keep")
 
     def to_backbone(self, t: Float[Tensor, " batch"]) -> Float[Tensor, " batch"]:
         """The backbone's ``timestep`` for signed twinloss times ``t``."""
+        if self.signed:
+            return t * self.scale
         unsigned = t.abs()
         if self.reversed:
             unsigned = 1.0 - unsigned

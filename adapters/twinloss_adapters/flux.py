@@ -19,7 +19,7 @@ the latent and text shapes. Conditioning:
 
 from collections.abc import Mapping
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
@@ -103,6 +103,5 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
 def from_pretrained(
     pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
 ) -> FluxAdapter:
-    """Load a Flux transformer with ``from_pretrained`` and adapt it."""
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-    return adapt(transformer)
+    """``FluxAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
+    return FluxAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

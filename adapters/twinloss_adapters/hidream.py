@@ -119,6 +119,5 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
 def from_pretrained(
     pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
 ) -> HiDreamAdapter:
-    """Load a HiDream transformer with ``from_pretrained`` and adapt it."""
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-    return adapt(transformer)
+    """``HiDreamAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
+    return HiDreamAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -107,6 +107,5 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
 def from_pretrained(
     pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
 ) -> HunyuanVideoAdapter:
-    """Load a HunyuanVideo transformer with ``from_pretrained`` and adapt it."""
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-    return adapt(transformer)
+    """``HunyuanVideoAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
+    return HunyuanVideoAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -184,12 +184,18 @@ def adapt(
 
 
 def from_pretrained(
-    pretrained_model_name_or_path: str,
-    *,
-    subfolder: str | None = "transformer",
-    vision_tokens: int = VISION_TOKENS,
-    **kwargs: object,
+    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
 ) -> HunyuanVideo15Adapter | HunyuanVideo15MeanFlowAdapter:
-    """Load a HunyuanVideo 1.5 transformer with ``from_pretrained`` and adapt it (``kwargs`` go to diffusers)."""
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-    return adapt(transformer, vision_tokens=vision_tokens)
+    """The adapter class's ``from_pretrained``, with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``.
+
+    The class is chosen from the checkpoint's ``config.json`` as :func:`adapt`
+    chooses it: :class:`HunyuanVideo15MeanFlowAdapter` if ``use_meanflow``,
+    else :class:`HunyuanVideo15Adapter`. ``kwargs`` are the adapter's options
+    (``target_time``, ``sign``, ``vision_tokens``) and the stock loader's.
+    """
+    from twinloss_adapters.persistence import HUB_ARGUMENTS
+
+    hub_arguments = {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
+    config = _stock_class().load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_arguments)
+    adapter_class = HunyuanVideo15MeanFlowAdapter if config.get("use_meanflow", False) else HunyuanVideo15Adapter
+    return adapter_class.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

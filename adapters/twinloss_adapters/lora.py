@@ -2,8 +2,9 @@
 
 :func:`add_lora` wraps an adapted model in a ``peft.PeftModel``: the base
 transformer is frozen, LoRA layers are injected where the config says, and the
-adapter's own modules (the TwinFlow time embedding, OpenUni's connector) go
-into ``modules_to_save``, so they train and are saved with the LoRA
+adapter's own trainable modules (the TwinFlow time embedding; OpenUni's
+connector and projector when built with ``train_connector=True``) go into
+``modules_to_save``, so they train and are saved with the LoRA
 (``save_pretrained`` / ``get_peft_model_state_dict``). The ``PeftModel``
 keeps the protocol: ``peft_model(x_t, t, r, **cond)``.
 
@@ -16,10 +17,18 @@ copy of the base weights:
   at ``|t|``);
 * :class:`LoRAEMATeacher`: an exponential moving average of the trained
   adapter, kept as a second peft adapter on the same base.
+
+Saving (``docs/saving.md``): ``peft_model.save_pretrained(d)`` writes the
+trained adapter (LoRA plus the twin modules) to ``d`` and, once a
+:class:`LoRAEMATeacher` has attached, the EMA adapter to ``d/twinflow_ema``.
+:func:`load_lora` puts either onto a freshly adapted stock base, checking that
+every LoRA and twin weight is there; :func:`save_merged` writes a plain
+checkpoint with the LoRA fused in, loaded by the adapter's ``from_pretrained``.
 """
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
 
 import torch
@@ -30,7 +39,7 @@ from twinloss.teachers import MovingAverageTeacher, Teacher
 from twinloss_adapters._imports import require_peft
 from twinloss_adapters.base import AdaptedTransformer
 
-__all__ = ["BaseModelTeacher", "LoRAEMATeacher", "add_lora", "trainable_parameter_names"]
+__all__ = ["BaseModelTeacher", "LoRAEMATeacher", "add_lora", "load_lora", "save_merged", "trainable_parameter_names"]
 
 
 def add_lora(adapted: nn.Module, config: object, *, adapter_name: str = "default") -> nn.Module:
@@ -39,7 +48,8 @@ def add_lora(adapted: nn.Module, config: object, *, adapter_name: str = "default
     Args:
         adapted: a model returned by a backbone's ``adapt``.
         config: a ``peft.LoraConfig``; it is copied, never modified. Its
-            ``modules_to_save`` is extended by the adapter's modules.
+            ``modules_to_save`` is extended by the adapter's own modules that
+            have trainable parameters (frozen ones stay frozen).
         adapter_name: the peft adapter name of the trained LoRA.
 
     Returns:
@@ -57,15 +67,112 @@ def add_lora(adapted: nn.Module, config: object, *, adapter_name: str = "default
     if not isinstance(config, peft.LoraConfig):
         raise ValueError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
     config = copy.deepcopy(config)
-    extra_modules = [prefix.rstrip(".").split(".")[-1] for prefix in adapted.extra_prefixes()]
-    present = [name for name in extra_modules if _has_submodule(adapted, name)]
-    config.modules_to_save = sorted(set(config.modules_to_save or ()) | set(present))
+    config.modules_to_save = sorted(set(config.modules_to_save or ()) | set(_extra_module_names(adapted)))
     adapted.requires_grad_(False)
     return peft.get_peft_model(adapted, config, adapter_name=adapter_name)
 
 
-def _has_submodule(root: nn.Module, name: str) -> bool:
-    return any(path.split(".")[-1] == name for path, _ in root.named_modules())
+def _extra_module_names(adapted: AdaptedTransformer) -> list[str]:
+    """Names of the adapter's own trainable modules on ``adapted`` (what ``modules_to_save`` must hold)."""
+    names = [prefix.rstrip(".").split(".")[-1] for prefix in adapted.extra_prefixes()]
+    return [name for name in names if _has_trainable_submodule(adapted, name)]
+
+
+def _has_trainable_submodule(root: nn.Module, name: str) -> bool:
+    """A submodule called ``name`` with a trainable parameter (a frozen OpenUni connector stays frozen)."""
+    return any(
+        path.split(".")[-1] == name and any(parameter.requires_grad for parameter in module.parameters())
+        for path, module in root.named_modules()
+    )
+
+
+def load_lora(
+    adapted: nn.Module,
+    model_id: str | os.PathLike,
+    *,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    **hub_kwargs: object,
+) -> nn.Module:
+    """Put an adapter saved by ``peft_model.save_pretrained`` onto a freshly adapted stock base.
+
+    Every saved weight must match the model exactly: LoRA matrices and the
+    twin modules (``modules_to_save``), none missing, none extra, none of
+    another shape. peft's own ``PeftModel.from_pretrained`` only warns about
+    missing LoRA keys and says nothing about missing ``modules_to_save``.
+
+    Args:
+        adapted: the stock base adapted with the same options as in training
+            (``backbone.adapt(...)`` or ``AdapterClass.from_pretrained(...)``).
+        model_id: the directory (or Hub repository) the adapter was saved to;
+            the EMA adapter is in its ``twinflow_ema`` folder.
+        adapter_name: the peft name to give the loaded adapter.
+        is_trainable: keep the LoRA and twin weights trainable (to continue training).
+        **hub_kwargs: ``subfolder``, ``revision``, ``token``, ... for the Hub.
+
+    Returns:
+        The ``peft.PeftModel``; call it like the adapted model.
+
+    Raises:
+        ValueError: if the saved config is not a LoRA config, its
+            ``modules_to_save`` lacks the adapter's modules, or the weights do
+            not match the model (naming the keys).
+    """
+    peft = require_peft()
+    from twinloss_adapters.persistence import check_exact_match
+
+    config = peft.PeftConfig.from_pretrained(str(model_id), **hub_kwargs)
+    if not isinstance(config, peft.LoraConfig):
+        raise ValueError(f"{model_id} holds a {type(config).__name__}, expected a LoRA adapter (LoraConfig)")
+    if not isinstance(adapted, AdaptedTransformer):
+        raise ValueError(f"adapted must be a model returned by adapt() or from_pretrained(), got {type(adapted).__name__}")
+    absent = sorted(set(_extra_module_names(adapted)) - set(config.modules_to_save or ()))
+    if absent:
+        raise ValueError(
+            f"the adapter in {model_id} does not save modules {absent} (its modules_to_save is "
+            f"{config.modules_to_save}); their trained weights are not in it"
+        )
+    config.inference_mode = not is_trainable
+    model = add_lora(adapted, config, adapter_name=adapter_name)
+    saved = peft.utils.load_peft_weights(str(model_id), device="cpu", **hub_kwargs)
+    expected = peft.get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # Names and shapes are compared in the saved naming; peft then maps them onto the adapter's parameters.
+    check_exact_match(expected, saved, f"the adapter weights in {model_id}")
+    peft.set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
+    return model
+
+
+def save_merged(
+    peft_model: nn.Module, save_directory: str | os.PathLike, *, adapter_name: str | None = None, **kwargs: object
+) -> None:
+    """Fuse one LoRA adapter into a copy of the base and save it as a plain adapted checkpoint.
+
+    The copy (the caller's model is left as it is, at the cost of a second
+    set of base weights while saving) gets ``W + scale * B A`` in every LoRA
+    layer and that adapter's twin modules, and is written with
+    :meth:`AdaptedTransformer.save_pretrained`: one
+    ``AdapterClass.from_pretrained(save_directory)`` loads it, no peft needed.
+
+    Args:
+        peft_model: a model returned by :func:`add_lora` or :func:`load_lora`.
+        save_directory: where to write.
+        adapter_name: the adapter to fuse (*default* the active one; the
+            EMA of a :class:`LoRAEMATeacher` is ``"twinflow_ema"``).
+        **kwargs: passed to the stock ``save_pretrained``.
+
+    Raises:
+        ValueError: if ``peft_model`` is not a peft model of an adapted
+            transformer or has no adapter ``adapter_name``.
+    """
+    model = _as_peft_model(peft_model, "save_merged")
+    if not isinstance(model.get_base_model(), AdaptedTransformer):
+        raise ValueError(f"save_merged needs a peft model of an adapted transformer, got one of {type(model.get_base_model()).__name__}")
+    name = adapter_name or model.active_adapter
+    if name not in model.peft_config:
+        raise ValueError(f"adapter_name {name!r} is not an adapter of the model; it has {sorted(model.peft_config)}")
+    merged = copy.deepcopy(model)
+    merged.set_adapter(name)
+    merged.merge_and_unload(adapter_names=[name]).save_pretrained(save_directory, **kwargs)
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:
@@ -98,8 +205,12 @@ class BaseModelTeacher(Teacher):
 
     It ignores ``r`` and the sign (the base has neither), so it returns the
     stock model's instantaneous velocity at ``|t|``: a fixed reference for the
-    guidance and RCGM passes, at no memory cost.
+    guidance pass (``TwinFlowLoss(guidance_teacher=BaseModelTeacher())``, the
+    authors' ``ema_decay_rate: 1``), at no memory cost. The loss refuses it
+    for the RCGM chain, which needs ``r``.
     """
+
+    reads_target_time = False
 
     def forward(
         self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning

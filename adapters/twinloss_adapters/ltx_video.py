@@ -17,7 +17,7 @@ Conditioning:
 
 from collections.abc import Mapping
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
@@ -136,6 +136,5 @@ def adapt(
 def from_pretrained(
     pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
 ) -> LTXVideoAdapter:
-    """Load an LTX-Video transformer with ``from_pretrained`` and adapt it."""
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-    return adapt(transformer)
+    """``LTXVideoAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
+    return LTXVideoAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

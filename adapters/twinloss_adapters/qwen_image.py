@@ -14,6 +14,13 @@ from ``H, W``. Conditioning:
 * ``encoder_hidden_states`` ``[B, L, joint_attention_dim]``, required;
 * ``encoder_hidden_states_mask`` ``[B, L]`` (1 valid, 0 padding), optional.
 
+``time_embedding="twinflow_release"`` reproduces TwinFlow-Qwen-Image-v1.0:
+signed ``t`` goes to the stock embedder (a signed
+:class:`~twinloss_adapters.conventions.TimeConvention`) and a copy of it,
+``time_text_embed_2``, adds ``(t - r) E_2(r)``
+(:func:`~twinloss_adapters.time_embedding.qwen_image_release_delta`).
+:func:`from_pretrained` loads the release by key name.
+
 Edit (``zero_cond_t``) and layered (``use_layer3d_rope``,
 ``use_additional_t_cond``) variants carry reference-image tokens with their own
 times; they are rejected with a ValueError rather than half-supported.
@@ -21,12 +28,21 @@ times; they are rejected with a ValueError rather than half-supported.
 
 from collections.abc import Mapping
 
-from torch import Tensor, nn
+from torch import Tensor
 
+from twinloss_adapters import releases
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import (
+    RELEASE_TIME_EMBEDDING,
+    TWINFLOW_TIME_EMBEDDING,
+    AdaptedTransformer,
+    check_backbone_class,
+    check_time_embedding_kind,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_image_patches, unpack_image_patches
+from twinloss_adapters.time_embedding import QWEN_IMAGE_RELEASE_NAME, qwen_image_release
 
 __all__ = ["QwenImageAdapter", "adapt", "from_pretrained", "unadapt"]
 
@@ -42,15 +58,25 @@ class QwenImageAdapter(AdaptedTransformer):
 
     required_cond = ("encoder_hidden_states",)
     optional_cond = ("encoder_hidden_states_mask",)
+    rejected_flags: tuple[str, ...] = UNSUPPORTED_FLAGS  # the edit adapter accepts zero_cond_t
 
-    def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
+    def __init__(
+        self,
+        transformer: object,
+        *,
+        target_time: bool = True,
+        sign: bool = True,
+        time_embedding: str = TWINFLOW_TIME_EMBEDDING,
+    ) -> None:
         check_backbone_class(transformer, _stock_class())
+        check_time_embedding_kind(time_embedding)
+        release = qwen_image_release() if time_embedding == RELEASE_TIME_EMBEDDING else None
         config = transformer.config
-        enabled = [flag for flag in UNSUPPORTED_FLAGS if getattr(config, flag, False)]
+        enabled = [flag for flag in self.rejected_flags if getattr(config, flag, False)]
         if enabled:
             raise ValueError(
-                f"transformer has {enabled} set; the Qwen-Image adapter supports the text-to-image "
-                "model only (edit/layered variants condition extra tokens on their own times)"
+                f"transformer has {enabled} set; {type(self).__name__} does not support it (edit models, "
+                "zero_cond_t included: twinloss_adapters.qwen_image_edit; layered variants: not supported)"
             )
         patch = config.patch_size
         self.latent_channels = config.in_channels // (patch * patch)
@@ -61,11 +87,12 @@ class QwenImageAdapter(AdaptedTransformer):
             )
         super().__init__(
             transformer,
-            time_convention=TimeConvention(scale=1.0),
-            embedder_path="time_text_embed.timestep_embedder",
+            time_convention=TimeConvention(scale=1.0, signed=release is not None),
+            embedder_path="time_text_embed" if release is not None else "time_text_embed.timestep_embedder",
             embedding_dim=transformer.inner_dim,
             target_time=target_time,
             sign=sign,
+            release=release,
         )
 
     def check_latent(self, x_t: Tensor) -> None:
@@ -93,20 +120,49 @@ class QwenImageAdapter(AdaptedTransformer):
         return unpack_image_patches(tokens, height, width, patch)
 
 
-def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> QwenImageAdapter:
+def adapt(
+    transformer: object,
+    *,
+    target_time: bool = True,
+    sign: bool = True,
+    time_embedding: str = TWINFLOW_TIME_EMBEDDING,
+) -> QwenImageAdapter:
     """Adapt a ``QwenImageTransformer2DModel`` in place and return the protocol model.
+
+    Args:
+        transformer: the stock diffusers Qwen-Image transformer.
+        target_time: embed the target time (must stay True for the release).
+        sign: accept the twin trajectory ``t < 0``.
+        time_embedding: ``"twinflow"`` (twinloss's zero-init embedding) or
+            ``"twinflow_release"`` (TwinFlow-Qwen-Image-v1.0's, initialised as
+            a copy of the stock embedder, as the authors do). Recorded as
+            ``adapted.time_embedding_kind``.
 
     Raises:
         ValueError: if ``transformer`` is not a ``QwenImageTransformer2DModel``,
-            is an edit/layered variant, or is already adapted.
+            is an edit/layered variant, or is already adapted; for an unknown
+            ``time_embedding``, or ``target_time=False`` with the release.
     """
-    return QwenImageAdapter(transformer, target_time=target_time, sign=sign)
-
+    return QwenImageAdapter(transformer, target_time=target_time, sign=sign, time_embedding=time_embedding)
 
 
 def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
+    pretrained_model_name_or_path: str,
+    *,
+    subfolder: str | None = "transformer",
+    time_embedding: str = TWINFLOW_TIME_EMBEDDING,
+    **kwargs: object,
 ) -> QwenImageAdapter:
-    """Load a Qwen-Image transformer with ``from_pretrained`` and adapt it."""
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-    return adapt(transformer)
+    """Load a Qwen-Image transformer with ``from_pretrained`` and adapt it.
+
+    With ``time_embedding="twinflow_release"`` the checkpoint is loaded as
+    TwinFlow-Qwen-Image-v1.0: the stock weights into the stock class, the
+    ``time_text_embed_2.*`` weights into the released second embedder (see
+    :func:`twinloss_adapters.releases.load_release`, which raises on missing,
+    mis-shaped or unused keys). The default kind refuses a checkpoint that
+    carries the release's second embedder instead of dropping it.
+    """
+    return releases.from_pretrained(
+        QwenImageAdapter, _stock_class(), QWEN_IMAGE_RELEASE_NAME, pretrained_model_name_or_path,
+        subfolder=subfolder, time_embedding=time_embedding, **kwargs,
+    )

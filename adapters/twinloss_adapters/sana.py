@@ -1,8 +1,21 @@
-"""SANA (``SanaTransformer2DModel``) as a twinloss model.
+"""SANA and SANA-Sprint (``SanaTransformer2DModel``) as a twinloss model.
 
 Stock SANA is called by ``SanaPipeline`` with ``timestep = 1000 t *
 config.timestep_scale`` (flow matching, ``t = 1`` noise) and predicts the
-flow-match velocity ``z - x``, the twinloss velocity. Its time embedding
+flow-match velocity ``z - x``, the twinloss velocity.
+
+SANA-Sprint is the same class built with ``guidance_embeds=True``.
+``SanaSprintPipeline`` draws a TrigFlow angle ``s`` and calls the transformer
+with the flow time ``t = sin s / (cos s + sin s)`` itself, in ``[0, 1]``, on the
+flow interpolant ``x_t = t z + (1 - t) x`` (its input rescaling
+``sqrt(t^2 + (1 - t)^2)`` turns the TrigFlow state into exactly that), and
+with ``guidance = guidance_scale * config.guidance_embeds_scale`` (0.1). Its
+raw output is again ``z - x`` (the pipeline's output transform turns it into
+the TrigFlow velocity). So a Sprint model is a flow model in ``[0, 1]`` time
+units; the adapter takes the user-facing ``guidance_scale`` (e.g. 4.5) and
+applies ``guidance_embeds_scale`` itself, as the pipeline does.
+
+The time embedding
 ``time_embed.emb.timestep_embedder`` (or ``time_embed.timestep_embedder`` when
 built with ``guidance_embeds``) feeds ``time_embed.linear``, the adaLN-single
 modulation of every block and the output norm: the TwinFlow embeddings are
@@ -12,12 +25,13 @@ Conditioning (all batch-leading):
 
 * ``encoder_hidden_states`` ``[B, L, caption_channels]``, required;
 * ``encoder_attention_mask`` ``[B, L]`` (1 keep, 0 pad), optional;
-* ``guidance`` ``[B]``, required exactly when the model has guidance embeddings.
+* ``guidance`` ``[B]``, the pipeline's ``guidance_scale`` (e.g. 4.5), required
+  exactly when the model has guidance embeddings (SANA-Sprint).
 """
 
 from collections.abc import Mapping
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
@@ -46,9 +60,12 @@ class SanaAdapter(AdaptedTransformer):
                 "a velocity must have the latent's shape"
             )
         guidance = bool(config.guidance_embeds)
+        # SanaSprintPipeline: timestep in [0, 1]; SanaPipeline: 1000 t * timestep_scale.
+        time_scale = 1.0 if guidance else 1000.0 * float(config.timestep_scale)
+        self.guidance_embeds_scale = float(config.guidance_embeds_scale) if guidance else None
         super().__init__(
             transformer,
-            time_convention=TimeConvention(scale=1000.0 * float(config.timestep_scale)),
+            time_convention=TimeConvention(scale=time_scale),
             embedder_path="time_embed.timestep_embedder" if guidance else "time_embed.emb.timestep_embedder",
             embedding_dim=config.num_attention_heads * config.attention_head_dim,
             target_time=target_time,
@@ -67,11 +84,14 @@ class SanaAdapter(AdaptedTransformer):
             raise ValueError(f"x_t height and width must be multiples of patch_size {patch}, got {tuple(x_t.shape)}")
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        guidance = cond.get("guidance")
+        if guidance is not None:
+            guidance = guidance * self.guidance_embeds_scale  # SanaSprintPipeline's embedded guidance
         return self.transformer(
             hidden_states=x_t,
             encoder_hidden_states=cond["encoder_hidden_states"],
             timestep=timestep,
-            guidance=cond.get("guidance"),
+            guidance=guidance,
             encoder_attention_mask=cond.get("encoder_attention_mask"),
             return_dict=False,
         )[0]
@@ -97,6 +117,5 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
 def from_pretrained(
     pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
 ) -> SanaAdapter:
-    """Load a SANA transformer with ``from_pretrained`` and adapt it (target time and sign on)."""
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-    return adapt(transformer)
+    """``SanaAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
+    return SanaAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

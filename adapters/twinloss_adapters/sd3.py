@@ -14,7 +14,7 @@ Conditioning:
 
 from collections.abc import Mapping
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
@@ -86,6 +86,5 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
 def from_pretrained(
     pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
 ) -> SD3Adapter:
-    """Load an SD3 transformer with ``from_pretrained`` and adapt it."""
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-    return adapt(transformer)
+    """``SD3Adapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
+    return SD3Adapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

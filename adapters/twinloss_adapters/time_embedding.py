@@ -23,11 +23,20 @@ The times reach the hook through :meth:`TimeEmbeddingInjection.times`, a
 context the adapter opens around the backbone call. Outside that context
 (e.g. the stock diffusers pipeline calling the transformer directly) the hook
 adds nothing, so the stock behaviour at ``r = t, t > 0`` is kept.
+
+The authors' released checkpoints embed the two times differently: each adds
+a *second copy of the stock embedder* (:class:`ReleasedTimeEmbedding`,
+:func:`inject_released_time_embedding`) whose output, gated by the jump, is
+added to the stock embedding. :func:`qwen_image_release_delta` and
+:func:`z_image_release_delta` are their two formulas.
 """
 
 import contextlib
+import copy
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
@@ -36,15 +45,34 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "PerTokenTimeEmbeddingInjection",
+    "ReleasedTimeEmbedding",
     "TimeEmbeddingInjection",
     "TwinTimeEmbedding",
     "find_injection",
+    "inject_released_time_embedding",
     "inject_time_embedding",
+    "qwen_image_release",
+    "qwen_image_release_delta",
     "sinusoidal_features",
+    "z_image_release",
+    "z_image_release_delta",
 ]
 
 DEFAULT_MODULE_NAME = "twinflow_time_embedding"
+QWEN_IMAGE_RELEASE_NAME = "time_text_embed_2"
+"""Attribute and checkpoint key prefix of TwinFlow-Qwen-Image-v1.0's second time embedder."""
+Z_IMAGE_RELEASE_NAME = "t_embedder_2"
+"""Attribute and checkpoint key prefix of TwinFlow-Z-Image-Turbo-exp's second time embedder."""
 INJECTION_ATTRIBUTE = "_twinflow_time_injection"
+
+TimeDelta = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+"""``(module, t, r, embedding) -> addition``: how one registered module adds to the
+stock time embedding ``embedding [B, D]`` for signed times ``t, r [B]``."""
+
+
+def twin_delta(module: nn.Module, t: Tensor, r: Tensor, embedding: Tensor) -> Tensor:
+    """The :class:`TwinTimeEmbedding` term: ``module(t, r)`` (``embedding`` unused)."""
+    return module(t, r)
 
 
 def sinusoidal_features(
@@ -139,28 +167,36 @@ class TwinTimeEmbedding(nn.Module):
 class TimeEmbeddingInjection:
     """A live injection: the hook on the embedder and the times of the current call.
 
-    Created by :func:`inject_time_embedding`; kept by the adapter. Not a module:
-    its only weights are the :class:`TwinTimeEmbedding` registered on the root
-    module, so they save, load, move and train with it.
+    Created by :func:`inject_time_embedding` or
+    :func:`inject_released_time_embedding`; kept by the adapter. Not a module:
+    its only weights are the modules registered on the root (``terms``: name
+    -> how that module adds to the embedding), so they save, load, move and
+    train with it. The hook adds the sum of the terms.
     """
 
-    def __init__(self, root: nn.Module, embedder_path: str, module_name: str) -> None:
+    def __init__(self, root: nn.Module, embedder_path: str, terms: Mapping[str, TimeDelta]) -> None:
+        if not terms:
+            raise ValueError("terms must name at least one registered module")
         self.root = root
         self.embedder_path = embedder_path
-        self.module_name = module_name
+        self.terms = dict(terms)
         self._times: tuple[Tensor, Tensor] | None = None
         self._hook: RemovableHandle | None = root.get_submodule(embedder_path).register_forward_hook(
             self._add_twin_embedding
         )
 
     @property
-    def embedding(self) -> nn.Module:
-        """The registered :class:`TwinTimeEmbedding` (or peft's wrapper around it).
+    def module_names(self) -> tuple[str, ...]:
+        """Attribute names (and state-dict prefixes) of the registered modules."""
+        return tuple(self.terms)
+
+    def module(self, name: str) -> nn.Module:
+        """The registered module ``name`` (or peft's wrapper around it).
 
         Looked up on every call, so a peft ``ModulesToSaveWrapper`` that
         replaced it routes to the active adapter's copy.
         """
-        return self.root.get_submodule(self.module_name)
+        return self.root.get_submodule(name)
 
     @contextlib.contextmanager
     def times(self, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"]) -> Iterator[None]:
@@ -187,15 +223,19 @@ class TimeEmbeddingInjection:
                 f"{self.embedder_path} returned shape {tuple(output.shape)}; expected "
                 f"[{t.shape[0]}, D] (one embedding per batch row)"
             )
-        return output + self.embedding(t, r).to(output.dtype)
+        stock = output
+        for name, delta in self.terms.items():
+            output = output + delta(self.module(name), t, r, stock).to(stock.dtype)
+        return output
 
     def remove(self) -> None:
-        """Detach the hook and delete the registered embedding from the root."""
+        """Detach the hook and delete the registered modules from the root."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if hasattr(self.root, self.module_name):
-            delattr(self.root, self.module_name)
+        for name in self.terms:
+            if hasattr(self.root, name):
+                delattr(self.root, name)
         if getattr(self.root, INJECTION_ATTRIBUTE, None) is self:
             delattr(self.root, INJECTION_ATTRIBUTE)
 
@@ -236,6 +276,16 @@ def inject_time_embedding(
         ValueError: if ``embedder_path`` does not name a submodule, ``root``
             is already injected, or ``module_name`` is taken.
     """
+    embedder = _free_embedder(root, embedder_path, (module_name,))
+    embedding = _like(
+        TwinTimeEmbedding(embedding_dim, target_time=target_time, sign=sign, frequency_dim=frequency_dim), embedder
+    )
+    injection_class = PerTokenTimeEmbeddingInjection if per_token else TimeEmbeddingInjection
+    return _register(root, embedder_path, {module_name: (embedding, twin_delta)}, injection_class=injection_class)
+
+
+def _free_embedder(root: nn.Module, embedder_path: str, module_names: tuple[str, ...]) -> nn.Module:
+    """The embedder at ``embedder_path``, after checking nothing is injected and the names are free."""
     try:
         embedder = root.get_submodule(embedder_path)
     except AttributeError as error:
@@ -244,19 +294,147 @@ def inject_time_embedding(
         ) from error
     if getattr(root, INJECTION_ATTRIBUTE, None) is not None:
         raise ValueError(f"{type(root).__name__} already carries a TwinFlow time embedding; un-adapt it first")
-    if hasattr(root, module_name):
-        raise ValueError(f"module_name {module_name!r} is already an attribute of {type(root).__name__}")
+    for name in module_names:
+        if hasattr(root, name):
+            raise ValueError(f"module_name {name!r} is already an attribute of {type(root).__name__}")
+    return embedder
+
+
+def _like(module: nn.Module, embedder: nn.Module) -> nn.Module:
+    """``module`` on the device and dtype of ``embedder``'s parameters."""
     reference = next(embedder.parameters(), None)
-    embedding = TwinTimeEmbedding(
-        embedding_dim, target_time=target_time, sign=sign, frequency_dim=frequency_dim
-    )
-    if reference is not None:
-        embedding = embedding.to(device=reference.device, dtype=reference.dtype)
-    root.add_module(module_name, embedding)
-    injection_class = PerTokenTimeEmbeddingInjection if per_token else TimeEmbeddingInjection
-    injection = injection_class(root, embedder_path, module_name)
+    if reference is None:
+        return module
+    return module.to(device=reference.device, dtype=reference.dtype)
+
+
+def _register(
+    root: nn.Module,
+    embedder_path: str,
+    modules: Mapping[str, tuple[nn.Module, TimeDelta]],
+    *,
+    injection_class: type[TimeEmbeddingInjection] = TimeEmbeddingInjection,
+) -> TimeEmbeddingInjection:
+    """Register ``modules`` on ``root`` and hook its embedder with an ``injection_class`` adding their terms."""
+    for name, (module, _) in modules.items():
+        root.add_module(name, module)
+    injection = injection_class(root, embedder_path, {name: delta for name, (_, delta) in modules.items()})
     object.__setattr__(root, INJECTION_ATTRIBUTE, injection)
     return injection
+
+
+# --- the authors' released time embeddings ---------------------------------------------------
+
+
+def qwen_image_release_delta(
+    second: nn.Module, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], embedding: Float[Tensor, "batch dim"]
+) -> Float[Tensor, "batch dim"]:
+    r"""TwinFlow-Qwen-Image-v1.0: :math:`(t - r)\, E_2(r)`, added to :math:`E_1(t)`.
+
+    ``second`` is ``time_text_embed_2``, a ``QwenTimestepProjEmbeddings``
+    (sinusoids of ``1000 r``, then an MLP). Both times are signed and in
+    ``[-1, 1]`` (the release's ``timestep`` is the twinloss time itself; the
+    stock embedder ``E_1`` receives signed ``t`` through a signed
+    :class:`~twinloss_adapters.conventions.TimeConvention`). ``embedding``
+    only gives the dtype, as ``hidden_states`` does in the release: the times
+    are cast to it before the difference is taken.
+    """
+    t, r = t.to(embedding.dtype), r.to(embedding.dtype)
+    return second(r, embedding) * (t - r)[:, None]
+
+
+def _release_time(u: Tensor) -> Tensor:
+    r"""Z-Image time of a signed twinloss time: :math:`\operatorname{sign}(u)(1 - |u|)`, in float64.
+
+    Note ``sign(0) = 0``: the release maps ``u = 0`` to 0 (Z-Image's *noise*
+    end), not to 1.
+    """
+    u = u.to(torch.float64)
+    return u.sign() * (1.0 - u.abs())
+
+
+def z_image_release_delta(
+    second: nn.Module,
+    t: Float[Tensor, " batch"],
+    r: Float[Tensor, " batch"],
+    embedding: Float[Tensor, "batch dim"],
+    *,
+    t_scale: float,
+) -> Float[Tensor, "batch dim"]:
+    r"""TwinFlow-Z-Image-Turbo-exp: :math:`|\tau_t - \tau_r|\, E_2(s\,\tau_r - s\,\tau_t)`.
+
+    With :math:`\tau_u = \operatorname{sign}(u)(1 - |u|)` (:func:`_release_time`)
+    and ``s = t_scale`` (1000), computed in float64 as the release does;
+    ``second`` is ``t_embedder_2`` (a copy of Z-Image's ``TimestepEmbedder``).
+    The stock embedder receives :math:`s |\tau_t| = s (1 - |t|)`, the stock
+    convention. For ``r`` of the sign of ``t`` and ``r != 0`` this is
+    :math:`(|t| - |r|)\, E_2(s (t - r))`; at ``r = t`` it vanishes, so the
+    release alone does not see the sign of ``t`` there; at ``r = 0`` exactly
+    :math:`\tau_r = 0` (see :func:`_release_time`). The hook adds the result in
+    the embedding's dtype; the release adds in float64 and casts afterwards
+    (a last-bit difference).
+    """
+    release_t, release_r = _release_time(t), _release_time(r)
+    return second(release_r * t_scale - release_t * t_scale) * (release_t - release_r).abs()[:, None]
+
+
+@dataclass(frozen=True)
+class ReleasedTimeEmbedding:
+    """The time-embedding layout of one of the authors' released checkpoints.
+
+    Args:
+        embedder_path: the stock embedder: hooked, and copied as the second embedder.
+        second_name: attribute of the copy on the transformer, i.e. the key
+            prefix of its weights in the released checkpoint.
+        delta: how the copy adds to the stock embedding (a :data:`TimeDelta`).
+        sees_sign: whether the release distinguishes ``t`` from ``-t`` at ``r = t``.
+    """
+
+    embedder_path: str
+    second_name: str
+    delta: TimeDelta
+    sees_sign: bool
+
+
+def qwen_image_release() -> ReleasedTimeEmbedding:
+    """TwinFlow-Qwen-Image-v1.0: ``time_text_embed_2``, see :func:`qwen_image_release_delta`."""
+    return ReleasedTimeEmbedding("time_text_embed", QWEN_IMAGE_RELEASE_NAME, qwen_image_release_delta, sees_sign=True)
+
+
+def z_image_release(t_scale: float) -> ReleasedTimeEmbedding:
+    """TwinFlow-Z-Image-Turbo-exp: ``t_embedder_2``, see :func:`z_image_release_delta`."""
+    delta = functools.partial(z_image_release_delta, t_scale=float(t_scale))
+    return ReleasedTimeEmbedding("t_embedder", Z_IMAGE_RELEASE_NAME, delta, sees_sign=False)
+
+
+def inject_released_time_embedding(
+    root: nn.Module, release: ReleasedTimeEmbedding, embedding_dim: int, *, sign: bool = True
+) -> TimeEmbeddingInjection:
+    """Reproduce a released time embedding on the stock transformer ``root``.
+
+    Registers a copy of ``root.<release.embedder_path>`` (trainable, hooks not
+    copied) as ``root.<release.second_name>``, the release's initialisation
+    and key names, and hooks the stock embedder to add ``release.delta``.
+    When the release does not see the sign of ``t`` and ``sign`` is True, a
+    sign-only :class:`TwinTimeEmbedding` (zero at creation, so the release's
+    outputs are unchanged) is registered as well, under ``DEFAULT_MODULE_NAME``.
+
+    Raises:
+        ValueError: as :func:`inject_time_embedding`.
+    """
+    add_sign = sign and not release.sees_sign
+    names = (release.second_name, DEFAULT_MODULE_NAME) if add_sign else (release.second_name,)
+    embedder = _free_embedder(root, release.embedder_path, names)
+    second = copy.deepcopy(embedder)
+    for module in second.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    second.requires_grad_(True)
+    modules: dict[str, tuple[nn.Module, TimeDelta]] = {release.second_name: (second, release.delta)}
+    if add_sign:
+        sign_embedding = TwinTimeEmbedding(embedding_dim, target_time=False, sign=True)
+        modules[DEFAULT_MODULE_NAME] = (_like(sign_embedding, embedder), twin_delta)
+    return _register(root, release.embedder_path, modules)
 
 
 def find_injection(root: nn.Module) -> TimeEmbeddingInjection | None:

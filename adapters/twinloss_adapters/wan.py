@@ -19,18 +19,30 @@ Conditioning:
 
 Per-token timesteps (Wan 2.2 TI2V's ``[B, tokens]`` timestep) are not used:
 twinloss gives one time per row.
+
+Wan 2.2 A14B has two experts: ``WanPipeline`` runs ``transformer`` (high
+noise) at timesteps ``>= boundary_ratio * 1000`` and ``transformer_2`` (low
+noise) below. :func:`adapt_experts` adapts both and returns a
+:class:`WanExpertsModel`, which sends every row of every call to the expert
+its ``|t|`` belongs to, so each model call of the loss (a batch mixing times on
+both sides of the boundary) and of the sampler routes per row.
 """
 
 from collections.abc import Mapping
 
+import json
+import math
+from pathlib import Path
+
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
 from twinloss_adapters.conventions import TimeConvention
 
-__all__ = ["WanAdapter", "adapt", "from_pretrained", "unadapt"]
+__all__ = ["WanAdapter", "WanExpertsModel", "adapt", "adapt_experts", "from_pretrained", "from_pretrained_experts", "unadapt"]
 
 
 def _stock_class() -> type:
@@ -98,6 +110,148 @@ class WanAdapter(AdaptedTransformer):
         )[0]
 
 
+class WanExpertsModel(nn.Module):
+    r"""Wan 2.2's two experts behind one protocol model, routed per row by ``|t|``.
+
+    Row ``i`` goes to ``high_noise`` when its backbone timestep
+    ``1000 |t_i| >= 1000 * boundary_ratio`` (``WanPipeline``'s test, in its
+    units), else to ``low_noise``; each expert runs once on its rows and the
+    outputs are put back in batch order. The target time ``r`` does not route:
+    a jump from ``t = 1`` to ``r = 0`` runs on the high-noise expert, as the
+    pipeline's first step does.
+
+    Args:
+        high_noise: the adapted ``transformer``.
+        low_noise: the adapted ``transformer_2``.
+        boundary_ratio: the pipeline's ``boundary_ratio`` in ``(0, 1)``
+            (0.875 for Wan 2.2 T2V A14B, 0.9 for I2V A14B).
+    """
+
+    def __init__(self, high_noise: WanAdapter, low_noise: WanAdapter, boundary_ratio: float) -> None:
+        super().__init__()
+        for name, expert in (("high_noise", high_noise), ("low_noise", low_noise)):
+            if not isinstance(expert, WanAdapter):
+                raise ValueError(f"{name} must be a WanAdapter (see wan.adapt), got {type(expert).__name__}")
+        if high_noise.transformer is low_noise.transformer:
+            raise ValueError("high_noise and low_noise wrap the same transformer; pass transformer and transformer_2")
+        if high_noise.capabilities != low_noise.capabilities:
+            raise ValueError(
+                f"the experts were adapted differently: {high_noise.capabilities} vs {low_noise.capabilities}"
+            )
+        if high_noise.required_cond != low_noise.required_cond:
+            raise ValueError(
+                f"the experts take different conditioning: {high_noise.required_cond} vs {low_noise.required_cond}"
+            )
+        if not (0.0 < boundary_ratio < 1.0 and math.isfinite(boundary_ratio)):
+            raise ValueError(f"boundary_ratio must lie in (0, 1), got {boundary_ratio}")
+        self.high_noise = high_noise
+        self.low_noise = low_noise
+        self.boundary_ratio = float(boundary_ratio)
+        self.capabilities = high_noise.capabilities
+        self.time_convention = high_noise.time_convention
+
+    def uses_high_noise_expert(self, t: Float[Tensor, " batch"]) -> Tensor:
+        """Boolean ``[B]``: rows the pipeline would give to ``transformer``."""
+        timestep = self.time_convention.to_backbone(t.to(torch.promote_types(t.dtype, torch.float32)))
+        return timestep >= self.boundary_ratio * self.time_convention.scale
+
+    def forward(
+        self, x_t: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], **cond: Tensor
+    ) -> Tensor:
+        """``F(x_t, t, r)``, each row from its expert; arguments and errors as :meth:`WanAdapter.forward`."""
+        batch_size = x_t.shape[0] if x_t.ndim else 0
+        if t.shape != (batch_size,):
+            raise ValueError(f"t must have shape [B] = [{batch_size}], got {tuple(t.shape)}")
+        self.capabilities.check_times(t, r)  # before any row is selected
+        self.high_noise.check_cond(cond, batch_size)
+        high = self.uses_high_noise_expert(t)
+        rows = [(self.high_noise, high.nonzero().squeeze(1)), (self.low_noise, (~high).nonzero().squeeze(1))]
+        outputs, order = [], []
+        for expert, index in rows:
+            if index.numel() == batch_size:
+                return expert(x_t, t, r, **cond)
+            if index.numel():
+                outputs.append(expert(x_t[index], t[index], r[index], **{k: v[index] for k, v in cond.items()}))
+                order.append(index)
+        return torch.cat(outputs)[torch.argsort(torch.cat(order))]
+
+    def extra_state_dict(self) -> dict[str, Tensor]:
+        """Both experts' added parameters, under ``high_noise.`` and ``low_noise.``."""
+        return {
+            f"{name}.{key}": value
+            for name in ("high_noise", "low_noise")
+            for key, value in getattr(self, name).extra_state_dict().items()
+        }
+
+    def load_extra_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Load what :meth:`extra_state_dict` saved; ValueError on missing or foreign keys."""
+        unexpected = sorted(key for key in state if not key.startswith(("high_noise.", "low_noise.")))
+        if unexpected:
+            raise ValueError(f"state has keys {unexpected[:5]} outside high_noise.* and low_noise.*")
+        for name in ("high_noise", "low_noise"):
+            prefix = f"{name}."
+            getattr(self, name).load_extra_state_dict(
+                {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+            )
+
+    def unadapt(self) -> tuple[nn.Module, nn.Module]:
+        """Un-adapt both experts; return the stock ``(transformer, transformer_2)``."""
+        return self.high_noise.unadapt(), self.low_noise.unadapt()
+
+
+def adapt_experts(
+    transformer: object,
+    transformer_2: object,
+    boundary_ratio: float,
+    *,
+    target_time: bool = True,
+    sign: bool = True,
+) -> WanExpertsModel:
+    """Adapt Wan 2.2 A14B's high-noise ``transformer`` and low-noise ``transformer_2`` in place and route between them.
+
+    Raises:
+        ValueError: if either is not a ``WanTransformer3DModel`` or is
+            already adapted, they are the same module or take different
+            conditioning, or ``boundary_ratio`` is outside ``(0, 1)``.
+    """
+    if transformer is transformer_2:
+        raise ValueError("transformer and transformer_2 are the same module; Wan 2.2 A14B has two experts")
+    if not (0.0 < boundary_ratio < 1.0 and math.isfinite(boundary_ratio)):
+        raise ValueError(f"boundary_ratio must lie in (0, 1), got {boundary_ratio}")
+    high_noise = adapt(transformer, target_time=target_time, sign=sign)
+    adapted = [high_noise]
+    try:
+        adapted.append(adapt(transformer_2, target_time=target_time, sign=sign))
+        return WanExpertsModel(high_noise, adapted[1], boundary_ratio)
+    except ValueError:
+        for expert in adapted:  # leave the caller's transformers as they were
+            expert.unadapt()
+        raise
+
+
+def from_pretrained_experts(pretrained_model_name_or_path: str, **kwargs: object) -> WanExpertsModel:
+    """Load a local Wan 2.2 A14B pipeline folder's two experts (each with :func:`from_pretrained`) and its ``boundary_ratio``.
+
+    ``boundary_ratio`` is read from the folder's ``model_index.json``.
+
+    Raises:
+        ValueError: if ``model_index.json`` has no ``boundary_ratio`` (a
+            single-expert Wan: use :func:`from_pretrained`).
+    """
+    index = json.loads((Path(pretrained_model_name_or_path) / "model_index.json").read_text())
+    boundary_ratio = index.get("boundary_ratio")
+    if boundary_ratio is None:
+        raise ValueError(
+            f"{pretrained_model_name_or_path}/model_index.json has no boundary_ratio: a single-expert Wan, "
+            "load it with wan.from_pretrained"
+        )
+    return WanExpertsModel(
+        from_pretrained(pretrained_model_name_or_path, subfolder="transformer", **kwargs),
+        from_pretrained(pretrained_model_name_or_path, subfolder="transformer_2", **kwargs),
+        float(boundary_ratio),
+    )
+
+
 def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> WanAdapter:
     """Adapt a ``WanTransformer3DModel`` in place and return the protocol model.
 
@@ -111,6 +265,5 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
 def from_pretrained(
     pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
 ) -> WanAdapter:
-    """Load a Wan transformer with ``from_pretrained`` and adapt it."""
-    transformer = _stock_class().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-    return adapt(transformer)
+    """``WanAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
+    return WanAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -151,7 +151,7 @@ def run_ring(args, log):
         finetune("TwinFlow EMA teacher (0.99)", twinloss.TwinFlowLoss(teacher=teacher), teacher=teacher)
         finetune("TwinFlow l2 distance", twinloss.TwinFlowLoss(distance=twinloss.L2Distance()))
         finetune("TwinFlow no time weight", twinloss.TwinFlowLoss(time_weight=None))
-        finetune("RCGM only (no twin terms)", twinloss.TwinFlowLoss(mode="rcgm"))
+        finetune("RCGM only (no twin terms)", twinloss.TwinFlowLoss.rcgm())
     return rows
 
 
@@ -192,7 +192,7 @@ def run_shapes(args, log):
     finetune("FM continued (control)", twinloss.TwinFlowLoss.plain_flow_matching(), fm_control=True)
     finetune("TwinFlow (w 0, lambda 1/2)", twinloss.TwinFlowLoss(guidance_scale=0.0))
     if not args.quick:
-        finetune("RCGM only (no twin terms, w 0)", twinloss.TwinFlowLoss(mode="rcgm", guidance_scale=0.0))
+        finetune("RCGM only (no twin terms, w 0)", twinloss.TwinFlowLoss.rcgm(guidance_scale=0.0))
         finetune("TwinFlow (w 0, lambda 1/3)",
                  twinloss.TwinFlowLoss(guidance_scale=0.0, shares=twinloss.GroupShares.from_twin_share(1 / 3)))
     return rows

@@ -17,7 +17,7 @@ from twinloss.paths import AffinePath, CosinePath, LinearPath, PathCoefficients,
 from twinloss.protocol import Conditioning, VelocityModel
 from twinloss.sampling import AnyStepSampler, SamplerOutput, time_schedule
 from twinloss.targets import guidance_target, rcgm_target
-from twinloss.teachers import EMATeacher, MovingAverageTeacher, OnlineTeacher, Teacher
+from twinloss.teachers import EMATeacher, FrozenTeacher, MovingAverageTeacher, OnlineTeacher, Teacher
 from twinloss.time_distributions import (
     BetaTime,
     KumaraswamyTime,
@@ -40,6 +40,7 @@ __all__ = [
     "CosinePath",
     "Distance",
     "EMATeacher",
+    "FrozenTeacher",
     "GroupShares",
     "KumaraswamyTime",
     "L2Distance",

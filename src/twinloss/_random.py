@@ -36,10 +36,15 @@ class RandomState:
         if device_state is not None:
             torch.get_device_module(self.device.type).set_rng_state(device_state, self._index())
 
+    def restore(self) -> None:
+        """Set the global generators back to the snapshot (and leave them there)."""
+        self._set(self.cpu_state, self.device_state)
+
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
+        """Run a block from the snapshot, then put the generators back as they were before it."""
         current = RandomState(self.device)
-        self._set(self.cpu_state, self.device_state)
+        self.restore()
         try:
             yield
         finally:

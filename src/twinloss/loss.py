@@ -1,6 +1,6 @@
 r"""``TwinFlowLoss``: the partitioned TwinFlow recipe with one grad-carrying forward.
 
-One call computes (ALGORITHM.md, section 2)
+One call computes (docs/method.md, section 2)
 
 .. math::
     L = \underbrace{\tfrac1B \textstyle\sum_{\text{real}} w(t, r)\,\rho(F_\theta, T)}_{\text{base}}
@@ -11,24 +11,36 @@ with ``T`` the guided RCGM target, ``w`` the tangent time weight and
 :math:`\Delta v = \mathrm{clamp}(F(y, -s, -s) - F(y, s, s))` the gap between
 the fake and the real velocity fields at re-noised one-step samples ``y``.
 
-Model calls per step (full recipe, default settings), in order: without grad
-one for the fake samples, one batched cond/uncond guidance call and
-``estimate_order`` RCGM calls; then the one call with grad (the whole batch);
-then without grad one batched fake/real rectification call (it needs the
-prediction). Running the teacher passes first keeps their working memory off
-the grad-carrying forward's activations.
+``forward`` is the list of steps; each formula lives in
+:mod:`twinloss.targets`, each model call goes through
+:class:`~twinloss.evaluator.StepEvaluator`. Model calls per step (full recipe,
+default settings), in order: without grad one for the fake samples, one
+batched cond/uncond guidance call and ``estimate_order`` RCGM calls; then the
+one call with grad (the whole batch); then without grad one batched fake/real
+rectification call (it needs the prediction). Running the teacher passes
+first keeps their working memory off the grad-carrying forward's activations.
+
+Random numbers, in this order, from ``generator`` (or the global stream):
+``t`` and ``u`` (the trajectory), the fake samples' noise ``z'``, the
+interpolation noise ``z``, then after the main forward the rectification
+noise ``z''`` and time ``s``. Every model pass starts from the random state
+left after ``z`` (see :class:`~twinloss._random.RandomState`).
 """
 
-import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-from jaxtyping import Float, Shaped
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor, nn
 
+from twinloss import presets
+from twinloss._checks import check_int
 from twinloss._random import RandomState
+from twinloss._tensors import at_least_float32
 from twinloss.distances import BarronDistance, Distance, L2Distance
+from twinloss.evaluator import StepEvaluator
 from twinloss.paths import AffinePath, LinearPath
 from twinloss.protocol import (
     Conditioning,
@@ -38,18 +50,31 @@ from twinloss.protocol import (
     concat_conditioning,
     select_rows,
 )
-from twinloss.targets import guidance_target, rcgm_residual_target, unchecked_rcgm_displacement
+from twinloss.targets import (
+    fake_samples,
+    guidance_target,
+    image_free_guidance_target,
+    rcgm_residual_target,
+    rectification_target,
+    tangent_time_weight,
+    unchecked_rcgm_displacement,
+)
 from twinloss.teachers import OnlineTeacher, Teacher
 from twinloss.time_distributions import TimeDistribution
 from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
 
-__all__ = ["MODES", "TangentTimeWeight", "TwinFlowLoss", "TwinFlowOutput"]
+__all__ = ["REAL_GROUPS", "TangentTimeWeight", "TwinFlowLoss", "TwinFlowOutput"]
 
-MODES = ("twinflow", "rcgm", "flow_matching")
+REAL_GROUPS = ("one_step", "multi_step", "any_step")
+"""The groups interpolated from real data (every group but ``fake``)."""
+
+Rows = slice | Int[Tensor, " rows"]
+"""Rows of a batch, as :meth:`~twinloss.trajectory.Trajectory.rows` gives them."""
 
 
 class TangentTimeWeight(nn.Module):
-    r"""Per-row weight :math:`1 + \tan\big((1 - (|t| - |r|))\,\pi / \text{divisor}\big)`.
+    r"""Per-row weight :math:`1 + \tan\big((1 - (|t| - |r|))\,\pi / \text{divisor}\big)`
+    (:func:`~twinloss.targets.tangent_time_weight`).
 
     Equal to 1 for the one-jump rows (``t - r = 1``) and about 4.08 for
     ``r = t`` with the *default* divisor 2.5 (must exceed 2, where tan diverges).
@@ -64,7 +89,7 @@ class TangentTimeWeight(nn.Module):
     def forward(
         self, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"]
     ) -> Float[Tensor, " batch"]:
-        return 1.0 + torch.tan((1.0 - (t.abs() - r.abs())) * math.pi / self.divisor)
+        return tangent_time_weight(t, r, self.divisor)
 
 
 @dataclass(frozen=True)
@@ -79,6 +104,8 @@ class TwinFlowOutput:
         model_calls: model evaluations made (with and without grad).
         sample_evaluations: rows evaluated, summed over all model calls.
         grad_sample_evaluations: rows evaluated with grad (the batch size).
+        calls_per_pass: model calls per pass (``fake``, ``guidance``,
+            ``rcgm``, ``main``, ``rectify``; see :mod:`twinloss.evaluator`).
     """
 
     loss: Float[Tensor, ""]
@@ -86,94 +113,98 @@ class TwinFlowOutput:
     model_calls: int
     sample_evaluations: int
     grad_sample_evaluations: int
-
-
-class _CallCounter:
-    """Evaluates the model and counts calls and rows."""
-
-    def __init__(self, model: VelocityModel, dtype: torch.dtype) -> None:
-        self.model = model
-        self.dtype = dtype
-        self.calls = 0
-        self.rows = 0
-
-    def count(self, x: Tensor) -> None:
-        self.calls += 1
-        self.rows += x.shape[0]
-
-    def __call__(self, x: Tensor, t: Tensor, r: Tensor, cond: Conditioning) -> Tensor:
-        self.count(x)
-        out = self.model(x.to(self.dtype), t, r, **cond)
-        if not isinstance(out, Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"model must return a velocity of shape {tuple(x.shape)}, got {got}")
-        return out
+    calls_per_pass: dict[str, int] = field(default_factory=dict)
 
 
 class TwinFlowLoss(nn.Module):
-    r"""The TwinFlow training objective (Cheng et al., ICLR 2026).
+    r"""The TwinFlow training objective (Cheng et al., ICLR 2026), full recipe.
 
     Call as ``loss_fn(model, x, cond=..., uncond=..., generator=...)``; the
     model is passed at call time and never stored (see
-    :class:`~twinloss.protocol.VelocityModel` for its contract).
+    :class:`~twinloss.protocol.VelocityModel` for its contract). Variants are
+    factories, so no argument is ever silently replaced:
+    :meth:`rcgm` (any-step base only), :meth:`plain_flow_matching` and
+    :meth:`from_preset` (the authors' released configurations).
 
     Args:
-        mode: ``"twinflow"`` (full recipe), ``"rcgm"`` (any-step base only: no
-            fake group, no rectification) or ``"flow_matching"`` (every row at
-            ``r = t`` with target ``v``; guidance still applies if enabled).
-        shares: the group partition (*default* equal); in ``"rcgm"`` mode the
-            fake share is dropped and the rest renormalised.
+        shares: the group partition (*default* equal quarters).
         time_distribution: law of ``t`` (*default* uniform, ``Beta(1, 1)``).
         multi_step_gap: ``r = t - u t g`` for multi-step rows (*default* 0.05).
         path: the interpolation path (*default* linear).
         distance: per-row ``rho`` (*default* Barron, ``alpha=1, c=1e-3``).
-        time_weight: per-row weight of real rows (*default* tangent, divisor
-            2.5); ``None`` weighs every row 1.
-        teacher: evaluator of the guidance and RCGM passes (*default* online
-            model under no_grad).
+        time_weight: per-row weight of real rows: ``"tangent"`` (*default*,
+            a fresh :class:`TangentTimeWeight` with divisor 2.5), an instance,
+            or ``None`` to weigh every row 1.
+        teacher: evaluator of both the guidance and the RCGM passes; shorthand
+            for passing the same teacher as ``guidance_teacher`` and
+            ``rcgm_teacher`` (give either this or those). A loss whose passes
+            share one teacher (the default, an online one) has it as
+            ``loss_fn.teacher`` and saves it under ``teacher.``; separate
+            teachers are saved under ``guidance_teacher.`` and
+            ``rcgm_teacher.``. Either way ``loss_fn.guidance_teacher`` and
+            ``loss_fn.rcgm_teacher`` name them and
+            :meth:`update_teachers` updates each once.
+        guidance_teacher: evaluator of the guidance pass (*default* online
+            model under no_grad). The authors' LoRA and image-free recipes use
+            the base model here.
+        rcgm_teacher: evaluator of the RCGM chain (*default* online model
+            under no_grad); it must see ``r`` and the sign, so a base model
+            that ignores them does not belong here.
         estimate_step: RCGM step ``d`` (*default* 0.01).
-        estimate_order: RCGM Euler jumps ``N`` (*default* 2).
+        estimate_order: RCGM Euler jumps ``N`` (*default* 2); ``0`` skips the
+            RCGM chain and regresses on the (guided) velocity ``v`` directly.
         residual_clamp: bound on the RCGM residual (*default* 1).
         guidance_scale: ``w`` of the guidance-enhanced target (*default* 0.5;
             0 disables it and skips its pass). Needs ``uncond`` when > 0.
         guidance_interval: open interval of ``t`` where guidance applies
             (*default* ``(0, 1)``, which leaves ``t = 1`` rows alone).
+        image_free: the authors' ``use_image_free`` (*default* False): every
+            row is interpolated from the online model's own one-step samples
+            instead of ``x`` (only ``x``'s shape and dtype are used), and the
+            guided rows regress on the guidance teacher's classifier-free
+            guided velocity :math:`F_u + w (F_c - F_u)`
+            (:func:`~twinloss.targets.image_free_guidance_target`). Needs
+            ``guidance_scale > 0``.
         rectify_weight: ``c_rect`` (*default* 0.5; 0 skips the pass).
         rectify_clamp: bound on the velocity gap ``dv`` (*default* 1).
-        share_random_stream: run every no-grad pass from the random state of
+        share_random_stream: run every model pass from the random state of
             the main forward (matching dropout masks) and leave the global RNG
             as one forward would (*default* True).
         check_finite: reject non-finite ``x`` (one device sync; *default* True).
+
+    Raises:
+        ValueError: naming the argument, for a value out of range or one the
+            configuration could not honour (a teacher for a pass that never
+            runs, ``rectify_weight > 0`` without one-step rows, ...).
     """
 
     def __init__(
         self,
         *,
-        mode: str = "twinflow",
         shares: GroupShares | None = None,
         time_distribution: TimeDistribution | None = None,
         multi_step_gap: float = 0.05,
         path: AffinePath | None = None,
         distance: Distance | None = None,
-        time_weight: TangentTimeWeight | None = TangentTimeWeight(),
+        time_weight: TangentTimeWeight | Literal["tangent"] | None = "tangent",
         teacher: Teacher | None = None,
+        guidance_teacher: Teacher | None = None,
+        rcgm_teacher: Teacher | None = None,
         estimate_step: float = 0.01,
         estimate_order: int = 2,
         residual_clamp: float = 1.0,
         guidance_scale: float = 0.5,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
+        image_free: bool = False,
         rectify_weight: float = 0.5,
         rectify_clamp: float = 1.0,
         share_random_stream: bool = True,
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not (0.0 < estimate_step < 1.0):
             raise ValueError(f"estimate_step must lie in (0, 1), got {estimate_step}")
-        if isinstance(estimate_order, bool) or not isinstance(estimate_order, int) or estimate_order < 1:
-            raise ValueError(f"estimate_order must be an int >= 1, got {estimate_order!r}")
+        self.estimate_order = check_int(estimate_order, "estimate_order", minimum=0)
         for name, value in (("residual_clamp", residual_clamp), ("rectify_clamp", rectify_clamp)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -183,46 +214,178 @@ class TwinFlowLoss(nn.Module):
         low, high = guidance_interval
         if not (0.0 <= low < high <= 1.0):
             raise ValueError(f"guidance_interval must satisfy 0 <= low < high <= 1, got {guidance_interval}")
-
+        if time_weight == "tangent":
+            time_weight = TangentTimeWeight()
+        elif not (time_weight is None or isinstance(time_weight, TangentTimeWeight)):
+            raise ValueError(f"time_weight must be 'tangent', a TangentTimeWeight or None, got {time_weight!r}")
         shares = shares if shares is not None else GroupShares()
-        if mode == "rcgm":
-            kept = 1.0 - shares.fake
-            if kept <= 0:
-                raise ValueError("shares give every row to the fake group, which mode='rcgm' drops")
-            shares = GroupShares(
-                one_step=shares.one_step / kept,
-                multi_step=shares.multi_step / kept,
-                any_step=shares.any_step / kept,
-                fake=0.0,
+        if rectify_weight > 0 and shares.one_step == 0:
+            raise ValueError(
+                f"rectify_weight={rectify_weight} acts on one-step rows, but shares.one_step is 0: "
+                "pass rectify_weight=0"
             )
-        elif mode == "flow_matching":
-            shares, multi_step_gap = GroupShares(0.0, 1.0, 0.0, 0.0), 0.0
-        self.mode = mode
+        if image_free and guidance_scale == 0:
+            raise ValueError(
+                "image_free=True regresses on the guidance teacher's guided velocity, which "
+                "guidance_scale=0 switches off: pass guidance_scale > 0"
+            )
+
         self.trajectory = TrajectorySampler(time_distribution, shares, multi_step_gap)
         self.path = path if path is not None else LinearPath()
         self.distance = distance if distance is not None else BarronDistance()
         self.time_weight = time_weight
-        self.teacher = teacher if teacher is not None else OnlineTeacher()
+        self._set_teachers(
+            teacher, guidance_teacher, rcgm_teacher,
+            guidance_used=guidance_scale > 0, rcgm_used=self.estimate_order > 0,
+        )
         self.estimate_step = float(estimate_step)
-        self.estimate_order = estimate_order
         self.residual_clamp = float(residual_clamp)
         self.guidance_scale = float(guidance_scale)
         self.guidance_interval = (float(low), float(high))
-        self.rectify_weight = float(rectify_weight) if mode == "twinflow" else 0.0
+        self.image_free = bool(image_free)
+        self.rectify_weight = float(rectify_weight)
         self.rectify_clamp = float(rectify_clamp)
         self.share_random_stream = share_random_stream
         self.check_finite = check_finite
 
+    # ------------------------------------------------------------- factories
+    @classmethod
+    def rcgm(cls, **kwargs) -> "TwinFlowLoss":
+        """The any-step base alone (RCGM): no fake group, no rectification.
+
+        Takes the constructor's arguments except the twin ones
+        (``rectify_weight``, ``rectify_clamp``, ``image_free``); ``shares``
+        defaults to thirds over ``one_step``, ``multi_step``, ``any_step``
+        and must give the ``fake`` group nothing.
+
+        Raises:
+            ValueError: naming a twin argument, or ``shares`` with a fake share.
+        """
+        for name in ("rectify_weight", "rectify_clamp", "image_free"):
+            if name in kwargs:
+                raise ValueError(f"{name} belongs to the twin terms, which TwinFlowLoss.rcgm has none of")
+        shares = kwargs.pop("shares", None)
+        if shares is None:
+            shares = GroupShares(one_step=1 / 3, multi_step=1 / 3, any_step=1 / 3, fake=0.0)
+        elif shares.fake != 0:
+            raise ValueError(f"shares must give the fake group nothing in TwinFlowLoss.rcgm, got fake={shares.fake}")
+        return cls(shares=shares, rectify_weight=0.0, **kwargs)
+
     @classmethod
     def plain_flow_matching(cls, **kwargs) -> "TwinFlowLoss":
-        """Textbook flow matching: ``r = t``, l2, unit weights, no guidance.
+        """Textbook flow matching: every row at ``r = t`` with target ``v``.
 
-        The baseline for benchmarks: one model call per step.
+        The baseline for benchmarks, one model call per step: l2 distance,
+        unit weights and no guidance by default (each may be passed:
+        ``distance``, ``time_weight``, ``guidance_scale`` with
+        ``guidance_interval`` and ``guidance_teacher``, ``time_distribution``,
+        ``path``, ``share_random_stream``, ``check_finite``).
+
+        Raises:
+            ValueError: naming an argument that flow matching fixes (shares,
+                the multi-step gap, the RCGM and twin settings).
         """
-        defaults = dict(
-            mode="flow_matching", distance=L2Distance(), time_weight=None, guidance_scale=0.0
+        fixed = ("shares", "multi_step_gap", "estimate_order", "estimate_step", "residual_clamp", "teacher",
+                 "rcgm_teacher", "rectify_weight", "rectify_clamp", "image_free")
+        for name in fixed:
+            if name in kwargs:
+                raise ValueError(f"{name} is fixed by TwinFlowLoss.plain_flow_matching; build TwinFlowLoss(...) instead")
+        defaults = dict(distance=L2Distance(), time_weight=None, guidance_scale=0.0)
+        return cls(
+            shares=GroupShares(one_step=0.0, multi_step=1.0, any_step=0.0, fake=0.0),
+            multi_step_gap=0.0, estimate_order=0, rectify_weight=0.0, **{**defaults, **kwargs},
         )
-        return cls(**{**defaults, **kwargs})
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: presets.PresetName,
+        *,
+        teacher: Teacher | None = None,
+        guidance_teacher: Teacher | None = None,
+    ) -> "TwinFlowLoss":
+        """One of the authors' released training configurations (``src/configs/*.yaml``).
+
+        ``name`` is the file's stem (:data:`twinloss.presets.PRESETS`); the
+        preset's ``ema_decay`` decides which teacher it needs:
+
+        * ``0``: the online model for both passes; pass no teacher;
+        * in ``(0, 1)``: an average with that decay for both passes, passed as
+          ``teacher=`` (:class:`~twinloss.EMATeacher`, ``ShardedEMATeacher``
+          under FSDP, ``twinloss_adapters.lora.LoRAEMATeacher`` for LoRA);
+        * ``1``: fixed weights for the guidance pass, passed as
+          ``guidance_teacher=`` (:class:`~twinloss.FrozenTeacher` of the
+          pretrained model, ``twinloss_adapters.lora.BaseModelTeacher`` for
+          LoRA); the RCGM chain uses the online model.
+
+        Raises:
+            ValueError: naming ``name``, ``teacher`` or ``guidance_teacher``
+                when the preset is unknown or the teacher it needs is missing,
+                of the wrong kind, or not needed.
+        """
+        return cls(**presets.loss_arguments(name, teacher=teacher, guidance_teacher=guidance_teacher))
+
+    # ------------------------------------------------------------- teachers
+    def _set_teachers(
+        self,
+        teacher: Teacher | None,
+        guidance_teacher: Teacher | None,
+        rcgm_teacher: Teacher | None,
+        *,
+        guidance_used: bool,
+        rcgm_used: bool,
+    ) -> None:
+        """Register the teachers: under ``teacher`` when one serves both passes, else under their pass names."""
+        if teacher is not None and (guidance_teacher is not None or rcgm_teacher is not None):
+            raise ValueError(
+                "teacher sets both the guidance and the RCGM teacher; pass either teacher or "
+                "guidance_teacher / rcgm_teacher"
+            )
+        if guidance_teacher is not None and not guidance_used:
+            raise ValueError("guidance_teacher is given, but guidance_scale=0 runs no guidance pass")
+        if rcgm_teacher is not None and not rcgm_used:
+            raise ValueError("rcgm_teacher is given, but estimate_order=0 runs no RCGM chain")
+        if teacher is not None and not (guidance_used or rcgm_used):
+            raise ValueError("teacher is given, but guidance_scale=0 and estimate_order=0 run no teacher pass")
+        for argument, value in (("teacher", teacher), ("rcgm_teacher", rcgm_teacher)):
+            if rcgm_used and value is not None and not value.reads_target_time:
+                raise ValueError(
+                    f"{argument} {type(value).__name__} ignores r and the sign of t, so it cannot evaluate "
+                    "the RCGM chain; pass it as guidance_teacher= (the RCGM chain then uses the online model)"
+                )
+        if teacher is None and guidance_teacher is rcgm_teacher:  # none given, or one object for both
+            teacher = guidance_teacher if guidance_teacher is not None else OnlineTeacher()
+        if teacher is not None:
+            self.teacher = teacher  # one module, saved once under "teacher."
+            self._teachers = {"guidance": teacher, "rcgm": teacher}
+        else:
+            self._teachers = {
+                "guidance": guidance_teacher if guidance_teacher is not None else OnlineTeacher(),
+                "rcgm": rcgm_teacher if rcgm_teacher is not None else OnlineTeacher(),
+            }
+            # nn.Module.__setattr__ registers them (state under "guidance_teacher." and
+            # "rcgm_teacher."); reading the names goes through the properties below.
+            self.guidance_teacher = self._teachers["guidance"]
+            self.rcgm_teacher = self._teachers["rcgm"]
+
+    @property
+    def guidance_teacher(self) -> Teacher:
+        """The evaluator of the guidance pass."""
+        return self._teachers["guidance"]
+
+    @property
+    def rcgm_teacher(self) -> Teacher:
+        """The evaluator of the RCGM chain."""
+        return self._teachers["rcgm"]
+
+    def update_teachers(self, model: VelocityModel) -> None:
+        """``update(model)`` on each distinct teacher once; call it after every optimizer step."""
+        for teacher in self._distinct_teachers():
+            teacher.update(model)
+
+    def _distinct_teachers(self) -> list[Teacher]:
+        guidance, rcgm = self._teachers["guidance"], self._teachers["rcgm"]
+        return [guidance] if guidance is rcgm else [guidance, rcgm]
 
     @property
     def shares(self) -> GroupShares:
@@ -272,156 +435,165 @@ class TwinFlowLoss(nn.Module):
     def forward(
         self,
         model: VelocityModel,
-        x: Shaped[Tensor, "batch *shape"],
+        x: Shaped[Tensor, " batch *shape"],
         *,
         cond: Conditioning | None = None,
         uncond: Conditioning | None = None,
         generator: torch.Generator | None = None,
     ) -> TwinFlowOutput:
-        """One TwinFlow loss evaluation on the batch ``x`` (never modified)."""
+        """One TwinFlow loss evaluation on the batch ``x`` (never modified): the steps of docs/method.md."""
         cond, uncond = self._check_inputs(model, x, cond, uncond)
-        work = torch.promote_types(x.dtype, torch.float32)  # targets in >= float32
-        device = x.device
-        call = _CallCounter(model, x.dtype)
-        random_state = RandomState(device) if self.share_random_stream else None
+        work = at_least_float32(x.dtype)  # targets in >= float32
+        traj = self.trajectory(x.shape[0], device=x.device, dtype=work, generator=generator)
+        fake_noise = self._fake_noise(x, traj, work, generator)
+        noise = torch.randn(x.shape, device=x.device, dtype=work, generator=generator)
+        # every model pass starts from the random state left after the loss's own draws above
+        evaluate = StepEvaluator(
+            model, guidance_teacher=self.guidance_teacher, rcgm_teacher=self.rcgm_teacher,
+            input_dtype=x.dtype, output_dtype=work,
+            random_state=RandomState(x.device) if self.share_random_stream else None,
+        )
+        real = traj.rows(*REAL_GROUPS)
 
-        def no_grad_call(x_in: Tensor, t: Tensor, r: Tensor, c: Conditioning, teacher: bool) -> Tensor:
-            context = random_state.replay() if random_state is not None else contextlib.nullcontext()
-            with context, torch.no_grad():
-                if teacher:
-                    call.count(x_in)
-                    return self.teacher(model, x_in.to(x.dtype), t, r, c).to(work)
-                return call(x_in, t, r, c).to(work)
-
-        traj = self.trajectory(x.shape[0], device=device, dtype=work, generator=generator)
-        groups, t, r = traj.groups, traj.t, traj.r
-        real = slice(0, groups["fake"].start)
-
-        # 1. Fake samples: one jump of the online model from fresh noise (no grad).
-        x_rows = x.to(work)
-        if traj.size("fake"):
-            fake = groups["fake"]
-            z_gen = torch.randn(x[fake].shape, device=device, dtype=work, generator=generator)
-            ones = torch.ones(z_gen.shape[0], device=device, dtype=work)
-            velocity_gen = no_grad_call(z_gen, ones, torch.zeros_like(ones), select_rows(cond, fake), False)
-            x_fake = self.path.jump(z_gen, velocity_gen, ones, torch.zeros_like(ones))
-            x_rows = torch.cat([x_rows[real], x_fake])
-            del z_gen, velocity_gen, x_fake  # no-grad outputs must not live through the step
-
-        # 2. Interpolate every row at |t|; conditional velocity v.
-        z = torch.randn(x_rows.shape, device=device, dtype=work, generator=generator)
-        point = self.path.sample(x_rows, z, t)
+        x_rows = self._training_rows(evaluate, x.to(work), fake_noise, traj, cond)  # 1. fake samples
+        del fake_noise
+        point = self.path.sample(x_rows, noise, traj.t)  # 2. interpolate at |t|
         x_t, v = point.x_t, point.velocity
-        del point, z, x_rows  # not needed past here; the peak comes after the main forward
+        del point, noise, x_rows  # the peak comes after the main forward
+        v_real = self._guided_velocity(evaluate, x_t, v, traj, real, cond, uncond)  # 4. guidance
+        displacement = self._rcgm_displacement(evaluate, x_t, v_real, traj, real, cond)  # 5a. RCGM chain
+        prediction = evaluate("main", x_t, traj.t, traj.r, cond)  # 3. the only call with grad
+        target = self._regression_target(prediction, v, v_real, displacement, traj, real)  # 5b. RCGM target
+        del displacement, v, v_real
+        weighted = self._row_weights(traj) * self.distance(prediction, target)  # 6. base loss per row
+        del target
+        rectify = self._rectify(evaluate, x_t, prediction, traj, cond, generator)  # 7. rectification
+        return self._output(weighted, rectify, traj, real, evaluate)  # 8. total
 
-        # 4-5a. Teacher passes of the real rows (no grad): the guided velocity and
-        # the RCGM chain's displacement need no prediction, so they run before
-        # the main forward and their working memory never stacks on its
-        # activations (the rectification pass needs the prediction and comes after).
-        v_real, displacement = self._teacher_passes(
-            no_grad_call, x_t[real], t[real], r[real], v[real],
-            select_rows(cond, real), None if uncond is None else select_rows(uncond, real),
-        )
+    def _fake_noise(
+        self, x: Tensor, traj: Trajectory, work: torch.dtype, generator: torch.Generator | None
+    ) -> Float[Tensor, " rows *shape"] | None:
+        """``z'`` for the rows made from the online model's samples: the fake group, or every row if image-free."""
+        rows = x.shape[0] if self.image_free else traj.size("fake")
+        if rows == 0:
+            return None
+        return torch.randn((rows, *x.shape[1:]), device=x.device, dtype=work, generator=generator)
 
-        # 3. The main forward: the only model call that carries grad.
-        prediction = call(x_t, t, r, cond).to(work)
-
-        # 5b. RCGM target of the real rows from the prediction and the displacement.
-        if displacement is None:
-            target_real = v_real
-        else:
-            target_real = rcgm_residual_target(
-                t[real], r[real], v_real, prediction[real], displacement,
-                step=self.estimate_step, clamp=self.residual_clamp,
-            )
-            del displacement
-        target = torch.cat([target_real, v[groups["fake"]]])
-
-        # 6. Base loss: weighted distance per row, fake rows (L_adv) at weight 1.
-        per_row = self.distance(prediction, target.detach())
-        del target_real, target, v, v_real  # the rectification pass runs after this point
-        weight = torch.ones_like(per_row)
-        if self.time_weight is not None:
-            weight = torch.cat([self.time_weight(t[real], r[real]), weight[groups["fake"]]])
-        weighted = weight * per_row
-        batch = x.shape[0]
-        base = weighted[real].sum() / batch
-        adv = weighted[groups["fake"]].sum() / batch
-
-        # 7. Rectification of the one-step rows.
-        rectify = self._rectify(
-            no_grad_call, x_t, prediction, traj, select_rows(cond, groups["one_step"]), generator
-        )
-        loss = base + adv + self.rectify_weight * rectify
-
-        terms = {"loss": loss, "base": base, "adv": adv, "rectify": rectify}
-        for name, rows in groups.items():
-            if name != "fake" and rows.stop > rows.start:
-                terms[f"base/{name}"] = weighted[rows].mean()
-        return TwinFlowOutput(
-            loss=loss,
-            terms={name: value.detach() for name, value in terms.items()},
-            model_calls=call.calls,
-            sample_evaluations=call.rows,
-            grad_sample_evaluations=batch,
-        )
-
-    def _teacher_passes(
+    def _training_rows(
         self,
-        no_grad_call,
+        evaluate: StepEvaluator,
+        x: Float[Tensor, " batch *shape"],
+        fake_noise: Tensor | None,
+        traj: Trajectory,
+        cond: dict[str, Tensor],
+    ) -> Float[Tensor, " batch *shape"]:
+        """Step 1: the data each row is interpolated from; fake rows hold the model's one-jump samples."""
+        if fake_noise is None:
+            return x
+        rows = slice(None) if self.image_free else traj.groups["fake"]
+        ones = torch.ones(fake_noise.shape[0], device=x.device, dtype=x.dtype)
+        velocity = evaluate("fake", fake_noise, ones, torch.zeros_like(ones), select_rows(cond, rows))
+        samples = fake_samples(fake_noise, velocity)
+        if self.image_free:
+            return samples
+        rows = x.clone()  # never written into the caller's x
+        rows[traj.groups["fake"]] = samples
+        return rows
+
+    def _guided_velocity(
+        self,
+        evaluate: StepEvaluator,
         x_t: Tensor,
-        t: Tensor,
-        r: Tensor,
         v: Tensor,
+        traj: Trajectory,
+        real: Rows,
         cond: dict[str, Tensor],
         uncond: dict[str, Tensor] | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Steps 4 (guidance) and 5 up to the displacement (RCGM chain) for the real rows.
+    ) -> Float[Tensor, " real *shape"]:
+        """Step 4: the real rows' velocity, guided where ``t`` lies inside ``guidance_interval``."""
+        v_real = v[real]
+        if self.guidance_scale == 0 or uncond is None or v_real.shape[0] == 0:
+            return v_real
+        low, high = self.guidance_interval
+        t_real = traj.t[real]
+        positions = ((t_real > low) & (t_real < high)).nonzero().squeeze(1)  # among the real rows
+        if positions.numel() == 0:
+            return v_real
+        inside = positions + real.start if isinstance(real, slice) else real[positions]
+        x_in, t_in = x_t[inside], traj.t[inside]
+        both = evaluate(
+            "guidance", torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), torch.cat([t_in, t_in]),
+            concat_conditioning(select_rows(cond, inside), select_rows(uncond, inside)),
+        )
+        cond_velocity, uncond_velocity = both.chunk(2)
+        if self.image_free:
+            guided = image_free_guidance_target(cond_velocity, uncond_velocity, self.guidance_scale)
+        else:
+            guided = guidance_target(v[inside], cond_velocity, uncond_velocity, self.guidance_scale)
+        return v_real.index_copy(0, positions, guided)
 
-        Returns the (guided) velocity and the teacher's displacement, or
-        ``None`` for it when no RCGM target is needed (flow-matching mode or no
-        real rows).
-        """
-        if x_t.shape[0] == 0:
-            return v, None
-        if self.guidance_scale > 0 and uncond is not None:
-            low, high = self.guidance_interval
-            rows = ((t > low) & (t < high)).nonzero().squeeze(1)
-            if rows.numel():
-                x_in = x_t[rows]
-                t_in = torch.cat([t[rows], t[rows]])
-                both = no_grad_call(
-                    torch.cat([x_in, x_in]), t_in, t_in,
-                    concat_conditioning(select_rows(cond, rows), select_rows(uncond, rows)), True,
-                )
-                cond_velocity, uncond_velocity = both.chunk(2)
-                guided = guidance_target(v[rows], cond_velocity, uncond_velocity, self.guidance_scale)
-                v = v.index_copy(0, rows, guided)
-                # Free the guidance outputs (2x the real rows) before the RCGM chain.
-                del both, cond_velocity, uncond_velocity, guided, x_in
-        if self.mode == "flow_matching":
-            return v, None
+    def _rcgm_displacement(
+        self,
+        evaluate: StepEvaluator,
+        x_t: Tensor,
+        v_real: Tensor,
+        traj: Trajectory,
+        real: Rows,
+        cond: dict[str, Tensor],
+    ) -> Float[Tensor, " real *shape"] | None:
+        """Step 5a: the RCGM teacher's displacement for the real rows (``None`` when RCGM is off)."""
+        if self.estimate_order == 0 or v_real.shape[0] == 0:
+            return None
+        cond_real = select_rows(cond, real)
 
-        def teacher(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
-            return no_grad_call(x_in, t_in, r_in, cond, True)
+        def rcgm_teacher(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
+            return evaluate("rcgm", x_in, t_in, r_in, cond_real)
 
         # The trajectory sampler gives 0 <= r <= t <= 1 by construction: skip
         # the public function's check (a device sync per step on a GPU).
-        displacement = unchecked_rcgm_displacement(
-            teacher, x_t, t, r, v, step=self.estimate_step, order=self.estimate_order
+        return unchecked_rcgm_displacement(
+            rcgm_teacher, x_t[real], traj.t[real], traj.r[real], v_real,
+            step=self.estimate_step, order=self.estimate_order,
         )
-        return v, displacement
+
+    def _regression_target(
+        self,
+        prediction: Tensor,
+        v: Tensor,
+        v_real: Tensor,
+        displacement: Tensor | None,
+        traj: Trajectory,
+        real: Rows,
+    ) -> Float[Tensor, " batch *shape"]:
+        """Step 5b: the RCGM target on real rows, ``v = z - x_fake`` (L_adv) on fake rows; detached."""
+        target_real = v_real
+        if displacement is not None:
+            target_real = rcgm_residual_target(
+                traj.t[real], traj.r[real], v_real, prediction[real], displacement,
+                step=self.estimate_step, clamp=self.residual_clamp,
+            )
+        target = v.detach().clone()
+        target[real] = target_real
+        return target
+
+    def _row_weights(self, traj: Trajectory) -> Float[Tensor, " batch"]:
+        """Step 6: the time weight on real rows, 1 on fake rows (and everywhere without a time weight)."""
+        if self.time_weight is None:
+            return torch.ones_like(traj.t)
+        fake = torch.zeros_like(traj.t, dtype=torch.bool)
+        fake[traj.groups["fake"]] = True
+        return torch.where(fake, torch.ones_like(traj.t), self.time_weight(traj.t, traj.r))
 
     def _rectify(
         self,
-        no_grad_call,
+        evaluate: StepEvaluator,
         x_t: Tensor,
         prediction: Tensor,
         traj: Trajectory,
-        cond_one: dict[str, Tensor],
+        cond: dict[str, Tensor],
         generator: torch.Generator | None,
-    ) -> Tensor:
-        r"""Step 7: :math:`\rho(F_\theta, \mathrm{sg}(F_\theta - \Delta v))` on one-step rows."""
+    ) -> Float[Tensor, ""]:
+        r"""Step 7: :math:`\rho(F_\theta, \mathrm{sg}(F_\theta - \Delta v))` averaged over the one-step rows."""
         one = traj.groups["one_step"]
         if self.rectify_weight == 0 or traj.size("one_step") == 0:
             return prediction.new_zeros(())
@@ -431,8 +603,37 @@ class TwinFlowLoss(nn.Module):
         s = torch.rand(x_hat.shape[0], device=x_hat.device, dtype=x_hat.dtype, generator=generator)
         y = self.path.sample(x_hat, z, s).x_t
         signed = torch.cat([-s, s])
-        both = no_grad_call(torch.cat([y, y]), signed, signed, concat_conditioning(cond_one, cond_one), False)
+        cond_one = select_rows(cond, one)
+        both = evaluate("rectify", torch.cat([y, y]), signed, signed, concat_conditioning(cond_one, cond_one))
         fake_velocity, real_velocity = both.chunk(2)
-        gap = (fake_velocity - real_velocity).clamp(-self.rectify_clamp, self.rectify_clamp)
-        return self.distance(velocity, (velocity - gap).detach()).mean()
+        target = rectification_target(velocity, fake_velocity, real_velocity, clamp=self.rectify_clamp)
+        return self.distance(velocity, target).mean()
 
+    def _output(
+        self,
+        weighted: Float[Tensor, " batch"],
+        rectify: Tensor,
+        traj: Trajectory,
+        real: Rows,
+        evaluate: StepEvaluator,
+    ) -> TwinFlowOutput:
+        """Step 8: ``L = base + adv + c_rect * rectify``, the logged terms and the call counts."""
+        batch = weighted.shape[0]
+        base = weighted[real].sum() / batch
+        adv = weighted[traj.groups["fake"]].sum() / batch
+        loss = base + adv + self.rectify_weight * rectify
+        terms = {"loss": loss, "base": base, "adv": adv, "rectify": rectify}
+        for name in REAL_GROUPS:
+            if traj.size(name):
+                terms[f"base/{name}"] = weighted[traj.groups[name]].mean()
+        used = {id(teacher): teacher for name, teacher in self._teachers.items() if evaluate.calls[name]}
+        for teacher in used.values():
+            teacher.record_use()
+        return TwinFlowOutput(
+            loss=loss,
+            terms={name: value.detach() for name, value in terms.items()},
+            model_calls=evaluate.total_calls,
+            sample_evaluations=evaluate.total_rows,
+            grad_sample_evaluations=evaluate.rows["main"],
+            calls_per_pass=dict(evaluate.calls),
+        )

@@ -1,48 +1,102 @@
-r"""Regression targets of the TwinFlow base loss (ALGORITHM.md, steps 4-5).
+r"""The formulas of one TwinFlow step, each a pure function (docs/method.md, section 2).
 
-Both functions run without grad and return float tensors a reader can match
-line by line to the specification.
+============================================ ===================================
+step                                         function
+============================================ ===================================
+1. fake samples ``x_hat(F(z', 1, 0))``       :func:`fake_samples`
+4. guidance-enhanced target                  :func:`guidance_target`,
+                                             :func:`image_free_guidance_target`
+5. RCGM any-step target                      :func:`rcgm_target` (=
+                                             :func:`rcgm_displacement` then
+                                             :func:`rcgm_residual_target`)
+6. per-row time weight                       :func:`tangent_time_weight`
+7. rectification target                      :func:`rectification_target`
+============================================ ===================================
+
+None of them calls a model: the model evaluations of a step are made by
+:class:`~twinloss.evaluator.StepEvaluator` and passed in, so each formula can
+be checked alone against a closed form.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["guidance_target", "rcgm_displacement", "rcgm_residual_target", "rcgm_target"]
+from twinloss._tensors import per_row
+
+__all__ = [
+    "fake_samples",
+    "guidance_target",
+    "image_free_guidance_target",
+    "rcgm_displacement",
+    "rcgm_residual_target",
+    "rcgm_target",
+    "rectification_target",
+    "tangent_time_weight",
+]
 
 TeacherField = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``(x, t, r) -> F(x, t, r)``: the teacher with its conditioning bound."""
 
 
-def _per_row(values: Tensor, like: Tensor) -> Tensor:
-    return values.reshape(-1, *([1] * (like.ndim - 1)))
+def fake_samples(
+    noise: Float[Tensor, " batch *shape"], velocity: Float[Tensor, " batch *shape"]
+) -> Float[Tensor, " batch *shape"]:
+    r"""Step 1: the online model's one-jump samples :math:`x_\text{fake} = z' - F(z', 1, 0)`.
+
+    The jump :math:`x_r = x_t - (t - r) F` from ``t = 1`` to ``r = 0``, which
+    is the same on every affine path (the jump only reads the average
+    velocity); ``velocity`` is :math:`F(z', 1, 0)`, evaluated without grad.
+    """
+    return noise - velocity.to(noise.dtype)
 
 
 def guidance_target(
-    velocity: Float[Tensor, "batch *shape"],
-    cond_velocity: Float[Tensor, "batch *shape"],
-    uncond_velocity: Float[Tensor, "batch *shape"],
+    velocity: Float[Tensor, " batch *shape"],
+    cond_velocity: Float[Tensor, " batch *shape"],
+    uncond_velocity: Float[Tensor, " batch *shape"],
     scale: float,
-) -> Float[Tensor, "batch *shape"]:
-    r"""Guidance-enhanced target :math:`v + w (F_\text{cond} - F_\text{uncond})`."""
+) -> Float[Tensor, " batch *shape"]:
+    r"""Step 4: guidance-enhanced target :math:`v + w (F_\text{cond} - F_\text{uncond})`.
+
+    ``F`` is the guidance teacher's instantaneous velocity at ``(x_t, t, t)``
+    with and without the conditioning.
+    """
     return velocity + scale * (cond_velocity.to(velocity.dtype) - uncond_velocity.to(velocity.dtype))
+
+
+def image_free_guidance_target(
+    cond_velocity: Float[Tensor, " batch *shape"],
+    uncond_velocity: Float[Tensor, " batch *shape"],
+    scale: float,
+) -> Float[Tensor, " batch *shape"]:
+    r"""Step 4, image-free: the teacher's classifier-free-guided velocity
+    :math:`F_\text{uncond} + w (F_\text{cond} - F_\text{uncond})`.
+
+    The authors' ``use_image_free`` (with their fixed teacher,
+    ``ema_decay_rate: 1``): the data velocity ``v`` is dropped, the target is
+    the teacher's guided field alone, so no training image is needed (the
+    interpolated rows come from the online model's own one-step samples).
+    """
+    return uncond_velocity + scale * (cond_velocity.to(uncond_velocity.dtype) - uncond_velocity)
 
 
 @torch.no_grad()
 def rcgm_target(
     teacher: TeacherField,
-    x_t: Float[Tensor, "batch *shape"],
+    x_t: Float[Tensor, " batch *shape"],
     t: Float[Tensor, " batch"],
     r: Float[Tensor, " batch"],
-    velocity: Float[Tensor, "batch *shape"],
-    prediction: Float[Tensor, "batch *shape"],
+    velocity: Float[Tensor, " batch *shape"],
+    prediction: Float[Tensor, " batch *shape"],
     *,
     step: float = 0.01,
     order: int = 2,
     clamp: float = 1.0,
-) -> Float[Tensor, "batch *shape"]:
+) -> Float[Tensor, " batch *shape"]:
     r"""The N-th order recursive consistency (RCGM) target for an any-step jump.
 
     With ``d = step``, ``v`` the (guided) conditional velocity and
@@ -76,14 +130,14 @@ def rcgm_target(
 @torch.no_grad()
 def rcgm_displacement(
     teacher: TeacherField,
-    x_t: Float[Tensor, "batch *shape"],
+    x_t: Float[Tensor, " batch *shape"],
     t: Float[Tensor, " batch"],
     r: Float[Tensor, " batch"],
-    velocity: Float[Tensor, "batch *shape"],
+    velocity: Float[Tensor, " batch *shape"],
     *,
     step: float = 0.01,
     order: int = 2,
-) -> Float[Tensor, "batch *shape"]:
+) -> Float[Tensor, " batch *shape"]:
     r"""Steps 1-2 of :func:`rcgm_target`: the teacher's displacement ``D`` from ``t_m`` to ``r``.
 
     Needs no prediction, so :class:`~twinloss.TwinFlowLoss` runs it *before*
@@ -111,7 +165,7 @@ def unchecked_rcgm_displacement(
     displacement = torch.zeros_like(x_t)
     for k in range(1, order + 1):
         s_next = t_mid - k * (t_mid - r) / order
-        jump = _per_row(s - s_next, x) * teacher(x, s, s_next).to(x.dtype)
+        jump = per_row(s - s_next, x) * teacher(x, s, s_next).to(x.dtype)
         x = x - jump
         displacement = displacement + jump
         s = s_next
@@ -122,20 +176,52 @@ def unchecked_rcgm_displacement(
 def rcgm_residual_target(
     t: Float[Tensor, " batch"],
     r: Float[Tensor, " batch"],
-    velocity: Float[Tensor, "batch *shape"],
-    prediction: Float[Tensor, "batch *shape"],
-    displacement: Float[Tensor, "batch *shape"],
+    velocity: Float[Tensor, " batch *shape"],
+    prediction: Float[Tensor, " batch *shape"],
+    displacement: Float[Tensor, " batch *shape"],
     *,
     step: float = 0.01,
     clamp: float = 1.0,
-) -> Float[Tensor, "batch *shape"]:
+) -> Float[Tensor, " batch *shape"]:
     r"""Steps 3-4 of :func:`rcgm_target`: :math:`T = \mathrm{sg}(F_\theta) - \mathrm{clamp}(R)`."""
     prediction = prediction.detach().to(velocity.dtype)
     span = t - r
-    long_jump = _per_row(span >= step, velocity)
+    long_jump = per_row(span >= step, velocity)
     residual = torch.where(
         long_jump,
-        (_per_row(span, velocity) * prediction - displacement) / step - velocity,
+        (per_row(span, velocity) * prediction - displacement) / step - velocity,
         prediction - velocity,
     )
     return prediction - residual.clamp(-clamp, clamp)
+
+
+def tangent_time_weight(
+    t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], divisor: float = 2.5
+) -> Float[Tensor, " batch"]:
+    r"""Step 6: the per-row weight :math:`1 + \tan\big((1 - (|t| - |r|))\,\pi / \text{divisor}\big)`.
+
+    Equal to 1 for the one-jump rows (``|t| - |r| = 1``) and about 4.08 for
+    ``r = t`` with the *default* divisor 2.5 (it must exceed 2, where tan
+    diverges at ``r = t``).
+    """
+    return 1.0 + torch.tan((1.0 - (t.abs() - r.abs())) * math.pi / divisor)
+
+
+@torch.no_grad()
+def rectification_target(
+    prediction: Float[Tensor, " batch *shape"],
+    fake_velocity: Float[Tensor, " batch *shape"],
+    real_velocity: Float[Tensor, " batch *shape"],
+    *,
+    clamp: float = 1.0,
+) -> Float[Tensor, " batch *shape"]:
+    r"""Step 7: :math:`\mathrm{sg}\big(F_\theta - \mathrm{clamp}(F(y, -s, -s) - F(y, s, s), -c, c)\big)`.
+
+    Regressing the one-step prediction :math:`F_\theta` on this target has
+    gradient :math:`\Delta v = \mathrm{clamp}(F_\text{fake} - F_\text{real})`,
+    the gap between the fake and the real velocity fields at the re-noised
+    one-step samples ``y`` (*default* clamp ``c = 1``).
+    """
+    prediction = prediction.detach()
+    gap = (fake_velocity.to(prediction.dtype) - real_velocity.to(prediction.dtype)).clamp(-clamp, clamp)
+    return prediction - gap

@@ -1,34 +1,63 @@
 """Teachers: who evaluates the no-grad passes of a TwinFlow step.
 
-The guidance passes and the RCGM chain (ALGORITHM.md, steps 4-5) call a
+The guidance passes and the RCGM chain (docs/method.md, steps 4-5) call a
 *teacher*, never the grad-carrying model. A teacher is an ``nn.Module`` with
 
 * ``forward(model, x_t, t, r, cond) -> velocity``: one no-grad evaluation of
   the two-time field. It receives the online model at call time, so it holds
   no second registration of weights a wrapper (FSDP, DDP, accelerate) owns;
-* ``update(model)``: called by the trainer after ``optimizer.step()``;
+* ``update(model)``: called by the trainer after ``optimizer.step()``
+  (``loss_fn.update_teachers(model)`` updates each of a loss's teachers once);
+* ``record_use()``: called by the loss once per step that evaluated it; a
+  teacher that needs updates warns when it is used for many steps without
+  one (:class:`MovingAverageTeacher`);
 * ``state_dict()`` / ``load_state_dict()``: so a resumed run continues
   exactly (the state travels inside ``TwinFlowLoss.state_dict()``).
 
 New teachers (LoRA base, LoRA-EMA, sharded EMA) subclass :class:`Teacher`;
 the averaging ones subclass :class:`MovingAverageTeacher`, which owns the
-decay warm-up and its saved state, and keep the average where it fits them.
+decay warm-up, its saved state and the missing-update warning, and keep the
+average where it fits them. Fixed weights (the authors' ``ema_decay_rate: 1``
+teacher for full fine-tuning) are :class:`FrozenTeacher`.
 """
 
 import abc
 import math
+import warnings
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from twinloss._checks import check_int
+from twinloss._tensors import at_least_float32
 from twinloss.protocol import Conditioning, VelocityModel
 
-__all__ = ["EMATeacher", "MovingAverageTeacher", "OnlineTeacher", "Teacher"]
+__all__ = ["EMATeacher", "FrozenTeacher", "MovingAverageTeacher", "OnlineTeacher", "Teacher"]
+
+
+def _check_same_names(owner: str, params: dict[str, Tensor], kept: dict[str, Tensor], *, kind: str) -> None:
+    """Refuse parameters whose names are not the ones a teacher keeps weights for."""
+    if set(params) != set(kept):
+        raise ValueError(
+            f"{owner}: the model's parameters differ from the {kind} ones "
+            f"(missing {sorted(set(kept) - set(params))[:3]}, new {sorted(set(params) - set(kept))[:3]})"
+        )
 
 
 class Teacher(nn.Module, abc.ABC):
-    """Base class of the no-grad evaluator used for targets."""
+    """Base class of the no-grad evaluator used for targets.
+
+    Attributes:
+        reads_target_time: whether the teacher's field depends on ``r`` and on
+            the sign of ``t`` (True by default). A teacher that ignores them
+            (a pretrained base model, which has neither) can guide, but cannot
+            evaluate the RCGM chain: :class:`~twinloss.TwinFlowLoss` refuses
+            it as ``rcgm_teacher``.
+    """
+
+    reads_target_time: ClassVar[bool] = True
 
     @abc.abstractmethod
     def forward(
@@ -38,6 +67,9 @@ class Teacher(nn.Module, abc.ABC):
 
     def update(self, model: VelocityModel) -> None:
         """Advance the teacher after an optimizer step (no-op by default)."""
+
+    def record_use(self) -> None:
+        """Called by the loss once per step in which it evaluated this teacher (no-op by default)."""
 
 
 class OnlineTeacher(Teacher):
@@ -64,17 +96,39 @@ class MovingAverageTeacher(Teacher):
     of tensors, local shards, a second LoRA adapter), averages with
     ``lerp_(theta, self.average_weight)`` and then calls :meth:`advance`.
 
+    A teacher that is used but never updated silently stays at the first
+    weights it saw; so after ``warn_after_steps`` consecutive steps that used
+    it without an :meth:`~Teacher.update` in between, it warns (once per such
+    run of steps). Gradient accumulation over fewer micro-batches than that
+    never warns.
+
     Args:
         target_decay: the decay the warm-up approaches (*default* 0.99), in [0, 1).
+        warn_after_steps: steps without an update before the warning
+            (*default* 50), an int >= 1.
     """
 
-    def __init__(self, target_decay: float = 0.99) -> None:
+    def __init__(self, target_decay: float = 0.99, *, warn_after_steps: int = 50) -> None:
         super().__init__()
         if not (0.0 <= target_decay < 1.0) or math.isnan(target_decay):
             raise ValueError(f"target_decay must lie in [0, 1), got {target_decay}")
+        self.warn_after_steps = check_int(warn_after_steps, "warn_after_steps", minimum=1)
         self.target_decay = float(target_decay)
         self.decay = 0.0
         self.num_updates = 0
+        self.steps_since_update = 0
+
+    def record_use(self) -> None:
+        """Count a step that used the average; warn at the ``warn_after_steps``-th without an update."""
+        self.steps_since_update += 1
+        if self.steps_since_update == self.warn_after_steps:
+            warnings.warn(
+                f"{type(self).__name__} was used for {self.steps_since_update} training steps without "
+                "update(model): its average is not following the model. Call loss_fn.update_teachers(model) "
+                "after each optimizer step.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @property
     def average_weight(self) -> float:
@@ -85,21 +139,18 @@ class MovingAverageTeacher(Teacher):
         """Move the decay one warm-up step towards ``target_decay`` and count the update."""
         self.decay = self.decay + 0.5 * (1.0 - self.decay) * (self.target_decay - self.decay)
         self.num_updates += 1
+        self.steps_since_update = 0
 
     @staticmethod
     def start_average(params: dict[str, Tensor]) -> dict[str, Tensor]:
         """A copy of ``params`` to average into, in at least float32."""
         return {
-            name: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True) for name, p in params.items()
+            name: p.detach().to(at_least_float32(p.dtype), copy=True) for name, p in params.items()
         }
 
     def check_same_parameters(self, params: dict[str, Tensor], averaged: dict[str, Tensor]) -> None:
         """Refuse a model whose parameter names are not the averaged ones."""
-        if set(params) != set(averaged):
-            raise ValueError(
-                f"{type(self).__name__}: the model's parameters differ from the averaged ones "
-                f"(missing {sorted(set(averaged) - set(params))[:3]}, new {sorted(set(params) - set(averaged))[:3]})"
-            )
+        _check_same_names(type(self).__name__, params, averaged, kind="averaged")
 
     def schedule_state(self) -> dict:
         """The schedule's part of ``get_extra_state``."""
@@ -116,30 +167,36 @@ class MovingAverageTeacher(Teacher):
         self.num_updates = int(state["num_updates"])
 
 
+def _as_module(model: VelocityModel, teacher: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{teacher} needs the model to be an nn.Module, got {type(model).__name__}")
+    return model
+
+
 class EMATeacher(MovingAverageTeacher):
     r"""An exponential moving average of the online weights, with the warm-up of
     :class:`MovingAverageTeacher`.
 
-    The average is kept in at least float32 and evaluated
-    with :func:`torch.func.functional_call` on the online module, so no second
-    module is built. The model must therefore be an ``nn.Module`` whose
-    parameters the average mirrors.
+    The average (``shadow``) is kept in at least float32. Evaluation uses a
+    copy in the model's dtype (``evaluation_weights``), written once per
+    :meth:`update`, never per call; for a float32 model it *is* the average
+    (no second copy). It is evaluated with :func:`torch.func.functional_call`
+    on the online module, so no second module is built: the model must be an
+    ``nn.Module`` whose parameters the average mirrors.
+
+    Memory: float32 model, one copy of the weights; bfloat16 model, the
+    float32 average plus one bfloat16 copy (three bytes more per weight than
+    the model, and no transient copy during the step).
 
     Args:
         target_decay: the decay the warm-up approaches (*default* 0.99), in [0, 1).
+        warn_after_steps: see :class:`MovingAverageTeacher` (*default* 50).
     """
 
-    def __init__(self, target_decay: float = 0.99) -> None:
-        super().__init__(target_decay)
+    def __init__(self, target_decay: float = 0.99, *, warn_after_steps: int = 50) -> None:
+        super().__init__(target_decay, warn_after_steps=warn_after_steps)
         self.shadow: dict[str, Tensor] = {}
-
-    @staticmethod
-    def _module(model: VelocityModel) -> nn.Module:
-        if not isinstance(model, nn.Module):
-            raise ValueError(
-                f"EMATeacher needs the model to be an nn.Module, got {type(model).__name__}"
-            )
-        return model
+        self.evaluation_weights: dict[str, Tensor] = {}
 
     @torch.no_grad()
     def _initialize(self, module: nn.Module) -> None:
@@ -147,26 +204,48 @@ class EMATeacher(MovingAverageTeacher):
         self.shadow = self.start_average(dict(module.named_parameters()))
 
     @torch.no_grad()
+    def _write_evaluation_weights(self, params: dict[str, Tensor]) -> None:
+        """Cast the average into the model's dtype and device, reusing the buffers of the last cast."""
+        for name, live in params.items():
+            average = self.shadow[name]
+            if average.dtype == live.dtype and average.device == live.device:
+                self.evaluation_weights[name] = average
+                continue
+            buffer = self.evaluation_weights.get(name)
+            if buffer is None or buffer is average or buffer.dtype != live.dtype or buffer.device != live.device:
+                self.evaluation_weights[name] = average.to(device=live.device, dtype=live.dtype, copy=True)
+            else:
+                buffer.copy_(average)
+
+    @torch.no_grad()
     def update(self, model: VelocityModel) -> None:
-        module = self._module(model)
+        module = _as_module(model, "EMATeacher")
         if not self.shadow:
             self._initialize(module)
         params = dict(module.named_parameters())
         self.check_same_parameters(params, self.shadow)
         for name, p in params.items():
             self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), self.average_weight)
+        self._write_evaluation_weights(params)
         self.advance()
 
     def forward(
         self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
     ) -> Tensor:
-        module = self._module(model)
+        module = _as_module(model, "EMATeacher")
         if not self.shadow:
             self._initialize(module)  # first use before any update: the current weights
-        dtypes = {name: p.dtype for name, p in module.named_parameters()}
-        params = {name: average.to(dtypes[name]) for name, average in self.shadow.items()}
+        params = dict(module.named_parameters())
+        stale = len(self.evaluation_weights) != len(params) or any(
+            self.evaluation_weights[name].dtype != p.dtype or self.evaluation_weights[name].device != p.device
+            for name, p in params.items()
+            if name in self.evaluation_weights
+        )
+        if stale:  # first use, a loaded checkpoint, or the model was cast since the last update
+            self.check_same_parameters(params, self.shadow)
+            self._write_evaluation_weights(params)
         with torch.no_grad():
-            return functional_call(module, params, (x_t, t, r), dict(cond))
+            return functional_call(module, self.evaluation_weights, (x_t, t, r), dict(cond))
 
     def get_extra_state(self) -> dict:
         return {**self.schedule_state(), "shadow": {name: p.clone() for name, p in self.shadow.items()}}
@@ -174,3 +253,44 @@ class EMATeacher(MovingAverageTeacher):
     def set_extra_state(self, state: dict) -> None:
         self.load_schedule_state(state)
         self.shadow = {name: p.clone() for name, p in state["shadow"].items()}
+        self.evaluation_weights = {}  # re-cast from the loaded average at the next call
+
+
+class FrozenTeacher(Teacher):
+    """Fixed weights: a copy of the model's parameters taken at construction, never updated.
+
+    The authors' ``ema_decay_rate: 1`` teacher for full fine-tuning (their
+    ``ema_transformer``, loaded from the pretrained weights and never
+    averaged): build it from the pretrained model before the first optimizer
+    step. For LoRA training, ``twinloss_adapters.lora.BaseModelTeacher`` gives
+    the same fixed reference without a copy. Evaluated with
+    :func:`torch.func.functional_call` on the online module, in the copy's
+    dtype (the model's at construction); the copy is saved with the loss's
+    state, so a resumed run keeps the original reference.
+
+    Args:
+        model: the pretrained ``nn.Module`` whose current weights are kept.
+    """
+
+    def __init__(self, model: VelocityModel) -> None:
+        super().__init__()
+        module = _as_module(model, "FrozenTeacher")
+        self.frozen: dict[str, Tensor] = {
+            name: p.detach().clone() for name, p in module.named_parameters()
+        }
+
+    def forward(
+        self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
+    ) -> Tensor:
+        module = _as_module(model, "FrozenTeacher")
+        _check_same_names("FrozenTeacher", dict(module.named_parameters()), self.frozen, kind="frozen")
+        with torch.no_grad():
+            return functional_call(module, self.frozen, (x_t, t, r), dict(cond))
+
+    def get_extra_state(self) -> dict:
+        return {"frozen": {name: p.clone() for name, p in self.frozen.items()}}
+
+    def set_extra_state(self, state: dict) -> None:
+        loaded = state["frozen"]
+        _check_same_names("FrozenTeacher (loading a checkpoint)", loaded, self.frozen, kind="frozen")
+        self.frozen = {name: p.clone() for name, p in loaded.items()}

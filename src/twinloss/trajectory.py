@@ -1,7 +1,7 @@
 r"""Which rows of a batch train what: the four TwinFlow groups and their times.
 
 The released recipe splits each mini-batch into contiguous groups
-(ALGORITHM.md, section 2), in this order:
+(docs/method.md, section 2), in this order:
 
 ============== ======================================== =====================
 group          times ``(t, r)``                         trains
@@ -18,11 +18,12 @@ with ``t`` from a :class:`~twinloss.time_distributions.TimeDistribution` and
 """
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, fields
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from twinloss.time_distributions import BetaTime, TimeDistribution
@@ -130,6 +131,32 @@ class Trajectory:
     def size(self, group: str) -> int:
         rows = self.groups[group]
         return rows.stop - rows.start
+
+    def rows(self, *names: str) -> slice | Int[Tensor, " rows"]:
+        """The rows of the named groups in ascending order, whatever order the groups have in the batch.
+
+        A slice (a view when indexing) when those rows are contiguous, else
+        an index tensor built on the device (no host sync); either indexes a
+        tensor's first dim and assigns into it.
+
+        Raises:
+            ValueError: naming an unknown group.
+        """
+        unknown = [name for name in names if name not in self.groups]
+        if unknown:
+            raise ValueError(f"names must be groups among {sorted(self.groups)}, got {unknown}")
+        ranges = sorted((self.groups[name].start, self.groups[name].stop) for name in names)
+        ranges = [(start, stop) for start, stop in ranges if stop > start]
+        if not ranges:
+            return slice(0, 0)
+        if all(stop == next_start for (_, stop), (next_start, _) in itertools.pairwise(ranges)):
+            return slice(ranges[0][0], ranges[-1][1])
+        device = self.t.device
+        return torch.cat([torch.arange(start, stop, dtype=torch.long, device=device) for start, stop in ranges])
+
+    def count(self, *names: str) -> int:
+        """Rows in the named groups."""
+        return sum(self.size(name) for name in names)
 
 
 class TrajectorySampler(nn.Module):

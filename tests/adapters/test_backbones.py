@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_backbones import CASES, BackboneCase
+from adapter_backbones import CASES, OPENUNI_HEADS, BackboneCase, openuni_checkpoint
 from twinloss_adapters.base import AdaptedTransformer
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME
 
@@ -30,13 +30,11 @@ def _build(case: BackboneCase, seed: int = 0) -> tuple[nn.Module, AdaptedTransfo
 
 
 def _stock(case: BackboneCase, adapted: AdaptedTransformer, x, t, cond):
-    """What the stock stack computes for (x, t): the pipeline call, or OpenUni's SANA(connector(h))."""
+    """What the stock stack computes for (x, t): the pipeline call, or OpenUni's SANA(projector(connector(h)))."""
     if case.stock_call is not None:
         return case.stock_call(adapted.transformer, x, t, cond)
-    captions = adapted.connector(cond["llm_hidden_states"], cond["llm_attention_mask"])
-    return adapted.transformer(
-        x, captions, 1000 * t, encoder_attention_mask=cond["llm_attention_mask"], return_dict=False
-    )[0]
+    captions = adapted.projector(adapted.connector(cond["llm_hidden_states"]))
+    return adapted.transformer(x, captions, 1000 * t, return_dict=False)[0]
 
 
 def _perturb_twin_parameters(adapted: AdaptedTransformer, seed: int = 1) -> None:
@@ -143,7 +141,7 @@ def test_unadapt_restores_the_stock_class(case: BackboneCase) -> None:
     with torch.no_grad():
         expected = _stock(case, adapted, x, t, cond)
     _perturb_twin_parameters(adapted)
-    module = __import__(f"twinloss_adapters.{case.name}", fromlist=["unadapt"])
+    module = __import__(f"twinloss_adapters.{case.module_name}", fromlist=["unadapt"])
     restored = module.unadapt(adapted)
     assert restored is transformer
     assert set(restored.state_dict()) == stock_keys
@@ -195,9 +193,11 @@ def test_times_outside_the_protocol_raise(case: BackboneCase) -> None:
 def test_declared_capabilities_are_enforced(case: BackboneCase) -> None:
     torch.manual_seed(0)
     transformer = case.build()
-    module = __import__(f"twinloss_adapters.{case.name}", fromlist=["adapt"])
-    extra = (transformer_connector(),) if case.name == "openuni" else ()
-    plain = module.adapt(transformer, *extra, target_time=False, sign=False)
+    module = __import__(f"twinloss_adapters.{case.module_name}", fromlist=["adapt"])
+    if case.name == "openuni":
+        plain = module.adapt(transformer, openuni_checkpoint(), num_heads=OPENUNI_HEADS, target_time=False, sign=False)
+    else:
+        plain = module.adapt(transformer, target_time=False, sign=False)
     assert not hasattr(transformer, DEFAULT_MODULE_NAME)
     x, cond = _inputs(case, transformer)
     t = torch.full((BATCH,), 0.5)
@@ -208,13 +208,6 @@ def test_declared_capabilities_are_enforced(case: BackboneCase) -> None:
     with pytest.raises(ValueError, match="lacks"):
         plain.capabilities.require(target_time=True, sign=True)
     assert plain(x, t, t, **cond).shape == x.shape
-
-
-def transformer_connector() -> nn.Module:
-    from adapter_backbones import LLM_WIDTH
-    from twinloss_adapters.openuni import OpenUniConnector
-
-    return OpenUniConnector(LLM_WIDTH, 24, num_layers=1, num_heads=2)
 
 
 def test_unknown_backbone_class_and_double_adaptation_raise(case: BackboneCase) -> None:

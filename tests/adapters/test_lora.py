@@ -200,7 +200,9 @@ def test_twinflow_steps_with_a_lora_teacher(teacher_class: type) -> None:
     transformer, _, model = _lora_model(case)
     x, cond = _inputs(case, transformer)
     uncond = {key: torch.zeros_like(value) for key, value in cond.items()}
-    loss_fn = twinloss.TwinFlowLoss(teacher=teacher_class(), guidance_scale=0.5)
+    # the base model ignores r: it guides, the online model runs the RCGM chain
+    argument = "guidance_teacher" if teacher_class is lora.BaseModelTeacher else "teacher"
+    loss_fn = twinloss.TwinFlowLoss(**{argument: teacher_class()}, guidance_scale=0.5)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and "twinflow_ema" not in n}
@@ -210,7 +212,7 @@ def test_twinflow_steps_with_a_lora_teacher(teacher_class: type) -> None:
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-        loss_fn.teacher.update(model)
+        loss_fn.update_teachers(model)
         losses.append(out.loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and len(set(losses)) == 3, losses
     for n, p in model.named_parameters():

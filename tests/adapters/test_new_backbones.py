@@ -257,7 +257,7 @@ def test_ace_step_twinflow_lora_fine_tune_trains_only_lora_and_the_sign() -> Non
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert any("negative_time_embedding" in n for n in trained) and any("lora_B" in n for n in trained)
-    loss_fn = twinloss.TwinFlowLoss(teacher=lora.BaseModelTeacher(), guidance_scale=0.5)
+    loss_fn = twinloss.TwinFlowLoss(guidance_teacher=lora.BaseModelTeacher(), guidance_scale=0.5)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(3):
@@ -438,3 +438,85 @@ def test_ace_step_bfloat16_model_matches_the_pipeline_call() -> None:
         actual = model(x, t, r, **cond)
     assert actual.dtype == torch.bfloat16
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+NEW_MODULES = (
+    "lumina2", "hidream", "flux2", "flux_kontext", "chroma", "anyflow", "ace_step", "hunyuan_video15",
+    "hunyuan_video_i2v", "ltx2",
+)
+
+
+def _perturbed_extras(model: nn.Module) -> nn.Module:
+    """``model`` with every adapter parameter moved off its initial value (so a reload that drops one shows)."""
+    generator = torch.Generator().manual_seed(1)
+    prefixes = model.extra_prefixes()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith(prefixes):
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def _jump_outputs(model: nn.Module, name: str) -> torch.Tensor:
+    """Outputs at a real jump, a twin jump and r = t (the rows of test_persistence)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, *CASES[name].latent_shape, generator=generator)
+    cond = CASES[name].make_cond(model.transformer, 3, generator)
+    with torch.no_grad():
+        return model(x, torch.tensor([0.9, -0.6, 0.5]), torch.tensor([0.2, -0.3, 0.5]), **cond)
+
+
+@pytest.mark.parametrize("name", NEW_MODULES)
+def test_module_from_pretrained_reloads_a_saved_adapter_with_its_twin_weights_bit_identically(name: str, tmp_path) -> None:
+    """``<module>.from_pretrained`` is the strict persistence load (pipeline ``transformer/`` subfolder), not ``adapt``."""
+    import importlib
+
+    case = CASES[name]
+    torch.manual_seed(0)
+    adapted = _perturbed_extras(case.adapt(case.build()))
+    adapted.save_pretrained(tmp_path / "transformer")
+    reloaded = importlib.import_module(f"twinloss_adapters.{name}").from_pretrained(str(tmp_path))
+    assert type(reloaded) is type(adapted)
+    assert torch.equal(_jump_outputs(reloaded, name), _jump_outputs(adapted, name))
+
+
+@pytest.mark.parametrize("use_meanflow", [False, True])
+def test_hunyuan_video15_from_pretrained_picks_the_adapter_class_from_use_meanflow(use_meanflow: bool, tmp_path) -> None:
+    from twinloss_adapters import hunyuan_video15
+
+    torch.manual_seed(0)
+    adapted = _perturbed_extras(
+        hunyuan_video15.adapt(build_hunyuan_video15(use_meanflow=use_meanflow), vision_tokens=HUNYUAN_VIDEO15_VISION_TOKENS)
+    )
+    expected_class = hunyuan_video15.HunyuanVideo15MeanFlowAdapter if use_meanflow else hunyuan_video15.HunyuanVideo15Adapter
+    assert type(adapted) is expected_class
+    adapted.save_pretrained(tmp_path / "transformer")
+    reloaded = hunyuan_video15.from_pretrained(str(tmp_path))
+    assert type(reloaded) is expected_class and reloaded.vision_tokens == HUNYUAN_VIDEO15_VISION_TOKENS
+    assert torch.equal(_jump_outputs(reloaded, "hunyuan_video15"), _jump_outputs(adapted, "hunyuan_video15"))
+
+
+def test_per_token_time_with_a_released_embedding_raises_instead_of_being_ignored() -> None:
+    """The released embeddings add one row per batch row: ``per_token_time=True`` cannot be honoured with them."""
+    from twinloss_adapters.base import AdaptedTransformer
+    from twinloss_adapters.conventions import TimeConvention
+    from twinloss_adapters.time_embedding import ReleasedTimeEmbedding, twin_delta
+
+    class ToyAdapter(AdaptedTransformer):
+        def check_latent(self, x_t: torch.Tensor) -> None:
+            pass
+
+        def run_backbone(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+            return x_t
+
+    root = nn.Module()
+    root.emb = nn.Linear(DIM, DIM)
+    release = ReleasedTimeEmbedding("emb", "emb_2", twin_delta, sees_sign=True)
+    with pytest.raises(ValueError, match="per_token_time=True cannot be honoured"):
+        ToyAdapter(
+            root, time_convention=TimeConvention(scale=1.0), embedder_path="emb", embedding_dim=DIM,
+            release=release, per_token_time=True,
+        )
+    assert not hasattr(root, "emb_2")
+    ToyAdapter(root, time_convention=TimeConvention(scale=1.0), embedder_path="emb", embedding_dim=DIM, release=release)
+    assert isinstance(root.emb_2, nn.Linear)

@@ -3,29 +3,8 @@
 import pytest
 import torch
 
-from adapter_backbones import CASES, LLM_WIDTH, QUERIES, TEXT_LEN, build_sana
-from twinloss_adapters import flux, openuni, qwen_image, sana, wan
-
-
-def test_sana_with_guidance_embeddings_requires_guidance() -> None:
-    from diffusers import SanaTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = SanaTransformer2DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
-        caption_channels=24, sample_size=8, guidance_embeds=True,
-    )
-    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, TEXT_LEN, 24)
-    t, guidance = torch.tensor([0.8, 0.4]), torch.tensor([4.5, 4.5])
-    with torch.no_grad():
-        stock = transformer(x, text, 1000 * t, guidance=guidance, return_dict=False)[0]
-    model = sana.adapt(transformer)
-    assert model.capabilities.guidance_inputs == ("guidance",)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, t, t, encoder_hidden_states=text, guidance=guidance), stock, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="missing \\['guidance'\\]"):
-        model(x, t, t, encoder_hidden_states=text)
+from adapter_backbones import CASES, TEXT_LEN, build_sana, module_arguments
+from twinloss_adapters import flux, qwen_image, sana, wan
 
 
 def test_guidance_is_rejected_where_the_backbone_has_none() -> None:
@@ -47,40 +26,6 @@ def test_guidance_is_rejected_where_the_backbone_has_none() -> None:
     assert schnell_like(torch.randn(2, 4, 8, 8), t, t, **cond).shape == (2, 4, 8, 8)
     with pytest.raises(ValueError, match="guidance"):
         schnell_like(torch.randn(2, 4, 8, 8), t, t, **cond, guidance=torch.ones(2))
-
-
-def test_openuni_connector_wiring() -> None:
-    torch.manual_seed(0)
-    transformer = build_sana()
-    connector = openuni.OpenUniConnector(LLM_WIDTH, 24, num_layers=2, num_heads=4)
-    model = openuni.adapt(transformer, connector)
-    hidden = torch.randn(3, QUERIES, LLM_WIDTH)
-    mask = torch.ones(3, QUERIES)
-    mask[1, -2:] = 0
-    x, t = torch.randn(3, 4, 8, 8), torch.tensor([1.0, 0.5, 0.2])
-    with torch.no_grad():
-        captions = connector(hidden, mask)
-        stock = transformer(x, captions, 1000 * t, encoder_attention_mask=mask, return_dict=False)[0]
-        torch.testing.assert_close(model(x, t, t, llm_hidden_states=hidden, llm_attention_mask=mask), stock)
-    # Padded queries change nothing of the valid ones' captions.
-    with torch.no_grad():
-        altered = hidden.clone()
-        altered[1, -2:] = 100.0
-        torch.testing.assert_close(connector(altered, mask)[1, :-2], captions[1, :-2])
-    # The connector trains with the model and is part of its extras.
-    model(x, t, t / 2, llm_hidden_states=hidden).square().mean().backward()
-    assert connector.projector.weight.grad.abs().sum() > 0
-    assert connector.layers[0].linear1.weight.grad.abs().sum() > 0
-    assert any(key.startswith("connector.") for key in model.extra_state_dict())
-    with pytest.raises(ValueError, match="llm_hidden_size"):
-        connector(torch.randn(3, QUERIES, LLM_WIDTH + 1))
-    with pytest.raises(ValueError, match="num_heads"):
-        openuni.OpenUniConnector(LLM_WIDTH, 24, num_heads=3)
-    with pytest.raises(ValueError, match="connector must be an nn.Module"):
-        openuni.adapt(build_sana(), "connector")
-    wrong_width = openuni.adapt(build_sana(), openuni.OpenUniConnector(LLM_WIDTH, 20, num_layers=0, num_heads=2))
-    with pytest.raises(ValueError, match="caption_channels"):
-        wrong_width(x, t, t, llm_hidden_states=hidden)
 
 
 def test_wan_image_to_video_concatenates_the_latent_condition() -> None:
@@ -114,15 +59,15 @@ def test_wan_image_to_video_concatenates_the_latent_condition() -> None:
         model(x, t, t, **{**cond, "latent_condition": condition[:, :, :1]})
 
 
-def test_qwen_image_edit_variants_are_rejected() -> None:
+def test_qwen_image_layered_variants_are_rejected() -> None:
     from diffusers import QwenImageTransformer2DModel
 
-    edit = QwenImageTransformer2DModel(
+    layered = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), zero_cond_t=True,
+        num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), use_additional_t_cond=True,
     )
-    with pytest.raises(ValueError, match="zero_cond_t"):
-        qwen_image.adapt(edit)
+    with pytest.raises(ValueError, match="use_additional_t_cond"):
+        qwen_image.adapt(layered)
 
 
 @pytest.mark.parametrize("name", sorted(name for name, case in CASES.items() if case.stock_call is not None))
@@ -131,8 +76,8 @@ def test_from_pretrained_loads_and_adapts(name: str, tmp_path) -> None:
     torch.manual_seed(0)
     transformer = case.build()
     transformer.save_pretrained(tmp_path / "transformer")
-    module = __import__(f"twinloss_adapters.{name}", fromlist=["from_pretrained"])
-    model = module.from_pretrained(str(tmp_path))
+    module = __import__(f"twinloss_adapters.{case.module_name}", fromlist=["from_pretrained"])
+    model = module.from_pretrained(str(tmp_path), **module_arguments(name))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, *case.latent_shape, generator=generator)
     cond = case.make_cond(transformer, 2, generator)

@@ -8,7 +8,7 @@ import os
 import pathlib
 
 import torch
-from _fsdp_worker import CLASSES, loss_step, make_model
+from _fsdp_worker import loss_step, make_model
 
 import twinloss
 

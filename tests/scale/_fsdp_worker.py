@@ -146,5 +146,9 @@ def run(rank: int, world_size: int, out_dir: str) -> None:
             result["shadow_bytes"] = sum(
                 local_shard(s).numel() * local_shard(s).element_size() for s in teacher.shadow.values()
             )
+    # G. a training state saved mid-run through DCP and resumed.
+    from _resume_worker import resume
+
+    result["resume"] = resume(rank, out_dir)
     dist.barrier()
     torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")

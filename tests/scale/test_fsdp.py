@@ -158,3 +158,15 @@ def test_sharded_ema_adds_exactly_its_local_shards_per_rank(ranks):
         added = ranks[rank]["peak_ema"] - ranks[rank]["peak_online"]
         assert abs(added - shadows[rank]) <= block, (added, shadows[rank], block)
         assert shadows[rank] <= full_copy // 2 + 64 * 4  # half, up to uneven dim-0 rows
+
+
+def test_sharded_training_state_resumes_with_the_uninterrupted_losses(ranks):
+    """Sharded EMA teacher, AdamW, per-rank generators: saved after 2 steps through DCP, resumed in a new setup."""
+    from _resume_worker import SAVED_AT, STEPS
+
+    for rank in range(2):
+        result = ranks[rank]["resume"]
+        assert result["step"] == SAVED_AT and result["teacher_updates"] == SAVED_AT
+        assert len(result["uninterrupted"]) == STEPS
+        assert result["first"] + result["resumed"] == result["uninterrupted"]
+    assert ranks[0]["resume"]["uninterrupted"] != ranks[1]["resume"]["uninterrupted"]  # each rank its own data and noise

@@ -15,6 +15,8 @@ blocks of width 3072 over latents of 64 channels per token). Outside it, e.g.
 width 32, depth 3, data 32, B 256, the ratio measured 1.10; depth 1 gives 1.20.
 """
 
+import itertools
+
 from _memory import batch, make, param_bytes, step_peak
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
@@ -82,7 +84,7 @@ def test_activation_memory_is_linear_in_batch(shape, loss):
         x, cond, uncond = batch(rows, data)
         peak = step_peak(make_loss(), model, x, cond, uncond)
         peaks.append(peak["held_for_backward"] - peak["param"])
-    slopes = [b - a for a, b in zip(peaks, peaks[1:])]
+    slopes = [b - a for a, b in itertools.pairwise(peaks)]
     assert all(s > 0 for s in slopes)
     # equal batch increments add equal bytes: the activations saved for
     # backward and the loss's tensors are exactly linear in the batch

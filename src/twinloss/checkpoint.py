@@ -1,0 +1,284 @@
+"""Training-state checkpoints: resume a TwinFlow run exactly where it stopped.
+
+A TwinFlow step draws from three sources of randomness besides the data: the
+``torch.Generator`` handed to the loss (times, noise, RCGM re-noising), the
+global torch RNG (dropout, data loaders seeded from it) and Python's
+``random``. A resumed run repeats the uninterrupted one bit for bit only if all
+of them come back with the weights, the optimizer and the EMA teacher, so a
+training state holds
+
+* ``model``: ``model.state_dict()`` (twin modules, LoRA and its EMA adapter included);
+* ``optimizer``: ``optimizer.state_dict()``;
+* ``loss``: ``loss_fn.state_dict()``, which carries the teacher's state
+  (EMA average, decay, update count);
+* ``generators``: the state of each named ``torch.Generator`` you pass;
+* ``rng``: the global torch RNG (CPU, and CUDA when it was in use) and ``random``'s;
+* ``step``: your step counter.
+
+:func:`save_training_state` / :func:`load_training_state` write one file
+(``torch.save``, loaded with ``weights_only=True``).
+:func:`save_sharded_training_state` / :func:`load_sharded_training_state` do
+the same for FSDP2-sharded models through ``torch.distributed.checkpoint``
+(each rank saves its own RNG and generator states). Loading is strict: a key,
+generator or RNG state that does not match raises ``ValueError`` naming it.
+"""
+
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "load_sharded_training_state",
+    "load_training_state",
+    "save_sharded_training_state",
+    "save_training_state",
+]
+
+FORMAT = "twinloss.training_state"
+VERSION = 1
+
+
+# --- the random state -------------------------------------------------------------------------
+
+
+def _python_rng_tensor() -> Tensor:
+    """``random.getstate()`` as an int64 tensor ``[version, *internal_state]`` (its gauss slot is None in CPython's Mersenne Twister)."""
+    version, internal, gauss = random.getstate()
+    if gauss is not None:
+        raise ValueError("random.getstate() carries a cached gauss value; this version of Python is not supported")
+    return torch.tensor([version, *internal], dtype=torch.int64)
+
+
+def _set_python_rng(state: Tensor) -> None:
+    values = [int(v) for v in state.tolist()]
+    random.setstate((values[0], tuple(values[1:]), None))
+
+
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def capture_rng(generators: Mapping[str, torch.Generator]) -> dict[str, Tensor]:
+    """Every random state of this process, as flat tensors: ``torch``, ``python``, ``cuda.<i>``, ``generator.<name>``."""
+    for name, generator in generators.items():
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generators[{name!r}] must be a torch.Generator, got {type(generator).__name__}")
+    state = {"torch": torch.get_rng_state(), "python": _python_rng_tensor()}
+    if _cuda_in_use():
+        state.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    state.update({f"generator.{name}": g.get_state() for name, g in generators.items()})
+    return state
+
+
+def check_rng_names(saved: set[str], generators: Mapping[str, torch.Generator]) -> None:
+    """Raise ValueError unless the saved random states (names as in :func:`capture_rng`) can be restored here."""
+    saved_generators = {key.removeprefix("generator.") for key in saved if key.startswith("generator.")}
+    if saved_generators != set(generators):
+        raise ValueError(
+            f"generators: the checkpoint holds {sorted(saved_generators)}, the call passes {sorted(generators)}; "
+            "pass the same named torch.Generators"
+        )
+    if not {"torch", "python"} <= saved:
+        raise ValueError(f"rng: the checkpoint lacks {sorted({'torch', 'python'} - saved)}")
+    cuda = sum(key.startswith("cuda.") for key in saved)
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda and cuda != available:
+        raise ValueError(f"rng: the checkpoint holds the CUDA RNG of {cuda} devices; this process has {available}")
+
+
+def restore_rng(state: Mapping[str, Tensor], generators: Mapping[str, torch.Generator]) -> None:
+    """Put back what :func:`capture_rng` captured.
+
+    Raises:
+        ValueError: see :func:`check_rng_names`.
+    """
+    check_rng_names(set(state), generators)
+    torch.set_rng_state(state["torch"].cpu())
+    _set_python_rng(state["python"])
+    cuda = sorted((key for key in state if key.startswith("cuda.")), key=lambda key: int(key.split(".")[1]))
+    if cuda:
+        torch.cuda.set_rng_state_all([state[key].cpu() for key in cuda])
+    for name, generator in generators.items():
+        generator.set_state(state[f"generator.{name}"].cpu())
+
+
+# --- strict module loading ------------------------------------------------------------------
+
+
+def _load_module_state(module: nn.Module, state: Mapping[str, object], what: str) -> None:
+    """``module.load_state_dict(state)``, raising ValueError naming missing and unexpected keys."""
+    result = module.load_state_dict(dict(state), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{what}: the checkpoint does not match; missing {sorted(result.missing_keys)}, "
+            f"unexpected {sorted(result.unexpected_keys)} (a LoRAEMATeacher must attach() before loading)"
+        )
+
+
+# --- one file ---------------------------------------------------------------------------------
+
+
+def save_training_state(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    generators: Mapping[str, torch.Generator] | None = None,
+    step: int = 0,
+) -> None:
+    """Write the training state (module docstring) to ``path`` atomically.
+
+    Args:
+        path: the file to write (a temporary file is renamed onto it).
+        model: the trained model (unwrapped, or any module whose
+            ``state_dict`` is the full one).
+        optimizer: its optimizer.
+        loss_fn: the :class:`~twinloss.TwinFlowLoss` (its teacher's state included).
+        generators: named generators to restore, e.g. ``{"loss": g}`` for the
+            generator passed to the loss.
+        step: the number of completed steps.
+    """
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(step),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "loss": loss_fn.state_dict(),
+        "rng": capture_rng(generators or {}),
+    }
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_training_state(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> int:
+    """Restore what :func:`save_training_state` wrote, in place; return the saved step.
+
+    Build the model, optimizer and loss as for the first run (and attach a
+    :class:`~twinloss_adapters.lora.LoRAEMATeacher`) before calling.
+
+    Raises:
+        ValueError: if ``path`` is not a twinloss training state, or any part
+            (model keys, loss/teacher keys, generators, RNG) does not match.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
+        raise ValueError(f"{path} is not a twinloss training state of version {VERSION}")
+    _load_module_state(model, state["model"], "model")
+    _load_module_state(loss_fn, state["loss"], "loss_fn")
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state["rng"], generators or {})
+    return int(state["step"])
+
+
+# --- sharded (FSDP2) ----------------------------------------------------------------------------
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ValueError("sharded training states need an initialised torch.distributed process group")
+    return dist.get_rank()
+
+
+def _materialize_sharded_teacher(loss_fn: nn.Module, model: nn.Module) -> None:
+    """Give each sharded EMA teacher (guidance and RCGM, once each) its sharded tensors, so DCP can load into them."""
+    from twinloss.distributed import ShardedEMATeacher
+
+    teachers = {id(t): t for t in (getattr(loss_fn, "guidance_teacher", None), getattr(loss_fn, "rcgm_teacher", None))}
+    for teacher in teachers.values():
+        if isinstance(teacher, ShardedEMATeacher):
+            teacher.materialize(model)
+
+
+def save_sharded_training_state(
+    checkpoint_id: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    generators: Mapping[str, torch.Generator] | None = None,
+    step: int = 0,
+) -> None:
+    """The training state of an FSDP2-sharded run, through ``torch.distributed.checkpoint``.
+
+    Call on every rank. Model and optimizer go through DCP's
+    ``get_state_dict``; the loss state (a :class:`~twinloss.ShardedEMATeacher`'s
+    sharded average included) is saved as is; each rank's RNG and generator
+    states are saved under its own rank.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank = _rank()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "loss": loss_fn.state_dict(),
+        "step": torch.tensor(int(step)),
+        f"rng_rank{rank}": capture_rng(generators or {}),
+    }
+    dcp.save(state, checkpoint_id=os.fspath(checkpoint_id))
+
+
+def load_sharded_training_state(
+    checkpoint_id: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> int:
+    """Restore what :func:`save_sharded_training_state` wrote, on every rank; return the saved step.
+
+    Build and shard the model, optimizer and loss as for the first run
+    before calling (tested with the same world size and sharding).
+
+    Raises:
+        ValueError: as :func:`load_training_state`, and when this rank's RNG
+            state is not in the checkpoint (a different world size).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    rank = _rank()
+    _materialize_sharded_teacher(loss_fn, model)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    metadata = dcp.FileSystemReader(os.fspath(checkpoint_id)).read_metadata()
+    rng_key = f"rng_rank{rank}"
+    saved_rng = {
+        key.removeprefix(rng_key + "."): entry
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(rng_key + ".")
+    }
+    if not saved_rng:
+        raise ValueError(f"{checkpoint_id} holds no RNG state for rank {rank} (saved with another world size?)")
+    check_rng_names(set(saved_rng), generators or {})
+    state = {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "loss": loss_fn.state_dict(),
+        "step": torch.tensor(0),
+        rng_key: {name: torch.empty(entry.size, dtype=entry.properties.dtype) for name, entry in saved_rng.items()},
+    }
+    dcp.load(state, checkpoint_id=os.fspath(checkpoint_id))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    _load_module_state(loss_fn, state["loss"], "loss_fn")
+    restore_rng(state[rng_key], generators or {})
+    return int(state["step"])

@@ -1,0 +1,121 @@
+"""A training state saved mid-run and resumed repeats the uninterrupted run bit for bit on CPU."""
+
+import random
+
+import pytest
+import torch
+from core_models import TinyVelocityNet
+
+import twinloss
+from twinloss.checkpoint import load_training_state, save_training_state
+
+SHAPE = (3,)
+BATCH = 8
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = TinyVelocityNet(SHAPE, hidden=16, dropout=0.2)  # dropout draws from the global torch RNG
+    loss_fn = twinloss.TwinFlowLoss(teacher=twinloss.EMATeacher(target_decay=0.9), guidance_scale=0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, loss_fn, optimizer
+
+
+def _steps(count: int, model, loss_fn, optimizer, loss_generator: torch.Generator) -> list[float]:
+    """``count`` training steps; data comes from the global torch RNG, noise from ``loss_generator``."""
+    losses = []
+    for _ in range(count):
+        x = torch.randn(BATCH, *SHAPE)
+        y = torch.randint(0, 4, (BATCH,))
+        out = loss_fn(model, x, cond={"y": y}, uncond={"y": torch.full_like(y, 4)}, generator=loss_generator)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        loss_fn.teacher.update(model)
+        losses.append(out.loss.item())
+    return losses
+
+
+def _start(seed: int = 0) -> torch.Generator:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    return torch.Generator().manual_seed(seed + 1)
+
+
+def test_resumed_run_gives_the_same_losses_as_the_uninterrupted_one(tmp_path) -> None:
+    model, loss_fn, optimizer = _setup()
+    generator = _start()
+    uninterrupted = _steps(6, model, loss_fn, optimizer, generator)
+
+    model, loss_fn, optimizer = _setup()
+    generator = _start()
+    first_half = _steps(3, model, loss_fn, optimizer, generator)
+    save_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn,
+                        generators={"loss": generator}, step=3)
+
+    # A new process: other initial weights, other RNG states, a fresh teacher.
+    model, loss_fn, optimizer = _setup(seed=7)
+    generator = _start(seed=7)
+    step = load_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn,
+                               generators={"loss": generator})
+    assert step == 3 and loss_fn.teacher.num_updates == 3
+    assert first_half + _steps(3, model, loss_fn, optimizer, generator) == uninterrupted
+
+
+def test_each_random_state_matters_for_the_resumed_losses(tmp_path) -> None:
+    model, loss_fn, optimizer = _setup()
+    generator = _start()
+    _steps(2, model, loss_fn, optimizer, generator)
+    save_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn, generators={"loss": generator})
+    expected = _steps(2, model, loss_fn, optimizer, generator)
+
+    def resumed(disturb) -> list[float]:
+        model, loss_fn, optimizer = _setup(seed=7)
+        generator = torch.Generator()
+        load_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn,
+                            generators={"loss": generator})
+        disturb(generator)
+        return _steps(2, model, loss_fn, optimizer, generator)
+
+    assert resumed(lambda g: None) == expected
+    assert resumed(lambda g: g.manual_seed(99)) != expected
+    assert resumed(lambda g: torch.manual_seed(99)) != expected
+
+
+def test_pythons_random_state_is_restored(tmp_path) -> None:
+    # (The test run's type checker draws from ``random`` too, so the training loop above does not use it.)
+    model, loss_fn, optimizer = _setup()
+    random.seed(5)
+    save_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn)
+    expected = [random.random() for _ in range(3)]
+    random.seed(6)
+    load_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn)
+    assert [random.random() for _ in range(3)] == expected
+
+
+def test_loading_a_mismatched_state_raises_naming_what_differs(tmp_path) -> None:
+    model, loss_fn, optimizer = _setup()
+    save_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn,
+                        generators={"loss": torch.Generator()})
+    other_model = TinyVelocityNet(SHAPE, hidden=16)
+    other_model.extra = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"model: .*missing \['extra.bias', 'extra.weight'\]"):
+        load_training_state(tmp_path / "state.pt", model=other_model, optimizer=optimizer, loss_fn=loss_fn,
+                            generators={"loss": torch.Generator()})
+    with pytest.raises(ValueError, match=r"generators: the checkpoint holds \['loss'\], the call passes \['data', 'loss'\]"):
+        load_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn,
+                            generators={"loss": torch.Generator(), "data": torch.Generator()})
+    online = twinloss.TwinFlowLoss()
+    with pytest.raises(ValueError, match=r"loss_fn: .*unexpected \['teacher._extra_state'\]"):
+        load_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=online,
+                            generators={"loss": torch.Generator()})
+    gpu_state = torch.load(tmp_path / "state.pt", weights_only=True)
+    gpu_state["rng"]["cuda.0"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(gpu_state, tmp_path / "gpu_state.pt")
+    if torch.cuda.device_count() != 1:
+        with pytest.raises(ValueError, match="rng: the checkpoint holds the CUDA RNG of 1 devices"):
+            load_training_state(tmp_path / "gpu_state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn,
+                                generators={"loss": torch.Generator()})
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a twinloss training state"):
+        load_training_state(tmp_path / "other.pt", model=model, optimizer=optimizer, loss_fn=loss_fn)
