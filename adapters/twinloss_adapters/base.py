@@ -35,7 +35,10 @@ __all__ = [
     "TWINFLOW_TIME_EMBEDDING",
     "AdaptedTransformer",
     "check_backbone_class",
+    "check_image_latent",
+    "check_latent_condition",
     "check_time_embedding_kind",
+    "check_velocity_channels",
     "check_video_latent",
     "unadapt",
     "unadapt_transformer",
@@ -80,6 +83,36 @@ def check_video_latent(x_t: Tensor, channels: int, patch: tuple[int, int, int], 
         raise ValueError(f"x_t height and width must be multiples of the patch ({patch_h}, {patch_w}), got {(height, width)}")
 
 
+def check_image_latent(x_t: Tensor, channels: int, patch: int, backbone: str) -> None:
+    """Raise ValueError naming ``x_t`` unless it is ``[B, channels, H, W]`` with ``H`` and ``W`` divisible by ``patch``."""
+    if x_t.ndim != 4 or x_t.shape[1] != channels:
+        raise ValueError(f"x_t must be [B, {channels}, H, W] for this {backbone} model, got {tuple(x_t.shape)}")
+    if x_t.shape[2] % patch or x_t.shape[3] % patch:
+        raise ValueError(f"x_t height and width must be multiples of patch_size {patch}, got {tuple(x_t.shape)}")
+
+
+def check_velocity_channels(in_channels: int, out_channels: int) -> None:
+    """Raise ValueError naming ``transformer`` unless it predicts as many channels as it takes (a velocity of ``x_t``)."""
+    if out_channels != in_channels:
+        raise ValueError(
+            f"transformer predicts {out_channels} channels for {in_channels} input channels; "
+            "a velocity must have the latent's shape"
+        )
+
+
+def check_latent_condition(condition: Tensor, channels: int, x_t: Tensor | None = None) -> None:
+    """Raise ValueError naming ``cond['latent_condition']`` unless it is ``[B, channels, *x_t.shape[2:]]``.
+
+    ``x_t`` may be omitted to check only the channels (before the latent itself is checked).
+    """
+    if condition.ndim != 5 or condition.shape[1] != channels:
+        raise ValueError(f"cond['latent_condition'] must be [B, {channels}, F, H, W], got {tuple(condition.shape)}")
+    if x_t is not None and condition.shape[2:] != x_t.shape[2:]:
+        raise ValueError(
+            f"cond['latent_condition'] spans {tuple(condition.shape[2:])} but x_t spans {tuple(x_t.shape[2:])}"
+        )
+
+
 class AdaptedTransformer(nn.Module, abc.ABC):
     """A diffusers transformer seen through the twinloss model protocol.
 
@@ -116,6 +149,7 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         sign: bool = True,
         guidance_inputs: tuple[str, ...] = (),
         release: ReleasedTimeEmbedding | None = None,
+        per_token_time: bool = False,
     ) -> None:
         super().__init__()
         if release is not None and not target_time:
@@ -125,6 +159,11 @@ class AdaptedTransformer(nn.Module, abc.ABC):
             )
         if release is not None and embedder_path != release.embedder_path:
             raise ValueError(f"embedder_path {embedder_path!r} differs from the release's {release.embedder_path!r}")
+        if release is not None and per_token_time:
+            raise ValueError(
+                "per_token_time=True cannot be honoured with time_embedding='twinflow_release': "
+                "the released embeddings add one embedding per batch row"
+            )
         self.transformer = transformer
         self.time_convention = time_convention
         self.capabilities = Capabilities(target_time=target_time, sign=sign, guidance_inputs=guidance_inputs)
@@ -134,7 +173,8 @@ class AdaptedTransformer(nn.Module, abc.ABC):
             self.injection = inject_released_time_embedding(transformer, release, embedding_dim, sign=sign)
         elif target_time or sign:
             self.injection = inject_time_embedding(
-                transformer, embedder_path, embedding_dim, target_time=target_time, sign=sign
+                transformer, embedder_path, embedding_dim, target_time=target_time, sign=sign,
+                per_token=per_token_time,
             )
 
     # --- what a backbone defines ------------------------------------------------

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "PerTokenTimeEmbeddingInjection",
     "ReleasedTimeEmbedding",
     "TimeEmbeddingInjection",
     "TwinTimeEmbedding",
@@ -248,6 +249,7 @@ def inject_time_embedding(
     sign: bool = True,
     module_name: str = DEFAULT_MODULE_NAME,
     frequency_dim: int = 256,
+    per_token: bool = False,
 ) -> TimeEmbeddingInjection:
     """Add TwinFlow's target-time and sign embeddings to any time embedder.
 
@@ -266,6 +268,9 @@ def inject_time_embedding(
         sign: add the sign embedding.
         module_name: attribute under which the new module is registered.
         frequency_dim: sinusoidal features of ``|r|``.
+        per_token: the embedder returns one embedding per token or
+            modulation slot (``[B, L, D]`` or ``[B * L, D]``) instead of one
+            per row; see :class:`PerTokenTimeEmbeddingInjection`.
 
     Raises:
         ValueError: if ``embedder_path`` does not name a submodule, ``root``
@@ -275,7 +280,8 @@ def inject_time_embedding(
     embedding = _like(
         TwinTimeEmbedding(embedding_dim, target_time=target_time, sign=sign, frequency_dim=frequency_dim), embedder
     )
-    return _register(root, embedder_path, {module_name: (embedding, twin_delta)})
+    injection_class = PerTokenTimeEmbeddingInjection if per_token else TimeEmbeddingInjection
+    return _register(root, embedder_path, {module_name: (embedding, twin_delta)}, injection_class=injection_class)
 
 
 def _free_embedder(root: nn.Module, embedder_path: str, module_names: tuple[str, ...]) -> nn.Module:
@@ -303,11 +309,16 @@ def _like(module: nn.Module, embedder: nn.Module) -> nn.Module:
 
 
 def _register(
-    root: nn.Module, embedder_path: str, modules: Mapping[str, tuple[nn.Module, TimeDelta]]
+    root: nn.Module,
+    embedder_path: str,
+    modules: Mapping[str, tuple[nn.Module, TimeDelta]],
+    *,
+    injection_class: type[TimeEmbeddingInjection] = TimeEmbeddingInjection,
 ) -> TimeEmbeddingInjection:
+    """Register ``modules`` on ``root`` and hook its embedder with an ``injection_class`` adding their terms."""
     for name, (module, _) in modules.items():
         root.add_module(name, module)
-    injection = TimeEmbeddingInjection(root, embedder_path, {name: delta for name, (_, delta) in modules.items()})
+    injection = injection_class(root, embedder_path, {name: delta for name, (_, delta) in modules.items()})
     object.__setattr__(root, INJECTION_ATTRIBUTE, injection)
     return injection
 
@@ -429,3 +440,50 @@ def inject_released_time_embedding(
 def find_injection(root: nn.Module) -> TimeEmbeddingInjection | None:
     """The live injection on ``root``, if any."""
     return getattr(root, INJECTION_ATTRIBUTE, None)
+
+
+class PerTokenTimeEmbeddingInjection(TimeEmbeddingInjection):
+    r"""An injection for embedders that return one embedding per token.
+
+    Some backbones modulate per token or per modulation slot: Chroma's
+    approximator maps ``[B, L, .]`` (one row per modulation slot) to
+    ``[B, L, D]``; AnyFlow and other per-frame-timestep models embed a
+    ``[B, F]`` timestep as ``[B * F, D]`` (batch-major). Every token of batch
+    row ``b`` receives the same row of ``Delta e(t, r)``:
+
+    .. math::
+        e_{b, l} \leftarrow e_{b, l} + \Delta e(t_b, r_b).
+
+    It lays the output out as one row per token, repeats each row's times and
+    lets the ``[B, D]`` injection add its terms, so the per-token case adds
+    exactly what the per-row one does (the twin MLP then runs once per token:
+    a few GFLOP for Chroma's 344 slots, nothing next to the transformer).
+    Created by :func:`inject_time_embedding` with ``per_token=True``.
+    """
+
+    def _add_twin_embedding(self, module: nn.Module, args: tuple, output: object) -> object:
+        if self._times is None:
+            return output  # called outside an adapter call: the stock model, untouched
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                f"{self.embedder_path} returned {type(output).__name__}; the per-token injection needs a module "
+                "that returns the time embedding as one tensor [B, L, D] or [B * L, D]"
+            )
+        t, r = self._times
+        batch_size = t.shape[0]
+        if output.ndim == 3 and output.shape[0] == batch_size:
+            tokens = output.shape[1]
+        elif output.ndim == 2 and output.shape[0] > 0 and output.shape[0] % batch_size == 0:
+            tokens = output.shape[0] // batch_size
+        else:
+            raise ValueError(
+                f"{self.embedder_path} returned shape {tuple(output.shape)}; expected [{batch_size}, L, D] "
+                f"or [{batch_size} * L, D] (embeddings grouped by batch row)"
+            )
+        # One row per token, batch-major, each with its row's times: the [B, D] injection does the rest.
+        self._times = (t.repeat_interleave(tokens), r.repeat_interleave(tokens))
+        try:
+            flat = super()._add_twin_embedding(module, args, output.reshape(batch_size * tokens, output.shape[-1]))
+        finally:
+            self._times = (t, r)
+        return flat.reshape(output.shape)

@@ -28,6 +28,7 @@ class BackboneCase:
     stock_call: Callable[[nn.Module, Tensor, Tensor, dict[str, Tensor]], Tensor]
     wrong_latent_shapes: tuple[tuple[int, ...], ...] = field(default=())
     module: str | None = None  # the twinloss_adapters module, when it is not ``name``
+    native_target_time: bool = False  # the stock model embeds r itself (AnyFlow): the adapter adds only the sign
 
     @property
     def module_name(self) -> str:
@@ -306,6 +307,380 @@ def hunyuan_video_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict
     )[0]
 
 
+# --- Lumina2 ------------------------------------------------------------------------------
+
+
+def build_lumina2() -> nn.Module:
+    from diffusers import Lumina2Transformer2DModel
+
+    return Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(16, 16, 16),
+        cap_feat_dim=24,
+    )
+
+
+def adapt_lumina2(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import lumina2
+
+    return lumina2.adapt(transformer)
+
+
+def lumina2_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {"encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24), "encoder_attention_mask": _text_mask(batch).long()}
+
+
+def lumina2_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    # Lumina2Pipeline: timestep = 1 - sigma, and it negates the prediction.
+    return -transformer(
+        hidden_states=x, timestep=1 - t, encoder_hidden_states=cond["encoder_hidden_states"],
+        encoder_attention_mask=cond["encoder_attention_mask"], return_dict=False,
+    )[0]
+
+
+# --- HiDream -------------------------------------------------------------------------------
+
+HIDREAM_LLAMA_LAYERS = 3
+
+
+def build_hidream() -> nn.Module:
+    from diffusers import HiDreamImageTransformer2DModel
+
+    return HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        caption_channels=[24, 16], text_emb_dim=12, num_routed_experts=2, num_activated_experts=1,
+        axes_dims_rope=(8, 4, 4), max_resolution=(8, 8), llama_layers=[0, 2],
+    )
+
+
+def adapt_hidream(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import hidream
+
+    return hidream.adapt(transformer)
+
+
+def hidream_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {
+        "encoder_hidden_states_t5": _randn(generator, batch, TEXT_LEN, 24),
+        "encoder_hidden_states_llama3": _randn(generator, batch, HIDREAM_LLAMA_LAYERS, TEXT_LEN, 16),
+        "pooled_embeds": _randn(generator, batch, 12),
+    }
+
+
+def hidream_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """HiDreamImagePipeline's call (Llama layers stacked first, prediction negated), read in eval mode."""
+    was_training = transformer.training
+    transformer.eval()  # the pipeline's layout; the training-mode layout is checked in test_new_backbones.py
+    try:
+        return -transformer(
+            hidden_states=x, timesteps=1000 * t, encoder_hidden_states_t5=cond["encoder_hidden_states_t5"],
+            encoder_hidden_states_llama3=cond["encoder_hidden_states_llama3"].movedim(1, 0),
+            pooled_embeds=cond["pooled_embeds"], return_dict=False,
+        )[0]
+    finally:
+        transformer.train(was_training)
+
+
+# --- FLUX.2 ----------------------------------------------------------------------------------
+
+
+def build_flux2() -> nn.Module:
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, timestep_guidance_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=True,
+    )
+
+
+def adapt_flux2(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import flux2
+
+    return flux2.adapt(transformer)
+
+
+def flux2_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {"encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24), "guidance": torch.full((batch,), 4.0)}
+
+
+def flux2_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """Flux2Pipeline's call, with the pipeline's own packing and id helpers."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+    latent_ids = Flux2Pipeline._prepare_latent_ids(x)
+    tokens = transformer(
+        hidden_states=Flux2Pipeline._pack_latents(x), timestep=t, guidance=cond["guidance"],
+        encoder_hidden_states=cond["encoder_hidden_states"],
+        txt_ids=Flux2Pipeline._prepare_text_ids(cond["encoder_hidden_states"]), img_ids=latent_ids, return_dict=False,
+    )[0]
+    return Flux2Pipeline._unpack_latents_with_ids(tokens, latent_ids)
+
+
+# --- Chroma (per-slot modulation) ------------------------------------------------------------
+
+
+def build_chroma() -> nn.Module:
+    from diffusers import ChromaTransformer2DModel
+
+    return ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, axes_dims_rope=(4, 6, 6), approximator_num_channels=16, approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+
+
+def adapt_chroma(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import chroma
+
+    return chroma.adapt(transformer)
+
+
+def chroma_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {"encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24), "attention_mask": _text_mask(batch)}
+
+
+def chroma_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """ChromaPipeline's call, with the pipeline's own packing, id and mask helpers."""
+    from diffusers.pipelines.chroma.pipeline_chroma import ChromaPipeline
+
+    batch, channels, height, width = x.shape
+    image_tokens = (height // 2) * (width // 2)
+    tokens = transformer(
+        hidden_states=ChromaPipeline._pack_latents(x, batch, channels, height, width), timestep=t,
+        encoder_hidden_states=cond["encoder_hidden_states"], txt_ids=torch.zeros(TEXT_LEN, 3),
+        img_ids=ChromaPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, x.dtype),
+        attention_mask=ChromaPipeline._prepare_attention_mask(None, batch, image_tokens, x.dtype, cond["attention_mask"]),
+        return_dict=False,
+    )[0]
+    return ChromaPipeline._unpack_latents(tokens, height, width, 1)
+
+
+# --- AnyFlow (native flow map: r is the model's own input) ----------------------------------------
+
+
+def build_anyflow() -> nn.Module:
+    from diffusers import AnyFlowTransformer3DModel
+
+    return AnyFlowTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=24, freq_dim=32, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
+    )
+
+
+def adapt_anyflow(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import anyflow
+
+    return anyflow.adapt(transformer)
+
+
+def anyflow_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor], r: Tensor | None = None) -> Tensor:
+    """AnyFlowPipeline's call: frames first, per-frame source and target timesteps in [0, 1000]."""
+    r = t if r is None else r
+    frames = x.shape[2]
+    velocity = transformer(
+        hidden_states=x.permute(0, 2, 1, 3, 4), timestep=(1000 * t)[:, None].repeat(1, frames),
+        r_timestep=(1000 * r)[:, None].repeat(1, frames), encoder_hidden_states=cond["encoder_hidden_states"],
+        return_dict=False,
+    )[0]
+    return velocity.permute(0, 2, 1, 3, 4)
+
+
+# --- ACE-Step (audio, native mean-flow r input) ----------------------------------------------------
+
+ACE_STEP_FRAMES = 9  # odd: the stock class pads to its patch size 2 and crops back
+
+
+def build_ace_step() -> nn.Module:
+    from diffusers import AceStepTransformer1DModel
+
+    return AceStepTransformer1DModel(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, in_channels=24, audio_acoustic_hidden_dim=8, patch_size=2, sliding_window=4, encoder_hidden_size=24,
+    )
+
+
+def adapt_ace_step(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import ace_step
+
+    return ace_step.adapt(transformer)
+
+
+def ace_step_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {
+        "encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24),
+        "context_latents": _randn(generator, batch, ACE_STEP_FRAMES, 16),
+    }
+
+
+def ace_step_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor], r: Tensor | None = None) -> Tensor:
+    """AceStepPipeline's call: timestep and timestep_r in [0, 1] (equal in the pipeline)."""
+    return transformer(
+        hidden_states=x, timestep=t, timestep_r=t if r is None else r, encoder_hidden_states=cond["encoder_hidden_states"],
+        context_latents=cond["context_latents"], return_dict=False,
+    )[0]
+
+
+# --- HunyuanVideo 1.5 (text- and image-to-video; the mean-flow variant takes r itself) ---------------
+
+HUNYUAN_VIDEO15_VISION_TOKENS = 3
+
+
+def build_hunyuan_video15(use_meanflow: bool = False) -> nn.Module:
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_refiner_layers=1,
+        mlp_ratio=2.0, text_embed_dim=24, text_embed_2_dim=12, image_embed_dim=12, rope_axes_dim=(4, 6, 6),
+        use_meanflow=use_meanflow,
+    )
+
+
+def adapt_hunyuan_video15(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import hunyuan_video15
+
+    return hunyuan_video15.adapt(transformer, vision_tokens=HUNYUAN_VIDEO15_VISION_TOKENS)
+
+
+def hunyuan_video15_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {
+        "encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24), "encoder_attention_mask": _text_mask(batch),
+        "encoder_hidden_states_2": _randn(generator, batch, 4, 12),
+    }
+
+
+def hunyuan_video15_stock(
+    transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor], r: Tensor | None = None
+) -> Tensor:
+    """HunyuanVideo15Pipeline's text-to-video call: zero condition latents, mask and image embeddings."""
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import (
+        HunyuanVideo15Pipeline,
+    )
+
+    batch = x.shape[0]
+    condition, mask = HunyuanVideo15Pipeline.prepare_cond_latents_and_mask(None, x, x.dtype, x.device)
+    return transformer(
+        hidden_states=torch.cat([x, condition, mask], dim=1), timestep=1000 * t,
+        timestep_r=None if r is None else 1000 * r,
+        encoder_hidden_states=cond["encoder_hidden_states"], encoder_attention_mask=cond["encoder_attention_mask"],
+        encoder_hidden_states_2=cond["encoder_hidden_states_2"],
+        encoder_attention_mask_2=torch.ones(batch, cond["encoder_hidden_states_2"].shape[1]),
+        image_embeds=torch.zeros(batch, HUNYUAN_VIDEO15_VISION_TOKENS, 12), return_dict=False,
+    )[0]
+
+
+# --- FLUX.1 Kontext (reference-image tokens) -------------------------------------------------------
+
+
+def adapt_flux_kontext(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import flux_kontext
+
+    return flux_kontext.adapt(transformer)
+
+
+def flux_kontext_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {**flux_cond(transformer, batch, generator), "image_latents": _randn(generator, batch, 4, 4, 8)}
+
+
+def flux_kontext_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """FluxKontextPipeline's call, with the pipeline's own packing and id helpers."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import FluxKontextPipeline
+
+    batch, channels, height, width = x.shape
+    image = cond["image_latents"]
+    image_ids = FluxKontextPipeline._prepare_latent_image_ids(batch, image.shape[2] // 2, image.shape[3] // 2, x.device, x.dtype)
+    image_ids[..., 0] = 1
+    latent_ids = FluxKontextPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, x.dtype)
+    tokens = FluxKontextPipeline._pack_latents(x, batch, channels, height, width)
+    image_tokens = FluxKontextPipeline._pack_latents(image, batch, channels, image.shape[2], image.shape[3])
+    output = transformer(
+        hidden_states=torch.cat([tokens, image_tokens], dim=1), timestep=t, guidance=cond["guidance"],
+        pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
+        txt_ids=torch.zeros(TEXT_LEN, 3), img_ids=torch.cat([latent_ids, image_ids], dim=0), return_dict=False,
+    )[0]
+    return FluxKontextPipeline._unpack_latents(output[:, : tokens.shape[1]], height, width, 1)
+
+
+# --- HunyuanVideo image-to-video (latent_concat) -----------------------------------------------------
+
+
+def build_hunyuan_video_i2v() -> nn.Module:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=24, pooled_projection_dim=12, rope_axes_dim=(2, 4, 4), image_condition_type="latent_concat",
+    )
+
+
+def adapt_hunyuan_video_i2v(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import hunyuan_video_i2v
+
+    return hunyuan_video_i2v.adapt(transformer)
+
+
+def hunyuan_video_i2v_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Text inputs plus HunyuanVideoImageToVideoPipeline's condition: image latent and mask in frame 0."""
+    image = torch.zeros(batch, 4, 2, 4, 4)
+    image[:, :, :1] = _randn(generator, batch, 4, 1, 4, 4)
+    mask = torch.zeros(batch, 1, 2, 4, 4)
+    mask[:, :, 0] = 1.0
+    return {**hunyuan_video_cond(transformer, batch, generator), "latent_condition": torch.cat([image, mask], dim=1)}
+
+
+def hunyuan_video_i2v_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    return hunyuan_video_stock(transformer, torch.cat([x, cond["latent_condition"]], dim=1), t, cond)
+
+
+# --- LTX-2 (joint video + audio tokens) ------------------------------------------------------------
+
+LTX2_VIDEO_GRID = (2, 2, 2)  # latent frames, height, width
+LTX2_AUDIO_LENGTH = 3
+
+
+def build_ltx2() -> nn.Module:
+    from diffusers import LTX2VideoTransformer3DModel
+
+    return LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=1, caption_channels=12,
+    )
+
+
+def adapt_ltx2(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import ltx2
+
+    return ltx2.adapt(transformer)
+
+
+def ltx2_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    frames, height, width = LTX2_VIDEO_GRID
+    return {
+        "encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 12),
+        "audio_encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 12),
+        "encoder_attention_mask": _text_mask(batch),
+        # LTX2Pipeline's coordinates, built by the model's own rotary helpers.
+        "video_coords": transformer.rope.prepare_video_coords(batch, frames, height, width, torch.device("cpu"), fps=24.0),
+        "audio_coords": transformer.audio_rope.prepare_audio_coords(batch, LTX2_AUDIO_LENGTH, torch.device("cpu")),
+    }
+
+
+def ltx2_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """LTX2Pipeline's call on the video tokens and the audio tokens of the joint sequence."""
+    frames, height, width = LTX2_VIDEO_GRID
+    video_tokens = frames * height * width
+    video, audio = transformer(
+        hidden_states=x[:, :video_tokens], audio_hidden_states=x[:, video_tokens:],
+        encoder_hidden_states=cond["encoder_hidden_states"], audio_encoder_hidden_states=cond["audio_encoder_hidden_states"],
+        timestep=1000 * t, sigma=1000 * t, encoder_attention_mask=cond["encoder_attention_mask"],
+        audio_encoder_attention_mask=cond["encoder_attention_mask"], num_frames=frames, height=height, width=width,
+        fps=24.0, audio_num_frames=LTX2_AUDIO_LENGTH, use_cross_timestep=True, return_dict=False,
+    )
+    return torch.cat([video, audio], dim=1)
+
+
 CASES = {
     "sana": BackboneCase("sana", build_sana, adapt_sana, (4, 8, 8), sana_cond, sana_stock, ((4, 8), (3, 8, 8))),
     "openuni": BackboneCase("openuni", build_openuni, adapt_openuni, (4, 8, 8), openuni_cond, None, ((4, 8), (3, 8, 8))),
@@ -438,4 +813,39 @@ def sana_sprint_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[s
 CASES["sana_sprint"] = BackboneCase(
     "sana_sprint", build_sana_sprint, adapt_sana, (4, 8, 8), sana_sprint_cond, sana_sprint_stock, ((4, 8), (3, 8, 8)),
     module="sana",
+)
+
+
+# --- the new backbones (backbones-new): definitions above, registered here ---
+
+CASES["lumina2"] = BackboneCase(
+    "lumina2", build_lumina2, adapt_lumina2, (4, 8, 8), lumina2_cond, lumina2_stock, ((4, 7, 8), (3, 8, 8), (4, 8))
+)
+CASES["hidream"] = BackboneCase(
+    "hidream", build_hidream, adapt_hidream, (4, 8, 8), hidream_cond, hidream_stock, ((4, 7, 8), (3, 8, 8), (4, 10, 10))
+)
+CASES["flux2"] = BackboneCase("flux2", build_flux2, adapt_flux2, (8, 4, 4), flux2_cond, flux2_stock, ((4, 4, 4), (8, 4)))
+CASES["chroma"] = BackboneCase("chroma", build_chroma, adapt_chroma, (4, 8, 8), chroma_cond, chroma_stock, ((4, 7, 8), (16, 4, 4)))
+CASES["anyflow"] = BackboneCase(
+    "anyflow", build_anyflow, adapt_anyflow, (4, 2, 4, 4), wan_cond, anyflow_stock, ((4, 4, 4), (4, 2, 3, 4)),
+    native_target_time=True,
+)
+CASES["ace_step"] = BackboneCase(
+    "ace_step", build_ace_step, adapt_ace_step, (ACE_STEP_FRAMES, 8), ace_step_cond, ace_step_stock,
+    ((ACE_STEP_FRAMES, 7), (2, ACE_STEP_FRAMES, 8)), native_target_time=True,
+)
+CASES["hunyuan_video15"] = BackboneCase(
+    "hunyuan_video15", build_hunyuan_video15, adapt_hunyuan_video15, (4, 2, 4, 4), hunyuan_video15_cond,
+    hunyuan_video15_stock, ((4, 4, 4), (3, 2, 4, 4)),
+)
+CASES["flux_kontext"] = BackboneCase(
+    "flux_kontext", build_flux, adapt_flux_kontext, (4, 8, 8), flux_kontext_cond, flux_kontext_stock,
+    ((4, 7, 8), (16, 4, 4)),
+)
+CASES["hunyuan_video_i2v"] = BackboneCase(
+    "hunyuan_video_i2v", build_hunyuan_video_i2v, adapt_hunyuan_video_i2v, (4, 2, 4, 4), hunyuan_video_i2v_cond,
+    hunyuan_video_i2v_stock, ((4, 4, 4), (9, 2, 4, 4)),
+)
+CASES["ltx2"] = BackboneCase(
+    "ltx2", build_ltx2, adapt_ltx2, (8 + LTX2_AUDIO_LENGTH, 8), ltx2_cond, ltx2_stock, ((11, 7), (2, 11, 8), (12, 8)),
 )

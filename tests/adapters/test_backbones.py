@@ -63,7 +63,8 @@ def test_new_parameters_are_silent_at_creation_for_any_r_and_sign(case: Backbone
         base = adapted(x, t, t, **cond)
         jump = adapted(x, t, torch.tensor([0.0, 0.2, 0.1]), **cond)
         twin = adapted(x, -t, -t, **cond)
-    torch.testing.assert_close(jump, base)
+    if not case.native_target_time:  # a native flow-map model moves with r from the start
+        torch.testing.assert_close(jump, base)
     torch.testing.assert_close(twin, base)
 
 
@@ -94,6 +95,9 @@ def test_gradients_reach_the_new_parameters_at_creation(case: BackboneCase) -> N
     r = torch.tensor([0.1, -0.2, 0.4])
     adapted(x, t, r, **cond).square().mean().backward()
     twin = transformer.get_submodule(DEFAULT_MODULE_NAME)
+    if case.native_target_time:  # only the sign embedding is added
+        assert twin.target_time_mlp is None and twin.negative_time_embedding.grad.abs().sum() > 0
+        return
     last = twin.target_time_mlp[-1]
     for name, parameter in (("last weight", last.weight), ("last bias", last.bias), ("sign", twin.negative_time_embedding)):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
@@ -130,7 +134,7 @@ def test_state_dict_round_trip(case: BackboneCase) -> None:
 def test_unadapt_restores_the_stock_class(case: BackboneCase) -> None:
     transformer, adapted = _build(case)
     stock_keys = set(transformer.state_dict()) - {
-        key for key in transformer.state_dict() if key.startswith(DEFAULT_MODULE_NAME)
+        key for key in transformer.state_dict() if DEFAULT_MODULE_NAME in key.split(".")  # LTX-2 has a nested one
     }
     x, cond = _inputs(case, transformer)
     t = torch.tensor([0.9, 0.6, 0.4])

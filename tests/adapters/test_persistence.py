@@ -12,7 +12,11 @@ pytest.importorskip("diffusers")
 from adapter_backbones import CASES, BackboneCase, module_arguments  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from twinloss_adapters.persistence import EXTRAS_WEIGHTS_NAME, TWINLOSS_CONFIG_NAME  # noqa: E402
+from twinloss_adapters.persistence import (  # noqa: E402
+    EXTRAS_WEIGHTS_NAME,
+    TWINLOSS_CONFIG_NAME,
+    split_construction_arguments,
+)
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -274,11 +278,14 @@ def _lora_trained(case: BackboneCase, stock_dir):
 
 
 def _fresh_base(case: BackboneCase, name: str, stock_dir):
+    """The stock base adapted with the training options (load_lora's contract), e.g. HunyuanVideo 1.5's vision_tokens."""
     from diffusers import AutoModel
 
-    return case.adapt(AutoModel.from_pretrained(str(stock_dir))) if name == "openuni" else type(
-        case.adapt(case.build())
-    ).from_pretrained(stock_dir)
+    if name == "openuni":
+        return case.adapt(AutoModel.from_pretrained(str(stock_dir)))
+    trained_like = case.adapt(case.build())
+    options, _ = split_construction_arguments(trained_like.construction_arguments)
+    return type(trained_like).from_pretrained(stock_dir, **options)
 
 
 @needs_peft

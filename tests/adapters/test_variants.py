@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adapter_backbones import CASES, TEXT_LEN, build_sana
+from adapter_backbones import CASES, TEXT_LEN, build_sana, module_arguments
 from twinloss_adapters import flux, qwen_image, sana, wan
 
 
@@ -70,14 +70,14 @@ def test_qwen_image_layered_variants_are_rejected() -> None:
         qwen_image.adapt(layered)
 
 
-@pytest.mark.parametrize("name", ["sana", "qwen_image", "flux", "sd3", "wan", "ltx_video", "hunyuan_video"])
+@pytest.mark.parametrize("name", sorted(name for name, case in CASES.items() if case.stock_call is not None))
 def test_from_pretrained_loads_and_adapts(name: str, tmp_path) -> None:
     case = CASES[name]
     torch.manual_seed(0)
     transformer = case.build()
     transformer.save_pretrained(tmp_path / "transformer")
-    module = __import__(f"twinloss_adapters.{name}", fromlist=["from_pretrained"])
-    model = module.from_pretrained(str(tmp_path))
+    module = __import__(f"twinloss_adapters.{case.module_name}", fromlist=["from_pretrained"])
+    model = module.from_pretrained(str(tmp_path), **module_arguments(name))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, *case.latent_shape, generator=generator)
     cond = case.make_cond(transformer, 2, generator)

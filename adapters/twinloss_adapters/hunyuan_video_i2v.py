@@ -1,0 +1,102 @@
+"""HunyuanVideo image-to-video (``HunyuanVideoTransformer3DModel``, ``image_condition_type="latent_concat"``).
+
+``HunyuanVideoImageToVideoPipeline`` with a ``latent_concat`` model calls the
+transformer on ``[latents, image latents, mask]`` concatenated along channels
+(``in_channels = 2 C + 1``): the encoded image in frame 0 of the image
+latents (zeros after it) and ones in frame 0 of the mask. Time, guidance
+(``1000 w``), text inputs and the prediction ``z - x`` are those of the
+text-to-video model (:mod:`twinloss_adapters.hunyuan_video`), and so is the
+place of the TwinFlow embeddings.
+
+Conditioning: as :mod:`twinloss_adapters.hunyuan_video`, plus
+
+* ``latent_condition`` ``[B, C + 1, F, H, W]`` (image latents and mask),
+  required; it is concatenated after ``x_t``, so ``x_t`` and the velocity keep
+  the ``C`` latent channels.
+
+The ``token_replace`` variant is not supported: it overwrites the first
+latent frame of ``x_t`` with the clean image and its prediction for that frame
+is discarded by the pipeline, so the model has no velocity for part of ``x_t``.
+"""
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from twinloss_adapters._imports import require_diffusers
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_latent_condition,
+    unadapt,
+)
+from twinloss_adapters.conventions import TimeConvention
+from twinloss_adapters.hunyuan_video import HunyuanVideoAdapter
+
+__all__ = ["HunyuanVideoImageToVideoAdapter", "adapt", "from_pretrained", "unadapt"]
+
+
+def _stock_class() -> type:
+    return require_diffusers().HunyuanVideoTransformer3DModel
+
+
+class HunyuanVideoImageToVideoAdapter(HunyuanVideoAdapter):
+    """A ``latent_concat`` HunyuanVideo image-to-video transformer behind the protocol; latents ``[B, C, F, H, W]``."""
+
+    required_cond = ("encoder_hidden_states", "pooled_projections", "latent_condition")
+
+    def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
+        check_backbone_class(transformer, _stock_class())
+        config = transformer.config
+        if config.image_condition_type != "latent_concat":
+            raise ValueError(
+                f"transformer has image_condition_type={config.image_condition_type!r}; this adapter serves "
+                "'latent_concat' (use twinloss_adapters.hunyuan_video for text-to-video; 'token_replace' is unsupported)"
+            )
+        self.latent_channels = config.out_channels or config.in_channels
+        self.condition_channels = config.in_channels - self.latent_channels
+        if self.condition_channels != self.latent_channels + 1:
+            raise ValueError(
+                f"transformer takes {config.in_channels} channels and predicts {self.latent_channels}; "
+                "latent_concat needs in_channels = 2 * out_channels + 1 (latents, image latents, mask)"
+            )
+        self.patch, self.patch_t = config.patch_size, config.patch_size_t
+        # HunyuanVideoAdapter.__init__ holds the text-to-video checks; the rest of its setup is the base class's.
+        AdaptedTransformer.__init__(
+            self,
+            transformer,
+            time_convention=TimeConvention(scale=1000.0),
+            embedder_path="time_text_embed.timestep_embedder",
+            embedding_dim=config.num_attention_heads * config.attention_head_dim,
+            target_time=target_time,
+            sign=sign,
+            guidance_inputs=("guidance",) if config.guidance_embeds else (),
+        )
+
+    def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
+        super().check_cond(cond, batch_size)
+        check_latent_condition(cond["latent_condition"], self.condition_channels)
+
+    def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        condition = cond["latent_condition"]
+        check_latent_condition(condition, self.condition_channels, x_t)
+        return super().run_backbone(torch.cat([x_t, condition.to(x_t.dtype)], dim=1), timestep, cond)
+
+
+def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> HunyuanVideoImageToVideoAdapter:
+    """Adapt a ``latent_concat`` HunyuanVideo image-to-video transformer in place and return the protocol model.
+
+    Raises:
+        ValueError: if ``transformer`` is not a ``HunyuanVideoTransformer3DModel``
+            with ``image_condition_type="latent_concat"`` and the matching
+            channels, or is already adapted.
+    """
+    return HunyuanVideoImageToVideoAdapter(transformer, target_time=target_time, sign=sign)
+
+
+def from_pretrained(
+    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
+) -> HunyuanVideoImageToVideoAdapter:
+    """``HunyuanVideoImageToVideoAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
+    return HunyuanVideoImageToVideoAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
