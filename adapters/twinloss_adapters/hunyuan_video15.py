@@ -193,9 +193,9 @@ def from_pretrained(
     else :class:`HunyuanVideo15Adapter`. ``kwargs`` are the adapter's options
     (``target_time``, ``sign``, ``vision_tokens``) and the stock loader's.
     """
-    from twinloss_adapters.persistence import HUB_ARGUMENTS
+    from twinloss_adapters.persistence import hub_arguments as select_hub_arguments
 
-    hub_arguments = {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
+    hub_arguments = select_hub_arguments(kwargs)
     config = _stock_class().load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_arguments)
     adapter_class = HunyuanVideo15MeanFlowAdapter if config.get("use_meanflow", False) else HunyuanVideo15Adapter
     return adapter_class.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -51,6 +51,11 @@ TRANSFORMER_PREFIX = "transformer."
 STOCK_LOADER_LOGGER = "diffusers.models.modeling_utils"
 UNUSED_WEIGHTS_MESSAGE = "were not used when initializing"
 HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+
+def hub_arguments(kwargs: Mapping[str, object]) -> dict[str, object]:
+    """The ``from_pretrained`` keyword arguments in ``kwargs`` that also locate a checkpoint's files."""
+    return {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
 JSON_SCALARS = (bool, int, float, str, type(None))
 
 
@@ -359,8 +364,8 @@ def load_adapted(
     constructor = inspect.signature(adapter_class.__init__).parameters
     adapter_names = [name for name in constructor if name not in ("self", "transformer")]
     given = {name: kwargs.pop(name) for name in adapter_names if name in kwargs}
-    hub_arguments = {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
-    config = read_twinloss_config(pretrained_model_name_or_path, subfolder, hub_arguments)
+    hub = hub_arguments(kwargs)
+    config = read_twinloss_config(pretrained_model_name_or_path, subfolder, hub)
     arguments = _adapter_arguments(adapter_class, config, given)
 
     with _holding_unused_weights_warning() as unused_weights:
@@ -372,14 +377,14 @@ def load_adapted(
     adapted = adapter_class(transformer, **arguments)
 
     expected, prefixes = _added_weights(transformer, stock_modules, stock_keys, adapted)
-    files = weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("variant"), hub_arguments)
+    files = weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("variant"), hub)
     saved_twin = read_tensors(files, prefixes)
     if config is not None or saved_twin:  # a stock checkpoint has neither: twin modules stay at zero
         load_exactly(adapted.transformer, expected, saved_twin, "the checkpoint's twin weights")
     unused_weights.release(consumed=set(saved_twin))
     expected_extras = _external_extras(adapted)
     if config is not None and (expected_extras or config["extra_keys"]):
-        extras_file = _resolve_file(pretrained_model_name_or_path, EXTRAS_WEIGHTS_NAME, subfolder, hub_arguments)
+        extras_file = _resolve_file(pretrained_model_name_or_path, EXTRAS_WEIGHTS_NAME, subfolder, hub)
         saved_extras = read_tensors([extras_file], ("",)) if extras_file is not None else {}
         load_exactly(adapted, expected_extras, saved_extras, f"the weights in {EXTRAS_WEIGHTS_NAME}")
     return adapted

@@ -21,8 +21,6 @@ from twinloss_adapters.base import (
 
 __all__ = ["from_pretrained", "load_release"]
 
-HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
-"""``from_pretrained`` keyword arguments that also locate the checkpoint files."""
 
 
 def from_pretrained(
@@ -61,7 +59,7 @@ def from_pretrained(
     from twinloss_adapters import persistence
 
     check_time_embedding_kind(time_embedding)
-    hub = {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
+    hub = persistence.hub_arguments(kwargs)
     saved_by_twinloss = persistence.read_twinloss_config(pretrained_model_name_or_path, subfolder, hub) is not None
     if time_embedding == RELEASE_TIME_EMBEDDING and not saved_by_twinloss:
         return load_release(
@@ -135,7 +133,7 @@ def load_release(
         raise ValueError(f"checkpoint {pretrained_model_name_or_path!r} lacks the release keys {missing}")
     from twinloss_adapters import persistence
 
-    hub = {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
+    hub = persistence.hub_arguments(kwargs)
     files = persistence.weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("variant"), hub)
     loaded = {key: value for key, value in persistence.read_tensors(files, tuple(present)).items() if key in present}
     mis_shaped = [
