@@ -18,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from twinloss_adapters.conventions import Capabilities, TimeConvention
+from twinloss_adapters.flow_map import FlowMapCall, find_flow_map_call
 from twinloss_adapters.time_embedding import (
     DEFAULT_MODULE_NAME,
     TimeEmbeddingInjection,
@@ -88,6 +89,8 @@ class AdaptedTransformer(nn.Module, abc.ABC):
             self.injection = inject_time_embedding(
                 transformer, embedder_path, embedding_dim, target_time=target_time, sign=sign
             )
+        # diffusers' flow-map keyword: transformer(..., timestep=, r_timestep=) in the pipeline's units
+        self.flow_map_call = FlowMapCall(transformer, self.injection, time_convention, self.capabilities)
 
     # --- what a backbone defines ------------------------------------------------
 
@@ -198,7 +201,10 @@ class AdaptedTransformer(nn.Module, abc.ABC):
 
 
 def unadapt_transformer(transformer: nn.Module) -> nn.Module:
-    """Remove a TwinFlow injection from ``transformer`` (a no-op if it has none)."""
+    """Remove a TwinFlow injection and the ``r_timestep`` hooks from ``transformer`` (a no-op if it has none)."""
+    flow_map_call = find_flow_map_call(transformer)
+    if flow_map_call is not None:
+        flow_map_call.remove()
     injection = find_injection(transformer)
     if injection is not None:
         injection.remove()
@@ -215,7 +221,7 @@ def unadapt(adapted: object) -> nn.Module:
     """
     if isinstance(adapted, AdaptedTransformer):
         return unadapt_transformer(adapted.transformer)
-    if isinstance(adapted, nn.Module) and find_injection(adapted) is not None:
+    if isinstance(adapted, nn.Module) and (find_injection(adapted) or find_flow_map_call(adapted)) is not None:
         return unadapt_transformer(adapted)
     raise ValueError(
         f"adapted must be a model returned by adapt() or an adapted transformer, got {type(adapted).__name__}"

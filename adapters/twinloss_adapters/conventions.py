@@ -55,6 +55,16 @@ class TimeConvention:
             unsigned = 1.0 - unsigned
         return unsigned * self.scale
 
+    def from_backbone(self, timestep: Float[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+        r"""The unsigned twinloss time of a backbone ``timestep``: the inverse of :meth:`to_backbone` for ``t >= 0``.
+
+        .. math:: |t| = \begin{cases} 1 - \tau / \text{scale} & \text{reversed} \\ \tau / \text{scale} & \text{otherwise} \end{cases}
+
+        Computed in at least float32 whatever the ``timestep`` dtype.
+        """
+        unsigned = timestep.to(torch.promote_types(timestep.dtype, torch.float32)) / self.scale
+        return 1.0 - unsigned if self.reversed else unsigned
+
     def to_twinloss_velocity(self, velocity: Tensor) -> Tensor:
         """Turn the backbone's prediction into the twinloss velocity ``z - x``."""
         return velocity if self.output_sign == 1 else -velocity
