@@ -18,6 +18,7 @@ neither, the call is the stock model's (``r = t``, no twin embedding).
 """
 
 import contextlib
+import inspect
 from collections.abc import Callable
 
 from jaxtyping import Float
@@ -108,9 +109,10 @@ class FlowMapCall:
             if has_r:
                 raise ValueError("r_timestep was passed inside an adapter call, which sets r itself")
             return args, kwargs  # the adapter's own forward already set (t, r)
-        if "timestep" not in kwargs:
-            raise ValueError(f"{type(module).__name__} must be called with timestep= by keyword to take r_timestep")
-        t, r = self.times(kwargs["timestep"], r_timestep)
+        timestep = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("timestep")
+        if timestep is None:
+            raise ValueError(f"{type(module).__name__} was called without a timestep; r_timestep needs one")
+        t, r = self.times(timestep, r_timestep)
         if self.injection is not None:
             stack = contextlib.ExitStack()
             stack.enter_context(self.injection.times(t, r))
