@@ -8,6 +8,7 @@ the adapted model seen in that same layout (so few mode's fresh noise is drawn
 in the same order).
 """
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -207,3 +208,121 @@ def test_pipeline_latents_equal_any_step_sampler(built, setting):
     assert latents.shape == noise.shape
     assert_close(latents, expected, rtol=2e-5, atol=2e-5)
     assert not torch.equal(latents, noise)
+
+
+# --- a pipeline with its own tokenizer, text encoder and VAE: prompt in, video out -------------
+
+
+def _tiny_ltx_pipeline():
+    from diffusers import AutoencoderKLLTXVideo, LTXPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["[PAD]", "[UNK]", "</s>", "a", "red", "cat", "on", "the", "moon", "dog"]
+    vocabulary = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    vocabulary.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=vocabulary, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>", model_max_length=TEXT_LEN
+    )
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    vae = AutoencoderKLLTXVideo(  # spatial x32, temporal x8 like the release, at width 8
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+    )
+    torch.manual_seed(0)
+    case = CASES["ltx_video"]
+    adapted = case.adapt(case.build())
+    _move_twin_weights_off_zero(adapted.transformer)
+    pipeline = LTXPipeline(
+        scheduler=TwinFlowScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=adapted.transformer
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline, adapted
+
+
+def test_prompt_to_video_with_a_tokenizer_text_encoder_and_vae():
+    pipeline, adapted = _tiny_ltx_pipeline()
+    generate = twinflow_pipeline(pipeline, preset="qwenimage_2nfe")
+    prompts = ["a red cat", "a dog on the moon"]
+    size = dict(guidance_scale=1.0, height=128, width=128, num_frames=9, max_sequence_length=TEXT_LEN)
+    latents = generate(prompts, **size, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    # the same run by hand: the generator draws the initial noise, then every re-noising
+    embeds, mask, _, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN)
+    generator = torch.Generator().manual_seed(0)
+    noise = pack_video_patches(torch.randn(2, 4, 2, 4, 4, generator=generator))
+    layout = PIPELINES["LTXPipeline"]
+    expected = twinloss.AnyStepSampler.from_preset("qwenimage_2nfe")(
+        _in_pipeline_layout(layout, adapted), noise, cond={"encoder_hidden_states": embeds, "encoder_attention_mask": mask},
+        generator=generator,
+    ).sample
+    assert_close(latents, expected, rtol=2e-5, atol=2e-5)
+
+    video = generate(prompts, **size, output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    again = generate(prompts, **size, output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    other = generate(prompts, **size, output_type="pt", generator=torch.Generator().manual_seed(1)).frames
+    assert video.shape == (2, 9, 3, 128, 128) and torch.equal(video, again) and not torch.equal(video, other)
+
+
+# --- guidance, multi mode, saving, errors (SANA) ---------------------------------------------------
+
+
+def _sana_pipeline():
+    torch.manual_seed(0)
+    adapted = CASES["sana"].adapt(CASES["sana"].build())
+    _move_twin_weights_off_zero(adapted.transformer)
+    pipeline = _sana(adapted.transformer)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline, adapted
+
+
+def test_pipeline_guidance_is_the_sampler_guidance_shifted_by_one():
+    """The pipeline's F_u + g (F_c - F_u) is AnyStepSampler's F_c + (g - 1)(F_c - F_u) in one doubled batch."""
+    pipeline, adapted = _sana_pipeline()
+    inputs = torch.Generator().manual_seed(11)
+    text, negative, noise = _text(inputs), _text(inputs), torch.randn(BATCH, 4, 8, 8, generator=inputs)
+    generate = twinflow_pipeline(pipeline, steps=2, mode="multi")
+    latents = generate(
+        prompt_embeds=text, prompt_attention_mask=_mask(), negative_prompt=None, negative_prompt_embeds=negative,
+        negative_prompt_attention_mask=torch.ones(BATCH, TEXT_LEN), guidance_scale=2.5, height=256, width=256,
+        use_resolution_binning=False, latents=noise, output_type="latent",
+    ).images
+    expected = twinloss.AnyStepSampler(2, mode="multi", guidance_scale=1.5)(
+        adapted, noise, cond={"encoder_hidden_states": text, "encoder_attention_mask": _mask()},
+        uncond={"encoder_hidden_states": negative, "encoder_attention_mask": torch.ones(BATCH, TEXT_LEN)},
+    ).sample
+    assert_close(latents, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_pipeline_saves_the_twinflow_scheduler_and_loads_it_back(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipeline, _ = _sana_pipeline()
+    twinflow_pipeline(pipeline, preset="config_any_4nfe")
+    pipeline.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, tokenizer=None, text_encoder=None, vae=None)
+    assert type(loaded.scheduler) is TwinFlowScheduler
+    assert loaded.scheduler.config.mode == "any" and loaded.scheduler.config.end_gap == 0.5
+    loaded.scheduler.set_timesteps(4)
+    assert_close(loaded.scheduler.sigmas, twinloss.AnyStepSampler.from_preset("config_any_4nfe").schedule())
+
+
+def test_pipeline_refusals_name_what_is_wrong():
+    from diffusers import SanaPipeline
+
+    pipeline, adapted = _sana_pipeline()
+    with pytest.raises(ValueError, match="^steps=2 conflicts with preset 'qwenimage_4nfe'"):
+        twinflow_pipeline(pipeline, preset="qwenimage_4nfe", steps=2)
+    with pytest.raises(ValueError, match="^pass one of preset, scheduler or scheduler options"):
+        twinflow_pipeline(pipeline, preset="qwenimage_4nfe", mode="any")
+    stock = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=CASES["sana"].build(), scheduler=TwinFlowScheduler())
+    with pytest.raises(ValueError, match="^pipeline.transformer is not adapted"):
+        twinflow_pipeline(stock)
+    with pytest.raises(ValueError, match="^pipeline is a Namespace"):
+        twinflow_pipeline(argparse.Namespace(transformer=adapted.transformer))
+    generate = twinflow_pipeline(pipeline, steps=2)
+    with pytest.raises(ValueError, match="^sigmas: TwinFlowScheduler takes its times from its config"):
+        generate(
+            prompt_embeds=_text(torch.Generator()), prompt_attention_mask=_mask(), guidance_scale=1.0, height=256,
+            width=256, use_resolution_binning=False, output_type="latent", sigmas=[1.0, 0.2],
+        )
