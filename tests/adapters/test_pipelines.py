@@ -46,27 +46,52 @@ class PipelineCase:
     latent_shape: tuple[int, ...]  # the adapter's [C, (F,) H, W]
     call_kwargs: Callable[[torch.Generator], dict]  # prompt embeds, sizes, guidance
     adapter_cond: Callable[[dict], dict[str, Tensor]]
+    pixels: tuple[int, ...]  # one decoded sample with output_type="pt"
     to_pipeline: Callable[[Tensor], Tensor] = lambda x: x
     from_pipeline: Callable[[Tensor], Tensor] = lambda x: x
 
 
-def _sana(transformer: nn.Module) -> object:
-    from diffusers import SanaPipeline
+# Tiny random VAEs (a few thousand weights): spatial x2 for the image pipelines (x4 for SANA, whose sizes are multiples of 32),
+# the release's x8 / x4 (Wan, HunyuanVideo) and x32 / x8 (LTX, whose rope scale depends on it) for video.
 
-    return SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=TwinFlowScheduler())
+
+def _image_kl_vae() -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+        latent_channels=4, norm_num_groups=4, layers_per_block=1, shift_factor=0.0,
+    )
+
+
+def _sana(transformer: nn.Module) -> object:
+    from diffusers import AutoencoderDC, SanaPipeline
+
+    vae = AutoencoderDC(
+        latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock",) * 3,
+        decoder_block_types=("ResBlock",) * 3, encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), ()),
+        decoder_qkv_multiscales=((), (), ()), upsample_block_type="interpolate", downsample_block_type="Conv",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu",
+    )
+    return SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=TwinFlowScheduler())
 
 
 def _qwen_image(transformer: nn.Module) -> object:
-    from diffusers import QwenImagePipeline
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
 
-    return QwenImagePipeline(scheduler=TwinFlowScheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )
+    return QwenImagePipeline(scheduler=TwinFlowScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
 
 
 def _flux(transformer: nn.Module) -> object:
     from diffusers import FluxPipeline
 
     return FluxPipeline(
-        scheduler=TwinFlowScheduler(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+        scheduler=TwinFlowScheduler(), vae=_image_kl_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
         tokenizer_2=None, transformer=transformer,
     )
 
@@ -75,28 +100,45 @@ def _sd3(transformer: nn.Module) -> object:
     from diffusers import StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=TwinFlowScheduler(), vae=None, text_encoder=None, tokenizer=None,
+        transformer=transformer, scheduler=TwinFlowScheduler(), vae=_image_kl_vae(), text_encoder=None, tokenizer=None,
         text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
     )
 
 
 def _wan(transformer: nn.Module) -> object:
-    from diffusers import WanPipeline
+    from diffusers import AutoencoderKLWan, WanPipeline
 
-    return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None, scheduler=TwinFlowScheduler())
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )
+    return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=TwinFlowScheduler())
+
+
+def _ltx_vae() -> nn.Module:
+    from diffusers import AutoencoderKLLTXVideo
+
+    return AutoencoderKLLTXVideo(
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+    )
 
 
 def _ltx(transformer: nn.Module) -> object:
     from diffusers import LTXPipeline
 
-    return LTXPipeline(scheduler=TwinFlowScheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    return LTXPipeline(scheduler=TwinFlowScheduler(), vae=_ltx_vae(), text_encoder=None, tokenizer=None, transformer=transformer)
 
 
 def _hunyuan_video(transformer: nn.Module) -> object:
-    from diffusers import HunyuanVideoPipeline
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline
 
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+    )
     return HunyuanVideoPipeline(
-        text_encoder=None, tokenizer=None, transformer=transformer, vae=None, scheduler=TwinFlowScheduler(),
+        text_encoder=None, tokenizer=None, transformer=transformer, vae=vae, scheduler=TwinFlowScheduler(),
         text_encoder_2=None, tokenizer_2=None,
     )
 
@@ -108,40 +150,46 @@ def _text(generator: torch.Generator) -> Tensor:
 PIPELINES = {
     "SanaPipeline": PipelineCase(
         "sana", _sana, (4, 8, 8),
-        lambda g: dict(prompt_embeds=_text(g), prompt_attention_mask=_mask(), guidance_scale=1.0, height=256, width=256,
+        lambda g: dict(prompt_embeds=_text(g), prompt_attention_mask=_mask(), guidance_scale=1.0, height=32, width=32,
                        use_resolution_binning=False),
         lambda kw: {"encoder_hidden_states": kw["prompt_embeds"], "encoder_attention_mask": kw["prompt_attention_mask"]},
+        pixels=(3, 32, 32),
     ),
     "QwenImagePipeline": PipelineCase(
         "qwen_image", _qwen_image, (4, 8, 8),
-        lambda g: dict(prompt_embeds=_text(g), prompt_embeds_mask=_mask(), height=64, width=64),
+        lambda g: dict(prompt_embeds=_text(g), prompt_embeds_mask=_mask(), height=16, width=16),
         lambda kw: {"encoder_hidden_states": kw["prompt_embeds"], "encoder_hidden_states_mask": kw["prompt_embeds_mask"]},
+        pixels=(3, 16, 16),
         to_pipeline=lambda x: pack_image_patches(x, 2),
         from_pipeline=lambda x: unpack_image_patches(x, 8, 8, 2),
     ),
     "FluxPipeline": PipelineCase(
         "flux", _flux, (4, 8, 8),
-        lambda g: dict(prompt_embeds=_text(g), pooled_prompt_embeds=_randn(g, BATCH, 12), guidance_scale=3.5, height=64, width=64),
+        lambda g: dict(prompt_embeds=_text(g), pooled_prompt_embeds=_randn(g, BATCH, 12), guidance_scale=3.5, height=16, width=16),
         lambda kw: {"encoder_hidden_states": kw["prompt_embeds"], "pooled_projections": kw["pooled_prompt_embeds"],
                     "guidance": torch.full((BATCH,), 3.5)},
+        pixels=(3, 16, 16),
         to_pipeline=lambda x: pack_image_patches(x, 2),
         from_pipeline=lambda x: unpack_image_patches(x, 8, 8, 2),
     ),
     "StableDiffusion3Pipeline": PipelineCase(
         "sd3", _sd3, (4, 8, 8),
-        lambda g: dict(prompt_embeds=_text(g), pooled_prompt_embeds=_randn(g, BATCH, 12), guidance_scale=1.0, height=64, width=64),
+        lambda g: dict(prompt_embeds=_text(g), pooled_prompt_embeds=_randn(g, BATCH, 12), guidance_scale=1.0, height=16, width=16),
         lambda kw: {"encoder_hidden_states": kw["prompt_embeds"], "pooled_projections": kw["pooled_prompt_embeds"]},
+        pixels=(3, 16, 16),
     ),
     "WanPipeline": PipelineCase(
         "wan", _wan, (4, 2, 4, 4),
         lambda g: dict(prompt_embeds=_text(g), guidance_scale=1.0, height=32, width=32, num_frames=5),
         lambda kw: {"encoder_hidden_states": kw["prompt_embeds"]},
+        pixels=(5, 3, 32, 32),
     ),
     "LTXPipeline": PipelineCase(
         "ltx_video", _ltx, (4, 2, 4, 4),
         lambda g: dict(prompt_embeds=_text(g), prompt_attention_mask=_mask(), guidance_scale=1.0, height=128, width=128,
                        num_frames=9),
         lambda kw: {"encoder_hidden_states": kw["prompt_embeds"], "encoder_attention_mask": kw["prompt_attention_mask"]},
+        pixels=(9, 3, 128, 128),
         to_pipeline=lambda x: pack_video_patches(x),
         from_pipeline=lambda x: unpack_video_patches(x, 2, 4, 4),
     ),
@@ -151,6 +199,7 @@ PIPELINES = {
                        guidance_scale=6.0, height=32, width=32, num_frames=5),
         lambda kw: {"encoder_hidden_states": kw["prompt_embeds"], "encoder_attention_mask": kw["prompt_attention_mask"],
                     "pooled_projections": kw["pooled_prompt_embeds"], "guidance": torch.full((BATCH,), 6.0)},
+        pixels=(5, 3, 32, 32),
     ),
 }
 
@@ -210,11 +259,25 @@ def test_pipeline_latents_equal_any_step_sampler(built, setting):
     assert not torch.equal(latents, noise)
 
 
+
+def test_prompt_embeddings_in_pixels_out_with_the_generator_honoured(built):
+    case, _, pipeline = built
+    generate = twinflow_pipeline(pipeline, preset="qwenimage_2nfe")
+    kwargs = case.call_kwargs(torch.Generator().manual_seed(11))
+
+    def pixels(seed):
+        out = generate(**kwargs, output_type="pt", generator=torch.Generator().manual_seed(seed))
+        return out.images if hasattr(out, "images") else out.frames
+
+    first, again, other = pixels(0), pixels(0), pixels(1)
+    assert first.shape == (BATCH, *case.pixels) and bool(torch.isfinite(first).all())
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
 # --- a pipeline with its own tokenizer, text encoder and VAE: prompt in, video out -------------
 
 
 def _tiny_ltx_pipeline():
-    from diffusers import AutoencoderKLLTXVideo, LTXPipeline
+    from diffusers import LTXPipeline
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
@@ -225,10 +288,7 @@ def _tiny_ltx_pipeline():
         tokenizer_object=vocabulary, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>", model_max_length=TEXT_LEN
     )
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
-    vae = AutoencoderKLLTXVideo(  # spatial x32, temporal x8 like the release, at width 8
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
-    )
+    vae = _ltx_vae()
     torch.manual_seed(0)
     case = CASES["ltx_video"]
     adapted = case.adapt(case.build())
@@ -284,7 +344,7 @@ def test_pipeline_guidance_is_the_sampler_guidance_shifted_by_one():
     generate = twinflow_pipeline(pipeline, steps=2, mode="multi")
     latents = generate(
         prompt_embeds=text, prompt_attention_mask=_mask(), negative_prompt=None, negative_prompt_embeds=negative,
-        negative_prompt_attention_mask=torch.ones(BATCH, TEXT_LEN), guidance_scale=2.5, height=256, width=256,
+        negative_prompt_attention_mask=torch.ones(BATCH, TEXT_LEN), guidance_scale=2.5, height=32, width=32,
         use_resolution_binning=False, latents=noise, output_type="latent",
     ).images
     expected = twinloss.AnyStepSampler(2, mode="multi", guidance_scale=1.5)(
@@ -300,7 +360,7 @@ def test_pipeline_saves_the_twinflow_scheduler_and_loads_it_back(tmp_path):
     pipeline, _ = _sana_pipeline()
     twinflow_pipeline(pipeline, preset="config_any_4nfe")
     pipeline.save_pretrained(tmp_path)
-    loaded = DiffusionPipeline.from_pretrained(tmp_path, tokenizer=None, text_encoder=None, vae=None)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, tokenizer=None, text_encoder=None)
     assert type(loaded.scheduler) is TwinFlowScheduler
     assert loaded.scheduler.config.mode == "any" and loaded.scheduler.config.end_gap == 0.5
     loaded.scheduler.set_timesteps(4)
@@ -323,6 +383,6 @@ def test_pipeline_refusals_name_what_is_wrong():
     generate = twinflow_pipeline(pipeline, steps=2)
     with pytest.raises(ValueError, match="^sigmas: TwinFlowScheduler takes its times from its config"):
         generate(
-            prompt_embeds=_text(torch.Generator()), prompt_attention_mask=_mask(), guidance_scale=1.0, height=256,
-            width=256, use_resolution_binning=False, output_type="latent", sigmas=[1.0, 0.2],
+            prompt_embeds=_text(torch.Generator()), prompt_attention_mask=_mask(), guidance_scale=1.0, height=32,
+            width=32, use_resolution_binning=False, output_type="latent", sigmas=[1.0, 0.2],
         )
