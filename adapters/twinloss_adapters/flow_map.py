@@ -21,6 +21,7 @@ import contextlib
 import inspect
 from collections.abc import Callable
 
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -113,10 +114,13 @@ class FlowMapCall:
         if timestep is None:
             raise ValueError(f"{type(module).__name__} was called without a timestep; r_timestep needs one")
         t, r = self.times(timestep, r_timestep)
-        if self.injection is not None:
-            stack = contextlib.ExitStack()
-            stack.enter_context(self.injection.times(t, r))
-            self._open_call = stack
+        if self.injection is None:
+            if not torch.equal(t, r):
+                raise ValueError(f"{type(module).__name__} carries no TwinFlow time embedding to take r_timestep != timestep")
+            return args, kwargs
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.injection.times(t, r))
+        self._open_call = stack
         return args, kwargs
 
     def _close(self, module: nn.Module, args: tuple, output: object) -> None:

@@ -94,3 +94,20 @@ def test_unadapt_removes_the_r_timestep_keyword():
     text = case.make_cond(transformer, 2, torch.Generator().manual_seed(2))["encoder_hidden_states"]
     with pytest.raises(TypeError, match="r_timestep"):
         transformer(hidden_states=x, encoder_hidden_states=text, timestep=1000 * T, r_timestep=1000 * R)
+
+
+def test_an_adapter_without_twin_embeddings_takes_r_timestep_only_at_r_equal_t():
+    from twinloss_adapters import sana
+
+    case = CASES["sana"]
+    transformer = case.build()
+    plain = sana.adapt(transformer, target_time=False, sign=False)
+    x = torch.randn(2, *case.latent_shape)
+    cond = case.make_cond(transformer, 2, torch.Generator().manual_seed(2))
+    call = lambda r: transformer(  # noqa: E731
+        x, cond["encoder_hidden_states"], timestep=1000 * T, r_timestep=1000 * r,
+        encoder_attention_mask=cond["encoder_attention_mask"], return_dict=False,
+    )[0]
+    assert_close(call(T), plain(x, T, T, **cond))
+    with pytest.raises(ValueError, match="adapted with target_time=False"):
+        call(R)
