@@ -386,3 +386,32 @@ def test_pipeline_refusals_name_what_is_wrong():
             prompt_embeds=_text(torch.Generator()), prompt_attention_mask=_mask(), guidance_scale=1.0, height=32,
             width=32, use_resolution_binning=False, output_type="latent", sigmas=[1.0, 0.2],
         )
+
+
+def test_a_lora_model_generates_through_its_pipeline_like_the_sampler():
+    """The pipeline drives the base transformer that carries the LoRA layers and peft's copy of the twin modules."""
+    peft = pytest.importorskip("peft")
+    from twinloss_adapters import lora
+
+    torch.manual_seed(0)
+    adapted = CASES["sana"].adapt(CASES["sana"].build())
+    model = lora.add_lora(adapted, peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:  # LoRA and the trained copy of the twin embedding
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    pipeline = _sana(adapted.transformer)
+    pipeline.set_progress_bar_config(disable=True)
+    inputs = torch.Generator().manual_seed(11)
+    kwargs = PIPELINES["SanaPipeline"].call_kwargs(inputs)
+    noise = torch.randn(BATCH, 4, 8, 8, generator=inputs)
+    latents = twinflow_pipeline(pipeline, steps=2)(
+        **kwargs, latents=noise, output_type="latent", generator=torch.Generator().manual_seed(5)
+    ).images
+    cond = PIPELINES["SanaPipeline"].adapter_cond(kwargs)
+    expected = twinloss.AnyStepSampler(2)(model, noise, cond=cond, generator=torch.Generator().manual_seed(5)).sample
+    assert_close(latents, expected, rtol=2e-5, atol=2e-5)
+    with model.disable_adapter():  # the base model samples differently: the LoRA was in the pipeline's calls
+        base = twinloss.AnyStepSampler(2)(model, noise, cond=cond, generator=torch.Generator().manual_seed(5)).sample
+    assert not torch.allclose(latents, base, atol=1e-3)
