@@ -24,7 +24,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from twinloss.sampling import SAMPLER_MODES, any_step, few_step, multi_step, sampler_preset, time_schedule
+from twinloss.sampling import (
+    any_step,
+    check_sampler_settings,
+    few_step,
+    multi_step,
+    sampler_preset,
+    time_schedule,
+)
 from twinloss_adapters._imports import require_diffusers
 
 require_diffusers()  # a diffusers scheduler cannot exist without diffusers: fail here with the extra's name
@@ -81,13 +88,9 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         end_gap: float | None = None,
         kumaraswamy: tuple[float, float, float] | list[float] | None = None,
     ) -> None:
-        if mode not in SAMPLER_MODES:
-            raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
-        if not (0.0 <= stochastic_ratio <= 1.0):
-            raise ValueError(f"stochastic_ratio must lie in [0, 1], got {stochastic_ratio}")
         if not (isinstance(num_train_timesteps, int) and num_train_timesteps > 0):
             raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
-        time_schedule(2, **self._schedule_keywords())  # validates the gaps and the warp
+        check_sampler_settings(mode=mode, stochastic_ratio=stochastic_ratio, **self._schedule_keywords())
         self.sigmas: Tensor | None = None
         self.timesteps: Tensor | None = None
         self.num_inference_steps: int | None = None

@@ -115,6 +115,29 @@ def time_schedule(
     return times.to(device=device, dtype=dtype)
 
 
+def check_sampler_settings(
+    *,
+    mode: str,
+    stochastic_ratio: float,
+    start_gap: float,
+    end_gap: float | None,
+    kumaraswamy: tuple[float, float, float] | None,
+    steps: int = 2,
+) -> None:
+    """Raise ValueError naming the first sampler setting out of range.
+
+    Shared by :class:`AnyStepSampler` and the diffusers ``TwinFlowScheduler``;
+    the schedule arguments are checked through :func:`time_schedule` at
+    ``steps`` (*default* 2, the fewest an end gap allows, for a scheduler
+    whose step count comes with each pipeline call).
+    """
+    if mode not in SAMPLER_MODES:
+        raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
+    if not (0.0 <= stochastic_ratio <= 1.0):
+        raise ValueError(f"stochastic_ratio must lie in [0, 1], got {stochastic_ratio}")
+    time_schedule(steps, start_gap=start_gap, end_gap=end_gap, kumaraswamy=kumaraswamy)
+
+
 # --- one step per mode ----------------------------------------------------------------
 
 
@@ -326,15 +349,18 @@ class AnyStepSampler(nn.Module):
         path: AffinePath | None = None,
     ) -> None:
         super().__init__()
-        if mode not in SAMPLER_MODES:
-            raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
-        if not (0.0 <= stochastic_ratio <= 1.0):
-            raise ValueError(f"stochastic_ratio must lie in [0, 1], got {stochastic_ratio}")
+        check_sampler_settings(
+            mode=mode,
+            stochastic_ratio=stochastic_ratio,
+            start_gap=start_gap,
+            end_gap=end_gap,
+            kumaraswamy=kumaraswamy,
+            steps=steps,
+        )
         if heun and mode != "multi":
             raise ValueError(f"heun=True applies to mode='multi' only, got mode={mode!r}")
         if not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
-        time_schedule(steps, start_gap=start_gap, end_gap=end_gap, kumaraswamy=kumaraswamy)  # validates them
         self.steps = steps
         self.mode = mode
         self.stochastic_ratio = float(stochastic_ratio)
