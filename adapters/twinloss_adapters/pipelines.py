@@ -29,8 +29,8 @@ HunyuanVideo's ``guidance_scale`` is an embedded input, not CFG.
 from torch import nn
 
 from twinloss.sampling import sampler_preset
+from twinloss_adapters import scheduler as scheduler_module
 from twinloss_adapters.flow_map import FlowMapCall, find_flow_map_call
-from twinloss_adapters.scheduler import TwinFlowScheduler
 
 __all__ = ["SUPPORTED_PIPELINES", "TwinFlowPipeline", "twinflow_pipeline"]
 
@@ -58,7 +58,7 @@ class TwinFlowPipeline:
         steps: ``num_inference_steps`` used when a call passes none.
     """
 
-    def __init__(self, pipeline: object, scheduler: TwinFlowScheduler, steps: int) -> None:
+    def __init__(self, pipeline: object, scheduler: object, steps: int) -> None:
         self.pipeline = pipeline
         self.scheduler = scheduler
         self.steps = steps
@@ -97,7 +97,7 @@ def twinflow_pipeline(
     *,
     steps: int | None = None,
     preset: str | None = None,
-    scheduler: TwinFlowScheduler | None = None,
+    scheduler: object = None,
     **scheduler_config: object,
 ) -> TwinFlowPipeline:
     """Turn a stock diffusers pipeline with an adapted transformer into a TwinFlow generator.
@@ -129,15 +129,16 @@ def twinflow_pipeline(
         raise ValueError(
             f"pass one of preset, scheduler or scheduler options, got {given + sorted(scheduler_config)}"
         )
+    scheduler_class = scheduler_module.TwinFlowScheduler  # imports diffusers
     if preset is not None:
         preset_steps = sampler_preset(preset).steps
         if steps is not None and steps != preset_steps:
             raise ValueError(f"steps={steps} conflicts with preset {preset!r} ({preset_steps} steps)")
         steps = preset_steps
-        scheduler = TwinFlowScheduler.from_preset(preset)
+        scheduler = scheduler_class.from_preset(preset)
     elif scheduler is None:
-        scheduler = TwinFlowScheduler(**scheduler_config)
-    elif not isinstance(scheduler, TwinFlowScheduler):
+        scheduler = scheduler_class(**scheduler_config)
+    elif not isinstance(scheduler, scheduler_class):
         raise ValueError(f"scheduler must be a TwinFlowScheduler, got {type(scheduler).__name__}")
     steps = 1 if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

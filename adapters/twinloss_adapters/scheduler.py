@@ -34,12 +34,7 @@ from twinloss.sampling import (
 )
 from twinloss_adapters._imports import require_diffusers
 
-require_diffusers()  # a diffusers scheduler cannot exist without diffusers: fail here with the extra's name
-
-from diffusers import ConfigMixin, SchedulerMixin  # noqa: E402
-from diffusers.configuration_utils import register_to_config  # noqa: E402
-
-__all__ = ["TwinFlowScheduler", "TwinFlowSchedulerOutput"]
+__all__ = ["TwinFlowScheduler", "TwinFlowSchedulerOutput"]  # noqa: F822 (TwinFlowScheduler: built on first access)
 
 TIME_TOLERANCE = 1e-2
 """How far (twinloss units) a call's time may sit from the schedule knot: bf16 timesteps round by up to ~4e-3."""
@@ -56,7 +51,7 @@ class TwinFlowSchedulerOutput:
     prev_sample: Tensor
 
 
-class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
+class _TwinFlowSchedulerBody:
     """Few-, any- or multi-step TwinFlow sampling for diffusers pipelines.
 
     Saved and loaded with the pipeline (``scheduler/scheduler_config.json``).
@@ -78,7 +73,6 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
     _compatibles: list = []
     order = 1
 
-    @register_to_config
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -99,7 +93,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         self._generator: torch.Generator | list[torch.Generator] | None = None
 
     @classmethod
-    def from_preset(cls, name: str, **config: object) -> "TwinFlowScheduler":
+    def from_preset(cls, name: str, **config: object) -> "_TwinFlowSchedulerBody":
         """A scheduler with the mode, ratio, gaps and warp of ``twinloss.sampling.SAMPLER_PRESETS[name]``.
 
         The preset's step count is for the pipeline call (``num_inference_steps``).
@@ -277,3 +271,33 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def _define_scheduler() -> type:
+    """``TwinFlowScheduler``: the body above on diffusers' ``SchedulerMixin`` and ``ConfigMixin``.
+
+    Built on first access, so importing this module does not import diffusers
+    (``twinloss_adapters`` needs only torch until a diffusers class is used).
+    """
+    diffusers = require_diffusers()
+    from diffusers.configuration_utils import register_to_config
+
+    namespace = {
+        "__init__": register_to_config(_TwinFlowSchedulerBody.__init__),
+        "__module__": __name__,
+        "__qualname__": "TwinFlowScheduler",
+        "__doc__": _TwinFlowSchedulerBody.__doc__,
+    }
+    return type("TwinFlowScheduler", (_TwinFlowSchedulerBody, diffusers.SchedulerMixin, diffusers.ConfigMixin), namespace)
+
+
+def __getattr__(name: str) -> type:
+    if name == "TwinFlowScheduler":
+        scheduler_class = _define_scheduler()
+        globals()[name] = scheduler_class
+        return scheduler_class
+    if name == "SchedulerMixin":
+        # DiffusionPipeline.from_pretrained looks a component's base class up in the component's own
+        # module (model_index.json names "twinloss_adapters.scheduler") to pick its loading method.
+        return require_diffusers().SchedulerMixin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
