@@ -110,7 +110,9 @@ class FlowMapCall:
             if has_r:
                 raise ValueError("r_timestep was passed inside an adapter call, which sets r itself")
             return args, kwargs  # the adapter's own forward already set (t, r)
-        timestep = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("timestep")
+        timestep = kwargs.get("timestep")
+        if timestep is None:  # passed by position
+            timestep = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("timestep")
         if timestep is None:
             raise ValueError(f"{type(module).__name__} was called without a timestep; r_timestep needs one")
         t, r = self.times(timestep, r_timestep)

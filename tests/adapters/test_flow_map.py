@@ -31,8 +31,8 @@ def test_sana_r_timestep_in_pipeline_units_is_the_adapter_call():
     case, adapted = _adapted("sana")
     x = torch.randn(2, *case.latent_shape)
     cond = case.make_cond(adapted.transformer, 2, torch.Generator().manual_seed(2))
-    direct = adapted.transformer(
-        x, cond["encoder_hidden_states"], timestep=1000 * T, r_timestep=1000 * R,
+    direct = adapted.transformer(  # timestep by position, as SanaTransformer2DModel.forward allows
+        x, cond["encoder_hidden_states"], 1000 * T, r_timestep=1000 * R,
         encoder_attention_mask=cond["encoder_attention_mask"], return_dict=False,
     )[0]
     assert_close(direct, adapted(x, T, R, **cond))
