@@ -4,10 +4,8 @@ Each backbone module (``sana``, ``openuni``, ``qwen_image``, ``flux``, ``sd3``,
 ``wan``, ``ltx_video``, ``hunyuan_video``) exposes ``adapt(transformer, ...)``, returning an
 ``nn.Module`` with ``model(x_t, t, r, **cond) -> velocity``, and ``unadapt``.
 ``twinloss_adapters.lora`` adds LoRA training through peft and the two
-memory-free LoRA teachers. ``twinloss_adapters.scheduler`` (``TwinFlowScheduler``)
-and ``twinloss_adapters.pipelines`` (``twinflow_pipeline``) sample through the
-stock diffusers pipelines (docs/inference.md). Backbone modules import diffusers
-lazily: importing this package needs only torch.
+memory-free LoRA teachers. Backbone modules import diffusers lazily: importing
+this package needs only torch.
 """
 
 from twinloss_adapters.conventions import Capabilities, TimeConvention
