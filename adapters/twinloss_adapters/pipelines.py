@@ -42,6 +42,7 @@ SUPPORTED_PIPELINES = (
     "WanPipeline",
     "LTXPipeline",
     "HunyuanVideoPipeline",
+    "ZImagePipeline",
 )
 """Pipelines whose transformer calls pass ``timestep=`` by keyword, one time per row, and
 whose latents are ``1000 s``-timestep flow-match states: tested against ``AnyStepSampler``."""

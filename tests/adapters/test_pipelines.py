@@ -9,6 +9,7 @@ in the same order).
 """
 
 import argparse
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -203,6 +204,28 @@ PIPELINES = {
     ),
 }
 
+
+
+def _z_image(transformer: nn.Module) -> object:
+    from diffusers import ZImagePipeline
+
+    return ZImagePipeline(scheduler=TwinFlowScheduler(), vae=_image_kl_vae(), text_encoder=None, tokenizer=None, transformer=transformer)
+
+
+def _kept_caption_tokens(text: Tensor, mask: Tensor) -> list[Tensor]:
+    """ZImagePipeline's prompt_embeds: one ``[L_i, D]`` tensor of kept tokens per image."""
+    return [row[keep.bool()] for row, keep in zip(text, mask, strict=True)]
+
+
+if "z_image" in CASES:  # the Z-Image adapter (twinloss_adapters.z_image) is present
+    PIPELINES["ZImagePipeline"] = PipelineCase(
+        "z_image", _z_image, (4, 8, 8),
+        lambda g: dict(prompt_embeds=_kept_caption_tokens(_text(g), _mask()), guidance_scale=0.0, height=16, width=16),
+        lambda kw: {"encoder_hidden_states": torch.nn.utils.rnn.pad_sequence(kw["prompt_embeds"], batch_first=True),
+                    "encoder_attention_mask": _mask()[:, : max(len(row) for row in kw["prompt_embeds"])]},
+        pixels=(3, 16, 16),
+    )
+
 SETTINGS = {
     "1nfe_few": (1, dict(mode="few")),
     "2nfe_few_gaps_eta": (2, dict(mode="few", stochastic_ratio=0.5, start_gap=0.001, end_gap=0.6)),
@@ -210,11 +233,13 @@ SETTINGS = {
 }
 
 
-def _move_twin_weights_off_zero(transformer: nn.Module, seed: int = 3) -> None:
+def _move_twin_weights_off_zero(adapted: nn.Module, seed: int = 3) -> None:
+    """Every weight adapting added (twinloss's or a release's embedder) gets random values."""
     generator = torch.Generator().manual_seed(seed)
+    parameters = dict(adapted.named_parameters())
     with torch.no_grad():
-        for parameter in transformer.twinflow_time_embedding.parameters():
-            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+        for name in adapted.extra_state_dict():
+            parameters[name].copy_(0.3 * torch.randn(parameters[name].shape, generator=generator))
 
 
 @pytest.fixture(scope="module", params=list(PIPELINES))
@@ -223,7 +248,7 @@ def built(request):
     torch.manual_seed(0)
     backbone = CASES[case.backbone]
     adapted = backbone.adapt(backbone.build())
-    _move_twin_weights_off_zero(adapted.transformer)
+    _move_twin_weights_off_zero(adapted)
     pipeline = case.build(adapted.transformer)
     pipeline.set_progress_bar_config(disable=True)
     return case, adapted, pipeline
@@ -292,7 +317,7 @@ def _tiny_ltx_pipeline():
     torch.manual_seed(0)
     case = CASES["ltx_video"]
     adapted = case.adapt(case.build())
-    _move_twin_weights_off_zero(adapted.transformer)
+    _move_twin_weights_off_zero(adapted)
     pipeline = LTXPipeline(
         scheduler=TwinFlowScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=adapted.transformer
     )
@@ -330,7 +355,7 @@ def test_prompt_to_video_with_a_tokenizer_text_encoder_and_vae():
 def _sana_pipeline():
     torch.manual_seed(0)
     adapted = CASES["sana"].adapt(CASES["sana"].build())
-    _move_twin_weights_off_zero(adapted.transformer)
+    _move_twin_weights_off_zero(adapted)
     pipeline = _sana(adapted.transformer)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline, adapted
@@ -415,3 +440,27 @@ def test_a_lora_model_generates_through_its_pipeline_like_the_sampler():
     with model.disable_adapter():  # the base model samples differently: the LoRA was in the pipeline's calls
         base = twinloss.AnyStepSampler(2)(model, noise, cond=cond, generator=torch.Generator().manual_seed(5)).sample
     assert not torch.allclose(latents, base, atol=1e-3)
+
+
+
+@pytest.mark.parametrize("backbone,pipeline_name", [("qwen_image", "QwenImagePipeline"), ("z_image", "ZImagePipeline")])
+def test_released_time_embeddings_generate_through_their_pipelines(backbone, pipeline_name):
+    """The authors' releases (time_embedding="twinflow_release") sample through the stock pipeline like the sampler."""
+    module = pytest.importorskip(f"twinloss_adapters.{backbone}")
+    if "time_embedding" not in inspect.signature(module.adapt).parameters:
+        pytest.skip(f"twinloss_adapters.{backbone} has no release option")
+    case = PIPELINES[pipeline_name]
+    torch.manual_seed(0)
+    adapted = module.adapt(CASES[backbone].build(), time_embedding="twinflow_release")
+    _move_twin_weights_off_zero(adapted)
+    pipeline = case.build(adapted.transformer)
+    pipeline.set_progress_bar_config(disable=True)
+    inputs = torch.Generator().manual_seed(11)
+    kwargs = case.call_kwargs(inputs)
+    noise = case.to_pipeline(torch.randn(BATCH, *case.latent_shape, generator=inputs))
+    generate = twinflow_pipeline(pipeline, preset="qwenimage_4nfe")
+    out = generate(**kwargs, latents=noise, output_type="latent", generator=torch.Generator().manual_seed(5))
+    expected = twinloss.AnyStepSampler.from_preset("qwenimage_4nfe")(
+        _in_pipeline_layout(case, adapted), noise, cond=case.adapter_cond(kwargs), generator=torch.Generator().manual_seed(5)
+    ).sample
+    assert_close(out.images, expected, rtol=2e-5, atol=2e-5)
