@@ -110,9 +110,7 @@ class FlowMapCall:
             if has_r:
                 raise ValueError("r_timestep was passed inside an adapter call, which sets r itself")
             return args, kwargs  # the adapter's own forward already set (t, r)
-        timestep = kwargs.get("timestep")
-        if timestep is None:  # passed by position
-            timestep = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("timestep")
+        timestep = _current_time_argument(module, args, kwargs)
         if timestep is None:
             raise ValueError(f"{type(module).__name__} was called without a timestep; r_timestep needs one")
         t, r = self.times(timestep, r_timestep)
@@ -136,6 +134,20 @@ class FlowMapCall:
             handle.remove()
         if getattr(self.transformer, FLOW_MAP_ATTRIBUTE, None) is self:
             delattr(self.transformer, FLOW_MAP_ATTRIBUTE)
+
+
+TIMESTEP_ARGUMENTS = ("timestep", "t")
+"""Names of the current time in stock ``forward`` signatures: ``timestep`` (every diffusers
+transformer here) or ``t`` (``ZImageTransformer2DModel``)."""
+
+
+def _current_time_argument(module: nn.Module, args: tuple, kwargs: dict) -> object:
+    """The call's current time, by keyword or by position (``None`` if it has none)."""
+    for name in TIMESTEP_ARGUMENTS:
+        if name in kwargs:
+            return kwargs[name]
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    return next((bound[name] for name in TIMESTEP_ARGUMENTS if name in bound), None)
 
 
 def find_flow_map_call(transformer: nn.Module) -> FlowMapCall | None:
