@@ -467,3 +467,26 @@ def test_released_time_embeddings_generate_through_their_pipelines(backbone, pip
         _in_pipeline_layout(case, adapted), noise, cond=case.adapter_cond(kwargs), generator=torch.Generator().manual_seed(5)
     ).sample
     assert_close(out.images, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_a_saved_twinflow_pipeline_reloads_and_generates_the_same_images(tmp_path):
+    """Train-save-reload-generate: pipe.save_pretrained keeps the twin weights and the scheduler; the adapter reloads them."""
+    from diffusers import SanaPipeline
+    from twinloss_adapters import sana
+
+    if not hasattr(sana.SanaAdapter, "save_pretrained"):
+        pytest.skip("adapter persistence (twinloss_adapters.persistence) is not in this tree")
+    pipeline, _ = _sana_pipeline()
+    generate = twinflow_pipeline(pipeline, preset="qwenimage_2nfe")
+    kwargs = PIPELINES["SanaPipeline"].call_kwargs(torch.Generator().manual_seed(11))
+    before = generate(**kwargs, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    pipeline.save_pretrained(tmp_path)
+
+    model = sana.from_pretrained(str(tmp_path))  # subfolder="transformer": the twin weights, strictly
+    reloaded = SanaPipeline.from_pretrained(tmp_path, transformer=model.transformer, tokenizer=None, text_encoder=None)
+    assert type(reloaded.scheduler) is TwinFlowScheduler
+    reloaded.set_progress_bar_config(disable=True)
+    after = twinflow_pipeline(reloaded, scheduler=reloaded.scheduler, steps=2)(
+        **kwargs, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
+    assert torch.equal(after, before)
