@@ -490,3 +490,38 @@ def test_a_saved_twinflow_pipeline_reloads_and_generates_the_same_images(tmp_pat
         **kwargs, output_type="pt", generator=torch.Generator().manual_seed(0)
     ).images
     assert torch.equal(after, before)
+
+
+def test_a_reloaded_lora_generates_through_the_pipeline_of_its_base(tmp_path):
+    """lora.load_lora onto a fresh stock base: the pipeline built on that base samples the loaded LoRA model."""
+    peft = pytest.importorskip("peft")
+    from twinloss_adapters import lora
+
+    if not hasattr(lora, "load_lora"):
+        pytest.skip("lora.load_lora is not in this tree")
+    torch.manual_seed(0)
+    transformer = CASES["sana"].build()
+    stock_state = {key: value.clone() for key, value in transformer.state_dict().items()}
+    model = lora.add_lora(CASES["sana"].adapt(transformer), peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(tmp_path)
+
+    fresh = CASES["sana"].build()
+    fresh.load_state_dict(stock_state)
+    base = CASES["sana"].adapt(fresh)
+    loaded = lora.load_lora(base, tmp_path)
+    pipeline = _sana(base.transformer)
+    pipeline.set_progress_bar_config(disable=True)
+    kwargs = PIPELINES["SanaPipeline"].call_kwargs(torch.Generator().manual_seed(11))
+    noise = torch.randn(BATCH, 4, 8, 8, generator=torch.Generator().manual_seed(12))
+    latents = twinflow_pipeline(pipeline, steps=2)(
+        **kwargs, latents=noise, output_type="latent", generator=torch.Generator().manual_seed(5)
+    ).images
+    cond = PIPELINES["SanaPipeline"].adapter_cond(kwargs)
+    for sampled in (model, loaded):  # the trained model and the reloaded one
+        expected = twinloss.AnyStepSampler(2)(sampled, noise, cond=cond, generator=torch.Generator().manual_seed(5)).sample
+        assert_close(latents, expected, rtol=2e-5, atol=2e-5)
