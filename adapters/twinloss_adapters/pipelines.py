@@ -44,8 +44,9 @@ SUPPORTED_PIPELINES = (
     "HunyuanVideoPipeline",
     "ZImagePipeline",
 )
-"""Pipelines whose transformer calls pass ``timestep=`` by keyword, one time per row, and
-whose latents are ``1000 s``-timestep flow-match states: tested against ``AnyStepSampler``."""
+"""Pipelines that call the transformer with one current time per row (``timestep``, or Z-Image's
+``t``) and step flow-match states with ``timesteps = 1000 s`` and the velocity ``z - x``: each is
+tested against ``AnyStepSampler`` (Z-Image where its adapter is present)."""
 
 TRANSFORMER_SLOTS = ("transformer", "transformer_2")  # Wan 2.2 carries a second expert
 
