@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from twinloss._tensors import at_least_float32
+
 __all__ = ["Capabilities", "TimeConvention"]
 
 
@@ -62,7 +64,7 @@ class TimeConvention:
 
         Computed in at least float32 whatever the ``timestep`` dtype.
         """
-        unsigned = timestep.to(torch.promote_types(timestep.dtype, torch.float32)) / self.scale
+        unsigned = timestep.to(at_least_float32(timestep.dtype)) / self.scale
         return 1.0 - unsigned if self.reversed else unsigned
 
     def to_twinloss_velocity(self, velocity: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ HunyuanVideo's ``guidance_scale`` is an embedded input, not CFG.
 
 from torch import nn
 
+from twinloss._checks import check_int
 from twinloss.sampling import sampler_preset
 from twinloss_adapters import scheduler as scheduler_module
 from twinloss_adapters.flow_map import FlowMapCall, find_flow_map_call
@@ -142,9 +143,7 @@ def twinflow_pipeline(
         scheduler = scheduler_class(**scheduler_config)
     elif not isinstance(scheduler, scheduler_class):
         raise ValueError(f"scheduler must be a TwinFlowScheduler, got {type(scheduler).__name__}")
-    steps = 1 if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    steps = check_int(1 if steps is None else steps, "steps", minimum=1)
     pipeline.register_modules(scheduler=scheduler)
     for call in calls:
         call.target_time = scheduler.target_time

@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from twinloss._checks import check_int
+from twinloss._tensors import at_least_float32
 from twinloss.sampling import (
     any_step,
     check_sampler_settings,
@@ -82,8 +84,7 @@ class _TwinFlowSchedulerBody:
         end_gap: float | None = None,
         kumaraswamy: tuple[float, float, float] | list[float] | None = None,
     ) -> None:
-        if not (isinstance(num_train_timesteps, int) and num_train_timesteps > 0):
-            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        check_int(num_train_timesteps, "num_train_timesteps", minimum=1)
         check_sampler_settings(mode=mode, stochastic_ratio=stochastic_ratio, **self._schedule_keywords())
         self.sigmas: Tensor | None = None
         self.timesteps: Tensor | None = None
@@ -200,7 +201,7 @@ class _TwinFlowSchedulerBody:
             raise ValueError(f"timestep {given} is not the current step's {expected} (step {index})")
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}")
-        work = torch.promote_types(sample.dtype, torch.float32)
+        work = at_least_float32(sample.dtype)
         s, s_next = self.sigmas[index].to(sample.device, work), self.sigmas[index + 1].to(sample.device, work)
         velocity = model_output.to(work)
 

@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 
+from twinloss._checks import check_int
 from twinloss.paths import AffinePath, LinearPath
 from twinloss.protocol import (
     Conditioning,
@@ -90,8 +91,7 @@ def time_schedule(
     Raises:
         ValueError: naming the argument that is out of range.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    check_int(steps, "steps", minimum=1)
     if not (0.0 <= start_gap < 1.0):
         raise ValueError(f"start_gap must lie in [0, 1), got {start_gap}")
     end = 0.0 if end_gap is None else float(end_gap)
