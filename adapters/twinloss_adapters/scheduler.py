@@ -174,9 +174,9 @@ class _TwinFlowSchedulerBody:
 
     def step(
         self,
-        model_output: Float[Tensor, "batch *shape"],
+        model_output: Float[Tensor, " batch *shape"],
         timestep: float | Tensor,
-        sample: Float[Tensor, "batch *shape"],
+        sample: Float[Tensor, " batch *shape"],
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
     ) -> TwinFlowSchedulerOutput | tuple[Tensor]:

@@ -143,14 +143,14 @@ def check_sampler_settings(
 
 def few_step(
     velocity_fn: VelocityFn,
-    x: Float[Tensor, "batch *shape"],
+    x: Float[Tensor, " batch *shape"],
     s: Float[Tensor, ""],
     s_next: Float[Tensor, ""],
     *,
     generator: torch.Generator | list[torch.Generator] | None = None,
     stochastic_ratio: float = 1.0,
     path: AffinePath | None = None,
-) -> Float[Tensor, "batch *shape"]:
+) -> Float[Tensor, " batch *shape"]:
     r"""Jump to data with :math:`F(x, s, 0)`, then re-noise to ``s_next``.
 
     .. math::
@@ -181,25 +181,25 @@ def few_step(
 
 def any_step(
     velocity_fn: VelocityFn,
-    x: Float[Tensor, "batch *shape"],
+    x: Float[Tensor, " batch *shape"],
     s: Float[Tensor, ""],
     s_next: Float[Tensor, ""],
     *,
     generator: torch.Generator | list[torch.Generator] | None = None,
-) -> Float[Tensor, "batch *shape"]:
+) -> Float[Tensor, " batch *shape"]:
     r"""One any-step jump :math:`x' = x - (s - s') F(x, s, s')` (deterministic; ``generator`` unused)."""
     return x - (s - s_next) * velocity_fn(x, s, s_next)
 
 
 def multi_step(
     velocity_fn: VelocityFn,
-    x: Float[Tensor, "batch *shape"],
+    x: Float[Tensor, " batch *shape"],
     s: Float[Tensor, ""],
     s_next: Float[Tensor, ""],
     *,
     generator: torch.Generator | list[torch.Generator] | None = None,
     heun: bool = False,
-) -> Float[Tensor, "batch *shape"]:
+) -> Float[Tensor, " batch *shape"]:
     r"""Euler on the instantaneous field, :math:`x' = x - (s - s') F(x, s, s)`.
 
     With ``heun=True`` the slope is the mean of :math:`F(x, s, s)` and
@@ -213,8 +213,8 @@ def multi_step(
 
 
 def standard_normal_like(
-    x: Float[Tensor, "batch *shape"], generator: torch.Generator | list[torch.Generator] | None
-) -> Float[Tensor, "batch *shape"]:
+    x: Float[Tensor, " batch *shape"], generator: torch.Generator | list[torch.Generator] | None
+) -> Float[Tensor, " batch *shape"]:
     """Fresh ``N(0, I)`` noise shaped like ``x``; a list of generators draws row ``i`` with ``generator[i]``."""
     if isinstance(generator, list):
         if len(generator) != x.shape[0]:
@@ -425,7 +425,7 @@ class AnyStepSampler(nn.Module):
     def forward(
         self,
         model: VelocityModel,
-        noise: Shaped[Tensor, "batch *shape"],
+        noise: Shaped[Tensor, " batch *shape"],
         *,
         cond: Conditioning | None = None,
         uncond: Conditioning | None = None,
