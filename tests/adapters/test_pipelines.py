@@ -525,3 +525,28 @@ def test_a_reloaded_lora_generates_through_the_pipeline_of_its_base(tmp_path):
     for sampled in (model, loaded):  # the trained model and the reloaded one
         expected = twinloss.AnyStepSampler(2)(sampled, noise, cond=cond, generator=torch.Generator().manual_seed(5)).sample
         assert_close(latents, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["few", "any", "multi"])
+def test_a_bfloat16_pipeline_whose_timesteps_round_still_gets_each_steps_target_time(mode, monkeypatch):
+    """Flux casts the timestep to the latents' dtype (999 becomes 1000 in bfloat16): the knot is still found."""
+    case = PIPELINES["FluxPipeline"]
+    torch.manual_seed(0)
+    adapted = CASES["flux"].adapt(CASES["flux"].build())
+    _move_twin_weights_off_zero(adapted)
+    pipeline = case.build(adapted.transformer).to(torch.bfloat16)
+    pipeline.set_progress_bar_config(disable=True)
+    kwargs = {key: value.to(torch.bfloat16) if isinstance(value, Tensor) else value
+              for key, value in case.call_kwargs(torch.Generator().manual_seed(11)).items()}
+    seen = []
+    record = adapted.injection.times
+    monkeypatch.setattr(adapted.injection, "times", lambda t, r: seen.append((t.clone(), r.clone())) or record(t, r))
+
+    generate = twinflow_pipeline(pipeline, steps=3, mode=mode, start_gap=0.001)
+    latents = generate(**kwargs, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    knots = generate.scheduler.sigmas.tolist()  # [0.999, 0.666, 0.333, 0]
+    assert latents.dtype == torch.bfloat16 and bool(torch.isfinite(latents).all()) and len(seen) == 3
+    for k, (t, r) in enumerate(seen):
+        assert float((t - knots[k]).abs().max()) < 4e-3  # the bfloat16-rounded current time
+        expected = {"few": torch.zeros_like(t), "any": torch.full_like(t, knots[k + 1]), "multi": t}[mode]
+        assert torch.equal(r, expected)
