@@ -47,8 +47,10 @@ __all__ = [
     "SamplerStep",
     "VelocityFn",
     "any_step",
+    "check_sampler_settings",
     "few_step",
     "multi_step",
+    "sampler_preset",
     "time_schedule",
 ]
 
