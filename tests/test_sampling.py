@@ -1,10 +1,14 @@
-"""AnyStepSampler contract: endpoints, identity at t == r, dtype and shape, 1-NFE formula."""
+"""AnyStepSampler contract: endpoints, identity at t == r, dtype and shape, 1-NFE formula,
+closed-form steps, the authors' schedule construction and their presets."""
+
+import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 from twinloss import AnyStepSampler, time_schedule
+from twinloss.sampling import SAMPLER_PRESETS, SamplerStep, any_step, few_step, multi_step
 
 from core_models import GaussianFlow, TinyVelocityNet
 
@@ -15,8 +19,27 @@ def test_uniform_schedule_and_endpoints():
     assert_close(gap, torch.tensor([1.0, 0.8, 0.6, 0.0], dtype=torch.float64))
     warped = time_schedule(5, kumaraswamy=(2.0, 1.5, 1.0), dtype=torch.float64)
     assert warped[0] == 1 and warped[-1] == 0 and bool((warped[1:] < warped[:-1]).all())
-    u = torch.linspace(1, 0, 6, dtype=torch.float64)
-    assert_close(warped, (1 - (1 - u**2.0) ** 1.5) ** 1.0)
+    progress = torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
+    assert_close(warped[:-1], 1 - (1 - (1 - progress**2.0) ** 1.5) ** 1.0)
+
+
+def test_warp_acts_on_progress_as_the_authors_do():
+    """Their multi-step setting (1.17, 0.8, 1.1) at K = 4 (docs/method.md, section 5)."""
+    schedule = time_schedule(4, kumaraswamy=(1.17, 0.8, 1.1), dtype=torch.float64)
+    assert_close(schedule, torch.tensor([1.0, 0.866, 0.660, 0.395, 0.0], dtype=torch.float64), atol=6e-4, rtol=0)
+
+
+def test_start_and_end_gap_knots():
+    # progress 0.001 .. 0.5 in 4 knots (end gap > 0: K knots), s = 1 - p, then 0
+    schedule = time_schedule(4, start_gap=0.001, end_gap=0.5, dtype=torch.float64)
+    step = (0.5 - 0.001) / 3
+    expected = [0.999, 1 - 0.001 - step, 1 - 0.001 - 2 * step, 0.5, 0.0]
+    assert_close(schedule, torch.tensor(expected, dtype=torch.float64))
+    # no end gap: K + 1 knots from the start gap to 1, the last dropped
+    assert_close(
+        time_schedule(2, start_gap=0.2, dtype=torch.float64), torch.tensor([0.8, 0.4, 0.0], dtype=torch.float64)
+    )
+    assert_close(time_schedule(3, end_gap=0.0), time_schedule(3))
 
 
 def test_one_step_few_mode_is_the_one_jump_generator():
@@ -98,6 +121,10 @@ def test_guidance_is_one_batched_call_per_step():
         (lambda: AnyStepSampler(3, end_gap=1.5), "^end_gap"),
         (lambda: AnyStepSampler(2, stochastic_ratio=2.0), "^stochastic_ratio"),
         (lambda: AnyStepSampler(2, kumaraswamy=(1.0, 0.0, 1.0)), "^kumaraswamy"),
+        (lambda: AnyStepSampler(2, start_gap=-0.1), "^start_gap"),
+        (lambda: AnyStepSampler(2, start_gap=0.5, end_gap=0.5), "^start_gap \\+ end_gap"),
+        (lambda: AnyStepSampler.from_preset("qwenimage_8nfe"), "^preset 'qwenimage_8nfe' is unknown"),
+        (lambda: AnyStepSampler.from_preset("qwenimage_4nfe", steps=2), r"^overrides \['steps'\]"),
     ],
 )
 def test_bad_configuration(make, match):
@@ -116,3 +143,104 @@ def test_bad_call_arguments():
         AnyStepSampler(guidance_scale=1.0)(model, z, cond={"y": torch.zeros(2, dtype=torch.long)})
     with pytest.raises(ValueError, match=r"cond has keys \['label'\]"):
         AnyStepSampler()(model, z, cond={"label": torch.zeros(2, dtype=torch.long)})
+
+
+def _per_row_times(model):
+    """The step functions' ``velocity_fn(x, s, r)`` (0-d times) from a protocol model (``[B]`` times)."""
+    return lambda x, s, r: model(x, s.expand(x.shape[0]), r.expand(x.shape[0]))
+
+
+def _recording(model, log):
+    def velocity(x_t, t, r):
+        log.append((float(t[0]), float(r[0])))
+        return model(x_t, t, r)
+
+    return velocity
+
+
+def test_few_step_without_fresh_noise_is_the_closed_form_interpolation():
+    """eta = 0 on the linear path: x' = (s'/s) x + (1 - s'/s) x_hat, x_hat = x - s F(x, s, 0)."""
+    model = TinyVelocityNet((3,)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    s, s_next = torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
+    log = []
+    stepped = few_step(_per_row_times(_recording(model, log)), x, s, s_next, stochastic_ratio=0.0)
+    x_hat = x - 0.8 * model(x, torch.full((5,), 0.8, dtype=torch.float64), torch.zeros(5, dtype=torch.float64))
+    assert_close(stepped, (0.3 / 0.8) * x + (1 - 0.3 / 0.8) * x_hat, rtol=1e-12, atol=1e-12)
+    assert log == [(0.8, 0.0)]
+
+
+def test_few_step_mixes_fresh_noise_drawn_from_the_generator():
+    model = TinyVelocityNet((4,)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    s, s_next, eta = 0.9, 0.4, 0.3
+    stepped = few_step(
+        _per_row_times(model), x, torch.tensor(s, dtype=torch.float64), torch.tensor(s_next, dtype=torch.float64),
+        stochastic_ratio=eta, generator=torch.Generator().manual_seed(7),
+    )
+    x_hat = x - s * model(x, torch.full((3,), s, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    z_hat = (x - (1 - s) * x_hat) / s
+    fresh = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    expected = (1 - s_next) * x_hat + s_next * (math.sqrt(1 - eta) * z_hat + math.sqrt(eta) * fresh)
+    assert_close(stepped, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_any_and_multi_steps_are_the_euler_jumps():
+    model = TinyVelocityNet((2,)).double()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    s, s_next = torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)
+    full = lambda value: torch.full((4,), value, dtype=torch.float64)  # noqa: E731
+    velocity_fn = _per_row_times(model)
+    assert_close(any_step(velocity_fn, x, s, s_next), x - 0.5 * model(x, full(0.7), full(0.2)))
+    slope = model(x, full(0.7), full(0.7))
+    assert_close(multi_step(velocity_fn, x, s, s_next), x - 0.5 * slope)
+    euler = x - 0.5 * slope
+    heun = x - 0.5 * 0.5 * (slope + model(euler, full(0.2), full(0.2)))
+    assert_close(multi_step(velocity_fn, x, s, s_next, heun=True), heun)
+
+
+def test_start_gap_sets_the_first_call_and_end_gap_the_last_jump():
+    model = TinyVelocityNet((3,)).double()
+    z = torch.randn(2, 3, dtype=torch.float64)
+    log = []
+    sampler = AnyStepSampler(3, start_gap=0.1, end_gap=0.4, stochastic_ratio=0.0, return_trajectory=True)
+    out = sampler(_recording(model, log), z)
+    assert [t for t, _ in log] == pytest.approx([0.9, 0.65, 0.4])  # p = 0.1, 0.35, 0.6 and all(r == 0 for _, r in log)
+    last = out.trajectory[-2]
+    x_hat = last - 0.4 * model(last, torch.full((2,), 0.4, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    assert_close(out.sample, x_hat)
+
+
+def test_callback_sees_every_step_state():
+    model = TinyVelocityNet((3,))
+    seen: list[SamplerStep] = []
+    out = AnyStepSampler(3, mode="any", return_trajectory=True)(model, torch.randn(2, 3), callback=seen.append)
+    assert [step.index for step in seen] == [0, 1, 2]
+    assert_close(torch.stack([step.s for step in seen]), out.times[:-1])
+    assert_close(torch.stack([step.s_next for step in seen]), out.times[1:])
+    for step, state in zip(seen, out.trajectory[1:], strict=True):
+        assert_close(step.x, state)
+
+
+def test_presets_carry_the_authors_numbers():
+    """Numbers copied by hand from inclusionAI/TwinFlow inference.py and src/configs/*.yaml."""
+    expected = {
+        "qwenimage_4nfe": dict(steps=4, mode="few", stochastic_ratio=1.0, start_gap=0.001, end_gap=0.5, kumaraswamy=None),
+        "qwenimage_2nfe": dict(steps=2, mode="few", stochastic_ratio=1.0, start_gap=0.001, end_gap=0.6, kumaraswamy=None),
+        "config_few_2nfe": dict(steps=2, mode="few", stochastic_ratio=1.0, start_gap=0.001, end_gap=0.7, kumaraswamy=None),
+        "config_any_4nfe": dict(steps=4, mode="any", stochastic_ratio=0.0, start_gap=0.001, end_gap=0.5, kumaraswamy=None),
+        "config_multi_30": dict(
+            steps=30, mode="multi", stochastic_ratio=0.0, start_gap=0.001, end_gap=None, kumaraswamy=(1.17, 0.8, 1.1)
+        ),
+    }
+    assert set(SAMPLER_PRESETS) == set(expected)
+    for name, keywords in expected.items():
+        sampler = AnyStepSampler.from_preset(name)
+        assert {key: getattr(sampler, key) for key in keywords} == keywords, name
+    assert_close(
+        AnyStepSampler.from_preset("qwenimage_2nfe").schedule(dtype=torch.float64),
+        torch.tensor([0.999, 0.6, 0.0], dtype=torch.float64),
+    )
+    multi = AnyStepSampler.from_preset("config_multi_30").schedule(dtype=torch.float64)
+    assert multi.shape == (31,) and abs(float(multi[0]) - (1 - (1 - (1 - 0.001**1.17) ** 0.8) ** 1.1)) < 1e-12
+    assert AnyStepSampler.from_preset("qwenimage_4nfe", guidance_scale=1.0).guidance_scale == 1.0

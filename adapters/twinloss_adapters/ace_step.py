@@ -8,7 +8,7 @@ Euler step ``x + (t_next - t) v`` reads the prediction as ``v = z - x``.
 
 The class is a mean-flow model: a second embedder takes ``t - r``
 (``time_embed_r``), so the adapter passes ``r`` to ``timestep_r`` and adds
-only the sign embedding (:class:`~twinloss_adapters.flow_map.FlowMapAdapter`).
+only the sign embedding (:class:`~twinloss_adapters.native_flow_map.FlowMapAdapter`).
 The sign goes into ``time_embed.linear_2``, whose output ``temb`` makes both
 the blocks' six-way modulation (``time_proj``) and the output shift/scale.
 
@@ -28,7 +28,7 @@ from torch import Tensor
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import check_backbone_class, unadapt
 from twinloss_adapters.conventions import TimeConvention
-from twinloss_adapters.flow_map import FlowMapAdapter
+from twinloss_adapters.native_flow_map import FlowMapAdapter
 
 __all__ = ["AceStepAdapter", "adapt", "from_pretrained", "unadapt"]
 

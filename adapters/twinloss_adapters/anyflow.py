@@ -30,7 +30,7 @@ from torch import Tensor
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import check_backbone_class, check_video_latent, unadapt
 from twinloss_adapters.conventions import TimeConvention
-from twinloss_adapters.flow_map import FlowMapAdapter
+from twinloss_adapters.native_flow_map import FlowMapAdapter
 
 __all__ = ["AnyFlowAdapter", "adapt", "from_pretrained", "unadapt"]
 

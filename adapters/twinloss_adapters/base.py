@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from twinloss.protocol import check_conditioning
 from twinloss._tensors import at_least_float32
 from twinloss_adapters.conventions import Capabilities, TimeConvention
+from twinloss_adapters.flow_map import FlowMapCall, find_flow_map_call
 from twinloss_adapters.time_embedding import (
     ReleasedTimeEmbedding,
     TimeEmbeddingInjection,
@@ -126,6 +127,9 @@ class AdaptedTransformer(nn.Module, abc.ABC):
 
     required_cond: tuple[str, ...] = ()
     optional_cond: tuple[str, ...] = ()
+    native_target_time: bool = False
+    """The stock transformer takes the target time itself (AnyFlow's ``r_timestep``): it keeps that input,
+    and no :class:`~twinloss_adapters.flow_map.FlowMapCall` is installed over it."""
     construction_arguments: dict[str, object]
 
     def __new__(cls, *args: object, **kwargs: object) -> "AdaptedTransformer":
@@ -176,6 +180,11 @@ class AdaptedTransformer(nn.Module, abc.ABC):
                 transformer, embedder_path, embedding_dim, target_time=target_time, sign=sign,
                 per_token=per_token_time,
             )
+        # diffusers' flow-map keyword: transformer(..., timestep=, r_timestep=) in the pipeline's units,
+        # unless the stock transformer already has that input
+        self.flow_map_call: FlowMapCall | None = (
+            None if self.native_target_time else FlowMapCall(transformer, self.injection, time_convention, self.capabilities)
+        )
 
     # --- what a backbone defines ------------------------------------------------
 
@@ -315,7 +324,10 @@ class AdaptedTransformer(nn.Module, abc.ABC):
 
 
 def unadapt_transformer(transformer: nn.Module) -> nn.Module:
-    """Remove a TwinFlow injection from ``transformer`` (a no-op if it has none)."""
+    """Remove a TwinFlow injection and the ``r_timestep`` hooks from ``transformer`` (a no-op if it has none)."""
+    flow_map_call = find_flow_map_call(transformer)
+    if flow_map_call is not None:
+        flow_map_call.remove()
     injection = find_injection(transformer)
     if injection is not None:
         injection.remove()
@@ -332,7 +344,7 @@ def unadapt(adapted: object) -> nn.Module:
     """
     if isinstance(adapted, AdaptedTransformer):
         return unadapt_transformer(adapted.transformer)
-    if isinstance(adapted, nn.Module) and find_injection(adapted) is not None:
+    if isinstance(adapted, nn.Module) and (find_injection(adapted) or find_flow_map_call(adapted)) is not None:
         return unadapt_transformer(adapted)
     raise ValueError(
         f"adapted must be a model returned by adapt() or an adapted transformer, got {type(adapted).__name__}"

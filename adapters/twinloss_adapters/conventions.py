@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from twinloss._tensors import at_least_float32
+
 __all__ = ["Capabilities", "TimeConvention"]
 
 
@@ -64,6 +66,16 @@ class TimeConvention:
         if self.reversed:
             unsigned = 1.0 - unsigned
         return unsigned * self.scale
+
+    def from_backbone(self, timestep: Float[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+        r"""The unsigned twinloss time of a backbone ``timestep``: the inverse of :meth:`to_backbone` for ``t >= 0``.
+
+        .. math:: |t| = \begin{cases} 1 - \tau / \text{scale} & \text{reversed} \\ \tau / \text{scale} & \text{otherwise} \end{cases}
+
+        Computed in at least float32 whatever the ``timestep`` dtype.
+        """
+        unsigned = timestep.to(at_least_float32(timestep.dtype)) / self.scale
+        return 1.0 - unsigned if self.reversed else unsigned
 
     def to_twinloss_velocity(self, velocity: Tensor) -> Tensor:
         """Turn the backbone's prediction into the twinloss velocity ``z - x``."""

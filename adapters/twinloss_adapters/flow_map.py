@@ -1,85 +1,155 @@
-"""The base for backbones that embed the target time ``r`` themselves (native flow-map models).
+"""diffusers' flow-map call on an adapted transformer: ``transformer(..., timestep=..., r_timestep=...)``.
 
-Some diffusers models are already trained as flow maps ``u(x_t, t, r)``: they
-take a second timestep (AnyFlow's ``r_timestep``, ACE-Step's ``timestep_r``).
-TwinFlow needs nothing more for ``r`` there: the adapter hands ``r``, in the
-backbone's own units, to that input, and adds only the sign embedding of ``t``
-(the twin trajectory). ``capabilities.target_time`` then says whether
-``r != t`` is accepted, without any module being added for it.
+diffusers 0.42 calls two-time models as its AnyFlow pipeline does: the
+transformer takes ``timestep`` and ``r_timestep`` in the units its pipeline
+feeds it (``FlowMapEulerDiscreteScheduler``). :class:`FlowMapCall` gives every
+adapted transformer that keyword: a forward pre-hook pops ``r_timestep``,
+converts both times to twinloss time with the adapter's
+:class:`~twinloss_adapters.conventions.TimeConvention` and opens the
+injection's :meth:`~twinloss_adapters.time_embedding.TimeEmbeddingInjection.times`
+context for that one call; a forward hook closes it. So code written for
+diffusers' flow-map models drives an adapted transformer unchanged, and the
+stock pipeline's own packing, ids and text handling stay in place.
+
+A stock pipeline passes no ``r_timestep``; :attr:`FlowMapCall.target_time`
+then supplies it (``twinloss_adapters.pipelines`` points it at the
+``TwinFlowScheduler``, which knows the current step's target time). With
+neither, the call is the stock model's (``r = t``, no twin embedding).
 """
 
-import abc
-from collections.abc import Mapping
+import contextlib
+import inspect
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from twinloss_adapters.base import AdaptedTransformer
 from twinloss_adapters.conventions import Capabilities, TimeConvention
+from twinloss_adapters.time_embedding import TimeEmbeddingInjection
 
-__all__ = ["FlowMapAdapter"]
+__all__ = ["FlowMapCall", "TargetTime", "find_flow_map_call"]
+
+FLOW_MAP_ATTRIBUTE = "_twinflow_flow_map_call"
+
+TargetTime = Callable[[Float[Tensor, " batch"]], Float[Tensor, " batch"]]
+"""``t -> r``: the target time of a call from its current time (twinloss units, unsigned)."""
 
 
-class FlowMapAdapter(AdaptedTransformer):
-    """An :class:`AdaptedTransformer` whose backbone takes the target time as an input.
+class FlowMapCall:
+    """The ``r_timestep`` keyword on a stock transformer that carries a TwinFlow injection.
 
-    Subclasses implement :meth:`run_flow_map`, which receives both timesteps.
+    Created by :class:`~twinloss_adapters.base.AdaptedTransformer`; removed
+    with it by ``unadapt``.
 
-    Args:
-        transformer: the stock transformer.
-        time_convention: how twinloss times map onto both of its timesteps.
-        embedder_path, embedding_dim: where the sign embedding is added.
-        target_time: accept ``r != t`` (passed to the backbone); with False,
-            ``r`` must equal ``t``.
-        sign: add the sign embedding.
-        per_token_time: the embedder returns one embedding per token or frame.
+    Attributes:
+        target_time: where ``r`` comes from when a call passes no
+            ``r_timestep`` (*default* ``None``: such a call is the stock one).
     """
 
     def __init__(
         self,
         transformer: nn.Module,
-        *,
+        injection: TimeEmbeddingInjection | None,
         time_convention: TimeConvention,
-        embedder_path: str,
-        embedding_dim: int,
-        target_time: bool = True,
-        sign: bool = True,
-        per_token_time: bool = False,
+        capabilities: Capabilities,
     ) -> None:
-        self._target_timestep: Tensor | None = None
-        super().__init__(
-            transformer,
-            time_convention=time_convention,
-            embedder_path=embedder_path,
-            embedding_dim=embedding_dim,
-            target_time=False,  # no module for r: it goes to the backbone's own input
-            sign=sign,
-            per_token_time=per_token_time,
+        if find_flow_map_call(transformer) is not None:
+            raise ValueError(f"{type(transformer).__name__} is already adapted; un-adapt it first")
+        self.transformer = transformer
+        self.injection = injection
+        self.time_convention = time_convention
+        self.capabilities = capabilities
+        self.target_time: TargetTime | None = None
+        self._open_call: contextlib.ExitStack | None = None
+        self._handles: tuple[RemovableHandle, ...] = (
+            transformer.register_forward_pre_hook(self._open, with_kwargs=True),
+            transformer.register_forward_hook(self._close, always_call=True),
         )
-        self.capabilities = Capabilities(target_time=target_time, sign=sign)
+        object.__setattr__(transformer, FLOW_MAP_ATTRIBUTE, self)
 
-    @abc.abstractmethod
-    def run_flow_map(
-        self, x_t: Tensor, timestep: Tensor, target_timestep: Tensor, cond: Mapping[str, Tensor]
-    ) -> Tensor:
-        """Call the stock transformer with the source and target timesteps, in its own units."""
+    def times(
+        self, timestep: Tensor, r_timestep: Tensor | None
+    ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
+        """Twinloss ``(t, r)`` of a call's ``timestep`` and ``r_timestep`` (backbone units).
 
-    def forward(
-        self,
-        x_t: Tensor,
-        t: Float[Tensor, " batch"],
-        r: Float[Tensor, " batch"],
-        **cond: Tensor,
-    ) -> Tensor:
-        """Return ``F(x_t, t, r)`` with ``r`` passed to the backbone (see :meth:`AdaptedTransformer.forward`)."""
-        self._target_timestep = self.time_convention.to_backbone(r.to(torch.promote_types(r.dtype, torch.float32)))
-        try:
-            return super().forward(x_t, t, r, **cond)
-        finally:
-            self._target_timestep = None
+        Raises:
+            ValueError: naming ``timestep`` / ``r_timestep`` when either is not
+                one time per batch row, or the times break the adapter's
+                capabilities (``r > t``, ``r != t`` without target time).
+        """
+        if not isinstance(timestep, Tensor) or timestep.ndim != 1 or not timestep.is_floating_point():
+            raise ValueError(
+                "timestep must be a float tensor [B] (one time per batch row) for an r_timestep call, got "
+                f"{tuple(timestep.shape) if isinstance(timestep, Tensor) else type(timestep).__name__}"
+            )
+        t = self.time_convention.from_backbone(timestep)
+        if r_timestep is None:
+            r = self.target_time(t)
+        else:
+            if not isinstance(r_timestep, Tensor) or r_timestep.ndim > 1:
+                raise ValueError(
+                    "r_timestep must be a tensor [B] or a 0-d tensor (per-token target times are not supported), "
+                    f"got {tuple(r_timestep.shape) if isinstance(r_timestep, Tensor) else type(r_timestep).__name__}"
+                )
+            r = self.time_convention.from_backbone(r_timestep.to(timestep.device)).expand(t.shape)
+        if r.shape != t.shape:
+            raise ValueError(f"r_timestep must have the shape of timestep {tuple(t.shape)}, got {tuple(r.shape)}")
+        r = r.to(t.dtype)
+        self.capabilities.check_times(t, r)
+        return t, r
 
-    def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
-        if self._target_timestep is None:
-            raise ValueError(f"{type(self).__name__}.run_backbone needs the target time; call the adapter itself")
-        return self.run_flow_map(x_t, timestep, self._target_timestep, cond)
+    def _open(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        has_r = "r_timestep" in kwargs
+        if not has_r and self.target_time is None:
+            return None  # the stock call
+        kwargs = dict(kwargs)
+        r_timestep = kwargs.pop("r_timestep", None)
+        if self.injection is not None and self.injection.active:
+            if has_r:
+                raise ValueError("r_timestep was passed inside an adapter call, which sets r itself")
+            return args, kwargs  # the adapter's own forward already set (t, r)
+        timestep = _current_time_argument(module, args, kwargs)
+        if timestep is None:
+            raise ValueError(f"{type(module).__name__} was called without a timestep; r_timestep needs one")
+        t, r = self.times(timestep, r_timestep)
+        if self.injection is None:
+            if not torch.equal(t, r):
+                raise ValueError(f"{type(module).__name__} carries no TwinFlow time embedding to take r_timestep != timestep")
+            return args, kwargs
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.injection.times(t, r))
+        self._open_call = stack
+        return args, kwargs
+
+    def _close(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self._open_call is not None:
+            stack, self._open_call = self._open_call, None
+            stack.close()
+
+    def remove(self) -> None:
+        """Detach both hooks from the transformer."""
+        for handle in self._handles:
+            handle.remove()
+        if getattr(self.transformer, FLOW_MAP_ATTRIBUTE, None) is self:
+            delattr(self.transformer, FLOW_MAP_ATTRIBUTE)
+
+
+TIMESTEP_ARGUMENTS = ("timestep", "t")
+"""Names of the current time in stock ``forward`` signatures: ``timestep`` (every diffusers
+transformer here) or ``t`` (``ZImageTransformer2DModel``)."""
+
+
+def _current_time_argument(module: nn.Module, args: tuple, kwargs: dict) -> object:
+    """The call's current time, by keyword or by position (``None`` if it has none)."""
+    for name in TIMESTEP_ARGUMENTS:
+        if name in kwargs:
+            return kwargs[name]
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    return next((bound[name] for name in TIMESTEP_ARGUMENTS if name in bound), None)
+
+
+def find_flow_map_call(transformer: nn.Module) -> FlowMapCall | None:
+    """The :class:`FlowMapCall` on ``transformer``, if it is adapted."""
+    return getattr(transformer, FLOW_MAP_ATTRIBUTE, None)

@@ -14,7 +14,7 @@ output norm; the TwinFlow embeddings are added to its output (the text token
 refiner keeps its own time embedding of ``|t|``). The mean-flow variants
 (``use_meanflow=True``, step-distilled checkpoints) embed the next timestep
 themselves (``timestep_r = 1000 r``): for them ``adapt`` returns a
-:class:`~twinloss_adapters.flow_map.FlowMapAdapter` that passes ``r`` there
+:class:`~twinloss_adapters.native_flow_map.FlowMapAdapter` that passes ``r`` there
 and adds only the sign.
 
 Conditioning:
@@ -43,7 +43,7 @@ from twinloss_adapters.base import (
     unadapt,
 )
 from twinloss_adapters.conventions import TimeConvention
-from twinloss_adapters.flow_map import FlowMapAdapter
+from twinloss_adapters.native_flow_map import FlowMapAdapter
 
 __all__ = ["HunyuanVideo15Adapter", "HunyuanVideo15MeanFlowAdapter", "adapt", "from_pretrained", "unadapt"]
 

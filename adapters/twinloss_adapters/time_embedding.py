@@ -198,6 +198,11 @@ class TimeEmbeddingInjection:
         """
         return self.root.get_submodule(name)
 
+    @property
+    def active(self) -> bool:
+        """True inside a :meth:`times` context (an adapter call is running)."""
+        return self._times is not None
+
     @contextlib.contextmanager
     def times(self, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"]) -> Iterator[None]:
         """Make ``(t, r)`` visible to the hook for the duration of one backbone call."""

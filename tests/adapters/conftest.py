@@ -6,6 +6,7 @@ The generic injection, time conventions and lazy-import tests need only torch.
 import importlib.util
 
 NEEDS_DIFFUSERS = ["test_backbones.py", "test_loss_steps.py", "test_packing.py", "test_variants.py", "test_lora.py"]
+NEEDS_DIFFUSERS += ["test_scheduler.py", "test_pipelines.py", "test_flow_map.py"]
 NEEDS_PEFT = ["test_lora.py"]
 
 collect_ignore = []

@@ -1,0 +1,304 @@
+r"""TwinFlow sampling as a diffusers scheduler (docs/inference.md).
+
+:class:`TwinFlowScheduler` walks the schedule of :func:`twinloss.time_schedule`
+with the step functions of :mod:`twinloss.sampling` (``few_step``,
+``any_step``, ``multi_step``), one per pipeline step, so a stock diffusers
+pipeline that calls ``scheduler.step(model_output, timestep, sample)`` samples
+exactly as :class:`twinloss.AnyStepSampler` does.
+
+A TwinFlow step needs the model evaluated at a target time ``r`` that depends
+on the mode (few: ``r = 0``; any: ``r = s_{k+1}``; multi: ``r = s_k``).
+:meth:`TwinFlowScheduler.target_time` gives it for the current step; the
+adapted transformer's ``r_timestep`` hook asks for it on every call the
+pipeline makes (``twinloss_adapters.pipelines`` connects the two).
+
+Units: ``timesteps = num_train_timesteps * s`` as in every diffusers flow-match
+scheduler; ``sigmas`` are the schedule times ``s_0, ..., s_K = 0``.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from twinloss._checks import check_int
+from twinloss._tensors import at_least_float32
+from twinloss.sampling import (
+    any_step,
+    check_sampler_settings,
+    few_step,
+    multi_step,
+    sampler_preset,
+    time_schedule,
+)
+from twinloss_adapters._imports import require_diffusers
+
+__all__ = ["TwinFlowScheduler", "TwinFlowSchedulerOutput"]  # noqa: F822 (TwinFlowScheduler: built on first access)
+
+TIME_TOLERANCE = 1e-2
+"""How far (twinloss units) a call's time may sit from the schedule knot: bf16 timesteps round by up to ~4e-3."""
+
+
+@dataclass(frozen=True)
+class TwinFlowSchedulerOutput:
+    """What :meth:`TwinFlowScheduler.step` returns with ``return_dict=True``.
+
+    Attributes:
+        prev_sample: the state at the next schedule time, in the sample's dtype.
+    """
+
+    prev_sample: Tensor
+
+
+class _TwinFlowSchedulerBody:
+    """Few-, any- or multi-step TwinFlow sampling for diffusers pipelines.
+
+    Saved and loaded with the pipeline (``scheduler/scheduler_config.json``).
+
+    Args:
+        num_train_timesteps: pipeline timestep units per unit of time (*default* 1000).
+        mode: ``"few"`` (*default*), ``"any"`` or ``"multi"`` (see :mod:`twinloss.sampling`).
+        stochastic_ratio: ``eta`` in ``[0, 1]``, the share of fresh noise when
+            few mode re-noises (*default* 1).
+        start_gap: the walk starts at ``1 - start_gap`` (*default* 0).
+        end_gap: the last jump starts at ``1 - w(1 - end_gap)`` (*default*
+            ``None``: no gap); needs at least two inference steps.
+        kumaraswamy: ``(a, b, c)`` warp of the progress variable (*default* ``None``: identity).
+
+    Raises:
+        ValueError: naming the argument that is out of range.
+    """
+
+    _compatibles: list = []
+    order = 1
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        mode: str = "few",
+        stochastic_ratio: float = 1.0,
+        start_gap: float = 0.0,
+        end_gap: float | None = None,
+        kumaraswamy: tuple[float, float, float] | list[float] | None = None,
+    ) -> None:
+        check_int(num_train_timesteps, "num_train_timesteps", minimum=1)
+        check_sampler_settings(mode=mode, stochastic_ratio=stochastic_ratio, **self._schedule_keywords())
+        self.sigmas: Tensor | None = None
+        self.timesteps: Tensor | None = None
+        self.num_inference_steps: int | None = None
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+        self._generator: torch.Generator | list[torch.Generator] | None = None
+
+    @classmethod
+    def from_preset(cls, name: str, **config: object) -> "_TwinFlowSchedulerBody":
+        """A scheduler with the mode, ratio, gaps and warp of ``twinloss.sampling.SAMPLER_PRESETS[name]``.
+
+        The preset's step count is for the pipeline call (``num_inference_steps``).
+        """
+        keywords = sampler_preset(name).sampler_keywords()
+        del keywords["steps"]
+        return cls(**keywords, **config)
+
+    def _schedule_keywords(self) -> dict[str, object]:
+        kumaraswamy = self.config.kumaraswamy
+        return {
+            "start_gap": float(self.config.start_gap),
+            "end_gap": self.config.end_gap,
+            "kumaraswamy": tuple(kumaraswamy) if kumaraswamy is not None else None,
+        }
+
+    # --- the diffusers scheduler interface ------------------------------------------------
+
+    @property
+    def step_index(self) -> int | None:
+        """The step about to be taken; ``None`` before the first :meth:`step` after :meth:`set_timesteps`."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the walk at knot ``begin_index`` (pipelines call this with 0)."""
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: Tensor, *args: object, **kwargs: object) -> Tensor:
+        """Identity: flow-match inputs are not rescaled."""
+        return sample
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: torch.device | str | None = None,
+        sigmas: object = None,
+        mu: float | None = None,
+    ) -> None:
+        """Build the schedule ``s_0, ..., s_K = 0`` for ``K = num_inference_steps`` from the config.
+
+        Args:
+            num_inference_steps: ``K`` (or ``len(sigmas)`` when only ``sigmas`` is given).
+            device: where ``sigmas`` and ``timesteps`` live.
+            sigmas: a sequence, array or tensor, accepted only as the uniform grid ``1, (K-1)/K, ..., 1/K``
+                that Flux, Qwen-Image, LTX and HunyuanVideo pipelines pass by
+                default; the times come from this scheduler's config.
+            mu: the resolution shift those pipelines compute; TwinFlow
+                samples at unshifted times, so it is not applied.
+
+        Raises:
+            ValueError: for custom ``sigmas`` (set ``start_gap``, ``end_gap``
+                and ``kumaraswamy`` on the scheduler instead) or a step count
+                the config cannot honour (an end gap with one step).
+        """
+        if num_inference_steps is None:
+            if sigmas is None:
+                raise ValueError("num_inference_steps or sigmas must be given")
+            num_inference_steps = len(sigmas)
+        if sigmas is not None:
+            given = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+            uniform = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)[:-1]
+            if given.shape != uniform.shape or not torch.allclose(given, uniform, atol=1e-6, rtol=0):
+                raise ValueError(
+                    "sigmas: TwinFlowScheduler takes its times from its config (start_gap, end_gap, kumaraswamy); "
+                    f"it accepts only the pipelines' default uniform grid, got {given.tolist()}"
+                )
+        schedule = time_schedule(num_inference_steps, **self._schedule_keywords(), device=device or "cpu")
+        self.num_inference_steps = num_inference_steps
+        self.sigmas = schedule
+        self.timesteps = schedule[:-1] * self.config.num_train_timesteps
+        self._step_index = None
+        self._begin_index = None
+
+    def step(
+        self,
+        model_output: Float[Tensor, " batch *shape"],
+        timestep: float | Tensor,
+        sample: Float[Tensor, " batch *shape"],
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> TwinFlowSchedulerOutput | tuple[Tensor]:
+        """Take step ``k`` from ``s_k`` to ``s_{k+1}`` with the mode's step function.
+
+        Args:
+            model_output: the velocity the model returned at ``(sample, s_k,
+                target_time(s_k))``, in twinloss convention (``z - x``).
+            timestep: ``timesteps[k]`` (checked).
+            sample: the state at ``s_k``.
+            generator: draws the fresh noise of few mode (*default*: the one
+                bound by :meth:`noise_generator`, else the global RNG).
+
+        Raises:
+            ValueError: before :meth:`set_timesteps`, past the last step, or
+                when ``timestep`` is not the current knot.
+        """
+        index = self._current_index()
+        expected = float(self.timesteps[index])
+        given = float(timestep.flatten()[0]) if isinstance(timestep, Tensor) else float(timestep)
+        if abs(given - expected) > TIME_TOLERANCE * self.config.num_train_timesteps:
+            raise ValueError(f"timestep {given} is not the current step's {expected} (step {index})")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}")
+        work = at_least_float32(sample.dtype)
+        s, s_next = self.sigmas[index].to(sample.device, work), self.sigmas[index + 1].to(sample.device, work)
+        velocity = model_output.to(work)
+
+        def evaluated(x: Tensor, s_call: Tensor, r_call: Tensor) -> Tensor:
+            return velocity  # the pipeline evaluated the model at (sample, s, target_time) already
+
+        mode = self.config.mode
+        if mode == "few":
+            x = few_step(
+                evaluated,
+                sample.to(work),
+                s,
+                s_next,
+                generator=generator if generator is not None else self._generator,
+                stochastic_ratio=float(self.config.stochastic_ratio),
+            )
+        else:
+            x = (any_step if mode == "any" else multi_step)(evaluated, sample.to(work), s, s_next)
+        self._step_index = index + 1
+        prev_sample = x.to(sample.dtype)
+        return TwinFlowSchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+    # --- what the adapted transformer asks ---------------------------------------------
+
+    def target_time(self, t: Float[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+        """The target time ``r`` of the current step for a model call at times ``t`` (twinloss units).
+
+        few: ``0``; any: ``min(s_{k+1}, t)``; multi: ``t`` itself.
+
+        Raises:
+            ValueError: before :meth:`set_timesteps`, past the last step, or
+                if ``t`` is not the current knot ``s_k`` (to within 1e-2).
+        """
+        index = self._current_index()
+        knot = float(self.sigmas[index])
+        if bool(((t - knot).abs() > TIME_TOLERANCE).any()):
+            raise ValueError(
+                f"the model was called at t = {t.flatten()[:4].tolist()}, but the scheduler's step {index} "
+                f"starts at {knot:.6g}; drive the pipeline with this scheduler's timesteps"
+            )
+        mode = self.config.mode
+        if mode == "few":
+            return torch.zeros_like(t)
+        if mode == "any":
+            return torch.clamp(torch.full_like(t, float(self.sigmas[index + 1])), max=t)
+        return t.clone()
+
+    @contextlib.contextmanager
+    def noise_generator(self, generator: torch.Generator | list[torch.Generator] | None) -> Iterator[None]:
+        """Draw few mode's fresh noise with ``generator`` in :meth:`step` calls that pass none.
+
+        Stock pipelines other than SANA do not hand their ``generator`` to
+        ``step``; ``TwinFlowPipeline`` binds it here for the pipeline call.
+        """
+        previous, self._generator = self._generator, generator
+        try:
+            yield
+        finally:
+            self._generator = previous
+
+    def _current_index(self) -> int:
+        if self.sigmas is None:
+            raise ValueError("set_timesteps has not been called on this TwinFlowScheduler")
+        index = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        if index >= self.num_inference_steps:
+            raise ValueError(f"the schedule has {self.num_inference_steps} steps; step {index} is past its end")
+        return index
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+def _define_scheduler() -> type:
+    """``TwinFlowScheduler``: the body above on diffusers' ``SchedulerMixin`` and ``ConfigMixin``.
+
+    Built on first access, so importing this module does not import diffusers
+    (``twinloss_adapters`` needs only torch until a diffusers class is used).
+    """
+    diffusers = require_diffusers()
+    from diffusers.configuration_utils import register_to_config
+
+    namespace = {
+        "__init__": register_to_config(_TwinFlowSchedulerBody.__init__),
+        "__module__": __name__,
+        "__qualname__": "TwinFlowScheduler",
+        "__doc__": _TwinFlowSchedulerBody.__doc__,
+    }
+    return type("TwinFlowScheduler", (_TwinFlowSchedulerBody, diffusers.SchedulerMixin, diffusers.ConfigMixin), namespace)
+
+
+def __getattr__(name: str) -> type:
+    if name == "TwinFlowScheduler":
+        scheduler_class = _define_scheduler()
+        globals()[name] = scheduler_class
+        return scheduler_class
+    if name == "SchedulerMixin":
+        # DiffusionPipeline.from_pretrained looks a component's base class up in the component's own
+        # module (model_index.json names "twinloss_adapters.scheduler") to pick its loading method.
+        return require_diffusers().SchedulerMixin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,114 @@
+"""TwinFlowScheduler: equal to AnyStepSampler step for step, saved and loaded as a diffusers scheduler."""
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import twinloss
+from twinloss_adapters.scheduler import TwinFlowScheduler
+
+from core_models import TinyVelocityNet
+
+SETTINGS = [
+    (1, dict(mode="few")),
+    (3, dict(mode="few", stochastic_ratio=0.4, start_gap=0.001, end_gap=0.5, kumaraswamy=(1.17, 0.8, 1.1))),
+    (4, dict(mode="any", start_gap=0.05)),
+    (4, dict(mode="multi", kumaraswamy=(1.17, 0.8, 1.1))),
+]
+
+
+@pytest.mark.parametrize("steps,options", SETTINGS, ids=[f"{k}_{o['mode']}_{len(o)}" for k, o in SETTINGS])
+def test_scheduler_walks_the_sampler_trajectory_step_for_step(steps, options):
+    model = TinyVelocityNet((2, 3))
+    noise = torch.randn(4, 2, 3)
+    expected = twinloss.AnyStepSampler(steps, return_trajectory=True, **options)(
+        model, noise, generator=torch.Generator().manual_seed(9)
+    )
+    scheduler = TwinFlowScheduler(**options)
+    scheduler.set_timesteps(steps)
+    assert_close(scheduler.sigmas, expected.times)
+    assert_close(scheduler.timesteps, 1000 * expected.times[:-1])
+    generator, x = torch.Generator().manual_seed(9), noise
+    for index, timestep in enumerate(scheduler.timesteps):
+        t = scheduler.sigmas[index].expand(4)
+        x = scheduler.step(model(x, t, scheduler.target_time(t)), timestep, x, generator=generator).prev_sample
+        assert_close(x, expected.trajectory[index + 1], rtol=1e-6, atol=1e-6)
+    assert scheduler.step_index == steps
+
+
+def test_target_time_per_mode():
+    t = torch.full((3,), 0.75)
+    for mode, r in (("few", 0.0), ("any", 0.5), ("multi", 0.75)):
+        scheduler = TwinFlowScheduler(mode=mode)
+        scheduler.set_timesteps(4)
+        scheduler.step(torch.zeros(3, 2), scheduler.timesteps[0], torch.zeros(3, 2))  # now at s_1 = 0.75
+        assert_close(scheduler.target_time(t), torch.full((3,), r))
+
+
+def test_noise_generator_binding_replaces_a_missing_step_generator():
+    velocity, sample = torch.randn(2, 5), torch.randn(2, 5)
+
+    def first_step(**bound):
+        scheduler = TwinFlowScheduler(stochastic_ratio=0.7)
+        scheduler.set_timesteps(2)
+        if bound:
+            with scheduler.noise_generator(bound["generator"]):
+                return scheduler.step(velocity, scheduler.timesteps[0], sample).prev_sample
+        return scheduler.step(velocity, scheduler.timesteps[0], sample, generator=torch.Generator().manual_seed(4)).prev_sample
+
+    assert torch.equal(first_step(generator=torch.Generator().manual_seed(4)), first_step())
+
+
+def test_save_and_load_keep_the_schedule(tmp_path):
+    scheduler = TwinFlowScheduler.from_preset("qwenimage_4nfe")
+    scheduler.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "TwinFlowScheduler"
+    assert {key: saved[key] for key in ("mode", "stochastic_ratio", "start_gap", "end_gap", "kumaraswamy")} == {
+        "mode": "few", "stochastic_ratio": 1.0, "start_gap": 0.001, "end_gap": 0.5, "kumaraswamy": None,
+    }
+    loaded = TwinFlowScheduler.from_pretrained(tmp_path)
+    for one in (scheduler, loaded):
+        one.set_timesteps(4)
+    assert_close(loaded.sigmas, scheduler.sigmas)
+    assert_close(loaded.sigmas, twinloss.AnyStepSampler.from_preset("qwenimage_4nfe").schedule())
+
+
+def test_pipeline_default_sigmas_are_accepted_and_custom_ones_refused():
+    scheduler = TwinFlowScheduler(start_gap=0.001)
+    scheduler.set_timesteps(sigmas=[1.0, 0.5], mu=0.7)  # Flux/Qwen-Image default grid and shift: config times
+    assert_close(scheduler.sigmas, torch.tensor([0.999, 0.4995, 0.0]))
+    with pytest.raises(ValueError, match="^sigmas: TwinFlowScheduler takes its times from its config"):
+        scheduler.set_timesteps(sigmas=[1.0, 0.3])
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: TwinFlowScheduler(mode="jump"), "^mode "),
+        (lambda: TwinFlowScheduler(stochastic_ratio=1.5), "^stochastic_ratio "),
+        (lambda: TwinFlowScheduler(end_gap=1.0), "^end_gap "),
+        (lambda: TwinFlowScheduler(kumaraswamy=(1.0, -1.0, 1.0)), "^kumaraswamy "),
+        (lambda: TwinFlowScheduler(end_gap=0.5).set_timesteps(1), "^end_gap needs steps >= 2"),
+        (lambda: TwinFlowScheduler().step(torch.zeros(1, 2), 1000.0, torch.zeros(1, 2)), "^set_timesteps has not been"),
+        (lambda: TwinFlowScheduler.from_preset("nope"), "^preset 'nope' is unknown"),
+    ],
+)
+def test_bad_configuration_and_calls(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_stepping_past_the_end_or_off_the_knot_raises():
+    scheduler = TwinFlowScheduler()
+    scheduler.set_timesteps(2)
+    with pytest.raises(ValueError, match="^timestep 300.0 is not the current step's 1000.0"):
+        scheduler.step(torch.zeros(1, 2), 300.0, torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="scheduler's step 0 starts at 1"):
+        scheduler.target_time(torch.full((1,), 0.3))
+    for timestep in scheduler.timesteps:
+        scheduler.step(torch.zeros(1, 2), timestep, torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="^the schedule has 2 steps; step 2 is past its end"):
+        scheduler.step(torch.zeros(1, 2), 0.0, torch.zeros(1, 2))
