@@ -129,7 +129,8 @@ class AdaptedTransformer(nn.Module, abc.ABC):
     optional_cond: tuple[str, ...] = ()
     native_target_time: bool = False
     """The stock transformer takes the target time itself (AnyFlow's ``r_timestep``): it keeps that input,
-    and no :class:`~twinloss_adapters.flow_map.FlowMapCall` is installed over it."""
+    no module is added to embed ``r`` (``target_time`` then only says whether ``r != t`` is accepted), and no
+    :class:`~twinloss_adapters.flow_map.FlowMapCall` is installed over it."""
     construction_arguments: dict[str, object]
 
     def __new__(cls, *args: object, **kwargs: object) -> "AdaptedTransformer":
@@ -168,16 +169,22 @@ class AdaptedTransformer(nn.Module, abc.ABC):
                 "per_token_time=True cannot be honoured with time_embedding='twinflow_release': "
                 "the released embeddings add one embedding per batch row"
             )
+        if release is not None and self.native_target_time:
+            raise ValueError(
+                f"time_embedding='twinflow_release' cannot be honoured by {type(self).__name__}: "
+                "its backbone embeds the target time itself"
+            )
         self.transformer = transformer
         self.time_convention = time_convention
         self.capabilities = Capabilities(target_time=target_time, sign=sign, guidance_inputs=guidance_inputs)
         self.time_embedding_kind = TWINFLOW_TIME_EMBEDDING if release is None else RELEASE_TIME_EMBEDDING
+        embeds_target_time = target_time and not self.native_target_time  # a native r goes to the backbone's input
         self.injection: TimeEmbeddingInjection | None = None
         if release is not None:
             self.injection = inject_released_time_embedding(transformer, release, embedding_dim, sign=sign)
-        elif target_time or sign:
+        elif embeds_target_time or sign:
             self.injection = inject_time_embedding(
-                transformer, embedder_path, embedding_dim, target_time=target_time, sign=sign,
+                transformer, embedder_path, embedding_dim, target_time=embeds_target_time, sign=sign,
                 per_token=per_token_time,
             )
         # diffusers' flow-map keyword: transformer(..., timestep=, r_timestep=) in the pipeline's units,
