@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import check_backbone_class, check_video_latent, unadapt
+from twinloss_adapters.base import check_backbone_class, check_velocity_channels, check_video_latent, unadapt
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.native_flow_map import FlowMapAdapter
 
@@ -54,10 +54,7 @@ class AnyFlowAdapter(FlowMapAdapter):
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        if config.out_channels not in (None, config.in_channels):
-            raise ValueError(
-                f"transformer maps {config.in_channels} latent channels to {config.out_channels}; expected equal counts"
-            )
+        check_velocity_channels(config.in_channels, config.out_channels or config.in_channels)
         if config.image_dim is not None:
             self.required_cond = ("encoder_hidden_states", "encoder_hidden_states_image")
         self.latent_channels = config.in_channels

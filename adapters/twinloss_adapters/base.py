@@ -84,12 +84,16 @@ def check_video_latent(x_t: Tensor, channels: int, patch: tuple[int, int, int], 
         raise ValueError(f"x_t height and width must be multiples of the patch ({patch_h}, {patch_w}), got {(height, width)}")
 
 
-def check_image_latent(x_t: Tensor, channels: int, patch: int, backbone: str) -> None:
-    """Raise ValueError naming ``x_t`` unless it is ``[B, channels, H, W]`` with ``H`` and ``W`` divisible by ``patch``."""
+def check_image_latent(x_t: Tensor, channels: int, patch: int, backbone: str, *, layout: str = "") -> None:
+    """Raise ValueError naming ``x_t`` unless it is ``[B, channels, H, W]`` with ``H`` and ``W`` divisible by ``patch``.
+
+    ``backbone`` names the model in the message; ``layout`` adds a note on the expected latent
+    (e.g. ``" (unpacked latents)"`` where the adapter packs patches itself).
+    """
     if x_t.ndim != 4 or x_t.shape[1] != channels:
-        raise ValueError(f"x_t must be [B, {channels}, H, W] for this {backbone} model, got {tuple(x_t.shape)}")
+        raise ValueError(f"x_t must be [B, {channels}, H, W]{layout} for this {backbone} model, got {tuple(x_t.shape)}")
     if x_t.shape[2] % patch or x_t.shape[3] % patch:
-        raise ValueError(f"x_t height and width must be multiples of patch_size {patch}, got {tuple(x_t.shape)}")
+        raise ValueError(f"x_t height and width must be multiples of {patch} (the patch size), got {tuple(x_t.shape)}")
 
 
 def check_velocity_channels(in_channels: int, out_channels: int) -> None:

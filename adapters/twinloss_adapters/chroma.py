@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_image_latent, unadapt
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import (
     pack_image_patches,
@@ -75,13 +75,7 @@ class ChromaAdapter(AdaptedTransformer):
         )
 
     def check_latent(self, x_t: Tensor) -> None:
-        if x_t.ndim != 4 or x_t.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"x_t must be [B, {self.latent_channels}, H, W] (unpacked latents) for this Chroma model, "
-                f"got {tuple(x_t.shape)}"
-            )
-        if x_t.shape[2] % PACKING_PATCH or x_t.shape[3] % PACKING_PATCH:
-            raise ValueError(f"x_t height and width must be even for 2x2 packing, got {tuple(x_t.shape)}")
+        check_image_latent(x_t, self.latent_channels, PACKING_PATCH, "Chroma", layout=" (unpacked latents)")
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         super().check_cond(cond, batch_size)

@@ -32,7 +32,13 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_velocity_channels,
+    check_video_latent,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["HunyuanVideoAdapter", "adapt", "from_pretrained", "unadapt"]
@@ -58,10 +64,7 @@ class HunyuanVideoAdapter(AdaptedTransformer):
                 f"transformer has image_condition_type={config.image_condition_type!r} (an image-to-video variant); "
                 "the HunyuanVideo adapter supports the text-to-video model (image_condition_type=None)"
             )
-        if config.out_channels not in (None, config.in_channels):
-            raise ValueError(
-                f"transformer maps {config.in_channels} latent channels to {config.out_channels}; expected equal counts"
-            )
+        check_velocity_channels(config.in_channels, config.out_channels or config.in_channels)
         self.latent_channels = config.in_channels
         self.patch, self.patch_t = config.patch_size, config.patch_size_t
         super().__init__(

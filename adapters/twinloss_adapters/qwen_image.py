@@ -37,6 +37,7 @@ from twinloss_adapters.base import (
     TWINFLOW_TIME_EMBEDDING,
     AdaptedTransformer,
     check_backbone_class,
+    check_image_latent,
     check_time_embedding_kind,
     unadapt,
 )
@@ -97,13 +98,7 @@ class QwenImageAdapter(AdaptedTransformer):
 
     def check_latent(self, x_t: Tensor) -> None:
         patch = self.transformer.config.patch_size
-        if x_t.ndim != 4 or x_t.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"x_t must be [B, {self.latent_channels}, H, W] (unpacked latents) for this Qwen-Image model, "
-                f"got {tuple(x_t.shape)}"
-            )
-        if x_t.shape[2] % patch or x_t.shape[3] % patch:
-            raise ValueError(f"x_t height and width must be multiples of {patch} for patch packing, got {tuple(x_t.shape)}")
+        check_image_latent(x_t, self.latent_channels, patch, "Qwen-Image", layout=" (unpacked latents)")
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         patch = self.transformer.config.patch_size

@@ -36,6 +36,7 @@ from twinloss_adapters.base import (
     TWINFLOW_TIME_EMBEDDING,
     AdaptedTransformer,
     check_backbone_class,
+    check_image_latent,
     check_time_embedding_kind,
     unadapt,
 )
@@ -88,11 +89,7 @@ class ZImageAdapter(AdaptedTransformer):
         )
 
     def check_latent(self, x_t: Tensor) -> None:
-        channels = self.transformer.config.in_channels
-        if x_t.ndim != 4 or x_t.shape[1] != channels:
-            raise ValueError(f"x_t must be [B, {channels}, H, W] for this Z-Image model, got {tuple(x_t.shape)}")
-        if x_t.shape[2] % PATCH_SIZE or x_t.shape[3] % PATCH_SIZE:
-            raise ValueError(f"x_t height and width must be multiples of {PATCH_SIZE}, got {tuple(x_t.shape)}")
+        check_image_latent(x_t, self.transformer.config.in_channels, PATCH_SIZE, "Z-Image")
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         captions = cond["encoder_hidden_states"]
