@@ -239,11 +239,21 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         # Full precision for the timestep: each backbone casts it where its own code does.
         timestep = self.time_convention.to_backbone(t.to(at_least_float32(t.dtype)))
         if self.injection is None:
-            prediction = self.run_backbone(x_t, timestep, cond)
+            prediction = self.run_backbone_to(x_t, timestep, r, cond)
         else:
             with self.injection.times(t, r):
-                prediction = self.run_backbone(x_t, timestep, cond)
+                prediction = self.run_backbone_to(x_t, timestep, r, cond)
         return self.time_convention.to_twinloss_velocity(prediction)
+
+    def run_backbone_to(
+        self, x_t: Tensor, timestep: Tensor, r: Float[Tensor, " batch"], cond: Mapping[str, Tensor]
+    ) -> Tensor:
+        """The stock call for a jump to ``r``: :meth:`run_backbone`, ``r`` reaching the model through the injection.
+
+        A native flow-map adapter (:class:`~twinloss_adapters.native_flow_map.FlowMapAdapter`)
+        hands ``r`` to the backbone's own target-time input instead.
+        """
+        return self.run_backbone(x_t, timestep, cond)
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         """Validate conditioning keys and batch dimensions.

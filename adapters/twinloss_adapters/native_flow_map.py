@@ -31,7 +31,6 @@ class FlowMapAdapter(AdaptedTransformer):
     """
 
     native_target_time = True
-    _target_timestep: Tensor | None = None  # the target timestep of the call under way, in the backbone's units
 
     @abc.abstractmethod
     def run_flow_map(
@@ -39,21 +38,12 @@ class FlowMapAdapter(AdaptedTransformer):
     ) -> Tensor:
         """Call the stock transformer with the source and target timesteps, in its own units."""
 
-    def forward(
-        self,
-        x_t: Tensor,
-        t: Float[Tensor, " batch"],
-        r: Float[Tensor, " batch"],
-        **cond: Tensor,
+    def run_backbone_to(
+        self, x_t: Tensor, timestep: Tensor, r: Float[Tensor, " batch"], cond: Mapping[str, Tensor]
     ) -> Tensor:
-        """Return ``F(x_t, t, r)`` with ``r`` passed to the backbone (see :meth:`AdaptedTransformer.forward`)."""
-        self._target_timestep = self.time_convention.to_backbone(r.to(at_least_float32(r.dtype)))
-        try:
-            return super().forward(x_t, t, r, **cond)
-        finally:
-            self._target_timestep = None
+        """:meth:`run_flow_map` with ``r`` converted to the backbone's units, as ``t`` was."""
+        return self.run_flow_map(x_t, timestep, self.time_convention.to_backbone(r.to(at_least_float32(r.dtype))), cond)
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
-        if self._target_timestep is None:
-            raise ValueError(f"{type(self).__name__}.run_backbone needs the target time; call the adapter itself")
-        return self.run_flow_map(x_t, timestep, self._target_timestep, cond)
+        """The stock call without a jump (target timestep = ``timestep``): the instantaneous velocity."""
+        return self.run_flow_map(x_t, timestep, timestep, cond)
