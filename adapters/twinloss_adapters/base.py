@@ -41,6 +41,7 @@ __all__ = [
     "check_time_embedding_kind",
     "check_velocity_channels",
     "check_video_latent",
+    "latent_concat_channels",
     "unadapt",
     "unadapt_transformer",
 ]
@@ -103,6 +104,27 @@ def check_velocity_channels(in_channels: int, out_channels: int) -> None:
             f"transformer predicts {out_channels} channels for {in_channels} input channels; "
             "a velocity must have the latent's shape"
         )
+
+
+def latent_concat_channels(in_channels: int, out_channels: int | None, pipeline: str) -> tuple[int, int]:
+    """``(latent, condition)`` channel counts of a model fed ``[x_t, condition latents, mask]`` along channels.
+
+    Such a model (HunyuanVideo I2V's ``latent_concat``, HunyuanVideo 1.5)
+    predicts the ``C = out_channels`` latent channels from ``in_channels = 2 C + 1``:
+    ``x_t``, the condition latents and a one-channel mask.
+
+    Raises:
+        ValueError: naming the channel counts unless ``in_channels = 2 * out_channels + 1``;
+            ``pipeline`` names who needs that layout.
+    """
+    latent = out_channels or in_channels
+    condition = in_channels - latent
+    if condition != latent + 1:
+        raise ValueError(
+            f"transformer takes {in_channels} channels and predicts {latent}; {pipeline} needs "
+            "in_channels = 2 * out_channels + 1 (latents, condition latents, mask)"
+        )
+    return latent, condition
 
 
 def check_latent_condition(condition: Tensor, channels: int, x_t: Tensor | None = None) -> None:

@@ -59,13 +59,7 @@ class HunyuanVideoAdapter(AdaptedTransformer):
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        if config.image_condition_type is not None:
-            raise ValueError(
-                f"transformer has image_condition_type={config.image_condition_type!r} (an image-to-video variant); "
-                "the HunyuanVideo adapter supports the text-to-video model (image_condition_type=None)"
-            )
-        check_velocity_channels(config.in_channels, config.out_channels or config.in_channels)
-        self.latent_channels = config.in_channels
+        self._read_channels(config)
         self.patch, self.patch_t = config.patch_size, config.patch_size_t
         super().__init__(
             transformer,
@@ -76,6 +70,16 @@ class HunyuanVideoAdapter(AdaptedTransformer):
             sign=sign,
             guidance_inputs=("guidance",) if config.guidance_embeds else (),
         )
+
+    def _read_channels(self, config: object) -> None:
+        """Check the text-to-video channel layout and set ``latent_channels`` (the image-to-video adapter overrides it)."""
+        if config.image_condition_type is not None:
+            raise ValueError(
+                f"transformer has image_condition_type={config.image_condition_type!r} (an image-to-video variant); "
+                "the HunyuanVideo adapter supports the text-to-video model (image_condition_type=None)"
+            )
+        check_velocity_channels(config.in_channels, config.out_channels or config.in_channels)
+        self.latent_channels = config.in_channels
 
     def check_latent(self, x_t: Tensor) -> None:
         check_video_latent(x_t, self.latent_channels, (self.patch_t, self.patch, self.patch), "HunyuanVideo")
