@@ -29,8 +29,8 @@ from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import check_backbone_class, check_velocity_channels, check_video_latent, unadapt
-from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.native_flow_map import FlowMapAdapter
+from twinloss_adapters.wan import time_embedding_arguments
 
 __all__ = ["AnyFlowAdapter", "adapt", "from_pretrained", "unadapt"]
 
@@ -59,13 +59,7 @@ class AnyFlowAdapter(FlowMapAdapter):
             self.required_cond = ("encoder_hidden_states", "encoder_hidden_states_image")
         self.latent_channels = config.in_channels
         super().__init__(
-            transformer,
-            time_convention=TimeConvention(scale=1000.0),
-            embedder_path="condition_embedder.time_embedder",
-            embedding_dim=config.num_attention_heads * config.attention_head_dim,
-            target_time=target_time,
-            sign=sign,
-            per_token_time=True,
+            transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign, per_token_time=True
         )
 
     def check_latent(self, x_t: Tensor) -> None:

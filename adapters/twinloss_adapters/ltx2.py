@@ -45,7 +45,7 @@ from twinloss_adapters.base import (
     check_backbone_class,
     unadapt_transformer,
 )
-from twinloss_adapters.conventions import TimeConvention
+from twinloss_adapters.ltx_video import time_embedding_arguments
 from twinloss_adapters.packing import pack_video_patches, unpack_video_patches
 from twinloss_adapters.time_embedding import (
     DEFAULT_MODULE_NAME,
@@ -119,14 +119,7 @@ class LTX2Adapter(AdaptedTransformer):
                 f"{config.audio_in_channels}->{config.audio_out_channels}; the joint token layout needs one width"
             )
         self.token_width = config.in_channels
-        super().__init__(
-            transformer,
-            time_convention=TimeConvention(scale=1000.0),
-            embedder_path="time_embed.emb.timestep_embedder",
-            embedding_dim=config.num_attention_heads * config.attention_head_dim,
-            target_time=target_time,
-            sign=sign,
-        )
+        super().__init__(transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign)
         self.audio_injection = None
         if target_time or sign:
             self.audio_injection = inject_time_embedding(

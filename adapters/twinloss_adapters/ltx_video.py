@@ -27,6 +27,19 @@ from twinloss_adapters.packing import pack_video_patches, unpack_video_patches
 __all__ = ["LTXVideoAdapter", "adapt", "from_pretrained", "unadapt"]
 
 
+def time_embedding_arguments(config: object) -> dict[str, object]:
+    """Where an LTX transformer (LTX-Video, LTX-2's video stream) takes the TwinFlow embeddings, and its time units.
+
+    ``timestep = 1000 t``; ``time_embed.emb.timestep_embedder`` returns the
+    embedding of width ``num_attention_heads * attention_head_dim``.
+    """
+    return {
+        "time_convention": TimeConvention(scale=1000.0),
+        "embedder_path": "time_embed.emb.timestep_embedder",
+        "embedding_dim": config.num_attention_heads * config.attention_head_dim,
+    }
+
+
 def _stock_class() -> type:
     return require_diffusers().LTXVideoTransformer3DModel
 
@@ -79,14 +92,7 @@ class LTXVideoAdapter(AdaptedTransformer):
             float(vae_spatial_compression),
             float(vae_spatial_compression),
         )
-        super().__init__(
-            transformer,
-            time_convention=TimeConvention(scale=1000.0),
-            embedder_path="time_embed.emb.timestep_embedder",
-            embedding_dim=config.num_attention_heads * config.attention_head_dim,
-            target_time=target_time,
-            sign=sign,
-        )
+        super().__init__(transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign)
 
     def check_latent(self, x_t: Tensor) -> None:
         check_video_latent(x_t, self.latent_channels, (self.patch_t, self.patch, self.patch), "LTX-Video")
