@@ -28,7 +28,13 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import check_backbone_class, check_velocity_channels, check_video_latent, unadapt
+from twinloss_adapters.base import (
+    check_backbone_class,
+    check_velocity_channels,
+    check_video_latent,
+    unadapt,
+    pipeline_from_pretrained,
+)
 from twinloss_adapters.native_flow_map import FlowMapAdapter
 from twinloss_adapters.wan import time_embedding_arguments
 
@@ -90,8 +96,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return AnyFlowAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> AnyFlowAdapter:
-    """``AnyFlowAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return AnyFlowAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(AnyFlowAdapter)

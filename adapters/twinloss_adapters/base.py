@@ -13,7 +13,7 @@ conditioning keys, a latent-shape check and the stock call (packing included).
 import abc
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -42,6 +42,7 @@ __all__ = [
     "check_velocity_channels",
     "check_video_latent",
     "latent_concat_channels",
+    "pipeline_from_pretrained",
     "unadapt",
     "unadapt_transformer",
 ]
@@ -364,6 +365,27 @@ class AdaptedTransformer(nn.Module, abc.ABC):
     def unadapt(self) -> nn.Module:
         """Remove the hook and the added modules; return the stock transformer."""
         return unadapt_transformer(self.transformer)
+
+
+def pipeline_from_pretrained(adapter_class: type[AdaptedTransformer]) -> Callable[..., AdaptedTransformer]:
+    """A backbone module's ``from_pretrained``: ``adapter_class.from_pretrained`` with ``subfolder="transformer"``.
+
+    A pipeline repository keeps the transformer in its ``transformer`` folder;
+    ``AdapterClass.from_pretrained`` follows diffusers' model convention
+    (``subfolder=None``). See ``docs/saving.md``.
+    """
+
+    def from_pretrained(
+        pretrained_model_name_or_path: str | os.PathLike, *, subfolder: str | None = "transformer", **kwargs: object
+    ) -> AdaptedTransformer:
+        return adapter_class.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    from_pretrained.__doc__ = (
+        f"``{adapter_class.__name__}.from_pretrained`` with a pipeline repository's ``subfolder`` default; "
+        "see ``docs/saving.md``."
+    )
+    from_pretrained.__module__ = adapter_class.__module__
+    return from_pretrained
 
 
 def unadapt_transformer(transformer: nn.Module) -> nn.Module:

@@ -30,7 +30,13 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_image_latent, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_image_latent,
+    unadapt,
+    pipeline_from_pretrained,
+)
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import (
     pack_image_patches,
@@ -114,8 +120,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return ChromaAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> ChromaAdapter:
-    """``ChromaAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return ChromaAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(ChromaAdapter)

@@ -22,7 +22,13 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_image_latent, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_image_latent,
+    unadapt,
+    pipeline_from_pretrained,
+)
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_image_patches, patch_grid_ids, unpack_image_patches
 
@@ -93,9 +99,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return FluxAdapter(transformer, target_time=target_time, sign=sign)
 
 
-
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> FluxAdapter:
-    """``FluxAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
-    return FluxAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(FluxAdapter)

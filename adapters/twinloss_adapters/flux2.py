@@ -31,7 +31,13 @@ from einops import rearrange
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_image_latent, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_image_latent,
+    unadapt,
+    pipeline_from_pretrained,
+)
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["Flux2Adapter", "adapt", "flux2_position_ids", "from_pretrained", "unadapt"]
@@ -127,8 +133,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return Flux2Adapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> Flux2Adapter:
-    """``Flux2Adapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return Flux2Adapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(Flux2Adapter)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import unadapt
+from twinloss_adapters.base import unadapt, pipeline_from_pretrained
 from twinloss_adapters.flux import PACKING_PATCH, FluxAdapter
 from twinloss_adapters.packing import (
     pack_image_patches,
@@ -90,8 +90,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return FluxKontextAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> FluxKontextAdapter:
-    """``FluxKontextAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return FluxKontextAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(FluxKontextAdapter)

@@ -37,6 +37,7 @@ from twinloss_adapters.base import (
     check_backbone_class,
     check_velocity_channels,
     check_video_latent,
+    pipeline_from_pretrained,
     unadapt,
 )
 from twinloss_adapters.conventions import TimeConvention
@@ -111,8 +112,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return HunyuanVideoAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> HunyuanVideoAdapter:
-    """``HunyuanVideoAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
-    return HunyuanVideoAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(HunyuanVideoAdapter)

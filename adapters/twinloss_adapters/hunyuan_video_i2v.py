@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from twinloss_adapters.base import check_latent_condition, latent_concat_channels, unadapt
+from twinloss_adapters.base import check_latent_condition, latent_concat_channels, unadapt, pipeline_from_pretrained
 from twinloss_adapters.hunyuan_video import HunyuanVideoAdapter
 
 __all__ = ["HunyuanVideoImageToVideoAdapter", "adapt", "from_pretrained", "unadapt"]
@@ -66,8 +66,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return HunyuanVideoImageToVideoAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> HunyuanVideoImageToVideoAdapter:
-    """``HunyuanVideoImageToVideoAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return HunyuanVideoImageToVideoAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(HunyuanVideoImageToVideoAdapter)

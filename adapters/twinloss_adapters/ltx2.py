@@ -43,6 +43,7 @@ from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import (
     AdaptedTransformer,
     check_backbone_class,
+    pipeline_from_pretrained,
     unadapt_transformer,
 )
 from twinloss_adapters.ltx_video import time_embedding_arguments
@@ -218,8 +219,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return LTX2Adapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> LTX2Adapter:
-    """``LTX2Adapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return LTX2Adapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(LTX2Adapter)

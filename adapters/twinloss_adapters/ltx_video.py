@@ -20,7 +20,13 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_video_latent,
+    unadapt,
+    pipeline_from_pretrained,
+)
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_video_patches, unpack_video_patches
 
@@ -138,9 +144,4 @@ def adapt(
     )
 
 
-
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> LTXVideoAdapter:
-    """``LTXVideoAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
-    return LTXVideoAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(LTXVideoAdapter)

@@ -40,7 +40,13 @@ from torch import Tensor, nn
 
 from twinloss._tensors import at_least_float32
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_video_latent,
+    unadapt,
+    pipeline_from_pretrained,
+)
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["WanAdapter", "WanExpertsModel", "adapt", "adapt_experts", "from_pretrained", "from_pretrained_experts", "unadapt"]
@@ -268,9 +274,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return WanAdapter(transformer, target_time=target_time, sign=sign)
 
 
-
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> WanAdapter:
-    """``WanAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
-    return WanAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(WanAdapter)
