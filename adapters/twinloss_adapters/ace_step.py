@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import check_backbone_class, unadapt, pipeline_from_pretrained
+from twinloss_adapters.base import check_backbone_class, pipeline_from_pretrained, unadapt
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.native_flow_map import FlowMapAdapter
 

@@ -32,8 +32,8 @@ from twinloss_adapters.base import (
     check_backbone_class,
     check_velocity_channels,
     check_video_latent,
-    unadapt,
     pipeline_from_pretrained,
+    unadapt,
 )
 from twinloss_adapters.native_flow_map import FlowMapAdapter
 from twinloss_adapters.wan import time_embedding_arguments

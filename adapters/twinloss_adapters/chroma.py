@@ -34,8 +34,8 @@ from twinloss_adapters.base import (
     AdaptedTransformer,
     check_backbone_class,
     check_image_latent,
-    unadapt,
     pipeline_from_pretrained,
+    unadapt,
 )
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import (

@@ -26,8 +26,8 @@ from twinloss_adapters.base import (
     AdaptedTransformer,
     check_backbone_class,
     check_image_latent,
-    unadapt,
     pipeline_from_pretrained,
+    unadapt,
 )
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_image_patches, patch_grid_ids, unpack_image_patches

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import unadapt, pipeline_from_pretrained
+from twinloss_adapters.base import pipeline_from_pretrained, unadapt
 from twinloss_adapters.flux import PACKING_PATCH, FluxAdapter
 from twinloss_adapters.packing import (
     pack_image_patches,

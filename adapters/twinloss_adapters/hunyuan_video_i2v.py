@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from twinloss_adapters.base import check_latent_condition, latent_concat_channels, unadapt, pipeline_from_pretrained
+from twinloss_adapters.base import check_latent_condition, latent_concat_channels, pipeline_from_pretrained, unadapt
 from twinloss_adapters.hunyuan_video import HunyuanVideoAdapter
 
 __all__ = ["HunyuanVideoImageToVideoAdapter", "adapt", "from_pretrained", "unadapt"]

@@ -24,8 +24,8 @@ from twinloss_adapters.base import (
     AdaptedTransformer,
     check_backbone_class,
     check_video_latent,
-    unadapt,
     pipeline_from_pretrained,
+    unadapt,
 )
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_video_patches, unpack_video_patches

@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from twinloss_adapters.base import unadapt, pipeline_from_pretrained
+from twinloss_adapters.base import pipeline_from_pretrained, unadapt
 from twinloss_adapters.packing import pack_image_patches, unpack_image_patches
 from twinloss_adapters.qwen_image import UNSUPPORTED_FLAGS, QwenImageAdapter
 
