@@ -38,6 +38,7 @@ from twinloss_adapters.base import (
     unadapt,
 )
 from twinloss_adapters.conventions import TimeConvention
+from twinloss_adapters.flux import PACKING_PATCH, packed_latent_channels  # ChromaPipeline packs as FluxPipeline
 from twinloss_adapters.packing import (
     pack_image_patches,
     patch_grid_ids,
@@ -46,7 +47,6 @@ from twinloss_adapters.packing import (
 
 __all__ = ["ChromaAdapter", "adapt", "from_pretrained", "unadapt"]
 
-PACKING_PATCH = 2  # ChromaPipeline packs 2x2 latent patches outside the transformer
 
 
 def _stock_class() -> type:
@@ -62,14 +62,7 @@ class ChromaAdapter(AdaptedTransformer):
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        if config.patch_size != 1:
-            raise ValueError(f"transformer has patch_size {config.patch_size}; the Chroma pipeline layout needs 1")
-        self.latent_channels = config.in_channels // PACKING_PATCH**2
-        if self.latent_channels * PACKING_PATCH**2 != config.in_channels or transformer.out_channels != config.in_channels:
-            raise ValueError(
-                f"transformer maps {config.in_channels} packed channels to {transformer.out_channels}; "
-                "expected equal counts divisible by 4 (2x2 packing)"
-            )
+        self.latent_channels = packed_latent_channels(transformer, "Chroma")
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1.0),

@@ -37,6 +37,28 @@ __all__ = ["FluxAdapter", "adapt", "from_pretrained", "unadapt"]
 PACKING_PATCH = 2  # FluxPipeline packs 2x2 latent patches outside the transformer
 
 
+def packed_latent_channels(transformer: object, pipeline: str) -> int:
+    """The latent channels ``C`` of a Flux-layout transformer (Flux, Flux Kontext, Chroma).
+
+    Its pipeline packs 2x2 latent patches outside the transformer, so the
+    transformer has ``patch_size = 1`` and ``in_channels = out_channels = 4 C``.
+
+    Raises:
+        ValueError: naming the patch size or the channel counts otherwise;
+            ``pipeline`` names the pipeline in the message.
+    """
+    config = transformer.config
+    if config.patch_size != 1:
+        raise ValueError(f"transformer has patch_size {config.patch_size}; the {pipeline} pipeline layout needs 1")
+    latent_channels = config.in_channels // PACKING_PATCH**2
+    if latent_channels * PACKING_PATCH**2 != config.in_channels or transformer.out_channels != config.in_channels:
+        raise ValueError(
+            f"transformer maps {config.in_channels} packed channels to {transformer.out_channels}; "
+            "expected equal counts divisible by 4 (2x2 packing)"
+        )
+    return latent_channels
+
+
 def _stock_class() -> type:
     return require_diffusers().FluxTransformer2DModel
 
@@ -49,14 +71,7 @@ class FluxAdapter(AdaptedTransformer):
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        if config.patch_size != 1:
-            raise ValueError(f"transformer has patch_size {config.patch_size}; the Flux pipeline layout needs 1")
-        self.latent_channels = config.in_channels // PACKING_PATCH**2
-        if self.latent_channels * PACKING_PATCH**2 != config.in_channels or transformer.out_channels != config.in_channels:
-            raise ValueError(
-                f"transformer maps {config.in_channels} packed channels to {transformer.out_channels}; "
-                "expected equal counts divisible by 4 (2x2 packing)"
-            )
+        self.latent_channels = packed_latent_channels(transformer, "Flux")
         guidance = bool(config.guidance_embeds)
         super().__init__(
             transformer,
