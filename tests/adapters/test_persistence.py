@@ -283,9 +283,14 @@ def _fresh_base(case: BackboneCase, name: str, stock_dir):
 
     if name == "openuni":
         return case.adapt(AutoModel.from_pretrained(str(stock_dir)))
+    return _base_with_options(case, stock_dir)
+
+
+def _base_with_options(case: BackboneCase, stock_dir, **changed: object):
+    """The stock base adapted with the training options, ``changed`` replaced."""
     trained_like = case.adapt(case.build())
     options, _ = split_construction_arguments(trained_like.construction_arguments)
-    return type(trained_like).from_pretrained(stock_dir, **options)
+    return type(trained_like).from_pretrained(stock_dir, **{**options, **changed})
 
 
 @needs_peft
@@ -309,13 +314,6 @@ def test_lora_and_its_ema_reload_onto_a_fresh_stock_base_exactly(name: str, tmp_
 
 # An option of each backbone whose other value gives other outputs: the base adapted with it must be refused.
 LORA_MISMATCHES = {"sana": {"sign": False}, "hunyuan_video15": {"vision_tokens": 2, "target_time": False}}
-
-
-def _base_with_options(case: BackboneCase, stock_dir, **changed: object):
-    """The stock base adapted with the training options, ``changed`` replaced."""
-    trained_like = case.adapt(case.build())
-    options, _ = split_construction_arguments(trained_like.construction_arguments)
-    return type(trained_like).from_pretrained(stock_dir, **{**options, **changed})
 
 
 @needs_peft
