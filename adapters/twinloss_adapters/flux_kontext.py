@@ -19,7 +19,6 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import pipeline_from_pretrained, unadapt
 from twinloss_adapters.flux import PACKING_PATCH, FluxAdapter
 from twinloss_adapters.packing import (
@@ -31,10 +30,6 @@ from twinloss_adapters.packing import (
 __all__ = ["FluxKontextAdapter", "adapt", "from_pretrained", "unadapt"]
 
 REFERENCE_ID = 1.0  # FluxKontextPipeline: image_ids[..., 0] = 1 for the reference tokens
-
-
-def _stock_class() -> type:
-    return require_diffusers().FluxTransformer2DModel
 
 
 class FluxKontextAdapter(FluxAdapter):
