@@ -384,6 +384,7 @@ def pipeline_from_pretrained(adapter_class: type[AdaptedTransformer]) -> Callabl
         f"``{adapter_class.__name__}.from_pretrained`` with a pipeline repository's ``subfolder`` default; "
         "see ``docs/saving.md``."
     )
+    from_pretrained.__qualname__ = "from_pretrained"
     from_pretrained.__module__ = adapter_class.__module__
     return from_pretrained
 

@@ -141,23 +141,6 @@ def adapt(
     return QwenImageAdapter(transformer, target_time=target_time, sign=sign, time_embedding=time_embedding)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str,
-    *,
-    subfolder: str | None = "transformer",
-    time_embedding: str = TWINFLOW_TIME_EMBEDDING,
-    **kwargs: object,
-) -> QwenImageAdapter:
-    """Load a Qwen-Image transformer with ``from_pretrained`` and adapt it.
-
-    With ``time_embedding="twinflow_release"`` the checkpoint is loaded as
-    TwinFlow-Qwen-Image-v1.0: the stock weights into the stock class, the
-    ``time_text_embed_2.*`` weights into the released second embedder (see
-    :func:`twinloss_adapters.releases.load_release`, which raises on missing,
-    mis-shaped or unused keys). The default kind refuses a checkpoint that
-    carries the release's second embedder instead of dropping it.
-    """
-    return releases.from_pretrained(
-        QwenImageAdapter, _stock_class(), QWEN_IMAGE_RELEASE_NAME, pretrained_model_name_or_path,
-        subfolder=subfolder, time_embedding=time_embedding, **kwargs,
-    )
+from_pretrained = releases.pipeline_from_pretrained(
+    QwenImageAdapter, _stock_class, QWEN_IMAGE_RELEASE_NAME, release="TwinFlow-Qwen-Image-v1.0"
+)

@@ -139,24 +139,6 @@ def adapt(
     return ZImageAdapter(transformer, target_time=target_time, sign=sign, time_embedding=time_embedding)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str,
-    *,
-    subfolder: str | None = "transformer",
-    time_embedding: str = TWINFLOW_TIME_EMBEDDING,
-    **kwargs: object,
-) -> ZImageAdapter:
-    """Load a Z-Image transformer with ``from_pretrained`` and adapt it.
-
-    With ``time_embedding="twinflow_release"`` the checkpoint is loaded as
-    TwinFlow-Z-Image-Turbo-exp: the ``t_embedder_2.*`` weights go into the
-    released second embedder (see :func:`twinloss_adapters.releases.load_release`,
-    which raises on missing, mis-shaped or unused keys). The default kind
-    refuses a checkpoint that carries the release's second embedder instead
-    of dropping it. A checkpoint saved by twinloss loads strictly with its
-    saved options (``docs/saving.md``).
-    """
-    return releases.from_pretrained(
-        ZImageAdapter, _stock_class(), Z_IMAGE_RELEASE_NAME, pretrained_model_name_or_path,
-        subfolder=subfolder, time_embedding=time_embedding, **kwargs,
-    )
+from_pretrained = releases.pipeline_from_pretrained(
+    ZImageAdapter, _stock_class, Z_IMAGE_RELEASE_NAME, release="TwinFlow-Z-Image-Turbo-exp"
+)
