@@ -42,6 +42,7 @@ __all__ = [
     "check_same_adapter",
     "load_adapted",
     "load_exactly",
+    "mis_shaped_keys",
     "read_twinloss_config",
     "save_adapted",
     "split_construction_arguments",
@@ -268,6 +269,15 @@ def check_exact_match(expected: Mapping[str, Tensor], found: Mapping[str, Tensor
             f"{what} do not match the adapted model: missing {missing}, unexpected {unexpected}, "
             f"wrong shape {mis_shaped}"
         )
+
+
+def mis_shaped_keys(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], prefix: str = "") -> list[str]:
+    """``"<prefix><key>: <found shape>, expected <expected shape>"`` for each key of both whose shapes differ."""
+    return [
+        f"{prefix}{key}: {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+        for key, value in found.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
 
 
 def load_exactly(module: nn.Module, expected: Mapping[str, Tensor], found: Mapping[str, Tensor], what: str) -> None:

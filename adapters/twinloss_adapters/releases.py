@@ -176,11 +176,7 @@ def load_release(
     hub = persistence.hub_arguments(kwargs)
     files = persistence.weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("variant"), hub)
     loaded = {key: value for key, value in persistence.read_tensors(files, tuple(present)).items() if key in present}
-    mis_shaped = [
-        f"{key}: {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-        for key, value in loaded.items()
-        if value.shape != expected[key].shape
-    ]
+    mis_shaped = persistence.mis_shaped_keys(expected, loaded)
     if mis_shaped:
         raise ValueError(f"checkpoint {pretrained_model_name_or_path!r} has mis-shaped release keys {mis_shaped}")
     adapted.load_state_dict(
