@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import check_backbone_class, unadapt
+from twinloss_adapters.base import check_backbone_class, pipeline_from_pretrained, unadapt
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.native_flow_map import FlowMapAdapter
 
@@ -109,8 +109,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return AceStepAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> AceStepAdapter:
-    """``AceStepAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return AceStepAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(AceStepAdapter)

@@ -28,9 +28,15 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import check_backbone_class, check_video_latent, unadapt
-from twinloss_adapters.conventions import TimeConvention
+from twinloss_adapters.base import (
+    check_backbone_class,
+    check_velocity_channels,
+    check_video_latent,
+    pipeline_from_pretrained,
+    unadapt,
+)
 from twinloss_adapters.native_flow_map import FlowMapAdapter
+from twinloss_adapters.wan import time_embedding_arguments
 
 __all__ = ["AnyFlowAdapter", "adapt", "from_pretrained", "unadapt"]
 
@@ -54,21 +60,12 @@ class AnyFlowAdapter(FlowMapAdapter):
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        if config.out_channels not in (None, config.in_channels):
-            raise ValueError(
-                f"transformer maps {config.in_channels} latent channels to {config.out_channels}; expected equal counts"
-            )
+        check_velocity_channels(config.in_channels, config.out_channels or config.in_channels)
         if config.image_dim is not None:
             self.required_cond = ("encoder_hidden_states", "encoder_hidden_states_image")
         self.latent_channels = config.in_channels
         super().__init__(
-            transformer,
-            time_convention=TimeConvention(scale=1000.0),
-            embedder_path="condition_embedder.time_embedder",
-            embedding_dim=config.num_attention_heads * config.attention_head_dim,
-            target_time=target_time,
-            sign=sign,
-            per_token_time=True,
+            transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign, per_token_time=True
         )
 
     def check_latent(self, x_t: Tensor) -> None:
@@ -99,8 +96,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return AnyFlowAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> AnyFlowAdapter:
-    """``AnyFlowAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return AnyFlowAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(AnyFlowAdapter)

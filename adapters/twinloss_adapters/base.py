@@ -13,7 +13,7 @@ conditioning keys, a latent-shape check and the stock call (packing included).
 import abc
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -41,6 +41,8 @@ __all__ = [
     "check_time_embedding_kind",
     "check_velocity_channels",
     "check_video_latent",
+    "latent_concat_channels",
+    "pipeline_from_pretrained",
     "unadapt",
     "unadapt_transformer",
 ]
@@ -84,12 +86,16 @@ def check_video_latent(x_t: Tensor, channels: int, patch: tuple[int, int, int], 
         raise ValueError(f"x_t height and width must be multiples of the patch ({patch_h}, {patch_w}), got {(height, width)}")
 
 
-def check_image_latent(x_t: Tensor, channels: int, patch: int, backbone: str) -> None:
-    """Raise ValueError naming ``x_t`` unless it is ``[B, channels, H, W]`` with ``H`` and ``W`` divisible by ``patch``."""
+def check_image_latent(x_t: Tensor, channels: int, patch: int, backbone: str, *, layout: str = "") -> None:
+    """Raise ValueError naming ``x_t`` unless it is ``[B, channels, H, W]`` with ``H`` and ``W`` divisible by ``patch``.
+
+    ``backbone`` names the model in the message; ``layout`` adds a note on the expected latent
+    (e.g. ``" (unpacked latents)"`` where the adapter packs patches itself).
+    """
     if x_t.ndim != 4 or x_t.shape[1] != channels:
-        raise ValueError(f"x_t must be [B, {channels}, H, W] for this {backbone} model, got {tuple(x_t.shape)}")
+        raise ValueError(f"x_t must be [B, {channels}, H, W]{layout} for this {backbone} model, got {tuple(x_t.shape)}")
     if x_t.shape[2] % patch or x_t.shape[3] % patch:
-        raise ValueError(f"x_t height and width must be multiples of patch_size {patch}, got {tuple(x_t.shape)}")
+        raise ValueError(f"x_t height and width must be multiples of {patch} (the patch size), got {tuple(x_t.shape)}")
 
 
 def check_velocity_channels(in_channels: int, out_channels: int) -> None:
@@ -99,6 +105,27 @@ def check_velocity_channels(in_channels: int, out_channels: int) -> None:
             f"transformer predicts {out_channels} channels for {in_channels} input channels; "
             "a velocity must have the latent's shape"
         )
+
+
+def latent_concat_channels(in_channels: int, out_channels: int | None, pipeline: str) -> tuple[int, int]:
+    """``(latent, condition)`` channel counts of a model fed ``[x_t, condition latents, mask]`` along channels.
+
+    Such a model (HunyuanVideo I2V's ``latent_concat``, HunyuanVideo 1.5)
+    predicts the ``C = out_channels`` latent channels from ``in_channels = 2 C + 1``:
+    ``x_t``, the condition latents and a one-channel mask.
+
+    Raises:
+        ValueError: naming the channel counts unless ``in_channels = 2 * out_channels + 1``;
+            ``pipeline`` names who needs that layout.
+    """
+    latent = out_channels or in_channels
+    condition = in_channels - latent
+    if condition != latent + 1:
+        raise ValueError(
+            f"transformer takes {in_channels} channels and predicts {latent}; {pipeline} needs "
+            "in_channels = 2 * out_channels + 1 (latents, condition latents, mask)"
+        )
+    return latent, condition
 
 
 def check_latent_condition(condition: Tensor, channels: int, x_t: Tensor | None = None) -> None:
@@ -129,7 +156,8 @@ class AdaptedTransformer(nn.Module, abc.ABC):
     optional_cond: tuple[str, ...] = ()
     native_target_time: bool = False
     """The stock transformer takes the target time itself (AnyFlow's ``r_timestep``): it keeps that input,
-    and no :class:`~twinloss_adapters.flow_map.FlowMapCall` is installed over it."""
+    no module is added to embed ``r`` (``target_time`` then only says whether ``r != t`` is accepted), and no
+    :class:`~twinloss_adapters.flow_map.FlowMapCall` is installed over it."""
     construction_arguments: dict[str, object]
 
     def __new__(cls, *args: object, **kwargs: object) -> "AdaptedTransformer":
@@ -168,16 +196,22 @@ class AdaptedTransformer(nn.Module, abc.ABC):
                 "per_token_time=True cannot be honoured with time_embedding='twinflow_release': "
                 "the released embeddings add one embedding per batch row"
             )
+        if release is not None and self.native_target_time:
+            raise ValueError(
+                f"time_embedding='twinflow_release' cannot be honoured by {type(self).__name__}: "
+                "its backbone embeds the target time itself"
+            )
         self.transformer = transformer
         self.time_convention = time_convention
         self.capabilities = Capabilities(target_time=target_time, sign=sign, guidance_inputs=guidance_inputs)
         self.time_embedding_kind = TWINFLOW_TIME_EMBEDDING if release is None else RELEASE_TIME_EMBEDDING
+        embeds_target_time = target_time and not self.native_target_time  # a native r goes to the backbone's input
         self.injection: TimeEmbeddingInjection | None = None
         if release is not None:
             self.injection = inject_released_time_embedding(transformer, release, embedding_dim, sign=sign)
-        elif target_time or sign:
+        elif embeds_target_time or sign:
             self.injection = inject_time_embedding(
-                transformer, embedder_path, embedding_dim, target_time=target_time, sign=sign,
+                transformer, embedder_path, embedding_dim, target_time=embeds_target_time, sign=sign,
                 per_token=per_token_time,
             )
         # diffusers' flow-map keyword: transformer(..., timestep=, r_timestep=) in the pipeline's units,
@@ -228,11 +262,21 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         # Full precision for the timestep: each backbone casts it where its own code does.
         timestep = self.time_convention.to_backbone(t.to(at_least_float32(t.dtype)))
         if self.injection is None:
-            prediction = self.run_backbone(x_t, timestep, cond)
+            prediction = self.run_backbone_to(x_t, timestep, r, cond)
         else:
             with self.injection.times(t, r):
-                prediction = self.run_backbone(x_t, timestep, cond)
+                prediction = self.run_backbone_to(x_t, timestep, r, cond)
         return self.time_convention.to_twinloss_velocity(prediction)
+
+    def run_backbone_to(
+        self, x_t: Tensor, timestep: Tensor, r: Float[Tensor, " batch"], cond: Mapping[str, Tensor]
+    ) -> Tensor:
+        """The stock call for a jump to ``r``: :meth:`run_backbone`, ``r`` reaching the model through the injection.
+
+        A native flow-map adapter (:class:`~twinloss_adapters.native_flow_map.FlowMapAdapter`)
+        hands ``r`` to the backbone's own target-time input instead.
+        """
+        return self.run_backbone(x_t, timestep, cond)
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         """Validate conditioning keys and batch dimensions.
@@ -321,6 +365,28 @@ class AdaptedTransformer(nn.Module, abc.ABC):
     def unadapt(self) -> nn.Module:
         """Remove the hook and the added modules; return the stock transformer."""
         return unadapt_transformer(self.transformer)
+
+
+def pipeline_from_pretrained(adapter_class: type[AdaptedTransformer]) -> Callable[..., AdaptedTransformer]:
+    """A backbone module's ``from_pretrained``: ``adapter_class.from_pretrained`` with ``subfolder="transformer"``.
+
+    A pipeline repository keeps the transformer in its ``transformer`` folder;
+    ``AdapterClass.from_pretrained`` follows diffusers' model convention
+    (``subfolder=None``). See ``docs/saving.md``.
+    """
+
+    def from_pretrained(
+        pretrained_model_name_or_path: str | os.PathLike, *, subfolder: str | None = "transformer", **kwargs: object
+    ) -> AdaptedTransformer:
+        return adapter_class.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    from_pretrained.__doc__ = (
+        f"``{adapter_class.__name__}.from_pretrained`` with a pipeline repository's ``subfolder`` default; "
+        "see ``docs/saving.md``."
+    )
+    from_pretrained.__qualname__ = "from_pretrained"
+    from_pretrained.__module__ = adapter_class.__module__
+    return from_pretrained
 
 
 def unadapt_transformer(transformer: nn.Module) -> nn.Module:

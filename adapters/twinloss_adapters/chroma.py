@@ -30,8 +30,15 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_image_latent,
+    pipeline_from_pretrained,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
+from twinloss_adapters.flux import PACKING_PATCH, packed_latent_channels  # ChromaPipeline packs as FluxPipeline
 from twinloss_adapters.packing import (
     pack_image_patches,
     patch_grid_ids,
@@ -40,7 +47,6 @@ from twinloss_adapters.packing import (
 
 __all__ = ["ChromaAdapter", "adapt", "from_pretrained", "unadapt"]
 
-PACKING_PATCH = 2  # ChromaPipeline packs 2x2 latent patches outside the transformer
 
 
 def _stock_class() -> type:
@@ -56,14 +62,7 @@ class ChromaAdapter(AdaptedTransformer):
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        if config.patch_size != 1:
-            raise ValueError(f"transformer has patch_size {config.patch_size}; the Chroma pipeline layout needs 1")
-        self.latent_channels = config.in_channels // PACKING_PATCH**2
-        if self.latent_channels * PACKING_PATCH**2 != config.in_channels or transformer.out_channels != config.in_channels:
-            raise ValueError(
-                f"transformer maps {config.in_channels} packed channels to {transformer.out_channels}; "
-                "expected equal counts divisible by 4 (2x2 packing)"
-            )
+        self.latent_channels = packed_latent_channels(transformer, "Chroma")
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1.0),
@@ -75,13 +74,7 @@ class ChromaAdapter(AdaptedTransformer):
         )
 
     def check_latent(self, x_t: Tensor) -> None:
-        if x_t.ndim != 4 or x_t.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"x_t must be [B, {self.latent_channels}, H, W] (unpacked latents) for this Chroma model, "
-                f"got {tuple(x_t.shape)}"
-            )
-        if x_t.shape[2] % PACKING_PATCH or x_t.shape[3] % PACKING_PATCH:
-            raise ValueError(f"x_t height and width must be even for 2x2 packing, got {tuple(x_t.shape)}")
+        check_image_latent(x_t, self.latent_channels, PACKING_PATCH, "Chroma", layout=" (unpacked latents)")
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         super().check_cond(cond, batch_size)
@@ -120,8 +113,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return ChromaAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> ChromaAdapter:
-    """``ChromaAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return ChromaAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(ChromaAdapter)

@@ -22,13 +22,41 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_image_latent,
+    pipeline_from_pretrained,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_image_patches, patch_grid_ids, unpack_image_patches
 
 __all__ = ["FluxAdapter", "adapt", "from_pretrained", "unadapt"]
 
 PACKING_PATCH = 2  # FluxPipeline packs 2x2 latent patches outside the transformer
+
+
+def packed_latent_channels(transformer: object, pipeline: str) -> int:
+    """The latent channels ``C`` of a Flux-layout transformer (Flux, Flux Kontext, Chroma).
+
+    Its pipeline packs 2x2 latent patches outside the transformer, so the
+    transformer has ``patch_size = 1`` and ``in_channels = out_channels = 4 C``.
+
+    Raises:
+        ValueError: naming the patch size or the channel counts otherwise;
+            ``pipeline`` names the pipeline in the message.
+    """
+    config = transformer.config
+    if config.patch_size != 1:
+        raise ValueError(f"transformer has patch_size {config.patch_size}; the {pipeline} pipeline layout needs 1")
+    latent_channels = config.in_channels // PACKING_PATCH**2
+    if latent_channels * PACKING_PATCH**2 != config.in_channels or transformer.out_channels != config.in_channels:
+        raise ValueError(
+            f"transformer maps {config.in_channels} packed channels to {transformer.out_channels}; "
+            "expected equal counts divisible by 4 (2x2 packing)"
+        )
+    return latent_channels
 
 
 def _stock_class() -> type:
@@ -43,14 +71,7 @@ class FluxAdapter(AdaptedTransformer):
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        if config.patch_size != 1:
-            raise ValueError(f"transformer has patch_size {config.patch_size}; the Flux pipeline layout needs 1")
-        self.latent_channels = config.in_channels // PACKING_PATCH**2
-        if self.latent_channels * PACKING_PATCH**2 != config.in_channels or transformer.out_channels != config.in_channels:
-            raise ValueError(
-                f"transformer maps {config.in_channels} packed channels to {transformer.out_channels}; "
-                "expected equal counts divisible by 4 (2x2 packing)"
-            )
+        self.latent_channels = packed_latent_channels(transformer, "Flux")
         guidance = bool(config.guidance_embeds)
         super().__init__(
             transformer,
@@ -63,13 +84,7 @@ class FluxAdapter(AdaptedTransformer):
         )
 
     def check_latent(self, x_t: Tensor) -> None:
-        if x_t.ndim != 4 or x_t.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"x_t must be [B, {self.latent_channels}, H, W] (unpacked latents) for this Flux model, "
-                f"got {tuple(x_t.shape)}"
-            )
-        if x_t.shape[2] % PACKING_PATCH or x_t.shape[3] % PACKING_PATCH:
-            raise ValueError(f"x_t height and width must be even for 2x2 packing, got {tuple(x_t.shape)}")
+        check_image_latent(x_t, self.latent_channels, PACKING_PATCH, "Flux", layout=" (unpacked latents)")
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         _, _, height, width = x_t.shape
@@ -99,9 +114,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return FluxAdapter(transformer, target_time=target_time, sign=sign)
 
 
-
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> FluxAdapter:
-    """``FluxAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
-    return FluxAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(FluxAdapter)

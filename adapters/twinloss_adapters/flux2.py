@@ -31,7 +31,13 @@ from einops import rearrange
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_image_latent,
+    pipeline_from_pretrained,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["Flux2Adapter", "adapt", "flux2_position_ids", "from_pretrained", "unadapt"]
@@ -78,12 +84,8 @@ class Flux2Adapter(AdaptedTransformer):
         )
 
     def check_latent(self, x_t: Tensor) -> None:
-        channels = self.transformer.config.in_channels
-        if x_t.ndim != 4 or x_t.shape[1] != channels:
-            raise ValueError(
-                f"x_t must be [B, {channels}, H, W] (the pipeline's patchified latent) for this FLUX.2 model, "
-                f"got {tuple(x_t.shape)}"
-            )
+        channels = self.transformer.config.in_channels  # patch_size 1: any height and width
+        check_image_latent(x_t, channels, 1, "FLUX.2", layout=" (the pipeline's patchified latent)")
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         super().check_cond(cond, batch_size)
@@ -131,8 +133,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return Flux2Adapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> Flux2Adapter:
-    """``Flux2Adapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return Flux2Adapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(Flux2Adapter)

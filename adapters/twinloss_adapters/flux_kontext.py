@@ -19,8 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import unadapt
+from twinloss_adapters.base import pipeline_from_pretrained, unadapt
 from twinloss_adapters.flux import PACKING_PATCH, FluxAdapter
 from twinloss_adapters.packing import (
     pack_image_patches,
@@ -31,10 +30,6 @@ from twinloss_adapters.packing import (
 __all__ = ["FluxKontextAdapter", "adapt", "from_pretrained", "unadapt"]
 
 REFERENCE_ID = 1.0  # FluxKontextPipeline: image_ids[..., 0] = 1 for the reference tokens
-
-
-def _stock_class() -> type:
-    return require_diffusers().FluxTransformer2DModel
 
 
 class FluxKontextAdapter(FluxAdapter):
@@ -90,8 +85,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return FluxKontextAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> FluxKontextAdapter:
-    """``FluxKontextAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return FluxKontextAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(FluxKontextAdapter)

@@ -36,6 +36,7 @@ from twinloss_adapters.base import (
     check_backbone_class,
     check_image_latent,
     check_velocity_channels,
+    pipeline_from_pretrained,
     unadapt,
 )
 from twinloss_adapters.conventions import TimeConvention
@@ -116,8 +117,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return HiDreamAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> HiDreamAdapter:
-    """``HiDreamAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return HiDreamAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(HiDreamAdapter)

@@ -32,7 +32,14 @@ import torch
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_velocity_channels,
+    check_video_latent,
+    pipeline_from_pretrained,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["HunyuanVideoAdapter", "adapt", "from_pretrained", "unadapt"]
@@ -53,16 +60,7 @@ class HunyuanVideoAdapter(AdaptedTransformer):
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        if config.image_condition_type is not None:
-            raise ValueError(
-                f"transformer has image_condition_type={config.image_condition_type!r} (an image-to-video variant); "
-                "the HunyuanVideo adapter supports the text-to-video model (image_condition_type=None)"
-            )
-        if config.out_channels not in (None, config.in_channels):
-            raise ValueError(
-                f"transformer maps {config.in_channels} latent channels to {config.out_channels}; expected equal counts"
-            )
-        self.latent_channels = config.in_channels
+        self._read_channels(config)
         self.patch, self.patch_t = config.patch_size, config.patch_size_t
         super().__init__(
             transformer,
@@ -73,6 +71,16 @@ class HunyuanVideoAdapter(AdaptedTransformer):
             sign=sign,
             guidance_inputs=("guidance",) if config.guidance_embeds else (),
         )
+
+    def _read_channels(self, config: object) -> None:
+        """Check the text-to-video channel layout and set ``latent_channels`` (the image-to-video adapter overrides it)."""
+        if config.image_condition_type is not None:
+            raise ValueError(
+                f"transformer has image_condition_type={config.image_condition_type!r} (an image-to-video variant); "
+                "the HunyuanVideo adapter supports the text-to-video model (image_condition_type=None)"
+            )
+        check_velocity_channels(config.in_channels, config.out_channels or config.in_channels)
+        self.latent_channels = config.in_channels
 
     def check_latent(self, x_t: Tensor) -> None:
         check_video_latent(x_t, self.latent_channels, (self.patch_t, self.patch, self.patch), "HunyuanVideo")
@@ -104,8 +112,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return HunyuanVideoAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> HunyuanVideoAdapter:
-    """``HunyuanVideoAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
-    return HunyuanVideoAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(HunyuanVideoAdapter)

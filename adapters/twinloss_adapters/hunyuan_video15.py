@@ -40,6 +40,7 @@ from twinloss_adapters.base import (
     check_backbone_class,
     check_latent_condition,
     check_video_latent,
+    latent_concat_channels,
     unadapt,
 )
 from twinloss_adapters.conventions import TimeConvention
@@ -67,13 +68,9 @@ class _HunyuanVideo15Inputs:
         if vision_tokens < 1:
             raise ValueError(f"vision_tokens must be positive, got {vision_tokens}")
         config = transformer.config
-        self.latent_channels = config.out_channels or config.in_channels
-        self.condition_channels = config.in_channels - self.latent_channels
-        if self.condition_channels != self.latent_channels + 1:
-            raise ValueError(
-                f"transformer takes {config.in_channels} channels and predicts {self.latent_channels}; the "
-                "HunyuanVideo 1.5 pipelines need in_channels = 2 * out_channels + 1 (latents, condition, mask)"
-            )
+        self.latent_channels, self.condition_channels = latent_concat_channels(
+            config.in_channels, config.out_channels, "the HunyuanVideo 1.5 pipeline"
+        )
         self.vision_tokens = vision_tokens
 
     @staticmethod

@@ -24,21 +24,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import (
-    AdaptedTransformer,
-    check_backbone_class,
-    check_latent_condition,
-    unadapt,
-)
-from twinloss_adapters.conventions import TimeConvention
+from twinloss_adapters.base import check_latent_condition, latent_concat_channels, pipeline_from_pretrained, unadapt
 from twinloss_adapters.hunyuan_video import HunyuanVideoAdapter
 
 __all__ = ["HunyuanVideoImageToVideoAdapter", "adapt", "from_pretrained", "unadapt"]
-
-
-def _stock_class() -> type:
-    return require_diffusers().HunyuanVideoTransformer3DModel
 
 
 class HunyuanVideoImageToVideoAdapter(HunyuanVideoAdapter):
@@ -46,32 +35,14 @@ class HunyuanVideoImageToVideoAdapter(HunyuanVideoAdapter):
 
     required_cond = ("encoder_hidden_states", "pooled_projections", "latent_condition")
 
-    def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
-        check_backbone_class(transformer, _stock_class())
-        config = transformer.config
+    def _read_channels(self, config: object) -> None:
         if config.image_condition_type != "latent_concat":
             raise ValueError(
                 f"transformer has image_condition_type={config.image_condition_type!r}; this adapter serves "
                 "'latent_concat' (use twinloss_adapters.hunyuan_video for text-to-video; 'token_replace' is unsupported)"
             )
-        self.latent_channels = config.out_channels or config.in_channels
-        self.condition_channels = config.in_channels - self.latent_channels
-        if self.condition_channels != self.latent_channels + 1:
-            raise ValueError(
-                f"transformer takes {config.in_channels} channels and predicts {self.latent_channels}; "
-                "latent_concat needs in_channels = 2 * out_channels + 1 (latents, image latents, mask)"
-            )
-        self.patch, self.patch_t = config.patch_size, config.patch_size_t
-        # HunyuanVideoAdapter.__init__ holds the text-to-video checks; the rest of its setup is the base class's.
-        AdaptedTransformer.__init__(
-            self,
-            transformer,
-            time_convention=TimeConvention(scale=1000.0),
-            embedder_path="time_text_embed.timestep_embedder",
-            embedding_dim=config.num_attention_heads * config.attention_head_dim,
-            target_time=target_time,
-            sign=sign,
-            guidance_inputs=("guidance",) if config.guidance_embeds else (),
+        self.latent_channels, self.condition_channels = latent_concat_channels(
+            config.in_channels, config.out_channels, "latent_concat"
         )
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
@@ -95,8 +66,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return HunyuanVideoImageToVideoAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> HunyuanVideoImageToVideoAdapter:
-    """``HunyuanVideoImageToVideoAdapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return HunyuanVideoImageToVideoAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(HunyuanVideoImageToVideoAdapter)

@@ -20,14 +20,18 @@ copy of the base weights:
 
 Saving (``docs/saving.md``): ``peft_model.save_pretrained(d)`` writes the
 trained adapter (LoRA plus the twin modules) to ``d`` and, once a
-:class:`LoRAEMATeacher` has attached, the EMA adapter to ``d/twinflow_ema``.
-:func:`load_lora` puts either onto a freshly adapted stock base, checking that
+:class:`LoRAEMATeacher` has attached, the EMA adapter to ``d/twinflow_ema``;
+next to each, a ``twinloss_config.json`` records the adapter class and its
+options. :func:`load_lora` puts either onto a freshly adapted stock base,
+checking that the base was adapted with the saved class and options and that
 every LoRA and twin weight is there; :func:`save_merged` writes a plain
 checkpoint with the LoRA fused in, loaded by the adapter's ``from_pretrained``.
 """
 
 import contextlib
 import copy
+import functools
+import inspect
 import os
 from collections.abc import Iterator
 
@@ -69,7 +73,38 @@ def add_lora(adapted: nn.Module, config: object, *, adapter_name: str = "default
     config = copy.deepcopy(config)
     config.modules_to_save = sorted(set(config.modules_to_save or ()) | set(_extra_module_names(adapted)))
     adapted.requires_grad_(False)
-    return peft.get_peft_model(adapted, config, adapter_name=adapter_name)
+    model = peft.get_peft_model(adapted, config, adapter_name=adapter_name)
+    model.__class__ = _saving_adapter_options(type(model))
+    return model
+
+
+@functools.cache
+def _saving_adapter_options(peft_class: type) -> type:
+    """``peft_class`` whose ``save_pretrained`` also writes the adapter's ``twinloss_config.json`` next to each LoRA.
+
+    peft saves the LoRA and the twin modules but not how the base was adapted
+    (``target_time``, ``sign``, HunyuanVideo 1.5's ``vision_tokens``, ...);
+    the file, in the layout of :func:`twinloss_adapters.persistence.adapter_description`,
+    lets :func:`load_lora` refuse a base adapted otherwise.
+    """
+
+    class TwinLossPeftModel(peft_class):
+        def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
+            from twinloss_adapters.persistence import adapter_description, write_twinloss_config
+
+            description = adapter_description(self.get_base_model())  # an unstorable option raises before writing
+            arguments = inspect.signature(peft_class.save_pretrained).bind(self, save_directory, *args, **kwargs)
+            arguments.apply_defaults()
+            super().save_pretrained(save_directory, *args, **kwargs)
+            if not arguments.arguments["is_main_process"]:
+                return
+            for name in arguments.arguments["selected_adapters"] or list(self.peft_config):
+                # peft's folder for each adapter: the default one at the top, any other in a folder of its name
+                folder = save_directory if name == "default" else os.path.join(save_directory, name)
+                write_twinloss_config(folder, description)
+
+    TwinLossPeftModel.__name__ = TwinLossPeftModel.__qualname__ = f"TwinLoss{peft_class.__name__}"
+    return TwinLossPeftModel
 
 
 def _extra_module_names(adapted: AdaptedTransformer) -> list[str]:
@@ -114,18 +149,25 @@ def load_lora(
         The ``peft.PeftModel``; call it like the adapted model.
 
     Raises:
-        ValueError: if the saved config is not a LoRA config, its
+        ValueError: if the saved config is not a LoRA config, the saved
+            ``twinloss_config.json`` names another adapter class or other
+            option values than ``adapted``'s (naming each), its
             ``modules_to_save`` lacks the adapter's modules, or the weights do
-            not match the model (naming the keys).
+            not match the model (naming the keys). A folder without
+            ``twinloss_config.json`` (saved before twinloss wrote it) is not
+            compared.
     """
     peft = require_peft()
-    from twinloss_adapters.persistence import check_exact_match
+    from twinloss_adapters.persistence import check_exact_match, check_same_adapter, hub_arguments, read_twinloss_config
 
     config = peft.PeftConfig.from_pretrained(str(model_id), **hub_kwargs)
     if not isinstance(config, peft.LoraConfig):
         raise ValueError(f"{model_id} holds a {type(config).__name__}, expected a LoRA adapter (LoraConfig)")
     if not isinstance(adapted, AdaptedTransformer):
         raise ValueError(f"adapted must be a model returned by adapt() or from_pretrained(), got {type(adapted).__name__}")
+    saved_adapter = read_twinloss_config(model_id, hub_kwargs.get("subfolder"), hub_arguments(hub_kwargs))
+    if saved_adapter is not None:  # LoRA folders saved before twinloss wrote it have none: nothing to compare
+        check_same_adapter(saved_adapter, adapted, f"the LoRA in {model_id}")
     absent = sorted(set(_extra_module_names(adapted)) - set(config.modules_to_save or ()))
     if absent:
         raise ValueError(

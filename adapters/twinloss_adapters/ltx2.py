@@ -43,9 +43,10 @@ from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import (
     AdaptedTransformer,
     check_backbone_class,
+    pipeline_from_pretrained,
     unadapt_transformer,
 )
-from twinloss_adapters.conventions import TimeConvention
+from twinloss_adapters.ltx_video import time_embedding_arguments
 from twinloss_adapters.packing import pack_video_patches, unpack_video_patches
 from twinloss_adapters.time_embedding import (
     DEFAULT_MODULE_NAME,
@@ -119,14 +120,7 @@ class LTX2Adapter(AdaptedTransformer):
                 f"{config.audio_in_channels}->{config.audio_out_channels}; the joint token layout needs one width"
             )
         self.token_width = config.in_channels
-        super().__init__(
-            transformer,
-            time_convention=TimeConvention(scale=1000.0),
-            embedder_path="time_embed.emb.timestep_embedder",
-            embedding_dim=config.num_attention_heads * config.attention_head_dim,
-            target_time=target_time,
-            sign=sign,
-        )
+        super().__init__(transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign)
         self.audio_injection = None
         if target_time or sign:
             self.audio_injection = inject_time_embedding(
@@ -225,8 +219,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return LTX2Adapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> LTX2Adapter:
-    """``LTX2Adapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return LTX2Adapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(LTX2Adapter)

@@ -20,11 +20,30 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_video_latent,
+    pipeline_from_pretrained,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 from twinloss_adapters.packing import pack_video_patches, unpack_video_patches
 
 __all__ = ["LTXVideoAdapter", "adapt", "from_pretrained", "unadapt"]
+
+
+def time_embedding_arguments(config: object) -> dict[str, object]:
+    """Where an LTX transformer (LTX-Video, LTX-2's video stream) takes the TwinFlow embeddings, and its time units.
+
+    ``timestep = 1000 t``; ``time_embed.emb.timestep_embedder`` returns the
+    embedding of width ``num_attention_heads * attention_head_dim``.
+    """
+    return {
+        "time_convention": TimeConvention(scale=1000.0),
+        "embedder_path": "time_embed.emb.timestep_embedder",
+        "embedding_dim": config.num_attention_heads * config.attention_head_dim,
+    }
 
 
 def _stock_class() -> type:
@@ -79,14 +98,7 @@ class LTXVideoAdapter(AdaptedTransformer):
             float(vae_spatial_compression),
             float(vae_spatial_compression),
         )
-        super().__init__(
-            transformer,
-            time_convention=TimeConvention(scale=1000.0),
-            embedder_path="time_embed.emb.timestep_embedder",
-            embedding_dim=config.num_attention_heads * config.attention_head_dim,
-            target_time=target_time,
-            sign=sign,
-        )
+        super().__init__(transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign)
 
     def check_latent(self, x_t: Tensor) -> None:
         check_video_latent(x_t, self.latent_channels, (self.patch_t, self.patch, self.patch), "LTX-Video")
@@ -132,9 +144,4 @@ def adapt(
     )
 
 
-
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> LTXVideoAdapter:
-    """``LTXVideoAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
-    return LTXVideoAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(LTXVideoAdapter)

@@ -30,6 +30,7 @@ from twinloss_adapters.base import (
     check_backbone_class,
     check_image_latent,
     check_velocity_channels,
+    pipeline_from_pretrained,
     unadapt,
 )
 from twinloss_adapters.conventions import TimeConvention
@@ -90,8 +91,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return Lumina2Adapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> Lumina2Adapter:
-    """``Lumina2Adapter.from_pretrained`` with a pipeline repository\'s ``subfolder`` default; see ``docs/saving.md``."""
-    return Lumina2Adapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(Lumina2Adapter)

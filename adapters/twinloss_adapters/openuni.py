@@ -45,6 +45,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from twinloss_adapters.base import check_backbone_class, unadapt
+from twinloss_adapters.persistence import mis_shaped_keys
 from twinloss_adapters.sana import SanaAdapter, _stock_class
 
 __all__ = [
@@ -313,13 +314,9 @@ def _check_matches(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], 
             f"checkpoint's {prefix}* keys do not match the model: missing {[prefix + k for k in missing][:5]}, "
             f"unexpected {[prefix + k for k in unexpected][:5]}"
         )
-    mismatched = [
-        f"{prefix}{key}: {tuple(value.shape)} vs {tuple(expected[key].shape)}"
-        for key, value in state.items()
-        if value.shape != expected[key].shape
-    ]
+    mismatched = mis_shaped_keys(expected, state, prefix)
     if mismatched:
-        raise ValueError(f"checkpoint shapes do not match the model (checkpoint vs model): {mismatched[:5]}")
+        raise ValueError(f"checkpoint shapes do not match the model: {mismatched[:5]}")
 
 
 def _load_exactly(module: nn.Module, state: Mapping[str, Tensor], prefix: str) -> None:

@@ -37,11 +37,16 @@ from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME
 __all__ = [
     "EXTRAS_WEIGHTS_NAME",
     "TWINLOSS_CONFIG_NAME",
+    "adapter_description",
     "check_exact_match",
+    "check_same_adapter",
     "load_adapted",
     "load_exactly",
+    "mis_shaped_keys",
+    "read_twinloss_config",
     "save_adapted",
     "split_construction_arguments",
+    "write_twinloss_config",
 ]
 
 TWINLOSS_CONFIG_NAME = "twinloss_config.json"
@@ -56,6 +61,8 @@ HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "
 def hub_arguments(kwargs: Mapping[str, object]) -> dict[str, object]:
     """The ``from_pretrained`` keyword arguments in ``kwargs`` that also locate a checkpoint's files."""
     return {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
+
+
 JSON_SCALARS = (bool, int, float, str, type(None))
 
 
@@ -148,7 +155,7 @@ def save_adapted(adapted: nn.Module, save_directory: str | os.PathLike, **kwargs
             "push_to_hub=True would upload only the stock transformer files, not twinloss_config.json; "
             "save, then upload the whole directory (huggingface_hub.upload_folder)"
         )
-    options, module_arguments = split_construction_arguments(adapted.construction_arguments)
+    description = adapter_description(adapted)  # before writing anything: an unstorable argument raises here
     adapted.transformer.save_pretrained(save_directory, **kwargs)
     if not kwargs.get("is_main_process", True):
         return
@@ -160,14 +167,31 @@ def save_adapted(adapted: nn.Module, save_directory: str | os.PathLike, **kwargs
         (directory / EXTRAS_WEIGHTS_NAME).unlink(missing_ok=True)  # a stale one from an earlier save
     prefixes = _transformer_prefixes(adapted)
     config = {
+        **description,
+        "twin_keys": sorted(k for k in adapted.transformer.state_dict() if k.startswith(prefixes)),
+        "extra_keys": sorted(extras),
+    }
+    write_twinloss_config(directory, config)
+
+
+def adapter_description(adapted: nn.Module) -> dict[str, object]:
+    """The part of ``twinloss_config.json`` that rebuilds the adapter: its class, JSON options and module arguments.
+
+    Raises:
+        ValueError: naming an adapter argument that cannot be stored.
+    """
+    options, module_arguments = split_construction_arguments(adapted.construction_arguments)
+    return {
         "format_version": FORMAT_VERSION,
         "adapter": adapter_qualname(type(adapted)),
         "options": options,
         "module_arguments": module_arguments,
-        "twin_keys": sorted(k for k in adapted.transformer.state_dict() if k.startswith(prefixes)),
-        "extra_keys": sorted(extras),
     }
-    (directory / TWINLOSS_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_twinloss_config(directory: str | os.PathLike, config: Mapping[str, object]) -> None:
+    """Write ``config`` as ``directory/twinloss_config.json`` (read back by :func:`read_twinloss_config`)."""
+    (Path(directory) / TWINLOSS_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --- locating files, local or on the Hub -----------------------------------------------------
@@ -247,6 +271,15 @@ def check_exact_match(expected: Mapping[str, Tensor], found: Mapping[str, Tensor
         )
 
 
+def mis_shaped_keys(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], prefix: str = "") -> list[str]:
+    """``"<prefix><key>: <found shape>, expected <expected shape>"`` for each key of both whose shapes differ."""
+    return [
+        f"{prefix}{key}: {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+        for key, value in found.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+
+
 def load_exactly(module: nn.Module, expected: Mapping[str, Tensor], found: Mapping[str, Tensor], what: str) -> None:
     """Load ``found`` into ``module`` (keys as in ``module.state_dict()``) only if it matches ``expected`` exactly.
 
@@ -273,6 +306,32 @@ def read_twinloss_config(
             f"this twinloss reads {FORMAT_VERSION}"
         )
     return config
+
+
+def check_same_adapter(config: Mapping[str, object], adapted: nn.Module, what: str) -> None:
+    """Raise ValueError unless ``adapted`` was built as the saved adapter of ``config`` (class, options, modules).
+
+    The message names the adapter class if it differs and every option whose
+    saved value differs from ``adapted``'s (an option only one side has counts
+    as differing), so nothing is loaded onto a base that computes otherwise.
+    """
+    current = adapter_description(adapted)
+    problems = []
+    if config["adapter"] != current["adapter"]:
+        problems.append(f"adapter class (saved {config['adapter']}, base {current['adapter']})")
+    saved_options, options = config["options"], current["options"]
+    absent = "<absent>"
+    for name in sorted(set(saved_options) | set(options)):
+        saved, base = saved_options.get(name, absent), options.get(name, absent)
+        if saved != base:
+            problems.append(f"{name} (saved {saved!r}, base {base!r})")
+    if sorted(config["module_arguments"]) != current["module_arguments"]:
+        problems.append(f"module arguments (saved {config['module_arguments']}, base {current['module_arguments']})")
+    if problems:
+        raise ValueError(
+            f"{what} was saved from an adapter built otherwise than the base it is loaded onto: "
+            f"{'; '.join(problems)}; adapt the base with the saved options"
+        )
 
 
 def _adapter_arguments(

@@ -37,6 +37,7 @@ from twinloss_adapters.base import (
     TWINFLOW_TIME_EMBEDDING,
     AdaptedTransformer,
     check_backbone_class,
+    check_image_latent,
     check_time_embedding_kind,
     unadapt,
 )
@@ -97,13 +98,7 @@ class QwenImageAdapter(AdaptedTransformer):
 
     def check_latent(self, x_t: Tensor) -> None:
         patch = self.transformer.config.patch_size
-        if x_t.ndim != 4 or x_t.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"x_t must be [B, {self.latent_channels}, H, W] (unpacked latents) for this Qwen-Image model, "
-                f"got {tuple(x_t.shape)}"
-            )
-        if x_t.shape[2] % patch or x_t.shape[3] % patch:
-            raise ValueError(f"x_t height and width must be multiples of {patch} for patch packing, got {tuple(x_t.shape)}")
+        check_image_latent(x_t, self.latent_channels, patch, "Qwen-Image", layout=" (unpacked latents)")
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         patch = self.transformer.config.patch_size
@@ -146,23 +141,6 @@ def adapt(
     return QwenImageAdapter(transformer, target_time=target_time, sign=sign, time_embedding=time_embedding)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str,
-    *,
-    subfolder: str | None = "transformer",
-    time_embedding: str = TWINFLOW_TIME_EMBEDDING,
-    **kwargs: object,
-) -> QwenImageAdapter:
-    """Load a Qwen-Image transformer with ``from_pretrained`` and adapt it.
-
-    With ``time_embedding="twinflow_release"`` the checkpoint is loaded as
-    TwinFlow-Qwen-Image-v1.0: the stock weights into the stock class, the
-    ``time_text_embed_2.*`` weights into the released second embedder (see
-    :func:`twinloss_adapters.releases.load_release`, which raises on missing,
-    mis-shaped or unused keys). The default kind refuses a checkpoint that
-    carries the release's second embedder instead of dropping it.
-    """
-    return releases.from_pretrained(
-        QwenImageAdapter, _stock_class(), QWEN_IMAGE_RELEASE_NAME, pretrained_model_name_or_path,
-        subfolder=subfolder, time_embedding=time_embedding, **kwargs,
-    )
+from_pretrained = releases.pipeline_from_pretrained(
+    QwenImageAdapter, _stock_class, QWEN_IMAGE_RELEASE_NAME, release="TwinFlow-Qwen-Image-v1.0"
+)

@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from twinloss_adapters.base import unadapt
+from twinloss_adapters.base import pipeline_from_pretrained, unadapt
 from twinloss_adapters.packing import pack_image_patches, unpack_image_patches
 from twinloss_adapters.qwen_image import UNSUPPORTED_FLAGS, QwenImageAdapter
 
@@ -120,8 +120,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return QwenImageEditAdapter(transformer, target_time=target_time, sign=sign)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> QwenImageEditAdapter:
-    """``QwenImageEditAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
-    return QwenImageEditAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(QwenImageEditAdapter)

@@ -15,11 +15,12 @@ from torch import nn
 
 from twinloss_adapters.base import (
     RELEASE_TIME_EMBEDDING,
+    TWINFLOW_TIME_EMBEDDING,
     AdaptedTransformer,
     check_time_embedding_kind,
 )
 
-__all__ = ["from_pretrained", "load_release"]
+__all__ = ["from_pretrained", "load_release", "pipeline_from_pretrained"]
 
 
 
@@ -79,6 +80,45 @@ def from_pretrained(
     )
 
 
+def pipeline_from_pretrained(
+    adapter_class: type[AdaptedTransformer], stock_class: Callable[[], type], second_name: str, release: str
+) -> Callable[..., AdaptedTransformer]:
+    """A release backbone module's ``from_pretrained``: :func:`from_pretrained` with ``subfolder="transformer"``.
+
+    Args:
+        adapter_class: the backbone's adapter class (takes ``time_embedding=``).
+        stock_class: returns the stock diffusers class (called at load time: diffusers is optional).
+        second_name: the release's second-embedder key prefix (``time_text_embed_2``, ...).
+        release: the release's name, for the docstring.
+    """
+
+    def load(
+        pretrained_model_name_or_path: str,
+        *,
+        subfolder: str | None = "transformer",
+        time_embedding: str = TWINFLOW_TIME_EMBEDDING,
+        **kwargs: object,
+    ) -> AdaptedTransformer:
+        return from_pretrained(
+            adapter_class, stock_class(), second_name, pretrained_model_name_or_path,
+            subfolder=subfolder, time_embedding=time_embedding, **kwargs,
+        )
+
+    load.__doc__ = f"""Load the transformer of a pipeline repository (or ``subfolder``) and adapt it as ``{adapter_class.__name__}``.
+
+    With ``time_embedding="twinflow_release"`` the checkpoint is loaded as
+    {release}: the stock weights into the stock class, the ``{second_name}.*``
+    weights into the released second embedder (see
+    :func:`twinloss_adapters.releases.load_release`, which raises on missing,
+    mis-shaped or unused keys). The default kind refuses a checkpoint that
+    carries the release's second embedder instead of dropping it. A checkpoint
+    saved by twinloss loads strictly with its saved options (``docs/saving.md``).
+    """
+    load.__name__ = load.__qualname__ = "from_pretrained"
+    load.__module__ = adapter_class.__module__
+    return load
+
+
 def load_release(
     stock_class: type,
     adapt: Callable[[nn.Module], AdaptedTransformer],
@@ -136,11 +176,7 @@ def load_release(
     hub = persistence.hub_arguments(kwargs)
     files = persistence.weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("variant"), hub)
     loaded = {key: value for key, value in persistence.read_tensors(files, tuple(present)).items() if key in present}
-    mis_shaped = [
-        f"{key}: {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-        for key, value in loaded.items()
-        if value.shape != expected[key].shape
-    ]
+    mis_shaped = persistence.mis_shaped_keys(expected, loaded)
     if mis_shaped:
         raise ValueError(f"checkpoint {pretrained_model_name_or_path!r} has mis-shaped release keys {mis_shaped}")
     adapted.load_state_dict(

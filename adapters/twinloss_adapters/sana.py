@@ -34,7 +34,14 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_image_latent,
+    check_velocity_channels,
+    pipeline_from_pretrained,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["SanaAdapter", "adapt", "from_pretrained", "unadapt"]
@@ -53,12 +60,7 @@ class SanaAdapter(AdaptedTransformer):
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        out_channels = config.out_channels or config.in_channels
-        if out_channels != config.in_channels:
-            raise ValueError(
-                f"transformer predicts {out_channels} channels for {config.in_channels} input channels; "
-                "a velocity must have the latent's shape"
-            )
+        check_velocity_channels(config.in_channels, config.out_channels or config.in_channels)
         guidance = bool(config.guidance_embeds)
         # SanaSprintPipeline: timestep in [0, 1]; SanaPipeline: 1000 t * timestep_scale.
         time_scale = 1.0 if guidance else 1000.0 * float(config.timestep_scale)
@@ -75,13 +77,7 @@ class SanaAdapter(AdaptedTransformer):
 
     def check_latent(self, x_t: Tensor) -> None:
         config = self.transformer.config
-        patch = config.patch_size
-        if x_t.ndim != 4 or x_t.shape[1] != config.in_channels:
-            raise ValueError(
-                f"x_t must be [B, {config.in_channels}, H, W] for this SANA model, got {tuple(x_t.shape)}"
-            )
-        if x_t.shape[2] % patch or x_t.shape[3] % patch:
-            raise ValueError(f"x_t height and width must be multiples of patch_size {patch}, got {tuple(x_t.shape)}")
+        check_image_latent(x_t, config.in_channels, config.patch_size, "SANA")
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         guidance = cond.get("guidance")
@@ -113,9 +109,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return SanaAdapter(transformer, target_time=target_time, sign=sign)
 
 
-
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> SanaAdapter:
-    """``SanaAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
-    return SanaAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(SanaAdapter)

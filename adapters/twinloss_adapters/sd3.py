@@ -17,7 +17,14 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_image_latent,
+    check_velocity_channels,
+    pipeline_from_pretrained,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["SD3Adapter", "adapt", "from_pretrained", "unadapt"]
@@ -35,11 +42,7 @@ class SD3Adapter(AdaptedTransformer):
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
-        if transformer.out_channels != config.in_channels:
-            raise ValueError(
-                f"transformer predicts {transformer.out_channels} channels for {config.in_channels} input channels; "
-                "a velocity must have the latent's shape"
-            )
+        check_velocity_channels(config.in_channels, transformer.out_channels)
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1000.0),
@@ -52,10 +55,7 @@ class SD3Adapter(AdaptedTransformer):
     def check_latent(self, x_t: Tensor) -> None:
         config = self.transformer.config
         patch = config.patch_size
-        if x_t.ndim != 4 or x_t.shape[1] != config.in_channels:
-            raise ValueError(f"x_t must be [B, {config.in_channels}, H, W] for this SD3 model, got {tuple(x_t.shape)}")
-        if x_t.shape[2] % patch or x_t.shape[3] % patch:
-            raise ValueError(f"x_t height and width must be multiples of patch_size {patch}, got {tuple(x_t.shape)}")
+        check_image_latent(x_t, config.in_channels, patch, "SD3")
         limit = config.pos_embed_max_size
         if limit is not None and max(x_t.shape[2], x_t.shape[3]) // patch > limit:
             raise ValueError(
@@ -82,9 +82,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return SD3Adapter(transformer, target_time=target_time, sign=sign)
 
 
-
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> SD3Adapter:
-    """``SD3Adapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
-    return SD3Adapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(SD3Adapter)

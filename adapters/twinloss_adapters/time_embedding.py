@@ -174,6 +174,10 @@ class TimeEmbeddingInjection:
     train with it. The hook adds the sum of the terms.
     """
 
+    description = "injection"
+    embedding_layout = "[B, D] (hook the inner embedder)"
+    """The embedder output this injection adds to, as its errors name it."""
+
     def __init__(self, root: nn.Module, embedder_path: str, terms: Mapping[str, TimeDelta]) -> None:
         if not terms:
             raise ValueError("terms must name at least one registered module")
@@ -215,14 +219,18 @@ class TimeEmbeddingInjection:
             self._times = previous
 
     def _add_twin_embedding(self, module: nn.Module, args: tuple, output: object) -> object:
+        """The forward hook: the stock embedding plus the terms, inside an adapter call; untouched outside one."""
         if self._times is None:
             return output  # called outside an adapter call: the stock model, untouched
         if not isinstance(output, Tensor):
             raise ValueError(
-                f"{self.embedder_path} returned {type(output).__name__}; the injection needs a module "
-                "that returns the time embedding as one tensor [B, D] (hook the inner embedder)"
+                f"{self.embedder_path} returned {type(output).__name__}; the {self.description} needs a module "
+                f"that returns the time embedding as one tensor {self.embedding_layout}"
             )
-        t, r = self._times
+        return self._add_terms(output, *self._times)
+
+    def _add_terms(self, output: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"]) -> Tensor:
+        """``output + sum of the terms at (t, r)`` for an ``output`` of one embedding per batch row, ``[B, D]``."""
         if output.ndim != 2 or output.shape[0] != t.shape[0]:
             raise ValueError(
                 f"{self.embedder_path} returned shape {tuple(output.shape)}; expected "
@@ -466,15 +474,10 @@ class PerTokenTimeEmbeddingInjection(TimeEmbeddingInjection):
     Created by :func:`inject_time_embedding` with ``per_token=True``.
     """
 
-    def _add_twin_embedding(self, module: nn.Module, args: tuple, output: object) -> object:
-        if self._times is None:
-            return output  # called outside an adapter call: the stock model, untouched
-        if not isinstance(output, Tensor):
-            raise ValueError(
-                f"{self.embedder_path} returned {type(output).__name__}; the per-token injection needs a module "
-                "that returns the time embedding as one tensor [B, L, D] or [B * L, D]"
-            )
-        t, r = self._times
+    description = "per-token injection"
+    embedding_layout = "[B, L, D] or [B * L, D]"
+
+    def _add_terms(self, output: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"]) -> Tensor:
         batch_size = t.shape[0]
         if output.ndim == 3 and output.shape[0] == batch_size:
             tokens = output.shape[1]
@@ -486,9 +489,5 @@ class PerTokenTimeEmbeddingInjection(TimeEmbeddingInjection):
                 f"or [{batch_size} * L, D] (embeddings grouped by batch row)"
             )
         # One row per token, batch-major, each with its row's times: the [B, D] injection does the rest.
-        self._times = (t.repeat_interleave(tokens), r.repeat_interleave(tokens))
-        try:
-            flat = super()._add_twin_embedding(module, args, output.reshape(batch_size * tokens, output.shape[-1]))
-        finally:
-            self._times = (t, r)
-        return flat.reshape(output.shape)
+        flat = output.reshape(batch_size * tokens, output.shape[-1])
+        return super()._add_terms(flat, t.repeat_interleave(tokens), r.repeat_interleave(tokens)).reshape(output.shape)

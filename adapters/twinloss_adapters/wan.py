@@ -40,10 +40,29 @@ from torch import Tensor, nn
 
 from twinloss._tensors import at_least_float32
 from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import AdaptedTransformer, check_backbone_class, check_video_latent, unadapt
+from twinloss_adapters.base import (
+    AdaptedTransformer,
+    check_backbone_class,
+    check_video_latent,
+    pipeline_from_pretrained,
+    unadapt,
+)
 from twinloss_adapters.conventions import TimeConvention
 
 __all__ = ["WanAdapter", "WanExpertsModel", "adapt", "adapt_experts", "from_pretrained", "from_pretrained_experts", "unadapt"]
+
+
+def time_embedding_arguments(config: object) -> dict[str, object]:
+    """Where a Wan-architecture transformer (Wan, AnyFlow) takes the TwinFlow embeddings, and its time units.
+
+    ``timestep = 1000 t``; ``condition_embedder.time_embedder`` returns ``temb``
+    of width ``num_attention_heads * attention_head_dim``.
+    """
+    return {
+        "time_convention": TimeConvention(scale=1000.0),
+        "embedder_path": "condition_embedder.time_embedder",
+        "embedding_dim": config.num_attention_heads * config.attention_head_dim,
+    }
 
 
 def _stock_class() -> type:
@@ -71,14 +90,7 @@ class WanAdapter(AdaptedTransformer):
         if self.condition_channels:
             required.append("latent_condition")
         self.required_cond = tuple(required)
-        super().__init__(
-            transformer,
-            time_convention=TimeConvention(scale=1000.0),
-            embedder_path="condition_embedder.time_embedder",
-            embedding_dim=config.num_attention_heads * config.attention_head_dim,
-            target_time=target_time,
-            sign=sign,
-        )
+        super().__init__(transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign)
 
     def check_latent(self, x_t: Tensor) -> None:
         check_video_latent(x_t, self.latent_channels, tuple(self.transformer.config.patch_size), "Wan")
@@ -262,9 +274,4 @@ def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -
     return WanAdapter(transformer, target_time=target_time, sign=sign)
 
 
-
-def from_pretrained(
-    pretrained_model_name_or_path: str, *, subfolder: str | None = "transformer", **kwargs: object
-) -> WanAdapter:
-    """``WanAdapter.from_pretrained`` with a pipeline repository's ``subfolder`` default; see ``docs/saving.md``."""
-    return WanAdapter.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+from_pretrained = pipeline_from_pretrained(WanAdapter)

@@ -36,6 +36,7 @@ from twinloss_adapters.base import (
     TWINFLOW_TIME_EMBEDDING,
     AdaptedTransformer,
     check_backbone_class,
+    check_image_latent,
     check_time_embedding_kind,
     unadapt,
 )
@@ -88,11 +89,7 @@ class ZImageAdapter(AdaptedTransformer):
         )
 
     def check_latent(self, x_t: Tensor) -> None:
-        channels = self.transformer.config.in_channels
-        if x_t.ndim != 4 or x_t.shape[1] != channels:
-            raise ValueError(f"x_t must be [B, {channels}, H, W] for this Z-Image model, got {tuple(x_t.shape)}")
-        if x_t.shape[2] % PATCH_SIZE or x_t.shape[3] % PATCH_SIZE:
-            raise ValueError(f"x_t height and width must be multiples of {PATCH_SIZE}, got {tuple(x_t.shape)}")
+        check_image_latent(x_t, self.transformer.config.in_channels, PATCH_SIZE, "Z-Image")
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         captions = cond["encoder_hidden_states"]
@@ -142,24 +139,6 @@ def adapt(
     return ZImageAdapter(transformer, target_time=target_time, sign=sign, time_embedding=time_embedding)
 
 
-def from_pretrained(
-    pretrained_model_name_or_path: str,
-    *,
-    subfolder: str | None = "transformer",
-    time_embedding: str = TWINFLOW_TIME_EMBEDDING,
-    **kwargs: object,
-) -> ZImageAdapter:
-    """Load a Z-Image transformer with ``from_pretrained`` and adapt it.
-
-    With ``time_embedding="twinflow_release"`` the checkpoint is loaded as
-    TwinFlow-Z-Image-Turbo-exp: the ``t_embedder_2.*`` weights go into the
-    released second embedder (see :func:`twinloss_adapters.releases.load_release`,
-    which raises on missing, mis-shaped or unused keys). The default kind
-    refuses a checkpoint that carries the release's second embedder instead
-    of dropping it. A checkpoint saved by twinloss loads strictly with its
-    saved options (``docs/saving.md``).
-    """
-    return releases.from_pretrained(
-        ZImageAdapter, _stock_class(), Z_IMAGE_RELEASE_NAME, pretrained_model_name_or_path,
-        subfolder=subfolder, time_embedding=time_embedding, **kwargs,
-    )
+from_pretrained = releases.pipeline_from_pretrained(
+    ZImageAdapter, _stock_class, Z_IMAGE_RELEASE_NAME, release="TwinFlow-Z-Image-Turbo-exp"
+)

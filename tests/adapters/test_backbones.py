@@ -217,3 +217,17 @@ def test_unknown_backbone_class_and_double_adaptation_raise(case: BackboneCase) 
     other = CASES["wan" if case.name != "wan" else "sana"].build()
     with pytest.raises(ValueError, match="must be a diffusers"):
         case.adapt(other)
+
+
+@pytest.mark.parametrize("name", sorted(name for name, native in CASES.items() if native.native_target_time))
+def test_native_flow_map_run_backbone_is_the_adapter_at_r_equal_t(name: str) -> None:
+    """A native flow-map adapter's run_backbone (no target time given) is the stock call at r = t."""
+    case = CASES[name]
+    transformer, adapted = _build(case)
+    _perturb_twin_parameters(adapted)  # the sign embedding moved: it must still add nothing at t > 0
+    x, cond = _inputs(case, transformer)
+    t = torch.tensor([0.9, 0.5, 0.2])
+    with torch.no_grad():
+        expected = adapted(x, t, t, **cond)
+        raw = adapted.run_backbone(x, adapted.time_convention.to_backbone(t), cond)
+    assert torch.equal(adapted.time_convention.to_twinloss_velocity(raw), expected)

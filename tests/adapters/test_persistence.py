@@ -283,9 +283,14 @@ def _fresh_base(case: BackboneCase, name: str, stock_dir):
 
     if name == "openuni":
         return case.adapt(AutoModel.from_pretrained(str(stock_dir)))
+    return _base_with_options(case, stock_dir)
+
+
+def _base_with_options(case: BackboneCase, stock_dir, **changed: object):
+    """The stock base adapted with the training options, ``changed`` replaced."""
     trained_like = case.adapt(case.build())
     options, _ = split_construction_arguments(trained_like.construction_arguments)
-    return type(trained_like).from_pretrained(stock_dir, **options)
+    return type(trained_like).from_pretrained(stock_dir, **{**options, **changed})
 
 
 @needs_peft
@@ -305,6 +310,57 @@ def test_lora_and_its_ema_reload_onto_a_fresh_stock_base_exactly(name: str, tmp_
     assert not any(p.requires_grad for p in reloaded.parameters())
     ema = lora.load_lora(_fresh_base(case, name, tmp_path / "stock"), tmp_path / "lora" / "twinflow_ema")
     assert torch.equal(_outputs(ema, case), expected_ema)
+
+
+# An option of each backbone whose other value gives other outputs: the base adapted with it must be refused.
+LORA_MISMATCHES = {"sana": {"sign": False}, "hunyuan_video15": {"vision_tokens": 2, "target_time": False}}
+
+
+@needs_peft
+@pytest.mark.parametrize("name", sorted(LORA_MISMATCHES))
+def test_load_lora_names_each_adapter_option_that_differs_from_the_saved_one(name: str, tmp_path) -> None:
+    from twinloss_adapters import lora
+
+    case = CASES[name]
+    model, _ = _lora_trained(case, tmp_path / "stock")
+    model.save_pretrained(tmp_path / "lora")
+    changed = LORA_MISMATCHES[name]
+    saved = split_construction_arguments(model.get_base_model().construction_arguments)[0]
+    for folder in (tmp_path / "lora", tmp_path / "lora" / "twinflow_ema"):
+        recorded = json.loads((folder / TWINLOSS_CONFIG_NAME).read_text())
+        assert recorded["options"] == saved
+        with pytest.raises(ValueError) as raised:
+            lora.load_lora(_base_with_options(case, tmp_path / "stock", **changed), folder)
+        for option, value in changed.items():
+            assert f"{option} (saved {saved[option]!r}, base {value!r})" in str(raised.value)
+        assert "adapter class" not in str(raised.value)
+
+
+@needs_peft
+def test_load_lora_names_the_adapter_class_when_the_base_is_another_backbone(tmp_path) -> None:
+    from twinloss_adapters import lora
+
+    model, _ = _lora_trained(CASES["sana"], tmp_path / "stock")
+    model.save_pretrained(tmp_path / "lora")
+    recorded = json.loads((tmp_path / "lora" / TWINLOSS_CONFIG_NAME).read_text())
+    recorded["adapter"] = "twinloss_adapters.sana.SomeOtherAdapter"
+    (tmp_path / "lora" / TWINLOSS_CONFIG_NAME).write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match=r"adapter class \(saved twinloss_adapters\.sana\.SomeOtherAdapter, base twinloss_adapters\.sana\.SanaAdapter\)"):
+        lora.load_lora(_fresh_base(CASES["sana"], "sana", tmp_path / "stock"), tmp_path / "lora")
+
+
+@needs_peft
+@pytest.mark.parametrize("name", sorted(LORA_MISMATCHES))
+def test_lora_saved_without_the_twinloss_file_still_loads_exactly(name: str, tmp_path) -> None:
+    from twinloss_adapters import lora
+
+    case = CASES[name]
+    model, _ = _lora_trained(case, tmp_path / "stock")
+    expected = _outputs(model, case)
+    model.save_pretrained(tmp_path / "lora")
+    (tmp_path / "lora" / TWINLOSS_CONFIG_NAME).unlink()  # as a LoRA folder saved before twinloss wrote the file
+    reloaded = lora.load_lora(_fresh_base(case, name, tmp_path / "stock"), tmp_path / "lora")
+    assert torch.equal(_outputs(reloaded, case), expected)
 
 
 @needs_peft
