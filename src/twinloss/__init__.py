@@ -10,6 +10,13 @@
 negative time marks the twin (fake) trajectory.
 """
 
+from twinloss.averaging import (
+    ConstantDecay,
+    DecayProfile,
+    PowerFunctionDecay,
+    ShardedWeightAverage,
+    WeightAverage,
+)
 from twinloss.distances import BarronDistance, Distance, L2Distance
 from twinloss.distributed import ShardedEMATeacher
 from twinloss.loss import TangentTimeWeight, TwinFlowLoss, TwinFlowOutput
@@ -36,8 +43,10 @@ __all__ = [
     "AnyStepSampler",
     "BarronDistance",
     "BetaTime",
+    "ConstantDecay",
     "Conditioning",
     "CosinePath",
+    "DecayProfile",
     "Distance",
     "EMATeacher",
     "GroupShares",
@@ -49,8 +58,10 @@ __all__ = [
     "OnlineTeacher",
     "PathCoefficients",
     "PathSample",
+    "PowerFunctionDecay",
     "SamplerOutput",
     "ShardedEMATeacher",
+    "ShardedWeightAverage",
     "ShiftedTime",
     "TangentTimeWeight",
     "Teacher",
@@ -61,6 +72,7 @@ __all__ = [
     "TwinFlowOutput",
     "VPPath",
     "VelocityModel",
+    "WeightAverage",
     "guidance_target",
     "rcgm_target",
     "time_schedule",
