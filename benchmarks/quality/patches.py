@@ -1,0 +1,281 @@
+"""Real-data benchmark: 8x8 grey patches of scikit-learn's two bundled photographs.
+
+Protocol (issue 12), scaled down to a shared 2-core machine:
+
+* data: ``sklearn.datasets.load_sample_images()`` (china.jpg, flower.jpg), grey,
+  downsampled 2x, 8x8 patches at stride 2, scaled to [-1, 1]. The left 75% of
+  each photograph's columns train, the right 25% are held out (no patch
+  overlaps both). Four classes: source photograph x texture (gradient energy
+  above or below that photograph's training median), null class 4 for guidance.
+* figures: Frechet distance to held-out patches in the fixed random-conv
+  feature space of ``twinloss.metrics.RandomConvFeatures`` (seed 0);
+  diversity = mean pairwise distance of the samples over that of held-out
+  patches; class accuracy of a small classifier trained once on the training
+  patches (its held-out accuracy is printed as the ceiling).
+* protocol: pretrain a conditional ``toy.TimeMLP`` with flow matching, then
+  fine-tune the same weights with each objective for 3x a base budget,
+  evaluating 1-NFE samples of the raw weights and of two weight averages kept
+  beside training (``twinloss.WeightAverage``) along the way; flow matching
+  continued for the same budget gives the 1/2/4/50-step references.
+
+    PYTHONPATH=src python benchmarks/quality/patches.py --seed 0          # one seed
+    PYTHONPATH=src python benchmarks/quality/patches.py --quick           # seconds
+"""
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import twinloss
+from twinloss import metrics, toy
+
+CLASSES = 4
+NULL = CLASSES
+SIZE = 8
+
+
+# ----------------------------------------------------------------------------- data
+def _grey(image) -> torch.Tensor:
+    rgb = torch.tensor(image.copy(), dtype=torch.float32) / 255.0
+    grey = rgb @ torch.tensor([0.299, 0.587, 0.114])
+    return nn.functional.avg_pool2d(grey[None, None], 2)[0, 0]
+
+
+def _patches(grey: torch.Tensor, stride: int = 2) -> torch.Tensor:
+    tiles = grey.unfold(0, SIZE, stride).unfold(1, SIZE, stride)
+    return tiles.reshape(-1, 1, SIZE, SIZE) * 2.0 - 1.0
+
+
+def _energy(patches: torch.Tensor) -> torch.Tensor:
+    dx = (patches[..., :, 1:] - patches[..., :, :-1]).abs().mean((1, 2, 3))
+    dy = (patches[..., 1:, :] - patches[..., :-1, :]).abs().mean((1, 2, 3))
+    return dx + dy
+
+
+def patch_data() -> dict[str, torch.Tensor]:
+    """Training and held-out patches ``[N, 1, 8, 8]`` with their class labels."""
+    from sklearn.datasets import load_sample_images
+
+    parts = {"train_x": [], "train_y": [], "held_x": [], "held_y": []}
+    for index, image in enumerate(load_sample_images().images):
+        grey = _grey(image)
+        split = int(grey.shape[1] * 0.75)
+        train, held = _patches(grey[:, :split]), _patches(grey[:, split:])
+        median = _energy(train).median()
+        for name, x in (("train", train), ("held", held)):
+            parts[f"{name}_x"].append(x)
+            parts[f"{name}_y"].append(2 * index + (_energy(x) > median).long())
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+class PatchClassifier(nn.Module):
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(SIZE * SIZE, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+            nn.Linear(width, CLASSES),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def train_classifier(data, steps: int, seed: int = 0) -> tuple[PatchClassifier, float]:
+    torch.manual_seed(seed)
+    classifier = PatchClassifier()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(0, data["train_x"].shape[0], (256,), generator=g)
+        loss = nn.functional.cross_entropy(classifier(data["train_x"][rows]), data["train_y"][rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        accuracy = float((classifier(data["held_x"]).argmax(1) == data["held_y"]).float().mean())
+    return classifier.eval(), accuracy
+
+
+# ----------------------------------------------------------------------------- evaluation
+FEATURES = metrics.RandomConvFeatures(in_channels=1, width=32, seed=0)
+
+
+class Evaluator:
+    """Fixed held-out reference, noise and labels; scores a sample set."""
+
+    def __init__(self, data, classifier, count: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(10_000 + seed)
+        rows = torch.randperm(data["held_x"].shape[0], generator=g)
+        self.reference = data["held_x"][rows[:count]]
+        self.second = data["held_x"][rows[count : 2 * count]]
+        self.labels = data["held_y"][rows[:count]]
+        self.noise = torch.randn(count, 1, SIZE, SIZE, generator=g)
+        self.classifier = classifier
+        self.reference_spread = float(metrics.mean_pairwise_distance(self.reference))
+        self.cond = {"y": self.labels}
+        self.uncond = {"y": torch.full_like(self.labels, NULL)}
+
+    @torch.no_grad()
+    def score(self, samples: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        labels = self.labels if labels is None else labels
+        samples = samples.clamp(-1, 1)
+        return {
+            "fd": float(metrics.image_frechet_distance(samples, self.reference, features=FEATURES)),
+            "diversity": float(metrics.mean_pairwise_distance(samples)) / self.reference_spread,
+            "class_acc": float((self.classifier(samples).argmax(1) == labels).float().mean()),
+        }
+
+    def sample(self, model, steps: int, mode: str, seed: int = 0) -> torch.Tensor:
+        sampler = twinloss.AnyStepSampler(steps, mode=mode)
+        return sampler(model, self.noise, cond=self.cond, generator=torch.Generator().manual_seed(seed)).sample
+
+
+# ----------------------------------------------------------------------------- training
+def draw_batch(data, batch: int, drop: float = 0.1):
+    def draw(generator):
+        rows = torch.randint(0, data["train_x"].shape[0], (batch,), generator=generator)
+        y = data["train_y"][rows]
+        y = torch.where(torch.rand(batch, generator=generator) < drop, NULL, y)
+        return data["train_x"][rows], {"y": y}, {"y": torch.full_like(y, NULL)}
+
+    return draw
+
+
+def averages() -> dict[str, twinloss.WeightAverage]:
+    """The two averages kept beside every fine-tune (constant 0.995 is 0.999 scaled to a 4x shorter run)."""
+    return {"ema": twinloss.WeightAverage(0.995), "power": twinloss.WeightAverage(twinloss.PowerFunctionDecay(6.94))}
+
+
+def finetune(
+    model: nn.Module,
+    loss_fn: twinloss.TwinFlowLoss,
+    draw,
+    *,
+    steps: int,
+    lr: float,
+    generator: torch.Generator,
+    checkpoints: set[int],
+    on_checkpoint: Callable[[int, nn.Module, dict], None],
+    teacher: twinloss.Teacher | None = None,
+    before_step: Callable[[int, nn.Module], None] | None = None,
+) -> None:
+    """Adam with grad clip 1; every average updated after each step; ``on_checkpoint(step, model, averages)``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    kept = averages()
+    for step in range(1, steps + 1):
+        if before_step is not None:
+            before_step(step, model)
+        x, cond, uncond = draw(generator)
+        out = loss_fn(model, x, cond=cond, uncond=uncond, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if teacher is not None:
+            teacher.update(model)
+        for average in kept.values():
+            average.update(model)
+        if step in checkpoints:
+            on_checkpoint(step, model, kept)
+
+
+def methods(quick: bool) -> dict[str, Callable[[], twinloss.TwinFlowLoss]]:
+    table = {
+        "TwinFlow defaults (w 0.5)": lambda: twinloss.TwinFlowLoss(),
+        "TwinFlow w 0": lambda: twinloss.TwinFlowLoss(guidance_scale=0.0),
+        "RCGM only (w 0.5)": lambda: twinloss.TwinFlowLoss(mode="rcgm"),
+        "RCGM only (w 0)": lambda: twinloss.TwinFlowLoss(mode="rcgm", guidance_scale=0.0),
+    }
+    return dict(list(table.items())[:2]) if quick else table
+
+
+def run(args, log, extra_methods: dict | None = None) -> dict:
+    torch.manual_seed(args.seed)
+    data = patch_data()
+    classifier, ceiling = train_classifier(data, args.classifier_steps)
+    evaluator = Evaluator(data, classifier, args.eval, args.seed)
+    log(f"patches: {data['train_x'].shape[0]} train, {data['held_x'].shape[0]} held out; classifier acc {ceiling:.3f}")
+    report = {"classifier_acc": ceiling, "data": {"nfe": 0, **evaluator.score(evaluator.second, evaluator.labels)}}
+    draw = draw_batch(data, args.batch)
+
+    model = toy.TimeMLP((1, SIZE, SIZE), width=args.width, depth=4, num_classes=CLASSES)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    started = time.perf_counter()
+    toy.train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=args.pretrain, lr=1e-3, generator=g)
+    log(f"pretrained {args.pretrain} steps in {time.perf_counter() - started:.0f}s")
+    pretrained = copy.deepcopy(model)
+    state = torch.get_rng_state(), g.get_state()
+    report["FM start"] = {
+        str(steps): evaluator.score(evaluator.sample(pretrained, steps, "multi")) for steps in (1, 2, 4, 50)
+    }
+    base = args.finetune
+    checkpoints = sorted({base // 4, base // 2, base, 3 * base // 2, 2 * base, 3 * base})
+
+    def fine(name: str, loss_fn, reference_steps: tuple[int, ...], mode: str, teacher=None, before_step=None) -> None:
+        torch.set_rng_state(state[0])
+        g.set_state(state[1])
+        curve = {}
+
+        def on_checkpoint(step, model, kept):
+            point = {}
+            for steps in reference_steps:
+                point[f"raw/{steps}"] = evaluator.score(evaluator.sample(model, steps, mode))
+                for key, average in kept.items():
+                    point[f"{key}/{steps}"] = evaluator.score(evaluator.sample(average.sampling_model(model), steps, mode))
+            curve[str(step)] = point
+
+        t0 = time.perf_counter()
+        finetune(copy.deepcopy(pretrained), loss_fn, draw, steps=3 * base, lr=args.lr, generator=g,
+                 checkpoints=set(checkpoints), on_checkpoint=on_checkpoint, teacher=teacher, before_step=before_step)
+        report[name] = curve
+        first = curve[str(base)]
+        last = curve[str(3 * base)]
+        key = "1" if "raw/1" in first else str(reference_steps[0])
+        log(f"{name}: FD 1x raw {first['raw/' + key]['fd']:.3f} ema {first['ema/' + key]['fd']:.3f} "
+            f"power {first['power/' + key]['fd']:.3f}; 3x raw {last['raw/' + key]['fd']:.3f} "
+            f"ema {last['ema/' + key]['fd']:.3f} power {last['power/' + key]['fd']:.3f} ({time.perf_counter() - t0:.0f}s)")
+
+    if not args.skip_fm:
+        fine("FM continued", twinloss.TwinFlowLoss.plain_flow_matching(), (1, 2, 4, 50), "multi")
+    for name, make in {**(methods(args.quick) if not args.skip_main else {}), **(extra_methods or {})}.items():
+        made = make()
+        loss_fn, teacher, before = (made, None, None) if isinstance(made, twinloss.TwinFlowLoss) else made
+        fine(name, loss_fn, (1,), "few", teacher=teacher, before_step=before)
+    return report
+
+
+def main(extra_methods: dict | None = None, tag: str = "patches") -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-fm", action="store_true")
+    parser.add_argument("--skip-main", action="store_true")
+    parser.add_argument("--out", default="benchmarks/quality/results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    full = dict(pretrain=4000, finetune=1000, batch=128, width=128, eval=1000, lr=1e-3, classifier_steps=1500)
+    quick = dict(pretrain=40, finetune=8, batch=64, width=32, eval=200, lr=1e-3, classifier_steps=20)
+    for key, value in (quick if args.quick else full).items():
+        setattr(args, key, value)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - started:6.0f}s] {message}", flush=True)
+
+    report = {"config": vars(args), tag: run(args, log, extra_methods)}
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    suffix = "_quick" if args.quick else ""
+    (out / f"{tag}_seed{args.seed}{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
