@@ -34,6 +34,7 @@ from torch import nn
 
 import twinloss
 from twinloss import metrics, toy
+from twinloss.health import training_signals
 
 CLASSES = 4
 NULL = CLASSES
@@ -185,6 +186,15 @@ def finetune(
             on_checkpoint(step, model, kept)
 
 
+def mean_signals(loss_fn, model, probes) -> dict[str, float]:
+    """``twinloss.health.training_signals`` averaged over fixed probe batches."""
+    readings = [
+        training_signals(loss_fn, model, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(99)).as_dict()
+        for x, cond, uncond in probes
+    ]
+    return {key: sum(reading[key] for reading in readings) / len(readings) for key in readings[0]}
+
+
 def methods(quick: bool) -> dict[str, Callable[[], twinloss.TwinFlowLoss]]:
     table = {
         "TwinFlow defaults (w 0.5)": lambda: twinloss.TwinFlowLoss(),
@@ -217,6 +227,8 @@ def run(args, log, extra_methods: dict | None = None) -> dict:
     base = args.finetune
     checkpoints = sorted({base // 4, base // 2, base, 3 * base // 2, 2 * base, 3 * base})
 
+    probes = [draw(torch.Generator().manual_seed(777 + index)) for index in range(2)]
+
     def fine(name: str, loss_fn, reference_steps: tuple[int, ...], mode: str, teacher=None, before_step=None) -> None:
         torch.set_rng_state(state[0])
         g.set_state(state[1])
@@ -224,6 +236,8 @@ def run(args, log, extra_methods: dict | None = None) -> dict:
 
         def on_checkpoint(step, model, kept):
             point = {}
+            if loss_fn.mode == "twinflow":
+                point["signals"] = mean_signals(loss_fn, model, probes)
             for steps in reference_steps:
                 point[f"raw/{steps}"] = evaluator.score(evaluator.sample(model, steps, mode))
                 for key, average in kept.items():
