@@ -27,9 +27,9 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from common import configure
 from torch import nn
 
 import twinloss
@@ -272,20 +272,12 @@ def main(extra_methods: dict | None = None, tag: str = "patches") -> None:
     parser.add_argument("--skip-main", action="store_true")
     parser.add_argument("--out", default="benchmarks/quality/results")
     args = parser.parse_args()
-    torch.set_num_threads(1)
     full = dict(pretrain=4000, finetune=1000, batch=128, width=128, eval=1000, lr=1e-3, classifier_steps=1500)
     quick = dict(pretrain=40, finetune=8, batch=64, width=32, eval=200, lr=1e-3, classifier_steps=20)
-    for key, value in (quick if args.quick else full).items():
-        setattr(args, key, value)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-
-    def log(message):
-        print(f"[{time.perf_counter() - started:6.0f}s] {message}", flush=True)
+    out, log, elapsed = configure(args, full, quick)
 
     report = {"config": vars(args), tag: run(args, log, extra_methods)}
-    report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["wall_s"] = round(elapsed(), 1)
     suffix = "_quick" if args.quick else ""
     (out / f"{tag}_seed{args.seed}{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
     log("done")

@@ -8,7 +8,6 @@ reference and the data's own noise floor as lines).
 """
 
 import json
-import math
 import statistics
 from pathlib import Path
 
