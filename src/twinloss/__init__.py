@@ -34,7 +34,7 @@ from twinloss.time_distributions import (
 )
 from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
 
-from twinloss import metrics, monitor  # noqa: E402  (submodules: twinloss.metrics, twinloss.monitor)
+from twinloss import health, metrics, monitor  # noqa: E402  (submodules: twinloss.health, twinloss.metrics, twinloss.monitor)
 
 __version__ = "0.1.0"
 
