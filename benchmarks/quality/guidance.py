@@ -133,6 +133,7 @@ class GuidedFakeField(twinloss.TwinFlowLoss):
 
 VARIANTS = {
     "TwinFlow w 0.2": lambda: twinloss.TwinFlowLoss(guidance_scale=0.2),
+    "TwinFlow w 0.8": lambda: twinloss.TwinFlowLoss(guidance_scale=0.8),
     "TwinFlow w 0.5, interval (0.2, 0.7)": lambda: twinloss.TwinFlowLoss(guidance_interval=(0.2, 0.7)),
     "TwinFlow w 0.5, multi-step rows only": lambda: GuidanceOnOneGroup("multi_step"),
     "TwinFlow w 0.5, any-step rows only": lambda: GuidanceOnOneGroup("any_step"),

@@ -270,12 +270,18 @@ def main(extra_methods: dict | None = None, tag: str = "patches") -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-fm", action="store_true")
     parser.add_argument("--skip-main", action="store_true")
+    parser.add_argument("--only", action="append", default=None,
+                        help="run only the extra methods whose name contains this text (repeatable)")
+    parser.add_argument("--tag", default=tag, help="name of the result file (TAG_seedN.json)")
     parser.add_argument("--out", default="benchmarks/quality/results")
     args = parser.parse_args()
     full = dict(pretrain=4000, finetune=1000, batch=128, width=128, eval=1000, lr=1e-3, classifier_steps=1500)
     quick = dict(pretrain=40, finetune=8, batch=64, width=32, eval=200, lr=1e-3, classifier_steps=20)
     out, log, elapsed = configure(args, full, quick)
 
+    if args.only:
+        extra_methods = {name: make for name, make in (extra_methods or {}).items() if any(o in name for o in args.only)}
+    tag = args.tag
     report = {"config": vars(args), tag: run(args, log, extra_methods)}
     report["wall_s"] = round(elapsed(), 1)
     suffix = "_quick" if args.quick else ""

@@ -25,6 +25,17 @@ def load(tag: str) -> list[dict]:
     return runs
 
 
+def merge(first: list[dict], second: list[dict]) -> list[dict]:
+    """Seed-wise union of two result lists (a later run that added methods to the same seeds)."""
+    merged = [dict(run) for run in first]
+    for index, run in enumerate(second):
+        if index < len(merged):
+            merged[index].update({k: v for k, v in run.items() if k not in merged[index]})
+        else:
+            merged.append(run)
+    return merged
+
+
 def stat(values: list[float]) -> str:
     if not values:
         return ""
@@ -175,7 +186,7 @@ def figure(runs: list[dict], path: Path, series: list[tuple[str, str, str]], met
 
 
 def main() -> None:
-    patches, guidance = load("patches"), load("guidance")
+    patches, guidance = load("patches"), merge(load("guidance"), load("guidance_extra"))
     text = table(patches, "Real patches") + "\n" + table(guidance, "Guidance variants (patches)")
     (RESULTS / "patches_summary.md").write_text(text)
     print(text)
