@@ -120,6 +120,25 @@ def table(runs: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep(runs: list[dict]) -> str:
+    """Guidance scale against FD, diversity and class accuracy at 1 NFE (power average), 1x and 3x."""
+    scales = {"TwinFlow w 0": 0.0, "TwinFlow w 0.2": 0.2, "TwinFlow defaults (w 0.5)": 0.5, "TwinFlow w 0.8": 0.8}
+    present = [name for name in scales if any(name in run for run in runs)]
+    if not present:
+        return ""
+    steps = sorted({int(s) for run in runs for name in present if name in run for s in run[name]})
+    base, last = (1000 if 1000 in steps else steps[0]), steps[-1]
+    lines = ["### Guidance sweep (1 NFE, power average; seeds as above)", "",
+             "| w | effective CFG 1/(1-w) | FD 1x | FD 3x | diversity 3x | class acc 3x |", "|---:|---:|---:|---:|---:|---:|"]
+    for name in present:
+        w = scales[name]
+        cells = [stat(curve(runs, name, "power", "1", "fd", str(base))), stat(curve(runs, name, "power", "1", "fd", str(last))),
+                 stat(curve(runs, name, "power", "1", "diversity", str(last))),
+                 stat(curve(runs, name, "power", "1", "class_acc", str(last)))]
+        lines.append(f"| {w} | {1 / (1 - w):.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def figure(runs: list[dict], path: Path, series: list[tuple[str, str, str]], metric: str, title: str,
            signal: bool = False) -> None:
     """Lines of ``metric`` (or a training signal) against fine-tune step; series: (method, sampling, nfe)."""
@@ -188,6 +207,7 @@ def figure(runs: list[dict], path: Path, series: list[tuple[str, str, str]], met
 def main() -> None:
     patches, guidance = load("patches"), merge(load("guidance"), load("guidance_extra"))
     text = table(patches, "Real patches") + "\n" + table(guidance, "Guidance variants (patches)")
+    text += "\n" + sweep(merge(patches, guidance))
     (RESULTS / "patches_summary.md").write_text(text)
     print(text)
     main_methods = [n for n in methods_of(patches) if not n.startswith("FM")]
@@ -203,8 +223,9 @@ def main() -> None:
     figure(both, ROOT / "docs" / "img" / "patches-signals.png", twin, "cos/rectify",
            "cos(rectification gradient, base gradient) vs fine-tune steps", signal=True)
     figure(guidance + patches, ROOT / "docs" / "img" / "guidance-fd.png",
-           [(n, "power", "1") for n in methods_of(both) if not n.startswith("FM") and not n.startswith("RCGM")], "fd",
-           "Guidance variants: FD at 1 NFE (power average) vs fine-tune steps")
+           [(n, "power", "1") for n in methods_of(both)
+            if not n.startswith(("FM", "RCGM")) and n != "TwinFlow w 0.8"], "fd",
+           "Guidance variants: FD at 1 NFE (power average) vs fine-tune steps (w 0.8 off the scale: table)")
 
 
 if __name__ == "__main__":
