@@ -219,9 +219,11 @@ def main() -> None:
     figure(patches, ROOT / "docs" / "img" / "patches-fd-raw.png", raw, "fd",
            "Real patches: FD at 1 NFE, raw online weights, vs fine-tune steps")
     both = patches + guidance
-    twin = [(n, "", "") for n in methods_of(both) if n.startswith("TwinFlow")]
+    twin = [(n, "", "") for n in ("TwinFlow w 0", "TwinFlow defaults (w 0.5)", "TwinFlow w 0.8")]
     figure(both, ROOT / "docs" / "img" / "patches-signals.png", twin, "cos/rectify",
            "cos(rectification gradient, base gradient) vs fine-tune steps", signal=True)
+    figure(both, ROOT / "docs" / "img" / "patches-clamp.png", twin, "clamp/rectify",
+           "Fraction of velocity-gap entries at the rectification clamp vs fine-tune steps", signal=True)
     figure(guidance + patches, ROOT / "docs" / "img" / "guidance-fd.png",
            [(n, "power", "1") for n in methods_of(both)
             if not n.startswith(("FM", "RCGM")) and n != "TwinFlow w 0.8"], "fd",
