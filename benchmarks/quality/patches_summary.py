@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "quality" / "results"
 SAMPLINGS = ("raw", "ema", "power")
-SIGNALS = ("cos/rectify", "cos/adv", "grad_norm/rectify", "grad_norm/base", "clamp/residual", "clamp/rectify")
+SIGNALS = ("term/rectify", "cos/rectify", "cos/adv", "grad_norm/rectify", "grad_norm/base", "clamp/residual", "clamp/rectify")
 
 
 def load(tag: str) -> list[dict]:
@@ -222,6 +222,8 @@ def main() -> None:
     twin = [(n, "", "") for n in ("TwinFlow w 0", "TwinFlow defaults (w 0.5)", "TwinFlow w 0.8")]
     figure(both, ROOT / "docs" / "img" / "patches-signals.png", twin, "cos/rectify",
            "cos(rectification gradient, base gradient) vs fine-tune steps", signal=True)
+    figure(both, ROOT / "docs" / "img" / "patches-rectify-term.png", twin, "term/rectify",
+           "Rectification loss term (probe batches) vs fine-tune steps: flat when healthy, rising when not", signal=True)
     figure(both, ROOT / "docs" / "img" / "patches-clamp.png", twin, "clamp/rectify",
            "Fraction of velocity-gap entries at the rectification clamp vs fine-tune steps", signal=True)
     figure(guidance + patches, ROOT / "docs" / "img" / "guidance-fd.png",
