@@ -98,7 +98,7 @@ def main(argv=None) -> list[float]:
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_fn.teacher.update(model)
+        loss_fn.update_teachers(model)
         mean_loss = out.loss.detach().clone()
         dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
         losses.append(float(mean_loss))

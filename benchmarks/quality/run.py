@@ -25,9 +25,9 @@ import argparse
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
+from common import configure
 
 import twinloss
 from twinloss import metrics, toy
@@ -217,19 +217,11 @@ def main():
     parser.add_argument("--only", choices=("ring", "shapes"), default=None)
     parser.add_argument("--out", default="benchmarks/quality/results")
     args = parser.parse_args()
-    torch.set_num_threads(1)
     full = dict(pretrain=1500, finetune=800, batch=256, width=256, eval=2000, lr=3e-4,
                 image_pretrain=2000, image_finetune=800, image_width=512)
     quick = dict(pretrain=40, finetune=10, batch=64, width=32, eval=200, lr=3e-4,
                  image_pretrain=40, image_finetune=10, image_width=32)
-    for key, value in (quick if args.quick else full).items():
-        setattr(args, key, value)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-
-    def log(message):
-        print(f"[{time.perf_counter() - started:6.0f}s] {message}", flush=True)
+    out, log, elapsed = configure(args, full, quick)
 
     report = {"config": vars(args)}
     if args.only in (None, "ring"):
@@ -239,7 +231,7 @@ def main():
     if args.only in (None, "shapes"):
         report["shapes"] = run_shapes(args, log)
         (out / f"shapes_seed{args.seed}.md").write_text(table(report["shapes"], ["nfe", "fd", "sw", "diversity", "train_s"]))
-    report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["wall_s"] = round(elapsed(), 1)
     suffix = "_quick" if args.quick else ""
     part = f"{args.only}_" if args.only else ""
     (out / f"results_{part}seed{args.seed}{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")

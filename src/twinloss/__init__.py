@@ -10,6 +10,13 @@
 negative time marks the twin (fake) trajectory.
 """
 
+from twinloss.averaging import (
+    ConstantDecay,
+    DecayProfile,
+    PowerFunctionDecay,
+    ShardedWeightAverage,
+    WeightAverage,
+)
 from twinloss.distances import BarronDistance, Distance, L2Distance
 from twinloss.distributed import ShardedEMATeacher
 from twinloss.loss import TangentTimeWeight, TwinFlowLoss, TwinFlowOutput
@@ -27,7 +34,7 @@ from twinloss.time_distributions import (
 )
 from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
 
-from twinloss import metrics, monitor  # noqa: E402, F401  (submodules: twinloss.metrics, twinloss.monitor)
+from twinloss import health, metrics, monitor  # noqa: E402, F401  (submodules: twinloss.health, twinloss.metrics, twinloss.monitor)
 
 __version__ = "0.1.0"
 
@@ -36,8 +43,10 @@ __all__ = [
     "AnyStepSampler",
     "BarronDistance",
     "BetaTime",
+    "ConstantDecay",
     "Conditioning",
     "CosinePath",
+    "DecayProfile",
     "Distance",
     "EMATeacher",
     "FrozenTeacher",
@@ -50,8 +59,10 @@ __all__ = [
     "OnlineTeacher",
     "PathCoefficients",
     "PathSample",
+    "PowerFunctionDecay",
     "SamplerOutput",
     "ShardedEMATeacher",
+    "ShardedWeightAverage",
     "ShiftedTime",
     "TangentTimeWeight",
     "Teacher",
@@ -62,6 +73,7 @@ __all__ = [
     "TwinFlowOutput",
     "VPPath",
     "VelocityModel",
+    "WeightAverage",
     "guidance_target",
     "rcgm_target",
     "time_schedule",
