@@ -244,3 +244,18 @@ def test_a_stock_diffusers_transformer_is_refused_naming_the_adapt_to_call():
     x = torch.randn(4, 4, 4, 4)
     with pytest.raises(ValueError, match=r"stock diffusers SanaTransformer2DModel.*twinloss_adapters\.sana\.adapt\(model\)"):
         TwinFlowLoss(guidance_scale=0.0)(stock, x, cond={"encoder_hidden_states": torch.randn(4, 3, 8)})
+
+
+# ------------------------------------------------------------------ sampler
+@pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
+def test_the_sampler_refuses_a_velocity_that_would_broadcast_over_the_batch(guidance_scale):
+    from twinloss import AnyStepSampler
+
+    def one_row(x_t, t, r, y):
+        return x_t[:1]  # [1, D] for every batch: broadcasting it would give a "valid" sample
+
+    noise = torch.randn(4, 3)
+    y = torch.zeros(4, dtype=torch.long)
+    rows = 4 if guidance_scale == 0 else 8
+    with pytest.raises(ValueError, match=rf"velocity of shape \({rows}, 3\), got \(1, 3\) \(in the sampler pass\)"):
+        AnyStepSampler(2, guidance_scale=guidance_scale)(one_row, noise, cond={"y": y}, uncond={"y": y})

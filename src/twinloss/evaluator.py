@@ -140,7 +140,7 @@ class StepEvaluator:
             context = self.random_state.replay() if self.random_state is not None else contextlib.nullcontext()
             with context, torch.no_grad():
                 out = self._call(name, x_in, t, r, cond)
-        out = self.checked(name, x_t, out, batch_shape=self.batch_shape).to(self.output_dtype)
+        out = self.checked(name, x_t.shape, out, batch_shape=self.batch_shape).to(self.output_dtype)
         self.watch(name, out)
         return out
 
@@ -173,28 +173,27 @@ class StepEvaluator:
 
     @staticmethod
     def checked(
-        name: str, x_t: Tensor, out: object, *, batch_shape: tuple[int, ...] | None = None
+        name: str, shape: tuple[int, ...], out: object, *, batch_shape: tuple[int, ...] | None = None
     ) -> Shaped[Tensor, " batch *shape"]:
-        """The one place where a model output is checked: a tensor of exactly ``x_t``'s shape.
+        """The one place where a model output is checked: a tensor of exactly ``shape`` (its input's).
 
-        Used for every pass of the loss and by the sampler (``name`` then
-        names the sampler's call).
+        The full shape, batch included: a ``[1, D]`` output for 4 rows would
+        broadcast silently. Used for every pass of the loss and by the
+        sampler (``name`` then names the sampler's call).
 
         Raises:
             ValueError: naming the pass and who evaluated it, if the output is
-                not a tensor of ``x_t``'s shape; with ``batch_shape``, also the
+                not a tensor of ``shape``; with ``batch_shape``, also the
                 caller's batch the pass's rows were taken from.
         """
-        if isinstance(out, Tensor) and out.shape == x_t.shape:
+        if isinstance(out, Tensor) and out.shape == shape:
             return out
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         who = f"the {name} teacher" if name in ("guidance", "rcgm") else "model"
         rows = ""
-        if batch_shape is not None and tuple(batch_shape) != tuple(x_t.shape):
-            rows = f" for {x_t.shape[0]} rows built from the caller's batch x of shape {tuple(batch_shape)}"
-        raise ValueError(
-            f"{who} must return a velocity of shape {tuple(x_t.shape)}{rows}, got {got} (in the {name} pass)"
-        )
+        if batch_shape is not None and tuple(batch_shape) != tuple(shape):
+            rows = f" for {shape[0]} rows built from the caller's batch x of shape {tuple(batch_shape)}"
+        raise ValueError(f"{who} must return a velocity of shape {tuple(shape)}{rows}, got {got} (in the {name} pass)")
 
 
 def _weight_dtype(model: object) -> torch.dtype | None:

@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 
+from twinloss.evaluator import StepEvaluator
 from twinloss.paths import AffinePath, LinearPath
 from twinloss.protocol import (
     Conditioning,
@@ -194,8 +195,7 @@ class AnyStepSampler(nn.Module):
                 out = model(
                     torch.cat([x, x]).to(noise.dtype), torch.cat([t, t]), torch.cat([r, r]), **both_cond
                 )
-            if not isinstance(out, Tensor) or out.shape[1:] != x.shape[1:]:
-                raise ValueError(f"model must return a velocity shaped like x_t {tuple(x.shape)}")
+            StepEvaluator.checked("sampler", ((1 if self.guidance_scale == 0 else 2) * batch, *x.shape[1:]), out)
             out = out.to(work)
             if self.guidance_scale == 0:
                 return out
