@@ -52,6 +52,7 @@ class FluxAdapter(AdaptedTransformer):
                 "expected equal counts divisible by 4 (2x2 packing)"
             )
         guidance = bool(config.guidance_embeds)
+        self.cond_widths = {"encoder_hidden_states": config.joint_attention_dim, "pooled_projections": config.pooled_projection_dim}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1.0),

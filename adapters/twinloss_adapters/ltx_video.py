@@ -79,6 +79,8 @@ class LTXVideoAdapter(AdaptedTransformer):
             float(vae_spatial_compression),
             float(vae_spatial_compression),
         )
+        self.cond_widths = {"encoder_hidden_states": config.caption_channels}
+        self.cond_masks = {"encoder_attention_mask": "encoder_hidden_states"}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1000.0),

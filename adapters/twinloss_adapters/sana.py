@@ -46,6 +46,8 @@ class SanaAdapter(AdaptedTransformer):
                 "a velocity must have the latent's shape"
             )
         guidance = bool(config.guidance_embeds)
+        self.cond_widths = {"encoder_hidden_states": config.caption_channels}
+        self.cond_masks = {"encoder_attention_mask": "encoder_hidden_states"}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1000.0 * float(config.timestep_scale)),

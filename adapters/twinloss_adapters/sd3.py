@@ -40,6 +40,7 @@ class SD3Adapter(AdaptedTransformer):
                 f"transformer predicts {transformer.out_channels} channels for {config.in_channels} input channels; "
                 "a velocity must have the latent's shape"
             )
+        self.cond_widths = {"encoder_hidden_states": config.joint_attention_dim, "pooled_projections": config.pooled_projection_dim}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1000.0),

@@ -58,6 +58,7 @@ class WanAdapter(AdaptedTransformer):
         if self.condition_channels:
             required.append("latent_condition")
         self.required_cond = tuple(required)
+        self.cond_widths = {"encoder_hidden_states": config.text_dim}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1000.0),
