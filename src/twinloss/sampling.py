@@ -167,6 +167,8 @@ class AnyStepSampler(nn.Module):
         """Walk the schedule from ``noise`` (at time ``schedule[0]``) to data."""
         if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 2:
             raise ValueError("noise must be a floating-point tensor of shape [B, ...]")
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise contains NaN or infinite values")
         batch = noise.shape[0]
         cond = check_conditioning(cond, batch, name="cond")
         check_model_keywords(model, cond, name="cond")
