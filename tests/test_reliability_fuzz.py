@@ -124,7 +124,7 @@ LOSS_KINDS = {  # kind: (names in the message, may be refused by the annotation 
     "uncond_other_keys": ("uncond", False), "uncond_trailing": ("uncond['y']", False),
     "generator_int": ("generator", True),
     "model_one_row": ("velocity of shape", False), "model_flat": ("velocity of shape", False),
-    "model_tuple": ("velocity of shape", False),
+    "model_tuple": ("velocity of shape", True),
     "model_detached": ("model", False), "model_nan": ("pass", False), "model_inf_no_grad": ("pass", False),
 }
 
