@@ -34,6 +34,11 @@ Reproduce (CPU)::
 GPU::
 
     PYTHONPATH=src:benchmarks python benchmarks/overhead.py --device cuda --dtype bfloat16 --compile
+
+``--checks`` instead times every configuration with the finite-value checks
+on (``check_finite="raise"``, the default) against off (docs/errors.md)::
+
+    PYTHONPATH=src:adapters:benchmarks python benchmarks/overhead.py --checks --threads 1
 """
 
 import argparse
@@ -172,17 +177,67 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
     return rows
 
 
+def run_checks(name: str, args, device, dtype) -> list[dict]:
+    """Each configuration with the finite-value checks on (``"raise"``) and off, interleaved.
+
+    ``checks on / off`` is the step's time with the checks over the same
+    step without them; ``vs FM`` divides each by the flow-matching step with
+    the same setting, so ``(vs FM on) / (vs FM off)`` is the change of the
+    step's ratio to flow matching that the checks cause. On a shared CPU these
+    two ratios carry the timing noise of the model (several percent); the
+    checks' own time is measured apart, as the on/off difference of the same
+    steps with a near-free model (the checks read the same tensors), and
+    given as a share of the step with the real model.
+    """
+    model, x, cond, uncond = build(name, args.batch, device, dtype)
+    if args.compile:
+        model = torch.compile(model)
+    free = FreeModel().to(device=device, dtype=dtype)
+    steps, free_steps = {}, {}
+    for config, make_loss in CONFIGS.items():
+        for policy in ("raise", "off"):
+            loss_fn = make_loss()
+            loss_fn.check_finite = policy
+            steps[config, policy], _ = make_step(loss_fn, model, x, cond, uncond, device)
+            free_steps[config, policy], _ = make_step(loss_fn, free, x, {}, {}, device)
+    seconds = measure(steps, args.repeats, args.warmup, device)
+    # The checks' own time, without the model's noise: the same steps with a near-free model.
+    free_seconds = measure(free_steps, 10 * args.repeats, args.warmup, device)
+    rows = []
+    for config in CONFIGS:
+        on, off = seconds[config, "raise"], seconds[config, "off"]
+        fm_on, fm_off = seconds["fm", "raise"], seconds["fm", "off"]
+        cost = free_seconds[config, "raise"] - free_seconds[config, "off"]
+        rows.append(dict(model=name, config=config, ms_on=1e3 * on, ms_off=1e3 * off, on_off=on / off,
+                         ratio_change=(on / fm_on) / (off / fm_off), check_ms=1e3 * cost, check_share=cost / off))
+    return rows
+
+
+def markdown_table(header: list[str], cells: list[list[str]]) -> str:
+    """A markdown table: the first two columns (model, step) left-aligned, the numbers right-aligned."""
+    rule = ["---"] * 2 + ["---:"] * (len(header) - 2)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def checks_table(rows: list[dict]) -> str:
+    header = ["model", "step", "ms/step checks on", "ms/step checks off", "checks on / off",
+              "(time/FM on) / (time/FM off)", "checks' own ms (free model)", "checks' own share of the step"]
+    return markdown_table(header, [
+        [r["model"], r["config"], f"{r['ms_on']:.2f}", f"{r['ms_off']:.2f}", f"{r['on_off']:.3f}",
+         f"{r['ratio_change']:.3f}", f"{r['check_ms']:.3f}", f"{100 * r['check_share']:.2f}%"]
+        for r in rows
+    ])
+
+
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| model | step | model calls | sample evals | ms/step | time / FM | floor (FM units) | time / floor | loss arithmetic |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['config']} | {r['calls']} | {r['rows']} | {r['ms']:.2f} | "
-            f"{r['vs_fm']:.2f} | {r['floor']:.2f} | {r['vs_floor']:.2f} | {100 * r['loss_share']:.1f}% |"
-        )
-    return "\n".join(lines)
+    header = ["model", "step", "model calls", "sample evals", "ms/step", "time / FM", "floor (FM units)",
+              "time / floor", "loss arithmetic"]
+    return markdown_table(header, [
+        [r["model"], r["config"], str(r["calls"]), str(r["rows"]), f"{r['ms']:.2f}", f"{r['vs_fm']:.2f}",
+         f"{r['floor']:.2f}", f"{r['vs_floor']:.2f}", f"{100 * r['loss_share']:.1f}%"]
+        for r in rows
+    ])
 
 
 def main(argv=None) -> str:
@@ -196,14 +251,15 @@ def main(argv=None) -> str:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--output", default=None, help="append the table to this markdown file")
+    parser.add_argument("--checks", action="store_true", help="measure the finite-value checks on against off")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
     for name in args.models.split(","):
-        rows.extend(run_model(name.strip(), args, device, dtype))
-    text = table(rows)
+        rows.extend((run_checks if args.checks else run_model)(name.strip(), args, device, dtype))
+    text = (checks_table if args.checks else table)(rows)
     header = (
         f"device {device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
         f"dtype {args.dtype}, compile {args.compile}, batch {args.batch}, "

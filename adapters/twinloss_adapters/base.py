@@ -150,6 +150,11 @@ class AdaptedTransformer(nn.Module, abc.ABC):
     Attributes:
         required_cond: conditioning keys every call must carry.
         optional_cond: conditioning keys a call may carry.
+        cond_widths: the last dim each text-like key must have (read from
+            the transformer's config by the backbone); such a key must also
+            be floating-point.
+        cond_masks: mask key -> the ``[B, L, D]`` key it masks; the mask
+            must be ``[B, L]``.
     """
 
     required_cond: tuple[str, ...] = ()
@@ -169,6 +174,8 @@ class AdaptedTransformer(nn.Module, abc.ABC):
             recorded = {name: value for name, value in bound.arguments.items() if name not in ("self", "transformer")}
             object.__setattr__(instance, "construction_arguments", recorded)
         return instance
+    cond_widths: Mapping[str, int] = {}  # cond key -> its last dim from the config (text width)
+    cond_masks: Mapping[str, str] = {}  # mask key -> the cond key whose length it masks
 
     def __init__(
         self,
@@ -302,6 +309,23 @@ class AdaptedTransformer(nn.Module, abc.ABC):
                 f"it accepts {sorted(accepted)}"
             )
         check_conditioning(cond, batch_size, name="cond")  # tensors leading with the batch
+        for key, width in self.cond_widths.items():
+            value = cond.get(key)
+            if value is not None and (not value.is_floating_point() or value.shape[-1] != width):
+                raise ValueError(
+                    f"cond[{key!r}] must be floating-point with last dim {width} (from the transformer's config), "
+                    f"got {value.dtype} of shape {tuple(value.shape)}"
+                )
+        for mask_key, masked in self.cond_masks.items():
+            mask, text = cond.get(mask_key), cond.get(masked)
+            if mask is None or text is None:
+                continue
+            length = text.shape[1] if text.ndim > 2 else None
+            if mask.ndim != 2 or mask.shape[1] != length:
+                raise ValueError(
+                    f"cond[{mask_key!r}] must be [B, L] with L = {length} (the length of cond[{masked!r}] "
+                    f"{tuple(text.shape)}), got shape {tuple(mask.shape)}"
+                )
 
     # --- saving and loading (twinloss_adapters.persistence) ------------------------
 

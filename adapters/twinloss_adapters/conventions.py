@@ -136,9 +136,12 @@ class Capabilities:
                 ((t * r) < 0).any(),
                 ((abs_t - abs_r).abs() > atol).any() & (not self.target_time),
                 (t < 0).any() & (not self.sign),
+                ~(torch.isfinite(t).all() & torch.isfinite(r).all()),
             ]
         ).tolist()  # one device sync for all checks
-        above_one, r_beyond_t, signs_differ, needs_target_time, needs_sign = violations
+        above_one, r_beyond_t, signs_differ, needs_target_time, needs_sign, not_finite = violations
+        if not_finite:
+            raise ValueError("t and r must be finite, got NaN or infinite times")
         if above_one:
             raise ValueError(f"t must satisfy |t| <= 1, got max |t| = {abs_t.max().item():.6g}")
         if r_beyond_t:

@@ -73,6 +73,7 @@ class FluxAdapter(AdaptedTransformer):
         config = transformer.config
         self.latent_channels = packed_latent_channels(transformer, "Flux")
         guidance = bool(config.guidance_embeds)
+        self.cond_widths = {"encoder_hidden_states": config.joint_attention_dim, "pooled_projections": config.pooled_projection_dim}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1.0),

@@ -42,7 +42,7 @@ from twinloss_adapters.base import (
 )
 from twinloss_adapters.conventions import TimeConvention
 
-__all__ = ["HunyuanVideoAdapter", "adapt", "from_pretrained", "unadapt"]
+__all__ = ["HunyuanVideoAdapter", "adapt", "check_prefix_mask", "from_pretrained", "unadapt"]
 
 GUIDANCE_SCALE = 1000.0  # HunyuanVideoPipeline embeds guidance_scale * 1000
 
@@ -62,6 +62,8 @@ class HunyuanVideoAdapter(AdaptedTransformer):
         config = transformer.config
         self._read_channels(config)
         self.patch, self.patch_t = config.patch_size, config.patch_size_t
+        self.cond_widths = {"encoder_hidden_states": config.text_embed_dim, "pooled_projections": config.pooled_projection_dim}
+        self.cond_masks = {"encoder_attention_mask": "encoder_hidden_states"}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1000.0),
@@ -90,6 +92,8 @@ class HunyuanVideoAdapter(AdaptedTransformer):
         mask = cond.get("encoder_attention_mask")
         if mask is None:
             mask = torch.ones(text.shape[:2], device=text.device, dtype=torch.long)
+        else:
+            check_prefix_mask(mask)
         guidance = cond.get("guidance")
         return self.transformer(
             hidden_states=x_t,
@@ -100,6 +104,31 @@ class HunyuanVideoAdapter(AdaptedTransformer):
             guidance=None if guidance is None else GUIDANCE_SCALE * guidance,
             return_dict=False,
         )[0]
+
+
+def check_prefix_mask(mask: Tensor) -> None:
+    """Refuse a text mask the stock transformer would misread (one device sync).
+
+    ``HunyuanVideoTransformer3DModel`` pools the prompt as
+    ``sum(mask * text) / sum(mask)`` (NaN for an all-zero row) and keeps the
+    first ``sum(mask)`` text tokens for attention (a mask with holes is read
+    as a prefix of that length). ``HunyuanVideoPipeline`` never gives either:
+    its LLaMA template leaves tokens even for an empty prompt, and padding
+    comes last.
+
+    Raises:
+        ValueError: naming the first row whose mask is all zero or not of the
+            form ``1 ... 1 0 ... 0``.
+    """
+    keep = mask != 0
+    bad = (~keep.any(dim=1)) | (keep[:, 1:] & ~keep[:, :-1]).any(dim=1)
+    rows = bad.nonzero().flatten().tolist()
+    if rows:
+        raise ValueError(
+            f"cond['encoder_attention_mask'] row {rows[0]} is {mask[rows[0]].tolist()}: HunyuanVideo needs at least "
+            "one kept token and padding only at the end (1 ... 1 0 ... 0), as HunyuanVideoPipeline's template "
+            "gives even for an empty prompt; an all-zero row would return NaN"
+        )
 
 
 def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> HunyuanVideoAdapter:

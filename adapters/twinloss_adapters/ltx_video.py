@@ -98,6 +98,8 @@ class LTXVideoAdapter(AdaptedTransformer):
             float(vae_spatial_compression),
             float(vae_spatial_compression),
         )
+        self.cond_widths = {"encoder_hidden_states": config.caption_channels}
+        self.cond_masks = {"encoder_attention_mask": "encoder_hidden_states"}
         super().__init__(transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign)
 
     def check_latent(self, x_t: Tensor) -> None:

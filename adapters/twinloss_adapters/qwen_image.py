@@ -86,6 +86,8 @@ class QwenImageAdapter(AdaptedTransformer):
                 f"transformer maps {config.in_channels} packed channels to {transformer.out_channels}; "
                 f"expected in_channels = out_channels * patch_size**2 (patch_size {patch})"
             )
+        self.cond_widths = {"encoder_hidden_states": config.joint_attention_dim}
+        self.cond_masks = {"encoder_hidden_states_mask": "encoder_hidden_states"}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1.0, signed=release is not None),

@@ -65,6 +65,8 @@ class SanaAdapter(AdaptedTransformer):
         # SanaSprintPipeline: timestep in [0, 1]; SanaPipeline: 1000 t * timestep_scale.
         time_scale = 1.0 if guidance else 1000.0 * float(config.timestep_scale)
         self.guidance_embeds_scale = float(config.guidance_embeds_scale) if guidance else None
+        self.cond_widths = {"encoder_hidden_states": config.caption_channels}
+        self.cond_masks = {"encoder_attention_mask": "encoder_hidden_states"}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=time_scale),

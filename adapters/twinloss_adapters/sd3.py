@@ -43,6 +43,7 @@ class SD3Adapter(AdaptedTransformer):
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
         check_velocity_channels(config.in_channels, transformer.out_channels)
+        self.cond_widths = {"encoder_hidden_states": config.joint_attention_dim, "pooled_projections": config.pooled_projection_dim}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1000.0),

@@ -90,6 +90,7 @@ class WanAdapter(AdaptedTransformer):
         if self.condition_channels:
             required.append("latent_condition")
         self.required_cond = tuple(required)
+        self.cond_widths = {"encoder_hidden_states": config.text_dim}
         super().__init__(transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign)
 
     def check_latent(self, x_t: Tensor) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from twinloss.protocol import Conditioning, VelocityModel
-from twinloss.teachers import MovingAverageTeacher
+from twinloss.teachers import MovingAverageTeacher, check_finite_weights
 
 __all__ = ["ShardedEMATeacher", "fsdp_modules", "local_shard"]
 
@@ -142,10 +142,15 @@ class ShardedEMATeacher(MovingAverageTeacher):
     def update(self, model: VelocityModel) -> None:
         """Average the local shards (no communication); the first call copies."""
         params = self._sharded_parameters(model)
+        if self.shadow:
+            self.check_same_parameters(params, self.shadow)
+        check_finite_weights(
+            "ShardedEMATeacher.update", {n: local_shard(p.detach()) for n, p in params.items()},
+            what="the model's parameter",
+        )
         if not self.shadow:
             self.materialize(model)
         else:
-            self.check_same_parameters(params, self.shadow)
             for name, p in params.items():
                 average = local_shard(self.shadow[name])
                 average.lerp_(local_shard(p.detach()).to(average.dtype), self.average_weight)
@@ -197,17 +202,19 @@ class ShardedEMATeacher(MovingAverageTeacher):
         return {**self.schedule_state(), "shadow": dict(self.shadow)}
 
     def set_extra_state(self, state: dict) -> None:
-        self.load_schedule_state(state)
+        """Load a saved average; refused (the current one kept) if non-finite or of other names or shapes."""
         loaded = state["shadow"]
+        if self.shadow:
+            self.check_same_parameters(loaded, self.shadow)
+        check_finite_weights(
+            "ShardedEMATeacher (loading a checkpoint)", {n: local_shard(v) for n, v in loaded.items()},
+            what="the saved average of",
+        )
+        self.load_schedule_state(state)
         with torch.no_grad():
             for name, value in loaded.items():
                 current = self.shadow.get(name)
                 if current is None or current is value:
                     continue
-                if current.shape != value.shape:
-                    raise ValueError(
-                        f"the saved EMA of {name!r} has shape {tuple(value.shape)}, "
-                        f"the model's {tuple(current.shape)}"
-                    )
                 local_shard(current).copy_(local_shard(value))
         self.shadow = {name: self.shadow.get(name, value) for name, value in loaded.items()}

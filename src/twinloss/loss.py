@@ -40,13 +40,14 @@ from twinloss._checks import check_int
 from twinloss._random import RandomState
 from twinloss._tensors import at_least_float32
 from twinloss.distances import BarronDistance, Distance, L2Distance
-from twinloss.evaluator import StepEvaluator
+from twinloss.evaluator import StepEvaluator, check_not_stock_transformer
 from twinloss.paths import AffinePath, LinearPath
 from twinloss.protocol import (
     Conditioning,
     VelocityModel,
     check_conditioning,
     check_model_keywords,
+    check_uncond_matches,
     concat_conditioning,
     select_rows,
 )
@@ -63,7 +64,10 @@ from twinloss.teachers import OnlineTeacher, Teacher
 from twinloss.time_distributions import TimeDistribution
 from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
 
-__all__ = ["REAL_GROUPS", "TangentTimeWeight", "TwinFlowLoss", "TwinFlowOutput"]
+__all__ = ["FINITE_CHECKS", "REAL_GROUPS", "TangentTimeWeight", "TwinFlowLoss", "TwinFlowOutput"]
+
+FINITE_CHECKS = ("raise", "report", "off")
+"""Values of ``TwinFlowLoss(check_finite=...)`` (docs/errors.md)."""
 
 REAL_GROUPS = ("one_step", "multi_step", "any_step")
 """The groups interpolated from real data (every group but ``fake``)."""
@@ -106,6 +110,12 @@ class TwinFlowOutput:
         grad_sample_evaluations: rows evaluated with grad (the batch size).
         calls_per_pass: model calls per pass (``fake``, ``guidance``,
             ``rcgm``, ``main``, ``rectify``; see :mod:`twinloss.evaluator`).
+        nonfinite_source: with ``check_finite="report"``, the first source of
+            a NaN or infinity in this step: an input (``"x"``,
+            ``"cond['key']"``, ``"uncond['key']"``), a pass (``"fake"``,
+            ``"guidance"``, ``"rcgm"``, ``"main"``, ``"rectify"``) or
+            ``"loss"`` (the arithmetic after the passes); ``None`` when all
+            were finite or the check is off.
     """
 
     loss: Float[Tensor, ""]
@@ -114,6 +124,12 @@ class TwinFlowOutput:
     sample_evaluations: int
     grad_sample_evaluations: int
     calls_per_pass: dict[str, int] = field(default_factory=dict)
+    nonfinite_source: str | None = None
+
+    @property
+    def finite(self) -> bool:
+        """Whether the checked step was finite: skip ``backward`` and the optimizer step when False."""
+        return self.nonfinite_source is None
 
 
 class TwinFlowLoss(nn.Module):
@@ -170,7 +186,13 @@ class TwinFlowLoss(nn.Module):
         share_random_stream: run every model pass from the random state of
             the main forward (matching dropout masks) and leave the global RNG
             as one forward would (*default* True).
-        check_finite: reject non-finite ``x`` (one device sync; *default* True).
+        check_finite: the finite-value policy (docs/errors.md): ``"raise"``
+            (*default*) raises a ValueError naming the first input or pass
+            that held NaN or infinity; ``"report"`` returns it in
+            :attr:`TwinFlowOutput.nonfinite_source` so a trainer can skip the
+            step; ``"off"`` checks nothing. Checked: ``x``, the floating
+            ``cond`` / ``uncond`` tensors, every pass output and the loss,
+            with one device sync per step.
 
     Raises:
         ValueError: naming the argument, for a value out of range or one the
@@ -199,9 +221,11 @@ class TwinFlowLoss(nn.Module):
         rectify_weight: float = 0.5,
         rectify_clamp: float = 1.0,
         share_random_stream: bool = True,
-        check_finite: bool = True,
+        check_finite: Literal["raise", "report", "off"] = "raise",
     ) -> None:
         super().__init__()
+        if check_finite not in FINITE_CHECKS:
+            raise ValueError(f"check_finite must be one of {FINITE_CHECKS}, got {check_finite!r}")
         if not (0.0 < estimate_step < 1.0):
             raise ValueError(f"estimate_step must lie in (0, 1), got {estimate_step}")
         self.estimate_order = check_int(estimate_order, "estimate_order", minimum=0)
@@ -402,6 +426,7 @@ class TwinFlowLoss(nn.Module):
         x: Tensor,
         cond: Conditioning | None,
         uncond: Conditioning | None,
+        generator: object,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         if not isinstance(x, Tensor):
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -409,15 +434,18 @@ class TwinFlowLoss(nn.Module):
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.ndim < 2:
             raise ValueError(f"x must have shape [B, ...] with at least 2 dims, got {tuple(x.shape)}")
-        if self.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or infinite values")
         batch = x.shape[0]
+        check_not_stock_transformer(model)
+        if not (generator is None or isinstance(generator, torch.Generator)):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
+        if generator is not None and generator.device.type != x.device.type:
+            raise ValueError(f"generator is on {generator.device}, but x is on {x.device}; create it on x's device")
         if batch < self.min_batch_size:
             raise ValueError(
                 f"x has batch size {batch}, but the group shares {self.shares.as_dict()} "
                 f"need at least {self.min_batch_size} rows"
             )
-        cond = check_conditioning(cond, batch, name="cond")
+        cond = check_conditioning(cond, batch, name="cond", x=x)
         check_model_keywords(model, cond, name="cond")
         if self.guidance_scale > 0 and uncond is None:
             raise ValueError(
@@ -426,9 +454,8 @@ class TwinFlowLoss(nn.Module):
             )
         if uncond is None:
             return cond, None
-        uncond = check_conditioning(uncond, batch, name="uncond")
-        if set(uncond) != set(cond):
-            raise ValueError(f"uncond must have the keys of cond {sorted(cond)}, got {sorted(uncond)}")
+        uncond = check_conditioning(uncond, batch, name="uncond", x=x)
+        check_uncond_matches(cond, uncond)
         return cond, uncond
 
     # ------------------------------------------------------------------- steps
@@ -442,7 +469,7 @@ class TwinFlowLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> TwinFlowOutput:
         """One TwinFlow loss evaluation on the batch ``x`` (never modified): the steps of docs/method.md."""
-        cond, uncond = self._check_inputs(model, x, cond, uncond)
+        cond, uncond = self._check_inputs(model, x, cond, uncond, generator)
         work = at_least_float32(x.dtype)  # targets in >= float32
         traj = self.trajectory(x.shape[0], device=x.device, dtype=work, generator=generator)
         fake_noise = self._fake_noise(x, traj, work, generator)
@@ -452,7 +479,9 @@ class TwinFlowLoss(nn.Module):
             model, guidance_teacher=self.guidance_teacher, rcgm_teacher=self.rcgm_teacher,
             input_dtype=x.dtype, output_dtype=work,
             random_state=RandomState(x.device) if self.share_random_stream else None,
+            check_finite=self.check_finite != "off", batch_shape=tuple(x.shape),
         )
+        evaluate.watch_inputs(x, cond, uncond)
         real = traj.rows(*REAL_GROUPS)
 
         x_rows = self._training_rows(evaluate, x.to(work), fake_noise, traj, cond)  # 1. fake samples
@@ -626,6 +655,14 @@ class TwinFlowLoss(nn.Module):
         for name in REAL_GROUPS:
             if traj.size(name):
                 terms[f"base/{name}"] = weighted[traj.groups[name]].mean()
+        evaluate.watch("loss", loss)
+        source = evaluate.nonfinite_source()  # the step's one device sync
+        if source is not None and self.check_finite == "raise":
+            what = f"{source} contains" if source in ("x", "loss") or "[" in source else f"the {source} pass produced"
+            raise ValueError(
+                f"{what} NaN or infinite values (check_finite='raise'); pass check_finite='report' to get "
+                "TwinFlowOutput.finite and skip such steps (docs/errors.md)"
+            )
         used = {id(teacher): teacher for name, teacher in self._teachers.items() if evaluate.calls[name]}
         for teacher in used.values():
             teacher.record_use()
@@ -636,4 +673,5 @@ class TwinFlowLoss(nn.Module):
             sample_evaluations=evaluate.total_rows,
             grad_sample_evaluations=evaluate.rows["main"],
             calls_per_pass=dict(evaluate.calls),
+            nonfinite_source=source,
         )

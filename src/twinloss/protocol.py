@@ -32,6 +32,7 @@ __all__ = [
     "VelocityModel",
     "check_conditioning",
     "check_model_keywords",
+    "check_uncond_matches",
     "concat_conditioning",
     "select_rows",
 ]
@@ -71,14 +72,15 @@ class VelocityModel(Protocol):
 
 
 def check_conditioning(
-    cond: Conditioning | None, batch_size: int, *, name: str
+    cond: Conditioning | None, batch_size: int, *, name: str, x: Tensor | None = None
 ) -> dict[str, Tensor]:
     """Validate a conditioning mapping and return a shallow copy of it.
 
     Raises:
         ValueError: naming ``name[key]`` if a value is not a tensor, does not
             lead with the batch dimension, or a key collides with ``x_t``,
-            ``t`` or ``r``.
+            ``t`` or ``r``; with ``x`` (the data), also for a tensor on another
+            device, and a batch mismatch says which of the two sizes ``x`` has.
     """
     if cond is None:
         return {}
@@ -96,12 +98,35 @@ def check_conditioning(
         if not isinstance(value, Tensor):
             raise ValueError(f"{name}[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
         if value.ndim == 0 or value.shape[0] != batch_size:
+            source = "" if x is None else f" of x (x has shape {tuple(x.shape)}; an unbatched x needs x[None])"
             raise ValueError(
-                f"{name}[{key!r}] must lead with the batch dimension {batch_size}, "
+                f"{name}[{key!r}] must lead with the batch dimension {batch_size}{source}, "
                 f"got shape {tuple(value.shape)}"
             )
+        if x is not None and value.device != x.device:
+            raise ValueError(f"{name}[{key!r}] is on {value.device}, but x is on {x.device}; move it to x's device")
         checked[key] = value
     return checked
+
+
+def check_uncond_matches(cond: Conditioning, uncond: Conditioning) -> None:
+    """Refuse an ``uncond`` that cannot be batched with ``cond`` in one call.
+
+    Raises:
+        ValueError: naming the key, for other keys, another dtype or other
+            trailing dims (``torch.cat`` would fail or silently promote).
+    """
+    if set(uncond) != set(cond):
+        raise ValueError(f"uncond must have the keys of cond {sorted(cond)}, got {sorted(uncond)}")
+    for key, value in cond.items():
+        other = uncond[key]
+        if other.dtype != value.dtype:
+            raise ValueError(f"uncond[{key!r}] must have cond[{key!r}]'s dtype {value.dtype}, got {other.dtype}")
+        if other.shape[1:] != value.shape[1:]:
+            raise ValueError(
+                f"uncond[{key!r}] must have cond[{key!r}]'s trailing shape {tuple(value.shape[1:])}, "
+                f"got {tuple(other.shape[1:])}"
+            )
 
 
 @functools.lru_cache(maxsize=256)

@@ -27,6 +27,7 @@ from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 
 from twinloss._checks import check_int
+from twinloss.evaluator import StepEvaluator
 from twinloss.paths import AffinePath, LinearPath
 from twinloss.protocol import (
     Conditioning,
@@ -441,6 +442,8 @@ class AnyStepSampler(nn.Module):
         """
         if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 2:
             raise ValueError("noise must be a floating-point tensor of shape [B, ...]")
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise contains NaN or infinite values")
         batch = noise.shape[0]
         cond = check_conditioning(cond, batch, name="cond")
         check_model_keywords(model, cond, name="cond")
@@ -469,8 +472,7 @@ class AnyStepSampler(nn.Module):
                 out = model(
                     torch.cat([x, x]).to(noise.dtype), torch.cat([t, t]), torch.cat([r, r]), **both_cond
                 )
-            if not isinstance(out, Tensor) or out.shape[1:] != x.shape[1:]:
-                raise ValueError(f"model must return a velocity shaped like x_t {tuple(x.shape)}")
+            StepEvaluator.checked("sampler", ((1 if self.guidance_scale == 0 else 2) * batch, *x.shape[1:]), out)
             out = out.to(work)
             if self.guidance_scale == 0:
                 return out

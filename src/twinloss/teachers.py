@@ -34,15 +34,45 @@ from twinloss._checks import check_int
 from twinloss._tensors import at_least_float32
 from twinloss.protocol import Conditioning, VelocityModel
 
-__all__ = ["EMATeacher", "FrozenTeacher", "MovingAverageTeacher", "OnlineTeacher", "Teacher"]
+__all__ = ["EMATeacher", "FrozenTeacher", "MovingAverageTeacher", "OnlineTeacher", "Teacher", "check_finite_weights"]
 
 
 def _check_same_names(owner: str, params: dict[str, Tensor], kept: dict[str, Tensor], *, kind: str) -> None:
-    """Refuse parameters whose names are not the ones a teacher keeps weights for."""
+    """Refuse parameters whose names or shapes are not the ones a teacher keeps weights for.
+
+    A same-named parameter of another shape (``Embedding(4, d)`` against a
+    kept ``(1, d)``) would otherwise broadcast silently in ``lerp_`` or be
+    evaluated with the wrong weights.
+    """
     if set(params) != set(kept):
         raise ValueError(
             f"{owner}: the model's parameters differ from the {kind} ones "
             f"(missing {sorted(set(kept) - set(params))[:3]}, new {sorted(set(params) - set(kept))[:3]})"
+        )
+    for name, p in params.items():
+        if p.shape != kept[name].shape:
+            raise ValueError(
+                f"{owner}: parameter {name!r} has shape {tuple(p.shape)}, the {kind} one {tuple(kept[name].shape)}"
+            )
+
+
+def check_finite_weights(owner: str, weights: dict[str, Tensor], *, what: str) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such parameter (one device sync).
+
+    Teachers call it before they change anything, so a refused update or
+    checkpoint leaves the previous average in place.
+
+    Raises:
+        ValueError: ``"{owner}: {what} {name!r} contains NaN or infinite values ..."``.
+    """
+    if not weights:
+        return
+    finite = torch.stack([torch.isfinite(w).all() for w in weights.values()]).tolist()
+    bad = next((name for name, ok in zip(weights, finite, strict=True) if not ok), None)
+    if bad is not None:
+        raise ValueError(
+            f"{owner}: {what} {bad!r} contains NaN or infinite values; refused, the previous average is kept "
+            "(skip the optimizer step and the teacher update on a non-finite loss: docs/errors.md)"
         )
 
 
@@ -149,7 +179,7 @@ class MovingAverageTeacher(Teacher):
         }
 
     def check_same_parameters(self, params: dict[str, Tensor], averaged: dict[str, Tensor]) -> None:
-        """Refuse a model whose parameter names are not the averaged ones."""
+        """Refuse a model whose parameter names or shapes are not the averaged ones."""
         _check_same_names(type(self).__name__, params, averaged, kind="averaged")
 
     def schedule_state(self) -> dict:
@@ -219,11 +249,14 @@ class EMATeacher(MovingAverageTeacher):
 
     @torch.no_grad()
     def update(self, model: VelocityModel) -> None:
+        """Average the model's weights in; non-finite or mismatched weights are refused before anything changes."""
         module = _as_module(model, "EMATeacher")
+        params = dict(module.named_parameters())
+        if self.shadow:
+            self.check_same_parameters(params, self.shadow)
+        check_finite_weights("EMATeacher.update", params, what="the model's parameter")
         if not self.shadow:
             self._initialize(module)
-        params = dict(module.named_parameters())
-        self.check_same_parameters(params, self.shadow)
         for name, p in params.items():
             self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), self.average_weight)
         self._write_evaluation_weights(params)
@@ -237,9 +270,11 @@ class EMATeacher(MovingAverageTeacher):
             self._initialize(module)  # first use before any update: the current weights
         params = dict(module.named_parameters())
         stale = len(self.evaluation_weights) != len(params) or any(
-            self.evaluation_weights[name].dtype != p.dtype or self.evaluation_weights[name].device != p.device
+            name not in self.evaluation_weights
+            or self.evaluation_weights[name].dtype != p.dtype
+            or self.evaluation_weights[name].device != p.device
+            or self.evaluation_weights[name].shape != p.shape
             for name, p in params.items()
-            if name in self.evaluation_weights
         )
         if stale:  # first use, a loaded checkpoint, or the model was cast since the last update
             self.check_same_parameters(params, self.shadow)
@@ -251,8 +286,17 @@ class EMATeacher(MovingAverageTeacher):
         return {**self.schedule_state(), "shadow": {name: p.clone() for name, p in self.shadow.items()}}
 
     def set_extra_state(self, state: dict) -> None:
+        """Load a saved average; refused (the current one kept) if non-finite or shaped unlike the current one.
+
+        A fresh teacher has no average yet: the loaded one is compared with
+        the model's parameters (names and shapes) at the next call.
+        """
+        loaded = state["shadow"]
+        if self.shadow:
+            self.check_same_parameters(loaded, self.shadow)
+        check_finite_weights("EMATeacher (loading a checkpoint)", loaded, what="the saved average of")
         self.load_schedule_state(state)
-        self.shadow = {name: p.clone() for name, p in state["shadow"].items()}
+        self.shadow = {name: p.clone() for name, p in loaded.items()}
         self.evaluation_weights = {}  # re-cast from the loaded average at the next call
 
 
@@ -293,4 +337,5 @@ class FrozenTeacher(Teacher):
     def set_extra_state(self, state: dict) -> None:
         loaded = state["frozen"]
         _check_same_names("FrozenTeacher (loading a checkpoint)", loaded, self.frozen, kind="frozen")
+        check_finite_weights("FrozenTeacher (loading a checkpoint)", loaded, what="the saved weight")
         self.frozen = {name: p.clone() for name, p in loaded.items()}

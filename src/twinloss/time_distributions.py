@@ -29,7 +29,13 @@ __all__ = [
     "TimeDistribution",
     "kumaraswamy_warp",
     "sample_gamma",
+    "sample_log_gamma",
 ]
+
+MIN_BETA_CONCENTRATION = 1e-300
+"""The smallest ``alpha`` / ``beta`` :class:`BetaTime` accepts: below about
+``4e-306`` the log of the boosted gamma draw, ``log U / k``, overflows float64
+to ``-inf`` and two such logs give ``-inf + inf = NaN``."""
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -72,11 +78,30 @@ def sample_gamma(
     dtype: torch.dtype,
     generator: torch.Generator | None,
 ) -> Float[Tensor, " batch"]:
-    r"""``Gamma(concentration, 1)`` draws through an explicit generator.
+    r"""``Gamma(concentration, 1)`` draws through an explicit generator: ``exp`` of :func:`sample_log_gamma`.
+
+    For a small ``concentration`` most draws underflow to 0 (the log does not).
+    """
+    log_draws = sample_log_gamma(concentration, batch_size, device=device, generator=generator)
+    return torch.exp(log_draws).to(dtype)
+
+
+def sample_log_gamma(
+    concentration: float,
+    batch_size: int,
+    *,
+    device: torch.device | str,
+    generator: torch.Generator | None,
+) -> Float[Tensor, " batch"]:
+    r"""``log G`` for ``G ~ Gamma(concentration, 1)``, in float64, through an explicit generator.
 
     Marsaglia and Tsang's squeeze method (2000) for ``k >= 1``; for ``k < 1``
-    the boost :math:`G_k = G_{k+1} U^{1/k}`. ``torch.distributions`` cannot
-    take a generator, which reproducible training needs.
+    the boost :math:`G_k = G_{k+1} U^{1/k}`, taken in logs,
+    :math:`\log G_k = \log G_{k+1} + \log U / k`, so it cannot underflow
+    (``Gamma(1e-3)`` draws are below ``1e-300`` a quarter of the time).
+    ``U`` is kept above the smallest normal float64, so the log is finite for
+    ``k >= MIN_BETA_CONCENTRATION``. ``torch.distributions`` cannot take a
+    generator, which reproducible training needs.
     """
     boost = concentration < 1
     k = concentration + 1 if boost else concentration
@@ -95,40 +120,60 @@ def sample_gamma(
         idx = todo.nonzero().squeeze(1)
         out[idx[accept]] = (d * v)[accept]
         todo[idx[accept]] = False
+    log_out = torch.log(out)
     if boost:
         u = torch.rand(batch_size, device=device, dtype=torch.float64, generator=generator)
-        out = out * u ** (1.0 / concentration)
-    return out.to(dtype)
+        log_out = log_out + torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)) / concentration
+    return log_out
 
 
 class BetaTime(TimeDistribution):
-    """``t ~ Beta(alpha, beta)``; the default ``Beta(1, 1)`` is uniform on ``[0, 1]``."""
+    r"""``t ~ Beta(alpha, beta)``; the default ``Beta(1, 1)`` is uniform on ``[0, 1]``.
+
+    Drawn as :math:`t = \sigma(\log G_\alpha - \log G_\beta) = G_\alpha / (G_\alpha + G_\beta)`
+    from log-gamma draws, which cannot underflow: ``Beta(1e-3, 1e-3)``, whose
+    gamma draws are mostly 0 in any float, gives times in ``[0, 1]`` (mostly
+    at the ends) instead of ``0 / 0``. ``alpha`` and ``beta`` must be at least
+    :data:`MIN_BETA_CONCENTRATION`.
+    """
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0) -> None:
         super().__init__()
         self.alpha = _check_positive("alpha", alpha)
         self.beta = _check_positive("beta", beta)
+        for name, value in (("alpha", self.alpha), ("beta", self.beta)):
+            if value < MIN_BETA_CONCENTRATION:
+                raise ValueError(
+                    f"{name} must be >= {MIN_BETA_CONCENTRATION} (its log-gamma draws overflow float64 below), "
+                    f"got {value}"
+                )
 
     def sample(
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype, generator: torch.Generator | None
     ) -> Float[Tensor, " batch"]:
         if self.alpha == 1.0 and self.beta == 1.0:
             return torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
-        kw = dict(device=device, dtype=torch.float64, generator=generator)
-        a = sample_gamma(self.alpha, batch_size, **kw)
-        b = sample_gamma(self.beta, batch_size, **kw)
-        return (a / (a + b)).to(dtype)
+        log_a = sample_log_gamma(self.alpha, batch_size, device=device, generator=generator)
+        log_b = sample_log_gamma(self.beta, batch_size, device=device, generator=generator)
+        return torch.sigmoid(log_a - log_b).to(dtype)
 
 
 class LogitNormalTime(TimeDistribution):
-    """``t = sigmoid(mean + std * n)``, ``n ~ N(0, 1)``."""
+    """``t = sigmoid(mean + std * n)``, ``n ~ N(0, 1)``.
+
+    ``|mean|`` and ``std`` are at most ``1e30``: the draw is computed in
+    float32, where a larger value could overflow to ``inf`` and meet ``-inf``
+    (NaN); the sigmoid is saturated beyond about 40 anyway.
+    """
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
         super().__init__()
-        if not math.isfinite(mean):
-            raise ValueError(f"mean must be finite, got {mean}")
+        if not (math.isfinite(mean) and abs(mean) <= 1e30):
+            raise ValueError(f"mean must be a number in [-1e30, 1e30], got {mean}")
         self.mean = float(mean)
         self.std = _check_positive("std", std)
+        if self.std > 1e30:
+            raise ValueError(f"std must be a number in (0, 1e30], got {std}")
 
     def sample(
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype, generator: torch.Generator | None
@@ -141,6 +186,9 @@ class ShiftedTime(TimeDistribution):
     r"""Resolution shift of a base distribution: :math:`t' = s t / (1 + (s - 1) t)`.
 
     ``shift > 1`` moves mass towards noise, as large images need (SD3, Flux).
+    Computed as :math:`\sigma(\operatorname{logit} t + \log s)`, the same map,
+    which no accepted ``shift`` can turn into ``inf / inf`` (the quotient does
+    for ``shift`` near the float limit).
     """
 
     def __init__(self, shift: float = 3.0, base: TimeDistribution | None = None) -> None:
@@ -152,7 +200,7 @@ class ShiftedTime(TimeDistribution):
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype, generator: torch.Generator | None
     ) -> Float[Tensor, " batch"]:
         t = self.base(batch_size, device=device, dtype=dtype, generator=generator)
-        return self.shift * t / (1 + (self.shift - 1) * t)
+        return torch.sigmoid(torch.logit(t.double()) + math.log(self.shift)).to(dtype)
 
 
 def kumaraswamy_warp(
@@ -175,4 +223,5 @@ class KumaraswamyTime(TimeDistribution):
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype, generator: torch.Generator | None
     ) -> Float[Tensor, " batch"]:
         u = torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
-        return kumaraswamy_warp(u, self.a, self.b, self.c)
+        # float64: an exponent beyond the range of a half-precision dtype must not overflow it
+        return kumaraswamy_warp(u.double(), self.a, self.b, self.c).to(dtype)

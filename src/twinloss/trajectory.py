@@ -77,12 +77,24 @@ class GroupShares:
         return {name: float(getattr(self, name)) for name in GROUPS}
 
     def min_batch_size(self) -> int:
-        """The smallest batch from which on every batch gives each positive group a row.
+        r"""The smallest batch from which on every batch gives each positive group a row.
 
         Rounding is not monotone in the batch size (``(1, 5, 5, 5) / 16``
         works at 4 rows, not at 5), so this is the start of the range where
-        every size works: ``max(ceil(1 / share))`` always does, and smaller
-        sizes are admitted while each of them works too.
+        every size works, found in two parts:
+
+        1. a closed form, in O(number of groups): with ``P`` positive groups,
+           a group whose quota ``share * N`` exceeds ``(P - 1) / P`` always
+           gets a row (to lose the largest-remainder draw it would need at
+           least as many groups ahead of it as there are leftover rows, and
+           those rows sum its own remainder with the ones ahead, each at least
+           as large), so every ``N`` from
+           :math:`N_0 = \max_i \lfloor (P - 1) / (P s_i) \rfloor + 1` works;
+        2. a walk down from :math:`N_0` while the next smaller size works
+           too, which ends within a few sizes for the shares we tried (the
+           walk is capped at ``MAX_SIZE_WALK`` sizes; shares that reach the
+           cap, several groups below about 1e-4, get the size the walk
+           reached: every batch from it on works, a smaller one may too).
         """
         return _min_batch_size(self)
 
@@ -211,11 +223,19 @@ class TrajectorySampler(nn.Module):
         return Trajectory(t=sign * t, r=sign * r, groups=groups)
 
 
+MAX_SIZE_WALK = 1024
+"""Most batch sizes :meth:`GroupShares.min_batch_size` checks below its closed-form bound."""
+
+
 @functools.lru_cache(maxsize=64)
 def _min_batch_size(shares: GroupShares) -> int:
     """:meth:`GroupShares.min_batch_size`, cached: the loss checks it every step, and shares are frozen."""
     positive = [share for share in shares.as_dict().values() if share > 0]
-    batch = max(math.ceil(1 / share - 1e-9) for share in positive)
-    while batch > 1 and not shares._starved(shares._round(batch - 1)):
+    count = len(positive)
+    # the closed form, widened by a few ulps so float rounding of the bound never lands below it
+    batch = max(math.floor((count - 1) / (count * share) * (1 + 1e-15)) + 1 for share in positive)
+    for _ in range(MAX_SIZE_WALK):
+        if batch == 1 or shares._starved(shares._round(batch - 1)):
+            break
         batch -= 1
     return batch
