@@ -237,7 +237,10 @@ def _clamp_rates(
             concat_conditioning(cond_real, uncond_real),
         )
         guided = guidance_target(velocity, *both.chunk(2), loss_fn.guidance_scale)
-        inside = ((t > low) & (t < high)).reshape(-1, *([1] * (x.ndim - 1)))
+        in_groups = torch.zeros_like(traj.t, dtype=torch.bool)
+        for name in loss_fn.guidance_groups:
+            in_groups[traj.groups[name]] = True
+        inside = (in_groups[real] & (t > low) & (t < high)).reshape(-1, *([1] * (x.ndim - 1)))
         velocity = torch.where(inside, guided, velocity)
     jumping = r < t
     residual_rate = 0.0
