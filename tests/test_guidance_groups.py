@@ -121,3 +121,14 @@ def test_a_guidance_groups_value_that_cannot_be_honoured_raises_naming_it(kwargs
 
 def test_empty_guidance_groups_without_guidance_is_accepted():
     assert TwinFlowLoss(guidance_scale=0.0, guidance_groups=()).guidance_groups == ()
+
+
+def test_guided_rows_are_the_named_groups_rows_strictly_inside_the_interval_and_never_fake_or_one_step():
+    loss_fn = TwinFlowLoss(guidance_groups=("one_step", "multi_step"), guidance_interval=(0.2, 1.0))
+    traj = loss_fn.trajectory(32, device=torch.device("cpu"), dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(2))
+    expected = torch.zeros(32, dtype=torch.bool)
+    multi = traj.groups["multi_step"]
+    expected[multi] = traj.t[multi] > 0.2
+    assert 0 < int(expected.sum()) < traj.size("multi_step")
+    assert torch.equal(loss_fn.guided_rows(traj), expected)

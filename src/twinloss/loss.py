@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from jaxtyping import Float, Int, Shaped
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor, nn
 
 from twinloss import presets
@@ -570,13 +570,7 @@ class TwinFlowLoss(nn.Module):
         v_real = v[real]
         if self.guidance_scale == 0 or uncond is None or traj.count(*self.guidance_groups) == 0:
             return v_real
-        low, high = self.guidance_interval
-        t_real = traj.t[real]
-        in_groups = torch.zeros_like(traj.t, dtype=torch.bool)
-        for name in self.guidance_groups:
-            in_groups[traj.groups[name]] = True
-        qualifies = in_groups[real] & (t_real > low) & (t_real < high)
-        positions = qualifies.nonzero().squeeze(1)  # among the real rows
+        positions = self.guided_rows(traj)[real].nonzero().squeeze(1)  # among the real rows
         if positions.numel() == 0:
             return v_real
         inside = positions + real.start if isinstance(real, slice) else real[positions]
@@ -591,6 +585,14 @@ class TwinFlowLoss(nn.Module):
         else:
             guided = guidance_target(v[inside], cond_velocity, uncond_velocity, self.guidance_scale)
         return v_real.index_copy(0, positions, guided)
+
+    def guided_rows(self, traj: Trajectory) -> Bool[Tensor, " batch"]:
+        """The rows that get the guided target: rows of ``guidance_groups`` with ``low < t < high``."""
+        low, high = self.guidance_interval
+        in_groups = torch.zeros_like(traj.t, dtype=torch.bool)
+        for name in self.guidance_groups:
+            in_groups[traj.groups[name]] = True
+        return in_groups & (traj.t > low) & (traj.t < high)
 
     def _rcgm_displacement(
         self,
