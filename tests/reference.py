@@ -45,11 +45,14 @@ def barron(p, q, c=1e-3):
 
 def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=2,
                    clamp=1.0, rectify_weight=0.5, rectify_clamp=1.0, distance=l2, path=linear,
-                   image_free=False, guidance_model=None):
+                   image_free=False, guidance_model=None,
+                   guidance_groups=("one_step", "multi_step", "any_step")):
     """One step, row by row. ``path(t) -> (a, b)`` with ``x_t = a z + b x``;
     ``image_free`` follows the authors' ``use_image_free`` with their fixed
     teacher: every row starts from the online model's one-jump sample, and
     the guided rows' target is ``F_u + w (F_c - F_u)`` of ``guidance_model``.
+    Only rows of ``guidance_groups`` (the batch's quarters, in order one-step,
+    multi-step, any-step) are guided.
     """
     guidance_model = model if guidance_model is None else guidance_model
     g = torch.Generator().manual_seed(seed)
@@ -84,7 +87,8 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
         for i in range(3 * n):  # guidance, then RCGM, row by row
             ti, ri = t[i : i + 1], r[i : i + 1]
             xi, vi = x_t[i : i + 1], v[i : i + 1].clone()
-            if guidance > 0 and 0 < ti.item() < 1:
+            group = ("one_step", "multi_step", "any_step")[i // n]
+            if guidance > 0 and 0 < ti.item() < 1 and group in guidance_groups:
                 fc = guidance_model(xi, ti, ti, y=y[i : i + 1])
                 fu = guidance_model(xi, ti, ti, y=null_y[i : i + 1])
                 vi = fu + guidance * (fc - fu) if image_free else vi + guidance * (fc - fu)

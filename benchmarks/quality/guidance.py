@@ -1,16 +1,18 @@
 r"""Guidance against the twin terms: variants of where the guidance enters, on the patch benchmark.
 
-Each variant is a benchmark-side subclass of ``twinloss.TwinFlowLoss`` (the
-library's loss is not edited); every run logs ``twinloss.health`` signals
+The group placements are the loss's own ``guidance_groups`` option; the
+rectification and fake-field variants are benchmark-side subclasses of
+``twinloss.TwinFlowLoss`` (the library's loss is not edited); every run logs ``twinloss.health`` signals
 (term gradient norms and their cosines with the base gradient) at each
 checkpoint. With ``w`` the guidance scale, ``F_c`` / ``F_u`` the model's
 conditional / unconditional outputs:
 
 * ``w 0.2``: a smaller scale;
 * ``interval (0.2, 0.7)``: guidance only for ``0.2 < t < 0.7``;
-* ``multi-step rows only`` / ``any-step rows only``: the guided velocity
-  replaces ``v`` only in one group's targets (the RCGM chain of the other
-  groups starts from the unguided ``v``);
+* ``multi-step rows only`` / ``any-step rows only``:
+  ``TwinFlowLoss(guidance_groups=(group,))``, the guided velocity replaces
+  ``v`` only in one group's targets (the RCGM chain of the other groups
+  starts from the unguided ``v``);
 * ``unguided real field in rectification``: the real velocity of the
   rectification gap is :math:`(1 - w) F_c + w F_u` instead of :math:`F_c`.
   With self-guidance at its fixed point :math:`F_c = v_c + w (F_c - F_u)`,
@@ -34,65 +36,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import patches  # noqa: E402
 
 import twinloss  # noqa: E402
-from twinloss.protocol import concat_conditioning  # noqa: E402
+from twinloss.protocol import concat_conditioning, select_rows  # noqa: E402
 
 
-class _Batch(twinloss.TwinFlowLoss):
-    """Remembers the batch's size and unconditional labels for the overrides below."""
+class _RectifyAgainstUnguidedField:
+    """A step's evaluator whose ``rectify`` pass returns ``(1 - w) F_c + w F_u`` as its real half.
+
+    The loss's rectify pass is one call on ``[y, y]`` at ``[-s, s]`` with the
+    one-step rows' conditioning twice; this makes it one call on ``[y, y, y]``
+    at ``[-s, s, s]`` with ``cond, cond, uncond`` and mixes the last two.
+    Every other pass goes to the step's own evaluator.
+    """
+
+    def __init__(self, evaluate, uncond_one: dict[str, Tensor], scale: float) -> None:
+        self.evaluate, self.uncond_one, self.scale = evaluate, uncond_one, scale
+
+    def __call__(self, name, x_t, t, r, cond):
+        if name != "rectify":
+            return self.evaluate(name, x_t, t, r, cond)
+        y, s = x_t.chunk(2)[1], t.chunk(2)[1]
+        three = self.evaluate(
+            name, torch.cat([x_t, y]), torch.cat([t, s]), torch.cat([r, s]), concat_conditioning(cond, self.uncond_one)
+        )
+        fake_velocity, cond_velocity, uncond_velocity = three.chunk(3)
+        real_velocity = (1 - self.scale) * cond_velocity + self.scale * uncond_velocity
+        return torch.cat([fake_velocity, real_velocity])
+
+
+class UnguidedRealFieldInRectification(twinloss.TwinFlowLoss):
+    r"""Rectification gap :math:`F(y, -s, -s) - [(1 - w) F_c(y, s, s) + w F_u(y, s, s)]`."""
 
     def forward(self, model, x, *, cond=None, uncond=None, generator=None):
-        self._batch_size = x.shape[0]
         self._uncond = uncond
         return super().forward(model, x, cond=cond, uncond=uncond, generator=generator)
 
-
-class GuidanceOnOneGroup(_Batch):
-    """Guided velocity in the targets of ``group``'s rows only."""
-
-    def __init__(self, group: str, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.group = group
-
-    def _teacher_passes(self, no_grad_call, x_t, t, r, v, cond, uncond):
-        guided, _ = super()._teacher_passes(no_grad_call, x_t, t, r, v, cond, uncond)
-        counts = self.shares.counts(self._batch_size)
-        start = 0
-        for name in ("one_step", "multi_step", "any_step"):
-            if name == self.group:
-                break
-            start += counts[name]
-        rows = slice(start, start + counts[self.group])
-        mixed = v.clone()
-        mixed[rows] = guided[rows]
-        scale, self.guidance_scale = self.guidance_scale, 0.0
-        try:
-            return super()._teacher_passes(no_grad_call, x_t, t, r, mixed, cond, None)
-        finally:
-            self.guidance_scale = scale
-
-
-class UnguidedRealFieldInRectification(_Batch):
-    r"""Rectification gap :math:`F(y, -s, -s) - [(1 - w) F_c(y, s, s) + w F_u(y, s, s)]`."""
-
-    def _rectify(self, no_grad_call, x_t, prediction, traj, cond_one, generator):
-        one = traj.groups["one_step"]
-        if self.rectify_weight == 0 or traj.size("one_step") == 0:
-            return prediction.new_zeros(())
-        uncond_one = {key: value[one] for key, value in self._uncond.items()}
-        velocity = prediction[one]
-        x_hat = self.path.jump(x_t[one], velocity, traj.t[one], traj.r[one]).detach()
-        z = torch.randn(x_hat.shape, device=x_hat.device, dtype=x_hat.dtype, generator=generator)
-        s = torch.rand(x_hat.shape[0], device=x_hat.device, dtype=x_hat.dtype, generator=generator)
-        y = self.path.sample(x_hat, z, s).x_t
-        signed = torch.cat([-s, s, s])
-        both = no_grad_call(
-            torch.cat([y, y, y]), signed, signed, concat_conditioning(cond_one, cond_one, uncond_one), False
-        )
-        fake_velocity, cond_velocity, uncond_velocity = both.chunk(3)
-        w = self.guidance_scale
-        real_velocity = (1 - w) * cond_velocity + w * uncond_velocity
-        gap = (fake_velocity - real_velocity).clamp(-self.rectify_clamp, self.rectify_clamp)
-        return self.distance(velocity, (velocity - gap).detach()).mean()
+    def _rectify(self, evaluate, x_t, prediction, traj, cond, generator):
+        uncond_one = select_rows(self._uncond, traj.groups["one_step"])
+        unguided = _RectifyAgainstUnguidedField(evaluate, uncond_one, self.guidance_scale)
+        return super()._rectify(unguided, x_t, prediction, traj, cond, generator)
 
 
 class _FakeRowsGuided:
@@ -135,8 +116,8 @@ VARIANTS = {
     "TwinFlow w 0.2": lambda: twinloss.TwinFlowLoss(guidance_scale=0.2),
     "TwinFlow w 0.8": lambda: twinloss.TwinFlowLoss(guidance_scale=0.8),
     "TwinFlow w 0.5, interval (0.2, 0.7)": lambda: twinloss.TwinFlowLoss(guidance_interval=(0.2, 0.7)),
-    "TwinFlow w 0.5, multi-step rows only": lambda: GuidanceOnOneGroup("multi_step"),
-    "TwinFlow w 0.5, any-step rows only": lambda: GuidanceOnOneGroup("any_step"),
+    "TwinFlow w 0.5, multi-step rows only": lambda: twinloss.TwinFlowLoss(guidance_groups=("multi_step",)),
+    "TwinFlow w 0.5, any-step rows only": lambda: twinloss.TwinFlowLoss(guidance_groups=("any_step",)),
     "TwinFlow w 0.5, unguided real field in rectification": lambda: UnguidedRealFieldInRectification(),
     "TwinFlow w 0.5, guided fake field": lambda: GuidedFakeField(),
 }

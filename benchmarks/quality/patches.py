@@ -37,6 +37,7 @@ from torch import nn
 import twinloss
 from twinloss import metrics, toy
 from twinloss.health import training_signals
+from twinloss_demo.training import train
 
 CLASSES = 4
 NULL = CLASSES
@@ -231,7 +232,7 @@ def run(args, log, extra_methods: dict | None = None) -> dict:
     model = toy.TimeMLP((1, SIZE, SIZE), width=args.width, depth=4, num_classes=CLASSES)
     g = torch.Generator().manual_seed(args.seed + 1)
     started = time.perf_counter()
-    toy.train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=args.pretrain, lr=1e-3, generator=g)
+    train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=args.pretrain, lr=1e-3, generator=g)
     log(f"pretrained {args.pretrain} steps in {time.perf_counter() - started:.0f}s")
     pretrained = copy.deepcopy(model)
     state = torch.get_rng_state(), g.get_state()
@@ -250,7 +251,7 @@ def run(args, log, extra_methods: dict | None = None) -> dict:
 
         def on_checkpoint(step, model, kept):
             point = {}
-            if loss_fn.mode == "twinflow":
+            if loss_fn.shares.fake > 0:  # the full recipe (not RCGM only or flow matching)
                 point["signals"] = mean_signals(loss_fn, model, probes)
             for steps in reference_steps:
                 point[f"raw/{steps}"] = evaluator.score(evaluator.sample(model, steps, mode))

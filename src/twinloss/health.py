@@ -229,7 +229,6 @@ def _clamp_rates(
             return loss_fn.teacher(model, x_in.to(x.dtype), t_in, r_in, c).to(work)
 
     velocity = point.velocity
-    low, high = loss_fn.guidance_interval
     if loss_fn.guidance_scale > 0 and uncond is not None:
         uncond_real = select_rows(check_conditioning(uncond, batch, name="uncond"), real)
         both = teacher(
@@ -237,7 +236,7 @@ def _clamp_rates(
             concat_conditioning(cond_real, uncond_real),
         )
         guided = guidance_target(velocity, *both.chunk(2), loss_fn.guidance_scale)
-        inside = ((t > low) & (t < high)).reshape(-1, *([1] * (x.ndim - 1)))
+        inside = loss_fn.guided_rows(traj)[real].reshape(-1, *([1] * (x.ndim - 1)))
         velocity = torch.where(inside, guided, velocity)
     jumping = r < t
     residual_rate = 0.0

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from jaxtyping import Float, Int, Shaped
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor, nn
 
 from twinloss import presets
@@ -74,6 +74,44 @@ REAL_GROUPS = ("one_step", "multi_step", "any_step")
 
 Rows = slice | Int[Tensor, " rows"]
 """Rows of a batch, as :meth:`~twinloss.trajectory.Trajectory.rows` gives them."""
+
+
+def _checked_guidance_groups(groups: object, guidance_scale: float, shares: GroupShares) -> tuple[str, ...]:
+    """``guidance_groups`` as a tuple of distinct real group names, in batch order, or a ``ValueError``.
+
+    A choice other than the default must be able to guide a row: a
+    multi-step or any-step group with a positive share.
+    """
+    if not (isinstance(groups, tuple | list) and all(isinstance(name, str) for name in groups)):
+        raise ValueError(f"guidance_groups must be a tuple of group names among {REAL_GROUPS}, got {groups!r}")
+    if "fake" in groups:
+        raise ValueError(
+            "guidance_groups cannot include 'fake': fake rows regress on z - x_fake, the fake field's own "
+            f"velocity, which the guidance term does not apply to; choose among {REAL_GROUPS}"
+        )
+    unknown = [name for name in groups if name not in REAL_GROUPS]
+    if unknown:
+        raise ValueError(f"guidance_groups must name groups among {REAL_GROUPS}, got unknown {unknown}")
+    if len(set(groups)) != len(groups):
+        raise ValueError(f"guidance_groups names a group twice: {tuple(groups)}")
+    if not groups and guidance_scale > 0:
+        raise ValueError(
+            f"guidance_groups is empty, so guidance_scale={guidance_scale} would guide no row; "
+            "build the loss with guidance_scale=0 to train without guidance"
+        )
+    if guidance_scale == 0 and groups and set(groups) != set(REAL_GROUPS):
+        raise ValueError(
+            f"guidance_groups={tuple(groups)} is given, but guidance_scale=0 runs no guidance pass; "
+            "pass guidance_scale > 0 or leave guidance_groups at its default"
+        )
+    guidable = [name for name in groups if name != "one_step" and getattr(shares, name) > 0]
+    if guidance_scale > 0 and set(groups) != set(REAL_GROUPS) and not guidable:
+        raise ValueError(
+            f"guidance_groups={tuple(groups)} guides no row: one-step rows sit at t = 1, outside the open "
+            f"guidance_interval, and the shares {shares.as_dict()} give the other named groups no row; "
+            "name a multi_step or any_step group with a positive share, or pass guidance_scale=0"
+        )
+    return tuple(name for name in REAL_GROUPS if name in groups)
 
 
 class TangentTimeWeight(nn.Module):
@@ -170,10 +208,25 @@ class TwinFlowLoss(nn.Module):
         estimate_order: RCGM Euler jumps ``N`` (*default* 2); ``0`` skips the
             RCGM chain and regresses on the (guided) velocity ``v`` directly.
         residual_clamp: bound on the RCGM residual (*default* 1).
-        guidance_scale: ``w`` of the guidance-enhanced target (*default* 0.5;
-            0 disables it and skips its pass). Needs ``uncond`` when > 0.
+        guidance_scale: ``w`` of the guidance-enhanced target
+            :math:`v + w (F_c - F_u)` (*default* 0.5; 0 disables it and skips
+            its pass). Needs ``uncond`` when > 0. With the online (or an EMA)
+            teacher it is classifier-free guidance of scale
+            :math:`1 / (1 - w)` at the fixed point (docs/method.md, step 4):
+            the null-label rows learn :math:`F_u = v_u`, the conditional ones
+            :math:`F_c = v_c + w (F_c - v_u)`, so
+            :math:`F_c = v_u + (v_c - v_u) / (1 - w)`; ``w = 0.5`` is CFG 2,
+            0.8 is CFG 5, and ``w >= 1`` has no fixed point.
         guidance_interval: open interval of ``t`` where guidance applies
             (*default* ``(0, 1)``, which leaves ``t = 1`` rows alone).
+        guidance_groups: the real groups whose rows get the guided target
+            (*default* all of ``"one_step"``, ``"multi_step"``,
+            ``"any_step"``: the authors' recipe); rows of the other groups
+            keep ``v``, and the RCGM chain starts from that mixed velocity.
+            One-step rows sit at ``t = 1``, outside the open interval, so
+            naming them changes nothing. ``("any_step",)`` kept the
+            guidance-off 1-NFE quality on the real-patch benchmark, not on
+            the ring (docs/quality.md, "Which guidance setting").
         image_free: the authors' ``use_image_free`` (*default* False): every
             row is interpolated from the online model's own one-step samples
             instead of ``x`` (only ``x``'s shape and dtype are used), and the
@@ -217,6 +270,7 @@ class TwinFlowLoss(nn.Module):
         residual_clamp: float = 1.0,
         guidance_scale: float = 0.5,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
+        guidance_groups: tuple[str, ...] = REAL_GROUPS,
         image_free: bool = False,
         rectify_weight: float = 0.5,
         rectify_clamp: float = 1.0,
@@ -248,6 +302,7 @@ class TwinFlowLoss(nn.Module):
                 f"rectify_weight={rectify_weight} acts on one-step rows, but shares.one_step is 0: "
                 "pass rectify_weight=0"
             )
+        self.guidance_groups = _checked_guidance_groups(guidance_groups, guidance_scale, shares)
         if image_free and guidance_scale == 0:
             raise ValueError(
                 "image_free=True regresses on the guidance teacher's guided velocity, which "
@@ -539,13 +594,12 @@ class TwinFlowLoss(nn.Module):
         cond: dict[str, Tensor],
         uncond: dict[str, Tensor] | None,
     ) -> Float[Tensor, " real *shape"]:
-        """Step 4: the real rows' velocity, guided where ``t`` lies inside ``guidance_interval``."""
+        """Step 4: the real rows' velocity, guided on the rows of ``guidance_groups`` whose ``t``
+        lies inside ``guidance_interval``; no guidance pass when no row qualifies."""
         v_real = v[real]
-        if self.guidance_scale == 0 or uncond is None or v_real.shape[0] == 0:
+        if self.guidance_scale == 0 or uncond is None or traj.count(*self.guidance_groups) == 0:
             return v_real
-        low, high = self.guidance_interval
-        t_real = traj.t[real]
-        positions = ((t_real > low) & (t_real < high)).nonzero().squeeze(1)  # among the real rows
+        positions = self.guided_rows(traj)[real].nonzero().squeeze(1)  # among the real rows
         if positions.numel() == 0:
             return v_real
         inside = positions + real.start if isinstance(real, slice) else real[positions]
@@ -560,6 +614,14 @@ class TwinFlowLoss(nn.Module):
         else:
             guided = guidance_target(v[inside], cond_velocity, uncond_velocity, self.guidance_scale)
         return v_real.index_copy(0, positions, guided)
+
+    def guided_rows(self, traj: Trajectory) -> Bool[Tensor, " batch"]:
+        """The rows that get the guided target: rows of ``guidance_groups`` with ``low < t < high``."""
+        low, high = self.guidance_interval
+        in_groups = torch.zeros_like(traj.t, dtype=torch.bool)
+        for name in self.guidance_groups:
+            in_groups[traj.groups[name]] = True
+        return in_groups & (traj.t > low) & (traj.t < high)
 
     def _rcgm_displacement(
         self,

@@ -4,6 +4,7 @@ import torch
 
 import twinloss
 from twinloss import metrics, toy
+from twinloss_demo.training import train
 
 # Measured over seeds 0-4 (400 flow-matching + 300 TwinFlow steps, width 64):
 # sliced Wasserstein of the power-profile average over that of the raw
@@ -20,7 +21,7 @@ def _one_nfe_distances(seed: int) -> tuple[float, float]:
     def draw(generator):
         return toy.ring_mixture(128, generator=generator).x, None, None
 
-    toy.train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=400, lr=1e-3, generator=g)
+    train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=400, lr=1e-3, generator=g)
     average = twinloss.WeightAverage(twinloss.PowerFunctionDecay())
     loss_fn = twinloss.TwinFlowLoss(guidance_scale=0.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
