@@ -56,7 +56,7 @@ from torch.func import functional_call
 
 from twinloss.distributed import ShardedEMATeacher
 from twinloss.protocol import Conditioning, VelocityModel
-from twinloss.teachers import EMATeacher
+from twinloss.teachers import EMATeacher, as_module
 
 __all__ = [
     "AveragedVelocity",
@@ -260,7 +260,7 @@ class WeightAverage(ProfiledAverage, EMATeacher):
         super().update(model)  # the parameters, then advance()
         if not self.average_buffers:
             return
-        buffers = dict(self._module(model).named_buffers())
+        buffers = dict(as_module(model, type(self).__name__).named_buffers())
         if self.buffers_average and set(buffers) != set(self.buffers_average):
             raise ValueError(
                 f"the model's buffers {sorted(buffers)[:3]} differ from the averaged ones "
@@ -280,7 +280,7 @@ class WeightAverage(ProfiledAverage, EMATeacher):
     ) -> Tensor:
         if not self.buffers_average:
             return super().forward(model, x_t, t, r, cond)
-        module = self._module(model)
+        module = as_module(model, type(self).__name__)
         tensors = self.averaged_tensors(module)
         with torch.no_grad():
             return functional_call(module, tensors, (x_t, t, r), dict(cond))
@@ -292,7 +292,7 @@ class WeightAverage(ProfiledAverage, EMATeacher):
         model's current weights. Load them with
         ``model.load_state_dict(..., strict=False)`` to export the average.
         """
-        module = self._module(model)
+        module = as_module(model, type(self).__name__)
         if not self.shadow:
             self._initialize(module)
         params = dict(module.named_parameters())

@@ -206,7 +206,7 @@ def _weight_dtype(model: object) -> torch.dtype | None:
 def check_not_stock_transformer(model: object, *, argument: str = "model") -> None:
     """Refuse a stock diffusers model: it does not take ``(x_t, t, r, **cond)``.
 
-    The message names the ``twinloss_adapters`` module whose ``adapt`` binds
+    The message names the ``twinloss_adapters`` modules whose ``adapt`` binds
     it, when that package is importable and has one for the class.
 
     Raises:
@@ -215,12 +215,13 @@ def check_not_stock_transformer(model: object, *, argument: str = "model") -> No
     if not type(model).__module__.startswith("diffusers."):
         return
     name = type(model).__name__
-    backbone = None
+    backbones: list[str] = []
     try:
-        backbone = importlib.import_module("twinloss_adapters.stock").adapter_module_for(model)
+        backbones = importlib.import_module("twinloss_adapters.stock").adapter_modules_for(model)
     except ImportError:
         pass
-    how = f"twinloss_adapters.{backbone}.adapt({argument})" if backbone else "the matching twinloss_adapters.<backbone>.adapt"
+    calls = [f"twinloss_adapters.{backbone}.adapt({argument})" for backbone in backbones]
+    how = " or ".join(calls) if calls else "the matching twinloss_adapters.<backbone>.adapt"
     raise ValueError(
         f"{argument} is a stock diffusers {name}, which takes its own arguments, not (x_t, t, r, **cond); "
         f"adapt it first with {how}"

@@ -197,7 +197,8 @@ class MovingAverageTeacher(Teacher):
         self.num_updates = int(state["num_updates"])
 
 
-def _as_module(model: VelocityModel, teacher: str) -> nn.Module:
+def as_module(model: VelocityModel, teacher: str) -> nn.Module:
+    """``model`` itself, or ValueError naming ``teacher`` if it is not an ``nn.Module`` (whose weights it mirrors)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"{teacher} needs the model to be an nn.Module, got {type(model).__name__}")
     return model
@@ -250,7 +251,7 @@ class EMATeacher(MovingAverageTeacher):
     @torch.no_grad()
     def update(self, model: VelocityModel) -> None:
         """Average the model's weights in; non-finite or mismatched weights are refused before anything changes."""
-        module = _as_module(model, "EMATeacher")
+        module = as_module(model, "EMATeacher")
         params = dict(module.named_parameters())
         if self.shadow:
             self.check_same_parameters(params, self.shadow)
@@ -265,7 +266,7 @@ class EMATeacher(MovingAverageTeacher):
     def forward(
         self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
     ) -> Tensor:
-        module = _as_module(model, "EMATeacher")
+        module = as_module(model, "EMATeacher")
         if not self.shadow:
             self._initialize(module)  # first use before any update: the current weights
         params = dict(module.named_parameters())
@@ -318,7 +319,7 @@ class FrozenTeacher(Teacher):
 
     def __init__(self, model: VelocityModel) -> None:
         super().__init__()
-        module = _as_module(model, "FrozenTeacher")
+        module = as_module(model, "FrozenTeacher")
         self.frozen: dict[str, Tensor] = {
             name: p.detach().clone() for name, p in module.named_parameters()
         }
@@ -326,7 +327,7 @@ class FrozenTeacher(Teacher):
     def forward(
         self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
     ) -> Tensor:
-        module = _as_module(model, "FrozenTeacher")
+        module = as_module(model, "FrozenTeacher")
         _check_same_names("FrozenTeacher", dict(module.named_parameters()), self.frozen, kind="frozen")
         with torch.no_grad():
             return functional_call(module, self.frozen, (x_t, t, r), dict(cond))
