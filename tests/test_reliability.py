@@ -259,3 +259,24 @@ def test_the_sampler_refuses_a_velocity_that_would_broadcast_over_the_batch(guid
     rows = 4 if guidance_scale == 0 else 8
     with pytest.raises(ValueError, match=rf"velocity of shape \({rows}, 3\), got \(1, 3\) \(in the sampler pass\)"):
         AnyStepSampler(2, guidance_scale=guidance_scale)(one_row, noise, cond={"y": y}, uncond={"y": y})
+
+
+@pytest.mark.parametrize(
+    "uncond_y,match",
+    [
+        (torch.zeros(4, 2, dtype=torch.float64), r"uncond\['y'\] must have cond\['y'\]'s dtype torch.float32, got torch.float64"),
+        (torch.zeros(4, 3), r"uncond\['y'\] must have cond\['y'\]'s trailing shape \(2,\), got \(3,\)"),
+    ],
+)
+def test_the_sampler_refuses_an_uncond_of_another_dtype_or_trailing_shape_naming_the_key(uncond_y, match):
+    from twinloss import AnyStepSampler
+
+    calls = []
+
+    def model(x_t, t, r, y):
+        calls.append(y.dtype)
+        return x_t
+
+    with pytest.raises(ValueError, match=match):
+        AnyStepSampler(2, guidance_scale=2.0)(model, torch.randn(4, 3), cond={"y": torch.zeros(4, 2)}, uncond={"y": uncond_y})
+    assert calls == []  # refused before any model call (a float64 uncond would otherwise promote the batched cond)

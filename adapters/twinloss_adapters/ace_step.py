@@ -59,6 +59,8 @@ class AceStepAdapter(FlowMapAdapter):
                 f"transformer takes {config.in_channels} channels but predicts {self.acoustic_dim}; "
                 "expected in_channels >= audio_acoustic_hidden_dim"
             )
+        # the condition encoder's output feeds condition_embedder = Linear(encoder_hidden_size or hidden_size, ...)
+        self.cond_widths = {"encoder_hidden_states": config.encoder_hidden_size or config.hidden_size}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1.0),

@@ -61,8 +61,10 @@ class AnyFlowAdapter(FlowMapAdapter):
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
         check_velocity_channels(config.in_channels, config.out_channels or config.in_channels)
+        self.cond_widths = {"encoder_hidden_states": config.text_dim}
         if config.image_dim is not None:
             self.required_cond = ("encoder_hidden_states", "encoder_hidden_states_image")
+            self.cond_widths = {**self.cond_widths, "encoder_hidden_states_image": config.image_dim}
         self.latent_channels = config.in_channels
         super().__init__(
             transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign, per_token_time=True

@@ -313,7 +313,7 @@ class AdaptedTransformer(nn.Module, abc.ABC):
             value = cond.get(key)
             if value is not None and (not value.is_floating_point() or value.shape[-1] != width):
                 raise ValueError(
-                    f"cond[{key!r}] must be floating-point with last dim {width} (from the transformer's config), "
+                    f"cond[{key!r}] must be floating-point with last dim {width} (from the model's config), "
                     f"got {value.dtype} of shape {tuple(value.shape)}"
                 )
         for mask_key, masked in self.cond_masks.items():

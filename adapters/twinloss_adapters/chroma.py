@@ -63,6 +63,8 @@ class ChromaAdapter(AdaptedTransformer):
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
         self.latent_channels = packed_latent_channels(transformer, "Chroma")
+        self.cond_widths = {"encoder_hidden_states": config.joint_attention_dim}
+        self.cond_masks = {"attention_mask": "encoder_hidden_states"}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1.0),
@@ -75,13 +77,6 @@ class ChromaAdapter(AdaptedTransformer):
 
     def check_latent(self, x_t: Tensor) -> None:
         check_image_latent(x_t, self.latent_channels, PACKING_PATCH, "Chroma", layout=" (unpacked latents)")
-
-    def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
-        super().check_cond(cond, batch_size)
-        mask = cond.get("attention_mask")
-        text_shape = tuple(cond["encoder_hidden_states"].shape[:2])
-        if mask is not None and tuple(mask.shape) != text_shape:
-            raise ValueError(f"cond['attention_mask'] must be [B, L] = {text_shape} (the text mask), got {tuple(mask.shape)}")
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         batch_size, _, height, width = x_t.shape

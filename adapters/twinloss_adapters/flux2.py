@@ -73,6 +73,7 @@ class Flux2Adapter(AdaptedTransformer):
                 f"transformer has patch_size {config.patch_size} and maps {config.in_channels} channels to "
                 f"{transformer.out_channels}; the FLUX.2 pipeline layout needs patch_size 1 and equal counts"
             )
+        self.cond_widths = {"encoder_hidden_states": config.joint_attention_dim}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1.0),

@@ -58,6 +58,12 @@ class HiDreamAdapter(AdaptedTransformer):
         config = transformer.config
         check_velocity_channels(config.in_channels, transformer.out_channels)
         self.llama_layers_needed = max(config.llama_layers) + 1
+        t5_width, llama_width = config.caption_channels  # the class projects T5 with [0] and each Llama layer with [1]
+        self.cond_widths = {
+            "encoder_hidden_states_t5": t5_width,
+            "encoder_hidden_states_llama3": llama_width,
+            "pooled_embeds": config.text_emb_dim,
+        }
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1000.0, output_sign=-1),

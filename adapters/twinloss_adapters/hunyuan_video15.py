@@ -72,6 +72,8 @@ class _HunyuanVideo15Inputs:
             config.in_channels, config.out_channels, "the HunyuanVideo 1.5 pipeline"
         )
         self.vision_tokens = vision_tokens
+        self.cond_widths = {"encoder_hidden_states": config.text_embed_dim, "encoder_hidden_states_2": config.text_embed_2_dim}
+        self.cond_masks = {"encoder_attention_mask": "encoder_hidden_states", "encoder_attention_mask_2": "encoder_hidden_states_2"}
 
     @staticmethod
     def _injection_arguments(transformer: object) -> dict[str, object]:

@@ -120,6 +120,15 @@ class LTX2Adapter(AdaptedTransformer):
                 f"{config.audio_in_channels}->{config.audio_out_channels}; the joint token layout needs one width"
             )
         self.token_width = config.in_channels
+        # LTX-2.0 projects both prompts from caption_channels; without prompt embeddings they go to the cross-attentions as they are
+        self.cond_widths = (
+            {"encoder_hidden_states": config.caption_channels, "audio_encoder_hidden_states": config.caption_channels}
+            if config.use_prompt_embeddings
+            else {"encoder_hidden_states": config.cross_attention_dim, "audio_encoder_hidden_states": config.audio_cross_attention_dim}
+        )
+        self.cond_masks = {
+            "encoder_attention_mask": "encoder_hidden_states", "audio_encoder_attention_mask": "audio_encoder_hidden_states",
+        }
         super().__init__(transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign)
         self.audio_injection = None
         if target_time or sign:

@@ -54,6 +54,8 @@ class Lumina2Adapter(AdaptedTransformer):
         check_backbone_class(transformer, _stock_class())
         config = transformer.config
         check_velocity_channels(config.in_channels, transformer.out_channels)
+        self.cond_widths = {"encoder_hidden_states": config.cap_feat_dim}
+        self.cond_masks = {"encoder_attention_mask": "encoder_hidden_states"}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1.0, reversed=True, output_sign=-1),

@@ -210,7 +210,9 @@ class OpenUniAdapter(SanaAdapter):
         super().__init__(transformer, target_time=target_time, sign=sign)
         self.connector = connector.requires_grad_(train_connector)
         self.projector = projector.requires_grad_(train_connector)
-        width = projector.in_features
+        width = projector.in_features  # the connector's hidden size: the LLM states' width
+        self.cond_widths = {"llm_hidden_states": width}  # SANA's text keys are built here, not taken from cond
+        self.cond_masks = {}
         queries = torch.randn(num_queries, width, dtype=projector.weight.dtype, device=projector.weight.device)
         self.meta_queries = nn.Parameter(queries / math.sqrt(width), requires_grad=False)
 

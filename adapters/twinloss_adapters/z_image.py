@@ -78,6 +78,8 @@ class ZImageAdapter(AdaptedTransformer):
                 f"(patch_size, f_patch_size) = {(PATCH_SIZE, FRAME_PATCH_SIZE)}"
             )
         release = z_image_release(config.t_scale) if time_embedding == RELEASE_TIME_EMBEDDING else None
+        self.cond_widths = {"encoder_hidden_states": config.cap_feat_dim}
+        self.cond_masks = {"encoder_attention_mask": "encoder_hidden_states"}
         super().__init__(
             transformer,
             time_convention=TimeConvention(scale=1.0, reversed=True, output_sign=-1),
@@ -94,11 +96,7 @@ class ZImageAdapter(AdaptedTransformer):
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         captions = cond["encoder_hidden_states"]
         mask = cond.get("encoder_attention_mask")
-        if mask is not None:
-            if mask.shape != captions.shape[:2]:
-                raise ValueError(
-                    f"cond['encoder_attention_mask'] must be [B, L] = {tuple(captions.shape[:2])}, got {tuple(mask.shape)}"
-                )
+        if mask is not None:  # its [B, L] shape checked by check_cond (cond_masks)
             caption_list = [row[keep.bool()] for row, keep in zip(captions, mask, strict=True)]
         else:
             caption_list = list(captions.unbind(dim=0))

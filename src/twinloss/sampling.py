@@ -34,6 +34,7 @@ from twinloss.protocol import (
     VelocityModel,
     check_conditioning,
     check_model_keywords,
+    check_uncond_matches,
     concat_conditioning,
 )
 from twinloss.targets import guidance_target
@@ -451,6 +452,7 @@ class AnyStepSampler(nn.Module):
             if uncond is None:
                 raise ValueError(f"uncond is required when guidance_scale={self.guidance_scale} > 0")
             uncond = check_conditioning(uncond, batch, name="uncond")
+            check_uncond_matches(cond, uncond)  # as the loss: torch.cat would fail or silently promote
             both_cond = concat_conditioning(cond, uncond)
 
         work = torch.promote_types(noise.dtype, torch.float32)

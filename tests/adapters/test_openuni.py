@@ -139,7 +139,7 @@ def test_bad_checkpoints_raise_and_leave_the_transformer_untouched() -> None:
     for key, value in transformer.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     model = openuni.adapt(transformer, {**good, **partial_sana, **sana_keys}, num_heads=OPENUNI_HEADS)
-    with pytest.raises(ValueError, match=r"llm_hidden_states'\] must be \[B, Q, 16\]"):
+    with pytest.raises(ValueError, match=r"llm_hidden_states'\] must be floating-point with last dim 16"):
         model(torch.randn(2, 4, 8, 8), torch.full((2,), 0.5), torch.full((2,), 0.5), llm_hidden_states=torch.randn(2, QUERIES, 8))
 
 

@@ -32,10 +32,7 @@ def _adapted(name: str):
     return _BUILT[name]
 
 
-WIDTH_CASES = [name for name in sorted(CASES) if name != "openuni"]  # openuni's text goes through its connector
-
-
-@pytest.mark.parametrize("name", WIDTH_CASES)
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_text_of_another_width_or_an_int_dtype_is_refused_naming_the_key(name):
     case, adapted, x, cond = _adapted(name)
     t = torch.full((BATCH,), 0.5)
@@ -49,19 +46,21 @@ def test_text_of_another_width_or_an_int_dtype_is_refused_naming_the_key(name):
             adapted(x, t, t, **integer)
 
 
-MASK_CASES = ["hunyuan_video", "ltx_video", "qwen_image", "sana"]
+MASK_CASES = [
+    "chroma", "hunyuan_video", "hunyuan_video15", "ltx2", "ltx_video", "lumina2", "qwen_image", "sana", "z_image",
+]
 
 
 @pytest.mark.parametrize("name", MASK_CASES)
 def test_a_mask_of_another_length_than_the_text_is_refused(name):
     case, adapted, x, cond = _adapted(name)
     t = torch.full((BATCH,), 0.5)
-    (mask_key, text_key), = adapted.cond_masks.items()
-    if mask_key not in cond:
-        cond = {**cond, mask_key: torch.ones(cond[text_key].shape[:2])}
-    short = {**cond, mask_key: cond[mask_key][:, :-1]}
-    with pytest.raises(ValueError, match=rf"cond\['{mask_key}'\] must be \[B, L\] with L = {cond[text_key].shape[1]}"):
-        adapted(x, t, t, **short)
+    assert adapted.cond_masks, f"{name} declares no text mask"
+    for mask_key, text_key in adapted.cond_masks.items():
+        full = cond if mask_key in cond else {**cond, mask_key: torch.ones(cond[text_key].shape[:2])}
+        short = {**full, mask_key: full[mask_key][:, :-1]}
+        with pytest.raises(ValueError, match=rf"cond\['{mask_key}'\] must be \[B, L\] with L = {cond[text_key].shape[1]}"):
+            adapted(x, t, t, **short)
 
 
 def test_hunyuan_video_refuses_an_all_zero_text_mask_naming_the_row():
