@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from twinloss._tensors import at_least_float32
 from twinloss._random import RandomState
 from twinloss.loss import TwinFlowLoss
 from twinloss.protocol import Conditioning, VelocityModel, check_conditioning, concat_conditioning, select_rows
@@ -214,7 +215,7 @@ def _clamp_rates(
     estimates of the rates the loss sees on this batch, not the same draws.
     """
     generator = torch.Generator(device=x.device).manual_seed(0)
-    work = torch.promote_types(x.dtype, torch.float32)
+    work = at_least_float32(x.dtype)
     batch = x.shape[0]
     cond = check_conditioning(cond, batch, name="cond")
     traj = loss_fn.trajectory(batch, device=x.device, dtype=work, generator=generator)

@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 
+from twinloss._tensors import at_least_float32
 from twinloss._checks import check_int
 from twinloss.evaluator import StepEvaluator
 from twinloss.paths import AffinePath, LinearPath
@@ -455,7 +456,7 @@ class AnyStepSampler(nn.Module):
             check_uncond_matches(cond, uncond)  # as the loss: torch.cat would fail or silently promote
             both_cond = concat_conditioning(cond, uncond)
 
-        work = torch.promote_types(noise.dtype, torch.float32)
+        work = at_least_float32(noise.dtype)
         if schedule is None:
             schedule = self.schedule(noise.device, work)
         else:
