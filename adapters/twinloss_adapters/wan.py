@@ -146,6 +146,9 @@ class WanExpertsModel(nn.Module):
             (0.875 for Wan 2.2 T2V A14B, 0.9 for I2V A14B).
     """
 
+    expert_subfolders = {"high_noise": "transformer", "low_noise": "transformer_2"}
+    """Each expert's attribute -> its folder in a pipeline repository (and in a saved LoRA, see ``lora.add_lora``)."""
+
     def __init__(self, high_noise: WanAdapter, low_noise: WanAdapter, boundary_ratio: float) -> None:
         super().__init__()
         for name, expert in (("high_noise", high_noise), ("low_noise", low_noise)):
