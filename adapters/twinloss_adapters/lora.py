@@ -59,6 +59,7 @@ from twinloss.protocol import Conditioning, VelocityModel
 from twinloss.teachers import MovingAverageTeacher, Teacher
 from twinloss_adapters._imports import require_peft
 from twinloss_adapters.base import AdaptedTransformer
+from twinloss_adapters.conventions import Capabilities
 from twinloss_adapters.wan import WanExpertsModel
 
 __all__ = [
@@ -445,7 +446,8 @@ class LoRAExperts(nn.Module):
         return self.experts(x_t, t, r, **cond)
 
     @property
-    def capabilities(self) -> object:
+    def capabilities(self) -> Capabilities:
+        """The experts' (the same on both)."""
         return self.experts.capabilities
 
     def expert_models(self) -> dict[str, nn.Module]:

@@ -99,7 +99,7 @@ def test_base_model_teacher_is_each_stock_expert_on_its_rows(tmp_path) -> None:
     assert model.active_adapter == "default"
 
 
-def test_lora_and_ema_save_and_reload_exactly_per_expert(tmp_path) -> None:
+def test_lora_ema_and_teacher_state_save_and_reload_exactly_per_expert(tmp_path) -> None:
     model, teacher, _ = _trained(tmp_path)
     x, cond, _ = _inputs()
     with torch.no_grad():
@@ -118,6 +118,10 @@ def test_lora_and_ema_save_and_reload_exactly_per_expert(tmp_path) -> None:
         assert torch.equal(reloaded(x, T, R, **cond), expected)
         assert torch.equal(ema(x, T, R, **cond), expected_ema)
     assert not any(p.requires_grad for p in reloaded.parameters())
+    resumed = lora.LoRAEMATeacher(target_decay=0.9)  # a resumed run: the teacher's state onto the reloaded experts
+    resumed.load_state_dict(teacher.state_dict())
+    resumed.attach(reloaded)
+    assert torch.equal(resumed(reloaded, x, T, R, cond), expected_ema)
 
     with pytest.raises(ValueError, match="boundary_ratio"):
         lora.load_lora(wan.adapt_experts(*_stock_experts(tmp_path), 0.9), tmp_path / "lora")
