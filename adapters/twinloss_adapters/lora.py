@@ -524,6 +524,8 @@ class LoRAExperts(nn.Module):
         Raises:
             ValueError: as :func:`load_lora`, and if ``twinloss_experts.json``
                 records another ``boundary_ratio`` or other expert folders.
+                As with :func:`load_lora`, experts whose weights were refused
+                may already carry LoRA layers: adapt fresh ones to retry.
         """
         from twinloss_adapters.persistence import _resolve_file, hub_arguments
 
