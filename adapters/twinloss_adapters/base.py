@@ -271,9 +271,19 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         if self.injection is None:
             prediction = self.run_backbone_to(x_t, timestep, r, cond)
         else:
-            with self.injection.times(t, r):
+            with self.injection.times(*self.injection_times(x_t, t, r, cond)):
                 prediction = self.run_backbone_to(x_t, timestep, r, cond)
         return self.time_convention.to_twinloss_velocity(prediction)
+
+    def injection_times(
+        self, x_t: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], cond: Mapping[str, Tensor]
+    ) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
+        """The ``(t, r)`` the time-embedding injection sees: one pair per row, ``(t, r)`` itself.
+
+        A backbone fed per-token timesteps (Wan 2.2 TI2V) returns one pair per
+        token, batch-major ``[B * L]``, for its per-token injection.
+        """
+        return t, r
 
     def run_backbone_to(
         self, x_t: Tensor, timestep: Tensor, r: Float[Tensor, " batch"], cond: Mapping[str, Tensor]

@@ -26,14 +26,31 @@ options. :func:`load_lora` puts either onto a freshly adapted stock base,
 checking that the base was adapted with the saved class and options and that
 every LoRA and twin weight is there; :func:`save_merged` writes a plain
 checkpoint with the LoRA fused in, loaded by the adapter's ``from_pretrained``.
+
+Wan 2.2 A14B's two experts (:class:`~twinloss_adapters.wan.WanExpertsModel`):
+:func:`add_lora` gives each expert its own LoRA (the same config) with its own
+twin modules in ``modules_to_save`` and returns a :class:`LoRAExperts`, which
+routes per row as before and answers the teachers' peft calls for both
+experts at once, so :class:`BaseModelTeacher` and :class:`LoRAEMATeacher` act
+per expert (the EMA averages each expert's LoRA). Saved, each adapter folder
+holds one folder per expert in the pipeline's layout (``transformer``,
+``transformer_2``) and a ``twinloss_experts.json`` with the
+``boundary_ratio``: ``d`` for the trained adapter, ``d/twinflow_ema`` for the
+EMA, loaded by :func:`load_lora` onto freshly adapted experts;
+:func:`save_merged` writes both fused experts and a ``model_index.json``, read
+by ``wan.from_pretrained_experts``.
 """
 
 import contextlib
 import copy
 import functools
 import inspect
+import json
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -42,15 +59,30 @@ from twinloss.protocol import Conditioning, VelocityModel
 from twinloss.teachers import MovingAverageTeacher, Teacher
 from twinloss_adapters._imports import require_peft
 from twinloss_adapters.base import AdaptedTransformer
+from twinloss_adapters.conventions import Capabilities
+from twinloss_adapters.wan import WanExpertsModel
 
-__all__ = ["BaseModelTeacher", "LoRAEMATeacher", "add_lora", "load_lora", "save_merged", "trainable_parameter_names"]
+__all__ = [
+    "BaseModelTeacher",
+    "LoRAEMATeacher",
+    "LoRAExperts",
+    "add_lora",
+    "load_lora",
+    "save_merged",
+    "trainable_parameter_names",
+]
+
+EXPERTS_CONFIG_NAME = "twinloss_experts.json"
+"""Next to the experts' LoRA folders: the ``boundary_ratio`` they were trained with and each expert's folder."""
 
 
 def add_lora(adapted: nn.Module, config: object, *, adapter_name: str = "default") -> nn.Module:
     """Freeze ``adapted``, add LoRA layers, and train the adapter's own modules with them.
 
     Args:
-        adapted: a model returned by a backbone's ``adapt``.
+        adapted: a model returned by a backbone's ``adapt``, or Wan 2.2's
+            :class:`~twinloss_adapters.wan.WanExpertsModel` (each expert gets
+            its LoRA; a :class:`LoRAExperts` is returned).
         config: a ``peft.LoraConfig``; it is copied, never modified. Its
             ``modules_to_save`` is extended by the adapter's own modules that
             have trainable parameters (frozen ones stay frozen).
@@ -64,6 +96,8 @@ def add_lora(adapted: nn.Module, config: object, *, adapter_name: str = "default
             not a ``peft.LoraConfig``.
     """
     peft = require_peft()
+    if isinstance(adapted, WanExpertsModel):
+        return LoRAExperts(adapted, lambda expert, _: add_lora(expert, config, adapter_name=adapter_name))
     if not isinstance(adapted, AdaptedTransformer):
         raise ValueError(
             f"adapted must be a model returned by a twinloss_adapters backbone's adapt(), got {type(adapted).__name__}"
@@ -160,6 +194,8 @@ def load_lora(
     peft = require_peft()
     from twinloss_adapters.persistence import check_exact_match, check_same_adapter, hub_arguments, read_twinloss_config
 
+    if isinstance(adapted, WanExpertsModel):
+        return LoRAExperts.load(adapted, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **hub_kwargs)
     config = peft.PeftConfig.from_pretrained(str(model_id), **hub_kwargs)
     if not isinstance(config, peft.LoraConfig):
         raise ValueError(f"{model_id} holds a {type(config).__name__}, expected a LoRA adapter (LoraConfig)")
@@ -196,7 +232,8 @@ def save_merged(
     ``AdapterClass.from_pretrained(save_directory)`` loads it, no peft needed.
 
     Args:
-        peft_model: a model returned by :func:`add_lora` or :func:`load_lora`.
+        peft_model: a model returned by :func:`add_lora` or :func:`load_lora`
+            (for :class:`LoRAExperts`: both experts, see :meth:`LoRAExperts.save_merged`).
         save_directory: where to write.
         adapter_name: the adapter to fuse (*default* the active one; the
             EMA of a :class:`LoRAEMATeacher` is ``"twinflow_ema"``).
@@ -206,6 +243,9 @@ def save_merged(
         ValueError: if ``peft_model`` is not a peft model of an adapted
             transformer or has no adapter ``adapter_name``.
     """
+    if isinstance(peft_model, LoRAExperts):
+        peft_model.save_merged(save_directory, adapter_name=adapter_name, **kwargs)
+        return
     model = _as_peft_model(peft_model, "save_merged")
     if not isinstance(model.get_base_model(), AdaptedTransformer):
         raise ValueError(f"save_merged needs a peft model of an adapted transformer, got one of {type(model.get_base_model()).__name__}")
@@ -368,3 +408,156 @@ class LoRAEMATeacher(MovingAverageTeacher):
                 self._load_ema(weights)
         else:
             self._pending = weights or None
+
+
+class LoRAExperts(nn.Module):
+    """Wan 2.2's two experts, each with its own LoRA, behind one protocol model and one peft-like interface.
+
+    Built by :func:`add_lora` (or :func:`load_lora`) from a
+    :class:`~twinloss_adapters.wan.WanExpertsModel`: every expert is frozen and
+    wrapped by its own ``PeftModel`` (the same config, the expert's twin
+    modules in its ``modules_to_save``) in place inside ``experts``, whose
+    router still sends each row to the expert its ``|t|`` belongs to. The peft
+    calls the teachers make (``disable_adapter``, ``add_adapter``,
+    ``set_adapter``, ``active_adapter``, ``peft_config``) act on both experts.
+
+    Args:
+        experts: the adapted experts, not yet LoRA-wrapped.
+        wrap: ``(expert, subfolder) -> PeftModel``: :func:`add_lora` or
+            :func:`load_lora` of one expert (``subfolder``: its folder in a
+            saved adapter, ``transformer`` or ``transformer_2``).
+
+    Raises:
+        ValueError: if an expert already carries a LoRA.
+    """
+
+    def __init__(self, experts: WanExpertsModel, wrap: Callable[[AdaptedTransformer, str], nn.Module]) -> None:
+        super().__init__()
+        for name in experts.expert_subfolders:
+            if not isinstance(getattr(experts, name), AdaptedTransformer):
+                raise ValueError(f"experts.{name} already carries a LoRA; pass freshly adapted experts")
+        wrapped = {name: wrap(getattr(experts, name), folder) for name, folder in experts.expert_subfolders.items()}
+        for name, model in wrapped.items():
+            setattr(experts, name, model)  # the router now calls the LoRA models
+        self.experts = experts
+
+    def forward(self, x_t: Tensor, t: Tensor, r: Tensor, **cond: Tensor) -> Tensor:
+        """``F(x_t, t, r)``, each row from its expert (see :class:`~twinloss_adapters.wan.WanExpertsModel`)."""
+        return self.experts(x_t, t, r, **cond)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The experts' (the same on both)."""
+        return self.experts.capabilities
+
+    def expert_models(self) -> dict[str, nn.Module]:
+        """Each expert's ``PeftModel``, by the expert's attribute name."""
+        return {name: getattr(self.experts, name) for name in self.experts.expert_subfolders}
+
+    @property
+    def peft_config(self) -> dict[str, object]:
+        """The adapters' configs (the same on both experts)."""
+        return self.expert_models()["high_noise"].peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        return self.expert_models()["high_noise"].active_adapter
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Both experts with every adapter disabled: the stock experts, routed as before."""
+        with contextlib.ExitStack() as stack:
+            for model in self.expert_models().values():
+                stack.enter_context(model.disable_adapter())
+            yield
+
+    def add_adapter(self, adapter_name: str, config: object) -> None:
+        """Add adapter ``adapter_name`` (a copy of ``config``) to both experts."""
+        for model in self.expert_models().values():
+            model.add_adapter(adapter_name, copy.deepcopy(config))
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Activate adapter ``adapter_name`` on both experts."""
+        for model in self.expert_models().values():
+            model.set_adapter(adapter_name)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, is_main_process: bool = True, **kwargs: object) -> None:
+        """Write each adapter: ``d`` (the default one) or ``d/<name>``, each with ``transformer/``, ``transformer_2/``.
+
+        Every expert folder is peft's, with its ``twinloss_config.json``; next
+        to them ``twinloss_experts.json`` records the ``boundary_ratio``.
+        ``kwargs`` go to peft's ``save_pretrained``.
+        """
+        if "selected_adapters" in kwargs:
+            raise ValueError("selected_adapters is not supported for the experts; every adapter is saved")
+        save_directory = Path(save_directory)
+        with tempfile.TemporaryDirectory() as staging:
+            for name, model in self.expert_models().items():  # peft writes d/sub and d/sub/<adapter>
+                model.save_pretrained(Path(staging) / self.experts.expert_subfolders[name], is_main_process=is_main_process, **kwargs)
+            if not is_main_process:
+                return
+            for adapter in self.peft_config:
+                folder = save_directory if adapter == "default" else save_directory / adapter
+                for subfolder in self.experts.expert_subfolders.values():
+                    source = Path(staging) / subfolder / ("" if adapter == "default" else adapter)
+                    (folder / subfolder).mkdir(parents=True, exist_ok=True)
+                    for file in source.iterdir():
+                        if file.is_file():
+                            shutil.copy2(file, folder / subfolder / file.name)
+                description = {"boundary_ratio": self.experts.boundary_ratio, "experts": self.experts.expert_subfolders}
+                (folder / EXPERTS_CONFIG_NAME).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(
+        cls,
+        experts: WanExpertsModel,
+        model_id: str | os.PathLike,
+        *,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **hub_kwargs: object,
+    ) -> "LoRAExperts":
+        """Put the experts' adapter saved in ``model_id`` (see :meth:`save_pretrained`) onto freshly adapted experts.
+
+        Each expert is loaded by :func:`load_lora` from its folder, with all its checks.
+
+        Raises:
+            ValueError: as :func:`load_lora`, and if ``twinloss_experts.json``
+                records another ``boundary_ratio`` or other expert folders.
+                As with :func:`load_lora`, experts whose weights were refused
+                may already carry LoRA layers: adapt fresh ones to retry.
+        """
+        from twinloss_adapters.persistence import _resolve_file, hub_arguments
+
+        subfolder = hub_kwargs.pop("subfolder", None)
+        file = _resolve_file(model_id, EXPERTS_CONFIG_NAME, subfolder, hub_arguments(hub_kwargs))
+        if file is not None:
+            saved = json.loads(Path(file).read_text())
+            if saved["boundary_ratio"] != experts.boundary_ratio or saved["experts"] != experts.expert_subfolders:
+                raise ValueError(
+                    f"the LoRA in {model_id} was trained on experts {saved['experts']} with boundary_ratio "
+                    f"{saved['boundary_ratio']}; these are {experts.expert_subfolders} with {experts.boundary_ratio}"
+                )
+
+        def load_expert(expert: AdaptedTransformer, expert_folder: str) -> nn.Module:
+            folder = expert_folder if subfolder is None else f"{subfolder}/{expert_folder}"
+            return load_lora(
+                expert, model_id, adapter_name=adapter_name, is_trainable=is_trainable, subfolder=folder, **hub_kwargs
+            )
+
+        return cls(experts, load_expert)
+
+    def save_merged(
+        self, save_directory: str | os.PathLike, *, adapter_name: str | None = None, **kwargs: object
+    ) -> None:
+        """Fuse one adapter into a copy of each expert; write them as a pipeline folder's two experts.
+
+        ``save_directory/transformer`` and ``save_directory/transformer_2`` (each
+        by :func:`save_merged`) and a ``model_index.json`` with the
+        ``boundary_ratio``: ``wan.from_pretrained_experts(save_directory)`` loads it.
+        """
+        save_directory = Path(save_directory)
+        for name, model in self.expert_models().items():
+            save_merged(model, save_directory / self.experts.expert_subfolders[name], adapter_name=adapter_name, **kwargs)
+        index = {"_class_name": "WanPipeline", "boundary_ratio": self.experts.boundary_ratio}
+        (save_directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -472,6 +472,10 @@ class PerTokenTimeEmbeddingInjection(TimeEmbeddingInjection):
     exactly what the per-row one does (the twin MLP then runs once per token:
     a few GFLOP for Chroma's 344 slots, nothing next to the transformer).
     Created by :func:`inject_time_embedding` with ``per_token=True``.
+
+    A backbone fed one timestep per token (Wan 2.2 TI2V) may also give one
+    time pair per token: times of ``B * L`` entries (batch-major) for an
+    output ``[B, L, D]`` add :math:`\Delta e(t_{b,l}, r_{b,l})` to token ``(b, l)``.
     """
 
     description = "per-token injection"
@@ -479,7 +483,9 @@ class PerTokenTimeEmbeddingInjection(TimeEmbeddingInjection):
 
     def _add_terms(self, output: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"]) -> Tensor:
         batch_size = t.shape[0]
-        if output.ndim == 3 and output.shape[0] == batch_size:
+        if output.ndim == 3 and output.shape[0] * output.shape[1] == batch_size:
+            tokens = 1  # the times are per token already
+        elif output.ndim == 3 and output.shape[0] == batch_size:
             tokens = output.shape[1]
         elif output.ndim == 2 and output.shape[0] > 0 and output.shape[0] % batch_size == 0:
             tokens = output.shape[0] // batch_size

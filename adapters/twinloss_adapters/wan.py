@@ -17,8 +17,8 @@ Conditioning:
   concatenated along channels before the call, so ``x_t`` and the velocity
   keep the ``out_channels`` layout.
 
-Per-token timesteps (Wan 2.2 TI2V's ``[B, tokens]`` timestep) are not used:
-twinloss gives one time per row.
+Wan 2.2 TI2V 5B's per-token timesteps (the pipelines' ``expand_timesteps``)
+are served by :mod:`twinloss_adapters.wan_ti2v`.
 
 Wan 2.2 A14B has two experts: ``WanPipeline`` runs ``transformer`` (high
 noise) at timesteps ``>= boundary_ratio * 1000`` and ``transformer_2`` (low
@@ -73,6 +73,8 @@ class WanAdapter(AdaptedTransformer):
     """``WanTransformer3DModel`` behind the protocol; latents ``[B, C, F, H, W]``."""
 
     required_cond = ("encoder_hidden_states",)
+    per_token_timesteps = False
+    """The stock call takes one timestep per token (:class:`~twinloss_adapters.wan_ti2v.WanTI2VAdapter`)."""
 
     def __init__(self, transformer: object, *, target_time: bool = True, sign: bool = True) -> None:
         check_backbone_class(transformer, _stock_class())
@@ -91,7 +93,10 @@ class WanAdapter(AdaptedTransformer):
             required.append("latent_condition")
         self.required_cond = tuple(required)
         self.cond_widths = {"encoder_hidden_states": config.text_dim}
-        super().__init__(transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign)
+        super().__init__(
+            transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign,
+            per_token_time=self.per_token_timesteps,
+        )
 
     def check_latent(self, x_t: Tensor) -> None:
         check_video_latent(x_t, self.latent_channels, tuple(self.transformer.config.patch_size), "Wan")
@@ -140,6 +145,9 @@ class WanExpertsModel(nn.Module):
         boundary_ratio: the pipeline's ``boundary_ratio`` in ``(0, 1)``
             (0.875 for Wan 2.2 T2V A14B, 0.9 for I2V A14B).
     """
+
+    expert_subfolders = {"high_noise": "transformer", "low_noise": "transformer_2"}
+    """Each expert's attribute -> its folder in a pipeline repository (and in a saved LoRA, see ``lora.add_lora``)."""
 
     def __init__(self, high_noise: WanAdapter, low_noise: WanAdapter, boundary_ratio: float) -> None:
         super().__init__()

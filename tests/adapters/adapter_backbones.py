@@ -849,3 +849,41 @@ CASES["hunyuan_video_i2v"] = BackboneCase(
 CASES["ltx2"] = BackboneCase(
     "ltx2", build_ltx2, adapt_ltx2, (8 + LTX2_AUDIO_LENGTH, 8), ltx2_cond, ltx2_stock, ((11, 7), (2, 11, 8), (12, 8)),
 )
+
+
+# --- Wan 2.2 TI2V 5B (expand_timesteps: per-token timesteps, the first frame replaced by the image's latent) ---
+
+
+def adapt_wan_ti2v(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import wan_ti2v
+
+    return wan_ti2v.adapt(transformer)
+
+
+def wan_ti2v_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {**wan_cond(transformer, batch, generator), "first_frame_latent": _randn(generator, batch, 4, 1, 4, 4)}
+
+
+def wan_ti2v_pipeline_call(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """WanImageToVideoPipeline's denoising-loop call with expand_timesteps=True, each row at its timestep ``1000 t``."""
+    first_frame_mask = torch.ones(1, 1, *x.shape[2:], dtype=torch.float32)
+    first_frame_mask[:, :, 0] = 0
+    latent_model_input = (1 - first_frame_mask) * cond["first_frame_latent"] + first_frame_mask * x
+    # The pipeline's temp_ts = (first_frame_mask[0][0][:, ::2, ::2] * t).flatten(), here with one t per row.
+    timestep = first_frame_mask[0][0][:, ::2, ::2].flatten()[None, :] * (1000 * t)[:, None]
+    return transformer(
+        hidden_states=latent_model_input, timestep=timestep, encoder_hidden_states=cond["encoder_hidden_states"],
+        return_dict=False,
+    )[0]
+
+
+def wan_ti2v_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """The pipeline's call; the prediction on the conditioned first frame, which the pipeline discards, is 0."""
+    prediction = wan_ti2v_pipeline_call(transformer, x, t, cond)
+    prediction[:, :, 0] = 0
+    return prediction
+
+
+CASES["wan_ti2v"] = BackboneCase(
+    "wan_ti2v", build_wan, adapt_wan_ti2v, (4, 2, 4, 4), wan_ti2v_cond, wan_ti2v_stock, ((4, 4, 4), (4, 2, 3, 4)),
+)

@@ -214,7 +214,7 @@ def test_unknown_backbone_class_and_double_adaptation_raise(case: BackboneCase) 
     transformer, _ = _build(case)
     with pytest.raises(ValueError, match="already"):
         case.adapt(transformer)
-    other = CASES["wan" if case.name != "wan" else "sana"].build()
+    other = CASES["wan" if case.build is not CASES["wan"].build else "sana"].build()
     with pytest.raises(ValueError, match="must be a diffusers"):
         case.adapt(other)
 
