@@ -527,10 +527,10 @@ class LoRAExperts(nn.Module):
                 As with :func:`load_lora`, experts whose weights were refused
                 may already carry LoRA layers: adapt fresh ones to retry.
         """
-        from twinloss_adapters.persistence import _resolve_file, hub_arguments
+        from twinloss_adapters.persistence import resolve_file, hub_arguments
 
         subfolder = hub_kwargs.pop("subfolder", None)
-        file = _resolve_file(model_id, EXPERTS_CONFIG_NAME, subfolder, hub_arguments(hub_kwargs))
+        file = resolve_file(model_id, EXPERTS_CONFIG_NAME, subfolder, hub_arguments(hub_kwargs))
         if file is not None:
             saved = json.loads(Path(file).read_text())
             if saved["boundary_ratio"] != experts.boundary_ratio or saved["experts"] != experts.expert_subfolders:

@@ -197,7 +197,7 @@ def write_twinloss_config(directory: str | os.PathLike, config: Mapping[str, obj
 # --- locating files, local or on the Hub -----------------------------------------------------
 
 
-def _resolve_file(
+def resolve_file(
     path: str | os.PathLike, name: str, subfolder: str | None, hub_arguments: Mapping[str, object]
 ) -> str | None:
     """The local path of file ``name`` of a model directory or Hub repository; None if it has none."""
@@ -223,11 +223,11 @@ def weight_files(
         (constants.SAFE_WEIGHTS_INDEX_NAME, constants.SAFETENSORS_WEIGHTS_NAME),
         (constants.WEIGHTS_INDEX_NAME, constants.WEIGHTS_NAME),
     ):
-        index = _resolve_file(path, _add_variant(index_name, variant), subfolder, hub_arguments)
+        index = resolve_file(path, _add_variant(index_name, variant), subfolder, hub_arguments)
         if index is not None:
             shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
-            return [_resolve_file(path, shard, subfolder, hub_arguments) for shard in shards]
-        single = _resolve_file(path, _add_variant(single_name, variant), subfolder, hub_arguments)
+            return [resolve_file(path, shard, subfolder, hub_arguments) for shard in shards]
+        single = resolve_file(path, _add_variant(single_name, variant), subfolder, hub_arguments)
         if single is not None:
             return [single]
     raise ValueError(f"found no diffusers weights file in {path!r} (subfolder {subfolder!r}, variant {variant!r})")
@@ -296,7 +296,7 @@ def load_exactly(module: nn.Module, expected: Mapping[str, Tensor], found: Mappi
 def read_twinloss_config(
     path: str | os.PathLike, subfolder: str | None, hub_arguments: Mapping[str, object]
 ) -> dict | None:
-    file = _resolve_file(path, TWINLOSS_CONFIG_NAME, subfolder, hub_arguments)
+    file = resolve_file(path, TWINLOSS_CONFIG_NAME, subfolder, hub_arguments)
     if file is None:
         return None
     config = json.loads(Path(file).read_text())
@@ -443,7 +443,7 @@ def load_adapted(
     unused_weights.release(consumed=set(saved_twin))
     expected_extras = _external_extras(adapted)
     if config is not None and (expected_extras or config["extra_keys"]):
-        extras_file = _resolve_file(pretrained_model_name_or_path, EXTRAS_WEIGHTS_NAME, subfolder, hub)
+        extras_file = resolve_file(pretrained_model_name_or_path, EXTRAS_WEIGHTS_NAME, subfolder, hub)
         saved_extras = read_tensors([extras_file], ("",)) if extras_file is not None else {}
         load_exactly(adapted, expected_extras, saved_extras, f"the weights in {EXTRAS_WEIGHTS_NAME}")
     return adapted
