@@ -64,6 +64,8 @@ class LTXVideoAdapter(AdaptedTransformer):
 
     required_cond = ("encoder_hidden_states",)
     optional_cond = ("encoder_attention_mask",)
+    per_token_timesteps = False
+    """The stock call takes one timestep per token (:class:`~twinloss_adapters.ltx_condition.LTXConditionAdapter`)."""
 
     def __init__(
         self,
@@ -100,7 +102,10 @@ class LTXVideoAdapter(AdaptedTransformer):
         )
         self.cond_widths = {"encoder_hidden_states": config.caption_channels}
         self.cond_masks = {"encoder_attention_mask": "encoder_hidden_states"}
-        super().__init__(transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign)
+        super().__init__(
+            transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign,
+            per_token_time=self.per_token_timesteps,
+        )
 
     def check_latent(self, x_t: Tensor) -> None:
         check_video_latent(x_t, self.latent_channels, (self.patch_t, self.patch, self.patch), "LTX-Video")

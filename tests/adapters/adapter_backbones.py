@@ -887,3 +887,60 @@ def wan_ti2v_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str,
 CASES["wan_ti2v"] = BackboneCase(
     "wan_ti2v", build_wan, adapt_wan_ti2v, (4, 2, 4, 4), wan_ti2v_cond, wan_ti2v_stock, ((4, 4, 4), (4, 2, 3, 4)),
 )
+
+
+# --- LTX-Video conditioning (LTXConditionPipeline: per-token timesteps, the first frames replaced by a condition) ---
+
+
+def adapt_ltx_condition(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import ltx_condition
+
+    return ltx_condition.adapt(transformer)
+
+
+def ltx_condition_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {**ltx_video_cond(transformer, batch, generator), "condition_latent": _randn(generator, batch, 4, 1, 4, 4)}
+
+
+def ltx_condition_pipeline_call(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """LTXConditionPipeline's denoising-loop call (its own helpers), a strength-1 condition at frame index 0.
+
+    Each row at its timestep ``1000 t``; without ``cond['condition_latent']`` the pipeline's text-to-video call.
+    """
+    from diffusers import LTXConditionPipeline as Pipeline
+
+    batch, _, frames, height, width = x.shape
+    latents = x.clone()
+    frames_mask = torch.zeros(batch, frames)
+    condition = cond.get("condition_latent")
+    if condition is not None:
+        conditioned = condition.shape[2]
+        latents[:, :, :conditioned] = torch.lerp(latents[:, :, :conditioned], condition, 1.0)
+        frames_mask[:, :conditioned] = 1.0
+    video_ids = Pipeline._prepare_video_ids(batch, frames, height, width)
+    conditioning_mask = frames_mask.gather(1, video_ids[:, 0])
+    video_coords = Pipeline._scale_video_ids(video_ids, scale_factor=32, scale_factor_t=8, frame_index=0).float()
+    video_coords[:, 0] = video_coords[:, 0] * (1.0 / 25)
+    timestep = (1000 * t)[:, None].float()
+    if condition is not None:
+        timestep = torch.min(timestep, (1 - conditioning_mask) * 1000.0)
+    tokens = transformer(
+        hidden_states=Pipeline._pack_latents(latents), encoder_hidden_states=cond["encoder_hidden_states"],
+        timestep=timestep, encoder_attention_mask=cond["encoder_attention_mask"], video_coords=video_coords,
+        return_dict=False,
+    )[0]
+    return Pipeline._unpack_latents(tokens, frames, height, width)
+
+
+def ltx_condition_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """The pipeline's call; the prediction on the conditioned frames, which the pipeline never applies, is 0."""
+    prediction = ltx_condition_pipeline_call(transformer, x, t, cond)
+    if "condition_latent" in cond:
+        prediction[:, :, : cond["condition_latent"].shape[2]] = 0
+    return prediction
+
+
+CASES["ltx_condition"] = BackboneCase(
+    "ltx_condition", build_ltx_video, adapt_ltx_condition, (4, 2, 4, 4), ltx_condition_cond, ltx_condition_stock,
+    ((4, 4, 4), (3, 2, 4, 4)),
+)
