@@ -944,3 +944,59 @@ CASES["ltx_condition"] = BackboneCase(
     "ltx_condition", build_ltx_video, adapt_ltx_condition, (4, 2, 4, 4), ltx_condition_cond, ltx_condition_stock,
     ((4, 4, 4), (3, 2, 4, 4)),
 )
+
+
+# --- Stable Audio (v-prediction on the cosine path; the timestep embedding on a prepended global token) ---
+
+STABLE_AUDIO_GLOBAL_WIDTH = 12
+
+
+def build_stable_audio() -> nn.Module:
+    from diffusers import StableAudioDiTModel
+
+    return StableAudioDiTModel(
+        sample_size=8, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        num_key_value_attention_heads=1, cross_attention_dim=16, time_proj_dim=16,
+        global_states_input_dim=STABLE_AUDIO_GLOBAL_WIDTH, cross_attention_input_dim=24,
+    )
+
+
+def adapt_stable_audio(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import stable_audio
+
+    return stable_audio.adapt(transformer)
+
+
+def stable_audio_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {
+        "encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24),
+        "global_hidden_states": _randn(generator, batch, 1, STABLE_AUDIO_GLOBAL_WIDTH),
+    }
+
+
+def stable_audio_pipeline_call(transformer: nn.Module, x: Tensor, timestep: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """StableAudioPipeline's transformer call on the scaled model input ``x``, its rotary embedding over G + T tokens."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    global_states = cond["global_hidden_states"]
+    rotary = get_1d_rotary_pos_embed(
+        transformer.config.attention_head_dim // 2, x.shape[2] + global_states.shape[1], use_real=True,
+        repeat_interleave_real=False,
+    )
+    return transformer(
+        x, timestep, encoder_hidden_states=cond["encoder_hidden_states"], global_hidden_states=global_states,
+        rotary_embedding=rotary, return_dict=False,
+    )[0]
+
+
+def stable_audio_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """The pipeline's call with each row at its own timestep ``t``; its v-prediction as a cosine-path velocity."""
+    import math
+
+    return stable_audio_pipeline_call(transformer, x, t, cond) * (0.5 * math.pi)
+
+
+CASES["stable_audio"] = BackboneCase(
+    "stable_audio", build_stable_audio, adapt_stable_audio, (4, 6), stable_audio_cond, stable_audio_stock,
+    ((4, 4, 6), (3, 6)),
+)
