@@ -47,8 +47,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from twinloss_adapters._imports import require_diffusers
-from twinloss_adapters.base import check_backbone_class, pipeline_from_pretrained, unadapt
+from twinloss_adapters.base import pipeline_from_pretrained, unadapt
 from twinloss_adapters.ltx_video import LTXVideoAdapter
 from twinloss_adapters.packing import pack_video_patches, unpack_video_patches
 
@@ -67,33 +66,14 @@ class LTXConditionAdapter(LTXVideoAdapter):
     optional_cond = (*LTXVideoAdapter.optional_cond, CONDITION)
     per_token_timesteps = True
 
-    def __init__(
-        self,
-        transformer: object,
-        *,
-        target_time: bool = True,
-        sign: bool = True,
-        frame_rate: float = 25.0,
-        vae_temporal_compression: int = 8,
-        vae_spatial_compression: int = 32,
-    ) -> None:
-        check_backbone_class(transformer, require_diffusers().LTXVideoTransformer3DModel)
-        patches = (transformer.config.patch_size, transformer.config.patch_size_t)
+    def check_config(self, config: object) -> None:
+        """Raise ValueError unless both patch sizes are 1 (the pipeline's ``video_coords`` assume it)."""
+        patches = (config.patch_size, config.patch_size_t)
         if patches != (1, 1):
             raise ValueError(
                 f"transformer has (patch_size, patch_size_t) = {patches}; LTXConditionPipeline's "
                 "video_coords are built for patches of 1"
             )
-        super().__init__(
-            transformer,
-            target_time=target_time,
-            sign=sign,
-            frame_rate=frame_rate,
-            vae_temporal_compression=vae_temporal_compression,
-            vae_spatial_compression=vae_spatial_compression,
-        )
-        self.frame_rate = frame_rate
-        self.compression = (vae_temporal_compression, vae_spatial_compression)
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         super().check_cond(cond, batch_size)
@@ -142,7 +122,7 @@ class LTXConditionAdapter(LTXVideoAdapter):
         ``_scale_video_ids`` do.
         """
         frames, height, width = x_t.shape[2:]
-        temporal, spatial = self.compression
+        temporal, spatial = self.vae_compression
         axes = (torch.arange(size, device=x_t.device) for size in (frames, height, width))
         grid = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1)  # [3, F H W], integers
         grid = grid * torch.tensor([temporal, spatial, spatial], device=x_t.device)[:, None]

@@ -86,6 +86,7 @@ class LTXVideoAdapter(AdaptedTransformer):
                 f"{vae_temporal_compression} and {vae_spatial_compression}"
             )
         config = transformer.config
+        self.check_config(config)
         self.patch, self.patch_t = config.patch_size, config.patch_size_t
         self.latent_channels = config.in_channels // (self.patch * self.patch * self.patch_t)
         if self.latent_channels * self.patch * self.patch * self.patch_t != config.in_channels or (
@@ -95,6 +96,8 @@ class LTXVideoAdapter(AdaptedTransformer):
                 f"transformer maps {config.in_channels} packed channels to {config.out_channels}; "
                 "expected equal counts divisible by patch_size**2 * patch_size_t"
             )
+        self.frame_rate = frame_rate
+        self.vae_compression = (vae_temporal_compression, vae_spatial_compression)
         self.rope_interpolation_scale = (
             vae_temporal_compression / frame_rate,
             float(vae_spatial_compression),
@@ -106,6 +109,9 @@ class LTXVideoAdapter(AdaptedTransformer):
             transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign,
             per_token_time=self.per_token_timesteps,
         )
+
+    def check_config(self, config: object) -> None:
+        """Raise ValueError for a transformer config the pipeline's call cannot serve (none for ``LTXPipeline``)."""
 
     def check_latent(self, x_t: Tensor) -> None:
         check_video_latent(x_t, self.latent_channels, (self.patch_t, self.patch, self.patch), "LTX-Video")
