@@ -1000,3 +1000,13 @@ CASES["stable_audio"] = BackboneCase(
     "stable_audio", build_stable_audio, adapt_stable_audio, (4, 6), stable_audio_cond, stable_audio_stock,
     ((4, 4, 6), (3, 6)),
 )
+
+
+def perturb_twin_embedding(transformer: nn.Module, seed: int = 5) -> None:
+    """Make the twin embedding on ``transformer`` look trained: its target-time MLP and sign move off zero."""
+    from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in transformer.get_submodule(DEFAULT_MODULE_NAME).parameters():
+            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))

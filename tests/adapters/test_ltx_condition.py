@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adapter_backbones import TEXT_LEN, build_ltx_video, ltx_condition_pipeline_call
+from adapter_backbones import TEXT_LEN, build_ltx_video, ltx_condition_pipeline_call, perturb_twin_embedding
 from twinloss_adapters import ltx_condition
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME, find_injection
 
@@ -28,10 +28,7 @@ def _adapted(seed: int = 0) -> tuple[torch.nn.Module, ltx_condition.LTXCondition
     torch.manual_seed(seed)
     transformer = build_ltx_video()
     model = ltx_condition.adapt(transformer)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # a trained twin embedding: target-time MLP and sign both non-zero
-        for parameter in transformer.get_submodule(DEFAULT_MODULE_NAME).parameters():
-            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    perturb_twin_embedding(transformer)
     return transformer, model
 
 

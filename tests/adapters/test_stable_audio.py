@@ -5,7 +5,7 @@ import math
 import torch
 
 import twinloss
-from adapter_backbones import build_stable_audio, stable_audio_cond, stable_audio_pipeline_call
+from adapter_backbones import build_stable_audio, perturb_twin_embedding, stable_audio_cond, stable_audio_pipeline_call
 from twinloss.paths import CosinePath
 from twinloss_adapters import stable_audio
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME
@@ -35,10 +35,7 @@ def _adapted() -> tuple[torch.nn.Module, stable_audio.StableAudioAdapter]:
     torch.manual_seed(0)
     transformer = build_stable_audio()
     model = stable_audio.adapt(transformer)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # a trained twin embedding
-        for parameter in transformer.get_submodule(DEFAULT_MODULE_NAME).parameters():
-            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    perturb_twin_embedding(transformer)
     return transformer, model
 
 
