@@ -3,7 +3,8 @@
 Each backbone module (``sana``, ``openuni``, ``qwen_image``, ``qwen_image_edit``,
 ``flux``, ``sd3``, ``wan``, ``ltx_video``, ``hunyuan_video``, ``z_image``; new:
 ``lumina2``, ``hidream``, ``flux2``, ``flux_kontext``, ``chroma``, ``anyflow``,
-``ace_step``, ``hunyuan_video15``, ``hunyuan_video_i2v``, ``ltx2``) exposes
+``ace_step``, ``hunyuan_video15``, ``hunyuan_video_i2v``, ``ltx2``, ``ltx_condition``,
+``stable_audio``) exposes
 ``adapt(transformer, ...)``, returning an
 ``nn.Module`` with ``model(x_t, t, r, **cond) -> velocity``, and ``unadapt``.
 ``twinloss_adapters.lora`` adds LoRA training through peft and the two

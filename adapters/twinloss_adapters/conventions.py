@@ -29,7 +29,7 @@ class TimeConvention:
     .. math::
         \tau = \text{scale} \cdot
         \begin{cases} 1 - |t| & \text{reversed} \\ |t| & \text{otherwise,} \end{cases}
-        \qquad v_\text{twinloss} = \text{output\_sign} \cdot v_\text{backbone}.
+        \qquad v_\text{twinloss} = \text{output\_sign} \cdot \text{output\_scale} \cdot v_\text{backbone}.
 
     With ``signed`` the timestep keeps the sign of ``t`` (``tau = scale * t``):
     the TwinFlow-Qwen-Image release feeds the twin trajectory's negative times
@@ -43,18 +43,24 @@ class TimeConvention:
         output_sign: +1 if the backbone predicts ``z - x`` (every diffusers
             flow-match pipeline here), -1 if it predicts ``x - z``.
         signed: keep the sign of ``t`` in the timestep (not with ``reversed``).
+        output_scale: twinloss velocity per unit of the backbone's prediction:
+            1 for a flow-matching velocity, ``pi / 2`` for a v-prediction on
+            the cosine path (Stable Audio; :mod:`twinloss_adapters.stable_audio`).
     """
 
     scale: float = 1000.0
     reversed: bool = False
     output_sign: int = 1
     signed: bool = False
+    output_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise ValueError(f"scale must be a positive finite number, got {self.scale}")
         if self.output_sign not in (1, -1):
             raise ValueError(f"output_sign must be +1 or -1, got {self.output_sign}")
+        if not (self.output_scale > 0 and math.isfinite(self.output_scale)):
+            raise ValueError(f"output_scale must be a positive finite number, got {self.output_scale}")
         if self.signed and self.reversed:
             raise ValueError("signed=True needs reversed=False: a reversed timestep 1 - |t| has no sign to keep")
 
@@ -78,7 +84,9 @@ class TimeConvention:
         return 1.0 - unsigned if self.reversed else unsigned
 
     def to_twinloss_velocity(self, velocity: Tensor) -> Tensor:
-        """Turn the backbone's prediction into the twinloss velocity ``z - x``."""
+        """Turn the backbone's prediction into the twinloss velocity (``z - x`` on the linear path)."""
+        if self.output_scale != 1.0:
+            velocity = velocity * self.output_scale
         return velocity if self.output_sign == 1 else -velocity
 
 

@@ -64,6 +64,8 @@ class LTXVideoAdapter(AdaptedTransformer):
 
     required_cond = ("encoder_hidden_states",)
     optional_cond = ("encoder_attention_mask",)
+    per_token_timesteps = False
+    """The stock call takes one timestep per token (:class:`~twinloss_adapters.ltx_condition.LTXConditionAdapter`)."""
 
     def __init__(
         self,
@@ -84,6 +86,7 @@ class LTXVideoAdapter(AdaptedTransformer):
                 f"{vae_temporal_compression} and {vae_spatial_compression}"
             )
         config = transformer.config
+        self.check_config(config)
         self.patch, self.patch_t = config.patch_size, config.patch_size_t
         self.latent_channels = config.in_channels // (self.patch * self.patch * self.patch_t)
         if self.latent_channels * self.patch * self.patch * self.patch_t != config.in_channels or (
@@ -93,6 +96,8 @@ class LTXVideoAdapter(AdaptedTransformer):
                 f"transformer maps {config.in_channels} packed channels to {config.out_channels}; "
                 "expected equal counts divisible by patch_size**2 * patch_size_t"
             )
+        self.frame_rate = frame_rate
+        self.vae_compression = (vae_temporal_compression, vae_spatial_compression)
         self.rope_interpolation_scale = (
             vae_temporal_compression / frame_rate,
             float(vae_spatial_compression),
@@ -100,7 +105,13 @@ class LTXVideoAdapter(AdaptedTransformer):
         )
         self.cond_widths = {"encoder_hidden_states": config.caption_channels}
         self.cond_masks = {"encoder_attention_mask": "encoder_hidden_states"}
-        super().__init__(transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign)
+        super().__init__(
+            transformer, **time_embedding_arguments(config), target_time=target_time, sign=sign,
+            per_token_time=self.per_token_timesteps,
+        )
+
+    def check_config(self, config: object) -> None:
+        """Raise ValueError for a transformer config the pipeline's call cannot serve (none for ``LTXPipeline``)."""
 
     def check_latent(self, x_t: Tensor) -> None:
         check_video_latent(x_t, self.latent_channels, (self.patch_t, self.patch, self.patch), "LTX-Video")

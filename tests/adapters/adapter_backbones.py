@@ -887,3 +887,126 @@ def wan_ti2v_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str,
 CASES["wan_ti2v"] = BackboneCase(
     "wan_ti2v", build_wan, adapt_wan_ti2v, (4, 2, 4, 4), wan_ti2v_cond, wan_ti2v_stock, ((4, 4, 4), (4, 2, 3, 4)),
 )
+
+
+# --- LTX-Video conditioning (LTXConditionPipeline: per-token timesteps, the first frames replaced by a condition) ---
+
+
+def adapt_ltx_condition(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import ltx_condition
+
+    return ltx_condition.adapt(transformer)
+
+
+def ltx_condition_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {**ltx_video_cond(transformer, batch, generator), "condition_latent": _randn(generator, batch, 4, 1, 4, 4)}
+
+
+def ltx_condition_pipeline_call(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """LTXConditionPipeline's denoising-loop call (its own helpers), a strength-1 condition at frame index 0.
+
+    Each row at its timestep ``1000 t``; without ``cond['condition_latent']`` the pipeline's text-to-video call.
+    """
+    from diffusers import LTXConditionPipeline as Pipeline
+
+    batch, _, frames, height, width = x.shape
+    latents = x.clone()
+    frames_mask = torch.zeros(batch, frames)
+    condition = cond.get("condition_latent")
+    if condition is not None:
+        conditioned = condition.shape[2]
+        latents[:, :, :conditioned] = torch.lerp(latents[:, :, :conditioned], condition, 1.0)
+        frames_mask[:, :conditioned] = 1.0
+    video_ids = Pipeline._prepare_video_ids(batch, frames, height, width)
+    conditioning_mask = frames_mask.gather(1, video_ids[:, 0])
+    video_coords = Pipeline._scale_video_ids(video_ids, scale_factor=32, scale_factor_t=8, frame_index=0).float()
+    video_coords[:, 0] = video_coords[:, 0] * (1.0 / 25)
+    timestep = (1000 * t)[:, None].float()
+    if condition is not None:
+        timestep = torch.min(timestep, (1 - conditioning_mask) * 1000.0)
+    tokens = transformer(
+        hidden_states=Pipeline._pack_latents(latents), encoder_hidden_states=cond["encoder_hidden_states"],
+        timestep=timestep, encoder_attention_mask=cond["encoder_attention_mask"], video_coords=video_coords,
+        return_dict=False,
+    )[0]
+    return Pipeline._unpack_latents(tokens, frames, height, width)
+
+
+def ltx_condition_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """The pipeline's call; the prediction on the conditioned frames, which the pipeline never applies, is 0."""
+    prediction = ltx_condition_pipeline_call(transformer, x, t, cond)
+    if "condition_latent" in cond:
+        prediction[:, :, : cond["condition_latent"].shape[2]] = 0
+    return prediction
+
+
+CASES["ltx_condition"] = BackboneCase(
+    "ltx_condition", build_ltx_video, adapt_ltx_condition, (4, 2, 4, 4), ltx_condition_cond, ltx_condition_stock,
+    ((4, 4, 4), (3, 2, 4, 4)),
+)
+
+
+# --- Stable Audio (v-prediction on the cosine path; the timestep embedding on a prepended global token) ---
+
+STABLE_AUDIO_GLOBAL_WIDTH = 12
+
+
+def build_stable_audio() -> nn.Module:
+    from diffusers import StableAudioDiTModel
+
+    return StableAudioDiTModel(
+        sample_size=8, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        num_key_value_attention_heads=1, cross_attention_dim=16, time_proj_dim=16,
+        global_states_input_dim=STABLE_AUDIO_GLOBAL_WIDTH, cross_attention_input_dim=24,
+    )
+
+
+def adapt_stable_audio(transformer: nn.Module) -> nn.Module:
+    from twinloss_adapters import stable_audio
+
+    return stable_audio.adapt(transformer)
+
+
+def stable_audio_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    return {
+        "encoder_hidden_states": _randn(generator, batch, TEXT_LEN, 24),
+        "global_hidden_states": _randn(generator, batch, 1, STABLE_AUDIO_GLOBAL_WIDTH),
+    }
+
+
+def stable_audio_pipeline_call(transformer: nn.Module, x: Tensor, timestep: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """StableAudioPipeline's transformer call on the scaled model input ``x``, its rotary embedding over G + T tokens."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    global_states = cond["global_hidden_states"]
+    rotary = get_1d_rotary_pos_embed(
+        transformer.config.attention_head_dim // 2, x.shape[2] + global_states.shape[1], use_real=True,
+        repeat_interleave_real=False,
+    )
+    return transformer(
+        x, timestep, encoder_hidden_states=cond["encoder_hidden_states"], global_hidden_states=global_states,
+        rotary_embedding=rotary, return_dict=False,
+    )[0]
+
+
+def stable_audio_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """The pipeline's call with each row at its own timestep ``t``; its v-prediction as a cosine-path velocity."""
+    import math
+
+    return stable_audio_pipeline_call(transformer, x, t, cond) * (0.5 * math.pi)
+
+
+CASES["stable_audio"] = BackboneCase(
+    "stable_audio", build_stable_audio, adapt_stable_audio, (4, 6), stable_audio_cond, stable_audio_stock,
+    ((4, 4, 6), (3, 6)),
+)
+
+
+def perturb_twin_embedding(transformer: nn.Module, seed: int = 5) -> None:
+    """Make the twin embedding on ``transformer`` look trained: its target-time MLP and sign move off zero."""
+    from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in transformer.get_submodule(DEFAULT_MODULE_NAME).parameters():
+            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))

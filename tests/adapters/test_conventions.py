@@ -25,7 +25,17 @@ def test_output_sign() -> None:
     torch.testing.assert_close(TimeConvention(output_sign=-1).to_twinloss_velocity(velocity), -velocity)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"scale": 0.0}, "scale"), ({"output_sign": 2}, "output_sign")])
+def test_output_scale_multiplies_the_prediction_and_composes_with_the_sign() -> None:
+    velocity = torch.randn(2, 3)
+    scaled = TimeConvention(output_scale=1.5, output_sign=-1).to_twinloss_velocity(velocity)
+    torch.testing.assert_close(scaled, -1.5 * velocity, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"scale": 0.0}, "scale"), ({"output_sign": 2}, "output_sign"), ({"output_scale": 0.0}, "output_scale"),
+     ({"output_scale": float("inf")}, "output_scale")],
+)
 def test_invalid_conventions_raise(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TimeConvention(**kwargs)
