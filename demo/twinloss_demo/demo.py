@@ -34,6 +34,7 @@ from torch import Tensor
 
 from twinloss import metrics, toy
 from twinloss._checks import check_int
+from twinloss.averaging import PowerFunctionDecay, WeightAverage
 from twinloss.loss import TwinFlowLoss
 from twinloss.sampling import AnyStepSampler
 from twinloss_demo.training import train
@@ -209,9 +210,11 @@ def run_demo(config: DemoConfig, out: Path | str, *, progress: bool = True) -> d
         pretrained = copy.deepcopy(model)
         pretrain_done = time.perf_counter()
         bar.set_description("TwinFlow")
+        average = WeightAverage(PowerFunctionDecay())  # the documented weights to sample from
         train(
             model, TwinFlowLoss(guidance_scale=0.0), draw_batch,
-            steps=config.finetune_steps, lr=config.finetune_lr, generator=train_noise, progress=tick,
+            steps=config.finetune_steps, lr=config.finetune_lr, generator=train_noise, average=average,
+            progress=tick,
         )
         bar.close()
         finetune_done = time.perf_counter()
@@ -224,6 +227,7 @@ def run_demo(config: DemoConfig, out: Path | str, *, progress: bool = True) -> d
             "flow_matching_1nfe": (pretrained, AnyStepSampler(1)),
             "twinflow_1nfe": (model, AnyStepSampler(1)),
             "twinflow_2nfe": (model, AnyStepSampler(2)),
+            "twinflow_1nfe_weight_average": (average.sampling_model(model), AnyStepSampler(1)),
         }
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in [*methods, "data_second_draw"]}
         nfe, samples = {"data_second_draw": 0}, {}  # samples: the first evaluation seed's, for the picture
@@ -254,6 +258,8 @@ def run_demo(config: DemoConfig, out: Path | str, *, progress: bool = True) -> d
              samples["flow_matching_multi_step"]),
             ("Flow matching, 1 NFE", subtitle("flow_matching_1nfe"), samples["flow_matching_1nfe"]),
             ("TwinFlow fine-tuned, 1 NFE", subtitle("twinflow_1nfe"), samples["twinflow_1nfe"]),
+            ("TwinFlow, 1 NFE, weight average", subtitle("twinflow_1nfe_weight_average"),
+             samples["twinflow_1nfe_weight_average"]),
         ],
         out / "demo.png",
         title=f"8 Gaussians on a ring, same weights and noise; mean of {config.eval_seeds} seeds "

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from twinloss.averaging import WeightAverage
 from twinloss.loss import TwinFlowLoss
 from twinloss.teachers import Teacher
 
@@ -26,13 +27,15 @@ def train(
     lr: float,
     generator: torch.Generator,
     teacher: Teacher | None = None,
+    average: WeightAverage | None = None,
     grad_clip: float = 1.0,
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Adam on ``loss_fn(model, x, cond=..., uncond=...)`` for ``steps`` steps.
 
     ``draw_batch(generator) -> (x, cond, uncond)``; ``teacher.update(model)``
-    runs after each optimizer step when a teacher is given. Returns the losses.
+    and ``average.update(model)`` (the weights to sample from) run after each
+    optimizer step when given. Returns the losses.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
@@ -46,6 +49,8 @@ def train(
         optimizer.step()
         if teacher is not None:
             teacher.update(model)
+        if average is not None:
+            average.update(model)
         losses.append(float(out.loss.detach()))
         if progress is not None:
             progress(step, losses[-1])

@@ -13,7 +13,10 @@ from PIL import Image
 from twinloss_demo.cli import DEMO_EXTRA_MODULES, main
 from twinloss_demo.demo import evaluate_samples
 
-METHODS = ("flow_matching_multi_step", "flow_matching_1nfe", "twinflow_1nfe", "twinflow_2nfe", "data_second_draw")
+METHODS = (
+    "flow_matching_multi_step", "flow_matching_1nfe", "twinflow_1nfe", "twinflow_2nfe", "twinflow_1nfe_weight_average",
+    "data_second_draw",
+)
 DEMO_PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "demo"
 
 
