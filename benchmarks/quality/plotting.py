@@ -68,7 +68,7 @@ def line_chart(
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
         draw.text((width - right + 10, top + 20 * index), label[:52], fill=colour, font=_font(13))
     for index, (label, y) in enumerate(levels):
-        draw.line([at(x_low, y), at(x_high, y)], fill=LEVEL_COLOUR, width=1)
+        draw.line([at(x_low, y), at(x_high, y)], fill=LEVEL_COLOUR, width=2)
         draw.text((width - right + 10, top + 20 * (len(lines) + index)), f"--- {label}"[:52], fill=LEVEL_COLOUR,
                   font=_font(13))
     draw.text((left, height - 20), x_label, fill="black", font=_font(12))
