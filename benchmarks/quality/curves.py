@@ -29,7 +29,8 @@ method with guidance is not run there and its file records why.
 One JSON file per (task, seed, method), so methods can run in parallel
 processes: ``{out}/{task}_seed{N}_{slug}.json``, and
 ``{out}/{task}_seed{N}_reference.json`` for the flow-matching references and
-the data floor. ``curves_summary.py`` reads them.
+the data floor (``--quick`` and ``--scale`` runs add ``_quick`` / ``_scale{F}``
+to the name, so they never overwrite a full run). ``curves_summary.py`` reads them.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/curves.py --task ring --seed 0                     # reference + every method
@@ -316,6 +317,7 @@ def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] 
     config = {"task": task.name, "seed": args.seed, "quick": args.quick, "scale": args.scale, "lr": task.lr,
               "primary": task.primary, "conditional": task.conditional, "checkpoints": checkpoint_steps(sizes.budget),
               **dataclasses.asdict(sizes)}
+    variant = ("_quick" if args.quick else "") + (f"_scale{args.scale:g}" if args.scale != 1 else "")
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -324,7 +326,7 @@ def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] 
     def write(name: str, body: dict, seconds: float) -> None:
         report = {"task": task.name, "seed": args.seed, "method": name, "config": config, **body,
                   "wall_s": round(seconds, 1)}
-        path = out / f"{task.name}_seed{args.seed}_{slug(name)}.json"
+        path = out / f"{task.name}_seed{args.seed}_{slug(name)}{variant}.json"
         path.write_text(json.dumps(report, indent=1) + "\n")
         log(f"wrote {path}")
 
