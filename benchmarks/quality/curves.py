@@ -37,6 +37,18 @@ to the name, so they never overwrite a full run). ``curves_summary.py`` reads th
     python benchmarks/quality/curves.py --task patches --seed 1 --skip-fm --methods "TwinFlow w 0"
     python benchmarks/quality/curves.py --task shapes --seed 0 --skip-methods    # the reference alone
     python benchmarks/quality/curves.py --task ring --quick --out /tmp/curves    # seconds
+
+Everything, one process per (task, seed, method or reference); then the summary:
+
+    for task in ring shapes patches; do for seed in 0 1 2; do
+      python benchmarks/quality/curves.py --task $task --seed $seed --skip-methods
+      for method in "TwinFlow defaults" "RCGM only, defaults" "TwinFlow w 0" "RCGM only w 0"; do
+        python benchmarks/quality/curves.py --task $task --seed $seed --skip-fm --methods "$method"
+      done; done; done
+    python benchmarks/quality/curves_summary.py
+
+(``--methods "TwinFlow w 0"`` matches only that name; ``"TwinFlow"`` alone matches both TwinFlow rows.)
+A variant study imports this module and calls ``curves.main(extra_methods={name: factory})``.
 """
 
 import argparse
