@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import configure
+from common import checkpoint_steps, configure, finetune
 from torch import nn
 
 import twinloss
@@ -163,44 +163,6 @@ def draw_batch(data, batch: int, drop: float = 0.1):
     return draw
 
 
-def averages() -> dict[str, twinloss.WeightAverage]:
-    """The two averages kept beside every fine-tune (constant 0.995 is 0.999 scaled to a 4x shorter run)."""
-    return {"ema": twinloss.WeightAverage(0.995), "power": twinloss.WeightAverage(twinloss.PowerFunctionDecay(6.94))}
-
-
-def finetune(
-    model: nn.Module,
-    loss_fn: twinloss.TwinFlowLoss,
-    draw,
-    *,
-    steps: int,
-    lr: float,
-    generator: torch.Generator,
-    checkpoints: set[int],
-    on_checkpoint: Callable[[int, nn.Module, dict], None],
-    teacher: twinloss.Teacher | None = None,
-    before_step: Callable[[int, nn.Module], None] | None = None,
-) -> None:
-    """Adam with grad clip 1; every average updated after each step; ``on_checkpoint(step, model, averages)``."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    kept = averages()
-    for step in range(1, steps + 1):
-        if before_step is not None:
-            before_step(step, model)
-        x, cond, uncond = draw(generator)
-        out = loss_fn(model, x, cond=cond, uncond=uncond, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if teacher is not None:
-            teacher.update(model)
-        for average in kept.values():
-            average.update(model)
-        if step in checkpoints:
-            on_checkpoint(step, model, kept)
-
-
 def mean_signals(loss_fn, model, probes) -> dict[str, float]:
     """``twinloss.health.training_signals`` averaged over fixed probe batches."""
     readings = [
@@ -240,7 +202,7 @@ def run(args, log, extra_methods: dict | None = None) -> dict:
         str(steps): evaluator.score(evaluator.sample(pretrained, steps, "multi")) for steps in (1, 2, 4, 50)
     }
     base = args.finetune
-    checkpoints = sorted({base // 4, base // 2, base, 3 * base // 2, 2 * base, 3 * base})
+    checkpoints = checkpoint_steps(base)
 
     probes = [draw(torch.Generator().manual_seed(777 + index)) for index in range(2)]
 

@@ -9,7 +9,11 @@ Reads ``benchmarks/quality/results/{patches,guidance}_seed*.json``; writes
 
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plotting import line_chart  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "quality" / "results"
@@ -142,16 +146,6 @@ def sweep(runs: list[dict]) -> str:
 def figure(runs: list[dict], path: Path, series: list[tuple[str, str, str]], metric: str, title: str,
            signal: bool = False) -> None:
     """Lines of ``metric`` (or a training signal) against fine-tune step; series: (method, sampling, nfe)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    def font(size):
-        try:
-            return ImageFont.load_default(size=size)
-        except TypeError:
-            return ImageFont.load_default()
-
-    palette = [(50, 100, 170), (200, 90, 60), (30, 150, 60), (150, 60, 170), (120, 120, 120), (200, 160, 20),
-               (20, 160, 170), (0, 0, 0), (170, 40, 90), (90, 60, 20)]
     lines = []
     for name, sampling, nfe in series:
         points = []
@@ -163,45 +157,8 @@ def figure(runs: list[dict], path: Path, series: list[tuple[str, str, str]], met
                 values = curve(runs, name, sampling, nfe, metric, str(step))
             if values:
                 points.append((step, statistics.fmean(values)))
-        if points:
-            label = name if signal else f"{name}, {sampling}, {nfe} NFE"
-            lines.append((label, points))
-    if not lines:
-        return
-    width, height, left, right, top, bottom = 1100, 560, 70, 380, 50, 50
-    xs = [x for _, pts in lines for x, _ in pts]
-    ys = [y for _, pts in lines for _, y in pts]
-    x_low, x_high = 0, max(xs)
-    y_low = min(ys) - 0.05 * abs(min(ys)) if min(ys) < 0 or signal else 0.9 * min(ys)
-    y_high = max(ys) + 0.05 * abs(max(ys)) if max(ys) != y_low else y_low + 1.0
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 10), title, fill="black", font=font(16))
-
-    def at(x, y):
-        return (left + (width - left - right) * (x - x_low) / (x_high - x_low),
-                height - bottom - (height - top - bottom) * (y - y_low) / (y_high - y_low))
-
-    draw.line([at(x_low, y_low), at(x_high, y_low)], fill="black")
-    draw.line([at(x_low, y_low), at(x_low, y_high)], fill="black")
-    for k in range(5):
-        y = y_low + (y_high - y_low) * k / 4
-        draw.text((5, at(0, y)[1] - 7), f"{y:.2f}", fill="black", font=font(12))
-        draw.line([at(x_low, y), at(x_high, y)], fill=(225, 225, 225))
-    for x in sorted(set(xs)):
-        draw.text((at(x, y_low)[0] - 12, height - bottom + 6), str(x), fill="black", font=font(12))
-    if y_low < 0 < y_high:
-        draw.line([at(x_low, 0), at(x_high, 0)], fill=(150, 150, 150), width=2)
-    for index, (label, points) in enumerate(lines):
-        colour = palette[index % len(palette)]
-        draw.line([at(x, y) for x, y in points], fill=colour, width=3)
-        for x, y in points:
-            cx, cy = at(x, y)
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-        draw.text((width - right + 10, top + 20 * index), label[:52], fill=colour, font=font(13))
-    draw.text((left, height - 20), "fine-tune steps", fill="black", font=font(12))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+        lines.append((name if signal else f"{name}, {sampling}, {nfe} NFE", points))
+    line_chart(lines, path, title, around_zero=signal)
 
 
 def main() -> None:

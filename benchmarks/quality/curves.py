@@ -1,0 +1,367 @@
+"""One curve protocol for the ring, shapes and patches benchmarks (issue 12).
+
+Protocol, the same on every task:
+
+* pretrain the task's ``toy.TimeMLP`` with plain flow matching, exactly as
+  ``run.py`` (ring, shapes) and ``patches.py`` do, same seeds and generators;
+* fine-tune the *same* weights with each objective for 3x the task's budget
+  (``common.finetune``: Adam, grad clip 1, ``teacher.update`` when the method
+  brings a teacher), keeping two weight averages beside training: "ema"
+  (``WeightAverage(0.995)``) and "power" (``WeightAverage(PowerFunctionDecay(6.94))``,
+  the documented way to sample);
+* at 0.25, 0.5, 1, 1.5, 2 and 3 x budget, score 1-NFE samples
+  (``AnyStepSampler(1, mode="few")``) of the raw weights and of both averages
+  on fixed held-out noise and labels;
+* the reference: flow matching continued for the same steps, scored at the
+  same checkpoints at 1/2/4/50 Euler steps (``mode="multi"``), raw and
+  averaged; the pretrained model at 1/2/4/50 steps; the data-vs-data floor.
+
+| task    | data                                          | primary figure | budget 1x, lr |
+|---------|-----------------------------------------------|----------------|---------------|
+| ring    | 8-Gaussian ring, 4 classes (two opposite modes each) | sliced Wasserstein ``sw`` | 800 @ 3e-4 |
+| shapes  | unconditional 8x8 shapes                      | FD in ``RandomConvFeatures`` space | 800 @ 3e-4 |
+| patches | 8x8 grey patches of scikit-learn's photos, 4 classes | FD, same features | 1000 @ 1e-3 |
+
+Lower is better for every primary figure. Diversity is reported on every
+task, class accuracy on the conditional ones. Shapes is unconditional: a
+method with guidance is not run there and its file records why.
+
+One JSON file per (task, seed, method), so methods can run in parallel
+processes: ``{out}/{task}_seed{N}_{slug}.json``, and
+``{out}/{task}_seed{N}_reference.json`` for the flow-matching references and
+the data floor (``--quick`` and ``--scale`` runs add ``_quick`` / ``_scale{F}``
+to the name, so they never overwrite a full run). ``curves_summary.py`` reads them.
+
+    export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
+    python benchmarks/quality/curves.py --task ring --seed 0                     # reference + every method
+    python benchmarks/quality/curves.py --task patches --seed 1 --skip-fm --methods "TwinFlow w 0"
+    python benchmarks/quality/curves.py --task shapes --seed 0 --skip-methods    # the reference alone
+    python benchmarks/quality/curves.py --task ring --quick --out /tmp/curves    # seconds
+
+Everything, one process per (task, seed, method or reference); then the summary:
+
+    for task in ring shapes patches; do for seed in 0 1 2; do
+      python benchmarks/quality/curves.py --task $task --seed $seed --skip-methods
+      for method in "TwinFlow defaults" "RCGM only, defaults" "TwinFlow w 0" "RCGM only w 0"; do
+        python benchmarks/quality/curves.py --task $task --seed $seed --skip-fm --methods "$method"
+      done; done; done
+    python benchmarks/quality/curves_summary.py
+
+(``--methods "TwinFlow w 0"`` matches only that name; ``"TwinFlow"`` alone matches both TwinFlow rows.)
+A variant study imports this module and calls ``curves.main(extra_methods={name: factory})``.
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import patches  # noqa: E402
+import run  # noqa: E402
+from common import checkpoint_steps, finetune  # noqa: E402
+
+import twinloss  # noqa: E402
+from twinloss import toy  # noqa: E402
+from twinloss_demo.training import DrawBatch, train  # noqa: E402
+
+PRETRAIN_LR = 1e-3
+FM_STEPS = (1, 2, 4, 50)
+SAMPLINGS = ("raw", "ema", "power")
+SAMPLE_SEED = 0
+DEFAULT_OUT = "benchmarks/quality/results/curves"
+
+Made = twinloss.TwinFlowLoss | tuple[twinloss.TwinFlowLoss, twinloss.Teacher]
+MethodFactory = Callable[[nn.Module], Made]
+"""``factory(pretrained_model) -> loss`` or ``(loss, teacher)``; the teacher gets ``update(model)`` each step."""
+
+METHODS: dict[str, MethodFactory] = {
+    "TwinFlow defaults": lambda pretrained: twinloss.TwinFlowLoss(),
+    "RCGM only, defaults": lambda pretrained: twinloss.TwinFlowLoss.rcgm(),
+    "TwinFlow w 0": lambda pretrained: twinloss.TwinFlowLoss(guidance_scale=0.0),
+    "RCGM only w 0": lambda pretrained: twinloss.TwinFlowLoss.rcgm(guidance_scale=0.0),
+}
+
+
+# ----------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class Sizes:
+    """How big one run is: pretraining steps, network width, batch, held-out count, fine-tune budget (1x)."""
+
+    pretrain: int
+    width: int
+    batch: int
+    eval: int
+    budget: int
+    classifier_steps: int = 0  # patches only: steps of its class-accuracy classifier
+
+    def scaled(self, factor: float) -> "Sizes":
+        """The same run with every step count times ``factor`` (at least one step each)."""
+        if not factor > 0:
+            raise ValueError(f"--scale must be > 0, got {factor}")
+
+        def steps(count: int) -> int:
+            return max(1, round(count * factor)) if count else 0
+
+        return dataclasses.replace(self, pretrain=steps(self.pretrain), budget=steps(self.budget),
+                                   classifier_steps=steps(self.classifier_steps))
+
+
+@dataclass
+class Bench:
+    """One seed of a task, pretrained and ready: what the protocol fine-tunes, draws and scores.
+
+    ``restart()`` puts the global torch generator and the fine-tune generator
+    back where pretraining left them, so every objective sees the same batches
+    and noise (as ``run.py`` and ``patches.py`` do).
+    """
+
+    pretrained: nn.Module
+    draw: DrawBatch
+    generator: torch.Generator
+    noise: Tensor
+    cond: dict[str, Tensor] | None
+    score: Callable[[Tensor], dict[str, float]]
+    floor: dict[str, float]
+    notes: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._states = torch.get_rng_state(), self.generator.get_state()
+
+    def restart(self) -> torch.Generator:
+        torch.set_rng_state(self._states[0])
+        self.generator.set_state(self._states[1])
+        return self.generator
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benchmark under the curve protocol.
+
+    ``prepare(seed, sizes)`` pretrains the model and builds the held-out
+    reference; ``primary`` names the figure the checks use (lower is better).
+    """
+
+    name: str
+    primary: str
+    conditional: bool
+    lr: float
+    full: Sizes
+    quick: Sizes
+    prepare: Callable[[int, Sizes], Bench]
+
+    @property
+    def budget(self) -> int:
+        return self.full.budget
+
+
+def pretrain(model: nn.Module, draw: DrawBatch, steps: int, generator: torch.Generator) -> nn.Module:
+    """Plain flow matching from the freshly initialised ``model`` (Adam 1e-3, as the other scripts)."""
+    train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=steps, lr=PRETRAIN_LR, generator=generator)
+    return model
+
+
+def prepare_ring(seed: int, sizes: Sizes) -> Bench:
+    """``run.run_ring``'s start: model after ``manual_seed(seed)``, batches from ``seed + 1``, held out from ``seed + 1000``."""
+    torch.manual_seed(seed)
+    model = toy.TimeMLP((2,), width=sizes.width, depth=4, num_classes=run.RING_CLASSES)
+    generator = torch.Generator().manual_seed(seed + 1)
+    draw = run.ring_batch(sizes.batch)
+    pretrain(model, draw, sizes.pretrain, generator)
+    held_generator = torch.Generator().manual_seed(seed + 1000)
+    held = toy.ring_mixture(sizes.eval, modes=run.RING_MODES, std=run.RING_STD, generator=held_generator)
+    second = toy.ring_mixture(sizes.eval, modes=run.RING_MODES, std=run.RING_STD, generator=held_generator)
+    noise = torch.randn(sizes.eval, 2, generator=held_generator)
+    labels = held.y % run.RING_CLASSES
+    return Bench(
+        pretrained=model, draw=draw, generator=generator, noise=noise, cond={"y": labels},
+        score=lambda samples: run.evaluate_ring(samples, labels, held.x),
+        floor=run.evaluate_ring(second.x, second.y % run.RING_CLASSES, held.x),
+    )
+
+
+def prepare_shapes(seed: int, sizes: Sizes) -> Bench:
+    """``run.run_shapes``'s start: model after ``manual_seed(seed)``, batches from ``seed + 2``, held out from ``seed + 2000``."""
+    torch.manual_seed(seed)
+    model = toy.TimeMLP((1, 8, 8), width=sizes.width, depth=4)
+    generator = torch.Generator().manual_seed(seed + 2)
+
+    def draw(batch_generator: torch.Generator):
+        return run.shapes(sizes.batch, batch_generator), None, None
+
+    pretrain(model, draw, sizes.pretrain, generator)
+    held_generator = torch.Generator().manual_seed(seed + 2000)
+    held, second = run.shapes(sizes.eval, held_generator), run.shapes(sizes.eval, held_generator)
+    noise = torch.randn(sizes.eval, 1, 8, 8, generator=held_generator)
+    return Bench(
+        pretrained=model, draw=draw, generator=generator, noise=noise, cond=None,
+        score=lambda samples: run.evaluate_shapes(samples, held),
+        floor=run.evaluate_shapes(second, held),
+    )
+
+
+def prepare_patches(seed: int, sizes: Sizes) -> Bench:
+    """``patches.run``'s start: data, classifier and held-out set, then the model and batches from ``seed + 1``."""
+    torch.manual_seed(seed)
+    data = patches.patch_data()
+    classifier, ceiling = patches.train_classifier(data, sizes.classifier_steps)
+    evaluator = patches.Evaluator(data, classifier, sizes.eval, seed)
+    floor = evaluator.score(evaluator.second, evaluator.second_labels)
+    draw = patches.draw_batch(data, sizes.batch)
+    model = toy.TimeMLP((1, patches.SIZE, patches.SIZE), width=sizes.width, depth=4, num_classes=patches.CLASSES)
+    generator = torch.Generator().manual_seed(seed + 1)
+    pretrain(model, draw, sizes.pretrain, generator)
+    return Bench(
+        pretrained=model, draw=draw, generator=generator, noise=evaluator.noise, cond=evaluator.cond,
+        score=evaluator.score, floor=floor, notes={"classifier_acc": ceiling},
+    )
+
+
+TASKS = {
+    "ring": Task("ring", primary="sw", conditional=True, lr=3e-4,
+                 full=Sizes(pretrain=1500, width=256, batch=256, eval=2000, budget=800),
+                 quick=Sizes(pretrain=40, width=32, batch=64, eval=200, budget=8), prepare=prepare_ring),
+    "shapes": Task("shapes", primary="fd", conditional=False, lr=3e-4,
+                   full=Sizes(pretrain=2000, width=512, batch=256, eval=2000, budget=800),
+                   quick=Sizes(pretrain=40, width=32, batch=64, eval=200, budget=8), prepare=prepare_shapes),
+    "patches": Task("patches", primary="fd", conditional=True, lr=1e-3,
+                    full=Sizes(pretrain=4000, width=128, batch=128, eval=1000, budget=1000, classifier_steps=1500),
+                    quick=Sizes(pretrain=40, width=32, batch=64, eval=200, budget=8, classifier_steps=20),
+                    prepare=prepare_patches),
+}
+
+
+# ----------------------------------------------------------------------------- protocol
+def slug(name: str) -> str:
+    """File-name form of a method name: ``"RCGM only, defaults"`` -> ``"rcgm-only-defaults"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def unpack(made: Made) -> tuple[twinloss.TwinFlowLoss, twinloss.Teacher | None]:
+    """A factory's result as ``(loss, teacher or None)``."""
+    if isinstance(made, twinloss.TwinFlowLoss):
+        return made, None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], twinloss.TwinFlowLoss):
+        return made
+    raise ValueError(f"a method factory must return a TwinFlowLoss or (TwinFlowLoss, teacher), got {made!r}")
+
+
+def sample(model, bench: Bench, steps: int, mode: str) -> Tensor:
+    sampler = twinloss.AnyStepSampler(steps, mode=mode)
+    return sampler(model, bench.noise, cond=bench.cond, generator=torch.Generator().manual_seed(SAMPLE_SEED)).sample
+
+
+def score_point(bench: Bench, model: nn.Module, kept: dict, steps: tuple[int, ...], mode: str) -> dict[str, dict]:
+    """``{"raw/K": scores, "ema/K": ..., "power/K": ...}`` for every step count ``K`` in ``steps``."""
+    point = {}
+    for count in steps:
+        point[f"raw/{count}"] = bench.score(sample(model, bench, count, mode))
+        for name, average in kept.items():
+            point[f"{name}/{count}"] = bench.score(sample(average.sampling_model(model), bench, count, mode))
+    return point
+
+
+def fine_tune_curve(bench: Bench, task: Task, sizes: Sizes, loss_fn, teacher, steps: tuple[int, ...], mode: str) -> dict:
+    """Fine-tune a copy of the pretrained model for 3x budget; ``{str(step): score_point(...)}`` at each checkpoint."""
+    checkpoints = checkpoint_steps(sizes.budget)
+    curve = {}
+
+    def on_checkpoint(step: int, model: nn.Module, kept: dict) -> None:
+        curve[str(step)] = score_point(bench, model, kept, steps, mode)
+
+    finetune(copy.deepcopy(bench.pretrained), loss_fn, bench.draw, steps=checkpoints[-1], lr=task.lr,
+             generator=bench.restart(), checkpoints=set(checkpoints), on_checkpoint=on_checkpoint, teacher=teacher)
+    return curve
+
+
+def reference(bench: Bench, task: Task, sizes: Sizes) -> dict:
+    """Data floor, the pretrained model at 1/2/4/50 Euler steps, and flow matching continued (same checkpoints)."""
+    start = {str(count): bench.score(sample(bench.pretrained, bench, count, "multi")) for count in FM_STEPS}
+    fm = fine_tune_curve(bench, task, sizes, twinloss.TwinFlowLoss.plain_flow_matching(), None, FM_STEPS, "multi")
+    return {"data": bench.floor, "notes": bench.notes, "start": start, "curve": fm}
+
+
+def select(registry: dict[str, MethodFactory], patterns: list[str] | None) -> dict[str, MethodFactory]:
+    """The methods whose name contains one of ``patterns`` (all when none); a pattern matching nothing is an error."""
+    names = {slug(name): name for name in registry}
+    if len(names) != len(registry):
+        raise ValueError(f"two method names give the same file name: {sorted(registry)}")
+    if not patterns:
+        return dict(registry)
+    for pattern in patterns:
+        if not any(pattern in name for name in registry):
+            raise ValueError(f"--methods {pattern!r} matches none of {sorted(registry)}")
+    return {name: make for name, make in registry.items() if any(pattern in name for pattern in patterns)}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", action="append", default=None,
+                        help="run only the methods whose name contains this text (repeatable)")
+    parser.add_argument("--skip-fm", action="store_true", help="do not run the reference (FM continued, data floor)")
+    parser.add_argument("--skip-methods", action="store_true", help="run the reference only")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds: a smoke run")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (a short real run)")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] | None = None) -> None:
+    """Run the protocol for one task and seed; ``extra_methods`` join the default registry (variant studies)."""
+    args = parse(argv)
+    torch.set_num_threads(1)
+    task = TASKS[args.task]
+    sizes = (task.quick if args.quick else task.full).scaled(args.scale)
+    methods = {} if args.skip_methods else select({**METHODS, **(extra_methods or {})}, args.methods)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"task": task.name, "seed": args.seed, "quick": args.quick, "scale": args.scale, "lr": task.lr,
+              "primary": task.primary, "conditional": task.conditional, "checkpoints": checkpoint_steps(sizes.budget),
+              **dataclasses.asdict(sizes)}
+    variant = ("_quick" if args.quick else "") + (f"_scale{args.scale:g}" if args.scale != 1 else "")
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f}s] {task.name} seed {args.seed}: {message}", flush=True)
+
+    def write(name: str, body: dict, seconds: float) -> None:
+        report = {"task": task.name, "seed": args.seed, "method": name, "config": config, **body,
+                  "wall_s": round(seconds, 1)}
+        path = out / f"{task.name}_seed{args.seed}_{slug(name)}{variant}.json"
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        log(f"wrote {path}")
+
+    bench = task.prepare(args.seed, sizes)
+    config["pretrain_s"] = round(time.perf_counter() - started, 1)
+    log(f"pretrained {sizes.pretrain} steps in {config['pretrain_s']}s; data floor {bench.floor}")
+    if not args.skip_fm:
+        t0 = time.perf_counter()
+        write("reference", reference(bench, task, sizes), time.perf_counter() - t0)
+    for name, make in methods.items():
+        t0 = time.perf_counter()
+        loss_fn, teacher = unpack(make(bench.pretrained))
+        if loss_fn.guidance_scale > 0 and not task.conditional:
+            reason = f"guidance not applicable: {task.name} is unconditional (guidance_scale={loss_fn.guidance_scale})"
+            log(f"{name}: not run, {reason}")
+            write(name, {"guidance_scale": loss_fn.guidance_scale, "skipped": reason}, 0.0)
+            continue
+        curve = fine_tune_curve(bench, task, sizes, loss_fn, teacher, (1,), "few")
+        last = curve[str(config["checkpoints"][-1])]
+        log(f"{name}: {task.primary} at 3x raw {last['raw/1'][task.primary]:.4f} power {last['power/1'][task.primary]:.4f}")
+        write(name, {"guidance_scale": loss_fn.guidance_scale, "curve": curve}, time.perf_counter() - t0)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Tables, checks and plots of the ``curves.py`` results, averaged over seeds.
+
+    PYTHONPATH=src python benchmarks/quality/curves_summary.py
+    PYTHONPATH=src python benchmarks/quality/curves_summary.py --quick --results /tmp/curves \\
+        --summary /tmp/curves/summary.md --img-dir /tmp/curves/img          # on smoke-run outputs
+
+Reads every ``{task}_seed{N}_*.json`` under ``--results`` (default
+``benchmarks/quality/results/curves``) made with the selected sizes
+(``--quick``, ``--scale``); writes ``--summary`` (default
+``benchmarks/quality/results/curves_summary.md``) and ``{img-dir}/curves-{task}.png``
+(default ``docs/img``).
+
+The checks of issue 12, on seed means of the primary figure (lower is better),
+for the power average (the documented sampling) and for the raw weights:
+
+* (A) every task, each guidance setting: the full recipe at 1 NFE is at most
+  its RCGM-only ablation at every checkpoint from 1x the budget on
+  ("TwinFlow defaults" vs "RCGM only, defaults"; "TwinFlow w 0" vs "RCGM only w 0");
+* (B) patches, each guidance setting, against flow matching continued with the
+  same averaging: 1-NFE FD at 1x at most 4-step FM at 1x; at 3x at most
+  1.1 x 50-step FM at 3x; FD at 3x at most FD at 1x (no rise); diversity at
+  every checkpoint from 1x on at least 0.85 x the data's.
+
+A check on fewer than 3 seeds says so next to its verdict.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plotting import line_chart  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TASK_ORDER = ("ring", "shapes", "patches")
+FM = "FM continued"
+FM_STEPS = ("1", "2", "4", "50")
+TABLE_SAMPLINGS = ("raw", "power")
+CHECK_SAMPLINGS = ("power", "raw")
+REQUIRED_SEEDS = 3
+PAIRS = {"w 0.5 (defaults)": ("TwinFlow defaults", "RCGM only, defaults"), "w 0": ("TwinFlow w 0", "RCGM only w 0")}
+"""Guidance setting -> (full recipe, its RCGM-only ablation), for check (A); the full recipe is also (B)'s subject."""
+FM4_FACTOR, FM50_FACTOR, DIVERSITY_FRACTION = 1.0, 1.1, 0.85
+
+
+# ----------------------------------------------------------------------------- checks (pure, on numbers)
+@dataclass(frozen=True)
+class Check:
+    """One verdict: ``passed`` is None when the numbers it needs are missing."""
+
+    label: str
+    passed: bool | None
+    detail: str
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "MISSING"}[self.passed]
+
+
+def not_worse_than_ablation(method: dict[int, float], ablation: dict[int, float], from_step: int) -> Check:
+    """(A): ``method[s] <= ablation[s]`` at every checkpoint ``s >= from_step`` both have (lower is better)."""
+    steps = [step for step in sorted(method) if step >= from_step and step in ablation]
+    label = "(A) at most RCGM-only"
+    if not steps:
+        return Check(label, None, f"no common checkpoint from step {from_step}")
+    passing = [step for step in steps if method[step] <= ablation[step]]
+    pairs = ", ".join(f"{step}: {method[step]:.4g} vs {ablation[step]:.4g}" for step in steps)
+    return Check(label, len(passing) == len(steps), f"{pairs} ({len(passing)}/{len(steps)} checkpoints pass)")
+
+
+def within(value: float | None, reference: float | None, factor: float, label: str) -> Check:
+    """``value <= factor * reference`` (lower is better)."""
+    if value is None or reference is None:
+        return Check(label, None, "no numbers")
+    bound = factor * reference
+    shown = f"{reference:.4g}" if factor == 1 else f"{factor:g}*{reference:.4g}={bound:.4g}"
+    return Check(label, value <= bound, f"{value:.4g} vs {shown}")
+
+
+def no_rise(curve: dict[int, float], first: int, last: int) -> Check:
+    """The figure at step ``last`` is at most the one at step ``first``; the steps between are shown."""
+    label = f"(B) no rise {first} -> {last}"
+    if first not in curve or last not in curve:
+        return Check(label, None, "no numbers")
+    shown = " -> ".join(f"{curve[step]:.4g}" for step in sorted(curve) if first <= step <= last)
+    return Check(label, curve[last] <= curve[first], shown)
+
+
+def keeps_diversity(diversity: dict[int, float], data: float | None, from_step: int,
+                    fraction: float = DIVERSITY_FRACTION) -> Check:
+    """Diversity at every checkpoint from ``from_step`` on is at least ``fraction`` x the data's."""
+    label = f"(B) diversity >= {fraction:g} of data's"
+    steps = [step for step in sorted(diversity) if step >= from_step]
+    if data is None or not steps:
+        return Check(label, None, "no numbers")
+    lowest = min(diversity[step] for step in steps)
+    return Check(label, lowest >= fraction * data, f"lowest {lowest:.4g} vs {fraction:g}*{data:.4g}={fraction * data:.4g}")
+
+
+# ----------------------------------------------------------------------------- loading
+def load(results: Path, quick: bool, scale: float) -> dict[str, dict[str, dict[int, dict]]]:
+    """``{task: {method: {seed: report}}}`` of the runs made with these sizes."""
+    runs: dict[str, dict[str, dict[int, dict]]] = {}
+    for path in sorted(results.glob("*_seed*_*.json")):
+        report = json.loads(path.read_text())
+        config = report.get("config", {})
+        if config.get("quick") != quick or config.get("scale") != scale:
+            continue
+        runs.setdefault(report["task"], {}).setdefault(report["method"], {})[report["seed"]] = report
+    return runs
+
+
+def values(reports: dict[int, dict], step: int, key: str, metric: str) -> list[float]:
+    """The figure ``metric`` of ``key`` (``"power/1"``) at ``step``, one per seed that has it."""
+    return [report["curve"][str(step)][key][metric] for report in reports.values()
+            if "curve" in report and str(step) in report["curve"] and key in report["curve"][str(step)]]
+
+
+def mean_curve(reports: dict[int, dict], key: str, metric: str) -> dict[int, float]:
+    """Seed mean of ``metric`` at every checkpoint."""
+    steps = sorted({int(step) for report in reports.values() for step in report.get("curve", {})})
+    return {step: statistics.fmean(found) for step in steps if (found := values(reports, step, key, metric))}
+
+
+def stat(found: list[float]) -> str:
+    if not found:
+        return ""
+    mean = statistics.fmean(found)
+    return f"{mean:.4g} ± {statistics.stdev(found):.2g}" if len(found) > 1 else f"{mean:.4g}"
+
+
+def config_of(task_runs: dict[str, dict[int, dict]]) -> dict:
+    return next(iter(next(iter(task_runs.values())).values()))["config"]
+
+
+def methods_in(task_runs: dict[str, dict[int, dict]]) -> list[str]:
+    """Method names in the order of the default registry, then the others by name; the reference excluded."""
+    known = [name for pair in PAIRS.values() for name in pair]
+    names = [name for name in task_runs if name != "reference"]
+    return sorted(names, key=lambda name: (known.index(name) if name in known else len(known), name))
+
+
+def skipped(reports: dict[int, dict]) -> str | None:
+    reasons = {report["skipped"] for report in reports.values() if "skipped" in report}
+    return "; ".join(sorted(reasons)) or None
+
+
+# ----------------------------------------------------------------------------- tables
+def rows(task_runs: dict[str, dict[int, dict]]) -> list[tuple[str, dict[int, dict], str, str]]:
+    """(label, reports, sampling, nfe) of every row: each method at 1 NFE, then FM continued at 1/2/4/50."""
+    out = []
+    for name in methods_in(task_runs):
+        for sampling in TABLE_SAMPLINGS:
+            out.append((name, task_runs[name], sampling, "1"))
+    reference = task_runs.get("reference", {})
+    for nfe in FM_STEPS:
+        for sampling in TABLE_SAMPLINGS:
+            out.append((f"{FM}, {nfe} Euler", reference, sampling, nfe))
+    return out
+
+
+def task_section(task: str, task_runs: dict[str, dict[int, dict]]) -> str:
+    config = config_of(task_runs)
+    primary, steps = config["primary"], config["checkpoints"]
+    budget = config["budget"]
+    reference = task_runs.get("reference", {})
+    seeds = sorted({seed for reports in task_runs.values() for seed in reports})
+    lines = [f"## {task} (primary figure `{primary}`, lower is better; 1x = {budget} steps at lr {config['lr']:g}; "
+             f"seeds {seeds})", ""]
+    if reference:
+        data = [report["data"] for report in reference.values()]
+        floor = ", ".join(f"{metric} {stat([d[metric] for d in data])}" for metric in data[0])
+        lines += [f"Data vs data (floor): {floor}.", ""]
+        start = [report["start"] for report in reference.values()]
+        lines += ["Pretrained model, " + ", ".join(
+            f"{nfe} Euler {stat([s[nfe][primary] for s in start])}" for nfe in FM_STEPS) + ".", ""]
+    lines += [f"`{primary}` by fine-tune step (mean ± std over the seeds; n = seeds):", "",
+              "| method | sampling | NFE | n | " + " | ".join(str(s) for s in steps) + " |",
+              "|---|---|---:|---:|" + "---:|" * len(steps)]
+    for label, reports, sampling, nfe in rows(task_runs):
+        reason = skipped(reports)
+        if reason:
+            if sampling == TABLE_SAMPLINGS[0]:
+                lines.append(f"| {label} | not run: {reason} | | | " + " | " * (len(steps) - 1) + " |")
+            continue
+        cells = [stat(values(reports, step, f"{sampling}/{nfe}", primary)) for step in steps]
+        lines.append(f"| {label} | {sampling} | {nfe} | {len(reports)} | " + " | ".join(cells) + " |")
+    first, last = budget, steps[-1]
+    extra = ["diversity"] + (["class_acc"] if config["conditional"] else [])
+    lines += ["", f"Diversity{' and class accuracy' if config['conditional'] else ''} at 1x ({first}) and 3x ({last}):", "",
+              "| method | sampling | NFE | " + " | ".join(f"{m} 1x | {m} 3x" for m in extra) + " |",
+              "|---|---|---:|" + "---:|" * (2 * len(extra))]
+    for label, reports, sampling, nfe in rows(task_runs):
+        if skipped(reports):
+            continue
+        cells = [stat(values(reports, step, f"{sampling}/{nfe}", metric)) for metric in extra for step in (first, last)]
+        lines.append(f"| {label} | {sampling} | {nfe} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- checks on the results
+def seeds_note(*groups: dict[int, dict]) -> str:
+    count = min((len(reports) for reports in groups), default=0)
+    return f"[{count} seeds]" if count >= REQUIRED_SEEDS else f"[{count} seeds, fewer than {REQUIRED_SEEDS}]"
+
+
+def task_checks(task: str, task_runs: dict[str, dict[int, dict]]) -> list[str]:
+    """The (A) and (B) lines of one task: ``task | setting | sampling | check: numbers VERDICT [seeds]``."""
+    config = config_of(task_runs)
+    primary, budget, last = config["primary"], config["budget"], config["checkpoints"][-1]
+    reference = task_runs.get("reference", {})
+    lines = []
+    for setting, (method, ablation) in PAIRS.items():
+        ours, theirs = task_runs.get(method, {}), task_runs.get(ablation, {})
+        reason = skipped(ours) or skipped(theirs)
+        if reason:
+            lines.append(f"{task} | {setting} | (A) {reason}")
+            continue
+        checks = []
+        for sampling in CHECK_SAMPLINGS:
+            key = f"{sampling}/1"
+            found = not_worse_than_ablation(mean_curve(ours, key, primary), mean_curve(theirs, key, primary), budget)
+            checks.append((sampling, found, seeds_note(ours, theirs)))
+            if task == "patches":
+                curve = mean_curve(ours, key, primary)
+                fm4 = mean_curve(reference, f"{sampling}/4", primary)
+                fm50 = mean_curve(reference, f"{sampling}/50", primary)
+                data = [report["data"]["diversity"] for report in reference.values()]
+                note = seeds_note(ours, reference)
+                checks += [
+                    (sampling, within(curve.get(budget), fm4.get(budget), FM4_FACTOR, "(B) 1x at most FM4"), note),
+                    (sampling, within(curve.get(last), fm50.get(last), FM50_FACTOR,
+                                      f"(B) 3x within {FM50_FACTOR:g}x of FM50"), note),
+                    (sampling, no_rise(curve, budget, last), note),
+                    (sampling, keeps_diversity(mean_curve(ours, key, "diversity"),
+                                               statistics.fmean(data) if data else None, budget), note),
+                ]
+        for sampling, check, note in checks:
+            lines.append(f"{task} | {setting} | {sampling} | {check.label}: {check.detail} {check.verdict} {note}")
+    return lines
+
+
+# ----------------------------------------------------------------------------- plots
+def plot(task: str, task_runs: dict[str, dict[int, dict]], path: Path) -> None:
+    """Primary figure of the power average vs fine-tune steps: each method at 1 NFE, FM 4 and 50, the data floor."""
+    config = config_of(task_runs)
+    primary = config["primary"]
+    lines = [(f"{name}, 1 NFE", sorted(mean_curve(task_runs[name], "power/1", primary).items()))
+             for name in methods_in(task_runs) if not skipped(task_runs[name])]
+    reference = task_runs.get("reference", {})
+    lines += [(f"{FM}, {nfe} Euler", sorted(mean_curve(reference, f"power/{nfe}", primary).items())) for nfe in ("4", "50")]
+    floor = [report["data"][primary] for report in reference.values()]
+    levels = [("data vs data", statistics.fmean(floor))] if floor else []
+    seeds = len({seed for reports in task_runs.values() for seed in reports})
+    line_chart(lines, path, f"{task}: {primary} (power average) vs fine-tune steps, mean of {seeds} seed(s)",
+               levels=levels)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "quality" / "results" / "curves")
+    parser.add_argument("--summary", type=Path, default=ROOT / "benchmarks" / "quality" / "results" / "curves_summary.md")
+    parser.add_argument("--img-dir", type=Path, default=ROOT / "docs" / "img")
+    parser.add_argument("--quick", action="store_true", help="summarise the --quick runs")
+    parser.add_argument("--scale", type=float, default=1.0, help="summarise the runs made with this --scale")
+    args = parser.parse_args(argv)
+    runs = load(args.results, args.quick, args.scale)
+    if not runs:
+        raise ValueError(f"no curves.py results with quick={args.quick}, scale={args.scale} under {args.results}")
+    tasks = [task for task in TASK_ORDER if task in runs] + sorted(set(runs) - set(TASK_ORDER))
+    sizes = "quick (smoke) sizes" if args.quick else f"full sizes x {args.scale:g}" if args.scale != 1 else "full sizes"
+    text = [f"# Curves: one protocol on every benchmark ({sizes})", "",
+            "Made by `benchmarks/quality/curves.py`, summarised by `curves_summary.py` (its docstring states the "
+            "checks). Power = `WeightAverage(PowerFunctionDecay(6.94))`, the documented sampling.", ""]
+    text += [task_section(task, runs[task]) for task in tasks]
+    text += ["## Checks (issue 12), seed means", "", "```"]
+    text += [line for task in tasks for line in task_checks(task, runs[task])]
+    text += ["```", ""]
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
+    args.summary.write_text("\n".join(text))
+    print("\n".join(text))
+    for task in tasks:
+        plot(task, runs[task], args.img_dir / f"curves-{task}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The issue-12 checks of ``benchmarks/quality/curves_summary.py`` on hand-made numbers (lower is better)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+import curves_summary  # noqa: E402
+from curves_summary import keeps_diversity, no_rise, not_worse_than_ablation, within  # noqa: E402
+
+
+def test_not_worse_than_ablation_passes_when_every_checkpoint_from_1x_is_at_most_the_ablation():
+    method = {250: 9.0, 1000: 2.0, 3000: 1.5}  # worse before 1x does not count
+    ablation = {250: 3.0, 1000: 2.0, 3000: 1.6}
+    check = not_worse_than_ablation(method, ablation, from_step=1000)
+    assert check.passed is True
+    assert "2/2 checkpoints pass" in check.detail
+
+
+def test_not_worse_than_ablation_fails_and_counts_when_one_checkpoint_is_worse():
+    check = not_worse_than_ablation({1000: 2.0, 3000: 1.7}, {1000: 2.1, 3000: 1.6}, from_step=1000)
+    assert check.passed is False
+    assert "1/2 checkpoints pass" in check.detail
+
+
+def test_not_worse_than_ablation_is_missing_without_a_common_checkpoint():
+    assert not_worse_than_ablation({1000: 1.0}, {3000: 1.0}, from_step=1000).passed is None
+
+
+def test_within_compares_against_factor_times_reference():
+    assert within(0.21, 0.198, 1.1, "(B) 3x").passed is True  # 0.21 <= 0.2178
+    failed = within(0.272, 0.198, 1.1, "(B) 3x")
+    assert failed.passed is False
+    assert failed.detail == "0.272 vs 1.1*0.198=0.2178"
+    assert within(2.32, 2.32, 1.0, "(B) 1x").passed is True
+    assert within(None, 2.32, 1.0, "(B) 1x").passed is None
+
+
+def test_no_rise_compares_the_last_checkpoint_with_the_first():
+    assert no_rise({1000: 2.0, 2000: 2.2, 3000: 1.9}, 1000, 3000).passed is True
+    rising = no_rise({500: 9.0, 1000: 2.0, 3000: 2.1}, 1000, 3000)
+    assert rising.passed is False
+    assert rising.detail == "2 -> 2.1"
+
+
+def test_keeps_diversity_uses_the_lowest_checkpoint_from_1x_against_the_data_fraction():
+    data = 1.0
+    assert keeps_diversity({250: 0.1, 1000: 0.9, 3000: 0.86}, data, from_step=1000).passed is True
+    assert keeps_diversity({1000: 0.9, 2000: 0.84, 3000: 0.95}, data, from_step=1000).passed is False
+
+
+def _report(curve: dict[int, dict[str, float]], key: str = "power/1", **extra) -> dict:
+    config = {"primary": "fd", "budget": 1000, "checkpoints": [250, 500, 1000, 1500, 2000, 3000], "conditional": True}
+    return {"config": config, "curve": {str(step): {key: scores} for step, scores in curve.items()}, **extra}
+
+
+def test_task_checks_reports_a_skipped_guided_pair_instead_of_a_verdict():
+    runs = {
+        "TwinFlow defaults": {0: {**_report({}), "skipped": "guidance not applicable"}},
+        "RCGM only, defaults": {0: {**_report({}), "skipped": "guidance not applicable"}},
+        "TwinFlow w 0": {0: _report({1000: {"fd": 1.0}, 3000: {"fd": 0.9}})},
+        "RCGM only w 0": {0: _report({1000: {"fd": 1.2}, 3000: {"fd": 0.8}})},
+    }
+    lines = curves_summary.task_checks("shapes", runs)
+    assert lines[0] == "shapes | w 0.5 (defaults) | (A) guidance not applicable"
+    power = [line for line in lines if "| w 0 | power |" in line]
+    assert power and power[0].endswith("FAIL [1 seeds, fewer than 3]")
+    assert "1/2 checkpoints pass" in power[0]
