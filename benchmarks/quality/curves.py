@@ -55,6 +55,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -270,13 +271,21 @@ def score_point(bench: Bench, model: nn.Module, kept: dict, steps: tuple[int, ..
     return point
 
 
-def fine_tune_curve(bench: Bench, task: Task, sizes: Sizes, loss_fn, teacher, steps: tuple[int, ...], mode: str) -> dict:
-    """Fine-tune a copy of the pretrained model for 3x budget; ``{str(step): score_point(...)}`` at each checkpoint."""
+def fine_tune_curve(bench: Bench, task: Task, sizes: Sizes, loss_fn, teacher, steps: tuple[int, ...], mode: str,
+                    final: dict | None = None) -> dict:
+    """Fine-tune a copy of the pretrained model for 3x budget; ``{str(step): score_point(...)}`` at each checkpoint.
+
+    ``final``, when given, receives the last checkpoint's weights: ``"raw"`` (the
+    model's state dict) and ``"power"`` (the power-profile average's tensors).
+    """
     checkpoints = checkpoint_steps(sizes.budget)
     curve = {}
 
     def on_checkpoint(step: int, model: nn.Module, kept: dict) -> None:
         curve[str(step)] = score_point(bench, model, kept, steps, mode)
+        if final is not None and step == checkpoints[-1]:
+            final["raw"] = {name: value.detach().clone() for name, value in model.state_dict().items()}
+            final["power"] = kept["power"].averaged_tensors(model)
 
     finetune(copy.deepcopy(bench.pretrained), loss_fn, bench.draw, steps=checkpoints[-1], lr=task.lr,
              generator=bench.restart(), checkpoints=set(checkpoints), on_checkpoint=on_checkpoint, teacher=teacher)
@@ -288,6 +297,14 @@ def reference(bench: Bench, task: Task, sizes: Sizes) -> dict:
     start = {str(count): bench.score(sample(bench.pretrained, bench, count, "multi")) for count in FM_STEPS}
     fm = fine_tune_curve(bench, task, sizes, twinloss.TwinFlowLoss.plain_flow_matching(), None, FM_STEPS, "multi")
     return {"data": bench.floor, "notes": bench.notes, "start": start, "curve": fm}
+
+
+def save_weights(path: Path, final: dict) -> None:
+    """The final raw and averaged weights of a run, for ``anatomy.py`` (written whole or not at all)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(final, partial)
+    os.replace(partial, path)
 
 
 def select(registry: dict[str, MethodFactory], patterns: list[str] | None) -> dict[str, MethodFactory]:
@@ -313,6 +330,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-methods", action="store_true", help="run the reference only")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds: a smoke run")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (a short real run)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="fine-tune budget 1x in steps (default: the task's; issue 12's own protocol is 4000 on patches)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
@@ -323,13 +342,18 @@ def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] 
     torch.set_num_threads(1)
     task = TASKS[args.task]
     sizes = (task.quick if args.quick else task.full).scaled(args.scale)
+    if args.budget is not None:
+        if args.budget < 4:
+            raise ValueError(f"--budget must be at least 4 steps (its quarter is the first checkpoint), got {args.budget}")
+        sizes = dataclasses.replace(sizes, budget=args.budget)
     methods = {} if args.skip_methods else select({**METHODS, **(extra_methods or {})}, args.methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {"task": task.name, "seed": args.seed, "quick": args.quick, "scale": args.scale, "lr": task.lr,
               "primary": task.primary, "conditional": task.conditional, "checkpoints": checkpoint_steps(sizes.budget),
-              **dataclasses.asdict(sizes)}
+              "budget_override": args.budget, **dataclasses.asdict(sizes)}
     variant = ("_quick" if args.quick else "") + (f"_scale{args.scale:g}" if args.scale != 1 else "")
+    variant += f"_budget{args.budget}" if args.budget is not None else ""
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -356,7 +380,9 @@ def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] 
             log(f"{name}: not run, {reason}")
             write(name, {"guidance_scale": loss_fn.guidance_scale, "skipped": reason}, 0.0)
             continue
-        curve = fine_tune_curve(bench, task, sizes, loss_fn, teacher, (1,), "few")
+        final: dict = {}
+        curve = fine_tune_curve(bench, task, sizes, loss_fn, teacher, (1,), "few", final)
+        save_weights(out / "weights" / f"{task.name}_seed{args.seed}_{slug(name)}{variant}.pt", final)
         last = curve[str(config["checkpoints"][-1])]
         log(f"{name}: {task.primary} at 3x raw {last['raw/1'][task.primary]:.4f} power {last['power/1'][task.primary]:.4f}")
         write(name, {"guidance_scale": loss_fn.guidance_scale, "curve": curve}, time.perf_counter() - t0)

@@ -102,14 +102,19 @@ def keeps_diversity(diversity: dict[int, float], data: float | None, from_step: 
 
 # ----------------------------------------------------------------------------- loading
 def load(results: Path, quick: bool, scale: float) -> dict[str, dict[str, dict[int, dict]]]:
-    """``{task: {method: {seed: report}}}`` of the runs made with these sizes."""
+    """``{task: {method: {seed: report}}}`` of the runs made with these sizes.
+
+    Runs with ``--budget`` form their own task, ``"patches-budget4000"``.
+    """
     runs: dict[str, dict[str, dict[int, dict]]] = {}
     for path in sorted(results.glob("*_seed*_*.json")):
         report = json.loads(path.read_text())
         config = report.get("config", {})
         if config.get("quick") != quick or config.get("scale") != scale:
             continue
-        runs.setdefault(report["task"], {}).setdefault(report["method"], {})[report["seed"]] = report
+        override = config.get("budget_override")
+        task = report["task"] + (f"-budget{override}" if override is not None else "")
+        runs.setdefault(task, {}).setdefault(report["method"], {})[report["seed"]] = report
     return runs
 
 

@@ -1,0 +1,125 @@
+r"""Where guidance goes wrong: the fine-tuned fields of ``curves.py`` runs on the patch task, taken apart.
+
+For each saved run (``curves.py`` keeps the final raw and power-average
+weights under ``results/curves/weights/``) and the pretrained start, on the
+power average:
+
+* **the one-step map against its own field**: FD of 1-NFE samples next to FD
+  of 50 Euler steps of the same network's instantaneous field
+  :math:`F(x, t, t)`. Equal figures mean the one-step map reproduces its field
+  and any damage sits in the field itself; a much better field means the
+  one-step distillation is what loses quality;
+* **guidance at sampling time**: the same two samplers with classifier-free
+  guidance :math:`F_c + w (F_c - F_u)` (``AnyStepSampler(guidance_scale=w)``,
+  CFG scale :math:`1 + w`); for the pretrained model this is the FD / class
+  accuracy frontier that baked-in guidance is aiming at;
+* **the guidance direction**: on held-out :math:`x_t` (``t`` uniform in
+  [0.05, 0.95]) at :math:`r = t`, the flow-matching error of the conditional
+  and unconditional branches, the size of :math:`F_c - F_u` relative to the
+  pretrained model's :math:`P_c - P_u`, and its component along that
+  direction, :math:`\langle F_c - F_u, P_c - P_u\rangle / \|P_c - P_u\|^2`
+  (1 for the pretrained model; ``s`` for a field that is exactly CFG of scale
+  ``s`` of it). A norm ratio far above the component means the difference
+  has grown in directions the data does not support.
+
+    python benchmarks/quality/anatomy.py --seed 0 --methods "TwinFlow w 0" "TwinFlow defaults"
+    python benchmarks/quality/anatomy.py --seed 0 --seed 1 --seed 2       # every saved run of those seeds
+
+Writes ``results/curves/anatomy_seed{N}.json`` and prints a table.
+"""
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import curves  # noqa: E402
+import patches  # noqa: E402
+
+import twinloss  # noqa: E402
+
+SAMPLERS = (  # (label, steps, mode, sampling-time guidance w)
+    ("1 NFE", 1, "few", 0.0),
+    ("1 NFE, CFG 1.25", 1, "few", 0.25),
+    ("own field, 50 Euler", 50, "multi", 0.0),
+    ("own field, 50 Euler, CFG 1.25", 50, "multi", 0.25),
+    ("own field, 50 Euler, CFG 1.5", 50, "multi", 0.5),
+    ("own field, 50 Euler, CFG 2", 50, "multi", 1.0),
+)
+
+
+def samples(model: nn.Module, evaluator: patches.Evaluator, steps: int, mode: str, scale: float) -> Tensor:
+    sampler = twinloss.AnyStepSampler(steps, mode=mode, guidance_scale=scale)
+    return sampler(model, evaluator.noise, cond=evaluator.cond, uncond=evaluator.uncond if scale else None,
+                   generator=torch.Generator().manual_seed(curves.SAMPLE_SEED)).sample
+
+
+@torch.no_grad()
+def guidance_direction(model: nn.Module, pretrained: nn.Module, evaluator: patches.Evaluator) -> dict[str, float]:
+    """Flow-matching errors of both branches and :math:`F_c - F_u` against the pretrained difference."""
+    g = torch.Generator().manual_seed(5)
+    x, labels = evaluator.second, evaluator.second_labels
+    t = 0.05 + 0.9 * torch.rand(x.shape[0], generator=g)
+    z = torch.randn(x.shape, generator=g)
+    x_t = twinloss.LinearPath().sample(x, z, t).x_t
+    velocity = z - x
+    null = torch.full_like(labels, patches.NULL)
+
+    def branches(net: nn.Module) -> tuple[Tensor, Tensor]:
+        return net(x_t, t, t, y=labels), net(x_t, t, t, y=null)
+
+    cond, uncond = branches(model)
+    ref_cond, ref_uncond = branches(pretrained)
+    difference, ref_difference = cond - uncond, ref_cond - ref_uncond
+    ref_norm = float((ref_difference**2).sum())
+    return {
+        "fm_error_cond": float(((cond - velocity) ** 2).mean()),
+        "fm_error_uncond": float(((uncond - velocity) ** 2).mean()),
+        "difference_norm_ratio": (float((difference**2).sum()) / ref_norm) ** 0.5,
+        "difference_along_pretrained": float((difference * ref_difference).sum()) / ref_norm,
+    }
+
+
+def anatomy(model: nn.Module, pretrained: nn.Module, evaluator: patches.Evaluator) -> dict:
+    row = {label: evaluator.score(samples(model, evaluator, steps, mode, w)) for label, steps, mode, w in SAMPLERS}
+    return {**row, "direction": guidance_direction(model, pretrained, evaluator)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, action="append", required=True)
+    parser.add_argument("--methods", nargs="*", default=None, help="method names (default: every saved run)")
+    parser.add_argument("--results", type=Path, default=Path(curves.DEFAULT_OUT))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    sizes = curves.TASKS["patches"].full
+    for seed in args.seed:
+        bench = curves.prepare_patches(seed, sizes)
+        torch.manual_seed(seed)
+        data = patches.patch_data()
+        classifier, _ = patches.train_classifier(data, sizes.classifier_steps)
+        evaluator = patches.Evaluator(data, classifier, sizes.eval, seed)
+        names = args.methods or sorted({p.stem.split("_", 2)[2] for p in (args.results / "weights").glob(f"patches_seed{seed}_*.pt")})
+        report = {"pretrained": anatomy(bench.pretrained, bench.pretrained, evaluator)}
+        for name in names:
+            path = args.results / "weights" / f"patches_seed{seed}_{curves.slug(name)}.pt"
+            if not path.exists():
+                raise ValueError(f"--methods {name!r}: no saved weights at {path}; run curves.py for it first")
+            model = copy.deepcopy(bench.pretrained)
+            model.load_state_dict(torch.load(path)["power"])
+            report[name] = anatomy(model, bench.pretrained, evaluator)
+        (args.results / f"anatomy_seed{seed}.json").write_text(json.dumps(report, indent=1) + "\n")
+        for name, row in report.items():
+            cells = " | ".join(f"{label} {row[label]['fd']:.3f}" for label, *_ in SAMPLERS)
+            d = row["direction"]
+            print(f"seed {seed} | {name} | {cells} | |Fc-Fu| x{d['difference_norm_ratio']:.2f}, "
+                  f"along P {d['difference_along_pretrained']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
