@@ -2,8 +2,8 @@ r"""Guidance against the twin terms: variants of where the guidance enters, on t
 
 The group placements are the loss's own ``guidance_groups`` option; the
 rectification and fake-field variants are benchmark-side subclasses of
-``twinloss.TwinFlowLoss`` (the library's loss is not edited); every run logs ``twinloss.health`` signals
-(term gradient norms and their cosines with the base gradient) at each
+``twinloss.TwinFlowLoss`` (the library's loss is not edited); the first round (issue 12)
+also logged ``twinloss.health`` signals at each
 checkpoint. With ``w`` the guidance scale, ``F_c`` / ``F_u`` the model's
 conditional / unconditional outputs:
 
@@ -22,7 +22,28 @@ conditional / unconditional outputs:
   :math:`v + w (F_c - F_u)` evaluated at their own negative times, so the fake
   field is self-guided like the real one and the gap compares like with like.
 
-    PYTHONPATH=src python benchmarks/quality/guidance.py --seed 0 --skip-main --skip-fm
+Added with issue 12's second round (``curves.py`` protocol, so every
+variant's file sits beside the default methods' in ``results/curves``):
+
+* ``frozen teacher w 0.5`` / ``w 0.25``: the guidance pass evaluated by the
+  pretrained weights (``twinloss.FrozenTeacher``), so the target
+  :math:`v + w (P_c - P_u)` is CFG of scale :math:`1 + w` of a fixed field,
+  with no feedback from the model being trained;
+* ``image-free CFG 1.25, frozen teacher``: the authors' ``use_image_free``
+  with the base model as guidance teacher (their ``openuni_full_imgfree``
+  recipe, at a scale this data tolerates);
+* ``guided rectification only``: no guidance in any base target; the
+  rectification's real field is :math:`F_c + w (F_c - F_u)` of the online
+  model (DMD2's guided real score), so only the distribution-matching term
+  sees guidance;
+* ``rectify weight 0.25`` / ``1``, ``rectification l2`` (the gap's gradient
+  proportional to its size instead of the Barron distance's unit-normalised
+  direction) and ``fake share 1/8``: how hard the twin terms push, without
+  guidance.
+
+    export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo
+    python benchmarks/quality/guidance.py --task patches --seed 0 --skip-fm --methods "frozen teacher"
+    python benchmarks/quality/guidance.py --task patches --seed 0 --skip-fm     # every variant
 """
 
 import inspect
@@ -33,6 +54,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import curves  # noqa: E402
 import patches  # noqa: E402
 
 import twinloss  # noqa: E402
@@ -112,15 +134,74 @@ class GuidedFakeField(twinloss.TwinFlowLoss):
         return super().forward(wrapped, x, cond=cond, uncond=uncond, generator=generator)
 
 
+class _RectifyAgainstGuidedField:
+    """A step's evaluator whose ``rectify`` pass returns :math:`F_c + w (F_c - F_u)` as its real half."""
+
+    def __init__(self, evaluate, uncond_one: dict[str, Tensor], scale: float) -> None:
+        self.evaluate, self.uncond_one, self.scale = evaluate, uncond_one, scale
+
+    def __call__(self, name, x_t, t, r, cond):
+        if name != "rectify":
+            return self.evaluate(name, x_t, t, r, cond)
+        y, s = x_t.chunk(2)[1], t.chunk(2)[1]
+        three = self.evaluate(
+            name, torch.cat([x_t, y]), torch.cat([t, s]), torch.cat([r, s]), concat_conditioning(cond, self.uncond_one)
+        )
+        fake_velocity, cond_velocity, uncond_velocity = three.chunk(3)
+        return torch.cat([fake_velocity, cond_velocity + self.scale * (cond_velocity - uncond_velocity)])
+
+
+class GuidedRectificationOnly(twinloss.TwinFlowLoss):
+    r"""Unguided base targets; rectification gap :math:`F(y, -s, -s) - [F_c + w (F_c - F_u)](y, s, s)`."""
+
+    def __init__(self, rectify_guidance: float, **kwargs) -> None:
+        super().__init__(guidance_scale=0.0, **kwargs)
+        self.rectify_guidance = rectify_guidance
+
+    def forward(self, model, x, *, cond=None, uncond=None, generator=None):
+        self._uncond = uncond
+        return super().forward(model, x, cond=cond, uncond=uncond, generator=generator)
+
+    def _rectify(self, evaluate, x_t, prediction, traj, cond, generator):
+        uncond_one = select_rows(self._uncond, traj.groups["one_step"])
+        guided = _RectifyAgainstGuidedField(evaluate, uncond_one, self.rectify_guidance)
+        return super()._rectify(guided, x_t, prediction, traj, cond, generator)
+
+
+class RectificationL2(twinloss.TwinFlowLoss):
+    """The rectification term under the l2 distance; every other term keeps the loss's distance."""
+
+    def _rectify(self, *args):
+        barron, self.distance = self.distance, twinloss.L2Distance()
+        try:
+            return super()._rectify(*args)
+        finally:
+            self.distance = barron
+
+
+TwinFlowLoss, FrozenTeacher = twinloss.TwinFlowLoss, twinloss.FrozenTeacher
 VARIANTS = {
-    "TwinFlow w 0.2": lambda: twinloss.TwinFlowLoss(guidance_scale=0.2),
-    "TwinFlow w 0.8": lambda: twinloss.TwinFlowLoss(guidance_scale=0.8),
-    "TwinFlow w 0.5, interval (0.2, 0.7)": lambda: twinloss.TwinFlowLoss(guidance_interval=(0.2, 0.7)),
-    "TwinFlow w 0.5, multi-step rows only": lambda: twinloss.TwinFlowLoss(guidance_groups=("multi_step",)),
-    "TwinFlow w 0.5, any-step rows only": lambda: twinloss.TwinFlowLoss(guidance_groups=("any_step",)),
-    "TwinFlow w 0.5, unguided real field in rectification": lambda: UnguidedRealFieldInRectification(),
-    "TwinFlow w 0.5, guided fake field": lambda: GuidedFakeField(),
+    "TwinFlow w 0.2": lambda pretrained: TwinFlowLoss(guidance_scale=0.2),
+    "TwinFlow w 0.8": lambda pretrained: TwinFlowLoss(guidance_scale=0.8),
+    "TwinFlow w 0.5, interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss(guidance_interval=(0.2, 0.7)),
+    "TwinFlow w 0.5, multi-step rows only": lambda pretrained: TwinFlowLoss(guidance_groups=("multi_step",)),
+    "TwinFlow w 0.5, any-step rows only": lambda pretrained: TwinFlowLoss(guidance_groups=("any_step",)),
+    "RCGM only w 0.5, any-step rows only": lambda pretrained: TwinFlowLoss.rcgm(guidance_groups=("any_step",)),
+    "TwinFlow w 0.5, unguided real field in rectification": lambda pretrained: UnguidedRealFieldInRectification(),
+    "TwinFlow w 0.5, guided fake field": lambda pretrained: GuidedFakeField(),
+    "TwinFlow frozen teacher w 0.5": lambda pretrained: TwinFlowLoss(guidance_teacher=FrozenTeacher(pretrained)),
+    "RCGM only frozen teacher w 0.5": lambda pretrained: TwinFlowLoss.rcgm(guidance_teacher=FrozenTeacher(pretrained)),
+    "TwinFlow frozen teacher w 0.25": lambda pretrained: TwinFlowLoss(
+        guidance_scale=0.25, guidance_teacher=FrozenTeacher(pretrained)),
+    "TwinFlow image-free CFG 1.25, frozen teacher": lambda pretrained: TwinFlowLoss(
+        image_free=True, guidance_scale=1.25, guidance_teacher=FrozenTeacher(pretrained)),
+    "TwinFlow guided rectification only w 0.5": lambda pretrained: GuidedRectificationOnly(0.5),
+    "TwinFlow w 0, rectify weight 0.25": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=0.25),
+    "TwinFlow w 0, rectify weight 1": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=1.0),
+    "TwinFlow w 0, rectification l2": lambda pretrained: RectificationL2(guidance_scale=0.0, rectify_weight=1.0),
+    "TwinFlow w 0, fake share 1/8": lambda pretrained: TwinFlowLoss(
+        guidance_scale=0.0, shares=twinloss.GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)),
 }
 
 if __name__ == "__main__":
-    patches.main(VARIANTS, tag="guidance")
+    curves.main(VARIANTS)
