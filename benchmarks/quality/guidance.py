@@ -39,7 +39,9 @@ variant's file sits beside the default methods' in ``results/curves``):
 * ``rectify weight 0.25`` / ``1``, ``rectification l2`` (the gap's gradient
   proportional to its size instead of the Barron distance's unit-normalised
   direction) and ``fake share 1/8``: how hard the twin terms push, without
-  guidance.
+  guidance;
+* ``residual clamp 3``: the RCGM residual clamped at 3 instead of 1 (about
+  half of its entries sit at 1 on this data, ``docs/health.md``).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo
     python benchmarks/quality/guidance.py --task patches --seed 0 --skip-fm --methods "frozen teacher"
@@ -201,6 +203,8 @@ VARIANTS = {
     "TwinFlow w 0, rectification l2": lambda pretrained: RectificationL2(guidance_scale=0.0, rectify_weight=1.0),
     "TwinFlow w 0, fake share 1/8": lambda pretrained: TwinFlowLoss(
         guidance_scale=0.0, shares=twinloss.GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)),
+    "TwinFlow w 0, residual clamp 3": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, residual_clamp=3.0),
+    "RCGM only w 0, residual clamp 3": lambda pretrained: TwinFlowLoss.rcgm(guidance_scale=0.0, residual_clamp=3.0),
 }
 
 if __name__ == "__main__":
