@@ -229,7 +229,7 @@ def task_checks(task: str, task_runs: dict[str, dict[int, dict]]) -> list[str]:
             key = f"{sampling}/1"
             found = not_worse_than_ablation(mean_curve(ours, key, primary), mean_curve(theirs, key, primary), budget)
             checks.append((sampling, found, seeds_note(ours, theirs)))
-            if task == "patches":
+            if task.split("-")[0] == "patches":  # also the --budget runs, "patches-budget4000"
                 curve = mean_curve(ours, key, primary)
                 fm4 = mean_curve(reference, f"{sampling}/4", primary)
                 fm50 = mean_curve(reference, f"{sampling}/50", primary)

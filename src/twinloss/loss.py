@@ -216,7 +216,13 @@ class TwinFlowLoss(nn.Module):
             the null-label rows learn :math:`F_u = v_u`, the conditional ones
             :math:`F_c = v_c + w (F_c - v_u)`, so
             :math:`F_c = v_u + (v_c - v_u) / (1 - w)`; ``w = 0.5`` is CFG 2,
-            0.8 is CFG 5, and ``w >= 1`` has no fixed point.
+            0.8 is CFG 5, and ``w >= 1`` has no fixed point. The online
+            teacher also multiplies the errors of its own :math:`F_c - F_u`
+            by :math:`1 / (1 - w)` and trains on them, which made 1-NFE
+            quality degrade with training on the real-patch benchmark. With
+            a fixed teacher (:class:`~twinloss.FrozenTeacher` of the
+            pretrained weights) it is CFG :math:`1 + w` of that teacher,
+            with no feedback (docs/quality.md, "Which guidance setting").
         guidance_interval: open interval of ``t`` where guidance applies
             (*default* ``(0, 1)``, which leaves ``t = 1`` rows alone).
         guidance_groups: the real groups whose rows get the guided target
