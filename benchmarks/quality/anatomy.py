@@ -104,7 +104,8 @@ def main() -> None:
         data = patches.patch_data()
         classifier, _ = patches.train_classifier(data, sizes.classifier_steps)
         evaluator = patches.Evaluator(data, classifier, sizes.eval, seed)
-        names = args.methods or sorted({p.stem.split("_", 2)[2] for p in (args.results / "weights").glob(f"patches_seed{seed}_*.pt")})
+        saved = (args.results / "weights").glob(f"patches_seed{seed}_*.pt")
+        names = args.methods or sorted(path.stem.split("_", 2)[2] for path in saved if path.stem.count("_") == 2)
         report = {"pretrained": anatomy(bench.pretrained, bench.pretrained, evaluator)}
         for name in names:
             path = args.results / "weights" / f"patches_seed{seed}_{curves.slug(name)}.pt"

@@ -250,11 +250,15 @@ def task_checks(task: str, task_runs: dict[str, dict[int, dict]]) -> list[str]:
 
 # ----------------------------------------------------------------------------- plots
 def plot(task: str, task_runs: dict[str, dict[int, dict]], path: Path) -> None:
-    """Primary figure of the power average vs fine-tune steps: each method at 1 NFE, FM 4 and 50, the data floor."""
+    """Primary figure of the power average vs fine-tune steps: the default methods at 1 NFE, FM 4 and 50, the data floor.
+
+    Variants (``guidance.py``) are in the tables, not on the chart, which stays readable.
+    """
     config = config_of(task_runs)
     primary = config["primary"]
+    defaults = {name for pair in PAIRS.values() for name in pair}
     lines = [(f"{name}, 1 NFE", sorted(mean_curve(task_runs[name], "power/1", primary).items()))
-             for name in methods_in(task_runs) if not skipped(task_runs[name])]
+             for name in methods_in(task_runs) if name in defaults and not skipped(task_runs[name])]
     reference = task_runs.get("reference", {})
     lines += [(f"{FM}, {nfe} Euler", sorted(mean_curve(reference, f"power/{nfe}", primary).items())) for nfe in ("4", "50")]
     floor = [report["data"][primary] for report in reference.values()]
