@@ -63,17 +63,17 @@ import twinloss  # noqa: E402
 from twinloss.protocol import concat_conditioning, select_rows  # noqa: E402
 
 
-class _RectifyAgainstUnguidedField:
-    """A step's evaluator whose ``rectify`` pass returns ``(1 - w) F_c + w F_u`` as its real half.
+class _RectifyWithRealField:
+    """A step's evaluator whose ``rectify`` pass returns ``real_field(F_c, F_u)`` as its real half.
 
     The loss's rectify pass is one call on ``[y, y]`` at ``[-s, s]`` with the
     one-step rows' conditioning twice; this makes it one call on ``[y, y, y]``
-    at ``[-s, s, s]`` with ``cond, cond, uncond`` and mixes the last two.
+    at ``[-s, s, s]`` with ``cond, cond, uncond`` and combines the last two.
     Every other pass goes to the step's own evaluator.
     """
 
-    def __init__(self, evaluate, uncond_one: dict[str, Tensor], scale: float) -> None:
-        self.evaluate, self.uncond_one, self.scale = evaluate, uncond_one, scale
+    def __init__(self, evaluate, uncond_one: dict[str, Tensor], real_field) -> None:
+        self.evaluate, self.uncond_one, self.real_field = evaluate, uncond_one, real_field
 
     def __call__(self, name, x_t, t, r, cond):
         if name != "rectify":
@@ -83,12 +83,11 @@ class _RectifyAgainstUnguidedField:
             name, torch.cat([x_t, y]), torch.cat([t, s]), torch.cat([r, s]), concat_conditioning(cond, self.uncond_one)
         )
         fake_velocity, cond_velocity, uncond_velocity = three.chunk(3)
-        real_velocity = (1 - self.scale) * cond_velocity + self.scale * uncond_velocity
-        return torch.cat([fake_velocity, real_velocity])
+        return torch.cat([fake_velocity, self.real_field(cond_velocity, uncond_velocity)])
 
 
-class UnguidedRealFieldInRectification(twinloss.TwinFlowLoss):
-    r"""Rectification gap :math:`F(y, -s, -s) - [(1 - w) F_c(y, s, s) + w F_u(y, s, s)]`."""
+class _RealFieldInRectification(twinloss.TwinFlowLoss):
+    """A loss whose rectification gap uses ``self.real_field(F_c, F_u)`` (defined by each subclass) as the real field."""
 
     def forward(self, model, x, *, cond=None, uncond=None, generator=None):
         self._uncond = uncond
@@ -96,8 +95,15 @@ class UnguidedRealFieldInRectification(twinloss.TwinFlowLoss):
 
     def _rectify(self, evaluate, x_t, prediction, traj, cond, generator):
         uncond_one = select_rows(self._uncond, traj.groups["one_step"])
-        unguided = _RectifyAgainstUnguidedField(evaluate, uncond_one, self.guidance_scale)
-        return super()._rectify(unguided, x_t, prediction, traj, cond, generator)
+        mixed = _RectifyWithRealField(evaluate, uncond_one, self.real_field)
+        return super()._rectify(mixed, x_t, prediction, traj, cond, generator)
+
+
+class UnguidedRealFieldInRectification(_RealFieldInRectification):
+    r"""Rectification gap :math:`F(y, -s, -s) - [(1 - w) F_c(y, s, s) + w F_u(y, s, s)]`."""
+
+    def real_field(self, cond_velocity: Tensor, uncond_velocity: Tensor) -> Tensor:
+        return (1 - self.guidance_scale) * cond_velocity + self.guidance_scale * uncond_velocity
 
 
 class _FakeRowsGuided:
@@ -136,38 +142,15 @@ class GuidedFakeField(twinloss.TwinFlowLoss):
         return super().forward(wrapped, x, cond=cond, uncond=uncond, generator=generator)
 
 
-class _RectifyAgainstGuidedField:
-    """A step's evaluator whose ``rectify`` pass returns :math:`F_c + w (F_c - F_u)` as its real half."""
-
-    def __init__(self, evaluate, uncond_one: dict[str, Tensor], scale: float) -> None:
-        self.evaluate, self.uncond_one, self.scale = evaluate, uncond_one, scale
-
-    def __call__(self, name, x_t, t, r, cond):
-        if name != "rectify":
-            return self.evaluate(name, x_t, t, r, cond)
-        y, s = x_t.chunk(2)[1], t.chunk(2)[1]
-        three = self.evaluate(
-            name, torch.cat([x_t, y]), torch.cat([t, s]), torch.cat([r, s]), concat_conditioning(cond, self.uncond_one)
-        )
-        fake_velocity, cond_velocity, uncond_velocity = three.chunk(3)
-        return torch.cat([fake_velocity, cond_velocity + self.scale * (cond_velocity - uncond_velocity)])
-
-
-class GuidedRectificationOnly(twinloss.TwinFlowLoss):
+class GuidedRectificationOnly(_RealFieldInRectification):
     r"""Unguided base targets; rectification gap :math:`F(y, -s, -s) - [F_c + w (F_c - F_u)](y, s, s)`."""
 
     def __init__(self, rectify_guidance: float, **kwargs) -> None:
         super().__init__(guidance_scale=0.0, **kwargs)
         self.rectify_guidance = rectify_guidance
 
-    def forward(self, model, x, *, cond=None, uncond=None, generator=None):
-        self._uncond = uncond
-        return super().forward(model, x, cond=cond, uncond=uncond, generator=generator)
-
-    def _rectify(self, evaluate, x_t, prediction, traj, cond, generator):
-        uncond_one = select_rows(self._uncond, traj.groups["one_step"])
-        guided = _RectifyAgainstGuidedField(evaluate, uncond_one, self.rectify_guidance)
-        return super()._rectify(guided, x_t, prediction, traj, cond, generator)
+    def real_field(self, cond_velocity: Tensor, uncond_velocity: Tensor) -> Tensor:
+        return cond_velocity + self.rectify_guidance * (cond_velocity - uncond_velocity)
 
 
 class RectificationL2(twinloss.TwinFlowLoss):
