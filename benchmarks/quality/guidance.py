@@ -186,6 +186,9 @@ VARIANTS = {
     "TwinFlow w 0, rectification l2": lambda pretrained: RectificationL2(guidance_scale=0.0, rectify_weight=1.0),
     "TwinFlow w 0, fake share 1/8": lambda pretrained: TwinFlowLoss(
         guidance_scale=0.0, shares=twinloss.GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)),
+    "TwinFlow w 0, l2 rectification with fake share 1/8": lambda pretrained: RectificationL2(
+        guidance_scale=0.0, rectify_weight=1.0,
+        shares=twinloss.GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)),
     "TwinFlow w 0, residual clamp 3": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, residual_clamp=3.0),
     "RCGM only w 0, residual clamp 3": lambda pretrained: TwinFlowLoss.rcgm(guidance_scale=0.0, residual_clamp=3.0),
 }
