@@ -153,15 +153,24 @@ class GuidedRectificationOnly(_RealFieldInRectification):
         return cond_velocity + self.rectify_guidance * (cond_velocity - uncond_velocity)
 
 
-class RectificationL2(twinloss.TwinFlowLoss):
-    """The rectification term under the l2 distance; every other term keeps the loss's distance."""
+class RectificationDistance(twinloss.TwinFlowLoss):
+    """The rectification term under its own distance (``rectify_distance``); every other term keeps the loss's."""
+
+    def __init__(self, rectify_distance: twinloss.Distance, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rectify_distance = rectify_distance
 
     def _rectify(self, *args):
-        barron, self.distance = self.distance, twinloss.L2Distance()
+        base, self.distance = self.distance, self.rectify_distance
         try:
             return super()._rectify(*args)
         finally:
-            self.distance = barron
+            self.distance = base
+
+
+def RectificationL2(**kwargs) -> RectificationDistance:
+    """The rectification under l2: its gradient is proportional to the gap, not the Barron distance's unit direction."""
+    return RectificationDistance(twinloss.L2Distance(), **kwargs)
 
 
 TwinFlowLoss, FrozenTeacher = twinloss.TwinFlowLoss, twinloss.FrozenTeacher
@@ -189,6 +198,8 @@ VARIANTS = {
     "TwinFlow w 0, l2 rectification with fake share 1/8": lambda pretrained: RectificationL2(
         guidance_scale=0.0, rectify_weight=1.0,
         shares=twinloss.GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)),
+    "TwinFlow w 0, rectification Barron c 0.1": lambda pretrained: RectificationDistance(
+        twinloss.BarronDistance(alpha=1.0, c=0.1), guidance_scale=0.0),
     "TwinFlow w 0, residual clamp 3": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, residual_clamp=3.0),
     "RCGM only w 0, residual clamp 3": lambda pretrained: TwinFlowLoss.rcgm(guidance_scale=0.0, residual_clamp=3.0),
 }
