@@ -65,3 +65,21 @@ def test_task_checks_reports_a_skipped_guided_pair_instead_of_a_verdict():
     power = [line for line in lines if "| w 0 | power |" in line]
     assert power and power[0].endswith("FAIL [1 seeds, fewer than 3]")
     assert "1/2 checkpoints pass" in power[0]
+
+
+def test_load_keeps_budget_and_width_runs_apart_from_the_task_they_vary(tmp_path):
+    import json
+
+    def write(name: str, seed: int, **overrides) -> None:
+        config = {"quick": False, "scale": 1.0, "budget_override": None, "width_override": None, **overrides}
+        report = {"task": "patches", "seed": seed, "method": "TwinFlow w 0", "config": config, "curve": {}}
+        (tmp_path / f"patches_seed{seed}_{name}.json").write_text(json.dumps(report))
+
+    write("twinflow-w-0", 0)
+    write("twinflow-w-0_budget4000", 0, budget_override=4000)
+    write("twinflow-w-0_width512", 1, width_override=512)
+    write("twinflow-w-0_budget4000_width512", 2, budget_override=4000, width_override=512)
+    write("twinflow-w-0_quick", 0, quick=True)
+    runs = curves_summary.load(tmp_path, quick=False, scale=1.0)
+    assert sorted(runs) == ["patches", "patches-budget4000", "patches-budget4000-width512", "patches-width512"]
+    assert [sorted(by_seed) for by_seed in (runs[task]["TwinFlow w 0"] for task in sorted(runs))] == [[0], [0], [2], [1]]

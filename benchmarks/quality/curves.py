@@ -29,8 +29,9 @@ method with guidance is not run there and its file records why.
 One JSON file per (task, seed, method), so methods can run in parallel
 processes: ``{out}/{task}_seed{N}_{slug}.json``, and
 ``{out}/{task}_seed{N}_reference.json`` for the flow-matching references and
-the data floor (``--quick`` and ``--scale`` runs add ``_quick`` / ``_scale{F}``
-to the name, so they never overwrite a full run). ``curves_summary.py`` reads them.
+the data floor (``--quick``, ``--scale``, ``--budget`` and ``--width`` runs add
+``_quick`` / ``_scale{F}`` / ``_budget{N}`` / ``_width{N}`` to the name, so they
+never overwrite a full run). ``curves_summary.py`` reads them.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/curves.py --task ring --seed 0                     # reference + every method
@@ -332,6 +333,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (a short real run)")
     parser.add_argument("--budget", type=int, default=None,
                         help="fine-tune budget 1x in steps (default: the task's; issue 12's own protocol is 4000 on patches)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="hidden width of the task's network (default: the task's; a capacity study)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
@@ -346,14 +349,19 @@ def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] 
         if args.budget < 4:
             raise ValueError(f"--budget must be at least 4 steps (its quarter is the first checkpoint), got {args.budget}")
         sizes = dataclasses.replace(sizes, budget=args.budget)
+    if args.width is not None:
+        if args.width < 1:
+            raise ValueError(f"--width must be at least 1, got {args.width}")
+        sizes = dataclasses.replace(sizes, width=args.width)
     methods = {} if args.skip_methods else select({**METHODS, **(extra_methods or {})}, args.methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {"task": task.name, "seed": args.seed, "quick": args.quick, "scale": args.scale, "lr": task.lr,
               "primary": task.primary, "conditional": task.conditional, "checkpoints": checkpoint_steps(sizes.budget),
-              "budget_override": args.budget, **dataclasses.asdict(sizes)}
+              "budget_override": args.budget, "width_override": args.width, **dataclasses.asdict(sizes)}
     variant = ("_quick" if args.quick else "") + (f"_scale{args.scale:g}" if args.scale != 1 else "")
     variant += f"_budget{args.budget}" if args.budget is not None else ""
+    variant += f"_width{args.width}" if args.width is not None else ""
     started = time.perf_counter()
 
     def log(message: str) -> None:
