@@ -174,13 +174,14 @@ def test_report_mode_names_a_source_of_every_non_finite_step(kind, mode):
 
 
 @FUZZ
-@given(kind=st.sampled_from(["noise_nan", "noise_int", "noise_1d", "one_row", "cond_batch", "uncond_missing", "ok"]),
+@given(kind=st.sampled_from(["noise_nan", "noise_int", "noise_1d", "one_row", "cond_batch", "uncond_missing",
+                              "uncond_unused", "ok"]),
        steps=st.integers(1, 3), mode=st.sampled_from(["few", "any", "multi"]), guidance=st.sampled_from([0.0, 1.5]))
 def test_sampler_accepts_finitely_or_refuses_naming_the_argument(kind, steps, mode, guidance):
     noise, cond, uncond = _valid()
     model: object = _model()
     named = {"noise_nan": "noise", "noise_int": "noise", "noise_1d": "noise", "one_row": "model",
-             "cond_batch": "cond['y']", "uncond_missing": "uncond", "ok": ""}[kind]
+             "cond_batch": "cond['y']", "uncond_missing": "uncond", "uncond_unused": "uncond", "ok": ""}[kind]
     if kind == "noise_nan":
         noise[0, 0] = float("nan")
     elif kind == "noise_int":
@@ -193,12 +194,17 @@ def test_sampler_accepts_finitely_or_refuses_naming_the_argument(kind, steps, mo
         cond = {"y": cond["y"][:2]}
     elif kind == "uncond_missing":
         uncond = None
+    elif kind == "uncond_unused":
+        guidance = 0.0  # the null conditioning would be ignored without guidance: refused
+    if guidance == 0 and kind != "uncond_unused":
+        uncond = None
     sampler = AnyStepSampler(steps, mode=mode, guidance_scale=guidance)
     try:
         out = sampler(model, noise, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(0))
     except (ValueError, TypeCheckError) as error:
         assert kind != "ok" and (isinstance(error, TypeCheckError) or named in str(error)), (kind, str(error))
     else:
+        assert kind == "ok" or (kind == "uncond_missing" and guidance == 0), (kind, guidance)
         assert out.sample.shape == noise.shape and bool(torch.isfinite(out.sample).all()), kind
 
 

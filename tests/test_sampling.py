@@ -141,6 +141,9 @@ def test_bad_call_arguments():
         AnyStepSampler()(model, z.long())
     with pytest.raises(ValueError, match="^uncond is required"):
         AnyStepSampler(guidance_scale=1.0)(model, z, cond={"y": torch.zeros(2, dtype=torch.long)})
+    labels = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="^uncond was given, but guidance_scale=0 would ignore it"):
+        AnyStepSampler()(model, z, cond={"y": labels}, uncond={"y": labels + 1})
     with pytest.raises(ValueError, match=r"cond has keys \['label'\]"):
         AnyStepSampler()(model, z, cond={"label": torch.zeros(2, dtype=torch.long)})
 

@@ -87,6 +87,7 @@ def evaluate_shapes(samples, held_out, seed=0):
 
 def sample(model, noise, steps, mode, cond=None, uncond=None, guidance=0.0, seed=0):
     sampler = twinloss.AnyStepSampler(steps, mode=mode, guidance_scale=guidance)
+    uncond = uncond if guidance > 0 else None  # the null conditioning is only read by guidance
     return sampler(model, noise, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(seed)).sample
 
 

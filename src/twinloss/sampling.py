@@ -334,7 +334,9 @@ class AnyStepSampler(nn.Module):
         heun: second-order correction in multi mode (two calls per step).
         guidance_scale: classifier-free guidance ``F_c + w (F_c - F_u)``
             through :func:`twinloss.targets.guidance_target` (*default* 0:
-            none, the trained model has guidance baked in).
+            none, the trained model has guidance baked in). ``uncond`` is
+            required when it is > 0 and refused when it is 0 (it would be
+            ignored).
         return_trajectory: keep every intermediate state.
         path: the path used to re-noise in few mode (*default* linear).
     """
@@ -455,6 +457,11 @@ class AnyStepSampler(nn.Module):
             uncond = check_conditioning(uncond, batch, name="uncond")
             check_uncond_matches(cond, uncond)  # as the loss: torch.cat would fail or silently promote
             both_cond = concat_conditioning(cond, uncond)
+        elif uncond is not None:
+            raise ValueError(
+                "uncond was given, but guidance_scale=0 would ignore it: build the sampler with "
+                "guidance_scale > 0 for classifier-free guidance, or leave uncond out"
+            )
 
         work = at_least_float32(noise.dtype)
         if schedule is None:
