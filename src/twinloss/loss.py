@@ -210,7 +210,10 @@ class TwinFlowLoss(nn.Module):
         residual_clamp: bound on the RCGM residual (*default* 1).
         guidance_scale: ``w`` of the guidance-enhanced target
             :math:`v + w (F_c - F_u)` (*default* 0.5; 0 disables it and skips
-            its pass). Needs ``uncond`` when > 0. With the online (or an EMA)
+            its pass). Needs ``uncond`` when > 0; with 0 a given ``uncond``
+            is still checked but not read, so a trainer may pass its null
+            conditioning whatever the scale (the sampler, whose scale defaults
+            to 0, refuses it instead). With the online (or an EMA)
             teacher it is classifier-free guidance of scale
             :math:`1 / (1 - w)` at the fixed point (docs/method.md, step 4):
             the null-label rows learn :math:`F_u = v_u`, the conditional ones
