@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 import curves_summary  # noqa: E402
-from curves_summary import keeps_diversity, no_rise, not_worse_than_ablation, within  # noqa: E402
+from curves_summary import keeps_diversity, no_rise, not_worse_than_ablation, paired_gap, within  # noqa: E402
 
 
 def test_not_worse_than_ablation_passes_when_every_checkpoint_from_1x_is_at_most_the_ablation():
@@ -83,3 +83,10 @@ def test_load_keeps_budget_and_width_runs_apart_from_the_task_they_vary(tmp_path
     runs = curves_summary.load(tmp_path, quick=False, scale=1.0)
     assert sorted(runs) == ["patches", "patches-budget4000", "patches-budget4000-width512", "patches-width512"]
     assert [sorted(by_seed) for by_seed in (runs[task]["TwinFlow w 0"] for task in sorted(runs))] == [[0], [0], [2], [1]]
+
+
+def test_paired_gap_reports_the_mean_seed_paired_difference_its_standard_error_and_the_wins():
+    method, ablation = {0: 1.0, 1: 2.0, 2: 3.0, 7: 9.0}, {0: 1.5, 1: 1.5, 2: 2.5, 5: 0.0}  # seeds 5, 7 unpaired
+    # gaps -0.5, +0.5, +0.5: mean 1/6, stdev sqrt(1/3), s.e. 1/3
+    assert paired_gap(method, ablation) == "paired gap +0.1667 ± 0.33 (s.e.), method ahead on 1/3 seeds"
+    assert paired_gap({0: 1.0}, {1: 1.0}) == "no common seed"

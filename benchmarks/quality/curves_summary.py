@@ -25,6 +25,7 @@ A check on fewer than 3 seeds says so next to its verdict.
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -69,6 +70,22 @@ def not_worse_than_ablation(method: dict[int, float], ablation: dict[int, float]
     passing = [step for step in steps if method[step] <= ablation[step]]
     pairs = ", ".join(f"{step}: {method[step]:.4g} vs {ablation[step]:.4g}" for step in steps)
     return Check(label, len(passing) == len(steps), f"{pairs} ({len(passing)}/{len(steps)} checkpoints pass)")
+
+
+def paired_gap(method: dict[int, float], ablation: dict[int, float]) -> str:
+    """Seed-paired ``method - ablation`` at one checkpoint: mean ± standard error, and the seeds the method wins.
+
+    Both runs of a seed start from the same pretrained weights and see the same
+    batches, so the paired difference is the figure that tells a real gap from
+    seed noise (lower is better: a negative mean favours the method).
+    """
+    seeds = sorted(set(method) & set(ablation))
+    if not seeds:
+        return "no common seed"
+    gaps = [method[seed] - ablation[seed] for seed in seeds]
+    wins = sum(gap <= 0 for gap in gaps)
+    spread = f" ± {statistics.stdev(gaps) / len(gaps) ** 0.5:.2g}" if len(gaps) > 1 else ""
+    return f"paired gap {statistics.fmean(gaps):+.4g}{spread} (s.e.), method ahead on {wins}/{len(gaps)} seeds"
 
 
 def within(value: float | None, reference: float | None, factor: float, label: str) -> Check:
@@ -125,6 +142,11 @@ def values(reports: dict[int, dict], step: int, key: str, metric: str) -> list[f
     """The figure ``metric`` of ``key`` (``"power/1"``) at ``step``, one per seed that has it."""
     return [report["curve"][str(step)][key][metric] for report in reports.values()
             if "curve" in report and str(step) in report["curve"] and key in report["curve"][str(step)]]
+
+
+def per_seed(reports: dict[int, dict], step: int, key: str, metric: str) -> dict[int, float]:
+    """``{seed: figure}`` of ``metric`` of ``key`` at ``step``, for the seeds that have it."""
+    return {seed: found[0] for seed, report in reports.items() if (found := values({seed: report}, step, key, metric))}
 
 
 def mean_curve(reports: dict[int, dict], key: str, metric: str) -> dict[int, float]:
@@ -231,6 +253,8 @@ def task_checks(task: str, task_runs: dict[str, dict[int, dict]]) -> list[str]:
         for sampling in CHECK_SAMPLINGS:
             key = f"{sampling}/1"
             found = not_worse_than_ablation(mean_curve(ours, key, primary), mean_curve(theirs, key, primary), budget)
+            at_last = paired_gap(per_seed(ours, last, key, primary), per_seed(theirs, last, key, primary))
+            found = dataclasses.replace(found, detail=f"{found.detail}; at {last}: {at_last}")
             checks.append((sampling, found, seeds_note(ours, theirs)))
             if task.split("-")[0] == "patches":  # also the --budget runs, "patches-budget4000"
                 curve = mean_curve(ours, key, primary)
