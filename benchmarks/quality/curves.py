@@ -29,9 +29,9 @@ method with guidance is not run there and its file records why.
 One JSON file per (task, seed, method), so methods can run in parallel
 processes: ``{out}/{task}_seed{N}_{slug}.json``, and
 ``{out}/{task}_seed{N}_reference.json`` for the flow-matching references and
-the data floor (``--quick``, ``--scale``, ``--budget`` and ``--width`` runs add
-``_quick`` / ``_scale{F}`` / ``_budget{N}`` / ``_width{N}`` to the name, so they
-never overwrite a full run). ``curves_summary.py`` reads them.
+the data floor (``--quick``, ``--scale``, ``--budget``, ``--width`` and ``--lr``
+runs add ``_quick`` / ``_scale{F}`` / ``_budget{N}`` / ``_width{N}`` / ``_lr{X}``
+to the name, so they never overwrite a full run). ``curves_summary.py`` reads them.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/curves.py --task ring --seed 0                     # reference + every method
@@ -333,6 +333,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (a short real run)")
     parser.add_argument("--budget", type=int, default=None,
                         help="fine-tune budget 1x in steps (default: the task's; issue 12's own protocol is 4000 on patches)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="Adam learning rate of the fine-tunes and the flow-matching reference (default: the task's)")
     parser.add_argument("--width", type=int, default=None,
                         help="hidden width of the task's network (default: the task's; a capacity study)")
     parser.add_argument("--out", default=DEFAULT_OUT)
@@ -344,6 +346,10 @@ def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] 
     args = parse(argv)
     torch.set_num_threads(1)
     task = TASKS[args.task]
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {args.lr}")
+        task = dataclasses.replace(task, lr=args.lr)
     sizes = (task.quick if args.quick else task.full).scaled(args.scale)
     if args.budget is not None:
         if args.budget < 4:
@@ -358,10 +364,11 @@ def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] 
     out.mkdir(parents=True, exist_ok=True)
     config = {"task": task.name, "seed": args.seed, "quick": args.quick, "scale": args.scale, "lr": task.lr,
               "primary": task.primary, "conditional": task.conditional, "checkpoints": checkpoint_steps(sizes.budget),
-              "budget_override": args.budget, "width_override": args.width, **dataclasses.asdict(sizes)}
+              "budget_override": args.budget, "width_override": args.width, "lr_override": args.lr, **dataclasses.asdict(sizes)}
     variant = ("_quick" if args.quick else "") + (f"_scale{args.scale:g}" if args.scale != 1 else "")
     variant += f"_budget{args.budget}" if args.budget is not None else ""
     variant += f"_width{args.width}" if args.width is not None else ""
+    variant += f"_lr{args.lr:g}" if args.lr is not None else ""
     started = time.perf_counter()
 
     def log(message: str) -> None:

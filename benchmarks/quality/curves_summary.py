@@ -121,8 +121,8 @@ def keeps_diversity(diversity: dict[int, float], data: float | None, from_step: 
 def load(results: Path, quick: bool, scale: float) -> dict[str, dict[str, dict[int, dict]]]:
     """``{task: {method: {seed: report}}}`` of the runs made with these sizes.
 
-    Runs with ``--budget`` or ``--width`` form their own task, ``"patches-budget4000"``,
-    ``"patches-width256"``.
+    Runs with ``--budget``, ``--width`` or ``--lr`` form their own task,
+    ``"patches-budget4000"``, ``"patches-width256"``, ``"patches-lr0.0003"``.
     """
     runs: dict[str, dict[str, dict[int, dict]]] = {}
     for path in sorted(results.glob("*_seed*_*.json")):
@@ -131,9 +131,9 @@ def load(results: Path, quick: bool, scale: float) -> dict[str, dict[str, dict[i
         if config.get("quick") != quick or config.get("scale") != scale:
             continue
         override = config.get("budget_override")
-        width = config.get("width_override")
+        width, lr = config.get("width_override"), config.get("lr_override")
         task = (report["task"] + (f"-budget{override}" if override is not None else "")
-                + (f"-width{width}" if width is not None else ""))
+                + (f"-width{width}" if width is not None else "") + (f"-lr{lr:g}" if lr is not None else ""))
         runs.setdefault(task, {}).setdefault(report["method"], {})[report["seed"]] = report
     return runs
 
