@@ -79,6 +79,14 @@ from twinloss_demo.training import DrawBatch, train  # noqa: E402
 PRETRAIN_LR = 1e-3
 FM_STEPS = (1, 2, 4, 50)
 SAMPLINGS = ("raw", "ema", "power")
+GUIDED_REFERENCE = ("50-cfg2", 50, 1.0)
+"""Label, Euler steps and sampling ``guidance_scale`` of the reference for the guided recipe (conditional tasks).
+
+``w = 0.5`` with the online teacher trains classifier-free guidance of scale
+``1 / (1 - w) = 2`` into the model (``TwinFlowLoss``'s ``guidance_scale``), so
+its like-for-like multi-step reference is flow matching sampled at CFG 2:
+``F_c + 1 (F_c - F_u)``.
+"""
 SAMPLE_SEED = 0
 DEFAULT_OUT = "benchmarks/quality/results/curves"
 
@@ -132,6 +140,7 @@ class Bench:
     generator: torch.Generator
     noise: Tensor
     cond: dict[str, Tensor] | None
+    uncond: dict[str, Tensor] | None
     score: Callable[[Tensor], dict[str, float]]
     floor: dict[str, float]
     notes: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -186,6 +195,7 @@ def prepare_ring(seed: int, sizes: Sizes) -> Bench:
     labels = held.y % run.RING_CLASSES
     return Bench(
         pretrained=model, draw=draw, generator=generator, noise=noise, cond={"y": labels},
+        uncond={"y": torch.full_like(labels, run.NULL)},
         score=lambda samples: run.evaluate_ring(samples, labels, held.x),
         floor=run.evaluate_ring(second.x, second.y % run.RING_CLASSES, held.x),
     )
@@ -205,7 +215,7 @@ def prepare_shapes(seed: int, sizes: Sizes) -> Bench:
     held, second = run.shapes(sizes.eval, held_generator), run.shapes(sizes.eval, held_generator)
     noise = torch.randn(sizes.eval, 1, 8, 8, generator=held_generator)
     return Bench(
-        pretrained=model, draw=draw, generator=generator, noise=noise, cond=None,
+        pretrained=model, draw=draw, generator=generator, noise=noise, cond=None, uncond=None,
         score=lambda samples: run.evaluate_shapes(samples, held),
         floor=run.evaluate_shapes(second, held),
     )
@@ -224,6 +234,7 @@ def prepare_patches(seed: int, sizes: Sizes) -> Bench:
     pretrain(model, draw, sizes.pretrain, generator)
     return Bench(
         pretrained=model, draw=draw, generator=generator, noise=evaluator.noise, cond=evaluator.cond,
+        uncond=evaluator.uncond,
         score=evaluator.score, floor=floor, notes={"classifier_acc": ceiling},
     )
 
@@ -257,23 +268,30 @@ def unpack(made: Made) -> tuple[twinloss.TwinFlowLoss, twinloss.Teacher | None]:
     raise ValueError(f"a method factory must return a TwinFlowLoss or (TwinFlowLoss, teacher), got {made!r}")
 
 
-def sample(model, bench: Bench, steps: int, mode: str) -> Tensor:
-    sampler = twinloss.AnyStepSampler(steps, mode=mode)
-    return sampler(model, bench.noise, cond=bench.cond, generator=torch.Generator().manual_seed(SAMPLE_SEED)).sample
+def sample(model, bench: Bench, steps: int, mode: str, guidance: float = 0.0) -> Tensor:
+    sampler = twinloss.AnyStepSampler(steps, mode=mode, guidance_scale=guidance)
+    uncond = bench.uncond if guidance > 0 else None
+    return sampler(model, bench.noise, cond=bench.cond, uncond=uncond,
+                   generator=torch.Generator().manual_seed(SAMPLE_SEED)).sample
 
 
-def score_point(bench: Bench, model: nn.Module, kept: dict, steps: tuple[int, ...], mode: str) -> dict[str, dict]:
-    """``{"raw/K": scores, "ema/K": ..., "power/K": ...}`` for every step count ``K`` in ``steps``."""
+def score_point(bench: Bench, model: nn.Module, kept: dict, steps: tuple[int, ...], mode: str,
+                guided: tuple[str, int, float] | None = None) -> dict[str, dict]:
+    """``{"raw/K": scores, "ema/K": ..., "power/K": ...}`` for every step count ``K`` in ``steps``.
+
+    ``guided = (label, K, scale)`` adds ``"raw/label"`` etc.: ``K`` steps at sampling guidance ``scale``.
+    """
+    runs = [(str(count), count, 0.0) for count in steps] + ([guided] if guided is not None else [])
     point = {}
-    for count in steps:
-        point[f"raw/{count}"] = bench.score(sample(model, bench, count, mode))
+    for label, count, scale in runs:
+        point[f"raw/{label}"] = bench.score(sample(model, bench, count, mode, scale))
         for name, average in kept.items():
-            point[f"{name}/{count}"] = bench.score(sample(average.sampling_model(model), bench, count, mode))
+            point[f"{name}/{label}"] = bench.score(sample(average.sampling_model(model), bench, count, mode, scale))
     return point
 
 
 def fine_tune_curve(bench: Bench, task: Task, sizes: Sizes, loss_fn, teacher, steps: tuple[int, ...], mode: str,
-                    final: dict | None = None) -> dict:
+                    final: dict | None = None, guided: tuple[str, int, float] | None = None) -> dict:
     """Fine-tune a copy of the pretrained model for 3x budget; ``{str(step): score_point(...)}`` at each checkpoint.
 
     ``final``, when given, receives the last checkpoint's weights: ``"raw"`` (the
@@ -283,7 +301,7 @@ def fine_tune_curve(bench: Bench, task: Task, sizes: Sizes, loss_fn, teacher, st
     curve = {}
 
     def on_checkpoint(step: int, model: nn.Module, kept: dict) -> None:
-        curve[str(step)] = score_point(bench, model, kept, steps, mode)
+        curve[str(step)] = score_point(bench, model, kept, steps, mode, guided)
         if final is not None and step == checkpoints[-1]:
             final["raw"] = {name: value.detach().clone() for name, value in model.state_dict().items()}
             final["power"] = kept["power"].averaged_tensors(model)
@@ -294,9 +312,15 @@ def fine_tune_curve(bench: Bench, task: Task, sizes: Sizes, loss_fn, teacher, st
 
 
 def reference(bench: Bench, task: Task, sizes: Sizes) -> dict:
-    """Data floor, the pretrained model at 1/2/4/50 Euler steps, and flow matching continued (same checkpoints)."""
-    start = {str(count): bench.score(sample(bench.pretrained, bench, count, "multi")) for count in FM_STEPS}
-    fm = fine_tune_curve(bench, task, sizes, twinloss.TwinFlowLoss.plain_flow_matching(), None, FM_STEPS, "multi")
+    """Data floor, the pretrained model at 1/2/4/50 Euler steps, and flow matching continued (same checkpoints).
+
+    Conditional tasks add 50 steps at CFG 2 (``GUIDED_REFERENCE``), the reference of the guided recipe.
+    """
+    guided = GUIDED_REFERENCE if bench.uncond is not None else None
+    start = {key.split("/", 1)[1]: scores
+             for key, scores in score_point(bench, bench.pretrained, {}, FM_STEPS, "multi", guided).items()}
+    fm = fine_tune_curve(bench, task, sizes, twinloss.TwinFlowLoss.plain_flow_matching(), None, FM_STEPS, "multi",
+                         guided=guided)
     return {"data": bench.floor, "notes": bench.notes, "start": start, "curve": fm}
 
 
