@@ -306,6 +306,8 @@ def plot(task: str, task_runs: dict[str, dict[int, dict]], path: Path) -> None:
              for name in methods_in(task_runs) if name in defaults and not skipped(task_runs[name])]
     reference = task_runs.get("reference", {})
     lines += [(f"{FM}, {nfe} Euler", sorted(mean_curve(reference, f"power/{nfe}", primary).items())) for nfe in ("4", "50")]
+    if has_guided_reference(reference):  # the guided recipe's own target
+        lines.append((f"{FM}, 50 Euler at CFG 2", sorted(mean_curve(reference, f"power/{GUIDED_FM}", primary).items())))
     floor = [report["data"][primary] for report in reference.values()]
     levels = [("data vs data", statistics.fmean(floor))] if floor else []
     seeds = len({seed for reports in task_runs.values() for seed in reports})
