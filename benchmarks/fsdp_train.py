@@ -108,6 +108,7 @@ def main(argv=None) -> list[float]:
 
     if args.checkpoint:
         save_sharded_training_state(args.checkpoint, **state, step=start + args.steps)
+    dist.barrier()  # every rank done with its collectives before the gloo threads are torn down
     dist.destroy_process_group()
     return losses
 
