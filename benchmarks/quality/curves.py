@@ -21,6 +21,7 @@ Protocol, the same on every task:
 | ring    | 8-Gaussian ring, 4 classes (two opposite modes each) | sliced Wasserstein ``sw`` | 800 @ 3e-4 |
 | shapes  | unconditional 8x8 shapes                      | FD in ``RandomConvFeatures`` space | 800 @ 3e-4 |
 | patches | 8x8 grey patches of scikit-learn's photos, 4 classes | FD, same features | 1000 @ 1e-3 |
+| digits  | scikit-learn's 8x8 handwritten digits, 10 classes | FD in a digit classifier's features | 1000 @ 1e-3 |
 
 Lower is better for every primary figure. Diversity is reported on every
 task, class accuracy on the conditional ones. Shapes is unconditional: a
@@ -68,6 +69,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import digits  # noqa: E402
 import patches  # noqa: E402
 import run  # noqa: E402
 from common import checkpoint_steps, finetune  # noqa: E402
@@ -239,6 +241,25 @@ def prepare_patches(seed: int, sizes: Sizes) -> Bench:
     )
 
 
+def prepare_digits(seed: int, sizes: Sizes) -> Bench:
+    """``digits``: data, classifier (seed 0) and held-out set, then the model after ``manual_seed(seed)``, batches from ``seed + 1``.
+
+    ``sizes.eval`` counts the samples scored, labelled by the held-out labels repeated.
+    """
+    data = digits.digit_data()
+    classifier, ceiling = digits.train_classifier(data, sizes.classifier_steps)
+    evaluator = digits.Evaluator(data, classifier, sizes.eval, seed)
+    draw = patches.draw_batch(data, sizes.batch, null=digits.NULL)
+    torch.manual_seed(seed)
+    model = toy.TimeMLP((1, digits.SIZE, digits.SIZE), width=sizes.width, depth=4, num_classes=digits.CLASSES)
+    generator = torch.Generator().manual_seed(seed + 1)
+    pretrain(model, draw, sizes.pretrain, generator)
+    return Bench(
+        pretrained=model, draw=draw, generator=generator, noise=evaluator.noise, cond=evaluator.cond,
+        uncond=evaluator.uncond, score=evaluator.score, floor=evaluator.floor(), notes={"classifier_acc": ceiling},
+    )
+
+
 TASKS = {
     "ring": Task("ring", primary="sw", conditional=True, lr=3e-4,
                  full=Sizes(pretrain=1500, width=256, batch=256, eval=2000, budget=800),
@@ -250,6 +271,10 @@ TASKS = {
                     full=Sizes(pretrain=4000, width=128, batch=128, eval=1000, budget=1000, classifier_steps=1500),
                     quick=Sizes(pretrain=40, width=32, batch=64, eval=200, budget=8, classifier_steps=20),
                     prepare=prepare_patches),
+    "digits": Task("digits", primary="fd", conditional=True, lr=1e-3,
+                   full=Sizes(pretrain=4000, width=128, batch=128, eval=1000, budget=1000, classifier_steps=1500),
+                   quick=Sizes(pretrain=40, width=32, batch=64, eval=200, budget=8, classifier_steps=20),
+                   prepare=prepare_digits),
 }
 
 

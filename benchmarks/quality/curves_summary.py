@@ -16,7 +16,7 @@ for the power average (the documented sampling) and for the raw weights:
 * (A) every task, each guidance setting: the full recipe at 1 NFE is at most
   its RCGM-only ablation at every checkpoint from 1x the budget on
   ("TwinFlow defaults" vs "RCGM only, defaults"; "TwinFlow w 0" vs "RCGM only w 0");
-* (B) patches, each guidance setting, against flow matching continued with the
+* (B) real images (patches, digits), each guidance setting, against flow matching continued with the
   same averaging: 1-NFE FD at 1x at most 4-step FM at 1x; at 3x at most
   1.1 x 50-step FM at 3x; FD at 3x at most FD at 1x (no rise); diversity at
   every checkpoint from 1x on at least 0.85 x the data's. The guided recipe
@@ -40,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plotting import line_chart  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-TASK_ORDER = ("ring", "shapes", "patches")
+TASK_ORDER = ("ring", "shapes", "patches", "digits")
+REAL_IMAGE_TASKS = ("patches", "digits")
+"""The tasks (B) checks: real images against flow matching continued (also their ``--budget`` etc. runs)."""
 FM = "FM continued"
 FM_STEPS = ("1", "2", "4", "50")
 GUIDED_FM = "50-cfg2"
@@ -269,7 +271,7 @@ def task_checks(task: str, task_runs: dict[str, dict[int, dict]]) -> list[str]:
             at_last = paired_gap(per_seed(ours, last, key, primary), per_seed(theirs, last, key, primary))
             found = dataclasses.replace(found, detail=f"{found.detail}; at {last}: {at_last}")
             checks.append((sampling, found, seeds_note(ours, theirs)))
-            if task.split("-")[0] == "patches":  # also the --budget runs, "patches-budget4000"
+            if task.split("-")[0] in REAL_IMAGE_TASKS:  # also the --budget runs, "patches-budget4000"
                 curve = mean_curve(ours, key, primary)
                 fm4 = mean_curve(reference, f"{sampling}/4", primary)
                 fm50 = mean_curve(reference, f"{sampling}/50", primary)

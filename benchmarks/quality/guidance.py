@@ -1,4 +1,4 @@
-r"""Guidance against the twin terms: variants of where the guidance enters, on the patch benchmark.
+r"""Guidance against the twin terms: variants of where the guidance enters (any conditional ``curves.py`` task).
 
 The group placements are the loss's own ``guidance_groups`` option; the
 rectification and fake-field variants are benchmark-side subclasses of
@@ -57,7 +57,6 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
-import patches  # noqa: E402
 
 import twinloss  # noqa: E402
 from twinloss.protocol import concat_conditioning, select_rows  # noqa: E402
@@ -138,7 +137,9 @@ class _FakeRowsGuided:
 
 class GuidedFakeField(twinloss.TwinFlowLoss):
     def forward(self, model, x, *, cond=None, uncond=None, generator=None):
-        wrapped = _FakeRowsGuided(model, self.guidance_scale, patches.NULL)
+        if uncond is None or "y" not in uncond:
+            raise ValueError("GuidedFakeField needs uncond={'y': null labels} to find the task's null class")
+        wrapped = _FakeRowsGuided(model, self.guidance_scale, int(uncond["y"][0]))
         return super().forward(wrapped, x, cond=cond, uncond=uncond, generator=generator)
 
 

@@ -153,12 +153,13 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------- training
-def draw_batch(data, batch: int, drop: float = 0.1):
+def draw_batch(data, batch: int, drop: float = 0.1, null: int = NULL):
+    """``draw(generator) -> (x, {"y": labels}, {"y": null})``, a ``drop`` share of the labels set to ``null``."""
     def draw(generator):
         rows = torch.randint(0, data["train_x"].shape[0], (batch,), generator=generator)
         y = data["train_y"][rows]
-        y = torch.where(torch.rand(batch, generator=generator) < drop, NULL, y)
-        return data["train_x"][rows], {"y": y}, {"y": torch.full_like(y, NULL)}
+        y = torch.where(torch.rand(batch, generator=generator) < drop, null, y)
+        return data["train_x"][rows], {"y": y}, {"y": torch.full_like(y, null)}
 
     return draw
 
