@@ -1,4 +1,4 @@
-r"""Where guidance goes wrong: the fine-tuned fields of ``curves.py`` runs on the patch task, taken apart.
+r"""Where guidance goes wrong: the fine-tuned fields of ``curves.py`` runs on a conditional image task, taken apart.
 
 For each saved run (``curves.py`` keeps the final raw and power-average
 weights under ``results/curves/weights/``) and the pretrained start, on the
@@ -20,12 +20,15 @@ power average:
   direction, :math:`\langle F_c - F_u, P_c - P_u\rangle / \|P_c - P_u\|^2`
   (1 for the pretrained model; ``s`` for a field that is exactly CFG of scale
   ``s`` of it). A norm ratio far above the component means the difference
-  has grown in directions the data does not support.
+  has grown in directions the data does not support;
+* **the rectification gap left at the end** (``rectification_gap``): the
+  fake field against the guided real field the default rectification uses,
+  and against the guidance-free combination :math:`(1 - w) F_c + w F_u`.
 
     python benchmarks/quality/anatomy.py --seed 0 --methods "TwinFlow w 0" "TwinFlow defaults"
-    python benchmarks/quality/anatomy.py --seed 0 --seed 1 --seed 2       # every saved run of those seeds
+    python benchmarks/quality/anatomy.py --task digits --seed 0 --seed 1 --seed 2   # every saved run of those seeds
 
-Writes ``results/curves/anatomy_seed{N}.json`` and prints a table.
+Writes ``results/curves/anatomy_{task}_seed{N}.json`` and prints a table.
 """
 
 import argparse
@@ -39,7 +42,6 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
-import patches  # noqa: E402
 
 import twinloss  # noqa: E402
 
@@ -53,22 +55,22 @@ SAMPLERS = (  # (label, steps, mode, sampling-time guidance w)
 )
 
 
-def samples(model: nn.Module, evaluator: patches.Evaluator, steps: int, mode: str, scale: float) -> Tensor:
+def samples(model: nn.Module, bench: curves.Bench, steps: int, mode: str, scale: float) -> Tensor:
     sampler = twinloss.AnyStepSampler(steps, mode=mode, guidance_scale=scale)
-    return sampler(model, evaluator.noise, cond=evaluator.cond, uncond=evaluator.uncond if scale else None,
+    return sampler(model, bench.noise, cond=bench.cond, uncond=bench.uncond if scale else None,
                    generator=torch.Generator().manual_seed(curves.SAMPLE_SEED)).sample
 
 
 @torch.no_grad()
-def guidance_direction(model: nn.Module, pretrained: nn.Module, evaluator: patches.Evaluator) -> dict[str, float]:
+def guidance_direction(model: nn.Module, pretrained: nn.Module, bench: curves.Bench) -> dict[str, float]:
     """Flow-matching errors of both branches and :math:`F_c - F_u` against the pretrained difference."""
     g = torch.Generator().manual_seed(5)
-    x, labels = evaluator.second, evaluator.second_labels
+    x, labels = bench.probe
     t = 0.05 + 0.9 * torch.rand(x.shape[0], generator=g)
     z = torch.randn(x.shape, generator=g)
     x_t = twinloss.LinearPath().sample(x, z, t).x_t
     velocity = z - x
-    null = torch.full_like(labels, patches.NULL)
+    null = torch.full_like(labels, int(bench.uncond["y"][0]))
 
     def branches(net: nn.Module) -> tuple[Tensor, Tensor]:
         return net(x_t, t, t, y=labels), net(x_t, t, t, y=null)
@@ -85,41 +87,71 @@ def guidance_direction(model: nn.Module, pretrained: nn.Module, evaluator: patch
     }
 
 
-def anatomy(model: nn.Module, pretrained: nn.Module, evaluator: patches.Evaluator) -> dict:
-    row = {label: evaluator.score(samples(model, evaluator, steps, mode, w)) for label, steps, mode, w in SAMPLERS}
-    return {**row, "direction": guidance_direction(model, pretrained, evaluator)}
+@torch.no_grad()
+def rectification_gap(model: nn.Module, bench: curves.Bench, scale: float = 0.5) -> dict[str, float]:
+    r"""The rectification's velocity gap left at the end of training, against the guided and the unguided real field.
+
+    On the model's own 1-NFE samples :math:`\hat x` (the bench's noise and
+    labels), with fresh noise and :math:`s \sim U(0, 1)`,
+    :math:`y = s z + (1 - s) \hat x`; the fake field :math:`F(y, -s, -s)`
+    against the real field the loss uses, :math:`F_c(y, s, s)`, and against the
+    guidance-free combination :math:`(1 - w) F_c + w F_u` (:math:`w` = ``scale``,
+    the default recipe's 0.5), each as a mean square per entry, beside the size
+    of :math:`w (F_c - F_u)`. A recipe whose rectification can reach its fixed
+    point drives its gap towards zero; one that cannot keeps a gap.
+    Meaningful for recipes that train the fake field (not RCGM only).
+    """
+    g = torch.Generator().manual_seed(6)
+    x_hat = samples(model, bench, 1, "few", 0.0)
+    z = torch.randn(x_hat.shape, generator=g)
+    s = torch.rand(x_hat.shape[0], generator=g)
+    y = twinloss.LinearPath().sample(x_hat, z, s).x_t
+    labels = bench.cond["y"]
+    fake = model(y, -s, -s, y=labels)
+    cond, uncond = model(y, s, s, y=labels), model(y, s, s, y=bench.uncond["y"])
+    unguided = (1 - scale) * cond + scale * uncond
+    return {
+        "gap_to_guided_field": float((fake - cond).square().mean()),
+        "gap_to_unguided_field": float((fake - unguided).square().mean()),
+        "guidance_term": float((scale * (cond - uncond)).square().mean()),
+    }
+
+
+def anatomy(model: nn.Module, pretrained: nn.Module, bench: curves.Bench) -> dict:
+    row = {label: bench.score(samples(model, bench, steps, mode, w)) for label, steps, mode, w in SAMPLERS}
+    return {**row, "direction": guidance_direction(model, pretrained, bench), "rectification": rectification_gap(model, bench)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=[name for name, task in curves.TASKS.items() if task.conditional and name != "ring"],
+                        default="patches")
     parser.add_argument("--seed", type=int, action="append", required=True)
     parser.add_argument("--methods", nargs="*", default=None, help="method names (default: every saved run)")
     parser.add_argument("--results", type=Path, default=Path(curves.DEFAULT_OUT))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    sizes = curves.TASKS["patches"].full
+    task = curves.TASKS[args.task]
     for seed in args.seed:
-        bench = curves.prepare_patches(seed, sizes)
-        torch.manual_seed(seed)
-        data = patches.patch_data()
-        classifier, _ = patches.train_classifier(data, sizes.classifier_steps)
-        evaluator = patches.Evaluator(data, classifier, sizes.eval, seed)
-        saved = (args.results / "weights").glob(f"patches_seed{seed}_*.pt")
+        bench = task.prepare(seed, task.full)
+        saved = (args.results / "weights").glob(f"{task.name}_seed{seed}_*.pt")
         names = args.methods or sorted(path.stem.split("_", 2)[2] for path in saved if path.stem.count("_") == 2)
-        report = {"pretrained": anatomy(bench.pretrained, bench.pretrained, evaluator)}
+        report = {"pretrained": anatomy(bench.pretrained, bench.pretrained, bench)}
         for name in names:
-            path = args.results / "weights" / f"patches_seed{seed}_{curves.slug(name)}.pt"
+            path = args.results / "weights" / f"{task.name}_seed{seed}_{curves.slug(name)}.pt"
             if not path.exists():
                 raise ValueError(f"--methods {name!r}: no saved weights at {path}; run curves.py for it first")
             model = copy.deepcopy(bench.pretrained)
             model.load_state_dict(torch.load(path)["power"])
-            report[name] = anatomy(model, bench.pretrained, evaluator)
-        (args.results / f"anatomy_seed{seed}.json").write_text(json.dumps(report, indent=1) + "\n")
+            report[name] = anatomy(model, bench.pretrained, bench)
+        (args.results / f"anatomy_{task.name}_seed{seed}.json").write_text(json.dumps(report, indent=1) + "\n")
         for name, row in report.items():
             cells = " | ".join(f"{label} {row[label]['fd']:.3f}" for label, *_ in SAMPLERS)
             d = row["direction"]
+            gap = row["rectification"]
             print(f"seed {seed} | {name} | {cells} | |Fc-Fu| x{d['difference_norm_ratio']:.2f}, "
-                  f"along P {d['difference_along_pretrained']:.2f}", flush=True)
+                  f"along P {d['difference_along_pretrained']:.2f} | gap to guided {gap['gap_to_guided_field']:.4f}, "
+                  f"to unguided {gap['gap_to_unguided_field']:.4f}, guidance term {gap['guidance_term']:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,8 @@ class Bench:
     score: Callable[[Tensor], dict[str, float]]
     floor: dict[str, float]
     notes: dict[str, float] = dataclasses.field(default_factory=dict)
+    probe: tuple[Tensor, Tensor] | None = None
+    """Held-out data and labels (conditional image tasks) on which ``anatomy.py`` reads the fields."""
 
     def __post_init__(self) -> None:
         self._states = torch.get_rng_state(), self.generator.get_state()
@@ -238,6 +240,7 @@ def prepare_patches(seed: int, sizes: Sizes) -> Bench:
         pretrained=model, draw=draw, generator=generator, noise=evaluator.noise, cond=evaluator.cond,
         uncond=evaluator.uncond,
         score=evaluator.score, floor=floor, notes={"classifier_acc": ceiling},
+        probe=(evaluator.second, evaluator.second_labels),
     )
 
 
@@ -257,6 +260,7 @@ def prepare_digits(seed: int, sizes: Sizes) -> Bench:
     return Bench(
         pretrained=model, draw=draw, generator=generator, noise=evaluator.noise, cond=evaluator.cond,
         uncond=evaluator.uncond, score=evaluator.score, floor=evaluator.floor(), notes={"classifier_acc": ceiling},
+        probe=(data["held_x"], data["held_y"]),
     )
 
 

@@ -43,6 +43,12 @@ variant's file sits beside the default methods' in ``results/curves``):
 * ``residual clamp 3``: the RCGM residual clamped at 3 instead of 1 (about
   half of its entries sit at 1 on this data, ``docs/health.md``).
 
+Added with the fourth round (the digits task):
+
+* ``no rectification``: the fake group and its ``L_adv`` kept, the
+  rectification switched off (``rectify_weight=0``): which of the two twin
+  terms a difference from RCGM-only comes from.
+
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo
     python benchmarks/quality/guidance.py --task patches --seed 0 --skip-fm --methods "frozen teacher"
     python benchmarks/quality/guidance.py --task patches --seed 0 --skip-fm     # every variant
@@ -202,6 +208,8 @@ VARIANTS = {
     "TwinFlow w 0, rectification Barron c 0.1": lambda pretrained: RectificationDistance(
         twinloss.BarronDistance(alpha=1.0, c=0.1), guidance_scale=0.0),
     "TwinFlow w 0, residual clamp 3": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, residual_clamp=3.0),
+    "TwinFlow w 0.5, no rectification": lambda pretrained: TwinFlowLoss(rectify_weight=0.0),
+    "TwinFlow w 0, no rectification": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=0.0),
     "RCGM only w 0, residual clamp 3": lambda pretrained: TwinFlowLoss.rcgm(guidance_scale=0.0, residual_clamp=3.0),
 }
 
