@@ -46,13 +46,15 @@ def barron(p, q, c=1e-3):
 def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=2,
                    clamp=1.0, rectify_weight=0.5, rectify_clamp=1.0, distance=l2, path=linear,
                    image_free=False, guidance_model=None,
-                   guidance_groups=("one_step", "multi_step", "any_step")):
+                   guidance_groups=("one_step", "multi_step", "any_step"), rectify_field="guided"):
     """One step, row by row. ``path(t) -> (a, b)`` with ``x_t = a z + b x``;
     ``image_free`` follows the authors' ``use_image_free`` with their fixed
     teacher: every row starts from the online model's one-jump sample, and
     the guided rows' target is ``F_u + w (F_c - F_u)`` of ``guidance_model``.
     Only rows of ``guidance_groups`` (the batch's quarters, in order one-step,
-    multi-step, any-step) are guided.
+    multi-step, any-step) are guided. ``rectify_field="guidance_free"`` takes
+    ``guidance (G_c - G_u)`` of ``guidance_model`` at ``(y, s, s)`` out of the
+    rectification's real field.
     """
     guidance_model = model if guidance_model is None else guidance_model
     g = torch.Generator().manual_seed(seed)
@@ -111,8 +113,11 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
         s = torch.rand(n, dtype=x.dtype, generator=g)
         a_s, b_s = path(s)
         y_mix = a_s.reshape(view) * z2 + b_s.reshape(view) * x_hat
-        gap = (model(y_mix, -s, -s, y=y[one]) - model(y_mix, s, s, y=y[one])).clamp(
-            -rectify_clamp, rectify_clamp)
+        real_field = model(y_mix, s, s, y=y[one])
+        if rectify_field == "guidance_free":
+            real_field = real_field - guidance * (
+                guidance_model(y_mix, s, s, y=y[one]) - guidance_model(y_mix, s, s, y=null_y[one]))
+        gap = (model(y_mix, -s, -s, y=y[one]) - real_field).clamp(-rectify_clamp, rectify_clamp)
 
     output = model(x_t, t, r, y=y)  # the only forward with grad
     weight = torch.ones(batch, dtype=x.dtype)

@@ -53,6 +53,7 @@ from twinloss.protocol import (
 )
 from twinloss.targets import (
     fake_samples,
+    guidance_free_velocity,
     guidance_target,
     image_free_guidance_target,
     rcgm_residual_target,
@@ -112,6 +113,29 @@ def _checked_guidance_groups(groups: object, guidance_scale: float, shares: Grou
             "name a multi_step or any_step group with a positive share, or pass guidance_scale=0"
         )
     return tuple(name for name in REAL_GROUPS if name in groups)
+
+
+RECTIFY_FIELDS = ("guided", "guidance_free")
+
+
+def _check_rectify_field(
+    field: object, guidance_scale: float, rectify_weight: float, guidance_groups: tuple[str, ...], image_free: bool
+) -> None:
+    """A ``ValueError`` naming ``rectify_field`` when its value is unknown or the configuration cannot honour it."""
+    if field not in RECTIFY_FIELDS:
+        raise ValueError(f"rectify_field must be one of {RECTIFY_FIELDS}, got {field!r}")
+    if field == "guided":
+        return
+    reasons = [
+        (guidance_scale == 0, "guidance_scale=0 puts no guidance in the field to take out"),
+        (rectify_weight == 0, "rectify_weight=0 runs no rectification"),
+        ("multi_step" not in guidance_groups,
+         f"guidance_groups={guidance_groups} leaves the multi-step rows, which train F(y, s, s), unguided"),
+        (image_free, "image_free=True trains no field of the form v + w (G_c - G_u)"),
+    ]
+    for failed, reason in reasons:
+        if failed:
+            raise ValueError(f"rectify_field='guidance_free' cannot be honoured: {reason}; use rectify_field='guided'")
 
 
 class TangentTimeWeight(nn.Module):
@@ -245,6 +269,22 @@ class TwinFlowLoss(nn.Module):
             ``guidance_scale > 0``.
         rectify_weight: ``c_rect`` (*default* 0.5; 0 skips the pass).
         rectify_clamp: bound on the velocity gap ``dv`` (*default* 1).
+        rectify_field: the real field of the rectification's gap
+            ``dv = F(y, -s, -s) - real``: ``"guided"`` (*default*, the
+            authors' recipe) is the model's own :math:`F_c(y, s, s)`, which
+            step 4 trains towards the guided field, the flow of no
+            distribution; ``"guidance_free"`` takes step 4's guidance back
+            out, :math:`F_c - w (G_c - G_u)` with ``G`` the guidance teacher
+            at ``(y, s, s)``, on the rows whose ``s`` lies inside
+            ``guidance_interval`` (:func:`~twinloss.targets.guidance_free_velocity`;
+            with the online teacher the conditional data velocity at the
+            fixed point). One more guidance pass, on the one-step rows. With
+            guidance the default's gap cannot close and it made the full
+            recipe worse than RCGM-only on the digits benchmark; the
+            guidance-free field removed that (docs/quality.md, "Fourth
+            round"). Needs ``guidance_scale > 0``, ``rectify_weight > 0``,
+            ``"multi_step"`` in ``guidance_groups`` (the rows that train
+            :math:`F(y, s, s)`) and ``image_free=False``.
         share_random_stream: run every model pass from the random state of
             the main forward (matching dropout masks) and leave the global RNG
             as one forward would (*default* True).
@@ -283,6 +323,7 @@ class TwinFlowLoss(nn.Module):
         image_free: bool = False,
         rectify_weight: float = 0.5,
         rectify_clamp: float = 1.0,
+        rectify_field: Literal["guided", "guidance_free"] = "guided",
         share_random_stream: bool = True,
         check_finite: Literal["raise", "report", "off"] = "raise",
     ) -> None:
@@ -312,6 +353,7 @@ class TwinFlowLoss(nn.Module):
                 "pass rectify_weight=0"
             )
         self.guidance_groups = _checked_guidance_groups(guidance_groups, guidance_scale, shares)
+        _check_rectify_field(rectify_field, guidance_scale, rectify_weight, self.guidance_groups, image_free)
         if image_free and guidance_scale == 0:
             raise ValueError(
                 "image_free=True regresses on the guidance teacher's guided velocity, which "
@@ -333,6 +375,7 @@ class TwinFlowLoss(nn.Module):
         self.image_free = bool(image_free)
         self.rectify_weight = float(rectify_weight)
         self.rectify_clamp = float(rectify_clamp)
+        self.rectify_field = rectify_field
         self.share_random_stream = share_random_stream
         self.check_finite = check_finite
 
@@ -342,14 +385,14 @@ class TwinFlowLoss(nn.Module):
         """The any-step base alone (RCGM): no fake group, no rectification.
 
         Takes the constructor's arguments except the twin ones
-        (``rectify_weight``, ``rectify_clamp``, ``image_free``); ``shares``
+        (``rectify_weight``, ``rectify_clamp``, ``rectify_field``, ``image_free``); ``shares``
         defaults to thirds over ``one_step``, ``multi_step``, ``any_step``
         and must give the ``fake`` group nothing.
 
         Raises:
             ValueError: naming a twin argument, or ``shares`` with a fake share.
         """
-        for name in ("rectify_weight", "rectify_clamp", "image_free"):
+        for name in ("rectify_weight", "rectify_clamp", "rectify_field", "image_free"):
             if name in kwargs:
                 raise ValueError(f"{name} belongs to the twin terms, which TwinFlowLoss.rcgm has none of")
         shares = kwargs.pop("shares", None)
@@ -374,7 +417,7 @@ class TwinFlowLoss(nn.Module):
                 the multi-step gap, the RCGM and twin settings).
         """
         fixed = ("shares", "multi_step_gap", "estimate_order", "estimate_step", "residual_clamp", "teacher",
-                 "rcgm_teacher", "rectify_weight", "rectify_clamp", "image_free")
+                 "rcgm_teacher", "rectify_weight", "rectify_clamp", "rectify_field", "image_free")
         for name in fixed:
             if name in kwargs:
                 raise ValueError(f"{name} is fixed by TwinFlowLoss.plain_flow_matching; build TwinFlowLoss(...) instead")
@@ -560,7 +603,7 @@ class TwinFlowLoss(nn.Module):
         del displacement, v, v_real
         weighted = self._row_weights(traj) * self.distance(prediction, target)  # 6. base loss per row
         del target
-        rectify = self._rectify(evaluate, x_t, prediction, traj, cond, generator)  # 7. rectification
+        rectify = self._rectify(evaluate, x_t, prediction, traj, cond, uncond, generator)  # 7. rectification
         return self._output(weighted, rectify, traj, real, evaluate)  # 8. total
 
     def _fake_noise(
@@ -691,6 +734,7 @@ class TwinFlowLoss(nn.Module):
         prediction: Tensor,
         traj: Trajectory,
         cond: dict[str, Tensor],
+        uncond: dict[str, Tensor] | None,
         generator: torch.Generator | None,
     ) -> Float[Tensor, ""]:
         r"""Step 7: :math:`\rho(F_\theta, \mathrm{sg}(F_\theta - \Delta v))` averaged over the one-step rows."""
@@ -706,8 +750,33 @@ class TwinFlowLoss(nn.Module):
         cond_one = select_rows(cond, one)
         both = evaluate("rectify", torch.cat([y, y]), signed, signed, concat_conditioning(cond_one, cond_one))
         fake_velocity, real_velocity = both.chunk(2)
+        if self.rectify_field == "guidance_free" and uncond is not None:
+            real_velocity = self._guidance_free_field(evaluate, y, s, real_velocity, cond_one, select_rows(uncond, one))
         target = rectification_target(velocity, fake_velocity, real_velocity, clamp=self.rectify_clamp)
         return self.distance(velocity, target).mean()
+
+    def _guidance_free_field(
+        self,
+        evaluate: StepEvaluator,
+        y: Tensor,
+        s: Tensor,
+        real_velocity: Tensor,
+        cond_one: dict[str, Tensor],
+        uncond_one: dict[str, Tensor],
+    ) -> Float[Tensor, " one *shape"]:
+        """``rectify_field="guidance_free"``: step 4's guidance taken out of the real field, on rows inside the interval."""
+        low, high = self.guidance_interval
+        inside = ((s > low) & (s < high)).nonzero().squeeze(1)
+        if inside.numel() == 0:
+            return real_velocity
+        y_in, s_in = y[inside], s[inside]
+        both = evaluate(
+            "guidance", torch.cat([y_in, y_in]), torch.cat([s_in, s_in]), torch.cat([s_in, s_in]),
+            concat_conditioning(select_rows(cond_one, inside), select_rows(uncond_one, inside)),
+        )
+        cond_velocity, uncond_velocity = both.chunk(2)
+        free = guidance_free_velocity(real_velocity[inside], cond_velocity, uncond_velocity, self.guidance_scale)
+        return real_velocity.index_copy(0, inside, free)
 
     def _output(
         self,

@@ -11,6 +11,7 @@ step                                         function
                                              :func:`rcgm_residual_target`)
 6. per-row time weight                       :func:`tangent_time_weight`
 7. rectification target                      :func:`rectification_target`
+7. its guidance-free real field (optional)   :func:`guidance_free_velocity`
 ============================================ ===================================
 
 None of them calls a model: the model evaluations of a step are made by
@@ -29,6 +30,7 @@ from twinloss._tensors import per_row
 
 __all__ = [
     "fake_samples",
+    "guidance_free_velocity",
     "guidance_target",
     "image_free_guidance_target",
     "rcgm_displacement",
@@ -66,6 +68,27 @@ def guidance_target(
     with and without the conditioning.
     """
     return velocity + scale * (cond_velocity.to(velocity.dtype) - uncond_velocity.to(velocity.dtype))
+
+
+def guidance_free_velocity(
+    velocity: Float[Tensor, " batch *shape"],
+    cond_velocity: Float[Tensor, " batch *shape"],
+    uncond_velocity: Float[Tensor, " batch *shape"],
+    scale: float,
+) -> Float[Tensor, " batch *shape"]:
+    r"""Step 7, ``rectify_field="guidance_free"``: the model's field with step 4's guidance taken out,
+    :math:`F - w (G_\text{cond} - G_\text{uncond})`.
+
+    ``velocity`` is the online model's conditional :math:`F(y, s, s)`, ``G``
+    the guidance teacher at the same point. Rows trained on step 4's target
+    learn :math:`F = v + w (G_c - G_u)`, so this is the velocity :math:`v` they
+    would have learned without guidance. With the online teacher
+    (:math:`G = F`) it is :math:`(1 - w) F_c + w F_u`, which at the fixed point
+    :math:`F_c = v_u + (v_c - v_u) / (1 - w)`, :math:`F_u = v_u` is the
+    conditional data velocity :math:`v_c`: the flow of a distribution, which
+    the guided field is not.
+    """
+    return velocity - scale * (cond_velocity.to(velocity.dtype) - uncond_velocity.to(velocity.dtype))
 
 
 def image_free_guidance_target(

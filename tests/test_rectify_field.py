@@ -1,0 +1,105 @@
+"""TwinFlowLoss(rectify_field="guidance_free"): the rectification's gap against the field with step 4's guidance taken out."""
+
+import copy
+
+import pytest
+import torch
+from jaxtyping import TypeCheckError
+from torch.testing import assert_close
+
+from twinloss import FrozenTeacher, OnlineTeacher, TwinFlowLoss
+from twinloss.targets import guidance_free_velocity
+
+from core_models import TinyVelocityNet
+from reference import barron, reference_step
+from test_guidance_groups import _data, _step
+
+
+@pytest.mark.parametrize("teacher", ["online", "frozen"])
+def test_guidance_free_rectification_matches_float64_reference_in_value_and_gradient(teacher):
+    torch.manual_seed(0)
+    model = TinyVelocityNet((3,)).double()
+    guidance_model = None
+    kwargs = {}
+    if teacher == "frozen":
+        guidance_model = copy.deepcopy(model)
+        with torch.no_grad():
+            for parameter in guidance_model.parameters():
+                parameter.add_(0.2 * torch.randn_like(parameter))  # a teacher that is not the online model
+        kwargs["guidance_teacher"] = FrozenTeacher(guidance_model)
+    x, y, null_y = _data(batch=16)
+    loss_fn = TwinFlowLoss(rectify_field="guidance_free", guidance_scale=0.6, rectify_weight=1.0, **kwargs)
+    out, grads = _step(loss_fn, model, x, y, null_y, seed=4)
+    expected, gap, _ = reference_step(model, x, y, null_y, seed=4, guidance=0.6, rectify_weight=1.0, distance=barron,
+                                      guidance_model=guidance_model, rectify_field="guidance_free")
+    expected.backward()
+    assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, [p.grad for p in model.parameters()], strict=True):
+        assert_close(got, want, rtol=1e-9, atol=1e-12)
+    guided, guided_gap, _ = reference_step(model, x, y, null_y, seed=4, guidance=0.6, rectify_weight=1.0,
+                                           distance=barron, guidance_model=guidance_model)
+    assert (gap - guided_gap).abs().max() > 1e-3  # the field differs, so the test can tell the two apart
+
+
+def test_only_the_rectification_changes_and_the_online_field_is_one_minus_w_cond_plus_w_uncond():
+    torch.manual_seed(1)
+    model = TinyVelocityNet((3,)).double()
+    x, y, null_y = _data(batch=16, seed=1)
+    guided, _ = _step(TwinFlowLoss(), model, x, y, null_y, seed=2)
+    free, _ = _step(TwinFlowLoss(rectify_field="guidance_free"), model, x, y, null_y, seed=2)
+    for name in ("base", "adv"):
+        assert_close(free.terms[name], guided.terms[name], rtol=0, atol=0)
+    assert (free.terms["rectify"] - guided.terms["rectify"]).abs() > 1e-6
+    cond, uncond, field = torch.randn(3, 5, 3, dtype=torch.float64)
+    assert_close(guidance_free_velocity(cond, cond, uncond, 0.5), 0.5 * cond + 0.5 * uncond)
+    assert_close(guidance_free_velocity(field, cond, uncond, 0.3), field - 0.3 * (cond - uncond))
+
+
+class TimeRecordingTeacher(OnlineTeacher):
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def forward(self, model, x_t, t, r, cond):
+        self.times.append(t.clone())
+        return super().forward(model, x_t, t, r, cond)
+
+
+def test_the_extra_guidance_pass_reads_only_one_step_rows_whose_s_is_inside_the_interval():
+    teacher = TimeRecordingTeacher()
+    loss_fn = TwinFlowLoss(rectify_field="guidance_free", guidance_teacher=teacher, rcgm_teacher=OnlineTeacher(),
+                           guidance_interval=(0.4, 1.0))
+    x, y, null_y = _data(batch=64, dtype=torch.float32)
+    out = loss_fn(TinyVelocityNet((3,)), x, cond={"y": y}, uncond={"y": null_y},
+                  generator=torch.Generator().manual_seed(3))
+    step4, rectify = teacher.times  # step 4's pass, then the rectification's
+    s = rectify.chunk(2)[0]
+    assert_close(rectify, torch.cat([s, s]), rtol=0, atol=0)  # cond and uncond batched at (y, s, s)
+    assert bool(((s > 0.4) & (s < 1.0)).all()) and 0 < s.numel() < 16  # some one-step rows fall outside
+    assert out.calls_per_pass["guidance"] == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"guidance_scale": 0.0}, "guidance_scale=0 puts no guidance"),
+        ({"rectify_weight": 0.0}, "rectify_weight=0 runs no rectification"),
+        ({"guidance_groups": ("any_step",)}, "leaves the multi-step rows"),
+        ({"image_free": True}, "image_free=True"),
+    ],
+)
+def test_a_rectify_field_that_cannot_be_honoured_raises_naming_it(kwargs, match):
+    kwargs = {"rectify_field": "guidance_free", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        TwinFlowLoss(**kwargs)
+
+
+def test_an_unknown_rectify_field_is_refused_naming_it():
+    with pytest.raises((ValueError, TypeCheckError), match="rectify_field"):  # the Literal, under type checking
+        TwinFlowLoss(rectify_field="unguided")
+
+
+@pytest.mark.parametrize("factory", [TwinFlowLoss.rcgm, TwinFlowLoss.plain_flow_matching])
+def test_factories_without_a_rectification_refuse_rectify_field(factory):
+    with pytest.raises(ValueError, match="rectify_field"):
+        factory(rectify_field="guidance_free")
