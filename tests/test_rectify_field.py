@@ -12,7 +12,7 @@ from twinloss.targets import guidance_free_velocity
 
 from core_models import TinyVelocityNet
 from reference import barron, reference_step
-from test_guidance_groups import _data, _step
+from test_guidance_groups import RowRecordingTeacher, _data, _step
 
 
 @pytest.mark.parametrize("teacher", ["online", "frozen"])
@@ -55,18 +55,8 @@ def test_only_the_rectification_changes_and_the_online_field_is_one_minus_w_cond
     assert_close(guidance_free_velocity(field, cond, uncond, 0.3), field - 0.3 * (cond - uncond))
 
 
-class TimeRecordingTeacher(OnlineTeacher):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def forward(self, model, x_t, t, r, cond):
-        self.times.append(t.clone())
-        return super().forward(model, x_t, t, r, cond)
-
-
 def test_the_extra_guidance_pass_reads_only_one_step_rows_whose_s_is_inside_the_interval():
-    teacher = TimeRecordingTeacher()
+    teacher = RowRecordingTeacher()
     loss_fn = TwinFlowLoss(rectify_field="guidance_free", guidance_teacher=teacher, rcgm_teacher=OnlineTeacher(),
                            guidance_interval=(0.4, 1.0))
     x, y, null_y = _data(batch=64, dtype=torch.float32)

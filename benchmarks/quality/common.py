@@ -37,6 +37,27 @@ def configure(
     return out, log, elapsed
 
 
+def fit_classifier(make: Callable[[], nn.Module], data: dict, steps: int, seed: int = 0) -> tuple[nn.Module, float]:
+    """``make()`` after ``manual_seed(seed)``, trained ``steps`` Adam steps (batch 256, lr 1e-3) on the training split.
+
+    Returns the classifier in eval mode and its accuracy on the held-out split
+    (``data["train_x"]``, ``["train_y"]``, ``["held_x"]``, ``["held_y"]``).
+    """
+    torch.manual_seed(seed)
+    classifier = make()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(0, data["train_x"].shape[0], (256,), generator=generator)
+        loss = nn.functional.cross_entropy(classifier(data["train_x"][rows]), data["train_y"][rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        accuracy = float((classifier(data["held_x"]).argmax(1) == data["held_y"]).float().mean())
+    return classifier.eval(), accuracy
+
+
 def checkpoint_steps(budget: int) -> list[int]:
     """The fine-tune steps scored along a curve: 0.25, 0.5, 1, 1.5, 2 and 3 x ``budget`` (rounded down)."""
     return sorted({budget * quarters // 4 for quarters in CHECKPOINT_QUARTERS} - {0})

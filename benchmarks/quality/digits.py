@@ -22,6 +22,7 @@ patch benchmark's size.
 """
 
 import torch
+from common import fit_classifier
 from torch import Tensor, nn
 
 from twinloss import metrics
@@ -64,19 +65,7 @@ class DigitClassifier(nn.Module):
 
 def train_classifier(data: dict[str, Tensor], steps: int, seed: int = 0) -> tuple[DigitClassifier, float]:
     """The classifier after ``steps`` Adam steps (batch 256, lr 1e-3) and its held-out accuracy."""
-    torch.manual_seed(seed)
-    classifier = DigitClassifier()
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        rows = torch.randint(0, data["train_x"].shape[0], (256,), generator=generator)
-        loss = nn.functional.cross_entropy(classifier(data["train_x"][rows]), data["train_y"][rows])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        accuracy = float((classifier(data["held_x"]).argmax(1) == data["held_y"]).float().mean())
-    return classifier.eval(), accuracy
+    return fit_classifier(DigitClassifier, data, steps, seed)
 
 
 class Evaluator:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import checkpoint_steps, configure, finetune
+from common import checkpoint_steps, configure, finetune, fit_classifier
 from torch import nn
 
 import twinloss
@@ -102,19 +102,8 @@ class PatchClassifier(nn.Module):
 
 
 def train_classifier(data, steps: int, seed: int = 0) -> tuple[PatchClassifier, float]:
-    torch.manual_seed(seed)
-    classifier = PatchClassifier()
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        rows = torch.randint(0, data["train_x"].shape[0], (256,), generator=g)
-        loss = nn.functional.cross_entropy(classifier(data["train_x"][rows]), data["train_y"][rows])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        accuracy = float((classifier(data["held_x"]).argmax(1) == data["held_y"]).float().mean())
-    return classifier.eval(), accuracy
+    """The class-accuracy classifier and its held-out accuracy (``common.fit_classifier``)."""
+    return fit_classifier(PatchClassifier, data, steps, seed)
 
 
 # ----------------------------------------------------------------------------- evaluation

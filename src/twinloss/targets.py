@@ -88,7 +88,7 @@ def guidance_free_velocity(
     conditional data velocity :math:`v_c`: the flow of a distribution, which
     the guided field is not.
     """
-    return velocity - scale * (cond_velocity.to(velocity.dtype) - uncond_velocity.to(velocity.dtype))
+    return guidance_target(velocity, cond_velocity, uncond_velocity, -scale)  # the same term, subtracted
 
 
 def image_free_guidance_target(
