@@ -257,9 +257,12 @@ class TwinFlowLoss(nn.Module):
             ``"any_step"``: the authors' recipe); rows of the other groups
             keep ``v``, and the RCGM chain starts from that mixed velocity.
             One-step rows sit at ``t = 1``, outside the open interval, so
-            naming them changes nothing. ``("any_step",)`` kept the
-            guidance-off 1-NFE quality on the real-patch benchmark, not on
-            the ring (docs/quality.md, "Which guidance setting").
+            naming them changes nothing. ``("any_step",)`` reads the
+            guidance direction from an unguided instantaneous field (CFG
+            about :math:`1 + w`, no feedback): it kept the guidance-off
+            1-NFE quality on the real-patch benchmark, gave the best guided
+            FD on the digits and was even with the default on the ring
+            (docs/quality.md, "Which guidance setting").
         image_free: the authors' ``use_image_free`` (*default* False): every
             row is interpolated from the online model's own one-step samples
             instead of ``x`` (only ``x``'s shape and dtype are used), and the
