@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 import curves  # noqa: E402
 import digits  # noqa: E402
