@@ -69,6 +69,22 @@ def test_the_extra_guidance_pass_reads_only_one_step_rows_whose_s_is_inside_the_
     assert out.calls_per_pass["guidance"] == 2
 
 
+def test_with_the_online_teacher_the_guidance_free_field_costs_no_extra_call_and_matches_a_separate_guidance_pass():
+    torch.manual_seed(2)
+    model = TinyVelocityNet((3,)).double()
+    x, y, null_y = _data(batch=32, seed=2)
+    guided, _ = _step(TwinFlowLoss(), model, x, y, null_y, seed=5)
+    batched, batched_grads = _step(TwinFlowLoss(rectify_field="guidance_free"), model, x, y, null_y, seed=5)
+    separate, separate_grads = _step(
+        TwinFlowLoss(rectify_field="guidance_free", guidance_teacher=RowRecordingTeacher(), rcgm_teacher=OnlineTeacher()),
+        model, x, y, null_y, seed=5)
+    assert batched.calls_per_pass == guided.calls_per_pass  # G_u rides in the rectification's call
+    assert separate.calls_per_pass["guidance"] == guided.calls_per_pass["guidance"] + 1
+    assert_close(batched.loss, separate.loss, rtol=1e-12, atol=1e-12)
+    for got, want in zip(batched_grads, separate_grads, strict=True):
+        assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -281,7 +281,9 @@ class TwinFlowLoss(nn.Module):
             at ``(y, s, s)``, on the rows whose ``s`` lies inside
             ``guidance_interval`` (:func:`~twinloss.targets.guidance_free_velocity`;
             with the online teacher the conditional data velocity at the
-            fixed point). One more guidance pass, on the one-step rows. With
+            fixed point). With the default online teacher its :math:`G_u`
+            joins the rectification's call (no extra call, up to half as many
+            rows again in it), with any other one more guidance pass. With
             guidance the default's gap cannot close and it made the full
             recipe worse than RCGM-only on the digits benchmark; the
             guidance-free field removed that (docs/quality.md, "Fourth
@@ -749,37 +751,54 @@ class TwinFlowLoss(nn.Module):
         z = torch.randn(x_hat.shape, device=x_hat.device, dtype=x_hat.dtype, generator=generator)
         s = torch.rand(x_hat.shape[0], device=x_hat.device, dtype=x_hat.dtype, generator=generator)
         y = self.path.sample(x_hat, z, s).x_t
-        signed = torch.cat([-s, s])
         cond_one = select_rows(cond, one)
-        both = evaluate("rectify", torch.cat([y, y]), signed, signed, concat_conditioning(cond_one, cond_one))
-        fake_velocity, real_velocity = both.chunk(2)
         if self.rectify_field == "guidance_free" and uncond is not None:
-            real_velocity = self._guidance_free_field(evaluate, y, s, real_velocity, cond_one, select_rows(uncond, one))
+            fake_velocity, real_velocity = self._gap_fields_guidance_free(
+                evaluate, y, s, cond_one, select_rows(uncond, one))
+        else:
+            signed = torch.cat([-s, s])
+            both = evaluate("rectify", torch.cat([y, y]), signed, signed, concat_conditioning(cond_one, cond_one))
+            fake_velocity, real_velocity = both.chunk(2)
         target = rectification_target(velocity, fake_velocity, real_velocity, clamp=self.rectify_clamp)
         return self.distance(velocity, target).mean()
 
-    def _guidance_free_field(
+    def _gap_fields_guidance_free(
         self,
         evaluate: StepEvaluator,
         y: Tensor,
         s: Tensor,
-        real_velocity: Tensor,
         cond_one: dict[str, Tensor],
         uncond_one: dict[str, Tensor],
-    ) -> Float[Tensor, " one *shape"]:
-        """``rectify_field="guidance_free"``: step 4's guidance taken out of the real field, on rows inside the interval."""
+    ) -> tuple[Tensor, Tensor]:
+        """``rectify_field="guidance_free"``: the fake field and the real one with step 4's guidance taken out
+        on the rows whose ``s`` lies inside ``guidance_interval``.
+
+        With the plain online guidance teacher its :math:`G_c(y, s, s)` is the
+        rectify pass's own real half, so :math:`G_u` joins that call (one call
+        on ``[y, y, y_in]``); any other teacher gets its own guidance pass.
+        """
         low, high = self.guidance_interval
         inside = ((s > low) & (s < high)).nonzero().squeeze(1)
-        if inside.numel() == 0:
-            return real_velocity
         y_in, s_in = y[inside], s[inside]
-        both = evaluate(
-            "guidance", torch.cat([y_in, y_in]), torch.cat([s_in, s_in]), torch.cat([s_in, s_in]),
-            concat_conditioning(select_rows(cond_one, inside), select_rows(uncond_one, inside)),
-        )
-        cond_velocity, uncond_velocity = both.chunk(2)
+        uncond_in = select_rows(uncond_one, inside)
+        online = type(self.guidance_teacher) is OnlineTeacher
+        if online:
+            times = torch.cat([-s, s, s_in])
+            out = evaluate("rectify", torch.cat([y, y, y_in]), times, times,
+                           concat_conditioning(cond_one, cond_one, uncond_in))
+            fake_velocity, real_velocity, uncond_velocity = out.split([s.shape[0], s.shape[0], s_in.shape[0]])
+            cond_velocity = real_velocity[inside]
+        else:
+            signed = torch.cat([-s, s])
+            both = evaluate("rectify", torch.cat([y, y]), signed, signed, concat_conditioning(cond_one, cond_one))
+            fake_velocity, real_velocity = both.chunk(2)
+            if inside.numel() == 0:
+                return fake_velocity, real_velocity
+            guided = evaluate("guidance", torch.cat([y_in, y_in]), torch.cat([s_in, s_in]), torch.cat([s_in, s_in]),
+                              concat_conditioning(select_rows(cond_one, inside), uncond_in))
+            cond_velocity, uncond_velocity = guided.chunk(2)
         free = guidance_free_velocity(real_velocity[inside], cond_velocity, uncond_velocity, self.guidance_scale)
-        return real_velocity.index_copy(0, inside, free)
+        return fake_velocity, real_velocity.index_copy(0, inside, free)
 
     def _output(
         self,
