@@ -109,3 +109,22 @@ def test_an_unknown_rectify_field_is_refused_naming_it():
 def test_factories_without_a_rectification_refuse_rectify_field(factory):
     with pytest.raises(ValueError, match="rectify_field"):
         factory(rectify_field="guidance_free")
+
+
+def test_the_health_clamp_rate_measures_the_gap_the_loss_uses():
+    from twinloss import toy
+    from twinloss.health import training_signals
+
+    torch.manual_seed(0)
+    model = toy.TimeMLP((3,), width=16, depth=2, num_classes=4)  # twin-blind: F(y, -s) = F_c(y, s) exactly
+    x, y, null_y = _data(batch=16, dtype=torch.float32)
+    kwargs = dict(rectify_clamp=1e-4, guidance_scale=0.5)
+
+    def rate(field: str) -> float:
+        loss_fn = TwinFlowLoss(rectify_field=field, **kwargs)
+        signals = training_signals(loss_fn, model, x, cond={"y": y}, uncond={"y": null_y},
+                                   generator=torch.Generator().manual_seed(0))
+        return signals.as_dict()["clamp/rectify"]
+
+    assert rate("guided") == 0.0  # no gap to the model's own field
+    assert rate("guidance_free") > 0.5  # the gap w (F_c - F_u) to the guidance-free field

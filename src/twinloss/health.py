@@ -268,9 +268,20 @@ def _clamp_rates(
         x_hat = loss_fn.path.jump(noise, jump, ones, torch.zeros_like(ones))
         s = torch.rand(noise.shape[0], device=x.device, dtype=work, generator=generator)
         y = loss_fn.path.sample(x_hat, torch.randn(x_hat.shape, device=x.device, dtype=work, generator=generator), s).x_t
-        signed = torch.cat([-s, s])
-        with random_state.replay():
-            both = model(torch.cat([y, y]).to(x.dtype), signed, signed, **concat_conditioning(cond_one, cond_one)).to(work)
-        fake_velocity, real_velocity = both.chunk(2)
+        if loss_fn.rectify_field == "guidance_free" and uncond is not None:
+            def evaluate(name: str, x_in: Tensor, t_in: Tensor, r_in: Tensor, c: Conditioning) -> Tensor:
+                with random_state.replay():
+                    if name == "guidance":
+                        return loss_fn.guidance_teacher(model, x_in.to(x.dtype), t_in, r_in, c).to(work)
+                    return model(x_in.to(x.dtype), t_in, r_in, **c).to(work)
+
+            uncond_one = select_rows(check_conditioning(uncond, batch, name="uncond"), one)
+            fake_velocity, real_velocity = loss_fn._gap_fields_guidance_free(evaluate, y, s, cond_one, uncond_one)
+        else:
+            signed = torch.cat([-s, s])
+            with random_state.replay():
+                both = model(torch.cat([y, y]).to(x.dtype), signed, signed,
+                             **concat_conditioning(cond_one, cond_one)).to(work)
+            fake_velocity, real_velocity = both.chunk(2)
         rectify_rate = float(((fake_velocity - real_velocity).abs() >= loss_fn.rectify_clamp).float().mean())
     return residual_rate, rectify_rate

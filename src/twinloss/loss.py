@@ -28,6 +28,7 @@ left after ``z`` (see :class:`~twinloss._random.RandomState`).
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -764,7 +765,7 @@ class TwinFlowLoss(nn.Module):
 
     def _gap_fields_guidance_free(
         self,
-        evaluate: StepEvaluator,
+        evaluate: StepEvaluator | Callable[[str, Tensor, Tensor, Tensor, dict[str, Tensor]], Tensor],
         y: Tensor,
         s: Tensor,
         cond_one: dict[str, Tensor],
@@ -776,6 +777,8 @@ class TwinFlowLoss(nn.Module):
         With the plain online guidance teacher its :math:`G_c(y, s, s)` is the
         rectify pass's own real half, so :math:`G_u` joins that call (one call
         on ``[y, y, y_in]``); any other teacher gets its own guidance pass.
+        ``evaluate(name, x, t, r, cond)`` runs a pass: the step's
+        :class:`~twinloss.evaluator.StepEvaluator`, or the health module's own.
         """
         low, high = self.guidance_interval
         inside = ((s > low) & (s < high)).nonzero().squeeze(1)
