@@ -5,7 +5,8 @@ the same batch, in one run, with the configurations interleaved per repeat:
 
 * ``fm``: plain flow matching (one grad-carrying call);
 * ``rcgm``: the any-step base only (RCGM target, no fake group, no rectification);
-* ``twinflow``: the full recipe without guidance, and ``twinflow+cfg`` with it.
+* ``twinflow``: the full recipe without guidance, and ``twinflow+cfg`` with it;
+  ``twinflow+cfg, free rectify`` adds ``rectify_field="guidance_free"``.
 
 Floor, in units of one flow-matching step, from the loss's own counts:
 
@@ -57,6 +58,7 @@ CONFIGS: dict[str, Callable[[], twinloss.TwinFlowLoss]] = {
     "rcgm": lambda: twinloss.TwinFlowLoss.rcgm(guidance_scale=0.0),
     "twinflow": lambda: twinloss.TwinFlowLoss(guidance_scale=0.0),
     "twinflow+cfg": lambda: twinloss.TwinFlowLoss(guidance_scale=0.5),
+    "twinflow+cfg, free rectify": lambda: twinloss.TwinFlowLoss(guidance_scale=0.5, rectify_field="guidance_free"),
 }
 
 
