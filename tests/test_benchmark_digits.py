@@ -56,6 +56,9 @@ def test_evaluator_ranks_training_digits_above_noise_and_blur_and_reads_their_la
     assert floor["fd"] < evaluator.score(blurred)["fd"] < noise["fd"]
     assert floor["class_acc"] > 0.9 and noise["class_acc"] < 0.3
     assert floor["diversity"] == pytest.approx(1.0, abs=0.05)
+    wrong_labels = evaluator.score(evaluator.floor_samples.roll(1, dims=0))  # each digit scored as its neighbour's
+    assert wrong_labels["fd"] == pytest.approx(floor["fd"], rel=1e-4)  # the same sample set, relabelled
+    assert floor["class_logp"] > -0.2 and wrong_labels["class_logp"] < -2.0
 
 
 def test_curves_quick_run_on_digits_writes_the_reference_and_a_method(tmp_path):
@@ -66,7 +69,8 @@ def test_curves_quick_run_on_digits_writes_the_reference_and_a_method(tmp_path):
         torch.set_num_threads(threads)  # the benchmark pins one thread per process
     reference = json.loads((tmp_path / "digits_seed0_reference_quick.json").read_text())
     method = json.loads((tmp_path / "digits_seed0_twinflow-w-0_quick.json").read_text())
-    assert set(reference["data"]) == {"fd", "diversity", "class_acc"} and "classifier_acc" in reference["notes"]
-    assert {"raw/50", "power/50-cfg2"} <= set(reference["curve"]["8"])
+    assert set(reference["data"]) == {"fd", "diversity", "class_acc", "class_logp"}
+    assert "classifier_acc" in reference["notes"]
+    assert {"raw/50", "power/50-cfg2", "power/50-cfg1.5", "power/50-cfg1.25"} <= set(reference["curve"]["8"])
     assert set(method["curve"]) == {"2", "4", "8", "12", "16", "24"}
     assert method["curve"]["24"]["power/1"]["fd"] > 0

@@ -81,13 +81,14 @@ from twinloss_demo.training import DrawBatch, train  # noqa: E402
 PRETRAIN_LR = 1e-3
 FM_STEPS = (1, 2, 4, 50)
 SAMPLINGS = ("raw", "ema", "power")
-GUIDED_REFERENCE = ("50-cfg2", 50, 1.0)
-"""Label, Euler steps and sampling ``guidance_scale`` of the reference for the guided recipe (conditional tasks).
+GUIDED_REFERENCES = (("50-cfg2", 50, 1.0), ("50-cfg1.5", 50, 0.5), ("50-cfg1.25", 50, 0.25))
+"""Label, Euler steps and sampling ``guidance_scale`` of the guided references (conditional tasks).
 
 ``w = 0.5`` with the online teacher trains classifier-free guidance of scale
 ``1 / (1 - w) = 2`` into the model (``TwinFlowLoss``'s ``guidance_scale``), so
 its like-for-like multi-step reference is flow matching sampled at CFG 2:
-``F_c + 1 (F_c - F_u)``.
+``F_c + 1 (F_c - F_u)``. CFG 1.5 and 1.25 place the milder settings
+(``guidance_sweep.py``) on the same frontier.
 """
 SAMPLE_SEED = 0
 DEFAULT_OUT = "benchmarks/quality/results/curves"
@@ -305,12 +306,12 @@ def sample(model, bench: Bench, steps: int, mode: str, guidance: float = 0.0) ->
 
 
 def score_point(bench: Bench, model: nn.Module, kept: dict, steps: tuple[int, ...], mode: str,
-                guided: tuple[str, int, float] | None = None) -> dict[str, dict]:
+                guided: tuple[tuple[str, int, float], ...] = ()) -> dict[str, dict]:
     """``{"raw/K": scores, "ema/K": ..., "power/K": ...}`` for every step count ``K`` in ``steps``.
 
-    ``guided = (label, K, scale)`` adds ``"raw/label"`` etc.: ``K`` steps at sampling guidance ``scale``.
+    Each ``(label, K, scale)`` of ``guided`` adds ``"raw/label"`` etc.: ``K`` steps at sampling guidance ``scale``.
     """
-    runs = [(str(count), count, 0.0) for count in steps] + ([guided] if guided is not None else [])
+    runs = [(str(count), count, 0.0) for count in steps] + list(guided)
     point = {}
     for label, count, scale in runs:
         point[f"raw/{label}"] = bench.score(sample(model, bench, count, mode, scale))
@@ -320,7 +321,7 @@ def score_point(bench: Bench, model: nn.Module, kept: dict, steps: tuple[int, ..
 
 
 def fine_tune_curve(bench: Bench, task: Task, sizes: Sizes, loss_fn, teacher, steps: tuple[int, ...], mode: str,
-                    final: dict | None = None, guided: tuple[str, int, float] | None = None) -> dict:
+                    final: dict | None = None, guided: tuple[tuple[str, int, float], ...] = ()) -> dict:
     """Fine-tune a copy of the pretrained model for 3x budget; ``{str(step): score_point(...)}`` at each checkpoint.
 
     ``final``, when given, receives the last checkpoint's weights: ``"raw"`` (the
@@ -343,9 +344,9 @@ def fine_tune_curve(bench: Bench, task: Task, sizes: Sizes, loss_fn, teacher, st
 def reference(bench: Bench, task: Task, sizes: Sizes) -> dict:
     """Data floor, the pretrained model at 1/2/4/50 Euler steps, and flow matching continued (same checkpoints).
 
-    Conditional tasks add 50 steps at CFG 2 (``GUIDED_REFERENCE``), the reference of the guided recipe.
+    Conditional tasks add 50 steps at CFG 2, 1.5 and 1.25 (``GUIDED_REFERENCES``), the references of guided recipes.
     """
-    guided = GUIDED_REFERENCE if bench.uncond is not None else None
+    guided = GUIDED_REFERENCES if bench.uncond is not None else ()
     start = {key.split("/", 1)[1]: scores
              for key, scores in score_point(bench, bench.pretrained, {}, FM_STEPS, "multi", guided).items()}
     fm = fine_tune_curve(bench, task, sizes, twinloss.TwinFlowLoss.plain_flow_matching(), None, FM_STEPS, "multi",

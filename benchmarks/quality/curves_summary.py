@@ -46,7 +46,7 @@ REAL_IMAGE_TASKS = ("patches", "digits")
 FM = "FM continued"
 FM_STEPS = ("1", "2", "4", "50")
 GUIDED_FM = "50-cfg2"
-"""The reference key of 50 Euler steps at sampling CFG 2 (``curves.GUIDED_REFERENCE``), conditional tasks only."""
+"""The reference key of 50 Euler steps at sampling CFG 2 (the first of ``curves.GUIDED_REFERENCES``), conditional tasks only."""
 TABLE_SAMPLINGS = ("raw", "power")
 CHECK_SAMPLINGS = ("power", "raw")
 REQUIRED_SEEDS = 3

@@ -16,7 +16,10 @@ patch benchmark's size.
   penultimate-layer features of a digit classifier trained once on the
   training digits (FID's recipe at this scale); diversity = mean pairwise
   distance of the samples over that of the held-out digits; class accuracy
-  of the same classifier (its held-out accuracy is the ceiling).
+  of the same classifier (its held-out accuracy is the ceiling), and the
+  mean log-probability it gives the asked-for label (``class_logp``, a
+  finer adherence score where accuracy saturates near 1, as CLIP score is
+  beside FID).
 * samples: ``count`` samples (1000) of the held-out labels, repeated, with fixed noise; the
   data floor scores as many training digits of the same labels.
 """
@@ -93,10 +96,12 @@ class Evaluator:
     @torch.no_grad()
     def score(self, samples: Tensor) -> dict[str, float]:
         samples = samples.clamp(-1, 1)
+        logits = self.classifier(samples)
         return {
             "fd": float(metrics.frechet_distance(self.classifier.features(samples), self.reference_features)),
             "diversity": float(metrics.mean_pairwise_distance(samples)) / self.reference_spread,
-            "class_acc": float((self.classifier(samples).argmax(1) == self.labels).float().mean()),
+            "class_acc": float((logits.argmax(1) == self.labels).float().mean()),
+            "class_logp": float(logits.log_softmax(1).gather(1, self.labels[:, None]).mean()),
         }
 
     def floor(self) -> dict[str, float]:

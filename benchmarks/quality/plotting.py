@@ -24,12 +24,15 @@ def line_chart(
     levels: list[tuple[str, float]] = (),
     around_zero: bool = False,
     x_label: str = "fine-tune steps",
+    x_fitted: bool = False,
 ) -> None:
     """Draw ``lines`` (label, [(x, y), ...]) and horizontal ``levels`` (label, y) into a PNG at ``path``.
 
     The y axis starts at 0.9 x the smallest value (or a margin below it when
-    ``around_zero`` or a value is negative, with the zero line drawn). Nothing
-    is written when there is no line.
+    ``around_zero`` or a value is negative, with the zero line drawn). The x
+    axis runs from 0 to the largest x with a tick at every x, or, with
+    ``x_fitted``, over the range of the xs with five even ticks (a scatter of
+    one figure against another). Nothing is written when there is no line.
     """
     from PIL import Image, ImageDraw
 
@@ -39,7 +42,13 @@ def line_chart(
     width, height, left, right, top, bottom = 1100, 560, 70, 380, 50, 50
     xs = [x for _, pts in lines for x, _ in pts]
     ys = [y for _, pts in lines for _, y in pts] + [y for _, y in levels]
-    x_low, x_high = 0, max(xs)
+    if x_fitted:
+        margin = 0.05 * (max(xs) - min(xs)) or 1.0
+        x_low, x_high = min(xs) - margin, max(xs) + margin
+        x_ticks = [x_low + (x_high - x_low) * k / 4 for k in range(5)]
+    else:
+        x_low, x_high = 0, max(xs)
+        x_ticks = sorted(set(xs))
     y_low = min(ys) - 0.05 * abs(min(ys)) if min(ys) < 0 or around_zero else 0.9 * min(ys)
     y_high = max(ys) + 0.05 * abs(max(ys)) if max(ys) != y_low else y_low + 1.0
     image = Image.new("RGB", (width, height), "white")
@@ -56,8 +65,9 @@ def line_chart(
         y = y_low + (y_high - y_low) * k / 4
         draw.text((5, at(0, y)[1] - 7), f"{y:.3g}", fill="black", font=_font(12))
         draw.line([at(x_low, y), at(x_high, y)], fill=(225, 225, 225))
-    for x in sorted(set(xs)):
-        draw.text((at(x, y_low)[0] - 12, height - bottom + 6), f"{x:g}", fill="black", font=_font(12))
+    for x in x_ticks:
+        draw.text((at(x, y_low)[0] - 12, height - bottom + 6), f"{x:.3g}" if x_fitted else f"{x:g}", fill="black",
+                  font=_font(12))
     if y_low < 0 < y_high:
         draw.line([at(x_low, 0), at(x_high, 0)], fill=(150, 150, 150), width=2)
     for index, (label, points) in enumerate(lines):

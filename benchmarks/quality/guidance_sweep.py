@@ -1,0 +1,201 @@
+r"""The guidance sweep: 1-NFE FD against class adherence for each placement of the guidance (issue 12, fifth round).
+
+The fourth round compared guidance placements at one scale each, and every
+FD there is against *unguided* data: a setting that keeps less of the
+guidance scores a better FD for that reason alone. This sweep runs each
+placement over several scales, so settings are compared where they reach
+the same class adherence, as text-to-image models are compared by FID
+against CLIP score. Adherence is the digit classifier's mean
+log-probability of the asked-for label (``class_logp``; accuracy saturates
+near 1 on the digits).
+
+Placements (``w`` the loss's ``guidance_scale``; the CFG scale it trains in):
+
+* ``online``: the authors' recipe, every real row guided by the model's own
+  no-grad ``F_c - F_u``: CFG ``1 / (1 - w)``; ``w = 0`` is guidance off;
+* ``guidance-free rectification``: the same base targets, the
+  rectification's real field guidance-free (``rectify_field="guidance_free"``);
+  its RCGM-only counterpart is the online one (RCGM has no rectification);
+* ``any-step rows``: ``guidance_groups=("any_step",)``: the instantaneous
+  field stays unguided, so the guidance direction is read from an
+  unguided field: CFG ``1 + w`` on the any-step rows;
+* ``frozen teacher``: the guidance pass by the pretrained weights
+  (``FrozenTeacher``): CFG ``1 + w`` of a fixed field.
+
+Each runs with the twin terms (``TwinFlow``) and without (``RCGM only``),
+on the ``curves.py`` protocol (one file per task, seed and setting, in
+``results/sweep``); the reference there is flow matching continued, scored
+at 50 Euler steps at CFG 1, 1.25, 1.5 and 2 (``curves.GUIDED_REFERENCES``),
+the multi-step frontier. ``--summary`` writes ``results/sweep/summary.md``
+and the plot ``docs/img/guidance-sweep-{task}.png``.
+
+    export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
+    python benchmarks/quality/guidance_sweep.py --task digits --seed 0 --skip-methods      # the reference
+    python benchmarks/quality/guidance_sweep.py --task digits --seed 0 --skip-fm --methods "sweep TwinFlow online"
+    python benchmarks/quality/guidance_sweep.py --summary
+"""
+
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import curves  # noqa: E402
+from curves_summary import ROOT, load, paired_gap, per_seed  # noqa: E402
+from plotting import line_chart  # noqa: E402
+
+import twinloss  # noqa: E402
+
+OUT = "benchmarks/quality/results/sweep"
+FIGURES = ("fd", "class_logp", "class_acc", "diversity")
+REFERENCE_CFG = (("50", 1.0), ("50-cfg1.25", 1.25), ("50-cfg1.5", 1.5), ("50-cfg2", 2.0))
+"""The reference's keys at 50 Euler steps and their sampling CFG scale."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the guidance enters: the loss for a scale ``w`` (``rcgm`` picks the ablation), the scales swept."""
+
+    name: str
+    make: Callable[[float, object, bool], twinloss.TwinFlowLoss]
+    scales: tuple[float, ...]
+    cfg: Callable[[float], float]
+    twin_only: bool = False
+    """True when the placement exists only with the twin terms; its RCGM-only counterpart is ``online``."""
+
+
+def _online(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
+    return twinloss.TwinFlowLoss.rcgm(guidance_scale=w) if rcgm else twinloss.TwinFlowLoss(guidance_scale=w)
+
+
+def _guidance_free(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
+    return twinloss.TwinFlowLoss(guidance_scale=w, rectify_field="guidance_free")
+
+
+def _any_step(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
+    make = twinloss.TwinFlowLoss.rcgm if rcgm else twinloss.TwinFlowLoss
+    return make(guidance_scale=w, guidance_groups=("any_step",))
+
+
+def _frozen(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
+    make = twinloss.TwinFlowLoss.rcgm if rcgm else twinloss.TwinFlowLoss
+    return make(guidance_scale=w, guidance_teacher=twinloss.FrozenTeacher(pretrained))
+
+
+PLACEMENTS = (
+    Placement("online", _online, (0.0, 0.1, 0.2, 0.35, 0.5, 0.65), cfg=lambda w: 1 / (1 - w)),
+    Placement("guidance-free rectification", _guidance_free, (0.2, 0.35, 0.5, 0.65), cfg=lambda w: 1 / (1 - w),
+              twin_only=True),
+    Placement("any-step rows", _any_step, (0.25, 0.5, 1.0, 2.0), cfg=lambda w: 1 + w),
+    Placement("frozen teacher", _frozen, (0.25, 0.5, 1.0), cfg=lambda w: 1 + w),
+)
+METHODS = ("TwinFlow", "RCGM only")
+
+
+def setting_name(method: str, placement: Placement, w: float) -> str:
+    return f"sweep {method} {placement.name} w {w:g}"
+
+
+def settings() -> dict[str, tuple[str, Placement, float]]:
+    """``{name: (method, placement, w)}`` of every run of the sweep."""
+    out = {}
+    for placement in PLACEMENTS:
+        for method in METHODS[:1] if placement.twin_only else METHODS:
+            for w in placement.scales:
+                out[setting_name(method, placement, w)] = (method, placement, w)
+    return out
+
+
+def variants() -> dict[str, curves.MethodFactory]:
+    """The sweep as ``curves.main`` methods."""
+    def factory(method: str, placement: Placement, w: float) -> curves.MethodFactory:
+        return lambda pretrained: placement.make(w, pretrained, method != "TwinFlow")
+
+    return {name: factory(*setting) for name, setting in settings().items()}
+
+
+# ----------------------------------------------------------------------------- summary
+def counterpart(method: str, placement: Placement, w: float) -> str:
+    """The RCGM-only run that ablates the twin terms of a TwinFlow setting."""
+    return setting_name("RCGM only", PLACEMENTS[0] if placement.twin_only else placement, w)
+
+
+def figures(reports: dict[int, dict], step: int, key: str) -> dict[str, float]:
+    """Seed means of ``FIGURES`` of ``key`` at ``step`` (absent figures left out)."""
+    out = {}
+    for figure in FIGURES:
+        found = per_seed(reports, step, key, figure)
+        if found:
+            out[figure] = statistics.fmean(found.values())
+    return out
+
+
+def summary(task: str, results: Path, quick: bool = False) -> tuple[str, list[tuple[str, list[tuple[float, float]]]]]:
+    """The markdown table at the last checkpoint and the (class_logp, FD) lines of the plot."""
+    runs = load(results, quick=quick, scale=1.0).get(task, {})
+    reference = runs.get("reference", {})
+    if not reference:
+        raise SystemExit(f"no {task} reference in {results}: run --skip-methods first")
+    last = max(int(step) for report in reference.values() for step in report["curve"])
+    first = next(iter(reference.values()))["config"]["budget"]
+    table = [f"## {task}: 1 NFE, power average, at {first} and {last} fine-tune steps (mean of seeds)", "",
+             "| setting | CFG trained | seeds | FD 1x | FD 3x | class log p 3x | class acc 3x | diversity 3x "
+             "| FD 3x minus RCGM-only (paired) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = []
+    for name, (method, placement, w) in settings().items():
+        reports = runs.get(name, {})
+        if not reports:
+            continue
+        end, start = figures(reports, last, "power/1"), figures(reports, first, "power/1")
+        gap = ""
+        if method == "TwinFlow" and (ablation := runs.get(counterpart(method, placement, w))):
+            gap = paired_gap(per_seed(reports, last, "power/1", "fd"), per_seed(ablation, last, "power/1", "fd"))
+        table.append(f"| {name.removeprefix('sweep ')} | {placement.cfg(w):.3g} | {len(reports)} "
+                     f"| {start.get('fd', float('nan')):.4g} | {end.get('fd', float('nan')):.4g} "
+                     f"| {end.get('class_logp', float('nan')):.3f} | {end.get('class_acc', float('nan')):.3f} "
+                     f"| {end.get('diversity', float('nan')):.3f} | {gap} |")
+    for method in METHODS:
+        for placement in PLACEMENTS:
+            points = []
+            for w in placement.scales:
+                end = figures(runs.get(setting_name(method, placement, w), {}), last, "power/1")
+                if "class_logp" in end:
+                    points.append((end["class_logp"], end["fd"]))
+            if placement.name != "online" and points:  # every placement starts from guidance off
+                off = figures(runs.get(setting_name(method, PLACEMENTS[0], 0.0), {}), last, "power/1")
+                points = ([(off["class_logp"], off["fd"])] if "class_logp" in off else []) + points
+            if method == "RCGM only" and placement.twin_only:
+                continue
+            lines.append((f"{method}, {placement.name}", sorted(points)))
+    frontier = []
+    table += ["", "| flow matching continued, 50 Euler steps, power average | FD 3x | class log p 3x | class acc 3x "
+              "| diversity 3x |", "|---|---:|---:|---:|---:|"]
+    for key, cfg in REFERENCE_CFG:
+        end = figures(reference, last, f"power/{key}")
+        if end:
+            table.append(f"| CFG {cfg:g} | {end['fd']:.4g} | {end.get('class_logp', float('nan')):.3f} "
+                         f"| {end.get('class_acc', float('nan')):.3f} | {end.get('diversity', float('nan')):.3f} |")
+            if "class_logp" in end:
+                frontier.append((end["class_logp"], end["fd"]))
+    lines.append(("flow matching, 50 Euler steps, CFG 1-2", sorted(frontier)))
+    return "\n".join(table) + "\n", lines
+
+
+def main_summary(task: str = "digits") -> None:
+    results = ROOT / OUT
+    text, lines = summary(task, results)
+    (results / "summary.md").write_text(text)
+    line_chart(lines, ROOT / "docs" / "img" / f"guidance-sweep-{task}.png",
+               f"{task}: 1-NFE FD (power average, 3x) against class log p, one point per guidance scale",
+               x_label="classifier's mean log p of the asked-for label (right: more adherence)", x_fitted=True)
+    print(text)
+
+
+if __name__ == "__main__":
+    if "--summary" in sys.argv:
+        main_summary(*[arg for arg in sys.argv[1:] if arg != "--summary"])
+    else:
+        curves.main(variants(), argv=[*sys.argv[1:], *(["--out", OUT] if "--out" not in sys.argv else [])])

@@ -1,0 +1,64 @@
+"""The guidance sweep of ``benchmarks/quality/guidance_sweep.py``: the losses it builds and its summary of a quick run."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+import guidance_sweep  # noqa: E402
+
+import twinloss  # noqa: E402
+from twinloss import toy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    return toy.TimeMLP((1, 8, 8), width=16, depth=2, num_classes=10)
+
+
+def is_rcgm(loss: twinloss.TwinFlowLoss) -> bool:
+    return loss.trajectory.shares.fake == 0 and loss.rectify_weight == 0
+
+
+@pytest.mark.parametrize("name", sorted(guidance_sweep.settings()))
+def test_each_setting_builds_its_placement_at_its_scale_and_twin_settings_have_an_rcgm_only_counterpart(
+        name, pretrained):
+    method, placement, w = guidance_sweep.settings()[name]
+    loss = guidance_sweep.variants()[name](pretrained)
+    assert loss.guidance_scale == w and is_rcgm(loss) == (method == "RCGM only")
+    guided = {"online": loss.guidance_groups == ("one_step", "multi_step", "any_step"),
+              "guidance-free rectification": loss.rectify_field == "guidance_free",
+              "any-step rows": loss.guidance_groups == ("any_step",),
+              "frozen teacher": isinstance(loss.guidance_teacher, twinloss.FrozenTeacher)}
+    assert guided[placement.name]
+    if placement.name != "frozen teacher" and w > 0:
+        assert isinstance(loss.guidance_teacher, twinloss.OnlineTeacher)
+    if method == "TwinFlow":
+        ablation_name = guidance_sweep.counterpart(method, placement, w)
+        ablation = guidance_sweep.variants()[ablation_name](pretrained)
+        assert is_rcgm(ablation) and ablation.guidance_scale == w
+        assert ablation.guidance_groups == loss.guidance_groups
+        assert type(ablation.guidance_teacher) is type(loss.guidance_teacher)
+
+
+def test_summary_of_a_quick_run_pairs_twinflow_with_rcgm_only_and_draws_the_cfg_frontier(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        guidance_sweep.curves.main(guidance_sweep.variants(), argv=[
+            "--task", "digits", "--quick", "--out", str(tmp_path),
+            "--methods", "sweep TwinFlow online w 0.5", "--methods", "sweep RCGM only online w 0.5",
+            "--methods", "sweep TwinFlow guidance-free rectification w 0.5"])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark pins one thread per process
+    text, lines = guidance_sweep.summary("digits", tmp_path, quick=True)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "method ahead on" in rows["TwinFlow online w 0.5"]
+    assert "method ahead on" in rows["TwinFlow guidance-free rectification w 0.5"]  # paired with online RCGM
+    assert "method ahead on" not in rows["RCGM only online w 0.5"]
+    assert {"CFG 1", "CFG 1.25", "CFG 1.5", "CFG 2"} <= set(rows)
+    drawn = dict(lines)
+    assert len(drawn["flow matching, 50 Euler steps, CFG 1-2"]) == 4
+    assert len(drawn["TwinFlow, online"]) == 1 and len(drawn["RCGM only, online"]) == 1
+    assert all(logp <= 0 and fd > 0 for points in drawn.values() for logp, fd in points)
