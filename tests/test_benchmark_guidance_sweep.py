@@ -62,3 +62,18 @@ def test_summary_of_a_quick_run_pairs_twinflow_with_rcgm_only_and_draws_the_cfg_
     assert len(drawn["flow matching, 50 Euler steps, CFG 1-2"]) == 4
     assert len(drawn["TwinFlow, online"]) == 1 and len(drawn["RCGM only, online"]) == 1
     assert all(logp <= 0 and fd > 0 for points in drawn.values() for logp, fd in points)
+
+
+def test_patch_evaluator_log_p_is_the_classifiers_log_probability_of_the_asked_for_label():
+    import patches
+
+    data = patches.patch_data()
+    classifier, _ = patches.train_classifier(data, steps=200)
+    evaluator = patches.Evaluator(data, classifier, count=500, seed=0)
+    samples, labels = evaluator.second, evaluator.second_labels
+    scores = evaluator.score(samples, labels)
+    with torch.no_grad():
+        probabilities = torch.softmax(classifier(samples.clamp(-1, 1)).double(), dim=1)
+    assert scores["class_logp"] == pytest.approx(float(probabilities[torch.arange(500), labels].log().mean()), rel=1e-4)
+    wrong = (labels + 1) % patches.CLASSES
+    assert evaluator.score(samples, wrong)["class_logp"] < scores["class_logp"]

@@ -130,10 +130,12 @@ class Evaluator:
     def score(self, samples: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         labels = self.labels if labels is None else labels
         samples = samples.clamp(-1, 1)
+        logits = self.classifier(samples)
         return {
             "fd": float(metrics.image_frechet_distance(samples, self.reference, features=FEATURES)),
             "diversity": float(metrics.mean_pairwise_distance(samples)) / self.reference_spread,
-            "class_acc": float((self.classifier(samples).argmax(1) == labels).float().mean()),
+            "class_acc": float((logits.argmax(1) == labels).float().mean()),
+            "class_logp": float(logits.log_softmax(1).gather(1, labels[:, None]).mean()),
         }
 
     def sample(self, model, steps: int, mode: str, seed: int = 0) -> torch.Tensor:
