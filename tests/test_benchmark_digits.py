@@ -71,6 +71,6 @@ def test_curves_quick_run_on_digits_writes_the_reference_and_a_method(tmp_path):
     method = json.loads((tmp_path / "digits_seed0_twinflow-w-0_quick.json").read_text())
     assert set(reference["data"]) == {"fd", "diversity", "class_acc", "class_logp"}
     assert "classifier_acc" in reference["notes"]
-    assert {"raw/50", "power/50-cfg2", "power/50-cfg1.5", "power/50-cfg1.25"} <= set(reference["curve"]["8"])
+    assert {"raw/50", "power/50-cfg2", "power/50-cfg1.5", "power/50-cfg1.25", "power/50-cfg3"} <= set(reference["curve"]["8"])
     assert set(method["curve"]) == {"2", "4", "8", "12", "16", "24"}
     assert method["curve"]["24"]["power/1"]["fd"] > 0

@@ -53,13 +53,15 @@ def test_summary_of_a_quick_run_pairs_twinflow_with_rcgm_only_and_draws_the_cfg_
     finally:
         torch.set_num_threads(threads)  # the benchmark pins one thread per process
     text, lines = guidance_sweep.summary("digits", tmp_path, quick=True)
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert "method ahead on" in rows["TwinFlow online w 0.5"]
-    assert "method ahead on" in rows["TwinFlow guidance-free rectification w 0.5"]  # paired with online RCGM
-    assert "method ahead on" not in rows["RCGM only online w 0.5"]
-    assert {"CFG 1", "CFG 1.25", "CFG 1.5", "CFG 2"} <= set(rows)
+    cells = [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    rows = {(row[0], row[1]): row for row in cells}
+    online, guidance_free = rows["online", "0.5"], rows["guidance-free rectification", "0.5"]
+    assert online[9] == guidance_free[9] != "nan"  # the guidance-free setting is paired with online RCGM-only
+    assert online[11].endswith(("(0/1 ahead)", "(1/1 ahead)"))
+    assert online[12].endswith(("ahead)", "beyond RCGM-only's reach"))
+    assert {"CFG 1", "CFG 1.25", "CFG 1.5", "CFG 2", "CFG 3"} <= {row[0] for row in cells}
     drawn = dict(lines)
-    assert len(drawn["flow matching, 50 Euler steps, CFG 1-2"]) == 4
+    assert len(drawn["flow matching, 50 Euler steps, CFG 1-3"]) == 5
     assert len(drawn["TwinFlow, online"]) == 1 and len(drawn["RCGM only, online"]) == 1
     assert all(logp <= 0 and fd > 0 for points in drawn.values() for logp, fd in points)
 
@@ -77,3 +79,14 @@ def test_patch_evaluator_log_p_is_the_classifiers_log_probability_of_the_asked_f
     assert scores["class_logp"] == pytest.approx(float(probabilities[torch.arange(500), labels].log().mean()), rel=1e-4)
     wrong = (labels + 1) % patches.CLASSES
     assert evaluator.score(samples, wrong)["class_logp"] < scores["class_logp"]
+
+
+def test_frontier_interpolates_between_neighbouring_scales_and_takes_the_lowest_curve():
+    rising = [(1.0, 20.0), (2.0, 10.0), (3.0, 30.0)]  # in order of w
+    turning_back = [(1.0, 25.0), (2.5, 12.0), (1.5, 40.0)]  # the last scale breaks and loses adherence
+    assert guidance_sweep.frontier_fd([rising], 1.5) == pytest.approx(15.0)
+    at = 2.25  # rising: 15; turning back, first segment: 25 - 13 * 1.25 / 1.5; second: 12 + 28 * 0.25
+    assert guidance_sweep.frontier_fd([rising, turning_back], at) == pytest.approx(min(15.0, 25 - 13 * 1.25 / 1.5, 19.0))
+    assert guidance_sweep.frontier_fd([rising, turning_back], 2.5) == pytest.approx(12.0)
+    assert guidance_sweep.frontier_fd([rising, turning_back], 3.5) is None
+    assert guidance_sweep.adherence(-0.1) == pytest.approx(1.0) and guidance_sweep.adherence(-0.001) == pytest.approx(3.0)

@@ -25,7 +25,7 @@ Placements (``w`` the loss's ``guidance_scale``; the CFG scale it trains in):
 Each runs with the twin terms (``TwinFlow``) and without (``RCGM only``),
 on the ``curves.py`` protocol (one file per task, seed and setting, in
 ``results/sweep``); the reference there is flow matching continued, scored
-at 50 Euler steps at CFG 1, 1.25, 1.5 and 2 (``curves.GUIDED_REFERENCES``),
+at 50 Euler steps at CFG 1, 1.25, 1.5, 2 and 3 (``curves.GUIDED_REFERENCES``),
 the multi-step frontier. ``--summary`` writes ``results/sweep/summary.md``
 and the plot ``docs/img/guidance-sweep-{task}.png``.
 
@@ -35,6 +35,7 @@ and the plot ``docs/img/guidance-sweep-{task}.png``.
     python benchmarks/quality/guidance_sweep.py --summary
 """
 
+import itertools
 import math
 import statistics
 import sys
@@ -44,14 +45,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
-from curves_summary import ROOT, load, paired_gap, per_seed  # noqa: E402
+from curves_summary import ROOT, load, per_seed  # noqa: E402
 from plotting import line_chart  # noqa: E402
 
 import twinloss  # noqa: E402
 
 OUT = "benchmarks/quality/results/sweep"
 FIGURES = ("fd", "class_logp", "class_acc", "diversity")
-REFERENCE_CFG = (("50", 1.0), ("50-cfg1.25", 1.25), ("50-cfg1.5", 1.5), ("50-cfg2", 2.0))
+REFERENCE_CFG = (("50", 1.0), ("50-cfg1.25", 1.25), ("50-cfg1.5", 1.5), ("50-cfg2", 2.0), ("50-cfg3", 3.0))
 """The reference's keys at 50 Euler steps and their sampling CFG scale."""
 
 
@@ -129,15 +130,16 @@ def adherence(class_logp: float) -> float:
 
 
 def frontier_fd(curves_by_setting: list[list[tuple[float, float]]], x: float) -> float | None:
-    """The lowest FD the given (adherence, FD) curves reach at adherence ``x``, interpolated linearly along each.
+    """The lowest FD the (adherence, FD) curves reach at adherence ``x``, interpolated linearly between neighbouring scales.
 
-    ``None`` when ``x`` lies outside every curve's range of adherence.
+    Each curve is in order of ``w``; a curve that turns back (samples that
+    break at a large ``w`` lose adherence again) contributes every segment
+    that spans ``x``. ``None`` when no segment spans ``x``.
     """
     found = []
     for points in curves_by_setting:
-        points = sorted(points)
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
-            if x0 <= x <= x1:
+        for (x0, y0), (x1, y1) in itertools.pairwise(points):
+            if min(x0, x1) <= x <= max(x0, x1):
                 found.append(y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0))
     return min(found) if found else None
 
@@ -170,14 +172,18 @@ def matched_gap(runs: dict[str, dict[int, dict]], name: str, step: int) -> str:
             beyond += 1
         else:
             gaps.append(scores["fd"] - reference)
-    text = ""
-    if gaps:
-        spread = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else float("nan")
-        text = (f"{statistics.fmean(gaps):+.3g} ± {spread:.2g}, ahead on "
-                f"{sum(gap < 0 for gap in gaps)}/{len(gaps)} seeds")
+    text = gap_text(gaps)
     if beyond:
-        text += ("; " if text else "") + f"beyond RCGM-only's adherence on {beyond} seed(s)"
+        text += ("; " if text else "") + f"{beyond} seed(s) beyond RCGM-only's reach"
     return text
+
+
+def gap_text(gaps: list[float]) -> str:
+    """``"mean ± s.e. (k/n ahead)"`` of per-seed differences, ahead meaning below 0 (lower FD); empty for none."""
+    if not gaps:
+        return ""
+    spread = f" ± {statistics.stdev(gaps) / math.sqrt(len(gaps)):.2g}" if len(gaps) > 1 else ""
+    return f"{statistics.fmean(gaps):+.3g}{spread} ({sum(gap < 0 for gap in gaps)}/{len(gaps)} ahead)"
 
 
 def figures(reports: dict[int, dict], step: int, key: str) -> dict[str, float]:
@@ -198,25 +204,26 @@ def summary(task: str, results: Path, quick: bool = False) -> tuple[str, list[tu
         raise SystemExit(f"no {task} reference in {results}: run --skip-methods first")
     last = max(int(step) for report in reference.values() for step in report["curve"])
     first = next(iter(reference.values()))["config"]["budget"]
-    table = [f"## {task}: 1 NFE, power average, at {first} and {last} fine-tune steps (mean of seeds)", "",
-             "| setting | CFG trained | seeds | FD 1x | FD 3x | class log p 3x | class acc 3x | diversity 3x "
-             "| FD 3x minus RCGM-only, same w (paired) | FD 3x minus RCGM-only's frontier, same adherence |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    lines = []
+    table = [f"## {task}: 1 NFE, power average, FD at {first} and {last} fine-tune steps, the rest at {last} "
+             "(mean of seeds)", "",
+             "| placement | w | CFG trained | seeds | TwinFlow FD 1x | FD 3x | log p | class acc | diversity "
+             "| RCGM-only FD 3x | log p | TwinFlow minus RCGM-only: same w | same adherence |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name, (method, placement, w) in settings().items():
         reports = runs.get(name, {})
-        if not reports:
+        if method != "TwinFlow" or not reports:
             continue
         end, start = figures(reports, last, "power/1"), figures(reports, first, "power/1")
-        gap = matched = ""
-        if method == "TwinFlow" and (ablation := runs.get(counterpart(method, placement, w))):
-            gap = paired_gap(per_seed(reports, last, "power/1", "fd"), per_seed(ablation, last, "power/1", "fd"))
-        if method == "TwinFlow":
-            matched = matched_gap(runs, name, last)
-        table.append(f"| {name.removeprefix('sweep ')} | {placement.cfg(w):.3g} | {len(reports)} "
-                     f"| {start.get('fd', float('nan')):.4g} | {end.get('fd', float('nan')):.4g} "
-                     f"| {end.get('class_logp', float('nan')):.3f} | {end.get('class_acc', float('nan')):.3f} "
-                     f"| {end.get('diversity', float('nan')):.3f} | {gap} | {matched} |")
+        ablation = runs.get(counterpart(method, placement, w), {})
+        rcgm = figures(ablation, last, "power/1")
+        same_w = per_seed(reports, last, "power/1", "fd"), per_seed(ablation, last, "power/1", "fd")
+        gaps = [value - same_w[1][seed] for seed, value in same_w[0].items() if seed in same_w[1]]
+        table.append(f"| {placement.name} | {w:g} | {placement.cfg(w):.3g} | {len(reports)} "
+                     f"| {start.get('fd', math.nan):.4g} | {end.get('fd', math.nan):.4g} "
+                     f"| {end.get('class_logp', math.nan):.2g} | {end.get('class_acc', math.nan):.3f} "
+                     f"| {end.get('diversity', math.nan):.3f} | {rcgm.get('fd', math.nan):.4g} "
+                     f"| {rcgm.get('class_logp', math.nan):.2g} | {gap_text(gaps)} | {matched_gap(runs, name, last)} |")
+    lines = []
     for method in METHODS:
         for placement in PLACEMENTS:
             points = []
@@ -231,16 +238,16 @@ def summary(task: str, results: Path, quick: bool = False) -> tuple[str, list[tu
                 continue
             lines.append((f"{method}, {placement.name}", points))  # in order of w, guidance off first
     frontier = []
-    table += ["", "| flow matching continued, 50 Euler steps, power average | FD 3x | class log p 3x | class acc 3x "
-              "| diversity 3x |", "|---|---:|---:|---:|---:|"]
+    table += ["", "| flow matching continued, 50 Euler steps, power average | FD 3x | log p | class acc "
+              "| diversity |", "|---|---:|---:|---:|---:|"]
     for key, cfg in REFERENCE_CFG:
         end = figures(reference, last, f"power/{key}")
         if end:
-            table.append(f"| CFG {cfg:g} | {end['fd']:.4g} | {end.get('class_logp', float('nan')):.3f} "
-                         f"| {end.get('class_acc', float('nan')):.3f} | {end.get('diversity', float('nan')):.3f} |")
+            table.append(f"| CFG {cfg:g} | {end['fd']:.4g} | {end.get('class_logp', math.nan):.2g} "
+                         f"| {end.get('class_acc', math.nan):.3f} | {end.get('diversity', math.nan):.3f} |")
             if "class_logp" in end:
                 frontier.append((adherence(end["class_logp"]), end["fd"]))
-    lines.append(("flow matching, 50 Euler steps, CFG 1-2", frontier))
+    lines.append(("flow matching, 50 Euler steps, CFG 1-3", frontier))
     return "\n".join(table) + "\n", lines
 
 
