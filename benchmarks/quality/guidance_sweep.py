@@ -144,13 +144,15 @@ def frontier_fd(curves_by_setting: list[list[tuple[float, float]]], x: float) ->
     return min(found) if found else None
 
 
-def matched_gap(runs: dict[str, dict[int, dict]], name: str, step: int) -> str:
+def matched_gap(runs: dict[str, dict[int, dict]], name: str, step: int,
+                placements: tuple[Placement, ...] = PLACEMENTS) -> str:
     """FD of a TwinFlow setting minus RCGM-only's best FD at the same adherence, per seed (mean ± s.e.).
 
-    RCGM-only's frontier on each seed is every RCGM-only placement's curve
-    over its scales (guidance off first), so the comparison is at equal
-    class adherence instead of equal ``w``. Seeds where the setting's
-    adherence is beyond every RCGM-only run are counted, not compared.
+    RCGM-only's frontier on each seed is the curve of each of its
+    ``placements`` over its scales (guidance off first), so the comparison
+    is at equal class adherence instead of equal ``w``. Seeds where the
+    setting's adherence is beyond every RCGM-only run are counted, not
+    compared.
     """
     gaps, beyond = [], 0
     for seed, report in runs.get(name, {}).items():
@@ -158,11 +160,11 @@ def matched_gap(runs: dict[str, dict[int, dict]], name: str, step: int) -> str:
         if scores is None or "class_logp" not in scores:
             continue
         rcgm_curves = []
-        for placement in PLACEMENTS:
+        for placement in placements:
             if placement.twin_only:
                 continue
             points = []
-            for w in (0.0, *placement.scales):
+            for w in dict.fromkeys((0.0, *placement.scales)):
                 other = runs.get(setting_name("RCGM only", placement, w), {}).get(seed)
                 if other is not None and (found := other["curve"].get(str(step), {}).get("power/1")):
                     points.append((adherence(found["class_logp"]), found["fd"]))
@@ -223,6 +225,18 @@ def summary(task: str, results: Path, quick: bool = False) -> tuple[str, list[tu
                      f"| {end.get('class_logp', math.nan):.2g} | {end.get('class_acc', math.nan):.3f} "
                      f"| {end.get('diversity', math.nan):.3f} | {rcgm.get('fd', math.nan):.4g} "
                      f"| {rcgm.get('class_logp', math.nan):.2g} | {gap_text(gaps)} | {matched_gap(runs, name, last)} |")
+    online = PLACEMENTS[0]
+    table += ["", f"Online placement over every seed that has it: TwinFlow minus RCGM-only at {last} steps, "
+              "at the same w and at the same adherence (RCGM-only's online curve alone)", "",
+              "| w | seeds | TwinFlow FD | RCGM-only FD | same w | same adherence |", "|---:|---:|---:|---:|---|---|"]
+    for w in online.scales:
+        twin, rcgm = (runs.get(setting_name(method, online, w), {}) for method in METHODS)
+        twin_fd, rcgm_fd = per_seed(twin, last, "power/1", "fd"), per_seed(rcgm, last, "power/1", "fd")
+        if twin_fd and rcgm_fd:
+            gaps = [value - rcgm_fd[seed] for seed, value in twin_fd.items() if seed in rcgm_fd]
+            table.append(f"| {w:g} | {len(gaps)} | {statistics.fmean(twin_fd.values()):.4g} "
+                         f"| {statistics.fmean(rcgm_fd.values()):.4g} | {gap_text(gaps)} "
+                         f"| {matched_gap(runs, setting_name('TwinFlow', online, w), last, (online,))} |")
     lines = []
     for method in METHODS:
         for placement in PLACEMENTS:

@@ -251,6 +251,11 @@ class TwinFlowLoss(nn.Module):
             a fixed teacher (:class:`~twinloss.FrozenTeacher` of the
             pretrained weights) it is CFG :math:`1 + w` of that teacher,
             with no feedback (docs/quality.md, "Which guidance setting").
+            The twin terms add adherence on top of that CFG (the
+            rectification towards the guided field guides further), so the
+            same class adherence comes at a smaller ``w`` than for RCGM
+            alone: choose ``w`` by the adherence you want (docs/quality.md,
+            "Fifth round").
         guidance_interval: open interval of ``t`` where guidance applies
             (*default* ``(0, 1)``, which leaves ``t = 1`` rows alone).
         guidance_groups: the real groups whose rows get the guided target
@@ -285,10 +290,12 @@ class TwinFlowLoss(nn.Module):
             fixed point). With the default online teacher its :math:`G_u`
             joins the rectification's call (no extra call, up to half as many
             rows again in it), with any other one more guidance pass. With
-            guidance the default's gap cannot close and it made the full
-            recipe worse than RCGM-only on the digits benchmark; the
-            guidance-free field removed that (docs/quality.md, "Fourth
-            round"). Needs ``guidance_scale > 0``, ``rectify_weight > 0``,
+            guidance the default's gap cannot close; the guidance-free field
+            beat the default at the same ``w`` on the digits benchmark, but
+            by giving most of the guidance back, and at equal class
+            adherence it was behind RCGM-only at every scale
+            (docs/quality.md, "Fifth round"): an option for experiments, not
+            a recommendation. Needs ``guidance_scale > 0``, ``rectify_weight > 0``,
             ``"multi_step"`` in ``guidance_groups`` (the rows that train
             :math:`F(y, s, s)`) and ``image_free=False``.
         share_random_stream: run every model pass from the random state of
