@@ -26,13 +26,13 @@ Each runs with the twin terms (``TwinFlow``) and without (``RCGM only``),
 on the ``curves.py`` protocol (one file per task, seed and setting, in
 ``results/sweep``); the reference there is flow matching continued, scored
 at 50 Euler steps at CFG 1, 1.25, 1.5, 2 and 3 (``curves.GUIDED_REFERENCES``),
-the multi-step frontier. ``--summary`` writes ``results/sweep/summary.md``
+the multi-step frontier. ``--summary [task]`` writes ``results/sweep/summary-{task}.md``
 and the plot ``docs/img/guidance-sweep-{task}.png``.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/guidance_sweep.py --task digits --seed 0 --skip-methods      # the reference
     python benchmarks/quality/guidance_sweep.py --task digits --seed 0 --skip-fm --methods "sweep TwinFlow online"
-    python benchmarks/quality/guidance_sweep.py --summary
+    python benchmarks/quality/guidance_sweep.py --summary digits
 """
 
 import itertools
@@ -268,7 +268,7 @@ def summary(task: str, results: Path, quick: bool = False) -> tuple[str, list[tu
 def main_summary(task: str = "digits") -> None:
     results = ROOT / OUT
     text, lines = summary(task, results)
-    (results / "summary.md").write_text(text)
+    (results / f"summary-{task}.md").write_text(text)
     line_chart(lines, ROOT / "docs" / "img" / f"guidance-sweep-{task}.png",
                f"{task}: 1-NFE FD (power average, 3x) against class adherence, one point per guidance scale",
                x_label="adherence -log10(-mean log p of the asked-for label): 1 at log p = -0.1, 3 at -0.001",
