@@ -53,7 +53,7 @@ def test_summary_of_a_quick_run_pairs_twinflow_with_rcgm_only_and_draws_the_cfg_
     finally:
         torch.set_num_threads(threads)  # the benchmark pins one thread per process
     text, lines = guidance_sweep.summary("digits", tmp_path, quick=True)
-    cells = [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
     rows = {(row[0], row[1]): row for row in cells}
     online, guidance_free = rows["online", "0.5"], rows["guidance-free rectification", "0.5"]
     assert online[9] == guidance_free[9] != "nan"  # the guidance-free setting is paired with online RCGM-only
@@ -90,3 +90,17 @@ def test_frontier_interpolates_between_neighbouring_scales_and_takes_the_lowest_
     assert guidance_sweep.frontier_fd([rising, turning_back], 2.5) == pytest.approx(12.0)
     assert guidance_sweep.frontier_fd([rising, turning_back], 3.5) is None
     assert guidance_sweep.adherence(-0.1) == pytest.approx(1.0) and guidance_sweep.adherence(-0.001) == pytest.approx(3.0)
+
+
+def test_summary_on_the_ring_reports_its_sliced_wasserstein_and_no_adherence(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        guidance_sweep.curves.main(guidance_sweep.variants(), argv=[
+            "--task", "ring", "--quick", "--out", str(tmp_path), "--methods", "online w 0.2"])
+    finally:
+        torch.set_num_threads(threads)
+    text, lines = guidance_sweep.summary("ring", tmp_path, quick=True)
+    cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
+    row = next(row for row in cells if row[:2] == ["online", "0.2"])
+    assert "TwinFlow SW 1x" in text and row[6] == "nan" and row[11].endswith("ahead)") and row[12] == ""
+    assert not any(points for _, points in lines)

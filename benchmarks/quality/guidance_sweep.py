@@ -51,7 +51,8 @@ from plotting import line_chart  # noqa: E402
 import twinloss  # noqa: E402
 
 OUT = "benchmarks/quality/results/sweep"
-FIGURES = ("fd", "class_logp", "class_acc", "diversity")
+FIGURES = ("class_logp", "class_acc", "diversity")
+"""Figures averaged beside the task's primary one (FD; sliced Wasserstein ``sw`` on the ring, which has no log p)."""
 REFERENCE_CFG = (("50", 1.0), ("50-cfg1.25", 1.25), ("50-cfg1.5", 1.5), ("50-cfg2", 2.0), ("50-cfg3", 3.0))
 """The reference's keys at 50 Euler steps and their sampling CFG scale."""
 
@@ -145,7 +146,7 @@ def frontier_fd(curves_by_setting: list[list[tuple[float, float]]], x: float) ->
 
 
 def matched_gap(runs: dict[str, dict[int, dict]], name: str, step: int,
-                placements: tuple[Placement, ...] = PLACEMENTS) -> str:
+                placements: tuple[Placement, ...] = PLACEMENTS, primary: str = "fd") -> str:
     """FD of a TwinFlow setting minus RCGM-only's best FD at the same adherence, per seed (mean ± s.e.).
 
     RCGM-only's frontier on each seed is the curve of each of its
@@ -167,13 +168,13 @@ def matched_gap(runs: dict[str, dict[int, dict]], name: str, step: int,
             for w in dict.fromkeys((0.0, *placement.scales)):
                 other = runs.get(setting_name("RCGM only", placement, w), {}).get(seed)
                 if other is not None and (found := other["curve"].get(str(step), {}).get("power/1")):
-                    points.append((adherence(found["class_logp"]), found["fd"]))
+                    points.append((adherence(found["class_logp"]), found[primary]))
             rcgm_curves.append(points)
         reference = frontier_fd(rcgm_curves, adherence(scores["class_logp"]))
         if reference is None:
             beyond += 1
         else:
-            gaps.append(scores["fd"] - reference)
+            gaps.append(scores[primary] - reference)
     text = gap_text(gaps)
     if beyond:
         text += ("; " if text else "") + f"{beyond} seed(s) beyond RCGM-only's reach"
@@ -188,74 +189,82 @@ def gap_text(gaps: list[float]) -> str:
     return f"{statistics.fmean(gaps):+.3g}{spread} ({sum(gap < 0 for gap in gaps)}/{len(gaps)} ahead)"
 
 
-def figures(reports: dict[int, dict], step: int, key: str) -> dict[str, float]:
-    """Seed means of ``FIGURES`` of ``key`` at ``step`` (absent figures left out)."""
+def figures(reports: dict[int, dict], step: int, key: str, primary: str = "fd") -> dict[str, float]:
+    """Seed means of ``primary`` and ``FIGURES`` of ``key`` at ``step``, the primary one as ``"fd"`` (absent ones left out)."""
     out = {}
-    for figure in FIGURES:
-        found = per_seed(reports, step, key, figure)
+    for figure in (primary, *FIGURES):
+        found = [scores[figure] for report in reports.values()
+                 if figure in (scores := report["curve"].get(str(step), {}).get(key, {}))]
         if found:
-            out[figure] = statistics.fmean(found.values())
+            out["fd" if figure == primary else figure] = statistics.fmean(found)
     return out
 
 
 def summary(task: str, results: Path, quick: bool = False) -> tuple[str, list[tuple[str, list[tuple[float, float]]]]]:
-    """The markdown table at the last checkpoint and the (adherence, FD) lines of the plot, each in order of ``w``."""
+    """The markdown tables at the last checkpoint and the (adherence, primary figure) lines of the plot, in order of ``w``.
+
+    The primary figure is the task's (``config["primary"]``: FD, or sliced
+    Wasserstein on the ring); tasks without ``class_logp`` get no adherence
+    column entries and no plot lines.
+    """
     runs = load(results, quick=quick, scale=1.0).get(task, {})
     reference = runs.get("reference", {})
     if not reference:
         raise SystemExit(f"no {task} reference in {results}: run --skip-methods first")
     last = max(int(step) for report in reference.values() for step in report["curve"])
-    first = next(iter(reference.values()))["config"]["budget"]
-    table = [f"## {task}: 1 NFE, power average, FD at {first} and {last} fine-tune steps, the rest at {last} "
+    config = next(iter(reference.values()))["config"]
+    first, primary = config["budget"], config["primary"]
+    label = primary.upper()
+    table = [f"## {task}: 1 NFE, power average, {label} at {first} and {last} fine-tune steps, the rest at {last} "
              "(mean of seeds)", "",
-             "| placement | w | CFG trained | seeds | TwinFlow FD 1x | FD 3x | log p | class acc | diversity "
-             "| RCGM-only FD 3x | log p | TwinFlow minus RCGM-only: same w | same adherence |",
+             f"| placement | w | CFG trained | seeds | TwinFlow {label} 1x | {label} 3x | log p | class acc | diversity "
+             f"| RCGM-only {label} 3x | log p | TwinFlow minus RCGM-only: same w | same adherence |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name, (method, placement, w) in settings().items():
         reports = runs.get(name, {})
         if method != "TwinFlow" or not reports:
             continue
-        end, start = figures(reports, last, "power/1"), figures(reports, first, "power/1")
+        end, start = figures(reports, last, "power/1", primary), figures(reports, first, "power/1", primary)
         ablation = runs.get(counterpart(method, placement, w), {})
-        rcgm = figures(ablation, last, "power/1")
-        same_w = per_seed(reports, last, "power/1", "fd"), per_seed(ablation, last, "power/1", "fd")
+        rcgm = figures(ablation, last, "power/1", primary)
+        same_w = per_seed(reports, last, "power/1", primary), per_seed(ablation, last, "power/1", primary)
         gaps = [value - same_w[1][seed] for seed, value in same_w[0].items() if seed in same_w[1]]
         table.append(f"| {placement.name} | {w:g} | {placement.cfg(w):.3g} | {len(reports)} "
                      f"| {start.get('fd', math.nan):.4g} | {end.get('fd', math.nan):.4g} "
                      f"| {end.get('class_logp', math.nan):.2g} | {end.get('class_acc', math.nan):.3f} "
                      f"| {end.get('diversity', math.nan):.3f} | {rcgm.get('fd', math.nan):.4g} "
-                     f"| {rcgm.get('class_logp', math.nan):.2g} | {gap_text(gaps)} | {matched_gap(runs, name, last)} |")
+                     f"| {rcgm.get('class_logp', math.nan):.2g} | {gap_text(gaps)} | {matched_gap(runs, name, last, primary=primary)} |")
     online = PLACEMENTS[0]
     table += ["", f"Online placement over every seed that has it: TwinFlow minus RCGM-only at {last} steps, "
               "at the same w and at the same adherence (RCGM-only's online curve alone)", "",
-              "| w | seeds | TwinFlow FD | RCGM-only FD | same w | same adherence |", "|---:|---:|---:|---:|---|---|"]
+              f"| w | seeds | TwinFlow {label} | RCGM-only {label} | same w | same adherence |", "|---:|---:|---:|---:|---|---|"]
     for w in online.scales:
         twin, rcgm = (runs.get(setting_name(method, online, w), {}) for method in METHODS)
-        twin_fd, rcgm_fd = per_seed(twin, last, "power/1", "fd"), per_seed(rcgm, last, "power/1", "fd")
+        twin_fd, rcgm_fd = per_seed(twin, last, "power/1", primary), per_seed(rcgm, last, "power/1", primary)
         if twin_fd and rcgm_fd:
             gaps = [value - rcgm_fd[seed] for seed, value in twin_fd.items() if seed in rcgm_fd]
             table.append(f"| {w:g} | {len(gaps)} | {statistics.fmean(twin_fd.values()):.4g} "
                          f"| {statistics.fmean(rcgm_fd.values()):.4g} | {gap_text(gaps)} "
-                         f"| {matched_gap(runs, setting_name('TwinFlow', online, w), last, (online,))} |")
+                         f"| {matched_gap(runs, setting_name('TwinFlow', online, w), last, (online,), primary)} |")
     lines = []
     for method in METHODS:
         for placement in PLACEMENTS:
             points = []
             for w in placement.scales:
-                end = figures(runs.get(setting_name(method, placement, w), {}), last, "power/1")
+                end = figures(runs.get(setting_name(method, placement, w), {}), last, "power/1", primary)
                 if "class_logp" in end:
                     points.append((adherence(end["class_logp"]), end["fd"]))
             if placement.name != "online" and points:  # every placement starts from guidance off
-                off = figures(runs.get(setting_name(method, PLACEMENTS[0], 0.0), {}), last, "power/1")
+                off = figures(runs.get(setting_name(method, PLACEMENTS[0], 0.0), {}), last, "power/1", primary)
                 points = ([(adherence(off["class_logp"]), off["fd"])] if "class_logp" in off else []) + points
             if method == "RCGM only" and placement.twin_only:
                 continue
             lines.append((f"{method}, {placement.name}", points))  # in order of w, guidance off first
     frontier = []
-    table += ["", "| flow matching continued, 50 Euler steps, power average | FD 3x | log p | class acc "
+    table += ["", f"| flow matching continued, 50 Euler steps, power average | {label} 3x | log p | class acc "
               "| diversity |", "|---|---:|---:|---:|---:|"]
     for key, cfg in REFERENCE_CFG:
-        end = figures(reference, last, f"power/{key}")
+        end = figures(reference, last, f"power/{key}", primary)
         if end:
             table.append(f"| CFG {cfg:g} | {end['fd']:.4g} | {end.get('class_logp', math.nan):.2g} "
                          f"| {end.get('class_acc', math.nan):.3f} | {end.get('diversity', math.nan):.3f} |")
@@ -269,6 +278,9 @@ def main_summary(task: str = "digits") -> None:
     results = ROOT / OUT
     text, lines = summary(task, results)
     (results / f"summary-{task}.md").write_text(text)
+    if not any(points for _, points in lines):
+        print(text)
+        return
     line_chart(lines, ROOT / "docs" / "img" / f"guidance-sweep-{task}.png",
                f"{task}: 1-NFE FD (power average, 3x) against class adherence, one point per guidance scale",
                x_label="adherence -log10(-mean log p of the asked-for label): 1 at log p = -0.1, 3 at -0.001",
