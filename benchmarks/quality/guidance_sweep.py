@@ -207,16 +207,22 @@ def summary(task: str, results: Path, quick: bool = False) -> tuple[str, list[tu
     Wasserstein on the ring); tasks without ``class_logp`` get no adherence
     column entries and no plot lines.
     """
-    runs = load(results, quick=quick, scale=1.0).get(task, {})
-    reference = runs.get("reference", {})
+    all_runs = load(results, quick=quick, scale=1.0).get(task, {})
+    reference = all_runs.get("reference", {})
     if not reference:
         raise SystemExit(f"no {task} reference in {results}: run --skip-methods first")
     last = max(int(step) for report in reference.values() for step in report["curve"])
     config = next(iter(reference.values()))["config"]
     first, primary = config["budget"], config["primary"]
     label = primary.upper()
+    # The placements' table and the plot use the seeds every setting of the sweep has run on, so each row
+    # averages the same seeds; the online table below uses every seed.
+    present = [reports for name, reports in all_runs.items() if name in settings()]
+    shared = set.intersection(*(set(reports) for reports in present)) if present else set()
+    runs = {name: {seed: report for seed, report in reports.items() if seed in shared}
+            for name, reports in all_runs.items()}
     table = [f"## {task}: 1 NFE, power average, {label} at {first} and {last} fine-tune steps, the rest at {last} "
-             "(mean of seeds)", "",
+             f"(mean of the seeds every setting has: {sorted(shared)})", "",
              f"| placement | w | CFG trained | seeds | TwinFlow {label} 1x | {label} 3x | log p | class acc | diversity "
              f"| RCGM-only {label} 3x | log p | TwinFlow minus RCGM-only: same w | same adherence |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -239,13 +245,13 @@ def summary(task: str, results: Path, quick: bool = False) -> tuple[str, list[tu
               "at the same w and at the same adherence (RCGM-only's online curve alone)", "",
               f"| w | seeds | TwinFlow {label} | RCGM-only {label} | same w | same adherence |", "|---:|---:|---:|---:|---|---|"]
     for w in online.scales:
-        twin, rcgm = (runs.get(setting_name(method, online, w), {}) for method in METHODS)
+        twin, rcgm = (all_runs.get(setting_name(method, online, w), {}) for method in METHODS)
         twin_fd, rcgm_fd = per_seed(twin, last, "power/1", primary), per_seed(rcgm, last, "power/1", primary)
         if twin_fd and rcgm_fd:
             gaps = [value - rcgm_fd[seed] for seed, value in twin_fd.items() if seed in rcgm_fd]
             table.append(f"| {w:g} | {len(gaps)} | {statistics.fmean(twin_fd.values()):.4g} "
                          f"| {statistics.fmean(rcgm_fd.values()):.4g} | {gap_text(gaps)} "
-                         f"| {matched_gap(runs, setting_name('TwinFlow', online, w), last, (online,), primary)} |")
+                         f"| {matched_gap(all_runs, setting_name('TwinFlow', online, w), last, (online,), primary)} |")
     lines = []
     for method in METHODS:
         for placement in PLACEMENTS:
@@ -264,7 +270,7 @@ def summary(task: str, results: Path, quick: bool = False) -> tuple[str, list[tu
     table += ["", f"| flow matching continued, 50 Euler steps, power average | {label} 3x | log p | class acc "
               "| diversity |", "|---|---:|---:|---:|---:|"]
     for key, cfg in REFERENCE_CFG:
-        end = figures(reference, last, f"power/{key}", primary)
+        end = figures(runs["reference"], last, f"power/{key}", primary)
         if end:
             table.append(f"| CFG {cfg:g} | {end['fd']:.4g} | {end.get('class_logp', math.nan):.2g} "
                          f"| {end.get('class_acc', math.nan):.3f} | {end.get('diversity', math.nan):.3f} |")
