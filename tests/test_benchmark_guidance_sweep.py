@@ -89,7 +89,11 @@ def test_frontier_interpolates_between_neighbouring_scales_and_takes_the_lowest_
     assert guidance_sweep.frontier_fd([rising, turning_back], at) == pytest.approx(min(15.0, 25 - 13 * 1.25 / 1.5, 19.0))
     assert guidance_sweep.frontier_fd([rising, turning_back], 2.5) == pytest.approx(12.0)
     assert guidance_sweep.frontier_fd([rising, turning_back], 3.5) is None
+
+
+def test_adherence_is_minus_log10_of_minus_the_mean_log_p():
     assert guidance_sweep.adherence(-0.1) == pytest.approx(1.0) and guidance_sweep.adherence(-0.001) == pytest.approx(3.0)
+    assert guidance_sweep.adherence(0.0) == pytest.approx(12.0)  # a perfectly confident classifier: capped, not inf
 
 
 def test_summary_on_the_ring_reports_its_sliced_wasserstein_and_no_adherence(tmp_path):
