@@ -36,7 +36,7 @@ def test_each_setting_builds_its_placement_at_its_scale_and_twin_settings_have_a
     if placement.name != "frozen teacher" and w > 0:
         assert isinstance(loss.guidance_teacher, twinloss.OnlineTeacher)
     if method == "TwinFlow":
-        ablation_name = guidance_sweep.counterpart(method, placement, w)
+        ablation_name = guidance_sweep.counterpart(placement, w)
         ablation = guidance_sweep.variants()[ablation_name](pretrained)
         assert is_rcgm(ablation) and ablation.guidance_scale == w
         assert ablation.guidance_groups == loss.guidance_groups

@@ -120,7 +120,7 @@ def variants() -> dict[str, curves.MethodFactory]:
 
 
 # ----------------------------------------------------------------------------- summary
-def counterpart(method: str, placement: Placement, w: float) -> str:
+def counterpart(placement: Placement, w: float) -> str:
     """The RCGM-only run that ablates the twin terms of a TwinFlow setting."""
     return setting_name("RCGM only", PLACEMENTS[0] if placement.twin_only else placement, w)
 
@@ -231,7 +231,7 @@ def summary(task: str, results: Path, quick: bool = False) -> tuple[str, list[tu
         if method != "TwinFlow" or not reports:
             continue
         end, start = figures(reports, last, "power/1", primary), figures(reports, first, "power/1", primary)
-        ablation = runs.get(counterpart(method, placement, w), {})
+        ablation = runs.get(counterpart(placement, w), {})
         rcgm = figures(ablation, last, "power/1", primary)
         same_w = per_seed(reports, last, "power/1", primary), per_seed(ablation, last, "power/1", primary)
         gaps = [value - same_w[1][seed] for seed, value in same_w[0].items() if seed in same_w[1]]
