@@ -43,23 +43,33 @@ def test_each_setting_builds_its_placement_at_its_scale_and_twin_settings_have_a
         assert type(ablation.guidance_teacher) is type(loss.guidance_teacher)
 
 
-def test_summary_of_a_quick_run_pairs_twinflow_with_rcgm_only_and_draws_the_cfg_frontier(tmp_path):
+def test_summary_of_a_quick_run_pairs_twinflow_with_rcgm_only_on_shared_and_on_all_seeds_and_draws_the_cfg_frontier(
+        tmp_path):
     threads = torch.get_num_threads()
     try:
         guidance_sweep.curves.main(guidance_sweep.variants(), argv=[
             "--task", "digits", "--quick", "--out", str(tmp_path),
             "--methods", "sweep TwinFlow online w 0.5", "--methods", "sweep RCGM only online w 0.5",
             "--methods", "sweep TwinFlow guidance-free rectification w 0.5"])
+        guidance_sweep.curves.main(guidance_sweep.variants(), argv=[  # a second seed for the online pair only
+            "--task", "digits", "--quick", "--out", str(tmp_path), "--seed", "1", "--skip-fm",
+            "--methods", "sweep TwinFlow online w 0.5", "--methods", "sweep RCGM only online w 0.5"])
     finally:
         torch.set_num_threads(threads)  # the benchmark pins one thread per process
     text, lines = guidance_sweep.summary("digits", tmp_path, quick=True)
-    cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
+    assert "the seeds every setting has: [0]" in text  # the placements' table: seed 0 alone
+    shared, more = text.split("Settings run on more seeds than those")
+    assert "| online | 0.5 | 2 |" in more and "guidance-free" not in more
+    def table_rows(part: str) -> list[list[str]]:
+        return [[cell.strip() for cell in line.split("|")[1:-1]] for line in part.splitlines() if line.startswith("| ")]
+
+    cells = table_rows(shared)
     rows = {(row[0], row[1]): row for row in cells}
     online, guidance_free = rows["online", "0.5"], rows["guidance-free rectification", "0.5"]
     assert online[9] == guidance_free[9] != "nan"  # the guidance-free setting is paired with online RCGM-only
     assert online[11].endswith(("(0/1 ahead)", "(1/1 ahead)"))
     assert online[12].endswith(("ahead)", "beyond RCGM-only's reach"))
-    assert {"CFG 1", "CFG 1.25", "CFG 1.5", "CFG 2", "CFG 3"} <= {row[0] for row in cells}
+    assert {"CFG 1", "CFG 1.25", "CFG 1.5", "CFG 2", "CFG 3"} <= {row[0] for row in table_rows(more)}
     drawn = dict(lines)
     assert len(drawn["flow matching, 50 Euler steps, CFG 1-3"]) == 5
     assert len(drawn["TwinFlow, online"]) == 1 and len(drawn["RCGM only, online"]) == 1

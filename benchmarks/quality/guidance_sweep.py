@@ -240,18 +240,21 @@ def summary(task: str, results: Path, quick: bool = False) -> tuple[str, list[tu
                      f"| {end.get('class_logp', math.nan):.2g} | {end.get('class_acc', math.nan):.3f} "
                      f"| {end.get('diversity', math.nan):.3f} | {rcgm.get('fd', math.nan):.4g} "
                      f"| {rcgm.get('class_logp', math.nan):.2g} | {gap_text(gaps)} | {matched_gap(runs, name, last, primary=primary)} |")
-    online = PLACEMENTS[0]
-    table += ["", f"Online placement over every seed that has it: TwinFlow minus RCGM-only at {last} steps, "
-              "at the same w and at the same adherence (RCGM-only's online curve alone)", "",
-              f"| w | seeds | TwinFlow {label} | RCGM-only {label} | same w | same adherence |", "|---:|---:|---:|---:|---|---|"]
-    for w in online.scales:
-        twin, rcgm = (all_runs.get(setting_name(method, online, w), {}) for method in METHODS)
+    online, more = PLACEMENTS[0], []
+    for name, (method, placement, w) in settings().items():
+        twin, rcgm = all_runs.get(name, {}), all_runs.get(counterpart(placement, w), {})
+        if method != "TwinFlow" or len(twin) <= len(shared):
+            continue
         twin_fd, rcgm_fd = per_seed(twin, last, "power/1", primary), per_seed(rcgm, last, "power/1", primary)
-        if twin_fd and rcgm_fd:
-            gaps = [value - rcgm_fd[seed] for seed, value in twin_fd.items() if seed in rcgm_fd]
-            table.append(f"| {w:g} | {len(gaps)} | {statistics.fmean(twin_fd.values()):.4g} "
-                         f"| {statistics.fmean(rcgm_fd.values()):.4g} | {gap_text(gaps)} "
-                         f"| {matched_gap(all_runs, setting_name('TwinFlow', online, w), last, (online,), primary)} |")
+        gaps = [value - rcgm_fd[seed] for seed, value in twin_fd.items() if seed in rcgm_fd]
+        more.append(f"| {placement.name} | {w:g} | {len(gaps)} | {statistics.fmean(twin_fd.values()):.4g} "
+                    f"| {statistics.fmean(rcgm_fd.values()):.4g} | {gap_text(gaps)} "
+                    f"| {matched_gap(all_runs, name, last, (online,), primary)} |")
+    if more:
+        table += ["", f"Settings run on more seeds than those: TwinFlow minus RCGM-only at {last} steps over every "
+                  "seed, at the same w and at the same adherence (RCGM-only's online curve, which every seed has)", "",
+                  f"| placement | w | seeds | TwinFlow {label} | RCGM-only {label} | same w | same adherence |",
+                  "|---|---:|---:|---:|---:|---|---|", *more]
     lines = []
     for method in METHODS:
         for placement in PLACEMENTS:
