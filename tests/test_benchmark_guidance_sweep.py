@@ -68,7 +68,7 @@ def test_summary_of_a_quick_run_pairs_twinflow_with_rcgm_only_on_shared_and_on_a
     online, guidance_free = rows["online", "0.5"], rows["guidance-free rectification", "0.5"]
     assert online[9] == guidance_free[9] != "nan"  # the guidance-free setting is paired with online RCGM-only
     assert online[11].endswith(("(0/1 ahead)", "(1/1 ahead)"))
-    assert online[12].endswith(("ahead)", "beyond RCGM-only's reach"))
+    assert online[12].endswith(("ahead)", "outside RCGM-only's range"))
     assert {"CFG 1", "CFG 1.25", "CFG 1.5", "CFG 2", "CFG 3"} <= {row[0] for row in table_rows(more)}
     drawn = dict(lines)
     assert len(drawn["flow matching, 50 Euler steps, CFG 1-3"]) == 5
@@ -91,13 +91,15 @@ def test_patch_evaluator_log_p_is_the_classifiers_log_probability_of_the_asked_f
     assert evaluator.score(samples, wrong)["class_logp"] < scores["class_logp"]
 
 
-def test_frontier_interpolates_between_neighbouring_scales_and_takes_the_lowest_curve():
+def test_frontier_interpolates_between_rising_neighbouring_scales_and_takes_the_lowest_curve():
     rising = [(1.0, 20.0), (2.0, 10.0), (3.0, 30.0)]  # in order of w
     turning_back = [(1.0, 25.0), (2.5, 12.0), (1.5, 40.0)]  # the last scale breaks and loses adherence
     assert guidance_sweep.frontier_fd([rising], 1.5) == pytest.approx(15.0)
-    at = 2.25  # rising: 15; turning back, first segment: 25 - 13 * 1.25 / 1.5; second: 12 + 28 * 0.25
-    assert guidance_sweep.frontier_fd([rising, turning_back], at) == pytest.approx(min(15.0, 25 - 13 * 1.25 / 1.5, 19.0))
+    at = 2.25  # rising: 15; turning back, its first segment: 25 - 13 * 1.25 / 1.5 (the way back is not read)
+    assert guidance_sweep.frontier_fd([rising, turning_back], at) == pytest.approx(min(15.0, 25 - 13 * 1.25 / 1.5))
     assert guidance_sweep.frontier_fd([rising, turning_back], 2.5) == pytest.approx(12.0)
+    broken = [(1.0, 25.0), (2.5, 12.0), (0.5, 200.0)]  # the last scale breaks below guidance off's adherence
+    assert guidance_sweep.frontier_fd([broken], 0.75) is None
     assert guidance_sweep.frontier_fd([rising, turning_back], 3.5) is None
 
 

@@ -133,14 +133,20 @@ def adherence(class_logp: float) -> float:
 def frontier_fd(curves_by_setting: list[list[tuple[float, float]]], x: float) -> float | None:
     """The lowest FD the (adherence, FD) curves reach at adherence ``x``, interpolated linearly between neighbouring scales.
 
-    Each curve is in order of ``w``; a curve that turns back (samples that
-    break at a large ``w`` lose adherence again) contributes every segment
-    that spans ``x``. ``None`` when no segment spans ``x``.
+    Each curve is in order of ``w`` and is read up to the scale where its
+    adherence stops rising: past it the samples break (at a large ``w`` they
+    lose adherence again), and a segment back would compare with broken
+    samples. ``None`` when no segment spans ``x``.
     """
     found = []
     for points in curves_by_setting:
-        for (x0, y0), (x1, y1) in itertools.pairwise(points):
-            if min(x0, x1) <= x <= max(x0, x1):
+        rising = points[:1]
+        for point in points[1:]:
+            if point[0] < rising[-1][0]:
+                break
+            rising.append(point)
+        for (x0, y0), (x1, y1) in itertools.pairwise(rising):
+            if x0 <= x <= x1:
                 found.append(y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0))
     return min(found) if found else None
 
@@ -177,7 +183,7 @@ def matched_gap(runs: dict[str, dict[int, dict]], name: str, step: int,
             gaps.append(scores[primary] - reference)
     text = gap_text(gaps)
     if beyond:
-        text += ("; " if text else "") + f"{beyond} seed(s) beyond RCGM-only's reach"
+        text += ("; " if text else "") + f"{beyond} seed(s) outside RCGM-only's range"
     return text
 
 
