@@ -251,11 +251,12 @@ class TwinFlowLoss(nn.Module):
             a fixed teacher (:class:`~twinloss.FrozenTeacher` of the
             pretrained weights) it is CFG :math:`1 + w` of that teacher,
             with no feedback (docs/quality.md, "Which guidance setting").
-            The twin terms add adherence on top of that CFG (the
-            rectification towards the guided field guides further), so the
-            same class adherence comes at a smaller ``w`` than for RCGM
-            alone: choose ``w`` by the adherence you want (docs/quality.md,
-            "Fifth round").
+            Where guidance can sharpen the classes the twin terms add
+            adherence on top of that CFG (the rectification towards the
+            guided field guides further; measured on the digits benchmark),
+            so the same class adherence comes at a smaller ``w`` than for
+            RCGM alone: choose ``w`` by the adherence you want
+            (docs/quality.md, "Fifth round").
         guidance_interval: open interval of ``t`` where guidance applies
             (*default* ``(0, 1)``, which leaves ``t = 1`` rows alone).
         guidance_groups: the real groups whose rows get the guided target
