@@ -158,8 +158,8 @@ def matched_gap(runs: dict[str, dict[int, dict]], name: str, step: int,
     RCGM-only's frontier on each seed is the curve of each of its
     ``placements`` over its scales (guidance off first), so the comparison
     is at equal class adherence instead of equal ``w``. Seeds where the
-    setting's adherence is beyond every RCGM-only run are counted, not
-    compared.
+    setting's adherence lies outside the range the RCGM-only runs span are
+    counted, not compared.
     """
     gaps, beyond = [], 0
     for seed, report in runs.get(name, {}).items():
@@ -172,7 +172,8 @@ def matched_gap(runs: dict[str, dict[int, dict]], name: str, step: int,
                 continue
             points = []
             for w in dict.fromkeys((0.0, *placement.scales)):
-                other = runs.get(setting_name("RCGM only", placement, w), {}).get(seed)
+                source = PLACEMENTS[0] if w == 0 else placement  # guidance off is one run, named online w 0
+                other = runs.get(setting_name("RCGM only", source, w), {}).get(seed)
                 if other is not None and (found := other["curve"].get(str(step), {}).get("power/1")):
                     points.append((adherence(found["class_logp"]), found[primary]))
             rcgm_curves.append(points)
