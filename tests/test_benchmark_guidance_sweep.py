@@ -120,3 +120,13 @@ def test_summary_on_the_ring_reports_its_sliced_wasserstein_and_no_adherence(tmp
     row = next(row for row in cells if row[:2] == ["online", "0.2"])
     assert "TwinFlow SW 1x" in text and row[6] == "nan" and row[11].endswith("ahead)") and row[12] == ""
     assert not any(points for _, points in lines)
+
+
+def test_equal_adherence_gap_starts_every_rcgm_only_curve_from_the_one_guidance_off_run():
+    def run(log_p: float, fd: float) -> dict:
+        return {0: {"curve": {"3000": {"power/1": {"fd": fd, "class_logp": log_p}}}}}
+
+    runs = {"sweep RCGM only online w 0": run(-0.1, 20.0),  # adherence 1
+            "sweep RCGM only any-step rows w 0.25": run(-0.01, 10.0),  # adherence 2
+            "sweep TwinFlow any-step rows w 0.25": run(-10 ** -1.5, 12.0)}  # adherence 1.5: RCGM-only's 15 there
+    assert guidance_sweep.matched_gap(runs, "sweep TwinFlow any-step rows w 0.25", 3000) == "-3 (1/1 ahead)"
