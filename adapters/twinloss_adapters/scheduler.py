@@ -14,6 +14,14 @@ pipeline makes (``twinloss_adapters.pipelines`` connects the two).
 
 Units: ``timesteps = num_train_timesteps * s`` as in every diffusers flow-match
 scheduler; ``sigmas`` are the schedule times ``s_0, ..., s_K = 0``.
+
+Heun (multi mode, ``heun=True``) makes two model calls per step, as diffusers'
+``FlowMatchHeunDiscreteScheduler`` does (``order = 2``): ``timesteps`` lists
+every call, ``s_0, s_1, s_1, s_2, ..., s_{K-1}, s_K``, and ``sigmas`` follows
+them (the time of call ``i`` is ``sigmas[i]``, then a final 0), as pipelines
+that read ``sigmas[i]`` in their loop expect. The first call of a step
+returns the Euler point, the second the corrected state of
+:func:`twinloss.sampling.multi_step`.
 """
 
 import contextlib
@@ -67,6 +75,8 @@ class _TwinFlowSchedulerBody:
         end_gap: the last jump starts at ``1 - w(1 - end_gap)`` (*default*
             ``None``: no gap); needs at least two inference steps.
         kumaraswamy: ``(a, b, c)`` warp of the progress variable (*default* ``None``: identity).
+        heun: Heun's second-order correction in multi mode, two model calls
+            per step (*default* False; any other mode raises).
 
     Raises:
         ValueError: naming the argument that is out of range.
@@ -83,12 +93,16 @@ class _TwinFlowSchedulerBody:
         start_gap: float = 0.0,
         end_gap: float | None = None,
         kumaraswamy: tuple[float, float, float] | list[float] | None = None,
+        heun: bool = False,
     ) -> None:
         check_int(num_train_timesteps, "num_train_timesteps", minimum=1)
-        check_sampler_settings(mode=mode, stochastic_ratio=stochastic_ratio, **self._schedule_keywords())
+        check_sampler_settings(mode=mode, stochastic_ratio=stochastic_ratio, heun=heun, **self._schedule_keywords())
+        self.order = 2 if heun else 1  # model calls per step, read by pipelines' progress bars
         self.sigmas: Tensor | None = None
         self.timesteps: Tensor | None = None
         self.num_inference_steps: int | None = None
+        self._knots: Tensor | None = None  # s_0, ..., s_K (``sigmas`` without Heun)
+        self._heun_start: tuple[Tensor, Tensor] | None = None  # (x_k, F(x_k, s_k, s_k)) between a step's two calls
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._generator: torch.Generator | list[torch.Generator] | None = None
@@ -115,7 +129,10 @@ class _TwinFlowSchedulerBody:
 
     @property
     def step_index(self) -> int | None:
-        """The step about to be taken; ``None`` before the first :meth:`step` after :meth:`set_timesteps`."""
+        """The call about to be made (an index into ``timesteps``; the step itself without Heun).
+
+        ``None`` before the first :meth:`step` after :meth:`set_timesteps`.
+        """
         return self._step_index
 
     @property
@@ -167,10 +184,14 @@ class _TwinFlowSchedulerBody:
                 )
         schedule = time_schedule(num_inference_steps, **self._schedule_keywords(), device=device or "cpu")
         self.num_inference_steps = num_inference_steps
-        self.sigmas = schedule
-        self.timesteps = schedule[:-1] * self.config.num_train_timesteps
+        self._knots = schedule
+        # Heun calls the model at s_k, then at s_{k+1}: s_0, s_1, s_1, s_2, ..., s_{K-1}, s_K.
+        call_times = torch.stack([schedule[:-1], schedule[1:]], 1).flatten() if self.order == 2 else schedule[:-1]
+        self.sigmas = torch.cat([call_times, schedule[-1:]])  # each call's time, then 0: the schedule without Heun
+        self.timesteps = call_times * self.config.num_train_timesteps
         self._step_index = None
         self._begin_index = None
+        self._heun_start = None
 
     def step(
         self,
@@ -180,13 +201,14 @@ class _TwinFlowSchedulerBody:
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
     ) -> TwinFlowSchedulerOutput | tuple[Tensor]:
-        """Take step ``k`` from ``s_k`` to ``s_{k+1}`` with the mode's step function.
+        """Take step ``k`` from ``s_k`` to ``s_{k+1}`` with the mode's step function (with Heun, half of it).
 
         Args:
-            model_output: the velocity the model returned at ``(sample, s_k,
-                target_time(s_k))``, in twinloss convention (``z - x``).
-            timestep: ``timesteps[k]`` (checked).
-            sample: the state at ``s_k``.
+            model_output: the velocity the model returned at ``(sample, t,
+                target_time(t))`` for this call's time ``t`` (``s_k``; with
+                Heun's second call ``s_{k+1}``), in twinloss convention (``z - x``).
+            timestep: ``timesteps[i]`` of this call (checked).
+            sample: the state at ``s_k`` (Heun's second call: the Euler point it returned).
             generator: draws the fresh noise of few mode (*default*: the one
                 bound by :meth:`noise_generator`, else the global RNG).
 
@@ -202,7 +224,8 @@ class _TwinFlowSchedulerBody:
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}")
         work = at_least_float32(sample.dtype)
-        s, s_next = self.sigmas[index].to(sample.device, work), self.sigmas[index + 1].to(sample.device, work)
+        step = index // self.order
+        s, s_next = self._knots[step].to(sample.device, work), self._knots[step + 1].to(sample.device, work)
         velocity = model_output.to(work)
 
         def evaluated(x: Tensor, s_call: Tensor, r_call: Tensor) -> Tensor:
@@ -218,22 +241,37 @@ class _TwinFlowSchedulerBody:
                 generator=generator if generator is not None else self._generator,
                 stochastic_ratio=float(self.config.stochastic_ratio),
             )
+        elif self.order == 2:
+            x = self._heun_call(velocity, sample.to(work), s, s_next, first=index % 2 == 0)
         else:
             x = (any_step if mode == "any" else multi_step)(evaluated, sample.to(work), s, s_next)
         self._step_index = index + 1
         prev_sample = x.to(sample.dtype)
         return TwinFlowSchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
+    def _heun_call(self, velocity: Tensor, x: Tensor, s: Tensor, s_next: Tensor, *, first: bool) -> Tensor:
+        """One of a Heun step's two calls: the Euler point, then :func:`multi_step` with ``heun=True``."""
+        if first:
+            self._heun_start = (x, velocity)
+            return multi_step(lambda *_: velocity, x, s, s_next)
+        if self._heun_start is None:
+            raise ValueError("Heun's second call came without its first: call step once per timestep, in order")
+        start, slope = self._heun_start
+        self._heun_start = None
+        slopes = iter((slope, velocity))  # F(x_k, s_k, s_k), then F at the Euler point at s_{k+1}
+        return multi_step(lambda *_: next(slopes), start, s, s_next, heun=True)
+
     # --- what the adapted transformer asks ---------------------------------------------
 
     def target_time(self, t: Float[Tensor, " batch"]) -> Float[Tensor, " batch"]:
-        """The target time ``r`` of the current step for a model call at times ``t`` (twinloss units).
+        """The target time ``r`` of the current call at times ``t`` (twinloss units).
 
         few: ``0``; any: ``min(s_{k+1}, t)``; multi: ``t`` itself.
 
         Raises:
             ValueError: before :meth:`set_timesteps`, past the last step, or
-                if ``t`` is not the current knot ``s_k`` (to within 1e-2).
+                if ``t`` is not the current call's time (``s_k``, or with
+                Heun's second call ``s_{k+1}``) to within 1e-2.
         """
         index = self._current_index()
         knot = float(self.sigmas[index])
@@ -246,7 +284,7 @@ class _TwinFlowSchedulerBody:
         if mode == "few":
             return torch.zeros_like(t)
         if mode == "any":
-            return torch.clamp(torch.full_like(t, float(self.sigmas[index + 1])), max=t)
+            return torch.clamp(torch.full_like(t, float(self._knots[index + 1])), max=t)  # one call per step here
         return t.clone()
 
     @contextlib.contextmanager
@@ -266,8 +304,9 @@ class _TwinFlowSchedulerBody:
         if self.sigmas is None:
             raise ValueError("set_timesteps has not been called on this TwinFlowScheduler")
         index = self._step_index if self._step_index is not None else (self._begin_index or 0)
-        if index >= self.num_inference_steps:
-            raise ValueError(f"the schedule has {self.num_inference_steps} steps; step {index} is past its end")
+        if index >= len(self.timesteps):
+            calls = f" ({len(self.timesteps)} calls)" if self.order == 2 else ""
+            raise ValueError(f"the schedule has {self.num_inference_steps} steps{calls}; step {index} is past its end")
         return index
 
     def __len__(self) -> int:

@@ -128,8 +128,9 @@ def check_sampler_settings(
     end_gap: float | None,
     kumaraswamy: tuple[float, float, float] | None,
     steps: int = 2,
+    heun: bool = False,
 ) -> None:
-    """Raise ValueError naming the first sampler setting out of range.
+    """Raise ValueError naming the first sampler setting out of range (``heun`` needs multi mode).
 
     Shared by :class:`AnyStepSampler` and the diffusers ``TwinFlowScheduler``;
     the schedule arguments are checked through :func:`time_schedule` at
@@ -140,6 +141,8 @@ def check_sampler_settings(
         raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
     if not (0.0 <= stochastic_ratio <= 1.0):
         raise ValueError(f"stochastic_ratio must lie in [0, 1], got {stochastic_ratio}")
+    if heun and mode != "multi":
+        raise ValueError(f"heun=True applies to mode='multi' only, got mode={mode!r}")
     time_schedule(steps, start_gap=start_gap, end_gap=end_gap, kumaraswamy=kumaraswamy)
 
 
@@ -363,9 +366,8 @@ class AnyStepSampler(nn.Module):
             end_gap=end_gap,
             kumaraswamy=kumaraswamy,
             steps=steps,
+            heun=heun,
         )
-        if heun and mode != "multi":
-            raise ValueError(f"heun=True applies to mode='multi' only, got mode={mode!r}")
         if not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
         self.steps = steps

@@ -38,6 +38,33 @@ def test_scheduler_walks_the_sampler_trajectory_step_for_step(steps, options):
     assert scheduler.step_index == steps
 
 
+def test_heun_makes_two_calls_per_step_and_lands_where_the_heun_sampler_does(tmp_path):
+    model = TinyVelocityNet((2, 3))
+    noise = torch.randn(4, 2, 3)
+    options = dict(mode="multi", kumaraswamy=(1.17, 0.8, 1.1))
+    expected = twinloss.AnyStepSampler(3, heun=True, **options)(model, noise).sample
+    euler = twinloss.AnyStepSampler(3, **options)(model, noise).sample
+    TwinFlowScheduler(heun=True, **options).save_pretrained(tmp_path)
+    scheduler = TwinFlowScheduler.from_pretrained(tmp_path)  # heun is part of the saved config
+    scheduler.set_timesteps(3)
+    knots = twinloss.AnyStepSampler(3, **options).schedule()
+    call_times = torch.stack([knots[:-1], knots[1:]], 1).flatten()  # s0 s1 s1 s2 s2 s3
+    assert scheduler.order == 2
+    assert_close(scheduler.timesteps, 1000 * call_times)
+    assert_close(scheduler.sigmas, torch.cat([call_times, knots[-1:]]))  # sigmas[i] is call i's time, as pipelines read it
+    calls, x = [], noise
+    for timestep in scheduler.timesteps:
+        t = (timestep / 1000).to(torch.float32).expand(4)
+        r = scheduler.target_time(t)
+        calls.append((float(t[0]), float(r[0])))
+        x = scheduler.step(model(x, t, r), timestep, x).prev_sample
+    assert_close(x, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(x, euler, rtol=1e-4, atol=1e-4)  # the correction changed the walk
+    assert [t for t, _ in calls] == pytest.approx((scheduler.timesteps / 1000).tolist())
+    assert all(t == r for t, r in calls)  # the instantaneous field at both calls
+    assert scheduler.step_index == 6
+
+
 def test_target_time_per_mode():
     t = torch.full((3,), 0.75)
     for mode, r in (("few", 0.0), ("any", 0.5), ("multi", 0.75)):
@@ -91,6 +118,7 @@ def test_pipeline_default_sigmas_are_accepted_and_custom_ones_refused():
         (lambda: TwinFlowScheduler(stochastic_ratio=1.5), "^stochastic_ratio "),
         (lambda: TwinFlowScheduler(end_gap=1.0), "^end_gap "),
         (lambda: TwinFlowScheduler(kumaraswamy=(1.0, -1.0, 1.0)), "^kumaraswamy "),
+        (lambda: TwinFlowScheduler(mode="any", heun=True), "^heun=True applies to mode='multi' only"),
         (lambda: TwinFlowScheduler(end_gap=0.5).set_timesteps(1), "^end_gap needs steps >= 2"),
         (lambda: TwinFlowScheduler().step(torch.zeros(1, 2), 1000.0, torch.zeros(1, 2)), "^set_timesteps has not been"),
         (lambda: TwinFlowScheduler.from_preset("nope"), "^preset 'nope' is unknown"),
