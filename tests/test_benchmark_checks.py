@@ -95,16 +95,27 @@ def test_paired_gap_reports_the_mean_seed_paired_difference_its_standard_error_a
     assert paired_gap({0: 1.0}, {1: 1.0}) == "no common seed"
 
 
-def test_task_checks_adds_the_like_for_like_cfg2_line_for_the_guided_recipe_only_when_every_reference_has_it():
+def test_task_checks_adds_the_like_for_like_cfg2_lines_for_the_guided_recipe_only_when_every_reference_has_them():
     curve = {1000: {"fd": 1.0, "diversity": 1.0}, 3000: {"fd": 1.0, "diversity": 1.0}}
     reference = _report({1000: {"fd": 0.5}, 3000: {"fd": 0.2}}, "power/4")
     for step, scores in {1000: {"fd": 1.0}, 3000: {"fd": 0.95}}.items():
-        reference["curve"][str(step)].update({"power/50": {"fd": 0.2}, "power/50-cfg2": scores})
-    reference.update(data={"diversity": 1.0}, start={"50-cfg2": {"fd": 1.2}})
+        reference["curve"][str(step)].update({"power/50": {"fd": 0.2}, "power/50-cfg2": scores,
+                                              "power/4-cfg2": {"fd": 0.9 if step == 1000 else 5.0}})
+    reference.update(data={"diversity": 1.0}, start={"50-cfg2": {"fd": 1.2}, "4-cfg2": {"fd": 2.0}})
     runs = {"TwinFlow defaults": {0: _report(curve)}, "RCGM only, defaults": {0: _report(curve)},
             "reference": {0: reference}}
-    like_for_like = [line for line in curves_summary.task_checks("patches", runs) if "CFG 2" in line and "| power |" in line]
-    assert like_for_like == ["patches | w 0.5 (defaults) | power | (B, like for like) 3x within 1.1x of FM50 at CFG 2: "
-                             "1 vs 1.1*0.95=1.045 PASS [1 seeds, fewer than 3]"]
+
+    def like_for_like() -> list[str]:
+        return [line for line in curves_summary.task_checks("patches", runs) if "CFG 2" in line and "| power |" in line]
+
+    assert like_for_like() == [
+        "patches | w 0.5 (defaults) | power | (B, like for like) 1x at most FM4 at CFG 2: 1 vs 0.9 FAIL "
+        "[1 seeds, fewer than 3]",
+        "patches | w 0.5 (defaults) | power | (B, like for like) 3x within 1.1x of FM50 at CFG 2: "
+        "1 vs 1.1*0.95=1.045 PASS [1 seeds, fewer than 3]",
+    ]
+    del reference["start"]["4-cfg2"]  # a reference run before 4 steps at CFG 2 was added: only the 50-step line
+    assert [line.split(" | ")[3].split(":")[0] for line in like_for_like()] == [
+        "(B, like for like) 3x within 1.1x of FM50 at CFG 2"]
     del reference["start"]["50-cfg2"]
     assert not [line for line in curves_summary.task_checks("patches", runs) if "CFG 2" in line]

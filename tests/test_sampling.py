@@ -23,6 +23,18 @@ def test_uniform_schedule_and_endpoints():
     assert_close(warped[:-1], 1 - (1 - (1 - progress**2.0) ** 1.5) ** 1.0)
 
 
+@pytest.mark.parametrize("shift", [0.5, 3.0, float(torch.e) ** 1.15])
+def test_shifted_schedule_is_the_resolution_shift_of_the_unshifted_one(shift):
+    for options in (dict(), dict(start_gap=0.001, end_gap=0.4, kumaraswamy=(1.17, 0.8, 1.1))):
+        plain = time_schedule(4, dtype=torch.float64, **options)
+        shifted = time_schedule(4, shift=shift, dtype=torch.float64, **options)
+        assert_close(shifted, shift * plain / (1 + (shift - 1) * plain))  # diffusers' static shift, written out
+        assert shifted[-1] == 0 and (shifted[0] == 1) == ("start_gap" not in options)  # 0 and 1 stay put
+        assert bool((shifted[1:-1] > plain[1:-1]).all()) == (shift > 1)
+        sampler = AnyStepSampler(4, shift=shift, **options)
+        assert_close(sampler.schedule(dtype=torch.float64), shifted)
+
+
 def test_warp_acts_on_progress_as_the_authors_do():
     """Their multi-step setting (1.17, 0.8, 1.1) at K = 4 (docs/method.md, section 5)."""
     schedule = time_schedule(4, kumaraswamy=(1.17, 0.8, 1.1), dtype=torch.float64)
@@ -122,6 +134,7 @@ def test_guidance_is_one_batched_call_per_step():
         (lambda: AnyStepSampler(2, stochastic_ratio=2.0), "^stochastic_ratio"),
         (lambda: AnyStepSampler(2, kumaraswamy=(1.0, 0.0, 1.0)), "^kumaraswamy"),
         (lambda: AnyStepSampler(2, start_gap=-0.1), "^start_gap"),
+        (lambda: AnyStepSampler(2, shift=0.0), "^shift must be a finite number > 0, got 0.0"),
         (lambda: AnyStepSampler(2, start_gap=0.5, end_gap=0.5), "^start_gap \\+ end_gap"),
         (lambda: AnyStepSampler.from_preset("qwenimage_8nfe"), "^preset 'qwenimage_8nfe' is unknown"),
         (lambda: AnyStepSampler.from_preset("qwenimage_4nfe", steps=2), r"^overrides \['steps'\]"),

@@ -47,6 +47,17 @@ def test_shift_formula_and_direction():
     assert shifted.mean() > base.mean()  # mass moves towards noise
 
 
+def test_resolution_shift_keeps_the_ends_and_matches_the_quotient_in_float64():
+    from twinloss.time_distributions import resolution_shift
+
+    t = torch.tensor([0.0, 1e-6, 0.25, 0.5, 0.9, 1.0], dtype=torch.float64)
+    for shift in (0.3, 1.0, 3.0, 1e6):
+        shifted = resolution_shift(t, shift)
+        assert shifted.dtype == torch.float64 and shifted[0] == 0 and shifted[-1] == 1
+        assert_close(shifted, shift * t / (1 + (shift - 1) * t), rtol=1e-12, atol=1e-15)
+    assert resolution_shift(t.float(), 3.0).dtype == torch.float32
+
+
 def test_kumaraswamy_warp_endpoints_and_monotone():
     u = torch.linspace(0, 1, 101, dtype=torch.float64)
     w = kumaraswamy_warp(u, 1.5, 2.0, 0.7)

@@ -112,7 +112,8 @@ def twinflow_pipeline(
         preset: a name in ``twinloss.sampling.SAMPLER_PRESETS``.
         scheduler: a ready :class:`TwinFlowScheduler` (e.g. loaded with the pipeline).
         **scheduler_config: :class:`TwinFlowScheduler` arguments (``mode``,
-            ``stochastic_ratio``, ``start_gap``, ``end_gap``, ``kumaraswamy``, ``heun``).
+            ``stochastic_ratio``, ``start_gap``, ``end_gap``, ``kumaraswamy``, ``heun``,
+            ``shift``, ``use_dynamic_shifting``).
 
     Returns:
         The :class:`TwinFlowPipeline`; ``pipeline`` itself now carries the

@@ -25,6 +25,7 @@ returns the Euler point, the second the corrected state of
 """
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -77,6 +78,13 @@ class _TwinFlowSchedulerBody:
         kumaraswamy: ``(a, b, c)`` warp of the progress variable (*default* ``None``: identity).
         heun: Heun's second-order correction in multi mode, two model calls
             per step (*default* False; any other mode raises).
+        shift: a static resolution shift of the times (*default* 1: none),
+            as in diffusers' flow-match schedulers.
+        use_dynamic_shifting: shift the times by ``exp(mu)`` with the ``mu``
+            the pipeline passes to :meth:`set_timesteps` (Flux, Qwen-Image
+            and Z-Image compute it from the image size) instead of by
+            ``shift`` (*default* False: TwinFlow samples at the times it was
+            trained on, and a passed ``mu`` is not used, as in diffusers).
 
     Raises:
         ValueError: naming the argument that is out of range.
@@ -94,9 +102,15 @@ class _TwinFlowSchedulerBody:
         end_gap: float | None = None,
         kumaraswamy: tuple[float, float, float] | list[float] | None = None,
         heun: bool = False,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
     ) -> None:
         check_int(num_train_timesteps, "num_train_timesteps", minimum=1)
         check_sampler_settings(mode=mode, stochastic_ratio=stochastic_ratio, heun=heun, **self._schedule_keywords())
+        if use_dynamic_shifting and shift != 1.0:
+            raise ValueError(
+                f"shift={shift} would be replaced by exp(mu) under use_dynamic_shifting=True: pass one of the two"
+            )
         self.order = 2 if heun else 1  # model calls per step, read by pipelines' progress bars
         self.sigmas: Tensor | None = None
         self.timesteps: Tensor | None = None
@@ -123,6 +137,7 @@ class _TwinFlowSchedulerBody:
             "start_gap": float(self.config.start_gap),
             "end_gap": self.config.end_gap,
             "kumaraswamy": tuple(kumaraswamy) if kumaraswamy is not None else None,
+            "shift": float(self.config.shift),
         }
 
     # --- the diffusers scheduler interface ------------------------------------------------
@@ -162,13 +177,16 @@ class _TwinFlowSchedulerBody:
             sigmas: a sequence, array or tensor, accepted only as the uniform grid ``1, (K-1)/K, ..., 1/K``
                 that Flux, Qwen-Image, LTX and HunyuanVideo pipelines pass by
                 default; the times come from this scheduler's config.
-            mu: the resolution shift those pipelines compute; TwinFlow
-                samples at unshifted times, so it is not applied.
+            mu: the resolution shift those pipelines compute: the times are
+                shifted by ``exp(mu)`` when the config sets
+                ``use_dynamic_shifting`` (then it is required); otherwise
+                unused, as in diffusers' ``FlowMatchEulerDiscreteScheduler``.
 
         Raises:
             ValueError: for custom ``sigmas`` (set ``start_gap``, ``end_gap``
-                and ``kumaraswamy`` on the scheduler instead) or a step count
-                the config cannot honour (an end gap with one step).
+                and ``kumaraswamy`` on the scheduler instead), a step count
+                the config cannot honour (an end gap with one step), or no
+                ``mu`` under ``use_dynamic_shifting``.
         """
         if num_inference_steps is None:
             if sigmas is None:
@@ -182,7 +200,12 @@ class _TwinFlowSchedulerBody:
                     "sigmas: TwinFlowScheduler takes its times from its config (start_gap, end_gap, kumaraswamy); "
                     f"it accepts only the pipelines' default uniform grid, got {given.tolist()}"
                 )
-        schedule = time_schedule(num_inference_steps, **self._schedule_keywords(), device=device or "cpu")
+        keywords = self._schedule_keywords()
+        if self.config.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("mu must be passed when use_dynamic_shifting is True (the times are shifted by exp(mu))")
+            keywords["shift"] = math.exp(mu)
+        schedule = time_schedule(num_inference_steps, **keywords, device=device or "cpu")
         self.num_inference_steps = num_inference_steps
         self._knots = schedule
         # Heun calls the model at s_k, then at s_{k+1}: s_0, s_1, s_1, s_2, ..., s_{K-1}, s_K.

@@ -39,7 +39,7 @@ from twinloss.protocol import (
     concat_conditioning,
 )
 from twinloss.targets import guidance_target
-from twinloss.time_distributions import kumaraswamy_warp
+from twinloss.time_distributions import kumaraswamy_warp, resolution_shift
 
 __all__ = [
     "SAMPLER_MODES",
@@ -69,6 +69,7 @@ def time_schedule(
     start_gap: float = 0.0,
     end_gap: float | None = None,
     kumaraswamy: tuple[float, float, float] | None = None,
+    shift: float = 1.0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Float[Tensor, " knots"]:
@@ -84,7 +85,11 @@ def time_schedule(
 
     So ``start_gap=0.001`` starts at ``s_0 = 0.999`` and ``end_gap=g`` makes the
     last jump run from :math:`s_{K-1} = 1 - w(1 - g)` (``= g`` unwarped) to 0.
-    Without gaps or warp the grid is uniform, ``[1, (K-1)/K, ..., 0]``.
+    Without gaps or warp the grid is uniform, ``[1, (K-1)/K, ..., 0]``. A
+    ``shift`` other than 1 then moves every time through the resolution shift
+    :math:`s_k \mapsto \sigma s_k / (1 + (\sigma - 1) s_k)`
+    (:func:`~twinloss.time_distributions.resolution_shift`), as diffusers'
+    flow-match schedulers shift theirs; 0 and 1 stay where they are.
 
     Args:
         steps: ``K >= 1``.
@@ -92,11 +97,14 @@ def time_schedule(
         end_gap: :math:`g_1` in ``[0, 1)``; ``None`` or 0 for none. Needs
             ``steps >= 2`` (with one step the gap would have no knot to move).
         kumaraswamy: ``(a, b, c)``, each finite and > 0 (*default* identity).
+        shift: the resolution shift :math:`\sigma`, finite and > 0 (*default* 1: none).
 
     Raises:
         ValueError: naming the argument that is out of range.
     """
     check_int(steps, "steps", minimum=1)
+    if not (shift > 0 and math.isfinite(shift)):
+        raise ValueError(f"shift must be a finite number > 0, got {shift}")
     if not (0.0 <= start_gap < 1.0):
         raise ValueError(f"start_gap must lie in [0, 1), got {start_gap}")
     end = 0.0 if end_gap is None else float(end_gap)
@@ -117,6 +125,8 @@ def time_schedule(
     if kumaraswamy is not None:
         progress = kumaraswamy_warp(progress, *kumaraswamy)
     times = torch.cat([1.0 - progress, progress.new_zeros(1)])
+    if shift != 1.0:
+        times = resolution_shift(times, shift)
     return times.to(device=device, dtype=dtype)
 
 
@@ -129,6 +139,7 @@ def check_sampler_settings(
     kumaraswamy: tuple[float, float, float] | None,
     steps: int = 2,
     heun: bool = False,
+    shift: float = 1.0,
 ) -> None:
     """Raise ValueError naming the first sampler setting out of range (``heun`` needs multi mode).
 
@@ -143,7 +154,7 @@ def check_sampler_settings(
         raise ValueError(f"stochastic_ratio must lie in [0, 1], got {stochastic_ratio}")
     if heun and mode != "multi":
         raise ValueError(f"heun=True applies to mode='multi' only, got mode={mode!r}")
-    time_schedule(steps, start_gap=start_gap, end_gap=end_gap, kumaraswamy=kumaraswamy)
+    time_schedule(steps, start_gap=start_gap, end_gap=end_gap, kumaraswamy=kumaraswamy, shift=shift)
 
 
 # --- one step per mode ----------------------------------------------------------------
@@ -334,6 +345,8 @@ class AnyStepSampler(nn.Module):
         end_gap: stop the uniform walk early and jump from there to 0 (``steps >= 2``);
             see :func:`time_schedule`.
         kumaraswamy: ``(a, b, c)`` warp of the schedule's progress variable.
+        shift: resolution shift of the schedule's times (*default* 1: none;
+            see :func:`time_schedule`).
         heun: second-order correction in multi mode (two calls per step).
         guidance_scale: classifier-free guidance ``F_c + w (F_c - F_u)``
             through :func:`twinloss.targets.guidance_target` (*default* 0:
@@ -353,6 +366,7 @@ class AnyStepSampler(nn.Module):
         start_gap: float = 0.0,
         end_gap: float | None = None,
         kumaraswamy: tuple[float, float, float] | None = None,
+        shift: float = 1.0,
         heun: bool = False,
         guidance_scale: float = 0.0,
         return_trajectory: bool = False,
@@ -367,6 +381,7 @@ class AnyStepSampler(nn.Module):
             kumaraswamy=kumaraswamy,
             steps=steps,
             heun=heun,
+            shift=shift,
         )
         if not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
@@ -376,6 +391,7 @@ class AnyStepSampler(nn.Module):
         self.start_gap = float(start_gap)
         self.end_gap = end_gap
         self.kumaraswamy = kumaraswamy
+        self.shift = float(shift)
         self.heun = heun
         self.guidance_scale = float(guidance_scale)
         self.return_trajectory = return_trajectory
@@ -386,7 +402,7 @@ class AnyStepSampler(nn.Module):
         """A sampler with the settings of :data:`SAMPLER_PRESETS` ``[name]``.
 
         ``overrides`` may set the arguments a preset leaves open
-        (``guidance_scale``, ``return_trajectory``, ``path``, ``heun``).
+        (``guidance_scale``, ``return_trajectory``, ``path``, ``heun``, ``shift``).
 
         Raises:
             ValueError: for an unknown name, or an override of a setting the
@@ -405,6 +421,7 @@ class AnyStepSampler(nn.Module):
             start_gap=self.start_gap,
             end_gap=self.end_gap,
             kumaraswamy=self.kumaraswamy,
+            shift=self.shift,
             device=device,
             dtype=dtype,
         )

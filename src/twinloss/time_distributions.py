@@ -182,14 +182,20 @@ class LogitNormalTime(TimeDistribution):
         return torch.sigmoid(self.mean + self.std * n).to(dtype)
 
 
-class ShiftedTime(TimeDistribution):
-    r"""Resolution shift of a base distribution: :math:`t' = s t / (1 + (s - 1) t)`.
+def resolution_shift(t: Float[Tensor, "*shape"], shift: float) -> Float[Tensor, "*shape"]:
+    r"""The resolution shift of times in ``[0, 1]``: :math:`t' = s t / (1 + (s - 1) t)`.
 
-    ``shift > 1`` moves mass towards noise, as large images need (SD3, Flux).
-    Computed as :math:`\sigma(\operatorname{logit} t + \log s)`, the same map,
-    which no accepted ``shift`` can turn into ``inf / inf`` (the quotient does
-    for ``shift`` near the float limit).
+    ``shift > 1`` moves times towards noise, as large images need (SD3, Flux).
+    Computed in float64 as :math:`\sigma(\operatorname{logit} t + \log s)`, the
+    same map, which keeps 0 and 1 fixed and which no accepted ``shift`` can
+    turn into ``inf / inf`` (the quotient does for ``shift`` near the float
+    limit). diffusers' dynamic (exponential) shift by ``mu`` is ``s = exp(mu)``.
     """
+    return torch.sigmoid(torch.logit(t.double()) + math.log(shift)).to(t.dtype)
+
+
+class ShiftedTime(TimeDistribution):
+    r"""Resolution shift of a base distribution: :math:`t' = s t / (1 + (s - 1) t)` (:func:`resolution_shift`)."""
 
     def __init__(self, shift: float = 3.0, base: TimeDistribution | None = None) -> None:
         super().__init__()
@@ -199,8 +205,7 @@ class ShiftedTime(TimeDistribution):
     def sample(
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype, generator: torch.Generator | None
     ) -> Float[Tensor, " batch"]:
-        t = self.base(batch_size, device=device, dtype=dtype, generator=generator)
-        return torch.sigmoid(torch.logit(t.double()) + math.log(self.shift)).to(dtype)
+        return resolution_shift(self.base(batch_size, device=device, dtype=dtype, generator=generator), self.shift)
 
 
 def kumaraswamy_warp(

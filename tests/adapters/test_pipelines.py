@@ -9,8 +9,10 @@ in the same order).
 """
 
 import argparse
+import functools
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -285,6 +287,44 @@ def test_pipeline_latents_equal_any_step_sampler(built, setting):
     assert_close(latents, expected, rtol=2e-5, atol=2e-5)
     assert not torch.equal(latents, noise)
 
+
+
+PASS_MU = ("FluxPipeline", "QwenImagePipeline", "LTXPipeline", "StableDiffusion3Pipeline", "ZImagePipeline")
+"""Pipelines that compute a resolution shift ``mu`` from the latent size and hand it to ``set_timesteps``
+(SD3 only when the scheduler's config sets ``use_dynamic_shifting``)."""
+
+
+def test_dynamic_shifting_samples_at_the_times_shifted_by_the_pipelines_mu_or_asks_for_one(built, monkeypatch):
+    case, adapted, pipeline = built
+    options = dict(mode="any", use_dynamic_shifting=True)
+    generate = twinflow_pipeline(pipeline, steps=3, **options)
+    passed = []
+    set_timesteps = generate.scheduler.set_timesteps
+
+    @functools.wraps(set_timesteps)  # pipelines inspect its signature for `sigmas`
+    def recording(*args, **kwargs):
+        passed.append(kwargs.get("mu"))
+        return set_timesteps(*args, **kwargs)
+
+    monkeypatch.setattr(generate.scheduler, "set_timesteps", recording)
+    inputs = torch.Generator().manual_seed(11)
+    kwargs = case.call_kwargs(inputs)
+    noise = case.to_pipeline(torch.randn(BATCH, *case.latent_shape, generator=inputs))
+    if type(pipeline).__name__ not in PASS_MU:
+        with pytest.raises(ValueError, match="^mu must be passed when use_dynamic_shifting is True"):
+            generate(**kwargs, latents=noise, output_type="latent")
+        return
+    out = generate(**kwargs, latents=noise, output_type="latent")
+    latents = out[0] if isinstance(out, tuple) else (out.images if hasattr(out, "images") else out.frames)
+    (mu,) = passed
+    shift = math.exp(mu)
+    assert shift != 1.0
+    sampler = twinloss.AnyStepSampler(3, mode="any", shift=shift)
+    expected = sampler(_in_pipeline_layout(case, adapted), noise, cond=case.adapter_cond(kwargs)).sample
+    assert_close(latents, expected, rtol=2e-5, atol=2e-5)
+    unshifted = twinloss.AnyStepSampler(3, mode="any")(_in_pipeline_layout(case, adapted), noise,
+                                                         cond=case.adapter_cond(kwargs)).sample
+    assert not torch.allclose(latents, unshifted, rtol=1e-4, atol=1e-4)
 
 
 def test_prompt_embeddings_in_pixels_out_with_the_generator_honoured(built):

@@ -16,6 +16,7 @@ SETTINGS = [
     (3, dict(mode="few", stochastic_ratio=0.4, start_gap=0.001, end_gap=0.5, kumaraswamy=(1.17, 0.8, 1.1))),
     (4, dict(mode="any", start_gap=0.05)),
     (4, dict(mode="multi", kumaraswamy=(1.17, 0.8, 1.1))),
+    (3, dict(mode="any", shift=3.0)),
 ]
 
 
@@ -63,6 +64,21 @@ def test_heun_makes_two_calls_per_step_and_lands_where_the_heun_sampler_does(tmp
     assert [t for t, _ in calls] == pytest.approx((scheduler.timesteps / 1000).tolist())
     assert all(t == r for t, r in calls)  # the instantaneous field at both calls
     assert scheduler.step_index == 6
+
+
+def test_dynamic_shifting_shifts_the_times_by_exp_mu_and_needs_mu(tmp_path):
+    options = dict(mode="few", start_gap=0.001, end_gap=0.5)
+    TwinFlowScheduler(use_dynamic_shifting=True, **options).save_pretrained(tmp_path)
+    scheduler = TwinFlowScheduler.from_pretrained(tmp_path)
+    scheduler.set_timesteps(sigmas=[1.0, 0.5], mu=0.8)  # what Flux passes: its default grid and its shift
+    expected = twinloss.AnyStepSampler(2, shift=float(torch.tensor(0.8, dtype=torch.float64).exp()), **options)
+    assert_close(scheduler.sigmas, expected.schedule())
+    assert float(scheduler.sigmas[1]) > 0.5  # moved towards noise
+    with pytest.raises(ValueError, match="^mu must be passed when use_dynamic_shifting is True"):
+        scheduler.set_timesteps(2)
+    static = TwinFlowScheduler(**options)
+    static.set_timesteps(sigmas=[1.0, 0.5], mu=0.8)  # the config's times; mu unused, as in diffusers
+    assert_close(static.sigmas, twinloss.AnyStepSampler(2, **options).schedule())
 
 
 def test_target_time_per_mode():
@@ -119,6 +135,8 @@ def test_pipeline_default_sigmas_are_accepted_and_custom_ones_refused():
         (lambda: TwinFlowScheduler(end_gap=1.0), "^end_gap "),
         (lambda: TwinFlowScheduler(kumaraswamy=(1.0, -1.0, 1.0)), "^kumaraswamy "),
         (lambda: TwinFlowScheduler(mode="any", heun=True), "^heun=True applies to mode='multi' only"),
+        (lambda: TwinFlowScheduler(shift=0.0), "^shift must be a finite number > 0"),
+        (lambda: TwinFlowScheduler(shift=3.0, use_dynamic_shifting=True), r"^shift=3.0 would be replaced by exp\(mu\)"),
         (lambda: TwinFlowScheduler(end_gap=0.5).set_timesteps(1), "^end_gap needs steps >= 2"),
         (lambda: TwinFlowScheduler().step(torch.zeros(1, 2), 1000.0, torch.zeros(1, 2)), "^set_timesteps has not been"),
         (lambda: TwinFlowScheduler.from_preset("nope"), "^preset 'nope' is unknown"),
