@@ -81,13 +81,15 @@ from twinloss_demo.training import DrawBatch, train  # noqa: E402
 PRETRAIN_LR = 1e-3
 FM_STEPS = (1, 2, 4, 50)
 SAMPLINGS = ("raw", "ema", "power")
-GUIDED_REFERENCES = (("50-cfg2", 50, 1.0), ("50-cfg1.5", 50, 0.5), ("50-cfg1.25", 50, 0.25), ("50-cfg3", 50, 2.0))
+GUIDED_REFERENCES = (("50-cfg2", 50, 1.0), ("50-cfg1.5", 50, 0.5), ("50-cfg1.25", 50, 0.25), ("50-cfg3", 50, 2.0),
+                     ("4-cfg2", 4, 1.0))
 """Label, Euler steps and sampling ``guidance_scale`` of the guided references (conditional tasks).
 
 ``w = 0.5`` with the online teacher trains classifier-free guidance of scale
 ``1 / (1 - w) = 2`` into the model (``TwinFlowLoss``'s ``guidance_scale``), so
-its like-for-like multi-step reference is flow matching sampled at CFG 2:
-``F_c + 1 (F_c - F_u)``. CFG 1.25, 1.5 and 3 draw the multi-step frontier
+its like-for-like multi-step references are flow matching sampled at CFG 2,
+``F_c + 1 (F_c - F_u)``, at 50 and at 4 Euler steps (issue 12's two
+bars). CFG 1.25, 1.5 and 3 draw the multi-step frontier
 the settings of ``guidance_sweep.py`` are placed against.
 """
 SAMPLE_SEED = 0
@@ -344,7 +346,8 @@ def fine_tune_curve(bench: Bench, task: Task, sizes: Sizes, loss_fn, teacher, st
 def reference(bench: Bench, task: Task, sizes: Sizes) -> dict:
     """Data floor, the pretrained model at 1/2/4/50 Euler steps, and flow matching continued (same checkpoints).
 
-    Conditional tasks add 50 steps at CFG 2, 1.5, 1.25 and 3 (``GUIDED_REFERENCES``), the references of guided recipes.
+    Conditional tasks add 50 steps at CFG 2, 1.5, 1.25 and 3 and 4 steps at CFG 2 (``GUIDED_REFERENCES``), the
+    references of guided recipes.
     """
     guided = GUIDED_REFERENCES if bench.uncond is not None else ()
     start = {key.split("/", 1)[1]: scores

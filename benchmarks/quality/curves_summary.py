@@ -47,6 +47,9 @@ FM = "FM continued"
 FM_STEPS = ("1", "2", "4", "50")
 GUIDED_FM = "50-cfg2"
 """The reference key of 50 Euler steps at sampling CFG 2 (the first of ``curves.GUIDED_REFERENCES``), conditional tasks only."""
+GUIDED_FM4 = "4-cfg2"
+"""The reference key of 4 Euler steps at sampling CFG 2: the guided recipe's like-for-like "at most FM4" bar."""
+GUIDED_LABELS = {GUIDED_FM: f"{FM}, 50 Euler at CFG 2", GUIDED_FM4: f"{FM}, 4 Euler at CFG 2"}
 TABLE_SAMPLINGS = ("raw", "power")
 CHECK_SAMPLINGS = ("power", "raw")
 REQUIRED_SEEDS = 3
@@ -195,16 +198,17 @@ def rows(task_runs: dict[str, dict[int, dict]]) -> list[tuple[str, dict[int, dic
         for sampling in TABLE_SAMPLINGS:
             out.append((name, task_runs[name], sampling, "1"))
     reference = task_runs.get("reference", {})
-    for nfe in FM_STEPS + ((GUIDED_FM,) if has_guided_reference(reference) else ()):
-        label = f"{FM}, 50 Euler at CFG 2" if nfe == GUIDED_FM else f"{FM}, {nfe} Euler"
+    guided = tuple(key for key in GUIDED_LABELS if has_guided_reference(reference, key))
+    for nfe in FM_STEPS + guided:
+        label = GUIDED_LABELS.get(nfe, f"{FM}, {nfe} Euler")
         for sampling in TABLE_SAMPLINGS:
             out.append((label, reference, sampling, nfe))
     return out
 
 
-def has_guided_reference(reference: dict[int, dict]) -> bool:
-    """Whether every seed's reference scored 50 steps at CFG 2 (runs before it was added did not)."""
-    return bool(reference) and all(GUIDED_FM in report.get("start", {}) for report in reference.values())
+def has_guided_reference(reference: dict[int, dict], key: str = GUIDED_FM) -> bool:
+    """Whether every seed's reference scored the guided sampling ``key`` (runs before it was added did not)."""
+    return bool(reference) and all(key in report.get("start", {}) for report in reference.values())
 
 
 def task_section(task: str, task_runs: dict[str, dict[int, dict]]) -> str:
@@ -285,6 +289,10 @@ def task_checks(task: str, task_runs: dict[str, dict[int, dict]]) -> list[str]:
                     (sampling, keeps_diversity(mean_curve(ours, key, "diversity"),
                                                statistics.fmean(data) if data else None, budget), note),
                 ]
+                if setting == GUIDED_SETTING and has_guided_reference(reference, GUIDED_FM4):
+                    fm4_cfg2 = mean_curve(reference, f"{sampling}/{GUIDED_FM4}", primary)
+                    checks.append((sampling, within(curve.get(budget), fm4_cfg2.get(budget), FM4_FACTOR,
+                                                    "(B, like for like) 1x at most FM4 at CFG 2"), note))
                 if setting == GUIDED_SETTING and has_guided_reference(reference):
                     fm50_cfg2 = mean_curve(reference, f"{sampling}/{GUIDED_FM}", primary)
                     checks.append((sampling, within(curve.get(last), fm50_cfg2.get(last), FM50_FACTOR,

@@ -1,0 +1,59 @@
+r"""How many rows the twin terms get: the paper's balance ``lambda`` on the curves protocol (issue 12, sixth round).
+
+The default :class:`twinloss.GroupShares` split each batch into equal
+quarters, so the twin groups (``one_step`` and ``fake``) get half of it:
+``lambda = 1/2``. The paper's ablation of ``lambda`` peaks near 1/3. On a
+small network the fake rows (the flow of the model's own one-step samples at
+negative times) share every weight with the real field, so they are also
+the rows that compete with the base terms for capacity. Each variant is a
+``twinloss.TwinFlowLoss`` with other ``shares``, with guidance off (``w 0``)
+and at the default guidance (``defaults``), on the same pretrained weights
+and batches as ``curves.py``'s methods (its results sit beside theirs in
+``results/curves``; the RCGM-only counterpart of every variant is
+``curves.py``'s own, which has no twin rows):
+
+* ``twin share 1/3``: ``GroupShares.from_twin_share(1/3)``, the paper's
+  optimum: ``one_step`` and ``fake`` 1/6 each, ``multi_step`` and
+  ``any_step`` 1/3 each;
+* ``fake share 1/8``: only the fake group shrinks, to 1/8, and the three
+  real groups share the rest equally (7/24 each): the rectification keeps
+  its one-step rows, the fake field gets half the rows.
+
+    export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
+    python benchmarks/quality/balance.py --task patches --seed 0 --skip-fm          # every variant
+    python benchmarks/quality/balance.py --task digits --seed 0 --skip-fm --methods "twin share 1/3"
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import curves  # noqa: E402
+
+from twinloss import GroupShares, TwinFlowLoss  # noqa: E402
+
+BALANCES: dict[str, GroupShares] = {
+    "twin share 1/3": GroupShares.from_twin_share(1 / 3),
+    "fake share 1/8": GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8),
+}
+"""The group partitions compared with the default equal quarters."""
+
+GUIDANCE: dict[str, float] = {"w 0": 0.0, "defaults": 0.5}
+"""Each partition runs with guidance off and at the default scale, as issue 12's checks ask."""
+
+
+def variant(shares: GroupShares, guidance_scale: float) -> curves.MethodFactory:
+    """A method factory: the default loss with ``shares`` and ``guidance_scale``."""
+    return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, shares=shares)
+
+
+VARIANTS: dict[str, curves.MethodFactory] = {
+    f"TwinFlow {setting}, {balance}": variant(shares, scale)
+    for balance, shares in BALANCES.items()
+    for setting, scale in GUIDANCE.items()
+}
+
+
+if __name__ == "__main__":
+    curves.METHODS.clear()  # only the variants; the default methods are curves.py's own runs
+    curves.main(extra_methods=VARIANTS)
