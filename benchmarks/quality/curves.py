@@ -118,6 +118,7 @@ class Sizes:
     eval: int
     budget: int
     classifier_steps: int = 0  # patches only: steps of its class-accuracy classifier
+    twin_per_block: bool = False  # the network's sign pathway (toy.TimeMLP's twin_per_block)
 
     def scaled(self, factor: float) -> "Sizes":
         """The same run with every step count times ``factor`` (at least one step each)."""
@@ -191,7 +192,7 @@ def pretrain(model: nn.Module, draw: DrawBatch, steps: int, generator: torch.Gen
 def prepare_ring(seed: int, sizes: Sizes) -> Bench:
     """``run.run_ring``'s start: model after ``manual_seed(seed)``, batches from ``seed + 1``, held out from ``seed + 1000``."""
     torch.manual_seed(seed)
-    model = toy.TimeMLP((2,), width=sizes.width, depth=4, num_classes=run.RING_CLASSES)
+    model = toy.TimeMLP((2,), width=sizes.width, depth=4, num_classes=run.RING_CLASSES, twin_per_block=sizes.twin_per_block)
     generator = torch.Generator().manual_seed(seed + 1)
     draw = run.ring_batch(sizes.batch)
     pretrain(model, draw, sizes.pretrain, generator)
@@ -211,7 +212,7 @@ def prepare_ring(seed: int, sizes: Sizes) -> Bench:
 def prepare_shapes(seed: int, sizes: Sizes) -> Bench:
     """``run.run_shapes``'s start: model after ``manual_seed(seed)``, batches from ``seed + 2``, held out from ``seed + 2000``."""
     torch.manual_seed(seed)
-    model = toy.TimeMLP((1, 8, 8), width=sizes.width, depth=4)
+    model = toy.TimeMLP((1, 8, 8), width=sizes.width, depth=4, twin_per_block=sizes.twin_per_block)
     generator = torch.Generator().manual_seed(seed + 2)
 
     def draw(batch_generator: torch.Generator):
@@ -236,7 +237,8 @@ def prepare_patches(seed: int, sizes: Sizes) -> Bench:
     evaluator = patches.Evaluator(data, classifier, sizes.eval, seed)
     floor = evaluator.score(evaluator.second, evaluator.second_labels)
     draw = patches.draw_batch(data, sizes.batch)
-    model = toy.TimeMLP((1, patches.SIZE, patches.SIZE), width=sizes.width, depth=4, num_classes=patches.CLASSES)
+    model = toy.TimeMLP((1, patches.SIZE, patches.SIZE), width=sizes.width, depth=4, num_classes=patches.CLASSES,
+                        twin_per_block=sizes.twin_per_block)
     generator = torch.Generator().manual_seed(seed + 1)
     pretrain(model, draw, sizes.pretrain, generator)
     return Bench(
@@ -257,7 +259,8 @@ def prepare_digits(seed: int, sizes: Sizes) -> Bench:
     evaluator = digits.Evaluator(data, classifier, sizes.eval, seed)
     draw = patches.draw_batch(data, sizes.batch, null=digits.NULL)
     torch.manual_seed(seed)
-    model = toy.TimeMLP((1, digits.SIZE, digits.SIZE), width=sizes.width, depth=4, num_classes=digits.CLASSES)
+    model = toy.TimeMLP((1, digits.SIZE, digits.SIZE), width=sizes.width, depth=4, num_classes=digits.CLASSES,
+                        twin_per_block=sizes.twin_per_block)
     generator = torch.Generator().manual_seed(seed + 1)
     pretrain(model, draw, sizes.pretrain, generator)
     return Bench(
@@ -394,6 +397,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Adam learning rate of the fine-tunes and the flow-matching reference (default: the task's)")
     parser.add_argument("--width", type=int, default=None,
                         help="hidden width of the task's network (default: the task's; a capacity study)")
+    parser.add_argument("--twin-per-block", action="store_true",
+                        help="the network's twin (t < 0) rows get a zero-initialised shift before every block, "
+                             "not only the first layer (toy.TimeMLP's twin_per_block)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
@@ -416,6 +422,8 @@ def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] 
         if args.width < 1:
             raise ValueError(f"--width must be at least 1, got {args.width}")
         sizes = dataclasses.replace(sizes, width=args.width)
+    if args.twin_per_block:
+        sizes = dataclasses.replace(sizes, twin_per_block=True)
     methods = {} if args.skip_methods else select({**METHODS, **(extra_methods or {})}, args.methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -426,6 +434,7 @@ def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] 
     variant += f"_budget{args.budget}" if args.budget is not None else ""
     variant += f"_width{args.width}" if args.width is not None else ""
     variant += f"_lr{args.lr:g}" if args.lr is not None else ""
+    variant += "_twinblocks" if args.twin_per_block else ""
     started = time.perf_counter()
 
     def log(message: str) -> None:

@@ -124,14 +124,28 @@ class ToyTimeEmbedding(nn.Module):
         nn.init.zeros_(self.twin.weight)
         nn.init.zeros_(self.twin.bias)
 
-    def forward(
+    def features(
         self, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], dtype: torch.dtype
-    ) -> Float[Tensor, "batch width"]:
+    ) -> tuple[Float[Tensor, "batch features"], Float[Tensor, "batch 1"]]:
+        """``phi`` and the twin indicator ``[t < 0]`` (a ``[B, 1]`` column)."""
         t_abs = t.abs().to(dtype)
         gap = t_abs - r.abs().to(dtype)
         phi = torch.cat([log_spaced_sinusoids(t_abs, self.frequencies), log_spaced_sinusoids(gap, self.frequencies)], dim=1)
-        twin = (t < 0).to(dtype).unsqueeze(1)
+        return phi, (t < 0).to(dtype).unsqueeze(1)
+
+    def forward(
+        self, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], dtype: torch.dtype
+    ) -> Float[Tensor, "batch width"]:
+        phi, twin = self.features(t, r, dtype)
         return self.mlp(phi) + twin * self.twin(phi)
+
+
+def zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    """A linear layer initialised to zero without drawing from the global RNG (the other layers' init is unchanged)."""
+    layer = torch.nn.utils.skip_init(nn.Linear, in_features, out_features)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 class TimeMLP(nn.Module):
@@ -146,6 +160,12 @@ class TimeMLP(nn.Module):
         width: hidden width. depth: hidden layers (>= 1).
         frequencies: sinusoidal frequencies per time input.
         num_classes: real classes (0: unconditional).
+        twin_per_block: the twin (``t < 0``) rows also get a zero-initialised
+            shift :math:`[t < 0] W_k \phi` before every residual block, as the
+            sign embedding of a diffusion transformer reaches every block
+            through its timestep conditioning (*default* False: the first
+            layer only). Drawn without the global RNG, so a model built with
+            it starts from the same weights as one built without.
     """
 
     def __init__(
@@ -156,6 +176,7 @@ class TimeMLP(nn.Module):
         depth: int = 4,
         frequencies: int = 16,
         num_classes: int = 0,
+        twin_per_block: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1 or width < 1:
@@ -170,6 +191,9 @@ class TimeMLP(nn.Module):
             [nn.Sequential(nn.SiLU(), nn.Linear(width, width)) for _ in range(depth - 1)]
         )
         self.output = nn.Sequential(nn.SiLU(), nn.Linear(width, features))
+        self.twin_blocks = (
+            nn.ModuleList([zero_linear(4 * frequencies, width) for _ in range(depth - 1)]) if twin_per_block else None
+        )
 
     def forward(
         self,
@@ -182,6 +206,9 @@ class TimeMLP(nn.Module):
         if self.label is not None:
             labels = y if y is not None else torch.full_like(t, self.num_classes, dtype=torch.long)
             h = h + self.label(labels)
-        for block in self.blocks:
+        phi, twin = self.time.features(t, r, x_t.dtype) if self.twin_blocks is not None else (None, None)
+        for index, block in enumerate(self.blocks):
+            if self.twin_blocks is not None:
+                h = h + twin * self.twin_blocks[index](phi)
             h = h + block(h)
         return self.output(h).reshape(x_t.shape)
