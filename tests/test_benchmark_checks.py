@@ -67,7 +67,7 @@ def test_task_checks_reports_a_skipped_guided_pair_instead_of_a_verdict():
     assert "1/2 checkpoints pass" in power[0]
 
 
-def test_load_keeps_budget_width_and_lr_runs_apart_from_the_task_they_vary(tmp_path):
+def test_load_keeps_budget_width_lr_and_network_runs_apart_from_the_task_they_vary(tmp_path):
     import json
 
     def write(name: str, seed: int, **overrides) -> None:
@@ -81,11 +81,13 @@ def test_load_keeps_budget_width_and_lr_runs_apart_from_the_task_they_vary(tmp_p
     write("twinflow-w-0_budget4000_width512", 2, budget_override=4000, width_override=512)
     write("twinflow-w-0_lr0.0003", 1, lr_override=3e-4)
     write("twinflow-w-0_quick", 0, quick=True)
+    write("twinflow-w-0_twinblocks", 0, twin_per_block=True)  # another network: must not replace seed 0's run
     runs = curves_summary.load(tmp_path, quick=False, scale=1.0)
     assert sorted(runs) == ["patches", "patches-budget4000", "patches-budget4000-width512", "patches-lr0.0003",
-                            "patches-width512"]
+                            "patches-twinblocks", "patches-width512"]
     seeds = [sorted(runs[task]["TwinFlow w 0"]) for task in sorted(runs)]
-    assert seeds == [[0], [0], [2], [1], [1]]
+    assert seeds == [[0], [0], [2], [1], [0], [1]]
+    assert not runs["patches"]["TwinFlow w 0"][0]["config"].get("twin_per_block")
 
 
 def test_paired_gap_reports_the_mean_seed_paired_difference_its_standard_error_and_the_wins():

@@ -133,8 +133,8 @@ def keeps_diversity(diversity: dict[int, float], data: float | None, from_step: 
 def load(results: Path, quick: bool, scale: float) -> dict[str, dict[str, dict[int, dict]]]:
     """``{task: {method: {seed: report}}}`` of the runs made with these sizes.
 
-    Runs with ``--budget``, ``--width`` or ``--lr`` form their own task,
-    ``"patches-budget4000"``, ``"patches-width256"``, ``"patches-lr0.0003"``.
+    Runs with ``--budget``, ``--width``, ``--lr`` or ``--twin-per-block`` form their own task,
+    ``"patches-budget4000"``, ``"patches-width256"``, ``"patches-lr0.0003"``, ``"patches-twinblocks"``.
     """
     runs: dict[str, dict[str, dict[int, dict]]] = {}
     for path in sorted(results.glob("*_seed*_*.json")):
@@ -145,7 +145,8 @@ def load(results: Path, quick: bool, scale: float) -> dict[str, dict[str, dict[i
         override = config.get("budget_override")
         width, lr = config.get("width_override"), config.get("lr_override")
         task = (report["task"] + (f"-budget{override}" if override is not None else "")
-                + (f"-width{width}" if width is not None else "") + (f"-lr{lr:g}" if lr is not None else ""))
+                + (f"-width{width}" if width is not None else "") + (f"-lr{lr:g}" if lr is not None else "")
+                + ("-twinblocks" if config.get("twin_per_block") else ""))
         runs.setdefault(task, {}).setdefault(report["method"], {})[report["seed"]] = report
     return runs
 
@@ -221,7 +222,8 @@ def task_section(task: str, task_runs: dict[str, dict[int, dict]]) -> str:
              f"seeds {seeds})", ""]
     if reference:
         data = [report["data"] for report in reference.values()]
-        floor = ", ".join(f"{metric} {stat([d[metric] for d in data])}" for metric in data[0])
+        shared = [metric for metric in data[0] if all(metric in d for d in data)]  # seeds scored before a metric was added lack it
+        floor = ", ".join(f"{metric} {stat([d[metric] for d in data])}" for metric in shared)
         lines += [f"Data vs data (floor): {floor}.", ""]
         start = [report["start"] for report in reference.values()]
         lines += ["Pretrained model, " + ", ".join(
