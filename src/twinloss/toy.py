@@ -149,7 +149,7 @@ def zero_linear(in_features: int, out_features: int) -> nn.Linear:
 
 
 class TimeMLP(nn.Module):
-    """A two-time velocity field for ``[B, *shape]`` data (flattened internally).
+    r"""A two-time velocity field for ``[B, *shape]`` data (flattened internally).
 
     The :class:`ToyTimeEmbedding` of ``(t, r)`` is added to the first hidden
     layer; a class label ``y`` (with a null class ``num_classes``) is added the
