@@ -81,8 +81,9 @@ class _TwinFlowSchedulerBody:
         shift: a static resolution shift of the times (*default* 1: none),
             as in diffusers' flow-match schedulers.
         use_dynamic_shifting: shift the times by ``exp(mu)`` with the ``mu``
-            the pipeline passes to :meth:`set_timesteps` (Flux, Qwen-Image
-            and Z-Image compute it from the image size) instead of by
+            the pipeline passes to :meth:`set_timesteps` (Flux, Qwen-Image,
+            LTX-Video and Z-Image compute it from the latent size, SD3 when
+            this is set) instead of by
             ``shift`` (*default* False: TwinFlow samples at the times it was
             trained on, and a passed ``mu`` is not used, as in diffusers).
 
