@@ -266,7 +266,7 @@ def _clamp_rates(
         with random_state.replay():
             jump = model(noise.to(x.dtype), ones, torch.zeros_like(ones), **cond_one).to(work)
         x_hat = loss_fn.path.jump(noise, jump, ones, torch.zeros_like(ones))
-        s = torch.rand(noise.shape[0], device=x.device, dtype=work, generator=generator)
+        s = loss_fn.rectify_time(noise.shape[0], device=x.device, dtype=work, generator=generator)
         y = loss_fn.path.sample(x_hat, torch.randn(x_hat.shape, device=x.device, dtype=work, generator=generator), s).x_t
         if loss_fn.rectify_field == "guidance_free" and uncond is not None:
             def evaluate(name: str, x_in: Tensor, t_in: Tensor, r_in: Tensor, c: Conditioning) -> Tensor:

@@ -63,7 +63,7 @@ from twinloss.targets import (
     unchecked_rcgm_displacement,
 )
 from twinloss.teachers import OnlineTeacher, Teacher
-from twinloss.time_distributions import TimeDistribution
+from twinloss.time_distributions import BetaTime, TimeDistribution
 from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
 
 __all__ = ["FINITE_CHECKS", "REAL_GROUPS", "TangentTimeWeight", "TwinFlowLoss", "TwinFlowOutput"]
@@ -279,6 +279,10 @@ class TwinFlowLoss(nn.Module):
             ``guidance_scale > 0``.
         rectify_weight: ``c_rect`` (*default* 0.5; 0 skips the pass).
         rectify_clamp: bound on the velocity gap ``dv`` (*default* 1).
+        rectify_time: law of the re-noising time ``s`` of step 7, at which the
+            gap ``dv`` is read (*default* uniform, ``Beta(1, 1)``, as the
+            authors draw it; independent of ``time_distribution``). Needs
+            ``rectify_weight > 0``.
         rectify_field: the real field of the rectification's gap
             ``dv = F(y, -s, -s) - real``: ``"guided"`` (*default*, the
             authors' recipe) is the model's own :math:`F_c(y, s, s)`, which
@@ -338,6 +342,7 @@ class TwinFlowLoss(nn.Module):
         rectify_weight: float = 0.5,
         rectify_clamp: float = 1.0,
         rectify_field: Literal["guided", "guidance_free"] = "guided",
+        rectify_time: TimeDistribution | None = None,
         share_random_stream: bool = True,
         check_finite: Literal["raise", "report", "off"] = "raise",
     ) -> None:
@@ -368,6 +373,8 @@ class TwinFlowLoss(nn.Module):
             )
         self.guidance_groups = _checked_guidance_groups(guidance_groups, guidance_scale, shares)
         _check_rectify_field(rectify_field, guidance_scale, rectify_weight, self.guidance_groups, image_free)
+        if rectify_time is not None and rectify_weight == 0:
+            raise ValueError("rectify_time sets the rectification's times, which rectify_weight=0 switches off")
         if image_free and guidance_scale == 0:
             raise ValueError(
                 "image_free=True regresses on the guidance teacher's guided velocity, which "
@@ -390,6 +397,7 @@ class TwinFlowLoss(nn.Module):
         self.rectify_weight = float(rectify_weight)
         self.rectify_clamp = float(rectify_clamp)
         self.rectify_field = rectify_field
+        self.rectify_time = rectify_time if rectify_time is not None else BetaTime()
         self.share_random_stream = share_random_stream
         self.check_finite = check_finite
 
@@ -399,14 +407,15 @@ class TwinFlowLoss(nn.Module):
         """The any-step base alone (RCGM): no fake group, no rectification.
 
         Takes the constructor's arguments except the twin ones
-        (``rectify_weight``, ``rectify_clamp``, ``rectify_field``, ``image_free``); ``shares``
+        (``rectify_weight``, ``rectify_clamp``, ``rectify_field``, ``rectify_time``,
+        ``image_free``); ``shares``
         defaults to thirds over ``one_step``, ``multi_step``, ``any_step``
         and must give the ``fake`` group nothing.
 
         Raises:
             ValueError: naming a twin argument, or ``shares`` with a fake share.
         """
-        for name in ("rectify_weight", "rectify_clamp", "rectify_field", "image_free"):
+        for name in ("rectify_weight", "rectify_clamp", "rectify_field", "rectify_time", "image_free"):
             if name in kwargs:
                 raise ValueError(f"{name} belongs to the twin terms, which TwinFlowLoss.rcgm has none of")
         shares = kwargs.pop("shares", None)
@@ -431,7 +440,7 @@ class TwinFlowLoss(nn.Module):
                 the multi-step gap, the RCGM and twin settings).
         """
         fixed = ("shares", "multi_step_gap", "estimate_order", "estimate_step", "residual_clamp", "teacher",
-                 "rcgm_teacher", "rectify_weight", "rectify_clamp", "rectify_field", "image_free")
+                 "rcgm_teacher", "rectify_weight", "rectify_clamp", "rectify_field", "rectify_time", "image_free")
         for name in fixed:
             if name in kwargs:
                 raise ValueError(f"{name} is fixed by TwinFlowLoss.plain_flow_matching; build TwinFlowLoss(...) instead")
@@ -758,7 +767,7 @@ class TwinFlowLoss(nn.Module):
         velocity = prediction[one]
         x_hat = self.path.jump(x_t[one], velocity, traj.t[one], traj.r[one]).detach()
         z = torch.randn(x_hat.shape, device=x_hat.device, dtype=x_hat.dtype, generator=generator)
-        s = torch.rand(x_hat.shape[0], device=x_hat.device, dtype=x_hat.dtype, generator=generator)
+        s = self.rectify_time(x_hat.shape[0], device=x_hat.device, dtype=x_hat.dtype, generator=generator)
         y = self.path.sample(x_hat, z, s).x_t
         cond_one = select_rows(cond, one)
         if self.rectify_field == "guidance_free" and uncond is not None:

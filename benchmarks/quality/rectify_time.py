@@ -1,0 +1,55 @@
+r"""Where the rectification reads the gap: the law of its re-noising time ``s`` (issue 12, seventh round).
+
+Step 7 re-noises the one-step samples to ``y = s z + (1 - s) x_hat`` and
+pushes them along :math:`\Delta v = F(y, -s, -s) - F(y, s, s)`. The default
+Barron distance turns each row's gap into a unit direction, so every row
+pushes equally hard whatever its ``s``. Near noise (``s -> 1``) both fields
+carry ``y`` towards the same mean and their gap is small: normalised, it is
+mostly the fake field's fitting noise. Near the data (``s -> 0``) the gap
+resolves detail, where a small network's real field is least accurate. The
+authors draw ``s`` uniformly; each variant here is the default loss with
+only ``rectify_time`` (and the guidance scale) changed, on ``curves.py``'s
+pretrained weights and batches (its results sit beside theirs in
+``results/curves``; the RCGM-only counterpart is ``curves.py``'s own):
+
+* ``s mid``: ``LogitNormalTime(0, 1)``, most rows in the middle;
+* ``s noisy``: ``ShiftedTime(3)``, the resolution shift towards noise;
+* ``s clean``: ``ShiftedTime(1/3)``, towards the data.
+
+    export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
+    python benchmarks/quality/rectify_time.py --task patches --seed 0 --skip-fm      # every variant
+    python benchmarks/quality/rectify_time.py --task digits --seed 0 --skip-fm --methods "TwinFlow w 0, s mid"
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import curves  # noqa: E402
+from balance import GUIDANCE  # noqa: E402
+
+from twinloss import LogitNormalTime, ShiftedTime, TimeDistribution, TwinFlowLoss  # noqa: E402
+
+RECTIFY_TIMES: dict[str, TimeDistribution] = {
+    "s mid": LogitNormalTime(0.0, 1.0),
+    "s noisy": ShiftedTime(3.0),
+    "s clean": ShiftedTime(1 / 3),
+}
+"""The laws of the rectification's ``s`` compared with the default uniform one."""
+
+
+def variant(rectify_time: TimeDistribution, guidance_scale: float) -> curves.MethodFactory:
+    """A method factory: the default loss with ``rectify_time`` and ``guidance_scale``."""
+    return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, rectify_time=rectify_time)
+
+
+VARIANTS: dict[str, curves.MethodFactory] = {
+    f"TwinFlow {setting}, {name}": variant(law, scale)
+    for name, law in RECTIFY_TIMES.items()
+    for setting, scale in GUIDANCE.items()
+}
+
+
+if __name__ == "__main__":
+    curves.METHODS.clear()  # only the variants; the default methods are curves.py's own runs
+    curves.main(extra_methods=VARIANTS)
