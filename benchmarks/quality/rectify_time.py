@@ -14,7 +14,8 @@ pretrained weights and batches (its results sit beside theirs in
 
 * ``s mid``: ``LogitNormalTime(0, 1)``, most rows in the middle;
 * ``s noisy``: ``ShiftedTime(3)``, the resolution shift towards noise;
-* ``s clean``: ``ShiftedTime(1/3)``, towards the data.
+* ``s clean``: ``ShiftedTime(1/3)``, towards the data (median ``s`` 1/4);
+* ``s cleaner``: ``ShiftedTime(1/9)``, further towards the data (median 1/10).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/rectify_time.py --task patches --seed 0 --skip-fm      # every variant
@@ -34,6 +35,7 @@ RECTIFY_TIMES: dict[str, TimeDistribution] = {
     "s mid": LogitNormalTime(0.0, 1.0),
     "s noisy": ShiftedTime(3.0),
     "s clean": ShiftedTime(1 / 3),
+    "s cleaner": ShiftedTime(1 / 9),
 }
 """The laws of the rectification's ``s`` compared with the default uniform one."""
 

@@ -1,0 +1,29 @@
+"""A check shared by the benchmark variant tests: a loss is the default ``TwinFlowLoss`` but for named settings."""
+
+from twinloss import TwinFlowLoss
+
+SETTINGS = ("estimate_order", "estimate_step", "residual_clamp", "guidance_scale", "guidance_interval",
+            "guidance_groups", "image_free", "rectify_weight", "rectify_clamp", "rectify_field")
+"""Plain attributes compared by value."""
+
+MODULES = ("distance", "time_weight", "rectify_time")
+"""Submodules compared by class and settings."""
+
+
+def _settings(module) -> dict:
+    return {key: value for key, value in vars(module).items() if not key.startswith("_") and key != "training"}
+
+
+def assert_default_loss_except(loss: TwinFlowLoss, *changed: str) -> None:
+    """``loss`` equals ``TwinFlowLoss()`` in every setting of :data:`SETTINGS`, :data:`MODULES` and the
+    group shares (``"shares"``), except those named in ``changed``, each of which must differ."""
+    default = TwinFlowLoss()
+    for name in SETTINGS:
+        same = getattr(loss, name) == getattr(default, name)
+        assert same != (name in changed), f"{name}: {getattr(loss, name)!r} against {getattr(default, name)!r}"
+    for name in MODULES:
+        mine, theirs = getattr(loss, name), getattr(default, name)
+        same = type(mine) is type(theirs) and _settings(mine) == _settings(theirs)
+        assert same != (name in changed), f"{name}: {mine!r} against {theirs!r}"
+    same = loss.trajectory.shares == default.trajectory.shares
+    assert same != ("shares" in changed), f"shares: {loss.trajectory.shares} against {default.trajectory.shares}"

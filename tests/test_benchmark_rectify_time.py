@@ -1,0 +1,37 @@
+"""The laws of ``benchmarks/quality/rectify_time.py``: each variant is the default loss with its ``rectify_time``."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+import curves  # noqa: E402
+import rectify_time  # noqa: E402
+
+from twinloss import TwinFlowLoss  # noqa: E402
+
+from default_loss import assert_default_loss_except  # noqa: E402
+
+
+def _median(law) -> float:
+    return law(20001, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).median().item()
+
+
+def test_the_laws_put_the_median_s_where_their_names_say():
+    medians = {name: _median(law) for name, law in rectify_time.RECTIFY_TIMES.items()}
+    assert medians["s mid"] == pytest.approx(0.5, abs=0.02)
+    assert medians["s noisy"] == pytest.approx(3 / 4, abs=0.02)  # shift 3 maps the uniform median 1/2 to 3/4
+    assert medians["s clean"] == pytest.approx(1 / 4, abs=0.02)
+    assert medians["s cleaner"] == pytest.approx(1 / 10, abs=0.02)
+
+
+@pytest.mark.parametrize("name", sorted(rectify_time.VARIANTS))
+def test_each_variant_is_the_default_loss_with_its_rectify_time_and_guidance_only(name):
+    setting, law = name.removeprefix("TwinFlow ").split(", ")
+    loss = rectify_time.VARIANTS[name](None)
+    assert isinstance(loss, TwinFlowLoss) and loss.rectify_time is rectify_time.RECTIFY_TIMES[law]
+    assert loss.guidance_scale == {"w 0": 0.0, "defaults": 0.5}[setting]
+    assert_default_loss_except(loss, "rectify_time", *(("guidance_scale",) if setting == "w 0" else ()))
+    assert len({curves.slug(other) for other in rectify_time.VARIANTS}) == len(rectify_time.VARIANTS)
