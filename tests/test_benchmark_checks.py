@@ -3,7 +3,10 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+import curves  # noqa: E402
 import curves_summary  # noqa: E402
 from curves_summary import keeps_diversity, no_rise, not_worse_than_ablation, paired_gap, within  # noqa: E402
 
@@ -121,3 +124,14 @@ def test_task_checks_adds_the_like_for_like_cfg2_lines_for_the_guided_recipe_onl
         "(B, like for like) 3x within 1.1x of FM50 at CFG 2"]
     del reference["start"]["50-cfg2"]
     assert not [line for line in curves_summary.task_checks("patches", runs) if "CFG 2" in line]
+
+
+def test_select_takes_a_whole_name_alone_and_any_other_pattern_as_a_substring():
+    registry = {name: None for name in ("TwinFlow w 0, s clean", "TwinFlow w 0, s cleaner", "TwinFlow defaults")}
+    assert list(curves.select(registry, ["TwinFlow w 0, s clean"])) == ["TwinFlow w 0, s clean"]
+    assert list(curves.select(registry, ["s clean"])) == ["TwinFlow w 0, s clean", "TwinFlow w 0, s cleaner"]
+    assert list(curves.select(registry, ["TwinFlow w 0, s cleaner", "defaults"])) == [
+        "TwinFlow w 0, s cleaner", "TwinFlow defaults"]
+    assert curves.select(registry, None) == registry
+    with pytest.raises(ValueError, match="RCGM"):
+        curves.select(registry, ["RCGM"])

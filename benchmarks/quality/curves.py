@@ -369,7 +369,11 @@ def save_weights(path: Path, final: dict) -> None:
 
 
 def select(registry: dict[str, MethodFactory], patterns: list[str] | None) -> dict[str, MethodFactory]:
-    """The methods whose name contains one of ``patterns`` (all when none); a pattern matching nothing is an error."""
+    """The methods named by ``patterns`` (all when none); a pattern matching nothing is an error.
+
+    A pattern that is a method's whole name selects that method alone (``"TwinFlow w 0, s clean"`` is not
+    also ``"TwinFlow w 0, s cleaner"``); any other pattern selects every method whose name contains it.
+    """
     names = {slug(name): name for name in registry}
     if len(names) != len(registry):
         raise ValueError(f"two method names give the same file name: {sorted(registry)}")
@@ -378,7 +382,10 @@ def select(registry: dict[str, MethodFactory], patterns: list[str] | None) -> di
     for pattern in patterns:
         if not any(pattern in name for name in registry):
             raise ValueError(f"--methods {pattern!r} matches none of {sorted(registry)}")
-    return {name: make for name, make in registry.items() if any(pattern in name for pattern in patterns)}
+    def chosen(name: str) -> bool:
+        return any(pattern == name or (pattern not in registry and pattern in name) for pattern in patterns)
+
+    return {name: make for name, make in registry.items() if chosen(name)}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
