@@ -1,0 +1,39 @@
+"""``benchmarks/quality/gap_time.py``: the gap's size and repeatability against s, on fields with a known gap."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+from gap_time import gap_by_time  # noqa: E402
+
+
+class KnownGap(torch.nn.Module):
+    """``F(y, t, r) = y`` at negative times and ``0`` at positive ones: the gap is ``y`` itself (times ``scale``)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, y, t, r):
+        fake = (t < 0).to(y.dtype).reshape(-1, *([1] * (y.ndim - 1)))
+        return fake * self.scale * y
+
+
+def test_repeatability_is_the_signal_share_of_a_gap_made_of_the_sample_and_the_noise():
+    # gap = y = s z + (1 - s) x_hat with |x_hat|^2 = |z|^2 = D: E cos = (1 - s)^2 / ((1 - s)^2 + s^2)
+    x_hat = torch.ones(64, 4096, dtype=torch.float64)
+    report = gap_by_time(KnownGap(0.1), x_hat, {}, (0.05, 0.5, 0.95), generator=torch.Generator().manual_seed(0))
+    for s, row in report.items():
+        s = float(s)
+        assert row["repeatability"] == pytest.approx((1 - s) ** 2 / ((1 - s) ** 2 + s**2), abs=0.02)
+        assert row["rms"] == pytest.approx(0.1 * ((1 - s) ** 2 + s**2) ** 0.5, rel=0.02)  # unclamped: |0.1 y| < 1
+
+
+def test_the_gap_is_clamped_as_the_rectification_clamps_it():
+    x_hat = torch.full((8, 256), 30.0, dtype=torch.float64)
+    report = gap_by_time(KnownGap(), x_hat, {}, (0.05,), clamp=1.0, generator=torch.Generator().manual_seed(0))
+    assert report["0.05"]["rms"] == pytest.approx(1.0)  # every entry about 28.5, clamped to 1
+    assert report["0.05"]["repeatability"] == pytest.approx(1.0)
