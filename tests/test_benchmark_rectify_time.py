@@ -7,6 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+import balance  # noqa: E402
 import curves  # noqa: E402
 import rectify_time  # noqa: E402
 
@@ -28,10 +29,13 @@ def test_the_laws_put_the_median_s_where_their_names_say():
 
 
 @pytest.mark.parametrize("name", sorted(rectify_time.VARIANTS))
-def test_each_variant_is_the_default_loss_with_its_rectify_time_and_guidance_only(name):
-    setting, law = name.removeprefix("TwinFlow ").split(", ")
+def test_each_variant_is_the_default_loss_with_its_rectify_time_partition_and_guidance_only(name):
+    setting, law, *partition = name.removeprefix("TwinFlow ").split(", ")
     loss = rectify_time.VARIANTS[name](None)
     assert isinstance(loss, TwinFlowLoss) and loss.rectify_time is rectify_time.RECTIFY_TIMES[law]
     assert loss.guidance_scale == {"w 0": 0.0, "defaults": 0.5}[setting]
-    assert_default_loss_except(loss, "rectify_time", *(("guidance_scale",) if setting == "w 0" else ()))
+    if partition:
+        assert loss.trajectory.shares == balance.BALANCES[partition[0]]
+    changed = ("rectify_time", *(("shares",) if partition else ()), *(("guidance_scale",) if setting == "w 0" else ()))
+    assert_default_loss_except(loss, *changed)
     assert len({curves.slug(other) for other in rectify_time.VARIANTS}) == len(rectify_time.VARIANTS)

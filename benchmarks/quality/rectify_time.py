@@ -15,7 +15,9 @@ pretrained weights and batches (its results sit beside theirs in
 * ``s mid``: ``LogitNormalTime(0, 1)``, most rows in the middle;
 * ``s noisy``: ``ShiftedTime(3)``, the resolution shift towards noise;
 * ``s clean``: ``ShiftedTime(1/3)``, towards the data (median ``s`` 1/4);
-* ``s cleaner``: ``ShiftedTime(1/9)``, further towards the data (median 1/10).
+* ``s cleaner``: ``ShiftedTime(1/9)``, further towards the data (median 1/10);
+* ``s clean, fake share 1/8``: ``s clean`` with ``balance.py``'s fake share of
+  1/8, the two changes that each helped without guidance.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/rectify_time.py --task patches --seed 0 --skip-fm      # every variant
@@ -27,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
-from balance import GUIDANCE  # noqa: E402
+from balance import BALANCES, GUIDANCE  # noqa: E402
 
-from twinloss import LogitNormalTime, ShiftedTime, TimeDistribution, TwinFlowLoss  # noqa: E402
+from twinloss import GroupShares, LogitNormalTime, ShiftedTime, TimeDistribution, TwinFlowLoss  # noqa: E402
 
 RECTIFY_TIMES: dict[str, TimeDistribution] = {
     "s mid": LogitNormalTime(0.0, 1.0),
@@ -40,14 +42,18 @@ RECTIFY_TIMES: dict[str, TimeDistribution] = {
 """The laws of the rectification's ``s`` compared with the default uniform one."""
 
 
-def variant(rectify_time: TimeDistribution, guidance_scale: float) -> curves.MethodFactory:
-    """A method factory: the default loss with ``rectify_time`` and ``guidance_scale``."""
-    return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, rectify_time=rectify_time)
+def variant(rectify_time: TimeDistribution, guidance_scale: float, shares: GroupShares | None = None
+            ) -> curves.MethodFactory:
+    """A method factory: the default loss with ``rectify_time``, ``guidance_scale`` and (when given) ``shares``."""
+    return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, rectify_time=rectify_time, shares=shares)
 
 
 VARIANTS: dict[str, curves.MethodFactory] = {
     f"TwinFlow {setting}, {name}": variant(law, scale)
     for name, law in RECTIFY_TIMES.items()
+    for setting, scale in GUIDANCE.items()
+} | {
+    f"TwinFlow {setting}, s clean, fake share 1/8": variant(RECTIFY_TIMES["s clean"], scale, BALANCES["fake share 1/8"])
     for setting, scale in GUIDANCE.items()
 }
 
