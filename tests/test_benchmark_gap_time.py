@@ -7,7 +7,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+import curves  # noqa: E402
 from gap_time import gap_by_time  # noqa: E402
+
+from twinloss import toy  # noqa: E402
 
 
 class KnownGap(torch.nn.Module):
@@ -37,3 +40,17 @@ def test_the_gap_is_clamped_as_the_rectification_clamps_it():
     report = gap_by_time(KnownGap(), x_hat, {}, (0.05,), clamp=1.0, generator=torch.Generator().manual_seed(0))
     assert report["0.05"]["rms"] == pytest.approx(1.0)  # every entry about 28.5, clamped to 1
     assert report["0.05"]["repeatability"] == pytest.approx(1.0)
+
+
+def test_load_weights_copies_the_pretrained_model_with_the_kept_weights_or_names_the_missing_run(tmp_path):
+    pretrained = toy.TimeMLP((2,), width=8, depth=1)
+    bench = curves.Bench(pretrained=pretrained, draw=None, generator=torch.Generator(), noise=torch.zeros(1, 2),
+                         cond=None, uncond=None, score=None, floor={})
+    kept = {name: value + 1.0 for name, value in pretrained.state_dict().items()}
+    curves.save_weights(tmp_path / "weights" / "ring_seed3_twinflow-w-0.pt", {"raw": kept, "power": {}})
+    model = curves.load_weights(bench, tmp_path, "ring", 3, "TwinFlow w 0", "raw")
+    assert model is not pretrained
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, kept[name]) and not torch.equal(value, pretrained.state_dict()[name])
+    with pytest.raises(ValueError, match="TwinFlow defaults"):
+        curves.load_weights(bench, tmp_path, "ring", 3, "TwinFlow defaults", "raw")

@@ -31,8 +31,6 @@ power average:
 Writes ``results/curves/anatomy_{task}_seed{N}.json`` and prints a table.
 """
 
-import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -123,13 +121,8 @@ def anatomy(model: nn.Module, pretrained: nn.Module, bench: curves.Bench) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=[name for name, task in curves.TASKS.items() if task.conditional and name != "ring"],
-                        default="patches")
-    parser.add_argument("--seed", type=int, action="append", required=True)
-    parser.add_argument("--methods", nargs="*", default=None, help="method names (default: every saved run)")
-    parser.add_argument("--results", type=Path, default=Path(curves.DEFAULT_OUT))
-    args = parser.parse_args()
+    tasks = [name for name, task in curves.TASKS.items() if task.conditional and name != "ring"]
+    args = curves.saved_runs_parser(__doc__, tasks, "method names (default: every saved run)").parse_args()
     torch.set_num_threads(1)
     task = curves.TASKS[args.task]
     for seed in args.seed:
@@ -138,11 +131,7 @@ def main() -> None:
         names = args.methods or sorted(path.stem.split("_", 2)[2] for path in saved if path.stem.count("_") == 2)
         report = {"pretrained": anatomy(bench.pretrained, bench.pretrained, bench)}
         for name in names:
-            path = args.results / "weights" / f"{task.name}_seed{seed}_{curves.slug(name)}.pt"
-            if not path.exists():
-                raise ValueError(f"--methods {name!r}: no saved weights at {path}; run curves.py for it first")
-            model = copy.deepcopy(bench.pretrained)
-            model.load_state_dict(torch.load(path)["power"])
+            model = curves.load_weights(bench, args.results, task.name, seed, name, "power")
             report[name] = anatomy(model, bench.pretrained, bench)
         (args.results / f"anatomy_{task.name}_seed{seed}.json").write_text(json.dumps(report, indent=1) + "\n")
         for name, row in report.items():

@@ -368,6 +368,29 @@ def save_weights(path: Path, final: dict) -> None:
     os.replace(partial, path)
 
 
+def saved_runs_parser(description: str, tasks: list[str], methods_help: str) -> argparse.ArgumentParser:
+    """The command line of a script that reads the weights runs kept: ``--task``, ``--seed`` (repeatable),
+    ``--methods`` (names) and ``--results`` (where the runs wrote)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=tasks, default="patches")
+    parser.add_argument("--seed", type=int, action="append", required=True)
+    parser.add_argument("--methods", nargs="*", default=None, help=methods_help)
+    parser.add_argument("--results", type=Path, default=Path(DEFAULT_OUT))
+    return parser
+
+
+def load_weights(bench: Bench, results: Path, task: str, seed: int, name: str, which: str) -> nn.Module:
+    """A copy of ``bench``'s pretrained model holding the final ``which`` weights (``"raw"`` or ``"power"``)
+    that :func:`save_weights` kept for method ``name`` under ``results``; a ``ValueError`` naming the
+    method when that run kept none."""
+    path = results / "weights" / f"{task}_seed{seed}_{slug(name)}.pt"
+    if not path.exists():
+        raise ValueError(f"--methods {name!r}: no saved weights at {path}; run curves.py for it first")
+    model = copy.deepcopy(bench.pretrained)
+    model.load_state_dict(torch.load(path)[which])
+    return model
+
+
 def select(registry: dict[str, MethodFactory], patterns: list[str] | None) -> dict[str, MethodFactory]:
     """The methods named by ``patterns`` (all when none); a pattern matching nothing is an error.
 

@@ -20,13 +20,11 @@ the rectification's own (step 7). Per ``s``:
   property of the re-noising (noise the rectification amplifies to unit size).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
-    python benchmarks/quality/gap_time.py --task patches --seed 0 --seed 1 --seed 2 --methods "TwinFlow w 0"
+    python benchmarks/quality/gap_time.py --task patches --seed 0 --seed 1 --seed 2 --methods "TwinFlow w 0" "TwinFlow w 0, s clean"
 
 Writes ``results/curves/gaptime_{task}_seed{N}.json`` and prints a table.
 """
 
-import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -72,13 +70,7 @@ def gap_by_time(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=sorted(curves.TASKS), default="patches")
-    parser.add_argument("--seed", type=int, action="append", required=True)
-    parser.add_argument("--methods", action="append", default=None,
-                        help="method names (repeatable; default: TwinFlow w 0)")
-    parser.add_argument("--results", type=Path, default=Path(curves.DEFAULT_OUT))
-    args = parser.parse_args()
+    args = curves.saved_runs_parser(__doc__, sorted(curves.TASKS), "method names (default: TwinFlow w 0)").parse_args()
     torch.set_num_threads(1)
     task = curves.TASKS[args.task]
     for seed in args.seed:
@@ -86,11 +78,7 @@ def main() -> None:
         cond = bench.cond or {}
         report = {}
         for name in args.methods or ["TwinFlow w 0"]:
-            path = args.results / "weights" / f"{task.name}_seed{seed}_{curves.slug(name)}.pt"
-            if not path.exists():
-                raise ValueError(f"--methods {name!r}: no saved weights at {path}; run curves.py for it first")
-            model = copy.deepcopy(bench.pretrained)
-            model.load_state_dict(torch.load(path)["raw"])
+            model = curves.load_weights(bench, args.results, task.name, seed, name, "raw")
             x_hat = curves.sample(model, bench, 1, "few")
             report[name] = gap_by_time(model, x_hat, cond, generator=torch.Generator().manual_seed(7))
             cells = " | ".join(f"s {s}: {row['rms']:.3f}, cos {row['repeatability']:.2f}"
