@@ -279,10 +279,6 @@ class TwinFlowLoss(nn.Module):
             ``guidance_scale > 0``.
         rectify_weight: ``c_rect`` (*default* 0.5; 0 skips the pass).
         rectify_clamp: bound on the velocity gap ``dv`` (*default* 1).
-        rectify_time: law of the re-noising time ``s`` of step 7, at which the
-            gap ``dv`` is read (*default* uniform, ``Beta(1, 1)``, as the
-            authors draw it; independent of ``time_distribution``). Needs
-            ``rectify_weight > 0``.
         rectify_field: the real field of the rectification's gap
             ``dv = F(y, -s, -s) - real``: ``"guided"`` (*default*, the
             authors' recipe) is the model's own :math:`F_c(y, s, s)`, which
@@ -303,6 +299,15 @@ class TwinFlowLoss(nn.Module):
             a recommendation. Needs ``guidance_scale > 0``, ``rectify_weight > 0``,
             ``"multi_step"`` in ``guidance_groups`` (the rows that train
             :math:`F(y, s, s)`) and ``image_free=False``.
+        rectify_time: law of the re-noising time ``s`` of step 7, at which the
+            gap ``dv`` is read (*default* uniform, ``Beta(1, 1)``, as the
+            authors draw it; independent of ``time_distribution``). The
+            Barron distance pushes every row with a unit direction, so the
+            law decides where along the path the pushes go: towards the data
+            (``ShiftedTime(1/3)``) helped class-conditional benchmarks without
+            guidance and hurt an unconditional one, where a law towards noise
+            helped (docs/quality.md, "Seventh round"). Needs
+            ``rectify_weight > 0``.
         share_random_stream: run every model pass from the random state of
             the main forward (matching dropout masks) and leave the global RNG
             as one forward would (*default* True).
@@ -407,10 +412,10 @@ class TwinFlowLoss(nn.Module):
         """The any-step base alone (RCGM): no fake group, no rectification.
 
         Takes the constructor's arguments except the twin ones
-        (``rectify_weight``, ``rectify_clamp``, ``rectify_field``, ``rectify_time``,
-        ``image_free``); ``shares``
-        defaults to thirds over ``one_step``, ``multi_step``, ``any_step``
-        and must give the ``fake`` group nothing.
+        (``rectify_weight``, ``rectify_clamp``, ``rectify_field``,
+        ``rectify_time``, ``image_free``); ``shares`` defaults to thirds over
+        ``one_step``, ``multi_step``, ``any_step`` and must give the ``fake``
+        group nothing.
 
         Raises:
             ValueError: naming a twin argument, or ``shares`` with a fake share.
