@@ -26,6 +26,9 @@ def test_the_laws_put_the_median_s_where_their_names_say():
     assert medians["s noisy"] == pytest.approx(3 / 4, abs=0.02)  # shift 3 maps the uniform median 1/2 to 3/4
     assert medians["s clean"] == pytest.approx(1 / 4, abs=0.02)
     assert medians["s cleaner"] == pytest.approx(1 / 10, abs=0.02)
+    assert medians["s ends"] == pytest.approx(1 / 2, abs=0.02)
+    ends = rectify_time.RECTIFY_TIMES["s ends"](20001, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert float(((ends - 0.5).abs() < 0.25).double().mean()) == pytest.approx(1 / 3, abs=0.02)  # arcsine: 1/3 inside
 
 
 @pytest.mark.parametrize("name", sorted(rectify_time.VARIANTS))

@@ -16,6 +16,8 @@ pretrained weights and batches (its results sit beside theirs in
 * ``s noisy``: ``ShiftedTime(3)``, the resolution shift towards noise;
 * ``s clean``: ``ShiftedTime(1/3)``, towards the data (median ``s`` 1/4);
 * ``s cleaner``: ``ShiftedTime(1/9)``, further towards the data (median 1/10);
+* ``s ends``: ``BetaTime(1/2, 1/2)`` (arcsine), rows at both ends and few in
+  the middle, where the gap is least repeatable;
 * ``s clean, fake share 1/8``: ``s clean`` with ``balance.py``'s fake share of
   1/8, the two changes that each helped without guidance.
 
@@ -31,13 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
 from balance import BALANCES, GUIDANCE  # noqa: E402
 
-from twinloss import GroupShares, LogitNormalTime, ShiftedTime, TimeDistribution, TwinFlowLoss  # noqa: E402
+from twinloss import BetaTime, GroupShares, LogitNormalTime, ShiftedTime, TimeDistribution, TwinFlowLoss  # noqa: E402
 
 RECTIFY_TIMES: dict[str, TimeDistribution] = {
     "s mid": LogitNormalTime(0.0, 1.0),
     "s noisy": ShiftedTime(3.0),
     "s clean": ShiftedTime(1 / 3),
     "s cleaner": ShiftedTime(1 / 9),
+    "s ends": BetaTime(0.5, 0.5),
 }
 """The laws of the rectification's ``s`` compared with the default uniform one."""
 
