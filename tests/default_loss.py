@@ -1,6 +1,7 @@
 """A check shared by the benchmark variant tests: a loss is the default ``TwinFlowLoss`` but for named settings."""
 
 from twinloss import TwinFlowLoss
+from twinloss.loss import default_rectify_time
 
 SETTINGS = ("estimate_order", "estimate_step", "residual_clamp", "guidance_scale", "guidance_interval",
             "guidance_groups", "image_free", "rectify_weight", "rectify_clamp", "rectify_field")
@@ -16,13 +17,16 @@ def _settings(module) -> dict:
 
 def assert_default_loss_except(loss: TwinFlowLoss, *changed: str) -> None:
     """``loss`` equals ``TwinFlowLoss()`` in every setting of :data:`SETTINGS`, :data:`MODULES` and the
-    group shares (``"shares"``), except those named in ``changed``, each of which must differ."""
+    group shares (``"shares"``), except those named in ``changed``, each of which must differ. The default
+    ``rectify_time`` follows the guidance (``default_rectify_time``), so it is compared with the default law
+    at ``loss.guidance_scale``."""
     default = TwinFlowLoss()
     for name in SETTINGS:
         same = getattr(loss, name) == getattr(default, name)
         assert same != (name in changed), f"{name}: {getattr(loss, name)!r} against {getattr(default, name)!r}"
+    defaults = {"rectify_time": default_rectify_time(loss.guidance_scale)}
     for name in MODULES:
-        mine, theirs = getattr(loss, name), getattr(default, name)
+        mine, theirs = getattr(loss, name), defaults.get(name, getattr(default, name))
         same = type(mine) is type(theirs) and _settings(mine) == _settings(theirs)
         assert same != (name in changed), f"{name}: {mine!r} against {theirs!r}"
     same = loss.trajectory.shares == default.trajectory.shares

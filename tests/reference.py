@@ -47,7 +47,7 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
                    clamp=1.0, rectify_weight=0.5, rectify_clamp=1.0, distance=l2, path=linear,
                    image_free=False, guidance_model=None,
                    guidance_groups=("one_step", "multi_step", "any_step"), rectify_field="guided",
-                   rectify_warp=lambda u: u):
+                   rectify_draw=None):
     """One step, row by row. ``path(t) -> (a, b)`` with ``x_t = a z + b x``;
     ``image_free`` follows the authors' ``use_image_free`` with their fixed
     teacher: every row starts from the online model's one-jump sample, and
@@ -55,8 +55,10 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     Only rows of ``guidance_groups`` (the batch's quarters, in order one-step,
     multi-step, any-step) are guided. ``rectify_field="guidance_free"`` takes
     ``guidance (G_c - G_u)`` of ``guidance_model`` at ``(y, s, s)`` out of the
-    rectification's real field. ``rectify_warp(u)`` maps the uniform draw of
-    the rectification's time ``s`` (the identity: the authors' uniform ``s``).
+    rectification's real field. ``rectify_draw(n, dtype, g)`` draws the
+    rectification's times ``s``; by default the library's rule, written out
+    here: the authors' uniform ``s`` without guidance, ``sigmoid`` of a float32
+    standard normal with it.
     """
     guidance_model = model if guidance_model is None else guidance_model
     g = torch.Generator().manual_seed(seed)
@@ -112,7 +114,12 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
 
         x_hat = x_t[one] - prediction[one]  # t = 1, r = 0
         z2 = torch.randn(x_hat.shape, dtype=x.dtype, generator=g)
-        s = rectify_warp(torch.rand(n, dtype=x.dtype, generator=g))
+        if rectify_draw is not None:
+            s = rectify_draw(n, x.dtype, g)
+        elif guidance > 0:
+            s = torch.sigmoid(torch.randn(n, dtype=torch.float32, generator=g)).to(x.dtype)
+        else:
+            s = torch.rand(n, dtype=x.dtype, generator=g)
         a_s, b_s = path(s)
         y_mix = a_s.reshape(view) * z2 + b_s.reshape(view) * x_hat
         real_field = model(y_mix, s, s, y=y[one])

@@ -22,6 +22,7 @@ def _median(law) -> float:
 
 def test_the_laws_put_the_median_s_where_their_names_say():
     medians = {name: _median(law) for name, law in rectify_time.RECTIFY_TIMES.items()}
+    assert medians["s uniform"] == pytest.approx(0.5, abs=0.02)
     assert medians["s mid"] == pytest.approx(0.5, abs=0.02)
     assert medians["s noisy"] == pytest.approx(3 / 4, abs=0.02)  # shift 3 maps the uniform median 1/2 to 3/4
     assert medians["s clean"] == pytest.approx(1 / 4, abs=0.02)
@@ -42,3 +43,14 @@ def test_each_variant_is_the_default_loss_with_its_rectify_time_partition_and_gu
     changed = ("rectify_time", *(("shares",) if partition else ()), *(("guidance_scale",) if setting == "w 0" else ()))
     assert_default_loss_except(loss, *changed)
     assert len({curves.slug(other) for other in rectify_time.VARIANTS}) == len(rectify_time.VARIANTS)
+
+
+def test_the_default_law_at_each_guidance_setting_is_left_to_curves_default_runs():
+    for setting, scale in balance.GUIDANCE.items():
+        default_law = TwinFlowLoss(guidance_scale=scale).rectify_time
+        named = rectify_time.RECTIFY_TIMES[rectify_time.DEFAULT_LAW[setting]]
+        assert type(named) is type(default_law) and vars(named) == vars(default_law)
+        assert f"TwinFlow {setting}, {rectify_time.DEFAULT_LAW[setting]}" not in rectify_time.VARIANTS
+    others = [law for law in rectify_time.RECTIFY_TIMES if law not in rectify_time.DEFAULT_LAW.values()]
+    assert {f"TwinFlow {setting}, {law}" for setting in balance.GUIDANCE for law in others} < set(rectify_time.VARIANTS)
+    assert "TwinFlow defaults, s uniform" in rectify_time.VARIANTS and "TwinFlow w 0, s mid" in rectify_time.VARIANTS

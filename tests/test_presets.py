@@ -68,6 +68,9 @@ def test_preset_numbers_match_its_file(name):
     assert isinstance(loss_fn.distance, BarronDistance) and (loss_fn.distance.alpha, loss_fn.distance.c) == (1.0, 1e-3)
     distribution = loss_fn.trajectory.time_distribution
     assert isinstance(distribution, BetaTime) and (distribution.alpha, distribution.beta) == (1.0, 1.0)
+    # their rectification draws s ~ U(0, 1) at any guidance scale (the guided default is logit-normal)
+    law = loss_fn.rectify_time
+    assert isinstance(law, BetaTime) and (law.alpha, law.beta) == (1.0, 1.0)
     # the numbers their code fixes, equal to the constructor defaults
     assert (loss_fn.estimate_step, loss_fn.residual_clamp, loss_fn.rectify_clamp) == (0.01, 1.0, 1.0)
     assert loss_fn.trajectory.multi_step_gap == 0.05 and loss_fn.shares.as_dict() == dict.fromkeys(

@@ -7,11 +7,17 @@ pushes equally hard whatever its ``s``. Near noise (``s -> 1``) both fields
 carry ``y`` towards the same mean and their gap is small: normalised, it is
 mostly the fake field's fitting noise. Near the data (``s -> 0``) the gap
 resolves detail, where a small network's real field is least accurate. The
-authors draw ``s`` uniformly; each variant here is the default loss with
+authors draw ``s`` uniformly. Each variant here is the default loss with
 only ``rectify_time`` (and the guidance scale) changed, on ``curves.py``'s
 pretrained weights and batches (its results sit beside theirs in
-``results/curves``; the RCGM-only counterpart is ``curves.py``'s own):
+``results/curves``; the RCGM-only counterpart is ``curves.py``'s own). A law
+that is the default at its guidance scale
+(:func:`twinloss.loss.default_rectify_time`: uniform without guidance,
+``s mid`` with it since the eighth round) is ``curves.py``'s own default run
+and has no variant here:
 
+* ``s uniform``: ``BetaTime(1, 1)``, the authors' draw (the default without
+  guidance; with guidance, the default of the first seven rounds);
 * ``s mid``: ``LogitNormalTime(0, 1)``, most rows in the middle;
 * ``s noisy``: ``ShiftedTime(3)``, the resolution shift towards noise;
 * ``s clean``: ``ShiftedTime(1/3)``, towards the data (median ``s`` 1/4);
@@ -36,13 +42,17 @@ from balance import BALANCES, GUIDANCE  # noqa: E402
 from twinloss import BetaTime, GroupShares, LogitNormalTime, ShiftedTime, TimeDistribution, TwinFlowLoss  # noqa: E402
 
 RECTIFY_TIMES: dict[str, TimeDistribution] = {
+    "s uniform": BetaTime(1.0, 1.0),
     "s mid": LogitNormalTime(0.0, 1.0),
     "s noisy": ShiftedTime(3.0),
     "s clean": ShiftedTime(1 / 3),
     "s cleaner": ShiftedTime(1 / 9),
     "s ends": BetaTime(0.5, 0.5),
 }
-"""The laws of the rectification's ``s`` compared with the default uniform one."""
+"""The laws of the rectification's ``s`` compared."""
+
+DEFAULT_LAW: dict[str, str] = {"w 0": "s uniform", "defaults": "s mid"}
+"""The law that ``default_rectify_time`` gives at each guidance setting: ``curves.py``'s runs, not variants."""
 
 
 def variant(rectify_time: TimeDistribution, guidance_scale: float, shares: GroupShares | None = None
@@ -55,6 +65,7 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     f"TwinFlow {setting}, {name}": variant(law, scale)
     for name, law in RECTIFY_TIMES.items()
     for setting, scale in GUIDANCE.items()
+    if name != DEFAULT_LAW[setting]
 } | {
     f"TwinFlow {setting}, s clean, fake share 1/8": variant(RECTIFY_TIMES["s clean"], scale, BALANCES["fake share 1/8"])
     for setting, scale in GUIDANCE.items()

@@ -24,7 +24,9 @@ their key                here
 Numbers their code fixes rather than reads, and which the constructor's
 defaults already equal: RCGM step 0.01, residual and rectification clamps 1,
 multi-step gap ``min(0.05, consistc_ratio) = 0.05``, equal group shares, the
-tangent weight with divisor 2.5. The sampler settings of each file
+tangent weight with divisor 2.5. One they fix which the constructor's
+default does not equal with guidance, and which a preset therefore passes:
+the rectification's time ``s`` is uniform (``rectify_time=BetaTime()``). The sampler settings of each file
 (``sample:``) are not loss arguments and are not part of a preset.
 """
 
@@ -184,6 +186,7 @@ def loss_arguments(
         guidance_interval=preset.guidance_interval,
         estimate_order=preset.estimate_order,
         rectify_weight=preset.rectify_weight,
+        rectify_time=BetaTime(),  # their s ~ U(0, 1), whatever the guidance scale
         image_free=preset.image_free,
         **_teachers(name, preset, teacher, guidance_teacher),
     )
