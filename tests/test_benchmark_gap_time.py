@@ -1,5 +1,6 @@
 """``benchmarks/quality/gap_time.py``: the gap's size and repeatability against s, on fields with a known gap."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 import curves  # noqa: E402
-from gap_time import gap_by_time  # noqa: E402
+from gap_time import gap_by_time, write_rows  # noqa: E402
 
 from twinloss import toy  # noqa: E402
 
@@ -54,3 +55,11 @@ def test_load_weights_copies_the_pretrained_model_with_the_kept_weights_or_names
         assert torch.equal(value, kept[name]) and not torch.equal(value, pretrained.state_dict()[name])
     with pytest.raises(ValueError, match="TwinFlow defaults"):
         curves.load_weights(bench, tmp_path, "ring", 3, "TwinFlow defaults", "raw")
+
+
+def test_a_new_report_keeps_the_rows_of_methods_it_does_not_name(tmp_path):
+    path = tmp_path / "gaptime_ring_seed0.json"
+    write_rows(path, {"A": {"0.5": {"rms": 1.0}}, "B": {"0.5": {"rms": 2.0}}})
+    write_rows(path, {"B": {"0.5": {"rms": 3.0}}, "C": {"0.5": {"rms": 4.0}}})
+    assert json.loads(path.read_text()) == {"A": {"0.5": {"rms": 1.0}}, "B": {"0.5": {"rms": 3.0}},
+                                            "C": {"0.5": {"rms": 4.0}}}

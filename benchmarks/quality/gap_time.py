@@ -22,7 +22,8 @@ the rectification's own (step 7). Per ``s``:
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/gap_time.py --task patches --seed 0 --seed 1 --seed 2 --methods "TwinFlow w 0" "TwinFlow w 0, s clean"
 
-Writes ``results/curves/gaptime_{task}_seed{N}.json`` and prints a table.
+Writes the named methods' rows into ``results/curves/gaptime_{task}_seed{N}.json``
+(rows of other methods already there are kept) and prints a table.
 """
 
 import json
@@ -69,6 +70,12 @@ def gap_by_time(
     return report
 
 
+def write_rows(path: Path, rows: dict[str, dict]) -> None:
+    """Write ``rows`` (one per method) into the JSON report at ``path``, keeping the other methods' rows."""
+    report = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(report | rows, indent=1) + "\n")
+
+
 def main() -> None:
     args = curves.saved_runs_parser(__doc__, sorted(curves.TASKS), "method names (default: TwinFlow w 0)").parse_args()
     torch.set_num_threads(1)
@@ -84,7 +91,7 @@ def main() -> None:
             cells = " | ".join(f"s {s}: {row['rms']:.3f}, cos {row['repeatability']:.2f}"
                                for s, row in report[name].items())
             print(f"{task.name} seed {seed} | {name} | {cells}", flush=True)
-        (args.results / f"gaptime_{task.name}_seed{seed}.json").write_text(json.dumps(report, indent=1) + "\n")
+        write_rows(args.results / f"gaptime_{task.name}_seed{seed}.json", report)
 
 
 if __name__ == "__main__":
