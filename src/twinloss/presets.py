@@ -25,9 +25,10 @@ Numbers their code fixes rather than reads, and which the constructor's
 defaults already equal: RCGM step 0.01, residual and rectification clamps 1,
 multi-step gap ``min(0.05, consistc_ratio) = 0.05``, equal group shares, the
 tangent weight with divisor 2.5. One they fix which the constructor's
-default does not equal with guidance, and which a preset therefore passes:
-the rectification's time ``s`` is uniform (``rectify_time=BetaTime()``). The sampler settings of each file
-(``sample:``) are not loss arguments and are not part of a preset.
+default does not equal with guidance, so a preset passes it: the
+rectification's time ``s`` is uniform (``rectify_time=BetaTime()``). The
+sampler settings of each file (``sample:``) are not loss arguments and are
+not part of a preset.
 """
 
 from dataclasses import dataclass
