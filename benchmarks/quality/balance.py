@@ -22,6 +22,11 @@ and batches as ``curves.py``'s methods (its results sit beside theirs in
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/balance.py --task patches --seed 0 --skip-fm          # every variant
     python benchmarks/quality/balance.py --task digits --seed 0 --skip-fm --methods "twin share 1/3"
+
+Guided runs stored before the eighth round of issue 12 used the
+rectification's uniform ``s``, the default then; the default with guidance
+is now ``LogitNormalTime(0, 1)``. Pass ``rectify_time=BetaTime()`` to
+reproduce them.
 """
 
 import sys

@@ -55,6 +55,11 @@ Added with the fourth round (the digits task):
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo
     python benchmarks/quality/guidance.py --task patches --seed 0 --skip-fm --methods "frozen teacher"
     python benchmarks/quality/guidance.py --task patches --seed 0 --skip-fm     # every variant
+
+Guided runs stored before the eighth round of issue 12 used the
+rectification's uniform ``s``, the default then; the default with guidance
+is now ``LogitNormalTime(0, 1)``. Pass ``rectify_time=BetaTime()`` to
+reproduce them.
 """
 
 import inspect

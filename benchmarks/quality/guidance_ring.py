@@ -6,6 +6,11 @@ weights and from a ``WeightAverage(PowerFunctionDecay(6.94))`` kept beside the
 fine-tune.
 
     PYTHONPATH=src python benchmarks/quality/guidance_ring.py --seed 0
+
+Guided runs stored before the eighth round of issue 12 used the
+rectification's uniform ``s``, the default then; the default with guidance
+is now ``LogitNormalTime(0, 1)``. Pass ``rectify_time=BetaTime()`` to
+reproduce them.
 """
 
 import argparse

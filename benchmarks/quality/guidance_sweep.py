@@ -33,6 +33,11 @@ and the plot ``docs/img/guidance-sweep-{task}.png``.
     python benchmarks/quality/guidance_sweep.py --task digits --seed 0 --skip-methods      # the reference
     python benchmarks/quality/guidance_sweep.py --task digits --seed 0 --skip-fm --methods "sweep TwinFlow online"
     python benchmarks/quality/guidance_sweep.py --summary digits
+
+Guided runs stored before the eighth round of issue 12 used the
+rectification's uniform ``s``, the default then; the default with guidance
+is now ``LogitNormalTime(0, 1)``. Pass ``rectify_time=BetaTime()`` to
+reproduce them.
 """
 
 import itertools

@@ -22,6 +22,11 @@ Protocol (issue 12), scaled down to a shared 2-core machine:
 
     PYTHONPATH=src python benchmarks/quality/patches.py --seed 0          # one seed
     PYTHONPATH=src python benchmarks/quality/patches.py --quick           # seconds
+
+Guided runs stored before the eighth round of issue 12 used the
+rectification's uniform ``s``, the default then; the default with guidance
+is now ``LogitNormalTime(0, 1)``. Pass ``rectify_time=BetaTime()`` to
+reproduce them.
 """
 
 import argparse

@@ -19,6 +19,11 @@ teacher, and a control that continues flow matching for the same budget.
     PYTHONPATH=src python benchmarks/quality/run.py            # full run, seed 0 (~13 min on 2 cores)
     PYTHONPATH=src python benchmarks/quality/run.py --only ring --seed 1   # more seeds of one part
     PYTHONPATH=src python benchmarks/quality/run.py --quick    # seconds, for a smoke check
+
+Guided runs stored before the eighth round of issue 12 used the
+rectification's uniform ``s``, the default then; the default with guidance
+is now ``LogitNormalTime(0, 1)``. Pass ``rectify_time=BetaTime()`` to
+reproduce them.
 """
 
 import argparse
