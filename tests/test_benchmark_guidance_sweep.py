@@ -28,14 +28,20 @@ def test_each_setting_builds_its_placement_at_its_scale_and_twin_settings_have_a
     method, placement, w = guidance_sweep.settings()[name]
     loss = guidance_sweep.variants()[name](pretrained)
     assert loss.guidance_scale == w and is_rcgm(loss) == (method == "RCGM only")
-    guided = {"online": loss.guidance_groups == ("one_step", "multi_step", "any_step"),
+    every_real_row = loss.guidance_groups == ("one_step", "multi_step", "any_step")
+    guided = {"online": every_real_row, "online, s mid": every_real_row,
               "guidance-free rectification": loss.rectify_field == "guidance_free",
               "any-step rows": loss.guidance_groups == ("any_step",),
               "frozen teacher": isinstance(loss.guidance_teacher, twinloss.FrozenTeacher)}
     assert guided[placement.name]
     if placement.name != "frozen teacher" and w > 0:
         assert isinstance(loss.guidance_teacher, twinloss.OnlineTeacher)
-    if method == "TwinFlow":
+    if method == "TwinFlow":  # the fifth round's uniform s, or the guided default's law for "online, s mid"
+        law = loss.rectify_time
+        if placement.name == "online, s mid":
+            assert isinstance(law, twinloss.LogitNormalTime) and (law.mean, law.std) == (0.0, 1.0)
+        else:
+            assert isinstance(law, twinloss.BetaTime) and (law.alpha, law.beta) == (1.0, 1.0)
         ablation_name = guidance_sweep.counterpart(placement, w)
         ablation = guidance_sweep.variants()[ablation_name](pretrained)
         assert is_rcgm(ablation) and ablation.guidance_scale == w

@@ -13,6 +13,9 @@ Placements (``w`` the loss's ``guidance_scale``; the CFG scale it trains in):
 
 * ``online``: the authors' recipe, every real row guided by the model's own
   no-grad ``F_c - F_u``: CFG ``1 / (1 - w)``; ``w = 0`` is guidance off;
+* ``online, s mid``: the same with the rectification's ``s`` logit-normal,
+  the default with guidance since the eighth round (its RCGM-only
+  counterpart is the online one);
 * ``guidance-free rectification``: the same base targets, the
   rectification's real field guidance-free (``rectify_field="guidance_free"``);
   its RCGM-only counterpart is the online one (RCGM has no rectification);
@@ -34,10 +37,9 @@ and the plot ``docs/img/guidance-sweep-{task}.png``.
     python benchmarks/quality/guidance_sweep.py --task digits --seed 0 --skip-fm --methods "sweep TwinFlow online"
     python benchmarks/quality/guidance_sweep.py --summary digits
 
-Guided runs stored before the eighth round of issue 12 used the
-rectification's uniform ``s``, the default then; the default with guidance
-is now ``LogitNormalTime(0, 1)``. Pass ``rectify_time=BetaTime()`` to
-reproduce them.
+Every TwinFlow placement but ``online, s mid`` passes the authors' uniform
+``s`` (``rectify_time=BetaTime()``), the default with which the fifth round
+measured them.
 """
 
 import itertools
@@ -74,26 +76,36 @@ class Placement:
     """True when the placement exists only with the twin terms; its RCGM-only counterpart is ``online``."""
 
 
+def _uniform_s(**kwargs) -> twinloss.TwinFlowLoss:
+    """The full recipe with the authors' uniform ``s``, with which the fifth round swept it."""
+    return twinloss.TwinFlowLoss(rectify_time=twinloss.BetaTime(), **kwargs)
+
+
 def _online(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
-    return twinloss.TwinFlowLoss.rcgm(guidance_scale=w) if rcgm else twinloss.TwinFlowLoss(guidance_scale=w)
+    return twinloss.TwinFlowLoss.rcgm(guidance_scale=w) if rcgm else _uniform_s(guidance_scale=w)
+
+
+def _online_s_mid(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
+    return twinloss.TwinFlowLoss(guidance_scale=w, rectify_time=twinloss.LogitNormalTime(0.0, 1.0))
 
 
 def _guidance_free(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
-    return twinloss.TwinFlowLoss(guidance_scale=w, rectify_field="guidance_free")
+    return _uniform_s(guidance_scale=w, rectify_field="guidance_free")
 
 
 def _any_step(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
-    make = twinloss.TwinFlowLoss.rcgm if rcgm else twinloss.TwinFlowLoss
+    make = twinloss.TwinFlowLoss.rcgm if rcgm else _uniform_s
     return make(guidance_scale=w, guidance_groups=("any_step",))
 
 
 def _frozen(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
-    make = twinloss.TwinFlowLoss.rcgm if rcgm else twinloss.TwinFlowLoss
+    make = twinloss.TwinFlowLoss.rcgm if rcgm else _uniform_s
     return make(guidance_scale=w, guidance_teacher=twinloss.FrozenTeacher(pretrained))
 
 
 PLACEMENTS = (
     Placement("online", _online, (0.0, 0.1, 0.2, 0.35, 0.5, 0.65), cfg=lambda w: 1 / (1 - w)),
+    Placement("online, s mid", _online_s_mid, (0.2, 0.35, 0.5), cfg=lambda w: 1 / (1 - w), twin_only=True),
     Placement("guidance-free rectification", _guidance_free, (0.2, 0.35, 0.5, 0.65), cfg=lambda w: 1 / (1 - w),
               twin_only=True),
     Placement("any-step rows", _any_step, (0.25, 0.5, 1.0, 2.0), cfg=lambda w: 1 + w),
