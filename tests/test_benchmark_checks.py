@@ -70,7 +70,7 @@ def test_task_checks_reports_a_skipped_guided_pair_instead_of_a_verdict():
     assert "1/2 checkpoints pass" in power[0]
 
 
-def test_load_keeps_budget_width_lr_and_network_runs_apart_from_the_task_they_vary(tmp_path):
+def test_load_keeps_budget_width_lr_eval_and_network_runs_apart_from_the_task_they_vary(tmp_path):
     import json
 
     def write(name: str, seed: int, **overrides) -> None:
@@ -84,12 +84,13 @@ def test_load_keeps_budget_width_lr_and_network_runs_apart_from_the_task_they_va
     write("twinflow-w-0_budget4000_width512", 2, budget_override=4000, width_override=512)
     write("twinflow-w-0_lr0.0003", 1, lr_override=3e-4)
     write("twinflow-w-0_quick", 0, quick=True)
+    write("twinflow-w-0_eval16000", 2, eval_override=16000)  # scored on more samples: another instrument
     write("twinflow-w-0_twinblocks", 0, twin_per_block=True)  # another network: must not replace seed 0's run
     runs = curves_summary.load(tmp_path, quick=False, scale=1.0)
-    assert sorted(runs) == ["patches", "patches-budget4000", "patches-budget4000-width512", "patches-lr0.0003",
-                            "patches-twinblocks", "patches-width512"]
+    assert sorted(runs) == ["patches", "patches-budget4000", "patches-budget4000-width512", "patches-eval16000",
+                            "patches-lr0.0003", "patches-twinblocks", "patches-width512"]
     seeds = [sorted(runs[task]["TwinFlow w 0"]) for task in sorted(runs)]
-    assert seeds == [[0], [0], [2], [1], [0], [1]]
+    assert seeds == [[0], [0], [2], [2], [1], [0], [1]]
     assert not runs["patches"]["TwinFlow w 0"][0]["config"].get("twin_per_block")
 
 
@@ -135,3 +136,26 @@ def test_select_takes_a_whole_name_alone_and_any_other_pattern_as_a_substring():
     assert curves.select(registry, None) == registry
     with pytest.raises(ValueError, match="RCGM"):
         curves.select(registry, ["RCGM"])
+
+
+def test_eval_option_scores_more_samples_and_leaves_training_and_file_names_of_other_runs_alone(tmp_path):
+    import json
+
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        for extra in ([], ["--eval", "300"]):
+            curves.main(argv=["--task", "ring", "--quick", "--skip-fm", "--methods", "RCGM only w 0",
+                              "--out", str(tmp_path), *extra])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark pins one thread per process
+    default = json.loads((tmp_path / "ring_seed0_rcgm-only-w-0_quick.json").read_text())
+    more = json.loads((tmp_path / "ring_seed0_rcgm-only-w-0_quick_eval300.json").read_text())
+    assert (default["config"]["eval"], default["config"]["eval_override"]) == (curves.TASKS["ring"].quick.eval, None)
+    assert (more["config"]["eval"], more["config"]["eval_override"]) == (300, 300)
+    # the same fine-tune (training draws nothing from the held-out generator), scored on other samples
+    assert default["curve"].keys() == more["curve"].keys()
+    assert default["curve"] != more["curve"]
+    with pytest.raises(ValueError, match="--eval"):
+        curves.main(argv=["--task", "ring", "--quick", "--skip-fm", "--eval", "1", "--out", str(tmp_path)])
