@@ -47,7 +47,7 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
                    clamp=1.0, rectify_weight=0.5, rectify_clamp=1.0, distance=l2, path=linear,
                    image_free=False, guidance_model=None,
                    guidance_groups=("one_step", "multi_step", "any_step"), rectify_field="guided",
-                   rectify_draw=None):
+                   rectify_draw=None, record=None):
     """One step, row by row. ``path(t) -> (a, b)`` with ``x_t = a z + b x``;
     ``image_free`` follows the authors' ``use_image_free`` with their fixed
     teacher: every row starts from the online model's one-jump sample, and
@@ -58,7 +58,9 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     rectification's real field. ``rectify_draw(n, dtype, g)`` draws the
     rectification's times ``s``; by default the library's rule, written out
     here: the authors' uniform ``s`` without guidance, ``sigmoid`` of a float32
-    standard normal with it.
+    standard normal with it. A ``record`` dict receives the unclamped
+    corrections: ``"residual"`` (the real rows' RCGM residuals, stacked) and
+    ``"gap"`` (the rectification's velocity gap).
     """
     guidance_model = model if guidance_model is None else guidance_model
     g = torch.Generator().manual_seed(seed)
@@ -111,6 +113,8 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
             else:
                 residual = prediction[i : i + 1] - vi
             target[i : i + 1] = prediction[i : i + 1] - residual.clamp(-clamp, clamp)
+            if record is not None:
+                record.setdefault("residual", []).append(residual)
 
         x_hat = x_t[one] - prediction[one]  # t = 1, r = 0
         z2 = torch.randn(x_hat.shape, dtype=x.dtype, generator=g)
@@ -126,7 +130,11 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
         if rectify_field == "guidance_free":
             real_field = real_field - guidance * (
                 guidance_model(y_mix, s, s, y=y[one]) - guidance_model(y_mix, s, s, y=null_y[one]))
-        gap = (model(y_mix, -s, -s, y=y[one]) - real_field).clamp(-rectify_clamp, rectify_clamp)
+        raw_gap = model(y_mix, -s, -s, y=y[one]) - real_field
+        gap = raw_gap.clamp(-rectify_clamp, rectify_clamp)
+        if record is not None:
+            record["residual"] = torch.cat(record["residual"])
+            record["gap"] = raw_gap
 
     output = model(x_t, t, r, y=y)  # the only forward with grad
     weight = torch.ones(batch, dtype=x.dtype)

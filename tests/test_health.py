@@ -105,6 +105,22 @@ def test_clamp_rates_follow_the_clamps() -> None:
     assert {"clamp/residual", "clamp/rectify", "cos/rectify", "grad_norm/adv", "term/loss"} <= set(flat)
 
 
+@pytest.mark.parametrize("setting", ["frozen guidance teacher", "image-free", "guidance-free rectification"])
+def test_clamp_rates_are_those_of_the_step_the_loss_takes_in_every_configuration(setting) -> None:
+    model, x, cond, uncond = _setup()
+    frozen = twinloss.FrozenTeacher(model)
+    loss_fn = {
+        "frozen guidance teacher": lambda: twinloss.TwinFlowLoss(guidance_teacher=frozen),
+        "image-free": lambda: twinloss.TwinFlowLoss(guidance_teacher=frozen, image_free=True),
+        "guidance-free rectification": lambda: twinloss.TwinFlowLoss(rectify_field="guidance_free"),
+    }[setting]()
+    signals = training_signals(loss_fn, model, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(4))
+    step = loss_fn(model, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(4))
+    assert signals.residual_clamp_rate == float(step.clamp_rates["residual"])
+    assert signals.rectify_clamp_rate == float(step.clamp_rates["rectify"])
+    assert signals.terms["loss"] == pytest.approx(float(step.loss), rel=1e-6)
+
+
 def test_a_plain_callable_is_refused() -> None:
     _, x, cond, _ = _setup()
     with pytest.raises(ValueError, match="nn.Module"):

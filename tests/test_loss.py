@@ -80,6 +80,41 @@ def _assert_step_matches_reference(loss_fn, model, data, *, seed, **reference_op
     return out
 
 
+@pytest.mark.parametrize("guidance", [0.0, 0.5])
+def test_clamp_rates_are_the_fractions_of_the_reference_corrections_at_or_beyond_their_clamps(guidance):
+    model = TinyVelocityNet((3,)).double()
+    x, y, null_y = _data((16, 3))
+    record = {}
+    reference_step(model, x, y, null_y, seed=2, guidance=guidance, record=record)
+    # clamps between the two middle magnitudes of each correction: rates near 1/2, so neither 0 nor 1
+    # passes by accident, and no entry lies within rounding of its clamp
+    def between_middle_magnitudes(values):
+        ordered = values.abs().flatten().sort().values
+        middle = ordered.numel() // 2
+        return float(ordered[middle - 1] + ordered[middle]) / 2
+
+    residual_clamp, rectify_clamp = (between_middle_magnitudes(record[key]) for key in ("residual", "gap"))
+    loss_fn = TwinFlowLoss(guidance_scale=guidance, residual_clamp=residual_clamp, rectify_clamp=rectify_clamp)
+    uncond = {"y": null_y} if guidance else None
+    out = loss_fn(model, x, cond={"y": y}, uncond=uncond, generator=torch.Generator().manual_seed(2))
+    expected = {"residual": (record["residual"].abs() >= residual_clamp).double().mean(),
+                "rectify": (record["gap"].abs() >= rectify_clamp).double().mean()}
+    assert out.clamp_rates.keys() == expected.keys()
+    for name, rate in expected.items():
+        assert 0.3 < float(rate) < 0.7
+        assert_close(out.clamp_rates[name].double(), rate, rtol=0, atol=1e-12)
+        assert not out.clamp_rates[name].requires_grad
+
+
+def test_clamp_rates_name_only_the_passes_that_ran():
+    model = TinyVelocityNet((3,)).double()
+    x, y, null_y = _data((8, 3))
+    g = torch.Generator().manual_seed(0)
+    assert TwinFlowLoss.rcgm(guidance_scale=0.0)(model, x, cond={"y": y}, generator=g).clamp_rates.keys() == {"residual"}
+    plain = TwinFlowLoss.plain_flow_matching()(model, x, cond={"y": y}, generator=g)
+    assert plain.clamp_rates == {}
+
+
 @pytest.mark.parametrize("path,reference_path", [(CosinePath(), cosine), (VPPath(), vp)], ids=["cosine", "vp"])
 def test_nonlinear_paths_match_float64_reference_in_value_and_gradient(path, reference_path):
     model = TinyVelocityNet((3,)).double()
@@ -486,11 +521,46 @@ def test_bad_input_raises_value_error_naming_the_argument(call, match):
         ({"residual_clamp": 0.0}, "residual_clamp"), ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"guidance_interval": (0.5, 0.2)}, "guidance_interval"), ({"rectify_weight": float("nan")}, "rectify_weight"),
         ({"rectify_clamp": -1.0}, "rectify_clamp"), ({"multi_step_gap": 2.0}, "multi_step_gap"),
+        # a setting of a pass that the configuration switches off would be silently ignored
+        ({"guidance_scale": 0.0, "guidance_interval": (0.2, 0.8)}, "guidance_interval"),
+        ({"rectify_weight": 0.0, "rectify_clamp": 0.3}, "rectify_clamp"),
+        ({"estimate_order": 0, "estimate_step": 0.2}, "estimate_step"),
+        ({"estimate_order": 0, "residual_clamp": 0.3}, "residual_clamp"),
     ],
 )
 def test_bad_configuration_names_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=f"^{name} "):
+    with pytest.raises(ValueError, match=f"^{name}[ =]"):
         TwinFlowLoss(**kwargs)
+
+
+WRONG_TYPES = {
+    "estimate_step": "'0.01'", "guidance_scale": "True", "guidance_interval": "(0.0, 0.5, 1.0)",
+    "shares": "{'one_step': 0.25}", "time_distribution": "0.5", "distance": "'l2'", "rectify_time": "0.5",
+    "path": "'linear'",
+}
+
+
+def test_arguments_of_the_wrong_type_are_refused_with_a_value_error_naming_them_when_the_loss_is_built():
+    # The suite type-checks every call (jaxtyping's hook), which would answer first; a user's process has no
+    # hook, so the loss's own checks run in a fresh interpreter, as they would there.
+    import subprocess
+    import sys
+
+    script = "\n".join([
+        "from twinloss import TwinFlowLoss",
+        "for name, value in " + repr(WRONG_TYPES) + ".items():",
+        "    try:",
+        "        TwinFlowLoss(**{name: eval(value)})",
+        "    except ValueError as error:",
+        "        print(name, '|', error)",
+        "    else:",
+        "        print(name, '| accepted')",
+    ])
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    answers = dict(line.split(" | ", 1) for line in run.stdout.splitlines())
+    assert answers.keys() == WRONG_TYPES.keys()
+    for name, message in answers.items():
+        assert message.startswith(f"{name} must be"), (name, message)
 
 
 def test_training_reduces_the_held_out_flow_matching_error_and_ema_resumes_exactly():

@@ -4,7 +4,9 @@ Every check raises :class:`ValueError` naming the argument and what was
 expected, as the rest of twinloss does for a caller's input.
 """
 
-__all__ = ["check_int"]
+import math
+
+__all__ = ["check_instance", "check_int", "check_real"]
 
 
 def check_int(value: object, name: str, *, minimum: int) -> int:
@@ -16,3 +18,24 @@ def check_int(value: object, name: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def check_real(value: object, name: str) -> float:
+    """Return ``value`` as a ``float`` if it is a finite real number (``bool`` excluded).
+
+    Raises:
+        ValueError: ``"{name} must be a finite number, got {value!r}"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_instance(value: object, name: str, kind: type) -> None:
+    """Raise unless ``value`` is a ``kind`` (``None`` is the caller's business: it means the default).
+
+    Raises:
+        ValueError: ``"{name} must be a {kind} instance, got {value!r}"``.
+    """
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} must be a {kind.__name__} instance, got {value!r}")

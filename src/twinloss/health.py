@@ -16,9 +16,9 @@ state (once as configured, once with ``rectify_weight = 0``), the gradient
 with respect to the one grad-carrying prediction is taken from a forward hook,
 and each term's share of it is back-propagated to the parameters alone.
 
-Cost: two loss evaluations and seven backward passes of the prediction, plus a
-few no-grad calls for the clamp rates; call it every few hundred steps, not
-every step. Neither the model's ``.grad`` nor the global random state changes;
+Cost: two loss evaluations and seven backward passes of the prediction (the
+clamp rates are the loss's own, :attr:`~twinloss.TwinFlowOutput.clamp_rates`);
+call it every few hundred steps, not every step. Neither the model's ``.grad`` nor the global random state changes;
 the ``generator`` advances as one loss call would advance it.
 
 Reading them (``docs/health.md``): a healthy run keeps the twin terms'
@@ -36,11 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from twinloss._tensors import at_least_float32
 from twinloss._random import RandomState
 from twinloss.loss import TwinFlowLoss
-from twinloss.protocol import Conditioning, VelocityModel, check_conditioning, concat_conditioning, select_rows
-from twinloss.targets import guidance_target, rcgm_displacement, rcgm_residual_target
+from twinloss.protocol import Conditioning, VelocityModel
 from twinloss.trajectory import GROUPS
 
 __all__ = ["TrainingSignals", "training_signals"]
@@ -64,10 +62,12 @@ class TrainingSignals:
             (``nan`` where a gradient is zero); ``rectify/one_step`` is the
             cosine of the rectification with the one-step group's base term,
             the pair that acts on the same rows.
-        residual_clamp_rate: fraction of RCGM residual entries at or beyond
-            ``residual_clamp`` (real rows with ``r < t``).
-        rectify_clamp_rate: fraction of velocity-gap entries at or beyond
-            ``rectify_clamp``.
+        residual_clamp_rate: fraction of the RCGM residual's entries on the
+            real rows at or beyond ``residual_clamp``, in the evaluated step
+            (:attr:`~twinloss.TwinFlowOutput.clamp_rates`; 0 without an RCGM chain).
+        rectify_clamp_rate: fraction of the velocity gap's entries at or
+            beyond ``rectify_clamp``, in the evaluated step (0 without a
+            rectification).
     """
 
     terms: dict[str, float]
@@ -135,13 +135,12 @@ def training_signals(
     cosines = {name: _cosine(gradients[name], gradients["base"]) for name in TERMS}
     cosines["rectify/one_step"] = _cosine(gradients["rectify"], gradients["base/one_step"])
     cosines["total"] = _cosine(gradients["total"], gradients["base"])
-    residual_rate, rectify_rate = _clamp_rates(loss_fn, model, x, cond, uncond, random_state)
     return TrainingSignals(
         terms={name: float(value) for name, value in full.terms.items()},
         grad_norms=grad_norms,
         cosines=cosines,
-        residual_clamp_rate=residual_rate,
-        rectify_clamp_rate=rectify_rate,
+        residual_clamp_rate=float(full.clamp_rates.get("residual", 0.0)),
+        rectify_clamp_rate=float(full.clamp_rates.get("rectify", 0.0)),
     )
 
 
@@ -197,91 +196,3 @@ def _term_gradients(
             (g if g is not None else torch.zeros_like(p)).detach().flatten().float() for g, p in zip(grads, parameters, strict=True)
         ])
     return full, gradients
-
-
-@torch.no_grad()
-def _clamp_rates(
-    loss_fn: TwinFlowLoss,
-    model: nn.Module,
-    x: Tensor,
-    cond: Conditioning | None,
-    uncond: Conditioning | None,
-    random_state: RandomState,
-) -> tuple[float, float]:
-    """How often the RCGM residual and the velocity gap reach their clamps, on fresh draws.
-
-    Rebuilt from the loss's own pieces (its trajectory sampler, path, teacher
-    and the target functions) with a private generator, so the figures are
-    estimates of the rates the loss sees on this batch, not the same draws.
-    """
-    generator = torch.Generator(device=x.device).manual_seed(0)
-    work = at_least_float32(x.dtype)
-    batch = x.shape[0]
-    cond = check_conditioning(cond, batch, name="cond")
-    traj = loss_fn.trajectory(batch, device=x.device, dtype=work, generator=generator)
-    real = slice(0, traj.groups["fake"].start)
-    t, r = traj.t[real], traj.r[real]
-    x_real = x[real].to(work)
-    z = torch.randn(x_real.shape, device=x.device, dtype=work, generator=generator)
-    point = loss_fn.path.sample(x_real, z, t)
-    cond_real = select_rows(cond, real)
-    def teacher(x_in: Tensor, t_in: Tensor, r_in: Tensor, c: Conditioning = cond_real) -> Tensor:
-        with random_state.replay():
-            return loss_fn.teacher(model, x_in.to(x.dtype), t_in, r_in, c).to(work)
-
-    velocity = point.velocity
-    if loss_fn.guidance_scale > 0 and uncond is not None:
-        uncond_real = select_rows(check_conditioning(uncond, batch, name="uncond"), real)
-        both = teacher(
-            torch.cat([point.x_t, point.x_t]), torch.cat([t, t]), torch.cat([t, t]),
-            concat_conditioning(cond_real, uncond_real),
-        )
-        guided = guidance_target(velocity, *both.chunk(2), loss_fn.guidance_scale)
-        inside = loss_fn.guided_rows(traj)[real].reshape(-1, *([1] * (x.ndim - 1)))
-        velocity = torch.where(inside, guided, velocity)
-    jumping = r < t
-    residual_rate = 0.0
-    if bool(jumping.any()):
-        keep = jumping.nonzero().squeeze(1)
-        x_t, t_k, r_k, v_k = point.x_t[keep], t[keep], r[keep], velocity[keep]
-        c_k = select_rows(cond_real, keep)
-        with random_state.replay():
-            prediction = model(x_t.to(x.dtype), t_k, r_k, **c_k).to(work)  # the online F_theta, without grad
-        displacement = rcgm_displacement(
-            lambda a, b, c: teacher(a, b, c, c_k), x_t, t_k, r_k, v_k,
-            step=loss_fn.estimate_step, order=loss_fn.estimate_order,
-        )
-        unclamped = rcgm_residual_target(
-            t_k, r_k, v_k, prediction, displacement, step=loss_fn.estimate_step, clamp=math.inf
-        )
-        residual = prediction - unclamped
-        residual_rate = float((residual.abs() >= loss_fn.residual_clamp).float().mean())
-
-    one = traj.groups["one_step"]
-    rectify_rate = 0.0
-    if one.stop > one.start:
-        cond_one = select_rows(cond, one)
-        noise = torch.randn(x[one].shape, device=x.device, dtype=work, generator=generator)
-        ones = torch.ones(noise.shape[0], device=x.device, dtype=work)
-        with random_state.replay():
-            jump = model(noise.to(x.dtype), ones, torch.zeros_like(ones), **cond_one).to(work)
-        x_hat = loss_fn.path.jump(noise, jump, ones, torch.zeros_like(ones))
-        s = loss_fn.rectify_time(noise.shape[0], device=x.device, dtype=work, generator=generator)
-        y = loss_fn.path.sample(x_hat, torch.randn(x_hat.shape, device=x.device, dtype=work, generator=generator), s).x_t
-        if loss_fn.rectify_field == "guidance_free" and uncond is not None:
-            def evaluate(name: str, x_in: Tensor, t_in: Tensor, r_in: Tensor, c: Conditioning) -> Tensor:
-                with random_state.replay():
-                    if name == "guidance":
-                        return loss_fn.guidance_teacher(model, x_in.to(x.dtype), t_in, r_in, c).to(work)
-                    return model(x_in.to(x.dtype), t_in, r_in, **c).to(work)
-
-            uncond_one = select_rows(check_conditioning(uncond, batch, name="uncond"), one)
-            fake_velocity, real_velocity = loss_fn._gap_fields_guidance_free(evaluate, y, s, cond_one, uncond_one)
-        else:
-            signed = torch.cat([-s, s])
-            with random_state.replay():
-                both = model(torch.cat([y, y]).to(x.dtype), signed, signed,
-                             **concat_conditioning(cond_one, cond_one)).to(work)
-            fake_velocity, real_velocity = both.chunk(2)
-        rectify_rate = float(((fake_velocity - real_velocity).abs() >= loss_fn.rectify_clamp).float().mean())
-    return residual_rate, rectify_rate

@@ -37,7 +37,7 @@ from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor, nn
 
 from twinloss import presets
-from twinloss._checks import check_int
+from twinloss._checks import check_instance, check_int, check_real
 from twinloss._random import RandomState
 from twinloss._tensors import at_least_float32
 from twinloss.distances import BarronDistance, Distance, L2Distance
@@ -56,11 +56,13 @@ from twinloss.targets import (
     fake_samples,
     guidance_free_velocity,
     guidance_target,
+    clamp_rate,
+    clamped_correction_target,
     image_free_guidance_target,
-    rcgm_residual_target,
-    rectification_target,
+    rcgm_residual,
     tangent_time_weight,
     unchecked_rcgm_displacement,
+    velocity_gap,
 )
 from twinloss.teachers import OnlineTeacher, Teacher
 from twinloss.time_distributions import BetaTime, LogitNormalTime, TimeDistribution
@@ -114,6 +116,56 @@ def _checked_guidance_groups(groups: object, guidance_scale: float, shares: Grou
             "name a multi_step or any_step group with a positive share, or pass guidance_scale=0"
         )
     return tuple(name for name in REAL_GROUPS if name in groups)
+
+
+def _check_components(
+    shares: object, time_distribution: object, path: object, distance: object, rectify_time: object
+) -> None:
+    """A ``ValueError`` naming the first component argument that is neither ``None`` (its default) nor of its kind."""
+    kinds = (
+        ("shares", shares, GroupShares), ("time_distribution", time_distribution, TimeDistribution),
+        ("path", path, AffinePath), ("distance", distance, Distance), ("rectify_time", rectify_time, TimeDistribution),
+    )
+    for name, value, kind in kinds:
+        if value is not None:
+            check_instance(value, name, kind)
+
+
+def _checked_interval(interval: object) -> tuple[float, float]:
+    """``guidance_interval`` as ``(low, high)`` with ``0 <= low < high <= 1``, or a ``ValueError`` naming it."""
+    if not (isinstance(interval, tuple | list) and len(interval) == 2):
+        raise ValueError(f"guidance_interval must be a pair (low, high), got {interval!r}")
+    low, high = (check_real(bound, "guidance_interval") for bound in interval)
+    if not (0.0 <= low < high <= 1.0):
+        raise ValueError(f"guidance_interval must satisfy 0 <= low < high <= 1, got {interval}")
+    return low, high
+
+
+UNUSED_SETTING_DEFAULTS: dict[str, object] = {
+    "guidance_interval": (0.0, 1.0), "rectify_clamp": 1.0, "estimate_step": 0.01, "residual_clamp": 1.0,
+}
+"""The defaults of the settings that a switched-off pass never reads (see :func:`_check_unused_settings`)."""
+
+
+def _check_unused_settings(
+    *, guidance_scale: float, guidance_interval: tuple[float, float], rectify_weight: float, rectify_clamp: float,
+    estimate_order: int, estimate_step: float, residual_clamp: float,
+) -> None:
+    """A ``ValueError`` naming a setting changed from its default for a pass the loss switches off.
+
+    ``guidance_scale=0`` runs no guidance pass, ``rectify_weight=0`` no
+    rectification and ``estimate_order=0`` no RCGM chain, so a value chosen
+    for them would be silently ignored.
+    """
+    unused = (
+        (guidance_scale == 0, "guidance_interval", guidance_interval, "guidance_scale=0 runs no guidance pass"),
+        (rectify_weight == 0, "rectify_clamp", rectify_clamp, "rectify_weight=0 runs no rectification"),
+        (estimate_order == 0, "estimate_step", estimate_step, "estimate_order=0 runs no RCGM chain"),
+        (estimate_order == 0, "residual_clamp", residual_clamp, "estimate_order=0 runs no RCGM chain"),
+    )
+    for off, name, value, reason in unused:
+        if off and value != UNUSED_SETTING_DEFAULTS[name]:
+            raise ValueError(f"{name}={value} is given, but {reason}; leave {name} at its default")
 
 
 RECTIFY_FIELDS = ("guided", "guidance_free")
@@ -188,6 +240,12 @@ class TwinFlowOutput:
         grad_sample_evaluations: rows evaluated with grad (the batch size).
         calls_per_pass: model calls per pass (``fake``, ``guidance``,
             ``rcgm``, ``main``, ``rectify``; see :mod:`twinloss.evaluator`).
+        clamp_rates: detached fractions of this step's corrections that
+            reached their clamp, for the passes that ran: ``"residual"``,
+            the entries of the RCGM residual ``R`` on the real rows with
+            :math:`|R| \ge` ``residual_clamp``, and ``"rectify"``, the entries
+            of the velocity gap ``dv`` with :math:`|dv| \ge` ``rectify_clamp``
+            (read without a device sync until logged; ``docs/health.md``).
         nonfinite_source: with ``check_finite="report"``, the first source of
             a NaN or infinity in this step: an input (``"x"``,
             ``"cond['key']"``, ``"uncond['key']"``), a pass (``"fake"``,
@@ -203,6 +261,7 @@ class TwinFlowOutput:
     grad_sample_evaluations: int
     calls_per_pass: dict[str, int] = field(default_factory=dict)
     nonfinite_source: str | None = None
+    clamp_rates: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def finite(self) -> bool:
@@ -373,18 +432,22 @@ class TwinFlowLoss(nn.Module):
         super().__init__()
         if check_finite not in FINITE_CHECKS:
             raise ValueError(f"check_finite must be one of {FINITE_CHECKS}, got {check_finite!r}")
-        if not (0.0 < estimate_step < 1.0):
+        _check_components(shares, time_distribution, path, distance, rectify_time)
+        if not (0.0 < check_real(estimate_step, "estimate_step") < 1.0):
             raise ValueError(f"estimate_step must lie in (0, 1), got {estimate_step}")
         self.estimate_order = check_int(estimate_order, "estimate_order", minimum=0)
         for name, value in (("residual_clamp", residual_clamp), ("rectify_clamp", rectify_clamp)):
-            if not value > 0:
+            if not check_real(value, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         for name, value in (("guidance_scale", guidance_scale), ("rectify_weight", rectify_weight)):
-            if not (value >= 0 and math.isfinite(value)):
+            if not check_real(value, name) >= 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        low, high = guidance_interval
-        if not (0.0 <= low < high <= 1.0):
-            raise ValueError(f"guidance_interval must satisfy 0 <= low < high <= 1, got {guidance_interval}")
+        low, high = _checked_interval(guidance_interval)
+        _check_unused_settings(
+            guidance_scale=guidance_scale, guidance_interval=(low, high), rectify_weight=rectify_weight,
+            rectify_clamp=rectify_clamp, estimate_order=estimate_order, estimate_step=estimate_step,
+            residual_clamp=residual_clamp,
+        )
         if time_weight == "tangent":
             time_weight = TangentTimeWeight()
         elif not (time_weight is None or isinstance(time_weight, TangentTimeWeight)):
@@ -646,12 +709,13 @@ class TwinFlowLoss(nn.Module):
         v_real = self._guided_velocity(evaluate, x_t, v, traj, real, cond, uncond)  # 4. guidance
         displacement = self._rcgm_displacement(evaluate, x_t, v_real, traj, real, cond)  # 5a. RCGM chain
         prediction = evaluate("main", x_t, traj.t, traj.r, cond)  # 3. the only call with grad
-        target = self._regression_target(prediction, v, v_real, displacement, traj, real)  # 5b. RCGM target
+        clamp_rates: dict[str, Tensor] = {}
+        target = self._regression_target(prediction, v, v_real, displacement, traj, real, clamp_rates)  # 5b.
         del displacement, v, v_real
         weighted = self._row_weights(traj) * self.distance(prediction, target)  # 6. base loss per row
         del target
-        rectify = self._rectify(evaluate, x_t, prediction, traj, cond, uncond, generator)  # 7. rectification
-        return self._output(weighted, rectify, traj, real, evaluate)  # 8. total
+        rectify = self._rectify(evaluate, x_t, prediction, traj, cond, uncond, generator, clamp_rates)  # 7.
+        return self._output(weighted, rectify, traj, real, evaluate, clamp_rates)  # 8. total
 
     def _fake_noise(
         self, x: Tensor, traj: Trajectory, work: torch.dtype, generator: torch.Generator | None
@@ -754,14 +818,19 @@ class TwinFlowLoss(nn.Module):
         displacement: Tensor | None,
         traj: Trajectory,
         real: Rows,
+        clamp_rates: dict[str, Tensor],
     ) -> Float[Tensor, " batch *shape"]:
-        """Step 5b: the RCGM target on real rows, ``v = z - x_fake`` (L_adv) on fake rows; detached."""
+        """Step 5b: the RCGM target on real rows, ``v = z - x_fake`` (L_adv) on fake rows; detached.
+
+        Records the residual's clamp rate in ``clamp_rates["residual"]``.
+        """
         target_real = v_real
         if displacement is not None:
-            target_real = rcgm_residual_target(
-                traj.t[real], traj.r[real], v_real, prediction[real], displacement,
-                step=self.estimate_step, clamp=self.residual_clamp,
-            )
+            residual = rcgm_residual(traj.t[real], traj.r[real], v_real, prediction[real], displacement,
+                                     step=self.estimate_step)
+            clamp_rates["residual"] = clamp_rate(residual, self.residual_clamp)
+            target_real = clamped_correction_target(prediction[real], residual, clamp=self.residual_clamp)
+            del residual
         target = v.detach().clone()
         target[real] = target_real
         return target
@@ -783,8 +852,10 @@ class TwinFlowLoss(nn.Module):
         cond: dict[str, Tensor],
         uncond: dict[str, Tensor] | None,
         generator: torch.Generator | None,
+        clamp_rates: dict[str, Tensor],
     ) -> Float[Tensor, ""]:
-        r"""Step 7: :math:`\rho(F_\theta, \mathrm{sg}(F_\theta - \Delta v))` averaged over the one-step rows."""
+        r"""Step 7: :math:`\rho(F_\theta, \mathrm{sg}(F_\theta - \mathrm{clamp}(\Delta v)))` averaged over the
+        one-step rows; records the gap's clamp rate in ``clamp_rates["rectify"]``."""
         one = traj.groups["one_step"]
         if self.rectify_weight == 0 or traj.size("one_step") == 0:
             return prediction.new_zeros(())
@@ -801,7 +872,10 @@ class TwinFlowLoss(nn.Module):
             signed = torch.cat([-s, s])
             both = evaluate("rectify", torch.cat([y, y]), signed, signed, concat_conditioning(cond_one, cond_one))
             fake_velocity, real_velocity = both.chunk(2)
-        target = rectification_target(velocity, fake_velocity, real_velocity, clamp=self.rectify_clamp)
+        gap = velocity_gap(fake_velocity, real_velocity, velocity.dtype)
+        del fake_velocity, real_velocity
+        clamp_rates["rectify"] = clamp_rate(gap, self.rectify_clamp)
+        target = clamped_correction_target(velocity, gap, clamp=self.rectify_clamp)
         return self.distance(velocity, target).mean()
 
     def _gap_fields_guidance_free(
@@ -851,6 +925,7 @@ class TwinFlowLoss(nn.Module):
         traj: Trajectory,
         real: Rows,
         evaluate: StepEvaluator,
+        clamp_rates: dict[str, Tensor],
     ) -> TwinFlowOutput:
         """Step 8: ``L = base + adv + c_rect * rectify``, the logged terms and the call counts."""
         batch = weighted.shape[0]
@@ -880,4 +955,5 @@ class TwinFlowLoss(nn.Module):
             grad_sample_evaluations=evaluate.rows["main"],
             calls_per_pass=dict(evaluate.calls),
             nonfinite_source=source,
+            clamp_rates=clamp_rates,
         )

@@ -29,15 +29,19 @@ from torch import Tensor
 from twinloss._tensors import per_row
 
 __all__ = [
+    "clamp_rate",
+    "clamped_correction_target",
     "fake_samples",
     "guidance_free_velocity",
     "guidance_target",
     "image_free_guidance_target",
     "rcgm_displacement",
+    "rcgm_residual",
     "rcgm_residual_target",
     "rcgm_target",
     "rectification_target",
     "tangent_time_weight",
+    "velocity_gap",
 ]
 
 TeacherField = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -196,6 +200,46 @@ def unchecked_rcgm_displacement(
 
 
 @torch.no_grad()
+def rcgm_residual(
+    t: Float[Tensor, " batch"],
+    r: Float[Tensor, " batch"],
+    velocity: Float[Tensor, " batch *shape"],
+    prediction: Float[Tensor, " batch *shape"],
+    displacement: Float[Tensor, " batch *shape"],
+    *,
+    step: float = 0.01,
+) -> Float[Tensor, " batch *shape"]:
+    r"""Step 3 of :func:`rcgm_target`, unclamped: :math:`R = ((t - r) F_\theta - D) / d - v` for
+    :math:`t - r \ge d`, else :math:`R = F_\theta - v` (in ``velocity``'s dtype)."""
+    prediction = prediction.detach().to(velocity.dtype)
+    span = t - r
+    long_jump = per_row(span >= step, velocity)
+    return torch.where(
+        long_jump,
+        (per_row(span, velocity) * prediction - displacement) / step - velocity,
+        prediction - velocity,
+    )
+
+
+@torch.no_grad()
+def clamped_correction_target(
+    prediction: Float[Tensor, " batch *shape"], correction: Float[Tensor, " batch *shape"], *, clamp: float
+) -> Float[Tensor, " batch *shape"]:
+    r""":math:`T = \mathrm{sg}(F_\theta) - \mathrm{clamp}(C, -c, c)` (in ``correction``'s dtype).
+
+    Both of TwinFlow's corrective targets have this form: the RCGM residual
+    ``C = R`` (step 5) and the rectification's velocity gap ``C = dv``
+    (step 7). Regressing :math:`F_\theta` on ``T`` moves it by ``clamp(C)``.
+    """
+    return prediction.detach().to(correction.dtype) - correction.clamp(-clamp, clamp)
+
+
+def clamp_rate(correction: Tensor, clamp: float) -> Float[Tensor, ""]:
+    """The fraction of entries of ``correction`` that reach the clamp, ``|C| >= c`` (detached; no sync)."""
+    return (correction.detach().abs() >= clamp).float().mean()
+
+
+@torch.no_grad()
 def rcgm_residual_target(
     t: Float[Tensor, " batch"],
     r: Float[Tensor, " batch"],
@@ -207,15 +251,8 @@ def rcgm_residual_target(
     clamp: float = 1.0,
 ) -> Float[Tensor, " batch *shape"]:
     r"""Steps 3-4 of :func:`rcgm_target`: :math:`T = \mathrm{sg}(F_\theta) - \mathrm{clamp}(R)`."""
-    prediction = prediction.detach().to(velocity.dtype)
-    span = t - r
-    long_jump = per_row(span >= step, velocity)
-    residual = torch.where(
-        long_jump,
-        (per_row(span, velocity) * prediction - displacement) / step - velocity,
-        prediction - velocity,
-    )
-    return prediction - residual.clamp(-clamp, clamp)
+    residual = rcgm_residual(t, r, velocity, prediction, displacement, step=step)
+    return clamped_correction_target(prediction, residual, clamp=clamp)
 
 
 def tangent_time_weight(
@@ -228,6 +265,15 @@ def tangent_time_weight(
     diverges at ``r = t``).
     """
     return 1.0 + torch.tan((1.0 - (t.abs() - r.abs())) * math.pi / divisor)
+
+
+def velocity_gap(
+    fake_velocity: Float[Tensor, " batch *shape"],
+    real_velocity: Float[Tensor, " batch *shape"],
+    dtype: torch.dtype,
+) -> Float[Tensor, " batch *shape"]:
+    r"""Step 7's gap :math:`\Delta v = F(y, -s, -s) - F(y, s, s)`, the fake field minus the real one, in ``dtype``."""
+    return fake_velocity.detach().to(dtype) - real_velocity.detach().to(dtype)
 
 
 @torch.no_grad()
@@ -245,6 +291,5 @@ def rectification_target(
     the gap between the fake and the real velocity fields at the re-noised
     one-step samples ``y`` (*default* clamp ``c = 1``).
     """
-    prediction = prediction.detach()
-    gap = (fake_velocity.to(prediction.dtype) - real_velocity.to(prediction.dtype)).clamp(-clamp, clamp)
-    return prediction - gap
+    gap = velocity_gap(fake_velocity, real_velocity, prediction.dtype)
+    return clamped_correction_target(prediction, gap, clamp=clamp)
