@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from twinloss import AnyStepSampler, time_schedule
+from twinloss import AnyStepSampler, CosinePath, time_schedule
 from twinloss.sampling import SAMPLER_PRESETS, SamplerStep, any_step, few_step, multi_step
 
 from core_models import GaussianFlow, TinyVelocityNet
@@ -138,6 +138,8 @@ def test_guidance_is_one_batched_call_per_step():
         (lambda: AnyStepSampler(2, start_gap=0.5, end_gap=0.5), "^start_gap \\+ end_gap"),
         (lambda: AnyStepSampler.from_preset("qwenimage_8nfe"), "^preset 'qwenimage_8nfe' is unknown"),
         (lambda: AnyStepSampler.from_preset("qwenimage_4nfe", steps=2), r"^overrides \['steps'\]"),
+        (lambda: AnyStepSampler(2, mode="any", path=CosinePath()), r"^path is given, but mode='any'"),
+        (lambda: AnyStepSampler(2, mode="multi", path=CosinePath()), r"^path is given, but mode='multi'"),
     ],
 )
 def test_bad_configuration(make, match):
@@ -150,6 +152,8 @@ def test_bad_call_arguments():
     z = torch.randn(2, 3)
     with pytest.raises(ValueError, match="non-increasing"):
         AnyStepSampler(2, mode="any")(model, z, schedule=torch.tensor([1.0, 0.3, 0.6]))
+    with pytest.raises(ValueError, match="^schedule must end at time 0"):  # its sample would still be noisy
+        AnyStepSampler(1)(model, z, schedule=torch.tensor([1.0, 0.5]))
     with pytest.raises(ValueError, match="^noise "):
         AnyStepSampler()(model, z.long())
     with pytest.raises(ValueError, match="^uncond is required"):

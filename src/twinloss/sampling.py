@@ -354,7 +354,8 @@ class AnyStepSampler(nn.Module):
             required when it is > 0 and refused when it is 0 (it would be
             ignored).
         return_trajectory: keep every intermediate state.
-        path: the path used to re-noise in few mode (*default* linear).
+        path: the path used to re-noise in few mode (*default* linear); the
+            other modes never re-noise, so they refuse it.
     """
 
     def __init__(
@@ -385,6 +386,11 @@ class AnyStepSampler(nn.Module):
         )
         if not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        if path is not None and mode != "few":
+            raise ValueError(
+                f"path is given, but mode={mode!r} never re-noises (its step x - (t - r) F holds on any path); "
+                "path applies to mode='few' only"
+            )
         self.steps = steps
         self.mode = mode
         self.stochastic_ratio = float(stochastic_ratio)
@@ -446,6 +452,8 @@ class AnyStepSampler(nn.Module):
             raise ValueError(
                 f"schedule must be non-increasing (no target time r > t), got {schedule.tolist()}"
             )
+        if float(schedule[-1]) != 0.0:
+            raise ValueError(f"schedule must end at time 0, where the sample is, got {schedule.tolist()}")
 
     @torch.no_grad()
     def forward(
