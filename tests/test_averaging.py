@@ -155,6 +155,33 @@ def test_buffers_are_averaged_or_copied_only_when_asked() -> None:
     )
 
 
+
+def test_an_update_refused_for_its_buffers_leaves_the_average_and_count_unchanged() -> None:
+    model = nn.BatchNorm1d(3)
+    average = twinloss.WeightAverage(0.9, average_buffers=True)
+    average.update(model)
+    kept = {name: value.clone() for name, value in {**average.shadow, **average.buffers_average}.items()}
+
+    def assert_unchanged() -> None:
+        assert average.num_updates == 1 and average.decay == 0.0
+        torch.testing.assert_close({**average.shadow, **average.buffers_average}, kept, rtol=0, atol=0)
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    model.register_buffer("extra", torch.zeros(1))
+    with pytest.raises(ValueError, match=r"the model's buffers .* differ from the averaged ones"):
+        average.update(model)
+    assert_unchanged()
+    del model.extra
+    model.running_mean = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"buffer 'running_mean' has shape \(4,\), the averaged one \(3,\)"):
+        average.update(model)
+    assert_unchanged()
+    model.running_mean = torch.full((3,), float("nan"))
+    with pytest.raises(ValueError, match=r"WeightAverage.update: the model's buffer 'running_mean' contains NaN"):
+        average.update(model)
+    assert_unchanged()
+
 def _train(model, average, steps: int, seed: int, optimizer) -> None:
     generator = torch.Generator().manual_seed(seed)
     loss_fn = twinloss.TwinFlowLoss(guidance_scale=0.0)
