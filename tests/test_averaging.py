@@ -225,6 +225,28 @@ def test_state_dict_round_trip_resumes_bit_exactly(profile, tmp_path) -> None:
         assert torch.equal(resumed.buffers_average[name], average.buffers_average[name]), name
 
 
+
+def test_an_average_loaded_on_the_cpu_follows_the_model_to_its_device(monkeypatch) -> None:
+    """A checkpoint loads onto the CPU; the 'meta' device stands for CUDA, where a CPU average cannot be used."""
+    monkeypatch.setattr(twinloss.teachers, "check_finite_weights", lambda *args, **kwargs: None)  # no values on meta
+    monkeypatch.setattr(twinloss.averaging, "check_finite_weights", lambda *args, **kwargs: None)
+    model = Tiny(dtype=torch.bfloat16)
+    average = twinloss.WeightAverage(0.9, average_buffers=True)
+    average.update(model)
+    resumed = twinloss.WeightAverage(0.9, average_buffers=True)
+    resumed.load_state_dict(average.state_dict())
+    on_device = copy.deepcopy(model).to("meta")
+    exported = resumed.averaged_tensors(on_device)
+    assert {(value.device.type, value.dtype) for value in exported.values()} == {
+        ("meta", torch.bfloat16), ("meta", torch.long)
+    }
+    x, t = torch.randn(2, 3, dtype=torch.bfloat16, device="meta"), torch.full((2,), 0.5, device="meta")
+    assert resumed(on_device, x, t, t, {"y": torch.tensor([1, 0], device="meta")}).device.type == "meta"
+    resumed.update(on_device)
+    assert resumed.num_updates == 2
+    kept = {**resumed.shadow, **resumed.buffers_average}
+    assert {(value.device.type, value.dtype) for value in kept.values()} == {("meta", torch.float32), ("meta", torch.long)}
+
 def test_loading_refuses_another_profile_or_buffer_setting() -> None:
     model = Tiny()
     average = twinloss.WeightAverage(twinloss.ConstantDecay(0.9))

@@ -56,7 +56,7 @@ from torch.func import functional_call
 
 from twinloss.distributed import ShardedEMATeacher
 from twinloss.protocol import Conditioning, VelocityModel
-from twinloss.teachers import EMATeacher, as_module, check_finite_weights
+from twinloss.teachers import EMATeacher, on_devices_of, as_module, check_finite_weights
 
 __all__ = [
     "AveragedVelocity",
@@ -267,6 +267,7 @@ class WeightAverage(ProfiledAverage, EMATeacher):
             what="the model's buffer",
         )
         super().update(model)  # checks the parameters, averages them, then advance()
+        self.buffers_average = on_devices_of(self.buffers_average, buffers)  # a checkpoint loads onto the CPU
         for name, value in buffers.items():
             kept = self.buffers_average.get(name)
             if not value.is_floating_point():
@@ -301,7 +302,7 @@ class WeightAverage(ProfiledAverage, EMATeacher):
             return functional_call(module, tensors, (x_t, t, r), dict(cond))
 
     def averaged_tensors(self, model: VelocityModel) -> dict[str, Tensor]:
-        """The averaged parameters (and buffers, if averaged) in the model's own dtypes.
+        """The averaged parameters (and buffers, if averaged) in the model's own dtypes and on its devices.
 
         Fresh tensors, never the average's storage; before any update, the
         model's current weights. Load them with
@@ -312,10 +313,12 @@ class WeightAverage(ProfiledAverage, EMATeacher):
             self._initialize(module)
         params = dict(module.named_parameters())
         self.check_same_parameters(params, self.shadow)
-        tensors = {name: self.shadow[name].to(params[name].dtype, copy=True) for name in params}
+        tensors = {
+            name: self.shadow[name].to(device=p.device, dtype=p.dtype, copy=True) for name, p in params.items()
+        }
         buffers = dict(module.named_buffers())
         for name, value in self.buffers_average.items():
-            tensors[name] = value.to(buffers[name].dtype, copy=True)
+            tensors[name] = value.to(device=buffers[name].device, dtype=buffers[name].dtype, copy=True)
         return tensors
 
     def get_extra_state(self) -> dict:
