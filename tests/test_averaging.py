@@ -155,6 +155,33 @@ def test_buffers_are_averaged_or_copied_only_when_asked() -> None:
     )
 
 
+
+def test_an_update_refused_for_its_buffers_leaves_the_average_and_count_unchanged() -> None:
+    model = nn.BatchNorm1d(3)
+    average = twinloss.WeightAverage(0.9, average_buffers=True)
+    average.update(model)
+    kept = {name: value.clone() for name, value in {**average.shadow, **average.buffers_average}.items()}
+
+    def assert_unchanged() -> None:
+        assert average.num_updates == 1 and average.decay == 0.0
+        torch.testing.assert_close({**average.shadow, **average.buffers_average}, kept, rtol=0, atol=0)
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    model.register_buffer("extra", torch.zeros(1))
+    with pytest.raises(ValueError, match=r"the model's buffers .* differ from the averaged ones"):
+        average.update(model)
+    assert_unchanged()
+    del model.extra
+    model.running_mean = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"buffer 'running_mean' has shape \(4,\), the averaged one \(3,\)"):
+        average.update(model)
+    assert_unchanged()
+    model.running_mean = torch.full((3,), float("nan"))
+    with pytest.raises(ValueError, match=r"WeightAverage.update: the model's buffer 'running_mean' contains NaN"):
+        average.update(model)
+    assert_unchanged()
+
 def _train(model, average, steps: int, seed: int, optimizer) -> None:
     generator = torch.Generator().manual_seed(seed)
     loss_fn = twinloss.TwinFlowLoss(guidance_scale=0.0)
@@ -197,6 +224,28 @@ def test_state_dict_round_trip_resumes_bit_exactly(profile, tmp_path) -> None:
     for name in average.buffers_average:
         assert torch.equal(resumed.buffers_average[name], average.buffers_average[name]), name
 
+
+
+def test_an_average_loaded_on_the_cpu_follows_the_model_to_its_device(monkeypatch) -> None:
+    """A checkpoint loads onto the CPU; the 'meta' device stands for CUDA, where a CPU average cannot be used."""
+    monkeypatch.setattr(twinloss.teachers, "check_finite_weights", lambda *args, **kwargs: None)  # no values on meta
+    monkeypatch.setattr(twinloss.averaging, "check_finite_weights", lambda *args, **kwargs: None)
+    model = Tiny(dtype=torch.bfloat16)
+    average = twinloss.WeightAverage(0.9, average_buffers=True)
+    average.update(model)
+    resumed = twinloss.WeightAverage(0.9, average_buffers=True)
+    resumed.load_state_dict(average.state_dict())
+    on_device = copy.deepcopy(model).to("meta")
+    exported = resumed.averaged_tensors(on_device)
+    assert {(value.device.type, value.dtype) for value in exported.values()} == {
+        ("meta", torch.bfloat16), ("meta", torch.long)
+    }
+    x, t = torch.randn(2, 3, dtype=torch.bfloat16, device="meta"), torch.full((2,), 0.5, device="meta")
+    assert resumed(on_device, x, t, t, {"y": torch.tensor([1, 0], device="meta")}).device.type == "meta"
+    resumed.update(on_device)
+    assert resumed.num_updates == 2
+    kept = {**resumed.shadow, **resumed.buffers_average}
+    assert {(value.device.type, value.dtype) for value in kept.values()} == {("meta", torch.float32), ("meta", torch.long)}
 
 def test_loading_refuses_another_profile_or_buffer_setting() -> None:
     model = Tiny()

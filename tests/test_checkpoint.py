@@ -119,3 +119,44 @@ def test_loading_a_mismatched_state_raises_naming_what_differs(tmp_path) -> None
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a twinloss training state"):
         load_training_state(tmp_path / "other.pt", model=model, optimizer=optimizer, loss_fn=loss_fn)
+
+
+def test_a_refused_load_leaves_model_optimizer_loss_and_rng_unchanged(tmp_path) -> None:
+    model, loss_fn, optimizer = _setup()
+    generator = _start()
+    _steps(2, model, loss_fn, optimizer, generator)
+    save_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn,
+                        generators={"loss": generator})
+
+    model, loss_fn, optimizer = _setup(seed=7)
+    _steps(1, model, loss_fn, optimizer, _start(seed=7))  # optimizer and teacher hold state of their own
+    model_before = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in loss_fn.teacher.shadow.items()}
+    optimizer_before = {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()}
+    rng_before = torch.get_rng_state()
+
+    def assert_unchanged() -> None:
+        torch.testing.assert_close(model.state_dict(), model_before, rtol=0, atol=0)
+        torch.testing.assert_close(loss_fn.teacher.shadow, teacher_before, rtol=0, atol=0)
+        assert loss_fn.teacher.num_updates == 1
+        torch.testing.assert_close(optimizer.state_dict()["state"], optimizer_before, rtol=0, atol=0)
+        assert torch.equal(torch.get_rng_state(), rng_before)
+
+    with pytest.raises(ValueError, match=r"generators: the checkpoint holds \['loss'\], the call passes \['data'\]"):
+        load_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn,
+                            generators={"data": torch.Generator()})
+    assert_unchanged()
+    parameters = list(model.parameters())
+    other_optimizer = torch.optim.AdamW([{"params": parameters[:1]}, {"params": parameters[1:]}])
+    with pytest.raises(ValueError, match=r"optimizer: the checkpoint holds parameter groups of sizes"):
+        load_training_state(tmp_path / "state.pt", model=model, optimizer=other_optimizer, loss_fn=loss_fn,
+                            generators={"loss": torch.Generator()})
+    assert_unchanged()
+    wider = torch.load(tmp_path / "state.pt", weights_only=True)
+    name = next(iter(wider["model"]))
+    wider["model"][name] = torch.zeros(*wider["model"][name].shape[:-1], wider["model"][name].shape[-1] + 1)
+    torch.save(wider, tmp_path / "wider.pt")
+    with pytest.raises(ValueError, match=rf"model: the checkpoint holds tensors of other shapes: {name} \(5, 9\), here \(5, 8\)"):
+        load_training_state(tmp_path / "wider.pt", model=model, optimizer=optimizer, loss_fn=loss_fn,
+                            generators={"loss": torch.Generator()})
+    assert_unchanged()

@@ -7,7 +7,16 @@ The expected values below were copied from the yaml files of inclusionAI/TwinFlo
 import pytest
 import torch
 
-from twinloss import BarronDistance, BetaTime, EMATeacher, FrozenTeacher, OnlineTeacher, TwinFlowLoss
+from twinloss import (
+    BarronDistance,
+    BetaTime,
+    EMATeacher,
+    FrozenTeacher,
+    OnlineTeacher,
+    ShardedWeightAverage,
+    TwinFlowLoss,
+    WeightAverage,
+)
 from twinloss.presets import PRESETS, PresetName
 from twinloss.teachers import Teacher
 
@@ -113,6 +122,25 @@ def test_a_missing_or_wrong_teacher_raises_naming_the_argument(name, arguments, 
     with pytest.raises(ValueError, match=rf"^{argument}\b"):
         TwinFlowLoss.from_preset(name, **arguments)
 
+
+
+@pytest.mark.parametrize(
+    "name, argument, needs",
+    [
+        ("sd35_full", "teacher", r"target_decay 0\.99"),
+        ("openuni_full", "teacher", r"target_decay 0\.999"),
+        ("qwenimage_lora_1order", "guidance_teacher", "fixed"),
+        ("qwenimage_full", "teacher", "no teacher"),
+    ],
+    ids=["average_0.99", "average_0.999", "fixed", "online"],
+)
+@pytest.mark.parametrize("average", [WeightAverage(0.99), ShardedWeightAverage(0.99)], ids=["plain", "sharded"])
+def test_a_weight_average_as_a_preset_teacher_raises_a_value_error_saying_it_is_for_sampling(name, argument, needs, average):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{argument} is a {type(average).__name__}, a weight average for sampling .* not a teacher .*{needs}",
+    ):
+        TwinFlowLoss.from_preset(name, **{argument: average})
 
 def test_image_free_preset_runs_with_a_frozen_teacher_and_needs_no_data():
     model = TinyVelocityNet((3,))

@@ -1,10 +1,12 @@
 """Teachers: the online teacher is free, the EMA follows its warm-up exactly."""
 
+import copy
+
 import pytest
 import torch
 from torch.testing import assert_close
 
-from twinloss import EMATeacher, FrozenTeacher, OnlineTeacher
+from twinloss import EMATeacher, FrozenTeacher, OnlineTeacher, teachers
 
 from core_models import TinyVelocityNet
 
@@ -157,6 +159,25 @@ def test_frozen_teacher_keeps_the_weights_of_construction_and_survives_a_checkpo
     with pytest.raises(ValueError, match="parameters differ from the frozen ones"):
         frozen(TinyVelocityNet((3,), num_classes=2).net, x, t, r, {})
 
+
+
+def test_teachers_loaded_on_the_cpu_follow_the_model_to_its_device(monkeypatch):
+    """A checkpoint loads onto the CPU; the 'meta' device stands for CUDA, where a CPU average or copy cannot be used."""
+    monkeypatch.setattr(teachers, "check_finite_weights", lambda *args, **kwargs: None)  # meta tensors hold no values
+    model = TinyVelocityNet((3,)).to(torch.bfloat16)
+    ema, frozen = EMATeacher(0.9), FrozenTeacher(model)
+    ema.update(model)
+    on_device = copy.deepcopy(model).to("meta")
+    x, t, r = (value.to("meta") for value in _inputs())
+    resumed_ema, resumed_frozen = EMATeacher(0.9), FrozenTeacher(model)
+    resumed_ema.load_state_dict(ema.state_dict())
+    resumed_frozen.load_state_dict(frozen.state_dict())
+    assert resumed_ema(on_device, x.bfloat16(), t, r, {}).device.type == "meta"
+    resumed_ema.update(on_device)
+    assert resumed_ema.num_updates == 2
+    assert {(p.device.type, p.dtype) for p in resumed_ema.shadow.values()} == {("meta", torch.float32)}
+    assert resumed_frozen(on_device, x.bfloat16(), t, r, {}).device.type == "meta"
+    assert {(p.device.type, p.dtype) for p in resumed_frozen.frozen.values()} == {("meta", torch.bfloat16)}
 
 def test_warn_after_steps_must_be_a_positive_int():
     for bad in (0, -3):

@@ -106,10 +106,29 @@ def add_lora(adapted: nn.Module, config: object, *, adapter_name: str = "default
         raise ValueError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
     config = copy.deepcopy(config)
     config.modules_to_save = sorted(set(config.modules_to_save or ()) | set(_extra_module_names(adapted)))
+    flags = [(parameter, parameter.requires_grad) for parameter in adapted.parameters()]
     adapted.requires_grad_(False)
-    model = peft.get_peft_model(adapted, config, adapter_name=adapter_name)
+    try:
+        model = peft.get_peft_model(adapted, config, adapter_name=adapter_name)
+    except Exception:  # peft refused the config (no target module found, ...): give the caller's flags back
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        raise
     model.__class__ = _saving_adapter_options(type(model))
     return model
+
+
+def _weightless_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are empty 'meta' tensors: no weight is copied.
+
+    :func:`load_lora` puts the LoRA on it to learn the names and shapes the
+    saved adapter must have before it touches the caller's model.
+    """
+    memo: dict[int, object] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(module, memo)
 
 
 @functools.cache
@@ -189,13 +208,31 @@ def load_lora(
             ``modules_to_save`` lacks the adapter's modules, or the weights do
             not match the model (naming the keys). A folder without
             ``twinloss_config.json`` (saved before twinloss wrote it) is not
-            compared.
+            compared. Everything is checked before ``adapted`` changes: a
+            refused adapter leaves it without LoRA layers, its parameters'
+            ``requires_grad`` as they were.
+    """
+    peft = require_peft()
+    if isinstance(adapted, WanExpertsModel):
+        return LoRAExperts.load(adapted, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **hub_kwargs)
+    config, saved = _checked_lora(adapted, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **hub_kwargs)
+    model = add_lora(adapted, config, adapter_name=adapter_name)
+    peft.set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
+    return model
+
+
+def _checked_lora(
+    adapted: nn.Module, model_id: str | os.PathLike, *, adapter_name: str, is_trainable: bool, **hub_kwargs: object
+) -> tuple[object, dict[str, Tensor]]:
+    """The saved config and weights of the adapter in ``model_id``, after every check of :func:`load_lora`.
+
+    ``adapted`` is not modified: the weights are compared with those of the
+    LoRA put on a weightless copy of it, so a refused adapter leaves the
+    caller's base without LoRA layers and with its ``requires_grad`` flags.
     """
     peft = require_peft()
     from twinloss_adapters.persistence import check_exact_match, check_same_adapter, hub_arguments, read_twinloss_config
 
-    if isinstance(adapted, WanExpertsModel):
-        return LoRAExperts.load(adapted, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **hub_kwargs)
     config = peft.PeftConfig.from_pretrained(str(model_id), **hub_kwargs)
     if not isinstance(config, peft.LoraConfig):
         raise ValueError(f"{model_id} holds a {type(config).__name__}, expected a LoRA adapter (LoraConfig)")
@@ -211,13 +248,12 @@ def load_lora(
             f"{config.modules_to_save}); their trained weights are not in it"
         )
     config.inference_mode = not is_trainable
-    model = add_lora(adapted, config, adapter_name=adapter_name)
     saved = peft.utils.load_peft_weights(str(model_id), device="cpu", **hub_kwargs)
-    expected = peft.get_peft_model_state_dict(model, adapter_name=adapter_name)
+    dry_run = add_lora(_weightless_copy(adapted), config, adapter_name=adapter_name)
+    expected = peft.get_peft_model_state_dict(dry_run, adapter_name=adapter_name)
     # Names and shapes are compared in the saved naming; peft then maps them onto the adapter's parameters.
     check_exact_match(expected, saved, f"the adapter weights in {model_id}")
-    peft.set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
-    return model
+    return config, saved
 
 
 def save_merged(
@@ -524,8 +560,8 @@ class LoRAExperts(nn.Module):
         Raises:
             ValueError: as :func:`load_lora`, and if ``twinloss_experts.json``
                 records another ``boundary_ratio`` or other expert folders.
-                As with :func:`load_lora`, experts whose weights were refused
-                may already carry LoRA layers: adapt fresh ones to retry.
+                Both experts' adapters are checked before either expert
+                changes, so refused experts carry no LoRA layers.
         """
         from twinloss_adapters.persistence import resolve_file, hub_arguments
 
@@ -539,11 +575,19 @@ class LoRAExperts(nn.Module):
                     f"{saved['boundary_ratio']}; these are {experts.expert_subfolders} with {experts.boundary_ratio}"
                 )
 
-        def load_expert(expert: AdaptedTransformer, expert_folder: str) -> nn.Module:
+        checked = {}  # every expert's adapter is checked before either expert changes
+        for name, expert_folder in experts.expert_subfolders.items():
             folder = expert_folder if subfolder is None else f"{subfolder}/{expert_folder}"
-            return load_lora(
-                expert, model_id, adapter_name=adapter_name, is_trainable=is_trainable, subfolder=folder, **hub_kwargs
+            checked[expert_folder] = _checked_lora(
+                getattr(experts, name), model_id, adapter_name=adapter_name, is_trainable=is_trainable,
+                subfolder=folder, **hub_kwargs,
             )
+
+        def load_expert(expert: AdaptedTransformer, expert_folder: str) -> nn.Module:
+            config, saved = checked[expert_folder]
+            model = add_lora(expert, config, adapter_name=adapter_name)
+            require_peft().set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
+            return model
 
         return cls(experts, load_expert)
 

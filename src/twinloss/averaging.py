@@ -56,7 +56,7 @@ from torch.func import functional_call
 
 from twinloss.distributed import ShardedEMATeacher
 from twinloss.protocol import Conditioning, VelocityModel
-from twinloss.teachers import EMATeacher, as_module
+from twinloss.teachers import EMATeacher, on_devices_of, as_module, check_finite_weights
 
 __all__ = [
     "AveragedVelocity",
@@ -256,16 +256,18 @@ class WeightAverage(ProfiledAverage, EMATeacher):
 
     @torch.no_grad()
     def update(self, model: VelocityModel) -> None:
+        """Average the model's weights (and buffers) in; mismatched or non-finite ones are refused before anything changes."""
         weight = self.average_weight
-        super().update(model)  # the parameters, then advance()
-        if not self.average_buffers:
-            return
-        buffers = dict(as_module(model, type(self).__name__).named_buffers())
-        if self.buffers_average and set(buffers) != set(self.buffers_average):
-            raise ValueError(
-                f"the model's buffers {sorted(buffers)[:3]} differ from the averaged ones "
-                f"{sorted(self.buffers_average)[:3]}"
-            )
+        buffers = dict(as_module(model, type(self).__name__).named_buffers()) if self.average_buffers else {}
+        if self.buffers_average:
+            self._check_same_buffers(buffers)
+        check_finite_weights(
+            f"{type(self).__name__}.update",
+            {name: value for name, value in buffers.items() if value.is_floating_point()},
+            what="the model's buffer",
+        )
+        super().update(model)  # checks the parameters, averages them, then advance()
+        self.buffers_average = on_devices_of(self.buffers_average, buffers)  # a checkpoint loads onto the CPU
         for name, value in buffers.items():
             kept = self.buffers_average.get(name)
             if not value.is_floating_point():
@@ -274,6 +276,20 @@ class WeightAverage(ProfiledAverage, EMATeacher):
                 self.buffers_average.update(self.start_average({name: value}))
             else:
                 kept.lerp_(value.detach().to(kept.dtype), weight)
+
+    def _check_same_buffers(self, buffers: dict[str, Tensor]) -> None:
+        """Refuse buffers whose names or shapes are not the averaged ones (``lerp_`` would broadcast a new shape)."""
+        if set(buffers) != set(self.buffers_average):
+            raise ValueError(
+                f"{type(self).__name__}: the model's buffers {sorted(buffers)[:3]} differ from the averaged ones "
+                f"{sorted(self.buffers_average)[:3]}"
+            )
+        for name, value in buffers.items():
+            if value.shape != self.buffers_average[name].shape:
+                raise ValueError(
+                    f"{type(self).__name__}: buffer {name!r} has shape {tuple(value.shape)}, "
+                    f"the averaged one {tuple(self.buffers_average[name].shape)}"
+                )
 
     def forward(
         self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
@@ -286,7 +302,7 @@ class WeightAverage(ProfiledAverage, EMATeacher):
             return functional_call(module, tensors, (x_t, t, r), dict(cond))
 
     def averaged_tensors(self, model: VelocityModel) -> dict[str, Tensor]:
-        """The averaged parameters (and buffers, if averaged) in the model's own dtypes.
+        """The averaged parameters (and buffers, if averaged) in the model's own dtypes and on its devices.
 
         Fresh tensors, never the average's storage; before any update, the
         model's current weights. Load them with
@@ -297,10 +313,12 @@ class WeightAverage(ProfiledAverage, EMATeacher):
             self._initialize(module)
         params = dict(module.named_parameters())
         self.check_same_parameters(params, self.shadow)
-        tensors = {name: self.shadow[name].to(params[name].dtype, copy=True) for name in params}
+        tensors = {
+            name: self.shadow[name].to(device=p.device, dtype=p.dtype, copy=True) for name, p in params.items()
+        }
         buffers = dict(module.named_buffers())
         for name, value in self.buffers_average.items():
-            tensors[name] = value.to(buffers[name].dtype, copy=True)
+            tensors[name] = value.to(device=buffers[name].device, dtype=buffers[name].dtype, copy=True)
         return tensors
 
     def get_extra_state(self) -> dict:

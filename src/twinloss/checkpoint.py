@@ -109,13 +109,41 @@ def restore_rng(state: Mapping[str, Tensor], generators: Mapping[str, torch.Gene
 # --- strict module loading ------------------------------------------------------------------
 
 
-def _load_module_state(module: nn.Module, state: Mapping[str, object], what: str) -> None:
-    """``module.load_state_dict(state)``, raising ValueError naming missing and unexpected keys."""
-    result = module.load_state_dict(dict(state), strict=False)
-    if result.missing_keys or result.unexpected_keys:
+def _check_module_state(module: nn.Module, state: Mapping[str, object], what: str) -> None:
+    """Raise ValueError naming missing and unexpected keys, and tensors of another shape; changes nothing.
+
+    ``module.load_state_dict`` copies every matching tensor before it
+    reports the others, so a mismatch must be found before it runs.
+    """
+    current = module.state_dict()
+    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+    if missing or unexpected:
         raise ValueError(
-            f"{what}: the checkpoint does not match; missing {sorted(result.missing_keys)}, "
-            f"unexpected {sorted(result.unexpected_keys)} (a LoRAEMATeacher must attach() before loading)"
+            f"{what}: the checkpoint does not match; missing {missing}, "
+            f"unexpected {unexpected} (a LoRAEMATeacher must attach() before loading)"
+        )
+    reshaped = [
+        f"{key} {tuple(state[key].shape)}, here {tuple(value.shape)}"
+        for key, value in current.items()
+        if isinstance(value, Tensor) and isinstance(state[key], Tensor) and state[key].shape != value.shape
+    ]
+    if reshaped:
+        raise ValueError(f"{what}: the checkpoint holds tensors of other shapes: {'; '.join(reshaped[:3])}")
+
+
+def _load_module_state(module: nn.Module, state: Mapping[str, object], what: str) -> None:
+    """``module.load_state_dict(state)`` after :func:`_check_module_state`."""
+    _check_module_state(module, state, what)
+    module.load_state_dict(dict(state))
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, object]) -> None:
+    """Raise ValueError unless ``state``'s parameter groups have the optimizer's sizes (what its loading checks)."""
+    saved = [len(group["params"]) for group in state["param_groups"]]
+    current = [len(group["params"]) for group in optimizer.param_groups]
+    if saved != current:
+        raise ValueError(
+            f"optimizer: the checkpoint holds parameter groups of sizes {saved}, the optimizer {current}"
         )
 
 
@@ -171,17 +199,28 @@ def load_training_state(
     Build the model, optimizer and loss as for the first run (and attach a
     :class:`~twinloss_adapters.lora.LoRAEMATeacher`) before calling.
 
+    Every part is checked before any is loaded: a refused call leaves the
+    model, optimizer, loss and random states as they were. The loss loads
+    first, so a teacher that refuses its saved state (non-finite, another
+    decay or profile) also refuses before the model or optimizer changes.
+
     Raises:
         ValueError: if ``path`` is not a twinloss training state, or any part
-            (model keys, loss/teacher keys, generators, RNG) does not match.
+            (model keys or shapes, loss/teacher keys, optimizer parameter
+            groups, generators, RNG) does not match.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
         raise ValueError(f"{path} is not a twinloss training state of version {VERSION}")
-    _load_module_state(model, state["model"], "model")
-    _load_module_state(loss_fn, state["loss"], "loss_fn")
+    generators = generators or {}
+    check_rng_names(set(state["rng"]), generators)
+    _check_module_state(model, state["model"], "model")
+    _check_module_state(loss_fn, state["loss"], "loss_fn")
+    _check_optimizer_state(optimizer, state["optimizer"])
+    loss_fn.load_state_dict(dict(state["loss"]))
     optimizer.load_state_dict(state["optimizer"])
-    restore_rng(state["rng"], generators or {})
+    model.load_state_dict(dict(state["model"]))
+    restore_rng(state["rng"], generators)
     return int(state["step"])
 
 

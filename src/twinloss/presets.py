@@ -34,6 +34,7 @@ not part of a preset.
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from twinloss.averaging import ProfiledAverage
 from twinloss.distances import BarronDistance
 from twinloss.teachers import MovingAverageTeacher, OnlineTeacher, Teacher
 from twinloss.time_distributions import BetaTime
@@ -122,6 +123,18 @@ def _teachers(
     the online one (``model_4_rcgm = self.mod if emd != 1 else model``).
     """
     decay = preset.ema_decay
+    for argument, value in (("teacher", teacher), ("guidance_teacher", guidance_teacher)):
+        if isinstance(value, ProfiledAverage):  # an EMA teacher's storage with a decay profile instead of target_decay
+            if decay == 0.0:
+                wanted = "no teacher"
+            elif decay < 1.0:
+                wanted = f"a moving-average teacher with target_decay {decay} (e.g. twinloss.EMATeacher({decay}))"
+            else:
+                wanted = "guidance_teacher= with fixed (pretrained) weights (e.g. twinloss.FrozenTeacher(model))"
+            raise ValueError(
+                f"{argument} is a {type(value).__name__}, a weight average for sampling (which weights to sample "
+                f"from, twinloss.averaging), not a teacher (who evaluates the targets); preset {name!r} needs {wanted}"
+            )
     if decay == 0.0:
         for argument, value in (("teacher", teacher), ("guidance_teacher", guidance_teacher)):
             if value is not None:

@@ -56,6 +56,14 @@ def _check_same_names(owner: str, params: dict[str, Tensor], kept: dict[str, Ten
             )
 
 
+def on_devices_of(kept: dict[str, Tensor], live: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``kept`` with each tensor on the device of the same-named one in ``live`` (moved only where they differ; dtypes kept)."""
+    return {
+        name: value if name not in live or value.device == live[name].device else value.to(live[name].device)
+        for name, value in kept.items()
+    }
+
+
 def check_finite_weights(owner: str, weights: dict[str, Tensor], *, what: str) -> None:
     """Refuse weights holding NaN or infinity, naming the first such parameter (one device sync).
 
@@ -234,6 +242,15 @@ class EMATeacher(MovingAverageTeacher):
         """Start the average at the current weights (kept in at least float32)."""
         self.shadow = self.start_average(dict(module.named_parameters()))
 
+    def _follow_devices(self, params: dict[str, Tensor]) -> None:
+        """Move each averaged tensor to its parameter's device, keeping its dtype.
+
+        A checkpoint loads onto the CPU (``load_training_state``) and a plain
+        dict does not follow ``.to(device)``; the average goes where the
+        model's weights are when it is next used.
+        """
+        self.shadow = on_devices_of(self.shadow, params)
+
     @torch.no_grad()
     def _write_evaluation_weights(self, params: dict[str, Tensor]) -> None:
         """Cast the average into the model's dtype and device, reusing the buffers of the last cast."""
@@ -258,6 +275,7 @@ class EMATeacher(MovingAverageTeacher):
         check_finite_weights("EMATeacher.update", params, what="the model's parameter")
         if not self.shadow:
             self._initialize(module)
+        self._follow_devices(params)
         for name, p in params.items():
             self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), self.average_weight)
         self._write_evaluation_weights(params)
@@ -277,8 +295,9 @@ class EMATeacher(MovingAverageTeacher):
             or self.evaluation_weights[name].shape != p.shape
             for name, p in params.items()
         )
-        if stale:  # first use, a loaded checkpoint, or the model was cast since the last update
+        if stale:  # first use, a loaded checkpoint, or the model was cast or moved since the last update
             self.check_same_parameters(params, self.shadow)
+            self._follow_devices(params)
             self._write_evaluation_weights(params)
         with torch.no_grad():
             return functional_call(module, self.evaluation_weights, (x_t, t, r), dict(cond))
@@ -328,7 +347,9 @@ class FrozenTeacher(Teacher):
         self, model: VelocityModel, x_t: Tensor, t: Tensor, r: Tensor, cond: Conditioning
     ) -> Tensor:
         module = as_module(model, "FrozenTeacher")
-        _check_same_names("FrozenTeacher", dict(module.named_parameters()), self.frozen, kind="frozen")
+        params = dict(module.named_parameters())
+        _check_same_names("FrozenTeacher", params, self.frozen, kind="frozen")
+        self.frozen = on_devices_of(self.frozen, params)  # a checkpoint loads onto the CPU
         with torch.no_grad():
             return functional_call(module, self.frozen, (x_t, t, r), dict(cond))
 

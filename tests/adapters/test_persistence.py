@@ -364,7 +364,7 @@ def test_lora_saved_without_the_twinloss_file_still_loads_exactly(name: str, tmp
 
 
 @needs_peft
-def test_load_lora_refuses_an_adapter_without_twin_modules_or_with_missing_weights(tmp_path) -> None:
+def test_load_lora_refuses_an_adapter_without_twin_modules_or_with_missing_weights_leaving_the_base_unchanged(tmp_path) -> None:
     import peft
 
     from twinloss_adapters import lora
@@ -377,8 +377,13 @@ def test_load_lora_refuses_an_adapter_without_twin_modules_or_with_missing_weigh
     dropped = next(k for k in state if "lora_A" in k)
     del state[dropped]
     save_file(state, weights)
+    base = _fresh_base(case, "sana", tmp_path / "stock")
+    modules, flags = [type(m) for m in base.modules()], [(n, p.requires_grad) for n, p in base.named_parameters()]
     with pytest.raises(ValueError, match=rf"missing \['{dropped}'\]"):
-        lora.load_lora(_fresh_base(case, "sana", tmp_path / "stock"), tmp_path / "lora")
+        lora.load_lora(base, tmp_path / "lora")
+    # refused before the base is touched: no LoRA layer injected, no parameter frozen
+    assert [type(m) for m in base.modules()] == modules
+    assert [(n, p.requires_grad) for n, p in base.named_parameters()] == flags
 
     plain = peft.get_peft_model(_fresh_base(case, "sana", tmp_path / "stock"), peft.LoraConfig(r=2, target_modules=["to_q"]))
     plain.save_pretrained(tmp_path / "plain")  # twin modules not in modules_to_save: their weights are not saved
