@@ -15,13 +15,15 @@ pipeline makes (``twinloss_adapters.pipelines`` connects the two).
 Units: ``timesteps = num_train_timesteps * s`` as in every diffusers flow-match
 scheduler; ``sigmas`` are the schedule times ``s_0, ..., s_K = 0``.
 
-Heun (multi mode, ``heun=True``) makes two model calls per step, as diffusers'
-``FlowMatchHeunDiscreteScheduler`` does (``order = 2``): ``timesteps`` lists
-every call, ``s_0, s_1, s_1, s_2, ..., s_{K-1}, s_K``, and ``sigmas`` follows
-them (the time of call ``i`` is ``sigmas[i]``, then a final 0), as pipelines
-that read ``sigmas[i]`` in their loop expect. The first call of a step
-returns the Euler point, the second the corrected state of
-:func:`twinloss.sampling.multi_step`.
+Heun (multi mode, ``heun=True``) lays its calls out as diffusers'
+``FlowMatchHeunDiscreteScheduler`` does (``order = 2``): two model calls per
+step except the last, the step to ``s_K = 0``, which is a plain Euler step
+(the field is not evaluated at ``t = 0``), so ``2K - 1`` calls in all.
+``timesteps`` lists every call, ``s_0, s_1, s_1, ..., s_{K-1}, s_{K-1}``, and
+``sigmas`` follows them (the time of call ``i`` is ``sigmas[i]``, then a final
+0), as pipelines that read ``sigmas[i]`` in their loop expect. The first call
+of a step returns the Euler point, the second the corrected state of
+:func:`twinloss.sampling.multi_step`, which takes the same Euler last step.
 """
 
 import contextlib
@@ -77,7 +79,8 @@ class _TwinFlowSchedulerBody:
             ``None``: no gap); needs at least two inference steps.
         kumaraswamy: ``(a, b, c)`` warp of the progress variable (*default* ``None``: identity).
         heun: Heun's second-order correction in multi mode, two model calls
-            per step (*default* False; any other mode raises).
+            per step but one on the last, Euler step to 0 (*default* False;
+            any other mode raises).
         shift: a static resolution shift of the times (*default* 1: none),
             as in diffusers' flow-match schedulers.
         use_dynamic_shifting: shift the times by ``exp(mu)`` with the ``mu``
@@ -209,8 +212,11 @@ class _TwinFlowSchedulerBody:
         schedule = time_schedule(num_inference_steps, **keywords, device=device or "cpu")
         self.num_inference_steps = num_inference_steps
         self._knots = schedule
-        # Heun calls the model at s_k, then at s_{k+1}: s_0, s_1, s_1, s_2, ..., s_{K-1}, s_K.
-        call_times = torch.stack([schedule[:-1], schedule[1:]], 1).flatten() if self.order == 2 else schedule[:-1]
+        # Heun calls the model at s_k, then at s_{k+1}, except on the last step (Euler to s_K = 0):
+        # s_0, s_1, s_1, ..., s_{K-1}, s_{K-1}, as diffusers' FlowMatchHeunDiscreteScheduler.
+        call_times = schedule[:-1]
+        if self.order == 2:
+            call_times = torch.cat([torch.stack([schedule[:-2], schedule[1:-1]], 1).flatten(), schedule[-2:-1]])
         self.sigmas = torch.cat([call_times, schedule[-1:]])  # each call's time, then 0: the schedule without Heun
         self.timesteps = call_times * self.config.num_train_timesteps
         self._step_index = None
@@ -248,7 +254,7 @@ class _TwinFlowSchedulerBody:
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}")
         work = at_least_float32(sample.dtype)
-        step = index // self.order
+        step = self._step_of_call(index)
         s, s_next = self._knots[step].to(sample.device, work), self._knots[step + 1].to(sample.device, work)
         velocity = model_output.to(work)
 
@@ -265,13 +271,17 @@ class _TwinFlowSchedulerBody:
                 generator=generator if generator is not None else self._generator,
                 stochastic_ratio=float(self.config.stochastic_ratio),
             )
-        elif self.order == 2:
+        elif self.order == 2 and step < self.num_inference_steps - 1:
             x = self._heun_call(velocity, sample.to(work), s, s_next, first=index % 2 == 0)
         else:
             x = (any_step if mode == "any" else multi_step)(evaluated, sample.to(work), s, s_next)
         self._step_index = index + 1
         prev_sample = x.to(sample.dtype)
         return TwinFlowSchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+    def _step_of_call(self, index: int) -> int:
+        """The schedule step ``k`` (from ``s_k`` to ``s_{k+1}``) that call ``index`` belongs to."""
+        return index // self.order  # Heun: calls 2k and 2k + 1, the last step's one call 2(K - 1)
 
     def _heun_call(self, velocity: Tensor, x: Tensor, s: Tensor, s_next: Tensor, *, first: bool) -> Tensor:
         """One of a Heun step's two calls: the Euler point, then :func:`multi_step` with ``heun=True``."""

@@ -233,7 +233,7 @@ SETTINGS = {
     "1nfe_few": (1, dict(mode="few")),
     "2nfe_few_gaps_eta": (2, dict(mode="few", stochastic_ratio=0.5, start_gap=0.001, end_gap=0.6)),
     "4nfe_any_warp": (4, dict(mode="any", kumaraswamy=(1.17, 0.8, 1.1))),
-    "2step_multi_heun": (2, dict(mode="multi", heun=True)),  # 4 transformer calls
+    "2step_multi_heun": (2, dict(mode="multi", heun=True)),  # 3 transformer calls: the last step is Euler
 }
 
 

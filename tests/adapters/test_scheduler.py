@@ -49,7 +49,7 @@ def test_heun_makes_two_calls_per_step_and_lands_where_the_heun_sampler_does(tmp
     scheduler = TwinFlowScheduler.from_pretrained(tmp_path)  # heun is part of the saved config
     scheduler.set_timesteps(3)
     knots = twinloss.AnyStepSampler(3, **options).schedule()
-    call_times = torch.stack([knots[:-1], knots[1:]], 1).flatten()  # s0 s1 s1 s2 s2 s3
+    call_times = knots[[0, 1, 1, 2, 2]]  # the last step, to s3 = 0, is Euler: no call at t = 0
     assert scheduler.order == 2
     assert_close(scheduler.timesteps, 1000 * call_times)
     assert_close(scheduler.sigmas, torch.cat([call_times, knots[-1:]]))  # sigmas[i] is call i's time, as pipelines read it
@@ -63,7 +63,29 @@ def test_heun_makes_two_calls_per_step_and_lands_where_the_heun_sampler_does(tmp
     assert not torch.allclose(x, euler, rtol=1e-4, atol=1e-4)  # the correction changed the walk
     assert [t for t, _ in calls] == pytest.approx((scheduler.timesteps / 1000).tolist())
     assert all(t == r for t, r in calls)  # the instantaneous field at both calls
-    assert scheduler.step_index == 6
+    assert scheduler.step_index == 5
+
+
+def test_heun_lays_out_and_takes_its_steps_as_diffusers_flow_match_heun():
+    """On diffusers' own knots (1, 0.5005, 0.001, then 0): the same timesteps, sigmas and latents."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    stock = FlowMatchHeunDiscreteScheduler()
+    stock.set_timesteps(3)
+    scheduler = TwinFlowScheduler(mode="multi", heun=True, end_gap=0.001)  # last knot before 0 at 0.001
+    scheduler.set_timesteps(3)
+    assert_close(scheduler.timesteps, stock.timesteps)
+    assert_close(scheduler.sigmas, stock.sigmas)
+    model = TinyVelocityNet((2, 3))
+    noise = torch.randn(4, 2, 3)
+    walked = {}
+    for name, one in (("twinflow", scheduler), ("diffusers", stock)):
+        x = noise
+        for timestep in one.timesteps:
+            t = (timestep / 1000).expand(4)
+            x = one.step(model(x, t, t), timestep, x).prev_sample
+        walked[name] = x
+    assert_close(walked["twinflow"], walked["diffusers"], rtol=1e-4, atol=1e-4)  # diffusers divides by sigma
 
 
 def test_dynamic_shifting_shifts_the_times_by_exp_mu_and_needs_mu(tmp_path):
