@@ -228,10 +228,15 @@ class _TwinFlowSchedulerBody:
         model_output: Float[Tensor, " batch *shape"],
         timestep: float | Tensor,
         sample: Float[Tensor, " batch *shape"],
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        r_timestep: object = None,  # float | Tensor | None, checked by _check_r_timestep
         return_dict: bool = True,
+        *,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> TwinFlowSchedulerOutput | tuple[Tensor]:
         """Take step ``k`` from ``s_k`` to ``s_{k+1}`` with the mode's step function (with Heun, half of it).
+
+        The signature is diffusers' ``FlowMapEulerDiscreteScheduler.step``
+        (``generator`` by keyword, as SANA's pipeline passes it).
 
         Args:
             model_output: the velocity the model returned at ``(sample, t,
@@ -239,12 +244,18 @@ class _TwinFlowSchedulerBody:
                 Heun's second call ``s_{k+1}``), in twinloss convention (``z - x``).
             timestep: ``timesteps[i]`` of this call (checked).
             sample: the state at ``s_k`` (Heun's second call: the Euler point it returned).
+            r_timestep: where the step lands, in ``timesteps`` units (a number,
+                a 0-d tensor or one per row): *default* and the only value
+                accepted, the next knot ``num_train_timesteps * s_{k+1}``.
+                The mode fixes both the model's target time and the landing
+                time, so no other one can be honoured.
             generator: draws the fresh noise of few mode (*default*: the one
                 bound by :meth:`noise_generator`, else the global RNG).
 
         Raises:
-            ValueError: before :meth:`set_timesteps`, past the last step, or
-                when ``timestep`` is not the current knot.
+            ValueError: before :meth:`set_timesteps`, past the last step,
+                when ``timestep`` is not the current knot, or when
+                ``r_timestep`` is not the next one.
         """
         index = self._current_index()
         expected = float(self.timesteps[index])
@@ -253,8 +264,10 @@ class _TwinFlowSchedulerBody:
             raise ValueError(f"timestep {given} is not the current step's {expected} (step {index})")
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}")
-        work = at_least_float32(sample.dtype)
         step = self._step_of_call(index)
+        if r_timestep is not None:
+            self._check_r_timestep(r_timestep, step)
+        work = at_least_float32(sample.dtype)
         s, s_next = self._knots[step].to(sample.device, work), self._knots[step + 1].to(sample.device, work)
         velocity = model_output.to(work)
 
@@ -278,6 +291,22 @@ class _TwinFlowSchedulerBody:
         self._step_index = index + 1
         prev_sample = x.to(sample.dtype)
         return TwinFlowSchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+    def _check_r_timestep(self, r_timestep: object, step: int) -> None:
+        """ValueError naming ``r_timestep`` unless it is the landing knot ``s_{k+1}`` of ``step`` (timesteps units)."""
+        landing = float(self._knots[step + 1]) * self.config.num_train_timesteps
+        if isinstance(r_timestep, bool) or not isinstance(r_timestep, (int, float, Tensor)):
+            raise ValueError(
+                f"r_timestep must be a number or a tensor in timesteps units, got {type(r_timestep).__name__} "
+                "(pass generator= by keyword)"
+            )
+        given = torch.as_tensor(r_timestep, dtype=torch.float64).flatten().cpu()
+        if given.numel() == 0 or bool(((given - landing).abs() > TIME_TOLERANCE * self.config.num_train_timesteps).any()):
+            raise ValueError(
+                f"r_timestep {given[:4].tolist()} cannot be honoured: TwinFlowScheduler's {self.config.mode!r} mode "
+                f"lands step {step} on the next knot {landing:.6g} (the model's target time follows from it); "
+                "leave r_timestep out or pass that value"
+            )
 
     def _step_of_call(self, index: int) -> int:
         """The schedule step ``k`` (from ``s_k`` to ``s_{k+1}``) that call ``index`` belongs to."""

@@ -88,6 +88,35 @@ def test_heun_lays_out_and_takes_its_steps_as_diffusers_flow_match_heun():
     assert_close(walked["twinflow"], walked["diffusers"], rtol=1e-4, atol=1e-4)  # diffusers divides by sigma
 
 
+def test_step_takes_diffusers_flow_map_r_timestep_and_refuses_one_off_the_next_knot():
+    """step(model_output, timestep, sample, r_timestep, return_dict) as FlowMapEulerDiscreteScheduler.step."""
+    import inspect
+
+    from diffusers import FlowMapEulerDiscreteScheduler
+
+    names = lambda method: list(inspect.signature(method).parameters)[1:6]  # noqa: E731
+    assert names(TwinFlowScheduler.step) == names(FlowMapEulerDiscreteScheduler.step)
+    model = TinyVelocityNet((2, 3))
+    noise = torch.randn(4, 2, 3)
+    expected = twinloss.AnyStepSampler(3, mode="any", start_gap=0.05)(model, noise).sample
+    scheduler = TwinFlowScheduler(mode="any", start_gap=0.05)
+    scheduler.set_timesteps(3)
+    x = noise
+    for index, timestep in enumerate(scheduler.timesteps):
+        t = scheduler.sigmas[index].expand(4)
+        r_timestep = 1000 * scheduler.sigmas[index + 1]  # the AnyFlow loop's target, positionally
+        x = scheduler.step(model(x, t, scheduler.target_time(t)), timestep, x, r_timestep, False)[0]
+    assert_close(x, expected, rtol=1e-6, atol=1e-6)
+
+    scheduler.set_timesteps(3)
+    velocity, sample = torch.zeros(4, 2, 3), torch.randn(4, 2, 3)
+    with pytest.raises(ValueError, match=r"^r_timestep \[0.0\] cannot be honoured: .*'any' mode lands step 0 on"):
+        scheduler.step(velocity, scheduler.timesteps[0], sample, r_timestep=torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="^r_timestep must be a number or a tensor .*pass generator= by keyword"):
+        scheduler.step(velocity, scheduler.timesteps[0], sample, torch.Generator())
+    assert scheduler.step_index is None  # a refused call takes no step
+
+
 def test_dynamic_shifting_shifts_the_times_by_exp_mu_and_needs_mu(tmp_path):
     options = dict(mode="few", start_gap=0.001, end_gap=0.5)
     TwinFlowScheduler(use_dynamic_shifting=True, **options).save_pretrained(tmp_path)
