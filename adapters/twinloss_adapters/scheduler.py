@@ -89,6 +89,10 @@ class _TwinFlowSchedulerBody:
             this is set) instead of by
             ``shift`` (*default* False: TwinFlow samples at the times it was
             trained on, and a passed ``mu`` is not used, as in diffusers).
+        steps: the step count the schedule is fixed to, as a preset fixes it
+            (*default* ``None``: the count comes with each call).
+            :meth:`set_timesteps` with another ``num_inference_steps`` raises;
+            saved with the config, so a reloaded preset scheduler keeps it.
 
     Raises:
         ValueError: naming the argument that is out of range.
@@ -108,9 +112,16 @@ class _TwinFlowSchedulerBody:
         heun: bool = False,
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
+        steps: int | None = None,
     ) -> None:
         check_int(num_train_timesteps, "num_train_timesteps", minimum=1)
-        check_sampler_settings(mode=mode, stochastic_ratio=stochastic_ratio, heun=heun, **self._schedule_keywords())
+        check_sampler_settings(
+            mode=mode,
+            stochastic_ratio=stochastic_ratio,
+            heun=heun,
+            steps=2 if steps is None else steps,  # 2: the fewest an end gap allows
+            **self._schedule_keywords(),
+        )
         if use_dynamic_shifting and shift != 1.0:
             raise ValueError(
                 f"shift={shift} would be replaced by exp(mu) under use_dynamic_shifting=True: pass one of the two"
@@ -127,12 +138,22 @@ class _TwinFlowSchedulerBody:
 
     @classmethod
     def from_preset(cls, name: str, **config: object) -> "_TwinFlowSchedulerBody":
-        """A scheduler with the mode, ratio, gaps and warp of ``twinloss.sampling.SAMPLER_PRESETS[name]``.
+        """A scheduler with the steps, mode, ratio, gaps and warp of ``twinloss.sampling.SAMPLER_PRESETS[name]``.
 
-        The preset's step count is for the pipeline call (``num_inference_steps``).
+        ``config`` may set the arguments the preset leaves open (``heun``,
+        ``shift``, ``use_dynamic_shifting``, ``num_train_timesteps``). The
+        preset's step count is kept as ``steps``: a pipeline call with
+        another ``num_inference_steps`` raises, as
+        ``AnyStepSampler.from_preset`` refuses another ``steps``.
+
+        Raises:
+            ValueError: for an unknown name, or ``config`` that sets what the
+                preset fixes: build ``TwinFlowScheduler(...)`` directly to change it.
         """
         keywords = sampler_preset(name).sampler_keywords()
-        del keywords["steps"]
+        fixed = sorted(set(config) & set(keywords))
+        if fixed:
+            raise ValueError(f"config {fixed} are fixed by preset {name!r}; build TwinFlowScheduler(...) directly")
         return cls(**keywords, **config)
 
     def _schedule_keywords(self) -> dict[str, object]:
@@ -176,7 +197,8 @@ class _TwinFlowSchedulerBody:
         """Build the schedule ``s_0, ..., s_K = 0`` for ``K = num_inference_steps`` from the config.
 
         Args:
-            num_inference_steps: ``K`` (or ``len(sigmas)`` when only ``sigmas`` is given).
+            num_inference_steps: ``K`` (or ``len(sigmas)`` when only ``sigmas``
+                is given; *default* the config's ``steps`` when neither is).
             device: where ``sigmas`` and ``timesteps`` live.
             sigmas: a sequence, array or tensor, accepted only as the uniform grid ``1, (K-1)/K, ..., 1/K``
                 that Flux, Qwen-Image, LTX and HunyuanVideo pipelines pass by
@@ -189,13 +211,19 @@ class _TwinFlowSchedulerBody:
         Raises:
             ValueError: for custom ``sigmas`` (set ``start_gap``, ``end_gap``
                 and ``kumaraswamy`` on the scheduler instead), a step count
-                the config cannot honour (an end gap with one step), or no
-                ``mu`` under ``use_dynamic_shifting``.
+                the config cannot honour (an end gap with one step, or not
+                the config's ``steps``), or no ``mu`` under ``use_dynamic_shifting``.
         """
+        fixed = self.config.steps
         if num_inference_steps is None:
-            if sigmas is None:
+            if sigmas is None and fixed is None:
                 raise ValueError("num_inference_steps or sigmas must be given")
-            num_inference_steps = len(sigmas)
+            num_inference_steps = len(sigmas) if sigmas is not None else fixed
+        if fixed is not None and num_inference_steps != fixed:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} conflicts with steps={fixed} in this TwinFlowScheduler's "
+                "config (a preset's step count): call with that many steps, or build a scheduler without steps"
+            )
         if sigmas is not None:
             given = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
             uniform = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)[:-1]

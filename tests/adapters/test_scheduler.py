@@ -170,6 +170,24 @@ def test_save_and_load_keep_the_schedule(tmp_path):
     assert_close(loaded.sigmas, twinloss.AnyStepSampler.from_preset("qwenimage_4nfe").schedule())
 
 
+def test_a_preset_scheduler_saves_its_step_count_and_refuses_another(tmp_path):
+    TwinFlowScheduler.from_preset("qwenimage_2nfe").save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["steps"] == 2
+    loaded = TwinFlowScheduler.from_pretrained(tmp_path)
+    loaded.set_timesteps()  # the preset's two steps, and its end gap with them
+    assert_close(loaded.sigmas, twinloss.AnyStepSampler.from_preset("qwenimage_2nfe").schedule())
+    with pytest.raises(ValueError, match="^num_inference_steps=3 conflicts with steps=2 in this TwinFlowScheduler's config"):
+        loaded.set_timesteps(3)
+    with pytest.raises(ValueError, match="^num_inference_steps=3 conflicts with steps=2"):
+        loaded.set_timesteps(sigmas=[1.0, 2 / 3, 1 / 3])  # Flux's way of asking for three steps
+    assert_close(loaded.sigmas, twinloss.AnyStepSampler.from_preset("qwenimage_2nfe").schedule())  # kept
+    with pytest.raises(ValueError, match=r"^config \['end_gap', 'steps'\] are fixed by preset 'qwenimage_2nfe'"):
+        TwinFlowScheduler.from_preset("qwenimage_2nfe", steps=3, end_gap=0.2)
+    free = TwinFlowScheduler(end_gap=0.6)  # no steps in the config: any count the end gap allows
+    free.set_timesteps(3)
+    assert len(free.timesteps) == 3
+
+
 def test_pipeline_default_sigmas_are_accepted_and_custom_ones_refused():
     scheduler = TwinFlowScheduler(start_gap=0.001)
     scheduler.set_timesteps(sigmas=[1.0, 0.5], mu=0.7)  # Flux/Qwen-Image default grid and shift: config times
@@ -189,6 +207,8 @@ def test_pipeline_default_sigmas_are_accepted_and_custom_ones_refused():
         (lambda: TwinFlowScheduler(shift=0.0), "^shift must be a finite number > 0"),
         (lambda: TwinFlowScheduler(shift=3.0, use_dynamic_shifting=True), r"^shift=3.0 would be replaced by exp\(mu\)"),
         (lambda: TwinFlowScheduler(end_gap=0.5).set_timesteps(1), "^end_gap needs steps >= 2"),
+        (lambda: TwinFlowScheduler(end_gap=0.5, steps=1), "^end_gap needs steps >= 2"),
+        (lambda: TwinFlowScheduler(steps=0), "^steps "),
         (lambda: TwinFlowScheduler().step(torch.zeros(1, 2), 1000.0, torch.zeros(1, 2)), "^set_timesteps has not been"),
         (lambda: TwinFlowScheduler.from_preset("nope"), "^preset 'nope' is unknown"),
     ],
