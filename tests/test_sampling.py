@@ -219,6 +219,21 @@ def test_any_and_multi_steps_are_the_euler_jumps():
     assert_close(multi_step(velocity_fn, x, s, s_next, heun=True), heun)
 
 
+def test_heun_never_calls_the_field_at_time_zero_its_last_step_to_data_is_euler():
+    """K Heun steps make 2K - 1 calls, the last a plain Euler step to 0 (k-diffusion, diffusers' FlowMatchHeun)."""
+    model = TinyVelocityNet((3,)).double()
+    z = torch.randn(2, 3, dtype=torch.float64)
+    log = []
+    out = AnyStepSampler(3, mode="multi", heun=True, return_trajectory=True)(_recording(model, log), z)
+    assert out.model_calls == 5
+    assert [t for t, _ in log] == pytest.approx([1.0, 2 / 3, 2 / 3, 1 / 3, 1 / 3])  # no call at t = 0
+    last = out.trajectory[-2]
+    third = torch.full((2,), 1 / 3, dtype=torch.float64)
+    assert_close(out.sample, last - (1 / 3) * model(last, third, third))
+    s, zero = torch.tensor(0.4, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    assert_close(multi_step(_per_row_times(model), z, s, zero, heun=True), multi_step(_per_row_times(model), z, s, zero))
+
+
 def test_start_gap_sets_the_first_call_and_end_gap_the_last_jump():
     model = TinyVelocityNet((3,)).double()
     z = torch.randn(2, 3, dtype=torch.float64)

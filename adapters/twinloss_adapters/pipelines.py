@@ -26,6 +26,9 @@ TwinFlow models are trained with guidance baked in, so pass ``guidance_scale=1``
 HunyuanVideo's ``guidance_scale`` is an embedded input, not CFG.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
 
 from twinloss._checks import check_int
@@ -55,25 +58,52 @@ TRANSFORMER_SLOTS = ("transformer", "transformer_2")  # Wan 2.2 carries a second
 class TwinFlowPipeline:
     """A stock pipeline bound to a :class:`TwinFlowScheduler`; call it as the pipeline.
 
+    Several may share one stock pipeline (say a few-step and a multi-step
+    generator on one loaded model): each call binds this one's scheduler and
+    ``r_timestep`` hook for its duration and restores what the pipeline
+    carried before, so every ``TwinFlowPipeline`` samples with its own mode.
+    Outside calls the stock pipeline carries the scheduler of the latest
+    :func:`twinflow_pipeline` (what ``pipe(...)`` and ``pipe.save_pretrained``
+    use).
+
     Attributes:
-        pipeline: the stock pipeline (its ``scheduler`` is the TwinFlow one).
+        pipeline: the stock pipeline.
         scheduler: the :class:`TwinFlowScheduler`.
         steps: ``num_inference_steps`` used when a call passes none.
     """
 
-    def __init__(self, pipeline: object, scheduler: object, steps: int) -> None:
+    def __init__(self, pipeline: object, scheduler: object, steps: int, calls: list[FlowMapCall]) -> None:
         self.pipeline = pipeline
         self.scheduler = scheduler
         self.steps = steps
+        self._calls = calls
+
+    def bind(self) -> None:
+        """Make the stock pipeline carry this scheduler and point the transformers' ``r_timestep`` hooks at it."""
+        self.pipeline.register_modules(scheduler=self.scheduler)
+        for call in self._calls:
+            call.target_time = self.scheduler.target_time
+
+    @contextlib.contextmanager
+    def _bound(self) -> Iterator[None]:
+        previous = (self.pipeline.scheduler, [call.target_time for call in self._calls])
+        self.bind()
+        try:
+            yield
+        finally:
+            scheduler, target_times = previous
+            self.pipeline.register_modules(scheduler=scheduler)
+            for call, target_time in zip(self._calls, target_times, strict=True):
+                call.target_time = target_time
 
     def __call__(self, *args: object, **kwargs: object) -> object:
-        """Run the pipeline (``num_inference_steps`` *default* ``self.steps``).
+        """Run the pipeline with this scheduler (``num_inference_steps`` *default* ``self.steps``).
 
         The call's ``generator`` draws the initial noise (the pipeline does)
         and few mode's fresh noise at every re-noising (the scheduler does).
         """
         kwargs.setdefault("num_inference_steps", self.steps)
-        with self.scheduler.noise_generator(kwargs.get("generator")):
+        with self._bound(), self.scheduler.noise_generator(kwargs.get("generator")):
             return self.pipeline(*args, **kwargs)
 
 
@@ -108,7 +138,10 @@ def twinflow_pipeline(
     Args:
         pipeline: one of :data:`SUPPORTED_PIPELINES`, its ``transformer``
             adapted by the backbone's ``adapt`` (in place).
-        steps: default ``num_inference_steps`` (*default* the preset's, else 1).
+        steps: default ``num_inference_steps`` (*default* the preset's or the
+            scheduler config's ``steps``, else 1). A preset (or a scheduler
+            whose config sets ``steps``) fixes the count: another ``steps``
+            here, or another ``num_inference_steps`` in a call, raises.
         preset: a name in ``twinloss.sampling.SAMPLER_PRESETS``.
         scheduler: a ready :class:`TwinFlowScheduler` (e.g. loaded with the pipeline).
         **scheduler_config: :class:`TwinFlowScheduler` arguments (``mode``,
@@ -117,7 +150,9 @@ def twinflow_pipeline(
 
     Returns:
         The :class:`TwinFlowPipeline`; ``pipeline`` itself now carries the
-        TwinFlow scheduler and the ``r_timestep`` binding.
+        TwinFlow scheduler and the ``r_timestep`` binding. A second call on
+        the same ``pipeline`` leaves the first ``TwinFlowPipeline`` sampling
+        with its own scheduler (each binds its own for its calls).
 
     Raises:
         ValueError: for an unsupported pipeline class, a transformer that is
@@ -144,8 +179,12 @@ def twinflow_pipeline(
         scheduler = scheduler_class(**scheduler_config)
     elif not isinstance(scheduler, scheduler_class):
         raise ValueError(f"scheduler must be a TwinFlowScheduler, got {type(scheduler).__name__}")
+    fixed = scheduler.config.steps  # a preset's, also after the scheduler was saved and reloaded
+    if fixed is not None:
+        if steps is not None and steps != fixed:
+            raise ValueError(f"steps={steps} conflicts with the scheduler's config steps={fixed}")
+        steps = fixed
     steps = check_int(1 if steps is None else steps, "steps", minimum=1)
-    pipeline.register_modules(scheduler=scheduler)
-    for call in calls:
-        call.target_time = scheduler.target_time
-    return TwinFlowPipeline(pipeline, scheduler, steps)
+    generator = TwinFlowPipeline(pipeline, scheduler, steps, calls)
+    generator.bind()
+    return generator

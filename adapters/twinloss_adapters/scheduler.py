@@ -15,13 +15,15 @@ pipeline makes (``twinloss_adapters.pipelines`` connects the two).
 Units: ``timesteps = num_train_timesteps * s`` as in every diffusers flow-match
 scheduler; ``sigmas`` are the schedule times ``s_0, ..., s_K = 0``.
 
-Heun (multi mode, ``heun=True``) makes two model calls per step, as diffusers'
-``FlowMatchHeunDiscreteScheduler`` does (``order = 2``): ``timesteps`` lists
-every call, ``s_0, s_1, s_1, s_2, ..., s_{K-1}, s_K``, and ``sigmas`` follows
-them (the time of call ``i`` is ``sigmas[i]``, then a final 0), as pipelines
-that read ``sigmas[i]`` in their loop expect. The first call of a step
-returns the Euler point, the second the corrected state of
-:func:`twinloss.sampling.multi_step`.
+Heun (multi mode, ``heun=True``) lays its calls out as diffusers'
+``FlowMatchHeunDiscreteScheduler`` does (``order = 2``): two model calls per
+step except the last, the step to ``s_K = 0``, which is a plain Euler step
+(the field is not evaluated at ``t = 0``), so ``2K - 1`` calls in all.
+``timesteps`` lists every call, ``s_0, s_1, s_1, ..., s_{K-1}, s_{K-1}``, and
+``sigmas`` follows them (the time of call ``i`` is ``sigmas[i]``, then a final
+0), as pipelines that read ``sigmas[i]`` in their loop expect. The first call
+of a step returns the Euler point, the second the corrected state of
+:func:`twinloss.sampling.multi_step`, which takes the same Euler last step.
 """
 
 import contextlib
@@ -77,7 +79,8 @@ class _TwinFlowSchedulerBody:
             ``None``: no gap); needs at least two inference steps.
         kumaraswamy: ``(a, b, c)`` warp of the progress variable (*default* ``None``: identity).
         heun: Heun's second-order correction in multi mode, two model calls
-            per step (*default* False; any other mode raises).
+            per step but one on the last, Euler step to 0 (*default* False;
+            any other mode raises).
         shift: a static resolution shift of the times (*default* 1: none),
             as in diffusers' flow-match schedulers.
         use_dynamic_shifting: shift the times by ``exp(mu)`` with the ``mu``
@@ -86,6 +89,10 @@ class _TwinFlowSchedulerBody:
             this is set) instead of by
             ``shift`` (*default* False: TwinFlow samples at the times it was
             trained on, and a passed ``mu`` is not used, as in diffusers).
+        steps: the step count the schedule is fixed to, as a preset fixes it
+            (*default* ``None``: the count comes with each call).
+            :meth:`set_timesteps` with another ``num_inference_steps`` raises;
+            saved with the config, so a reloaded preset scheduler keeps it.
 
     Raises:
         ValueError: naming the argument that is out of range.
@@ -105,9 +112,16 @@ class _TwinFlowSchedulerBody:
         heun: bool = False,
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
+        steps: int | None = None,
     ) -> None:
         check_int(num_train_timesteps, "num_train_timesteps", minimum=1)
-        check_sampler_settings(mode=mode, stochastic_ratio=stochastic_ratio, heun=heun, **self._schedule_keywords())
+        check_sampler_settings(
+            mode=mode,
+            stochastic_ratio=stochastic_ratio,
+            heun=heun,
+            steps=2 if steps is None else steps,  # 2: the fewest an end gap allows
+            **self._schedule_keywords(),
+        )
         if use_dynamic_shifting and shift != 1.0:
             raise ValueError(
                 f"shift={shift} would be replaced by exp(mu) under use_dynamic_shifting=True: pass one of the two"
@@ -124,12 +138,22 @@ class _TwinFlowSchedulerBody:
 
     @classmethod
     def from_preset(cls, name: str, **config: object) -> "_TwinFlowSchedulerBody":
-        """A scheduler with the mode, ratio, gaps and warp of ``twinloss.sampling.SAMPLER_PRESETS[name]``.
+        """A scheduler with the steps, mode, ratio, gaps and warp of ``twinloss.sampling.SAMPLER_PRESETS[name]``.
 
-        The preset's step count is for the pipeline call (``num_inference_steps``).
+        ``config`` may set the arguments the preset leaves open (``heun``,
+        ``shift``, ``use_dynamic_shifting``, ``num_train_timesteps``). The
+        preset's step count is kept as ``steps``: a pipeline call with
+        another ``num_inference_steps`` raises, as
+        ``AnyStepSampler.from_preset`` refuses another ``steps``.
+
+        Raises:
+            ValueError: for an unknown name, or ``config`` that sets what the
+                preset fixes: build ``TwinFlowScheduler(...)`` directly to change it.
         """
         keywords = sampler_preset(name).sampler_keywords()
-        del keywords["steps"]
+        fixed = sorted(set(config) & set(keywords))
+        if fixed:
+            raise ValueError(f"config {fixed} are fixed by preset {name!r}; build TwinFlowScheduler(...) directly")
         return cls(**keywords, **config)
 
     def _schedule_keywords(self) -> dict[str, object]:
@@ -173,7 +197,8 @@ class _TwinFlowSchedulerBody:
         """Build the schedule ``s_0, ..., s_K = 0`` for ``K = num_inference_steps`` from the config.
 
         Args:
-            num_inference_steps: ``K`` (or ``len(sigmas)`` when only ``sigmas`` is given).
+            num_inference_steps: ``K`` (or ``len(sigmas)`` when only ``sigmas``
+                is given; *default* the config's ``steps`` when neither is).
             device: where ``sigmas`` and ``timesteps`` live.
             sigmas: a sequence, array or tensor, accepted only as the uniform grid ``1, (K-1)/K, ..., 1/K``
                 that Flux, Qwen-Image, LTX and HunyuanVideo pipelines pass by
@@ -186,13 +211,19 @@ class _TwinFlowSchedulerBody:
         Raises:
             ValueError: for custom ``sigmas`` (set ``start_gap``, ``end_gap``
                 and ``kumaraswamy`` on the scheduler instead), a step count
-                the config cannot honour (an end gap with one step), or no
-                ``mu`` under ``use_dynamic_shifting``.
+                the config cannot honour (an end gap with one step, or not
+                the config's ``steps``), or no ``mu`` under ``use_dynamic_shifting``.
         """
+        fixed = self.config.steps
         if num_inference_steps is None:
-            if sigmas is None:
+            if sigmas is None and fixed is None:
                 raise ValueError("num_inference_steps or sigmas must be given")
-            num_inference_steps = len(sigmas)
+            num_inference_steps = len(sigmas) if sigmas is not None else fixed
+        if fixed is not None and num_inference_steps != fixed:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} conflicts with steps={fixed} in this TwinFlowScheduler's "
+                "config (a preset's step count): call with that many steps, or build a scheduler without steps"
+            )
         if sigmas is not None:
             given = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
             uniform = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)[:-1]
@@ -209,8 +240,11 @@ class _TwinFlowSchedulerBody:
         schedule = time_schedule(num_inference_steps, **keywords, device=device or "cpu")
         self.num_inference_steps = num_inference_steps
         self._knots = schedule
-        # Heun calls the model at s_k, then at s_{k+1}: s_0, s_1, s_1, s_2, ..., s_{K-1}, s_K.
-        call_times = torch.stack([schedule[:-1], schedule[1:]], 1).flatten() if self.order == 2 else schedule[:-1]
+        # Heun calls the model at s_k, then at s_{k+1}, except on the last step (Euler to s_K = 0):
+        # s_0, s_1, s_1, ..., s_{K-1}, s_{K-1}, as diffusers' FlowMatchHeunDiscreteScheduler.
+        call_times = schedule[:-1]
+        if self.order == 2:
+            call_times = torch.cat([torch.stack([schedule[:-2], schedule[1:-1]], 1).flatten(), schedule[-2:-1]])
         self.sigmas = torch.cat([call_times, schedule[-1:]])  # each call's time, then 0: the schedule without Heun
         self.timesteps = call_times * self.config.num_train_timesteps
         self._step_index = None
@@ -222,10 +256,15 @@ class _TwinFlowSchedulerBody:
         model_output: Float[Tensor, " batch *shape"],
         timestep: float | Tensor,
         sample: Float[Tensor, " batch *shape"],
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        r_timestep: object = None,  # float | Tensor | None, checked by _check_r_timestep
         return_dict: bool = True,
+        *,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> TwinFlowSchedulerOutput | tuple[Tensor]:
         """Take step ``k`` from ``s_k`` to ``s_{k+1}`` with the mode's step function (with Heun, half of it).
+
+        The signature is diffusers' ``FlowMapEulerDiscreteScheduler.step``
+        (``generator`` by keyword, as SANA's pipeline passes it).
 
         Args:
             model_output: the velocity the model returned at ``(sample, t,
@@ -233,12 +272,18 @@ class _TwinFlowSchedulerBody:
                 Heun's second call ``s_{k+1}``), in twinloss convention (``z - x``).
             timestep: ``timesteps[i]`` of this call (checked).
             sample: the state at ``s_k`` (Heun's second call: the Euler point it returned).
+            r_timestep: where the step lands, in ``timesteps`` units (a number,
+                a 0-d tensor or one per row): *default* and the only value
+                accepted, the next knot ``num_train_timesteps * s_{k+1}``.
+                The mode fixes both the model's target time and the landing
+                time, so no other one can be honoured.
             generator: draws the fresh noise of few mode (*default*: the one
                 bound by :meth:`noise_generator`, else the global RNG).
 
         Raises:
-            ValueError: before :meth:`set_timesteps`, past the last step, or
-                when ``timestep`` is not the current knot.
+            ValueError: before :meth:`set_timesteps`, past the last step,
+                when ``timestep`` is not the current knot, or when
+                ``r_timestep`` is not the next one.
         """
         index = self._current_index()
         expected = float(self.timesteps[index])
@@ -247,8 +292,10 @@ class _TwinFlowSchedulerBody:
             raise ValueError(f"timestep {given} is not the current step's {expected} (step {index})")
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}")
+        step = self._step_of_call(index)
+        if r_timestep is not None:
+            self._check_r_timestep(r_timestep, step)
         work = at_least_float32(sample.dtype)
-        step = index // self.order
         s, s_next = self._knots[step].to(sample.device, work), self._knots[step + 1].to(sample.device, work)
         velocity = model_output.to(work)
 
@@ -265,13 +312,33 @@ class _TwinFlowSchedulerBody:
                 generator=generator if generator is not None else self._generator,
                 stochastic_ratio=float(self.config.stochastic_ratio),
             )
-        elif self.order == 2:
+        elif self.order == 2 and step < self.num_inference_steps - 1:
             x = self._heun_call(velocity, sample.to(work), s, s_next, first=index % 2 == 0)
         else:
             x = (any_step if mode == "any" else multi_step)(evaluated, sample.to(work), s, s_next)
         self._step_index = index + 1
         prev_sample = x.to(sample.dtype)
         return TwinFlowSchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+    def _check_r_timestep(self, r_timestep: object, step: int) -> None:
+        """ValueError naming ``r_timestep`` unless it is the landing knot ``s_{k+1}`` of ``step`` (timesteps units)."""
+        landing = float(self._knots[step + 1]) * self.config.num_train_timesteps
+        if isinstance(r_timestep, bool) or not isinstance(r_timestep, (int, float, Tensor)):
+            raise ValueError(
+                f"r_timestep must be a number or a tensor in timesteps units, got {type(r_timestep).__name__} "
+                "(pass generator= by keyword)"
+            )
+        given = torch.as_tensor(r_timestep, dtype=torch.float64).flatten().cpu()
+        if given.numel() == 0 or bool(((given - landing).abs() > TIME_TOLERANCE * self.config.num_train_timesteps).any()):
+            raise ValueError(
+                f"r_timestep {given[:4].tolist()} cannot be honoured: TwinFlowScheduler's {self.config.mode!r} mode "
+                f"lands step {step} on the next knot {landing:.6g} (the model's target time follows from it); "
+                "leave r_timestep out or pass that value"
+            )
+
+    def _step_of_call(self, index: int) -> int:
+        """The schedule step ``k`` (from ``s_k`` to ``s_{k+1}``) that call ``index`` belongs to."""
+        return index // self.order  # Heun: calls 2k and 2k + 1, the last step's one call 2(K - 1)
 
     def _heun_call(self, velocity: Tensor, x: Tensor, s: Tensor, s_next: Tensor, *, first: bool) -> Tensor:
         """One of a Heun step's two calls: the Euler point, then :func:`multi_step` with ``heun=True``."""

@@ -222,11 +222,15 @@ def multi_step(
     r"""Euler on the instantaneous field, :math:`x' = x - (s - s') F(x, s, s)`.
 
     With ``heun=True`` the slope is the mean of :math:`F(x, s, s)` and
-    :math:`F(x', s', s')` at the Euler point (two calls). Deterministic.
+    :math:`F(x', s', s')` at the Euler point (two calls), except on a step
+    to ``s' = 0``, which stays Euler (one call): the field is never
+    evaluated at ``t = 0``, as in k-diffusion's ``sample_heun`` and
+    diffusers' ``FlowMatchHeunDiscreteScheduler``, so ``K`` Heun steps to
+    data make ``2K - 1`` calls. Deterministic.
     """
     slope = velocity_fn(x, s, s)
     euler = x - (s - s_next) * slope
-    if not heun:
+    if not heun or float(s_next) <= 0.0:
         return euler
     return x - (s - s_next) * 0.5 * (slope + velocity_fn(euler, s_next, s_next))
 
@@ -347,7 +351,8 @@ class AnyStepSampler(nn.Module):
         kumaraswamy: ``(a, b, c)`` warp of the schedule's progress variable.
         shift: resolution shift of the schedule's times (*default* 1: none;
             see :func:`time_schedule`).
-        heun: second-order correction in multi mode (two calls per step).
+        heun: second-order correction in multi mode (two calls per step, one
+            on the last step to 0: see :func:`multi_step`).
         guidance_scale: classifier-free guidance ``F_c + w (F_c - F_u)``
             through :func:`twinloss.targets.guidance_target` (*default* 0:
             none, the trained model has guidance baked in). ``uncond`` is

@@ -233,7 +233,7 @@ SETTINGS = {
     "1nfe_few": (1, dict(mode="few")),
     "2nfe_few_gaps_eta": (2, dict(mode="few", stochastic_ratio=0.5, start_gap=0.001, end_gap=0.6)),
     "4nfe_any_warp": (4, dict(mode="any", kumaraswamy=(1.17, 0.8, 1.1))),
-    "2step_multi_heun": (2, dict(mode="multi", heun=True)),  # 4 transformer calls
+    "2step_multi_heun": (2, dict(mode="multi", heun=True)),  # 3 transformer calls: the last step is Euler
 }
 
 
@@ -432,6 +432,49 @@ def test_pipeline_saves_the_twinflow_scheduler_and_loads_it_back(tmp_path):
     assert loaded.scheduler.config.mode == "any" and loaded.scheduler.config.end_gap == 0.5
     loaded.scheduler.set_timesteps(4)
     assert_close(loaded.scheduler.sigmas, twinloss.AnyStepSampler.from_preset("config_any_4nfe").schedule())
+
+
+def test_two_twinflow_pipelines_on_one_stock_pipeline_each_sample_with_their_own_scheduler():
+    """A second twinflow_pipeline on the same pipeline does not take over the first one's mode."""
+    from twinloss_adapters.flow_map import find_flow_map_call
+
+    pipeline, adapted = _sana_pipeline()
+    few = twinflow_pipeline(pipeline, steps=2, mode="few")
+    any_step = twinflow_pipeline(pipeline, steps=2, mode="any")
+    kwargs = PIPELINES["SanaPipeline"].call_kwargs(torch.Generator().manual_seed(11))
+    cond = PIPELINES["SanaPipeline"].adapter_cond(kwargs)
+    noise = torch.randn(BATCH, 4, 8, 8, generator=torch.Generator().manual_seed(12))
+    for generate, mode in ((few, "few"), (any_step, "any"), (few, "few")):
+        latents = generate(**kwargs, latents=noise, output_type="latent", generator=torch.Generator().manual_seed(5)).images
+        expected = twinloss.AnyStepSampler(2, mode=mode)(adapted, noise, cond=cond, generator=torch.Generator().manual_seed(5))
+        assert_close(latents, expected.sample, rtol=2e-5, atol=2e-5)
+    assert pipeline.scheduler is any_step.scheduler  # outside calls: the latest binding, as before the calls
+    assert find_flow_map_call(pipeline.transformer).target_time == any_step.scheduler.target_time
+
+
+def test_a_preset_pipeline_refuses_another_step_count_also_after_save_and_reload(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipeline, adapted = _sana_pipeline()
+    generate = twinflow_pipeline(pipeline, preset="qwenimage_2nfe")
+    kwargs = PIPELINES["SanaPipeline"].call_kwargs(torch.Generator().manual_seed(11))
+    noise = torch.randn(BATCH, 4, 8, 8, generator=torch.Generator().manual_seed(12))
+    with pytest.raises(ValueError, match="^num_inference_steps=3 conflicts with steps=2"):
+        generate(**kwargs, latents=noise, output_type="latent", num_inference_steps=3)
+    pipeline.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, transformer=adapted.transformer, tokenizer=None, text_encoder=None)
+    loaded.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="^steps=3 conflicts with the scheduler's config steps=2"):
+        twinflow_pipeline(loaded, scheduler=loaded.scheduler, steps=3)
+    reloaded = twinflow_pipeline(loaded, scheduler=loaded.scheduler)  # the preset's two steps and end gap
+    assert reloaded.steps == 2
+    latents = reloaded(**kwargs, latents=noise, output_type="latent", generator=torch.Generator().manual_seed(5)).images
+    expected = twinloss.AnyStepSampler.from_preset("qwenimage_2nfe")(
+        adapted, noise, cond=PIPELINES["SanaPipeline"].adapter_cond(kwargs), generator=torch.Generator().manual_seed(5)
+    ).sample
+    assert_close(latents, expected, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="^num_inference_steps=3 conflicts with steps=2"):
+        reloaded(**kwargs, latents=noise, output_type="latent", num_inference_steps=3)
 
 
 def test_pipeline_refusals_name_what_is_wrong():

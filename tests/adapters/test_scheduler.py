@@ -49,7 +49,7 @@ def test_heun_makes_two_calls_per_step_and_lands_where_the_heun_sampler_does(tmp
     scheduler = TwinFlowScheduler.from_pretrained(tmp_path)  # heun is part of the saved config
     scheduler.set_timesteps(3)
     knots = twinloss.AnyStepSampler(3, **options).schedule()
-    call_times = torch.stack([knots[:-1], knots[1:]], 1).flatten()  # s0 s1 s1 s2 s2 s3
+    call_times = knots[[0, 1, 1, 2, 2]]  # the last step, to s3 = 0, is Euler: no call at t = 0
     assert scheduler.order == 2
     assert_close(scheduler.timesteps, 1000 * call_times)
     assert_close(scheduler.sigmas, torch.cat([call_times, knots[-1:]]))  # sigmas[i] is call i's time, as pipelines read it
@@ -63,7 +63,58 @@ def test_heun_makes_two_calls_per_step_and_lands_where_the_heun_sampler_does(tmp
     assert not torch.allclose(x, euler, rtol=1e-4, atol=1e-4)  # the correction changed the walk
     assert [t for t, _ in calls] == pytest.approx((scheduler.timesteps / 1000).tolist())
     assert all(t == r for t, r in calls)  # the instantaneous field at both calls
-    assert scheduler.step_index == 6
+    assert scheduler.step_index == 5
+
+
+def test_heun_lays_out_and_takes_its_steps_as_diffusers_flow_match_heun():
+    """On diffusers' own knots (1, 0.5005, 0.001, then 0): the same timesteps, sigmas and latents."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    stock = FlowMatchHeunDiscreteScheduler()
+    stock.set_timesteps(3)
+    scheduler = TwinFlowScheduler(mode="multi", heun=True, end_gap=0.001)  # last knot before 0 at 0.001
+    scheduler.set_timesteps(3)
+    assert_close(scheduler.timesteps, stock.timesteps)
+    assert_close(scheduler.sigmas, stock.sigmas)
+    model = TinyVelocityNet((2, 3))
+    noise = torch.randn(4, 2, 3)
+    walked = {}
+    for name, one in (("twinflow", scheduler), ("diffusers", stock)):
+        x = noise
+        for timestep in one.timesteps:
+            t = (timestep / 1000).expand(4)
+            x = one.step(model(x, t, t), timestep, x).prev_sample
+        walked[name] = x
+    assert_close(walked["twinflow"], walked["diffusers"], rtol=1e-4, atol=1e-4)  # diffusers divides by sigma
+
+
+def test_step_takes_diffusers_flow_map_r_timestep_and_refuses_one_off_the_next_knot():
+    """step(model_output, timestep, sample, r_timestep, return_dict) as FlowMapEulerDiscreteScheduler.step."""
+    import inspect
+
+    from diffusers import FlowMapEulerDiscreteScheduler
+
+    names = lambda method: list(inspect.signature(method).parameters)[1:6]  # noqa: E731
+    assert names(TwinFlowScheduler.step) == names(FlowMapEulerDiscreteScheduler.step)
+    model = TinyVelocityNet((2, 3))
+    noise = torch.randn(4, 2, 3)
+    expected = twinloss.AnyStepSampler(3, mode="any", start_gap=0.05)(model, noise).sample
+    scheduler = TwinFlowScheduler(mode="any", start_gap=0.05)
+    scheduler.set_timesteps(3)
+    x = noise
+    for index, timestep in enumerate(scheduler.timesteps):
+        t = scheduler.sigmas[index].expand(4)
+        r_timestep = 1000 * scheduler.sigmas[index + 1]  # the AnyFlow loop's target, positionally
+        x = scheduler.step(model(x, t, scheduler.target_time(t)), timestep, x, r_timestep, False)[0]
+    assert_close(x, expected, rtol=1e-6, atol=1e-6)
+
+    scheduler.set_timesteps(3)
+    velocity, sample = torch.zeros(4, 2, 3), torch.randn(4, 2, 3)
+    with pytest.raises(ValueError, match=r"^r_timestep \[0.0\] cannot be honoured: .*'any' mode lands step 0 on"):
+        scheduler.step(velocity, scheduler.timesteps[0], sample, r_timestep=torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="^r_timestep must be a number or a tensor .*pass generator= by keyword"):
+        scheduler.step(velocity, scheduler.timesteps[0], sample, torch.Generator())
+    assert scheduler.step_index is None  # a refused call takes no step
 
 
 def test_dynamic_shifting_shifts_the_times_by_exp_mu_and_needs_mu(tmp_path):
@@ -119,6 +170,24 @@ def test_save_and_load_keep_the_schedule(tmp_path):
     assert_close(loaded.sigmas, twinloss.AnyStepSampler.from_preset("qwenimage_4nfe").schedule())
 
 
+def test_a_preset_scheduler_saves_its_step_count_and_refuses_another(tmp_path):
+    TwinFlowScheduler.from_preset("qwenimage_2nfe").save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["steps"] == 2
+    loaded = TwinFlowScheduler.from_pretrained(tmp_path)
+    loaded.set_timesteps()  # the preset's two steps, and its end gap with them
+    assert_close(loaded.sigmas, twinloss.AnyStepSampler.from_preset("qwenimage_2nfe").schedule())
+    with pytest.raises(ValueError, match="^num_inference_steps=3 conflicts with steps=2 in this TwinFlowScheduler's config"):
+        loaded.set_timesteps(3)
+    with pytest.raises(ValueError, match="^num_inference_steps=3 conflicts with steps=2"):
+        loaded.set_timesteps(sigmas=[1.0, 2 / 3, 1 / 3])  # Flux's way of asking for three steps
+    assert_close(loaded.sigmas, twinloss.AnyStepSampler.from_preset("qwenimage_2nfe").schedule())  # kept
+    with pytest.raises(ValueError, match=r"^config \['end_gap', 'steps'\] are fixed by preset 'qwenimage_2nfe'"):
+        TwinFlowScheduler.from_preset("qwenimage_2nfe", steps=3, end_gap=0.2)
+    free = TwinFlowScheduler(end_gap=0.6)  # no steps in the config: any count the end gap allows
+    free.set_timesteps(3)
+    assert len(free.timesteps) == 3
+
+
 def test_pipeline_default_sigmas_are_accepted_and_custom_ones_refused():
     scheduler = TwinFlowScheduler(start_gap=0.001)
     scheduler.set_timesteps(sigmas=[1.0, 0.5], mu=0.7)  # Flux/Qwen-Image default grid and shift: config times
@@ -138,6 +207,8 @@ def test_pipeline_default_sigmas_are_accepted_and_custom_ones_refused():
         (lambda: TwinFlowScheduler(shift=0.0), "^shift must be a finite number > 0"),
         (lambda: TwinFlowScheduler(shift=3.0, use_dynamic_shifting=True), r"^shift=3.0 would be replaced by exp\(mu\)"),
         (lambda: TwinFlowScheduler(end_gap=0.5).set_timesteps(1), "^end_gap needs steps >= 2"),
+        (lambda: TwinFlowScheduler(end_gap=0.5, steps=1), "^end_gap needs steps >= 2"),
+        (lambda: TwinFlowScheduler(steps=0), "^steps "),
         (lambda: TwinFlowScheduler().step(torch.zeros(1, 2), 1000.0, torch.zeros(1, 2)), "^set_timesteps has not been"),
         (lambda: TwinFlowScheduler.from_preset("nope"), "^preset 'nope' is unknown"),
     ],
