@@ -235,7 +235,8 @@ def save_adapted(adapted: nn.Module, save_directory: str | os.PathLike, **kwargs
             "save, then upload the whole directory (huggingface_hub.upload_folder)"
         )
     description = adapter_description(adapted)  # before writing anything: an unstorable argument raises here
-    adapted.transformer.save_pretrained(save_directory, **kwargs)
+    transformer = adapted.transformer  # the stock class's save: the instance's own one calls this function
+    type(transformer).save_pretrained(transformer, save_directory, **kwargs)
     if not kwargs.get("is_main_process", True):
         return
     directory = Path(save_directory)

@@ -101,7 +101,7 @@ def test_module_from_pretrained_reads_a_pipeline_layout_and_keeps_the_twin_weigh
 def test_transformer_saved_without_twinloss_config_still_loads_its_twin_weights(tmp_path) -> None:
     case = CASES["sana"]
     adapted = _trained(case)
-    adapted.transformer.save_pretrained(tmp_path)  # the stock save of the adapted transformer (or a pipeline's)
+    type(adapted.transformer).save_pretrained(adapted.transformer, tmp_path)  # the stock class's save
     assert not (tmp_path / TWINLOSS_CONFIG_NAME).exists()
     reloaded = type(adapted).from_pretrained(tmp_path)
     assert torch.equal(_outputs(reloaded, case), _outputs(adapted, case))
@@ -173,7 +173,7 @@ def test_missing_partial_or_misshaped_twin_weights_raise_naming_the_keys(edit, k
 
 def test_twin_weights_without_config_refuse_an_adapter_built_without_twin_modules(tmp_path) -> None:
     adapted = _trained(CASES["sana"])
-    adapted.transformer.save_pretrained(tmp_path)
+    type(adapted.transformer).save_pretrained(adapted.transformer, tmp_path)  # the stock class's save: no config
     with pytest.raises(ValueError, match=r"unexpected \['twinflow_time_embedding.negative_time_embedding', 'twinflow_time_embedding.target_time_mlp.0.bias'"):
         type(adapted).from_pretrained(tmp_path, target_time=False, sign=False)
 
@@ -269,13 +269,31 @@ def test_a_checkpoint_with_diffusers_lora_layer_keys_raises_at_load_naming_them_
 
     lora_config = LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False)
     adapted = _trained(CASES["sana"], before_adapt=lambda transformer: transformer.add_adapter(lora_config))
-    adapted.transformer.save_pretrained(tmp_path)  # the stock save (or a pipeline's) writes the LoRA layers' keys
+    type(adapted.transformer).save_pretrained(adapted.transformer, tmp_path)  # the stock class's save writes them
     with pytest.raises(ValueError) as raised:
         type(adapted).from_pretrained(tmp_path)
     message = str(raised.value)
     assert "lacks stock weights ['transformer_blocks.0.attn1.to_q.weight'" in message
     assert "'transformer_blocks.0.attn1.to_q.lora_A.default.weight'" in message
     assert "transformer.fuse_lora(); transformer.unload_lora()" in message
+
+
+def test_the_adapted_transformers_own_save_as_a_pipeline_calls_it_keeps_options_that_change_no_weights(tmp_path) -> None:
+    import inspect
+
+    from twinloss_adapters import ltx_video
+
+    torch.manual_seed(0)
+    adapted = ltx_video.adapt(CASES["ltx_video"].build(), frame_rate=24.0)
+    save = adapted.transformer.save_pretrained  # what pipe.save_pretrained calls, with the keywords it names
+    assert {"safe_serialization", "variant", "max_shard_size"} <= set(inspect.signature(save).parameters)
+    save(tmp_path, safe_serialization=True, variant="ema", max_shard_size="10GB")
+    assert json.loads((tmp_path / TWINLOSS_CONFIG_NAME).read_text())["options"]["frame_rate"] == 24.0
+    reloaded = ltx_video.LTXVideoAdapter.from_pretrained(tmp_path, variant="ema")
+    assert reloaded.frame_rate == 24.0
+    assert reloaded.rope_interpolation_scale == adapted.rope_interpolation_scale
+    stock = ltx_video.unadapt(adapted)
+    assert "save_pretrained" not in vars(stock)  # unadapted, the transformer saves as the stock class again
 
 
 def test_saved_options_are_restored_and_a_contradicting_option_or_class_raises(tmp_path) -> None:
