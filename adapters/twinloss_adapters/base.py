@@ -226,6 +226,9 @@ class AdaptedTransformer(nn.Module, abc.ABC):
         self.flow_map_call: FlowMapCall | None = (
             None if self.native_target_time else FlowMapCall(transformer, self.injection, time_convention, self.capabilities)
         )
+        # A pipeline saves its transformer with transformer.save_pretrained: make that save the adapter's
+        # too, or options that change no weights (LTX-Video's frame_rate) would reload at their defaults.
+        transformer.save_pretrained = self._save_as_pipeline_component
 
     # --- what a backbone defines ------------------------------------------------
 
@@ -350,6 +353,26 @@ class AdaptedTransformer(nn.Module, abc.ABC):
 
         save_adapted(self, save_directory, **kwargs)
 
+    def _save_as_pipeline_component(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        **kwargs: object,
+    ) -> None:
+        """The adapted transformer's own ``save_pretrained``: :meth:`save_pretrained` of this adapter.
+
+        ``pipe.save_pretrained`` calls each component's ``save_pretrained``
+        with the arguments its signature names (``safe_serialization``,
+        ``variant``, ``max_shard_size``), so they are named here.
+        """
+        self.save_pretrained(
+            save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size,
+            **kwargs,
+        )
+
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *, subfolder: str | None = None, **kwargs: object
@@ -425,6 +448,7 @@ def pipeline_from_pretrained(adapter_class: type[AdaptedTransformer]) -> Callabl
 
 def unadapt_transformer(transformer: nn.Module) -> nn.Module:
     """Remove a TwinFlow injection and the ``r_timestep`` hooks from ``transformer`` (a no-op if it has none)."""
+    transformer.__dict__.pop("save_pretrained", None)  # back to the stock class's save
     flow_map_call = find_flow_map_call(transformer)
     if flow_map_call is not None:
         flow_map_call.remove()

@@ -16,8 +16,9 @@ The stock diffusers class alone **drops** the twin keys (diffusers only logs
 which builds the stock class, adapts it with the saved options and loads the
 twin keys strictly. A checkpoint without ``twinloss_config.json`` and without
 twin keys (a stock one) loads with zero-initialised twin modules; twin keys
-that are missing, partial, unexpected or mis-shaped raise ``ValueError``
-naming them.
+that are missing, partial, unexpected or mis-shaped, stock weights the
+checkpoint lacks, keys nothing loads, and arguments the load cannot honour
+raise ``ValueError`` naming them.
 """
 
 import contextlib
@@ -40,12 +41,15 @@ __all__ = [
     "adapter_description",
     "check_exact_match",
     "check_same_adapter",
+    "check_stock_arguments",
+    "check_stock_load",
     "load_adapted",
     "load_exactly",
     "mis_shaped_keys",
     "read_twinloss_config",
     "save_adapted",
     "split_construction_arguments",
+    "split_load_arguments",
     "write_twinloss_config",
 ]
 
@@ -56,11 +60,79 @@ TRANSFORMER_PREFIX = "transformer."
 STOCK_LOADER_LOGGER = "diffusers.models.modeling_utils"
 UNUSED_WEIGHTS_MESSAGE = "were not used when initializing"
 HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+# The stock ``from_pretrained`` arguments passed on. Left out on purpose: ``output_loading_info`` (the
+# loaders return the model alone), ``ignore_mismatched_sizes`` (it would re-initialise saved weights),
+# FlashPack (it reports no loading info to check), ``trust_remote_code`` (adapters take stock classes)
+# and config overrides (the saved config is the model).
+STOCK_LOAD_ARGUMENTS = (
+    *HUB_ARGUMENTS,
+    "torch_dtype", "dtype", "variant", "use_safetensors", "device_map", "max_memory", "offload_folder",
+    "offload_state_dict", "low_cpu_mem_usage", "quantization_config", "disable_mmap", "parallel_config",
+)
+
+
+# Key parts of the layers peft injects (diffusers' ``add_adapter`` included): a stock class has none of them.
+PEFT_KEY_PARTS = (".base_layer.", ".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.")
+PEFT_LAYERS_ADVICE = (
+    "the stock class cannot rebuild LoRA layers injected by diffusers' transformer.add_adapter(...): "
+    "fuse them into the base weights first (transformer.fuse_lora(); transformer.unload_lora()), or train "
+    "the LoRA with twinloss_adapters.lora.add_lora and save it with the peft model's save_pretrained or lora.save_merged"
+)
+
+
+def peft_layer_names(module: nn.Module) -> list[str]:
+    """Names of the peft-injected layers in ``module`` (LoRA from diffusers' ``add_adapter`` or peft itself)."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:  # without peft, nothing can have injected its layers
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, child in module.named_modules() if isinstance(child, BaseTunerLayer)]
 
 
 def hub_arguments(kwargs: Mapping[str, object]) -> dict[str, object]:
     """The ``from_pretrained`` keyword arguments in ``kwargs`` that also locate a checkpoint's files."""
     return {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
+
+
+def adapter_option_names(adapter_class: type) -> list[str]:
+    """The keyword arguments of ``adapter_class`` besides the transformer (``target_time``, ``sign``, ...)."""
+    parameters = inspect.signature(adapter_class.__init__).parameters
+    return [name for name in parameters if name not in ("self", "transformer")]
+
+
+def check_stock_arguments(kwargs: Mapping[str, object], adapter_options: list[str], what: str) -> None:
+    """Raise ValueError naming each of ``kwargs`` that is no stock ``from_pretrained`` argument twinloss passes on.
+
+    The stock loader would take a misspelled option (``sing=False``) for a
+    config override and ignore it with a log line; so would an adapter
+    option that this load cannot honour.
+    """
+    unknown = sorted(set(kwargs) - set(STOCK_LOAD_ARGUMENTS))
+    if unknown:
+        raise ValueError(
+            f"{what} got arguments {unknown} that it cannot honour: they are neither its adapter options "
+            f"{sorted(adapter_options)} nor stock from_pretrained arguments it passes on {sorted(STOCK_LOAD_ARGUMENTS)}"
+        )
+
+
+def split_load_arguments(
+    adapter_class: type, kwargs: Mapping[str, object]
+) -> tuple[dict[str, object], dict[str, object]]:
+    """Split ``from_pretrained``'s keyword arguments into ``adapter_class``'s options and the stock loader's.
+
+    Returns:
+        ``(adapter_options, stock_arguments)``; ``kwargs`` is not modified.
+
+    Raises:
+        ValueError: naming every argument that is neither.
+    """
+    names = adapter_option_names(adapter_class)
+    options = {name: value for name, value in kwargs.items() if name in names}
+    stock = {name: value for name, value in kwargs.items() if name not in names}
+    check_stock_arguments(stock, names, f"{adapter_class.__name__}.from_pretrained")
+    return options, stock
 
 
 JSON_SCALARS = (bool, int, float, str, type(None))
@@ -145,18 +217,26 @@ def save_adapted(adapted: nn.Module, save_directory: str | os.PathLike, **kwargs
 
     Raises:
         ValueError: for ``push_to_hub=True`` (it would upload the stock files
-            only; upload the directory once saved) or an adapter argument
-            that cannot be stored.
+            only; upload the directory once saved), an adapter argument
+            that cannot be stored, or a transformer holding peft-injected
+            (LoRA) layers, which no ``from_pretrained`` could load back.
     """
     from safetensors.torch import save_file
 
+    injected = peft_layer_names(adapted.transformer)
+    if injected:
+        raise ValueError(
+            f"the transformer holds LoRA layers {injected[:4]}{' ...' if len(injected) > 4 else ''}, whose weights "
+            f"would be saved under keys no from_pretrained loads; {PEFT_LAYERS_ADVICE}"
+        )
     if kwargs.get("push_to_hub"):
         raise ValueError(
             "push_to_hub=True would upload only the stock transformer files, not twinloss_config.json; "
             "save, then upload the whole directory (huggingface_hub.upload_folder)"
         )
     description = adapter_description(adapted)  # before writing anything: an unstorable argument raises here
-    adapted.transformer.save_pretrained(save_directory, **kwargs)
+    transformer = adapted.transformer  # the stock class's save: the instance's own one calls this function
+    type(transformer).save_pretrained(transformer, save_directory, **kwargs)
     if not kwargs.get("is_main_process", True):
         return
     directory = Path(save_directory)
@@ -271,6 +351,38 @@ def check_exact_match(expected: Mapping[str, Tensor], found: Mapping[str, Tensor
         )
 
 
+def check_stock_load(
+    checkpoint: str, stock_class: type, loading_info: Mapping[str, list], placed: set[str]
+) -> None:
+    """Raise ValueError unless the stock loader filled every weight and the adapter placed every key it left.
+
+    Args:
+        checkpoint: the checkpoint's name, for the message.
+        stock_class: the class the stock loader built.
+        loading_info: what the stock ``from_pretrained(..., output_loading_info=True)`` returned with the model.
+        placed: checkpoint keys the adapter loads itself (twin or release weights).
+
+    Raises:
+        ValueError: naming the stock keys the checkpoint lacks or has with another shape (the stock
+            loader would leave them newly initialised or on the meta device) and the checkpoint keys
+            nothing loads (they would be dropped). LoRA layer keys get a note on how to save them.
+    """
+    missing = sorted(loading_info["missing_keys"])
+    mis_shaped = list(loading_info["mismatched_keys"])
+    unplaced = sorted(set(loading_info["unexpected_keys"]) - placed)
+    problems = []
+    if missing:
+        problems.append(f"it lacks stock weights {missing} (they would be left newly initialised)")
+    if mis_shaped:
+        problems.append(f"it has mis-shaped stock weights {mis_shaped}")
+    if unplaced:
+        problems.append(f"it has keys {unplaced} that nothing would load (they would be lost)")
+    if any(part in key for key in unplaced for part in PEFT_KEY_PARTS):
+        problems.append(PEFT_LAYERS_ADVICE)
+    if problems:
+        raise ValueError(f"checkpoint {checkpoint!r} does not fit {stock_class.__name__} and the adapter: {'; '.join(problems)}")
+
+
 def mis_shaped_keys(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], prefix: str = "") -> list[str]:
     """``"<prefix><key>: <found shape>, expected <expected shape>"`` for each key of both whose shapes differ."""
     return [
@@ -347,9 +459,9 @@ def _adapter_arguments(
         )
     arguments = dict(config["options"])
     for name, value in given.items():
-        if name in config["module_arguments"]:
+        if name in config["module_arguments"] or name not in arguments:  # not saved: an older checkpoint
             arguments[name] = value
-        elif name in arguments and _json_value(value) != arguments[name]:
+        elif _json_value(value) != arguments[name]:
             raise ValueError(
                 f"{name}={value!r} contradicts the checkpoint, saved with {name}={arguments[name]!r}; "
                 "leave it out to use the saved value"
@@ -363,42 +475,43 @@ def _adapter_arguments(
     return arguments
 
 
-class _UnusedWeightsReport(logging.Filter):
-    """Holds back the stock loader's "weights ... were not used" warning until the twin keys are loaded."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
+class _UnusedWeightsFilter(logging.Filter):
+    """Drops the stock loader's "weights ... were not used" warning: :func:`check_stock_load` names those keys."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if UNUSED_WEIGHTS_MESSAGE in record.getMessage():
-            self.records.append(record)
-            return False
-        return True
-
-    def release(self, consumed: set[str]) -> None:
-        """Re-log each held warning for the keys not in ``consumed`` (all of it if it cannot be parsed)."""
-        logger = logging.getLogger(STOCK_LOADER_LOGGER)
-        for record in self.records:
-            head, _, listing = record.getMessage().partition("\n")
-            keys = [key for key in listing.strip().strip("[]'").split(", ") if key]
-            if not keys:
-                logger.handle(record)
-                continue
-            left = [key for key in keys if key not in consumed]
-            if left:
-                logger.warning(f"{head} {left}")
+        return UNUSED_WEIGHTS_MESSAGE not in record.getMessage()
 
 
 @contextlib.contextmanager
-def _holding_unused_weights_warning() -> Iterator[_UnusedWeightsReport]:
-    report = _UnusedWeightsReport()
+def holding_back_unused_weights_warning() -> Iterator[None]:
+    """Within: no "weights ... were not used" warning from the stock loader (the caller checks those keys)."""
+    unused_weights = _UnusedWeightsFilter()
     logger = logging.getLogger(STOCK_LOADER_LOGGER)
-    logger.addFilter(report)
+    logger.addFilter(unused_weights)
     try:
-        yield report
+        yield
     finally:
-        logger.removeFilter(report)
+        logger.removeFilter(unused_weights)
+
+
+def _stock_class_of(path: str, subfolder: str | None, hub: Mapping[str, object]) -> type:
+    """The diffusers class named by the checkpoint's ``config.json`` (what ``AutoModel`` would build).
+
+    ``AutoModel.from_pretrained`` cannot return the stock loader's loading
+    info, which :func:`check_stock_load` needs; the class's own loader can.
+    """
+    diffusers = require_diffusers()
+    config_file = resolve_file(path, "config.json", subfolder, hub)
+    if config_file is None:
+        raise ValueError(f"found no config.json in {path!r} (subfolder {subfolder!r})")
+    class_name = json.loads(Path(config_file).read_text()).get("_class_name")
+    stock_class = getattr(diffusers, str(class_name), None)
+    if not (isinstance(stock_class, type) and issubclass(stock_class, diffusers.ModelMixin)):
+        raise ValueError(
+            f"the config.json of {path!r} (subfolder {subfolder!r}) names class {class_name!r}, "
+            "which is no diffusers model class"
+        )
+    return stock_class
 
 
 def load_adapted(
@@ -411,36 +524,38 @@ def load_adapted(
     """Load a stock or twinloss checkpoint into ``adapter_class`` (see the module docstring).
 
     ``kwargs`` naming arguments of ``adapter_class`` (``target_time``,
-    ``sign``, ``connector``, ...) go to the adapter; the rest go to the stock
-    ``from_pretrained`` (``torch_dtype``, ``variant``, ``revision``, ...).
+    ``sign``, ``connector``, ...) go to the adapter; the stock
+    ``from_pretrained``'s (``torch_dtype``, ``variant``, ``revision``, ...,
+    see ``STOCK_LOAD_ARGUMENTS``) go to it.
 
     Raises:
-        ValueError: for a checkpoint of another adapter class, an option that
-            contradicts the saved one, a missing module argument, or twin or
-            extra weights that are missing, partial, unexpected or mis-shaped.
+        ValueError: for an argument that is neither, a checkpoint of another
+            adapter class, an option that contradicts the saved one, a missing
+            module argument, twin or extra weights that are missing, partial,
+            unexpected or mis-shaped, stock weights the checkpoint lacks or
+            has mis-shaped, and checkpoint keys that nothing loads.
     """
     pretrained_model_name_or_path = os.fspath(pretrained_model_name_or_path)  # diffusers' AutoModel wants a str
-    constructor = inspect.signature(adapter_class.__init__).parameters
-    adapter_names = [name for name in constructor if name not in ("self", "transformer")]
-    given = {name: kwargs.pop(name) for name in adapter_names if name in kwargs}
-    hub = hub_arguments(kwargs)
+    given, stock_arguments = split_load_arguments(adapter_class, kwargs)
+    hub = hub_arguments(stock_arguments)
     config = read_twinloss_config(pretrained_model_name_or_path, subfolder, hub)
     arguments = _adapter_arguments(adapter_class, config, given)
 
-    with _holding_unused_weights_warning() as unused_weights:
-        transformer = require_diffusers().AutoModel.from_pretrained(
-            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+    stock_class = _stock_class_of(pretrained_model_name_or_path, subfolder, hub)
+    with holding_back_unused_weights_warning():
+        transformer, loading_info = stock_class.from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, output_loading_info=True, **stock_arguments
         )
     stock_modules = {name for name, _ in transformer.named_modules()}
     stock_keys = set(transformer.state_dict())
     adapted = adapter_class(transformer, **arguments)
 
     expected, prefixes = _added_weights(transformer, stock_modules, stock_keys, adapted)
-    files = weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("variant"), hub)
+    files = weight_files(pretrained_model_name_or_path, subfolder, stock_arguments.get("variant"), hub)
     saved_twin = read_tensors(files, prefixes)
     if config is not None or saved_twin:  # a stock checkpoint has neither: twin modules stay at zero
         load_exactly(adapted.transformer, expected, saved_twin, "the checkpoint's twin weights")
-    unused_weights.release(consumed=set(saved_twin))
+    check_stock_load(pretrained_model_name_or_path, stock_class, loading_info, placed=set(saved_twin))
     expected_extras = _external_extras(adapted)
     if config is not None and (expected_extras or config["extra_keys"]):
         extras_file = resolve_file(pretrained_model_name_or_path, EXTRAS_WEIGHTS_NAME, subfolder, hub)

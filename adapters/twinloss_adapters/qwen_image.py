@@ -61,6 +61,8 @@ class QwenImageAdapter(AdaptedTransformer):
     optional_cond = ("encoder_hidden_states_mask",)
     rejected_flags: tuple[str, ...] = UNSUPPORTED_FLAGS  # the edit adapter accepts zero_cond_t
 
+    from_pretrained = releases.adapter_from_pretrained(_stock_class, QWEN_IMAGE_RELEASE_NAME)
+
     def __init__(
         self,
         transformer: object,

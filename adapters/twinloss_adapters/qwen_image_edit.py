@@ -26,6 +26,7 @@ Conditioning (batch-leading):
   (Edit-2509 / 2511 take up to three), optional, in order.
 """
 
+import os
 from collections.abc import Mapping
 
 import torch
@@ -52,6 +53,19 @@ class QwenImageEditAdapter(QwenImageAdapter):
         super().__init__(transformer, target_time=target_time, sign=sign)
         self.zero_cond_t = bool(getattr(transformer.config, "zero_cond_t", False))
         self._signed_times: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, subfolder: str | None = None, **kwargs: object
+    ) -> "QwenImageEditAdapter":
+        """The strict load of :meth:`AdaptedTransformer.from_pretrained`: the edit model has no TwinFlow release.
+
+        Raises:
+            ValueError: see :func:`twinloss_adapters.persistence.load_adapted`.
+        """
+        from twinloss_adapters.persistence import load_adapted
+
+        return load_adapted(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def forward(
         self, x_t: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], **cond: Tensor

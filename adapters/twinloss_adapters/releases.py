@@ -9,6 +9,7 @@ a warning. :func:`load_release` loads the stock part with the stock
 loads the extra keys by name, raising on anything it cannot place.
 """
 
+import os
 from collections.abc import Callable, Iterable
 
 from torch import nn
@@ -20,8 +21,7 @@ from twinloss_adapters.base import (
     check_time_embedding_kind,
 )
 
-__all__ = ["from_pretrained", "load_release", "pipeline_from_pretrained"]
-
+__all__ = ["adapter_from_pretrained", "from_pretrained", "load_release", "pipeline_from_pretrained"]
 
 
 def from_pretrained(
@@ -60,23 +60,25 @@ def from_pretrained(
     from twinloss_adapters import persistence
 
     check_time_embedding_kind(time_embedding)
-    hub = persistence.hub_arguments(kwargs)
+    options, stock_arguments = persistence.split_load_arguments(adapter_class, kwargs)
+    hub = persistence.hub_arguments(stock_arguments)
     saved_by_twinloss = persistence.read_twinloss_config(pretrained_model_name_or_path, subfolder, hub) is not None
     if time_embedding == RELEASE_TIME_EMBEDDING and not saved_by_twinloss:
         return load_release(
-            stock_class, lambda transformer: adapter_class(transformer, time_embedding=time_embedding),
-            pretrained_model_name_or_path, subfolder=subfolder, **kwargs,
+            stock_class,
+            lambda transformer: adapter_class(transformer, time_embedding=time_embedding, **options),
+            pretrained_model_name_or_path, subfolder=subfolder, **stock_arguments,
         )
     if time_embedding != RELEASE_TIME_EMBEDDING:
-        files = persistence.weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("variant"), hub)
+        files = persistence.weight_files(pretrained_model_name_or_path, subfolder, stock_arguments.get("variant"), hub)
         stray = sorted(persistence.read_tensors(files, (f"{second_name}.",)))
         if stray:
             raise ValueError(
                 f"checkpoint {pretrained_model_name_or_path!r} carries the TwinFlow release's time embedding "
                 f"{stray}, which the default time embedding would drop; load it with time_embedding='twinflow_release'"
             )
-    return adapter_class.from_pretrained(
-        pretrained_model_name_or_path, subfolder=subfolder, time_embedding=time_embedding, **kwargs
+    return persistence.load_adapted(
+        adapter_class, pretrained_model_name_or_path, subfolder=subfolder, time_embedding=time_embedding, **kwargs
     )
 
 
@@ -119,6 +121,41 @@ def pipeline_from_pretrained(
     return load
 
 
+def adapter_from_pretrained(stock_class: Callable[[], type], second_name: str) -> classmethod:
+    """The class-level ``from_pretrained`` of a backbone adapter with a release: :func:`from_pretrained`, ``subfolder=None``.
+
+    So ``AdapterClass.from_pretrained(release_dir)`` refuses the authors'
+    checkpoint instead of dropping its second embedder, and loads it with
+    ``time_embedding="twinflow_release"``, as the backbone module's function does.
+
+    Args:
+        stock_class: returns the stock diffusers class (called at load time: diffusers is optional).
+        second_name: the release's second-embedder key prefix (``time_text_embed_2``, ...).
+    """
+
+    def from_pretrained_method(
+        cls: type[AdaptedTransformer],
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        time_embedding: str = TWINFLOW_TIME_EMBEDDING,
+        **kwargs: object,
+    ) -> AdaptedTransformer:
+        return from_pretrained(
+            cls, stock_class(), second_name, os.fspath(pretrained_model_name_or_path),
+            subfolder=subfolder, time_embedding=time_embedding, **kwargs,
+        )
+
+    from_pretrained_method.__doc__ = f"""Load a stock, twinloss or released checkpoint and adapt it; see :func:`twinloss_adapters.releases.from_pretrained`.
+
+    A checkpoint carrying the release's ``{second_name}.*`` keys loads with
+    ``time_embedding="twinflow_release"`` only; the default kind raises
+    naming them instead of dropping them.
+    """
+    from_pretrained_method.__name__ = from_pretrained_method.__qualname__ = "from_pretrained"
+    return classmethod(from_pretrained_method)
+
+
 def load_release(
     stock_class: type,
     adapt: Callable[[nn.Module], AdaptedTransformer],
@@ -144,25 +181,20 @@ def load_release(
     Raises:
         ValueError: naming the keys, if the checkpoint lacks stock keys or
             the second embedder's keys, has them with the wrong shape, has a
-            partial optional module, or has keys nothing would load.
+            partial optional module, or has keys nothing would load; naming
+            the arguments in ``kwargs`` that the stock loader would not honour.
     """
-    transformer, info = stock_class.from_pretrained(
-        pretrained_model_name_or_path, subfolder=subfolder, output_loading_info=True, **kwargs
-    )
-    if info["missing_keys"] or info["mismatched_keys"]:
-        raise ValueError(
-            f"checkpoint {pretrained_model_name_or_path!r} does not fit {stock_class.__name__}: "
-            f"missing {sorted(info['missing_keys'])}, mis-shaped {info['mismatched_keys']}"
+    from twinloss_adapters import persistence
+
+    persistence.check_stock_arguments(kwargs, [], "load_release")
+    with persistence.holding_back_unused_weights_warning():  # the release keys, loaded or named below
+        transformer, info = stock_class.from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, output_loading_info=True, **kwargs
         )
     adapted = adapt(transformer)
     expected = {key.removeprefix("transformer."): value for key, value in adapted.extra_state_dict().items()}
+    persistence.check_stock_load(pretrained_model_name_or_path, stock_class, info, placed=set(expected))
     present = set(info["unexpected_keys"])
-    unplaced = sorted(present - set(expected))
-    if unplaced:
-        raise ValueError(
-            f"checkpoint {pretrained_model_name_or_path!r} has keys {unplaced} that neither {stock_class.__name__} "
-            f"nor the {adapted.time_embedding_kind!r} time embedding has; they would be lost"
-        )
     required, *optional = adapted.injection.module_names
     missing = sorted(key for key in expected if _under(key, (required,)) and key not in present)
     for name in optional:
@@ -171,8 +203,6 @@ def load_release(
             missing += sorted(module_keys - present)
     if missing:
         raise ValueError(f"checkpoint {pretrained_model_name_or_path!r} lacks the release keys {missing}")
-    from twinloss_adapters import persistence
-
     hub = persistence.hub_arguments(kwargs)
     files = persistence.weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("variant"), hub)
     loaded = {key: value for key, value in persistence.read_tensors(files, tuple(present)).items() if key in present}

@@ -60,6 +60,8 @@ class ZImageAdapter(AdaptedTransformer):
     required_cond = ("encoder_hidden_states",)
     optional_cond = ("encoder_attention_mask",)
 
+    from_pretrained = releases.adapter_from_pretrained(_stock_class, Z_IMAGE_RELEASE_NAME)
+
     def __init__(
         self,
         transformer: object,

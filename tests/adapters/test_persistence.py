@@ -3,6 +3,8 @@
 import importlib
 import importlib.util
 import json
+import re
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -33,10 +35,15 @@ def _inputs(case: BackboneCase, transformer: torch.nn.Module):
     return x, case.make_cond(transformer, BATCH, generator)
 
 
-def _trained(case: BackboneCase, seed: int = 0):
-    """A tiny adapted model whose adapter weights (twin modules, connector) are moved off their initial values."""
+def _trained(case: BackboneCase, seed: int = 0, before_adapt: Callable[[torch.nn.Module], object] | None = None):
+    """A tiny adapted model whose adapter weights (twin modules, connector) are moved off their initial values.
+
+    ``before_adapt`` is called on the stock transformer first (e.g. diffusers' ``add_adapter``).
+    """
     torch.manual_seed(seed)
     transformer = case.build()
+    if before_adapt is not None:
+        before_adapt(transformer)
     adapted = case.adapt(transformer)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -94,7 +101,7 @@ def test_module_from_pretrained_reads_a_pipeline_layout_and_keeps_the_twin_weigh
 def test_transformer_saved_without_twinloss_config_still_loads_its_twin_weights(tmp_path) -> None:
     case = CASES["sana"]
     adapted = _trained(case)
-    adapted.transformer.save_pretrained(tmp_path)  # the stock save of the adapted transformer (or a pipeline's)
+    type(adapted.transformer).save_pretrained(adapted.transformer, tmp_path)  # the stock class's save
     assert not (tmp_path / TWINLOSS_CONFIG_NAME).exists()
     reloaded = type(adapted).from_pretrained(tmp_path)
     assert torch.equal(_outputs(reloaded, case), _outputs(adapted, case))
@@ -166,12 +173,12 @@ def test_missing_partial_or_misshaped_twin_weights_raise_naming_the_keys(edit, k
 
 def test_twin_weights_without_config_refuse_an_adapter_built_without_twin_modules(tmp_path) -> None:
     adapted = _trained(CASES["sana"])
-    adapted.transformer.save_pretrained(tmp_path)
+    type(adapted.transformer).save_pretrained(adapted.transformer, tmp_path)  # the stock class's save: no config
     with pytest.raises(ValueError, match=r"unexpected \['twinflow_time_embedding.negative_time_embedding', 'twinflow_time_embedding.target_time_mlp.0.bias'"):
         type(adapted).from_pretrained(tmp_path, target_time=False, sign=False)
 
 
-def test_the_unused_weights_log_names_only_keys_no_one_loaded(tmp_path) -> None:
+def test_loading_the_twin_keys_logs_no_unused_weights_warning(tmp_path) -> None:
     import logging
 
     records: list[str] = []
@@ -183,13 +190,110 @@ def test_the_unused_weights_log_names_only_keys_no_one_loaded(tmp_path) -> None:
     logger.addHandler(handler)
     try:
         type(adapted).from_pretrained(tmp_path)
-        assert not [message for message in records if "were not used" in message]
-        _rewrite_weights(tmp_path, lambda state: state.update({"stray.weight": torch.zeros(2)}))
-        type(adapted).from_pretrained(tmp_path)
     finally:
         logger.removeHandler(handler)
-    unused = [message for message in records if "were not used" in message]
-    assert len(unused) == 1 and "stray.weight" in unused[0] and DEFAULT_MODULE_NAME not in unused[0]
+    assert not [message for message in records if "were not used" in message]
+
+
+def _add_stray(state: dict) -> None:
+    state["my_extra_head.weight"] = torch.ones(3)
+
+
+def _drop_stock(state: dict) -> None:
+    del state["transformer_blocks.0.attn1.to_q.weight"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "keep_config", "message"),
+    [
+        (_add_stray, True, r"keys \['my_extra_head.weight'\] that nothing would load"),
+        (_add_stray, False, r"keys \['my_extra_head.weight'\] that nothing would load"),
+        (_drop_stock, True, r"lacks stock weights \['transformer_blocks.0.attn1.to_q.weight'\]"),
+    ],
+    ids=["key-nothing-loads", "key-nothing-loads-without-config", "stock-weight-missing"],
+)
+def test_checkpoint_keys_nothing_loads_or_stock_weights_it_lacks_raise_naming_them(
+    edit, keep_config, message, tmp_path
+) -> None:
+    adapted = _trained(CASES["sana"])
+    adapted.save_pretrained(tmp_path)
+    _rewrite_weights(tmp_path, edit)
+    if not keep_config:
+        (tmp_path / TWINLOSS_CONFIG_NAME).unlink()
+    with pytest.raises(ValueError, match=message):
+        type(adapted).from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"target_tme": False, "sing": False}, "['sing', 'target_tme']"),
+        ({"output_loading_info": True}, "['output_loading_info']"),
+        ({"num_layers": 2}, "['num_layers']"),  # a config override: the saved config is the model
+    ],
+    ids=["misspelled-options", "unhonoured-stock-argument", "config-override"],
+)
+def test_from_pretrained_arguments_it_cannot_honour_raise_naming_them(arguments, named, tmp_path) -> None:
+    from twinloss_adapters import sana
+
+    adapted = _trained(CASES["sana"])
+    adapted.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"got arguments {named} that it cannot honour")):
+        sana.SanaAdapter.from_pretrained(tmp_path, **arguments)
+    with pytest.raises(ValueError, match=re.escape(f"got arguments {named} that it cannot honour")):
+        sana.from_pretrained(str(tmp_path), subfolder=None, **arguments)
+
+
+@needs_peft
+def test_save_refuses_diffusers_lora_layers_and_their_fused_model_round_trips(tmp_path) -> None:
+    from peft import LoraConfig
+
+    case = CASES["sana"]
+    lora_config = LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False)
+    adapted = _trained(case, before_adapt=lambda transformer: transformer.add_adapter(lora_config))
+    expected = _outputs(adapted, case)
+    with pytest.raises(ValueError, match=r"LoRA layers \['transformer_blocks.0.attn1.to_q'.*fuse_lora"):
+        adapted.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+    adapted.transformer.fuse_lora()
+    adapted.transformer.unload_lora()
+    adapted.save_pretrained(tmp_path / "fused")
+    reloaded = type(adapted).from_pretrained(tmp_path / "fused")
+    torch.testing.assert_close(_outputs(reloaded, case), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_peft
+def test_a_checkpoint_with_diffusers_lora_layer_keys_raises_at_load_naming_them_and_how_to_save(tmp_path) -> None:
+    from peft import LoraConfig
+
+    lora_config = LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False)
+    adapted = _trained(CASES["sana"], before_adapt=lambda transformer: transformer.add_adapter(lora_config))
+    type(adapted.transformer).save_pretrained(adapted.transformer, tmp_path)  # the stock class's save writes them
+    with pytest.raises(ValueError) as raised:
+        type(adapted).from_pretrained(tmp_path)
+    message = str(raised.value)
+    assert "lacks stock weights ['transformer_blocks.0.attn1.to_q.weight'" in message
+    assert "'transformer_blocks.0.attn1.to_q.lora_A.default.weight'" in message
+    assert "transformer.fuse_lora(); transformer.unload_lora()" in message
+
+
+def test_the_adapted_transformers_own_save_as_a_pipeline_calls_it_keeps_options_that_change_no_weights(tmp_path) -> None:
+    import inspect
+
+    from twinloss_adapters import ltx_video
+
+    torch.manual_seed(0)
+    adapted = ltx_video.adapt(CASES["ltx_video"].build(), frame_rate=24.0)
+    save = adapted.transformer.save_pretrained  # what pipe.save_pretrained calls, with the keywords it names
+    assert {"safe_serialization", "variant", "max_shard_size"} <= set(inspect.signature(save).parameters)
+    save(tmp_path, safe_serialization=True, variant="ema", max_shard_size="10GB")
+    assert json.loads((tmp_path / TWINLOSS_CONFIG_NAME).read_text())["options"]["frame_rate"] == 24.0
+    reloaded = ltx_video.LTXVideoAdapter.from_pretrained(tmp_path, variant="ema")
+    assert reloaded.frame_rate == 24.0
+    assert reloaded.rope_interpolation_scale == adapted.rope_interpolation_scale
+    stock = ltx_video.unadapt(adapted)
+    assert "save_pretrained" not in vars(stock)  # unadapted, the transformer saves as the stock class again
 
 
 def test_saved_options_are_restored_and_a_contradicting_option_or_class_raises(tmp_path) -> None:

@@ -565,6 +565,7 @@ def test_a_saved_twinflow_pipeline_reloads_and_generates_the_same_images(tmp_pat
     kwargs = PIPELINES["SanaPipeline"].call_kwargs(torch.Generator().manual_seed(11))
     before = generate(**kwargs, output_type="pt", generator=torch.Generator().manual_seed(0)).images
     pipeline.save_pretrained(tmp_path)
+    assert (tmp_path / "transformer" / "twinloss_config.json").is_file()  # the adapter's options, saved with it
 
     model = sana.from_pretrained(str(tmp_path))  # subfolder="transformer": the twin weights, strictly
     reloaded = SanaPipeline.from_pretrained(tmp_path, transformer=model.transformer, tokenizer=None, text_encoder=None)

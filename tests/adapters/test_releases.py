@@ -290,6 +290,31 @@ def test_default_time_embedding_refuses_a_released_checkpoint_instead_of_droppin
         RELEASES[name][0].from_pretrained(str(tmp_path), subfolder=None)
 
 
+@pytest.mark.parametrize("name", sorted(RELEASES))
+def test_adapter_class_from_pretrained_refuses_a_released_checkpoint_and_loads_it_with_the_release_kind(
+    name: str, tmp_path
+) -> None:
+    extra = _write_release_checkpoint(name, tmp_path)
+    adapter_class = type(RELEASES[name][0].adapt(CASES[name].build()))
+    with pytest.raises(ValueError, match=rf"{re.escape(sorted(extra)[0])}.*time_embedding='twinflow_release'"):
+        adapter_class.from_pretrained(tmp_path)
+    adapted = adapter_class.from_pretrained(tmp_path, time_embedding=RELEASE)
+    assert adapted.time_embedding_kind == RELEASE
+    state = adapted.transformer.state_dict()
+    for key, value in extra.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+
+def test_release_load_honours_the_adapter_options_and_refuses_arguments_it_cannot_honour(tmp_path) -> None:
+    _write_release_checkpoint("z_image", tmp_path)
+    adapted = z_image.from_pretrained(str(tmp_path), subfolder=None, time_embedding=RELEASE, sign=False)
+    assert not adapted.capabilities.sign
+    assert adapted.construction_arguments["sign"] is False
+    assert adapted.injection.module_names == (Z_SECOND,)  # no sign embedding was added
+    with pytest.raises(ValueError, match=re.escape("got arguments ['sing'] that it cannot honour")):
+        z_image.from_pretrained(str(tmp_path), subfolder=None, time_embedding=RELEASE, sing=False)
+
+
 def test_release_model_with_trained_sign_embedding_round_trips_through_save_pretrained(tmp_path) -> None:
     adapted, cond, x = _release("z_image")
     _perturb(adapted.transformer.get_submodule(DEFAULT_MODULE_NAME), torch.Generator().manual_seed(4))
