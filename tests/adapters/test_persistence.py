@@ -151,6 +151,14 @@ def _misshape(state: dict) -> None:
     state[f"{DEFAULT_MODULE_NAME}.target_time_mlp.2.bias"] = torch.zeros(7)
 
 
+def _add_stray(state: dict) -> None:
+    state["my_extra_head.weight"] = torch.ones(3)
+
+
+def _drop_stock(state: dict) -> None:
+    del state["transformer_blocks.0.attn1.to_q.weight"]
+
+
 @pytest.mark.parametrize(
     ("edit", "keep_config", "message"),
     [
@@ -158,10 +166,14 @@ def _misshape(state: dict) -> None:
         (_drop_one, True, r"missing \['twinflow_time_embedding.negative_time_embedding'\]"),
         (_drop_one, False, r"missing \['twinflow_time_embedding.negative_time_embedding'\]"),
         (_misshape, True, r"wrong shape \['twinflow_time_embedding.target_time_mlp.2.bias \(saved \(7,\), model \(32,\)\)'\]"),
+        (_add_stray, True, r"keys \['my_extra_head.weight'\] that nothing would load"),
+        (_add_stray, False, r"keys \['my_extra_head.weight'\] that nothing would load"),
+        (_drop_stock, True, r"lacks stock weights \['transformer_blocks.0.attn1.to_q.weight'\]"),
     ],
-    ids=["config-but-no-twin-keys", "partial", "partial-without-config", "wrong-shape"],
+    ids=["config-but-no-twin-keys", "partial", "partial-without-config", "wrong-shape", "key-nothing-loads",
+         "key-nothing-loads-without-config", "stock-weight-missing"],
 )
-def test_missing_partial_or_misshaped_twin_weights_raise_naming_the_keys(edit, keep_config, message, tmp_path) -> None:
+def test_checkpoints_missing_mis_shaped_or_unloadable_weights_raise_naming_the_keys(edit, keep_config, message, tmp_path) -> None:
     adapted = _trained(CASES["sana"])
     adapted.save_pretrained(tmp_path)
     _rewrite_weights(tmp_path, edit)
@@ -193,35 +205,6 @@ def test_loading_the_twin_keys_logs_no_unused_weights_warning(tmp_path) -> None:
     finally:
         logger.removeHandler(handler)
     assert not [message for message in records if "were not used" in message]
-
-
-def _add_stray(state: dict) -> None:
-    state["my_extra_head.weight"] = torch.ones(3)
-
-
-def _drop_stock(state: dict) -> None:
-    del state["transformer_blocks.0.attn1.to_q.weight"]
-
-
-@pytest.mark.parametrize(
-    ("edit", "keep_config", "message"),
-    [
-        (_add_stray, True, r"keys \['my_extra_head.weight'\] that nothing would load"),
-        (_add_stray, False, r"keys \['my_extra_head.weight'\] that nothing would load"),
-        (_drop_stock, True, r"lacks stock weights \['transformer_blocks.0.attn1.to_q.weight'\]"),
-    ],
-    ids=["key-nothing-loads", "key-nothing-loads-without-config", "stock-weight-missing"],
-)
-def test_checkpoint_keys_nothing_loads_or_stock_weights_it_lacks_raise_naming_them(
-    edit, keep_config, message, tmp_path
-) -> None:
-    adapted = _trained(CASES["sana"])
-    adapted.save_pretrained(tmp_path)
-    _rewrite_weights(tmp_path, edit)
-    if not keep_config:
-        (tmp_path / TWINLOSS_CONFIG_NAME).unlink()
-    with pytest.raises(ValueError, match=message):
-        type(adapted).from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(
