@@ -276,6 +276,26 @@ def save_sharded_training_state(
     dcp.save(state, checkpoint_id=os.fspath(checkpoint_id))
 
 
+def _check_sharded_keys(checkpoint_id: object, saved: set[str], state: dict, *, rng_prefix: str) -> None:
+    """Refuse, before anything loads, a checkpoint whose keys are not the ones ``state`` asks for.
+
+    DCP raises for a requested key the checkpoint lacks but ignores saved keys
+    nobody requests, so a checkpoint of a larger model (or another optimizer)
+    would lose them silently. The RNG states of other ranks are expected extras.
+    """
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict  # DCP's own key layout
+
+    requested = set(flatten_state_dict(state)[0])
+    unexpected = sorted(key for key in saved - requested if not key.startswith(rng_prefix))
+    missing = sorted(requested - saved)
+    if unexpected or missing:
+        raise ValueError(
+            f"{checkpoint_id} does not match the model, optimizer and loss to restore: "
+            f"keys nothing would load {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}, "
+            f"keys it lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}; nothing was loaded"
+        )
+
+
 def load_sharded_training_state(
     checkpoint_id: str | os.PathLike,
     *,
@@ -290,8 +310,10 @@ def load_sharded_training_state(
     before calling (tested with the same world size and sharding).
 
     Raises:
-        ValueError: as :func:`load_training_state`, and when this rank's RNG
-            state is not in the checkpoint (a different world size).
+        ValueError: as :func:`load_training_state`, when this rank's RNG
+            state is not in the checkpoint (a different world size), and when
+            the checkpoint holds keys the model, optimizer and loss do not ask
+            for or lacks some they do (checked before anything loads).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -316,6 +338,7 @@ def load_sharded_training_state(
         "step": torch.tensor(0),
         rng_key: {name: torch.empty(entry.size, dtype=entry.properties.dtype) for name, entry in saved_rng.items()},
     }
+    _check_sharded_keys(checkpoint_id, set(metadata.state_dict_metadata), state, rng_prefix="rng_rank")
     dcp.load(state, checkpoint_id=os.fspath(checkpoint_id))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     _load_module_state(loss_fn, state["loss"], "loss_fn")

@@ -243,8 +243,8 @@ class TwinFlowOutput:
         clamp_rates: detached fractions of this step's corrections that
             reached their clamp, for the passes that ran: ``"residual"``,
             the entries of the RCGM residual ``R`` on the real rows with
-            :math:`|R| \ge` ``residual_clamp``, and ``"rectify"``, the entries
-            of the velocity gap ``dv`` with :math:`|dv| \ge` ``rectify_clamp``
+            ``|R| >= residual_clamp``, and ``"rectify"``, the entries of the
+            velocity gap ``dv`` with ``|dv| >= rectify_clamp``
             (read without a device sync until logged; ``docs/health.md``).
         nonfinite_source: with ``check_finite="report"``, the first source of
             a NaN or infinity in this step: an input (``"x"``,
