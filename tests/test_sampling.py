@@ -139,6 +139,8 @@ def test_guidance_is_one_batched_call_per_step():
         (lambda: AnyStepSampler.from_preset("qwenimage_8nfe"), "^preset 'qwenimage_8nfe' is unknown"),
         (lambda: AnyStepSampler.from_preset("qwenimage_4nfe", steps=2), r"^overrides \['steps'\]"),
         (lambda: AnyStepSampler(2, mode="any", path=CosinePath()), r"^path is given, but mode='any'"),
+        (lambda: AnyStepSampler(2, mode="any", stochastic_ratio=0.3), r"^stochastic_ratio=0.3 applies to mode='few'"),
+        (lambda: AnyStepSampler(2, mode="multi", stochastic_ratio=1.0), r"^stochastic_ratio=1.0 applies to mode='few'"),
         (lambda: AnyStepSampler(2, mode="multi", path=CosinePath()), r"^path is given, but mode='multi'"),
     ],
 )
@@ -279,3 +281,10 @@ def test_presets_carry_the_authors_numbers():
     multi = AnyStepSampler.from_preset("config_multi_30").schedule(dtype=torch.float64)
     assert multi.shape == (31,) and abs(float(multi[0]) - (1 - (1 - (1 - 0.001**1.17) ** 0.8) ** 1.1)) < 1e-12
     assert AnyStepSampler.from_preset("qwenimage_4nfe", guidance_scale=1.0).guidance_scale == 1.0
+
+
+def test_the_re_noising_share_defaults_to_one_in_few_mode_and_zero_in_the_modes_that_never_re_noise():
+    assert AnyStepSampler().stochastic_ratio == 1.0
+    assert AnyStepSampler(2, mode="any").stochastic_ratio == 0.0
+    assert AnyStepSampler(2, mode="multi", stochastic_ratio=0.0).stochastic_ratio == 0.0  # the authors' presets
+    assert AnyStepSampler(2, stochastic_ratio=0.25).stochastic_ratio == 0.25

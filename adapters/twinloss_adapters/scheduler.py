@@ -42,6 +42,7 @@ from twinloss.sampling import (
     check_sampler_settings,
     few_step,
     multi_step,
+    resolve_stochastic_ratio,
     sampler_preset,
     time_schedule,
 )
@@ -73,7 +74,8 @@ class _TwinFlowSchedulerBody:
         num_train_timesteps: pipeline timestep units per unit of time (*default* 1000).
         mode: ``"few"`` (*default*), ``"any"`` or ``"multi"`` (see :mod:`twinloss.sampling`).
         stochastic_ratio: ``eta`` in ``[0, 1]``, the share of fresh noise when
-            few mode re-noises (*default* 1).
+            few mode re-noises (*default* ``None``: 1 in few mode); the other
+            modes never re-noise and accept only 0.
         start_gap: the walk starts at ``1 - start_gap`` (*default* 0).
         end_gap: the last jump starts at ``1 - w(1 - end_gap)`` (*default*
             ``None``: no gap); needs at least two inference steps.
@@ -105,7 +107,7 @@ class _TwinFlowSchedulerBody:
         self,
         num_train_timesteps: int = 1000,
         mode: str = "few",
-        stochastic_ratio: float = 1.0,
+        stochastic_ratio: float | None = None,
         start_gap: float = 0.0,
         end_gap: float | None = None,
         kumaraswamy: tuple[float, float, float] | list[float] | None = None,
@@ -310,7 +312,7 @@ class _TwinFlowSchedulerBody:
                 s,
                 s_next,
                 generator=generator if generator is not None else self._generator,
-                stochastic_ratio=float(self.config.stochastic_ratio),
+                stochastic_ratio=resolve_stochastic_ratio(mode, self.config.stochastic_ratio),
             )
         elif self.order == 2 and step < self.num_inference_steps - 1:
             x = self._heun_call(velocity, sample.to(work), s, s_next, first=index % 2 == 0)

@@ -133,7 +133,7 @@ def time_schedule(
 def check_sampler_settings(
     *,
     mode: str,
-    stochastic_ratio: float,
+    stochastic_ratio: float | None,
     start_gap: float,
     end_gap: float | None,
     kumaraswamy: tuple[float, float, float] | None,
@@ -150,11 +150,24 @@ def check_sampler_settings(
     """
     if mode not in SAMPLER_MODES:
         raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
-    if not (0.0 <= stochastic_ratio <= 1.0):
-        raise ValueError(f"stochastic_ratio must lie in [0, 1], got {stochastic_ratio}")
+    if stochastic_ratio is not None:
+        if not (0.0 <= stochastic_ratio <= 1.0):
+            raise ValueError(f"stochastic_ratio must lie in [0, 1], got {stochastic_ratio}")
+        if mode != "few" and stochastic_ratio != 0.0:
+            raise ValueError(
+                f"stochastic_ratio={stochastic_ratio} applies to mode='few' only: mode={mode!r} never re-noises "
+                "(its ratio is 0, the value the authors' any and multi presets give)"
+            )
     if heun and mode != "multi":
         raise ValueError(f"heun=True applies to mode='multi' only, got mode={mode!r}")
     time_schedule(steps, start_gap=start_gap, end_gap=end_gap, kumaraswamy=kumaraswamy, shift=shift)
+
+
+def resolve_stochastic_ratio(mode: str, stochastic_ratio: float | None) -> float:
+    """The re-noising share ``eta`` a mode runs with: *default* 1 in few mode, 0 (no re-noising) in the others."""
+    if stochastic_ratio is None:
+        return 1.0 if mode == "few" else 0.0
+    return float(stochastic_ratio)
 
 
 # --- one step per mode ----------------------------------------------------------------
@@ -344,7 +357,8 @@ class AnyStepSampler(nn.Module):
         steps: number of steps ``K`` (*default* 1: the 1-NFE generator).
         mode: ``"few"`` (*default*), ``"any"`` or ``"multi"``.
         stochastic_ratio: ``eta`` in ``[0, 1]`` of fresh noise when re-noising
-            in few mode (*default* 1).
+            in few mode (*default* 1); the other modes never re-noise, so they
+            accept only 0 (what the authors' any and multi presets pass).
         start_gap: start the walk at ``1 - start_gap`` (*default* 0).
         end_gap: stop the uniform walk early and jump from there to 0 (``steps >= 2``);
             see :func:`time_schedule`.
@@ -368,7 +382,7 @@ class AnyStepSampler(nn.Module):
         steps: int = 1,
         *,
         mode: str = "few",
-        stochastic_ratio: float = 1.0,
+        stochastic_ratio: float | None = None,
         start_gap: float = 0.0,
         end_gap: float | None = None,
         kumaraswamy: tuple[float, float, float] | None = None,
@@ -398,7 +412,7 @@ class AnyStepSampler(nn.Module):
             )
         self.steps = steps
         self.mode = mode
-        self.stochastic_ratio = float(stochastic_ratio)
+        self.stochastic_ratio = resolve_stochastic_ratio(mode, stochastic_ratio)
         self.start_gap = float(start_gap)
         self.end_gap = end_gap
         self.kumaraswamy = kumaraswamy

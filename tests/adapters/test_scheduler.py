@@ -201,6 +201,7 @@ def test_pipeline_default_sigmas_are_accepted_and_custom_ones_refused():
     [
         (lambda: TwinFlowScheduler(mode="jump"), "^mode "),
         (lambda: TwinFlowScheduler(stochastic_ratio=1.5), "^stochastic_ratio "),
+        (lambda: TwinFlowScheduler(mode="any", stochastic_ratio=0.5), "^stochastic_ratio=0.5 applies to mode='few'"),
         (lambda: TwinFlowScheduler(end_gap=1.0), "^end_gap "),
         (lambda: TwinFlowScheduler(kumaraswamy=(1.0, -1.0, 1.0)), "^kumaraswamy "),
         (lambda: TwinFlowScheduler(mode="any", heun=True), "^heun=True applies to mode='multi' only"),
