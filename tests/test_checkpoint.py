@@ -31,7 +31,7 @@ def _steps(count: int, model, loss_fn, optimizer, loss_generator: torch.Generato
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-        loss_fn.teacher.update(model)
+        loss_fn.update_teachers(model)
         losses.append(out.loss.item())
     return losses
 
@@ -119,6 +119,29 @@ def test_loading_a_mismatched_state_raises_naming_what_differs(tmp_path) -> None
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a twinloss training state"):
         load_training_state(tmp_path / "other.pt", model=model, optimizer=optimizer, loss_fn=loss_fn)
+
+
+def test_a_teacher_refusing_its_saved_average_leaves_every_other_teacher_and_the_model_unchanged(tmp_path) -> None:
+    def two_teachers(rcgm_decay: float) -> twinloss.TwinFlowLoss:
+        return twinloss.TwinFlowLoss(guidance_teacher=twinloss.EMATeacher(target_decay=0.9),
+                                     rcgm_teacher=twinloss.EMATeacher(target_decay=rcgm_decay), guidance_scale=0.5)
+
+    model, _, optimizer = _setup()
+    loss_fn = two_teachers(0.9)
+    _steps(2, model, loss_fn, optimizer, _start())
+    save_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn)
+
+    model, _, optimizer = _setup(seed=7)
+    loss_fn = two_teachers(0.99)  # the RCGM teacher targets another decay: its saved average is refused
+    _steps(1, model, loss_fn, optimizer, _start(seed=7))
+    model_before = {k: v.clone() for k, v in model.state_dict().items()}
+    guidance_before = {k: v.clone() for k, v in loss_fn.guidance_teacher.shadow.items()}
+    with pytest.raises(ValueError, match=r"targets decay 0.9, this teacher 0.99"):
+        load_training_state(tmp_path / "state.pt", model=model, optimizer=optimizer, loss_fn=loss_fn)
+    # the guidance teacher comes first in the loss's state, so a load that checked as it went would have moved it
+    torch.testing.assert_close(loss_fn.guidance_teacher.shadow, guidance_before, rtol=0, atol=0)
+    assert loss_fn.guidance_teacher.num_updates == 1
+    torch.testing.assert_close(model.state_dict(), model_before, rtol=0, atol=0)
 
 
 def test_a_refused_load_leaves_model_optimizer_loss_and_rng_unchanged(tmp_path) -> None:

@@ -432,11 +432,16 @@ class LoRAEMATeacher(MovingAverageTeacher):
             ema = {name: value.clone() for name, value in (self._pending or {}).items()}
         return {**self.schedule_state(), "ema_adapter": self.ema_adapter, "ema": ema}
 
-    def set_extra_state(self, state: dict) -> None:
+    def check_extra_state(self, state: dict) -> None:
+        """Refuse a saved average of another adapter or decay; changes nothing."""
         if state["ema_adapter"] != self.ema_adapter:
             raise ValueError(
                 f"the saved teacher averages adapter {state['ema_adapter']!r}, this one {self.ema_adapter!r}"
             )
+        self.check_schedule_state(state, describe=f"EMA of adapter {self.ema_adapter!r}")
+
+    def set_extra_state(self, state: dict) -> None:
+        self.check_extra_state(state)
         self.load_schedule_state(state, describe=f"EMA of adapter {self.ema_adapter!r}")
         weights = {name: value.clone() for name, value in state["ema"].items()}
         if self._pairs and weights:

@@ -196,13 +196,17 @@ class ProfiledAverage:
     def schedule_state(self) -> dict:
         return {**self.profile.describe(), "num_updates": self.num_updates}
 
-    def load_schedule_state(self, state: dict, *, describe: str = "") -> None:
-        """Restore the update count; refuses a checkpoint saved with another profile."""
+    def check_schedule_state(self, state: dict, *, describe: str = "") -> None:
+        """Refuse a checkpoint saved with another profile; changes nothing."""
         saved = {key: value for key, value in state.items() if key in self.profile.describe()}
         if saved != self.profile.describe():
             raise ValueError(
                 f"the saved {describe or 'weight average'} used profile {saved}, this one {self.profile.describe()}"
             )
+
+    def load_schedule_state(self, state: dict, *, describe: str = "") -> None:
+        """Restore the update count; refuses a checkpoint saved with another profile."""
+        self.check_schedule_state(state, describe=describe)
         self.num_updates = int(state["num_updates"])
         self.decay = self.profile.decay(self.num_updates) if self.num_updates else 0.0
 
@@ -327,13 +331,16 @@ class WeightAverage(ProfiledAverage, EMATeacher):
         state["buffers"] = {name: value.clone() for name, value in self.buffers_average.items()}
         return state
 
-    def set_extra_state(self, state: dict) -> None:
+    def check_extra_state(self, state: dict) -> None:
         if state["average_buffers"] != self.average_buffers:
             raise ValueError(
                 f"the saved weight average has average_buffers={state['average_buffers']}, "
                 f"this one {self.average_buffers}"
             )
-        super().set_extra_state(state)
+        super().check_extra_state(state)
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)  # checks through this class's check_extra_state first
         self.buffers_average = {name: value.clone() for name, value in state["buffers"].items()}
 
 

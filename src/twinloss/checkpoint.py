@@ -129,6 +129,10 @@ def _check_module_state(module: nn.Module, state: Mapping[str, object], what: st
     ]
     if reshaped:
         raise ValueError(f"{what}: the checkpoint holds tensors of other shapes: {'; '.join(reshaped[:3])}")
+    for name, submodule in module.named_modules():  # teachers and averages refuse their saved values here
+        key = f"{name}._extra_state" if name else "_extra_state"
+        if hasattr(submodule, "check_extra_state") and key in state:
+            submodule.check_extra_state(state[key])
 
 
 def _load_module_state(module: nn.Module, state: Mapping[str, object], what: str) -> None:

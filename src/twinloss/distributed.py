@@ -201,8 +201,8 @@ class ShardedEMATeacher(MovingAverageTeacher):
         # into them in place, and a full-size clone is what this class avoids.
         return {**self.schedule_state(), "shadow": dict(self.shadow)}
 
-    def set_extra_state(self, state: dict) -> None:
-        """Load a saved average; refused (the current one kept) if non-finite or of other names or shapes."""
+    def check_extra_state(self, state: dict) -> None:
+        """Refuse a saved average that is non-finite, of other names or shapes, or of another decay; changes nothing."""
         loaded = state["shadow"]
         if self.shadow:
             self.check_same_parameters(loaded, self.shadow)
@@ -210,6 +210,12 @@ class ShardedEMATeacher(MovingAverageTeacher):
             "ShardedEMATeacher (loading a checkpoint)", {n: local_shard(v) for n, v in loaded.items()},
             what="the saved average of",
         )
+        self.check_schedule_state(state)
+
+    def set_extra_state(self, state: dict) -> None:
+        """Load a saved average after :meth:`check_extra_state` (a refused one keeps the current)."""
+        self.check_extra_state(state)
+        loaded = state["shadow"]
         self.load_schedule_state(state)
         with torch.no_grad():
             for name, value in loaded.items():

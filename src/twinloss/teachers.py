@@ -194,13 +194,17 @@ class MovingAverageTeacher(Teacher):
         """The schedule's part of ``get_extra_state``."""
         return {"target_decay": self.target_decay, "decay": self.decay, "num_updates": self.num_updates}
 
-    def load_schedule_state(self, state: dict, *, describe: str = "") -> None:
-        """Restore the schedule from ``state``; refuses a checkpoint that targets another decay."""
+    def check_schedule_state(self, state: dict, *, describe: str = "") -> None:
+        """Refuse a saved schedule that targets another decay; changes nothing."""
         if state["target_decay"] != self.target_decay:
             raise ValueError(
                 f"the saved {describe or 'EMA'} targets decay {state['target_decay']}, "
                 f"this teacher {self.target_decay}"
             )
+
+    def load_schedule_state(self, state: dict, *, describe: str = "") -> None:
+        """Restore the schedule from ``state``; refuses a checkpoint that targets another decay."""
+        self.check_schedule_state(state, describe=describe)
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
 
@@ -305,8 +309,8 @@ class EMATeacher(MovingAverageTeacher):
     def get_extra_state(self) -> dict:
         return {**self.schedule_state(), "shadow": {name: p.clone() for name, p in self.shadow.items()}}
 
-    def set_extra_state(self, state: dict) -> None:
-        """Load a saved average; refused (the current one kept) if non-finite or shaped unlike the current one.
+    def check_extra_state(self, state: dict) -> None:
+        """Refuse a saved average that is non-finite, shaped unlike the current one or of another decay; changes nothing.
 
         A fresh teacher has no average yet: the loaded one is compared with
         the model's parameters (names and shapes) at the next call.
@@ -315,6 +319,12 @@ class EMATeacher(MovingAverageTeacher):
         if self.shadow:
             self.check_same_parameters(loaded, self.shadow)
         check_finite_weights("EMATeacher (loading a checkpoint)", loaded, what="the saved average of")
+        self.check_schedule_state(state)
+
+    def set_extra_state(self, state: dict) -> None:
+        """Load a saved average after :meth:`check_extra_state` (a refused one keeps the current)."""
+        self.check_extra_state(state)
+        loaded = state["shadow"]
         self.load_schedule_state(state)
         self.shadow = {name: p.clone() for name, p in loaded.items()}
         self.evaluation_weights = {}  # re-cast from the loaded average at the next call
@@ -356,8 +366,13 @@ class FrozenTeacher(Teacher):
     def get_extra_state(self) -> dict:
         return {"frozen": {name: p.clone() for name, p in self.frozen.items()}}
 
-    def set_extra_state(self, state: dict) -> None:
+    def check_extra_state(self, state: dict) -> None:
+        """Refuse saved weights of other names or shapes, or non-finite ones; changes nothing."""
         loaded = state["frozen"]
         _check_same_names("FrozenTeacher (loading a checkpoint)", loaded, self.frozen, kind="frozen")
         check_finite_weights("FrozenTeacher (loading a checkpoint)", loaded, what="the saved weight")
+
+    def set_extra_state(self, state: dict) -> None:
+        self.check_extra_state(state)
+        loaded = state["frozen"]
         self.frozen = {name: p.clone() for name, p in loaded.items()}
