@@ -138,7 +138,7 @@ def test_select_takes_a_whole_name_alone_and_any_other_pattern_as_a_substring():
         curves.select(registry, ["RCGM"])
 
 
-def test_eval_option_scores_more_samples_and_leaves_training_and_file_names_of_other_runs_alone(tmp_path):
+def test_eval_option_scores_the_given_sample_count_into_a_file_of_its_own_and_refuses_fewer_than_two(tmp_path):
     import json
 
     import torch
@@ -154,7 +154,7 @@ def test_eval_option_scores_more_samples_and_leaves_training_and_file_names_of_o
     more = json.loads((tmp_path / "ring_seed0_rcgm-only-w-0_quick_eval300.json").read_text())
     assert (default["config"]["eval"], default["config"]["eval_override"]) == (curves.TASKS["ring"].quick.eval, None)
     assert (more["config"]["eval"], more["config"]["eval_override"]) == (300, 300)
-    # the same fine-tune (training draws nothing from the held-out generator), scored on other samples
+    # the same checkpoints, scored on other (more) samples
     assert default["curve"].keys() == more["curve"].keys()
     assert default["curve"] != more["curve"]
     with pytest.raises(ValueError, match="--eval"):

@@ -106,7 +106,7 @@ def test_clamp_rates_follow_the_clamps() -> None:
 
 
 @pytest.mark.parametrize("setting", ["frozen guidance teacher", "image-free", "guidance-free rectification"])
-def test_clamp_rates_are_those_of_the_step_the_loss_takes_in_every_configuration(setting) -> None:
+def test_clamp_rates_are_the_loss_steps_own_with_a_frozen_teacher_image_free_or_guidance_free(setting) -> None:
     model, x, cond, uncond = _setup()
     frozen = twinloss.FrozenTeacher(model)
     loss_fn = {
