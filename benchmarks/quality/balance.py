@@ -17,7 +17,14 @@ and batches as ``curves.py``'s methods (its results sit beside theirs in
   ``any_step`` 1/3 each;
 * ``fake share 1/8``: only the fake group shrinks, to 1/8, and the three
   real groups share the rest equally (7/24 each): the rectification keeps
-  its one-step rows, the fake field gets half the rows.
+  its one-step rows, the fake field gets half the rows;
+* ``fake share 1/16`` (tenth round): the same with a quarter of the fake
+  rows (the real groups 5/16 each).
+
+The tenth round also lightens the rectification on top of the fake share of
+1/8 (``TwinFlow w 0, fake share 1/8, rectify weight 0.25``, half the default
+weight): fewer fake rows make the fake field slower to follow the
+generator, a lighter weight makes the push on the generator smaller.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/balance.py --task patches --seed 0 --skip-fm          # every variant
@@ -40,6 +47,7 @@ from twinloss import GroupShares, TwinFlowLoss  # noqa: E402
 BALANCES: dict[str, GroupShares] = {
     "twin share 1/3": GroupShares.from_twin_share(1 / 3),
     "fake share 1/8": GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8),
+    "fake share 1/16": GroupShares(one_step=5 / 16, multi_step=5 / 16, any_step=5 / 16, fake=1 / 16),
 }
 """The group partitions compared with the default equal quarters."""
 
@@ -47,9 +55,9 @@ GUIDANCE: dict[str, float] = {"w 0": 0.0, "defaults": 0.5}
 """Each partition runs with guidance off and at the default scale, as issue 12's checks ask."""
 
 
-def variant(shares: GroupShares, guidance_scale: float) -> curves.MethodFactory:
-    """A method factory: the default loss with ``shares`` and ``guidance_scale``."""
-    return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, shares=shares)
+def variant(shares: GroupShares, guidance_scale: float, rectify_weight: float = 0.5) -> curves.MethodFactory:
+    """A method factory: the default loss with ``shares``, ``guidance_scale`` and ``rectify_weight``."""
+    return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, shares=shares, rectify_weight=rectify_weight)
 
 
 VARIANTS: dict[str, curves.MethodFactory] = {
@@ -57,6 +65,7 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     for balance, shares in BALANCES.items()
     for setting, scale in GUIDANCE.items()
 }
+VARIANTS["TwinFlow w 0, fake share 1/8, rectify weight 0.25"] = variant(BALANCES["fake share 1/8"], 0.0, 0.25)
 
 
 if __name__ == "__main__":
