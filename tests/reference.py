@@ -8,6 +8,7 @@ single forward with those precomputed targets.
 """
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -43,17 +44,32 @@ def barron(p, q, c=1e-3):
     return mse * ((mse.detach() / c**2 + 1) ** -0.5) / c
 
 
+def default_group_sizes(batch, guidance):
+    """Rows of the one-step, multi-step, any-step and fake groups under the library's default partition,
+    written out in exact fractions: equal quarters with guidance; without it 7/24 for each real group and
+    1/8 for the fake one. Largest remainders get the leftover rows, equal remainders the smaller share first,
+    then the groups in this order."""
+    shares = [Fraction(1, 4)] * 4 if guidance > 0 else [Fraction(7, 24)] * 3 + [Fraction(1, 8)]
+    exact = [share * batch for share in shares]
+    sizes = [math.floor(quota) for quota in exact]
+    ranked = sorted(range(4), key=lambda k: (sizes[k] - exact[k], shares[k], k))
+    for k in ranked[: batch - sum(sizes)]:
+        sizes[k] += 1
+    return sizes
+
+
 def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=2,
                    clamp=1.0, rectify_weight=0.5, rectify_clamp=1.0, distance=l2, path=linear,
                    image_free=False, guidance_model=None,
                    guidance_groups=("one_step", "multi_step", "any_step"), rectify_field="guided",
-                   rectify_draw=None, record=None):
+                   rectify_draw=None, record=None, sizes=None):
     """One step, row by row. ``path(t) -> (a, b)`` with ``x_t = a z + b x``;
     ``image_free`` follows the authors' ``use_image_free`` with their fixed
     teacher: every row starts from the online model's one-jump sample, and
     the guided rows' target is ``F_u + w (F_c - F_u)`` of ``guidance_model``.
-    Only rows of ``guidance_groups`` (the batch's quarters, in order one-step,
-    multi-step, any-step) are guided. ``rectify_field="guidance_free"`` takes
+    ``sizes`` are the rows of the one-step, multi-step, any-step and fake
+    groups, in that order (*default* :func:`default_group_sizes`). Only rows
+    of ``guidance_groups`` are guided. ``rectify_field="guidance_free"`` takes
     ``guidance (G_c - G_u)`` of ``guidance_model`` at ``(y, s, s)`` out of the
     rectification's real field. ``rectify_draw(n, dtype, g)`` draws the
     rectification's times ``s``; by default the library's rule, written out
@@ -65,9 +81,12 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     guidance_model = model if guidance_model is None else guidance_model
     g = torch.Generator().manual_seed(seed)
     batch = x.shape[0]
-    n = batch // 4
-    one, multi, anys, fake = (slice(k * n, (k + 1) * n) for k in range(4))
-    real = slice(0, 3 * n)
+    sizes = default_group_sizes(batch, guidance) if sizes is None else list(sizes)
+    assert sum(sizes) == batch
+    ends = [sum(sizes[: k + 1]) for k in range(4)]
+    one, multi, anys, fake = (slice(end - size, end) for size, end in zip(sizes, ends, strict=True))
+    real = slice(0, ends[2])
+    n = sizes[0]  # the one-step rows, which the rectification reads
     view = (-1,) + (1,) * (x.ndim - 1)
 
     t0 = torch.rand(batch, dtype=x.dtype, generator=g)
@@ -92,10 +111,10 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     with torch.no_grad():
         prediction = model(x_t, t, r, y=y)
         target = v.clone()
-        for i in range(3 * n):  # guidance, then RCGM, row by row
+        for i in range(ends[2]):  # guidance, then RCGM, row by row
             ti, ri = t[i : i + 1], r[i : i + 1]
             xi, vi = x_t[i : i + 1], v[i : i + 1].clone()
-            group = ("one_step", "multi_step", "any_step")[i // n]
+            group = ("one_step", "multi_step", "any_step")[sum(i >= end for end in ends[:2])]
             if guidance > 0 and 0 < ti.item() < 1 and group in guidance_groups:
                 fc = guidance_model(xi, ti, ti, y=y[i : i + 1])
                 fu = guidance_model(xi, ti, ti, y=null_y[i : i + 1])

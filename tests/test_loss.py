@@ -11,6 +11,7 @@ from jaxtyping import TypeCheckError
 from torch.testing import assert_close
 
 import twinloss
+from twinloss.loss import UNGUIDED_SHARES, default_shares
 from twinloss import (
     BarronDistance,
     BetaTime,
@@ -29,7 +30,7 @@ from twinloss import (
 )
 
 from core_models import TinyVelocityNet
-from reference import barron, cosine, l2, reference_step, vp
+from reference import barron, cosine, default_group_sizes, l2, reference_step, vp
 
 
 class Recorder(torch.nn.Module):
@@ -80,6 +81,26 @@ def _assert_step_matches_reference(loss_fn, model, data, *, seed, **reference_op
     return out
 
 
+@pytest.mark.parametrize("batch", [10, 16])
+def test_the_unguided_default_partition_matches_float64_reference_in_value_and_gradient(batch):
+    loss_fn = TwinFlowLoss(guidance_scale=0.0)
+    sizes = default_group_sizes(batch, 0.0)
+    assert list(loss_fn.shares.counts(batch).values()) == sizes
+    assert sizes != default_group_sizes(batch, 0.5)  # unequal groups, so the reference can tell the partitions apart
+    model = TinyVelocityNet((3,)).double()
+    _assert_step_matches_reference(loss_fn, model, _data((batch, 3)), seed=3, guidance=0.0, distance=barron)
+
+
+def test_the_default_partition_follows_the_guidance_and_an_explicit_one_is_kept():
+    assert TwinFlowLoss().shares == default_shares(0.5) == GroupShares()  # guided: equal quarters
+    assert TwinFlowLoss(guidance_scale=0.0).shares == default_shares(0.0) == UNGUIDED_SHARES
+    assert UNGUIDED_SHARES == GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)
+    assert UNGUIDED_SHARES.min_batch_size() == GroupShares().min_batch_size() == 4
+    for scale in (0.0, 0.5):
+        explicit = GroupShares.from_twin_share(1 / 3)
+        assert TwinFlowLoss(guidance_scale=scale, shares=explicit).shares is explicit
+
+
 @pytest.mark.parametrize("guidance", [0.0, 0.5])
 def test_clamp_rates_are_the_fractions_of_the_reference_corrections_at_or_beyond_their_clamps(guidance):
     model = TinyVelocityNet((3,)).double()
@@ -102,7 +123,8 @@ def test_clamp_rates_are_the_fractions_of_the_reference_corrections_at_or_beyond
     assert out.clamp_rates.keys() == expected.keys()
     for name, rate in expected.items():
         assert 0.3 < float(rate) < 0.7
-        assert_close(out.clamp_rates[name].double(), rate, rtol=0, atol=1e-12)
+        # the rates are float32 fractions (k of n entries): equal to the exact one up to float32 rounding
+        assert_close(out.clamp_rates[name].double(), rate, rtol=0, atol=2.0**-24)
         assert not out.clamp_rates[name].requires_grad
 
 
@@ -167,7 +189,8 @@ def _ema_moved(loss_fn, model):
 RECORDED_CASES = {  # name: (make loss, shape, dtype, uses uncond, prepare)
     "default": (lambda: TwinFlowLoss(rectify_time=BetaTime()), (8, 3), torch.float64, True, None),
     "l2_order1_noguide": (
-        lambda: TwinFlowLoss(distance=L2Distance(), estimate_order=1, guidance_scale=0.0),
+        # recorded with equal quarters, the unguided default partition then (a fake share of 1/8 since)
+        lambda: TwinFlowLoss(distance=L2Distance(), estimate_order=1, guidance_scale=0.0, shares=GroupShares()),
         (8, 3), torch.float64, False, None),
     "rcgm": (lambda: TwinFlowLoss.rcgm(), (9, 3), torch.float64, True, None),
     "flow_matching": (lambda: TwinFlowLoss.plain_flow_matching(), (8, 3), torch.float64, False, None),
@@ -246,23 +269,26 @@ def test_exactly_one_forward_carries_grad_and_no_target_does():
 
 def test_fake_rows_see_negative_times_and_interpolate_at_absolute_time():
     model = Recorder(TinyVelocityNet((3,)).double())
-    x, y, _ = _data((8, 3))
-    TwinFlowLoss(guidance_scale=0.0)(model, x, cond={"y": y}, generator=torch.Generator().manual_seed(4))
+    x, y, _ = _data((12, 3))
+    loss_fn = TwinFlowLoss(guidance_scale=0.0)
+    loss_fn(model, x, cond={"y": y}, generator=torch.Generator().manual_seed(4))
+    real = 12 - loss_fn.shares.counts(12)["fake"]  # the fake rows come last
+    assert real == 10  # the unguided default gives the fake group 1/8 of the batch: 1.5 rows, rounded up
     fake_samples = model.calls[0]["x_t"] - model.calls[0]["out"]  # one jump from noise at t = 1
     main = next(c for c in model.calls if c["grad"])
     t = main["t"]
-    assert bool((t[6:] < 0).all()) and torch.equal(main["r"][6:], t[6:]) and bool((t[:6] >= 0).all())
+    assert bool((t[real:] < 0).all()) and torch.equal(main["r"][real:], t[real:]) and bool((t[:real] >= 0).all())
     # replay the documented draws: t, u, fake noise, interpolation noise
     g = torch.Generator().manual_seed(4)
-    t0 = torch.rand(8, dtype=torch.float64, generator=g)
-    torch.rand(8, dtype=torch.float64, generator=g)
-    z_gen = torch.randn(2, 3, dtype=torch.float64, generator=g)
-    z = torch.randn(8, 3, dtype=torch.float64, generator=g)
+    t0 = torch.rand(12, dtype=torch.float64, generator=g)
+    torch.rand(12, dtype=torch.float64, generator=g)
+    z_gen = torch.randn(12 - real, 3, dtype=torch.float64, generator=g)
+    z = torch.randn(12, 3, dtype=torch.float64, generator=g)
     assert torch.equal(model.calls[0]["x_t"], z_gen)
-    assert_close(t[6:], -t0[6:], rtol=0, atol=0)
-    a = t0[6:, None]  # |t|: the twin rows are interpolated exactly as at positive time
-    assert_close(main["x_t"][6:], a * z[6:] + (1 - a) * fake_samples, rtol=0, atol=1e-15)
-    assert_close(main["x_t"][:6], t[:6, None] * z[:6] + (1 - t[:6, None]) * x[:6], rtol=0, atol=1e-15)
+    assert_close(t[real:], -t0[real:], rtol=0, atol=0)
+    a = t0[real:, None]  # |t|: the twin rows are interpolated exactly as at positive time
+    assert_close(main["x_t"][real:], a * z[real:] + (1 - a) * fake_samples, rtol=0, atol=1e-15)
+    assert_close(main["x_t"][:real], t[:real, None] * z[:real] + (1 - t[:real, None]) * x[:real], rtol=0, atol=1e-15)
 
 
 def test_rectify_gradient_is_the_clamped_velocity_gap():

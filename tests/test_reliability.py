@@ -224,7 +224,7 @@ def test_a_group_shape_error_shows_the_callers_batch():
         return x_t[:1]  # ignores the batch
 
     x, _, _ = _batch()
-    with pytest.raises(ValueError, match=r"shape \(2, 4\) for 2 rows built from the caller's batch x of shape \(8, 4\)"):
+    with pytest.raises(ValueError, match=r"shape \(7, 4\) for 7 rows built from the caller's batch x of shape \(8, 4\)"):
         TwinFlowLoss(guidance_scale=0.0)(model, x)
 
 

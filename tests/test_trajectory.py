@@ -15,6 +15,17 @@ def test_default_shares_are_equal_and_count_exactly():
     assert GroupShares().min_batch_size() == 4
 
 
+def test_equal_remainders_go_to_the_smaller_share_first_so_a_small_group_is_not_starved():
+    eighth = GroupShares(7 / 24, 7 / 24, 7 / 24, 1 / 8)
+    # at 6 rows every quota's remainder is 3/4 (1.75 three times, 0.75): the fake group, the smallest, goes first
+    assert eighth.counts(6) == {"one_step": 2, "multi_step": 2, "any_step": 1, "fake": 1}
+    assert eighth.min_batch_size() == 4 and all(eighth.counts(n)["fake"] >= 1 for n in range(4, 64))
+    # unequal remainders still decide first: at 128 rows the real groups' 1/3 beats the fake group's 0
+    assert eighth.counts(128) == {"one_step": 38, "multi_step": 37, "any_step": 37, "fake": 16}
+    # equal shares keep the group order: one-step and fake both have 1.5 rows of 9, one-step goes first
+    assert GroupShares.from_twin_share(1 / 3).counts(9) == {"one_step": 2, "multi_step": 3, "any_step": 3, "fake": 1}
+
+
 def test_twin_share_is_the_papers_lambda():
     shares = GroupShares.from_twin_share(1 / 3)
     assert shares.one_step + shares.fake == pytest.approx(1 / 3)

@@ -1,7 +1,7 @@
 r"""How many rows the twin terms get: the paper's balance ``lambda`` on the curves protocol (issue 12, sixth round).
 
-The default :class:`twinloss.GroupShares` split each batch into equal
-quarters, so the twin groups (``one_step`` and ``fake``) get half of it:
+The equal quarters of :class:`twinloss.GroupShares` (the default with
+guidance) split each batch so that the twin groups (``one_step`` and ``fake``) get half of it:
 ``lambda = 1/2``. The paper's ablation of ``lambda`` peaks near 1/3. On a
 small network the fake rows (the flow of the model's own one-step samples at
 negative times) share every weight with the real field, so they are also
@@ -19,7 +19,15 @@ and batches as ``curves.py``'s methods (its results sit beside theirs in
   real groups share the rest equally (7/24 each): the rectification keeps
   its one-step rows, the fake field gets half the rows;
 * ``fake share 1/16`` (tenth round): the same with a quarter of the fake
-  rows (the real groups 5/16 each).
+  rows (the real groups 5/16 each);
+* ``equal quarters``: ``GroupShares()``, the default with guidance and,
+  before the tenth round, without it.
+
+Since the tenth round the fake share of 1/8 is the default partition without
+guidance (:func:`twinloss.loss.default_shares`), so ``TwinFlow w 0`` of
+``curves.py`` is that partition and ``TwinFlow w 0, equal quarters`` is the
+variant; the runs stored before the tenth round under those two names were
+renamed to match (the losses are the same).
 
 The tenth round also lightens the rectification on top of the fake share of
 1/8 (``TwinFlow w 0, fake share 1/8, rectify weight 0.25``, half the default
@@ -43,13 +51,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
 
 from twinloss import GroupShares, TwinFlowLoss  # noqa: E402
+from twinloss.loss import default_shares  # noqa: E402
 
 BALANCES: dict[str, GroupShares] = {
     "twin share 1/3": GroupShares.from_twin_share(1 / 3),
     "fake share 1/8": GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8),
     "fake share 1/16": GroupShares(one_step=5 / 16, multi_step=5 / 16, any_step=5 / 16, fake=1 / 16),
+    "equal quarters": GroupShares(),
 }
-"""The group partitions compared with the default equal quarters."""
+"""The group partitions compared; the one that is the default at a guidance setting is ``curves.py``'s run there."""
 
 GUIDANCE: dict[str, float] = {"w 0": 0.0, "defaults": 0.5}
 """Each partition runs with guidance off and at the default scale, as issue 12's checks ask."""
@@ -64,6 +74,7 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     f"TwinFlow {setting}, {balance}": variant(shares, scale)
     for balance, shares in BALANCES.items()
     for setting, scale in GUIDANCE.items()
+    if shares != default_shares(scale)
 }
 VARIANTS["TwinFlow w 0, fake share 1/8, rectify weight 0.25"] = variant(BALANCES["fake share 1/8"], 0.0, 0.25)
 

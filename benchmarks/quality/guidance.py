@@ -178,6 +178,10 @@ def RectificationL2(**kwargs) -> RectificationDistance:
 
 
 TwinFlowLoss, FrozenTeacher = twinloss.TwinFlowLoss, twinloss.FrozenTeacher
+QUARTERS = twinloss.GroupShares()
+"""The partition of the unguided variants below: equal quarters, the default without guidance when they ran
+(since the tenth round it is a fake share of 1/8, ``curves.py``'s ``TwinFlow w 0``, whose runs include the
+second round's ``TwinFlow w 0, fake share 1/8``)."""
 VARIANTS = {
     "TwinFlow w 0.2": lambda pretrained: TwinFlowLoss(guidance_scale=0.2),
     "TwinFlow w 0.8": lambda pretrained: TwinFlowLoss(guidance_scale=0.8),
@@ -193,20 +197,18 @@ VARIANTS = {
         guidance_scale=0.25, guidance_teacher=FrozenTeacher(pretrained)),
     "TwinFlow image-free CFG 1.25, frozen teacher": lambda pretrained: TwinFlowLoss(
         image_free=True, guidance_scale=1.25, guidance_teacher=FrozenTeacher(pretrained)),
-    "TwinFlow guided rectification only w 0.5": lambda pretrained: GuidedRectificationOnly(0.5),
-    "TwinFlow w 0, rectify weight 0.25": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=0.25),
-    "TwinFlow w 0, rectify weight 1": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=1.0),
-    "TwinFlow w 0, rectification l2": lambda pretrained: RectificationL2(guidance_scale=0.0, rectify_weight=1.0),
-    "TwinFlow w 0, fake share 1/8": lambda pretrained: TwinFlowLoss(
-        guidance_scale=0.0, shares=twinloss.GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)),
+    "TwinFlow guided rectification only w 0.5": lambda pretrained: GuidedRectificationOnly(0.5, shares=QUARTERS),
+    "TwinFlow w 0, rectify weight 0.25": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=0.25, shares=QUARTERS),
+    "TwinFlow w 0, rectify weight 1": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=1.0, shares=QUARTERS),
+    "TwinFlow w 0, rectification l2": lambda pretrained: RectificationL2(guidance_scale=0.0, rectify_weight=1.0, shares=QUARTERS),
     "TwinFlow w 0, l2 rectification with fake share 1/8": lambda pretrained: RectificationL2(
         guidance_scale=0.0, rectify_weight=1.0,
         shares=twinloss.GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)),
     "TwinFlow w 0, rectification Barron c 0.1": lambda pretrained: RectificationDistance(
-        twinloss.BarronDistance(alpha=1.0, c=0.1), guidance_scale=0.0),
-    "TwinFlow w 0, residual clamp 3": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, residual_clamp=3.0),
+        twinloss.BarronDistance(alpha=1.0, c=0.1), guidance_scale=0.0, shares=QUARTERS),
+    "TwinFlow w 0, residual clamp 3": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, residual_clamp=3.0, shares=QUARTERS),
     "TwinFlow w 0.5, no rectification": lambda pretrained: TwinFlowLoss(rectify_weight=0.0),
-    "TwinFlow w 0, no rectification": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=0.0),
+    "TwinFlow w 0, no rectification": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=0.0, shares=QUARTERS),
     "RCGM only w 0, residual clamp 3": lambda pretrained: TwinFlowLoss.rcgm(guidance_scale=0.0, residual_clamp=3.0),
 }
 

@@ -41,8 +41,12 @@ from twinloss import EMATeacher, GroupShares, L2Distance, LogitNormalTime, TwinF
 
 
 def unguided(**changed) -> TwinFlowLoss:
-    """``TwinFlowLoss`` without guidance, with ``changed`` constructor arguments."""
-    return TwinFlowLoss(guidance_scale=0.0, **changed)
+    """``TwinFlowLoss`` without guidance, with ``changed`` constructor arguments.
+
+    The batch is split into equal quarters unless ``changed`` names ``shares``: the default partition without
+    guidance when these variants ran (since the tenth round of issue 12 it is a fake share of 1/8).
+    """
+    return TwinFlowLoss(guidance_scale=0.0, **({"shares": GroupShares()} | changed))
 
 
 def with_ema_teacher(pretrained) -> tuple[TwinFlowLoss, twinloss.Teacher]:

@@ -27,6 +27,11 @@ and has no variant here:
 * ``s clean, fake share 1/8``: ``s clean`` with ``balance.py``'s fake share of
   1/8, the two changes that each helped without guidance.
 
+The unguided variants (``w 0``) split the batch into equal quarters, the
+default partition when they were run; since the tenth round the default
+without guidance is the fake share of 1/8 (``s clean, fake share 1/8`` is
+that default with ``s clean``).
+
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/rectify_time.py --task patches --seed 0 --skip-fm      # every variant
     python benchmarks/quality/rectify_time.py --task digits --seed 0 --skip-fm --methods "TwinFlow w 0, s mid"
@@ -55,14 +60,13 @@ DEFAULT_LAW: dict[str, str] = {"w 0": "s uniform", "defaults": "s mid"}
 """The law that ``default_rectify_time`` gives at each guidance setting: ``curves.py``'s runs, not variants."""
 
 
-def variant(rectify_time: TimeDistribution, guidance_scale: float, shares: GroupShares | None = None
-            ) -> curves.MethodFactory:
-    """A method factory: the default loss with ``rectify_time``, ``guidance_scale`` and (when given) ``shares``."""
+def variant(rectify_time: TimeDistribution, guidance_scale: float, shares: GroupShares) -> curves.MethodFactory:
+    """A method factory: the default loss with ``rectify_time``, ``guidance_scale`` and ``shares``."""
     return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, rectify_time=rectify_time, shares=shares)
 
 
 VARIANTS: dict[str, curves.MethodFactory] = {
-    f"TwinFlow {setting}, {name}": variant(law, scale)
+    f"TwinFlow {setting}, {name}": variant(law, scale, BALANCES["equal quarters"])
     for name, law in RECTIFY_TIMES.items()
     for setting, scale in GUIDANCE.items()
     if name != DEFAULT_LAW[setting]

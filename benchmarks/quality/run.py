@@ -156,7 +156,7 @@ def run_ring(args, log):
         for label, share in (("1/6", 1 / 6), ("1/3", 1 / 3), ("2/3", 2 / 3)):
             finetune(f"TwinFlow lambda {label}", twinloss.TwinFlowLoss(shares=shares(share)))
         finetune("TwinFlow RCGM order 1", twinloss.TwinFlowLoss(estimate_order=1))
-        finetune("TwinFlow no guidance (w 0)", twinloss.TwinFlowLoss(guidance_scale=0.0))
+        finetune("TwinFlow no guidance (w 0)", twinloss.TwinFlowLoss(guidance_scale=0.0, shares=twinloss.GroupShares()))
         teacher = twinloss.EMATeacher()
         finetune("TwinFlow EMA teacher (0.99)", twinloss.TwinFlowLoss(teacher=teacher), teacher=teacher)
         finetune("TwinFlow l2 distance", twinloss.TwinFlowLoss(distance=twinloss.L2Distance()))
@@ -200,7 +200,7 @@ def run_shapes(args, log):
         log(f"shapes: {name}: {rows[f'{name}, 1 NFE']} ({seconds:.0f}s)")
 
     finetune("FM continued (control)", twinloss.TwinFlowLoss.plain_flow_matching(), fm_control=True)
-    finetune("TwinFlow (w 0, lambda 1/2)", twinloss.TwinFlowLoss(guidance_scale=0.0))
+    finetune("TwinFlow (w 0, lambda 1/2)", twinloss.TwinFlowLoss(guidance_scale=0.0, shares=twinloss.GroupShares()))
     if not args.quick:
         finetune("RCGM only (no twin terms, w 0)", twinloss.TwinFlowLoss.rcgm(guidance_scale=0.0))
         finetune("TwinFlow (w 0, lambda 1/3)",

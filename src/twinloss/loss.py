@@ -68,7 +68,10 @@ from twinloss.teachers import OnlineTeacher, Teacher
 from twinloss.time_distributions import BetaTime, LogitNormalTime, TimeDistribution
 from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
 
-__all__ = ["FINITE_CHECKS", "REAL_GROUPS", "TangentTimeWeight", "TwinFlowLoss", "TwinFlowOutput", "default_rectify_time"]
+__all__ = [
+    "FINITE_CHECKS", "REAL_GROUPS", "UNGUIDED_SHARES", "TangentTimeWeight", "TwinFlowLoss", "TwinFlowOutput",
+    "default_rectify_time", "default_shares",
+]
 
 FINITE_CHECKS = ("raise", "report", "off")
 """Values of ``TwinFlowLoss(check_finite=...)`` (docs/errors.md)."""
@@ -169,6 +172,29 @@ def _check_unused_settings(
 
 
 RECTIFY_FIELDS = ("guided", "guidance_free")
+
+
+UNGUIDED_SHARES = GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)
+"""The default partition without guidance: a fake share of 1/8, the three real groups 7/24 each."""
+
+
+def default_shares(guidance_scale: float) -> GroupShares:
+    r"""The group partition when ``shares`` is not given.
+
+    With guidance (``guidance_scale > 0``) equal quarters, the authors'
+    balance :math:`\lambda = 1/2` (the twin groups ``one_step`` and ``fake``
+    get half of each batch). Without guidance the fake group gets 1/8 of
+    the batch and the three real groups 7/24 each
+    (:data:`UNGUIDED_SHARES`): the rectification keeps its one-step rows and
+    the fake field, which shares every weight with the real one, gets half
+    the rows. Without guidance that partition was better than the quarters
+    or even with them on every benchmark (ring, shapes, the real patches at
+    both budgets and widths, the digits; docs/quality.md, "Sixth round" to
+    "Tenth round"); with guidance it was worse on the real patches, so the
+    quarters stay there. Both partitions give every group a row from a
+    batch of 4 on.
+    """
+    return GroupShares() if guidance_scale > 0 else UNGUIDED_SHARES
 
 
 def default_rectify_time(guidance_scale: float) -> TimeDistribution:
@@ -280,7 +306,8 @@ class TwinFlowLoss(nn.Module):
     :meth:`from_preset` (the authors' released configurations).
 
     Args:
-        shares: the group partition (*default* equal quarters).
+        shares: the group partition (*default* :func:`default_shares`:
+            equal quarters with guidance, a fake share of 1/8 without).
         time_distribution: law of ``t`` (*default* uniform, ``Beta(1, 1)``).
         multi_step_gap: ``r = t - u t g`` for multi-step rows (*default* 0.05).
         path: the interpolation path (*default* linear).
@@ -452,7 +479,7 @@ class TwinFlowLoss(nn.Module):
             time_weight = TangentTimeWeight()
         elif not (time_weight is None or isinstance(time_weight, TangentTimeWeight)):
             raise ValueError(f"time_weight must be 'tangent', a TangentTimeWeight or None, got {time_weight!r}")
-        shares = shares if shares is not None else GroupShares()
+        shares = shares if shares is not None else default_shares(guidance_scale)
         if rectify_weight > 0 and shares.one_step == 0:
             raise ValueError(
                 f"rectify_weight={rectify_weight} acts on one-step rows, but shares.one_step is 0: "

@@ -23,10 +23,12 @@ their key                here
 
 Numbers their code fixes rather than reads, and which the constructor's
 defaults already equal: RCGM step 0.01, residual and rectification clamps 1,
-multi-step gap ``min(0.05, consistc_ratio) = 0.05``, equal group shares, the
-tangent weight with divisor 2.5. One they fix which the constructor's
-default does not equal with guidance, so a preset passes it: the
-rectification's time ``s`` is uniform (``rectify_time=BetaTime()``). The
+multi-step gap ``min(0.05, consistc_ratio) = 0.05``, the tangent weight
+with divisor 2.5. Two they fix which a constructor's default follows the
+guidance scale for, so a preset passes them: equal group shares
+(``shares=GroupShares()``; the default without guidance is a fake share of
+1/8) and the rectification's uniform time ``s``
+(``rectify_time=BetaTime()``; the default with guidance is logit-normal). The
 sampler settings of each file (``sample:``) are not loss arguments and are
 not part of a preset.
 """
@@ -38,6 +40,7 @@ from twinloss.averaging import ProfiledAverage
 from twinloss.distances import BarronDistance
 from twinloss.teachers import MovingAverageTeacher, OnlineTeacher, Teacher
 from twinloss.time_distributions import BetaTime
+from twinloss.trajectory import GroupShares
 
 __all__ = ["PRESETS", "Preset", "PresetName", "loss_arguments"]
 
@@ -194,6 +197,7 @@ def loss_arguments(
             "only 1 is expressible"
         )
     return dict(
+        shares=GroupShares(),  # their prepare_inputs weighs the four groups equally, whatever the guidance
         time_distribution=BetaTime(a, b),
         distance=BarronDistance(alpha=preset.barron_alpha),
         guidance_scale=preset.guidance_scale,

@@ -38,7 +38,9 @@ class GroupShares:
     """Fractions of each batch given to the four groups (*default* equal).
 
     Shares must be non-negative and sum to 1. Rows are assigned by
-    largest-remainder rounding of ``share * batch_size``; a group with a
+    largest-remainder rounding of ``share * batch_size``, equal remainders
+    going first to the group with the smaller share (a row is a larger part
+    of its quota), then in the order of :data:`GROUPS`; a group with a
     positive share that would receive no row is an error
     (:meth:`counts` raises), never a silent drop.
 
@@ -99,10 +101,11 @@ class GroupShares:
         return _min_batch_size(self)
 
     def _round(self, batch_size: int) -> dict[str, int]:
-        """Largest-remainder (Hamilton) rounding of ``share * batch_size``."""
-        exact = {name: share * batch_size for name, share in self.as_dict().items()}
+        """Largest-remainder (Hamilton) rounding of ``share * batch_size``; ties to the smaller share."""
+        shares = self.as_dict()
+        exact = {name: share * batch_size for name, share in shares.items()}
         counts = {name: math.floor(value) for name, value in exact.items()}
-        by_remainder = sorted(GROUPS, key=lambda n: (-(exact[n] - counts[n]), GROUPS.index(n)))
+        by_remainder = sorted(GROUPS, key=lambda n: (-(exact[n] - counts[n]), shares[n], GROUPS.index(n)))
         for name in by_remainder[: batch_size - sum(counts.values())]:
             counts[name] += 1
         return counts
