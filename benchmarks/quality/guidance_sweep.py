@@ -77,8 +77,9 @@ class Placement:
 
 
 def _uniform_s(**kwargs) -> twinloss.TwinFlowLoss:
-    """The full recipe with the authors' uniform ``s``, with which the fifth round swept it."""
-    return twinloss.TwinFlowLoss(rectify_time=twinloss.BetaTime(), **kwargs)
+    """The full recipe with the authors' uniform ``s`` and equal quarters, with which the fifth round swept it
+    (since the tenth round the default partition without guidance, its ``w 0`` run, is a fake share of 1/8)."""
+    return twinloss.TwinFlowLoss(rectify_time=twinloss.BetaTime(), shares=twinloss.GroupShares(), **kwargs)
 
 
 def _online(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
