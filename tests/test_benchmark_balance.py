@@ -48,3 +48,5 @@ def test_the_partition_that_is_the_default_at_a_guidance_setting_is_left_to_curv
     assert "TwinFlow w 0, fake share 1/8" not in balance.VARIANTS  # the unguided default since the tenth round
     assert "TwinFlow defaults, equal quarters" not in balance.VARIANTS  # the guided default
     assert {"TwinFlow w 0, equal quarters", "TwinFlow defaults, fake share 1/8"} < set(balance.VARIANTS)
+    assert curves.METHODS["TwinFlow w 0"](None).shares == balance.BALANCES["fake share 1/8"]
+    assert curves.METHODS["TwinFlow defaults"](None).shares == balance.BALANCES["equal quarters"]

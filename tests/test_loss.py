@@ -11,7 +11,7 @@ from jaxtyping import TypeCheckError
 from torch.testing import assert_close
 
 import twinloss
-from twinloss.loss import UNGUIDED_SHARES, default_shares
+from twinloss.loss import UNGUIDED_SHARES, default_rectify_time, default_shares
 from twinloss import (
     BarronDistance,
     BetaTime,
@@ -81,7 +81,14 @@ def _assert_step_matches_reference(loss_fn, model, data, *, seed, **reference_op
     return out
 
 
-@pytest.mark.parametrize("batch", [10, 16])
+def test_the_default_partitions_round_as_the_reference_writes_them_out_in_exact_fractions():
+    # every batch to 512: ties of the exact quotas (6, 12, 54, ... rows without guidance) included
+    for guidance in (0.0, 0.5):
+        shares = TwinFlowLoss(guidance_scale=guidance).shares
+        assert all(list(shares.counts(n).values()) == default_group_sizes(n, guidance) for n in range(4, 513))
+
+
+@pytest.mark.parametrize("batch", [10, 12, 16])  # 12: every quota has the remainder 1/2, a tie the rule breaks
 def test_the_unguided_default_partition_matches_float64_reference_in_value_and_gradient(batch):
     loss_fn = TwinFlowLoss(guidance_scale=0.0)
     sizes = default_group_sizes(batch, 0.0)
@@ -89,6 +96,13 @@ def test_the_unguided_default_partition_matches_float64_reference_in_value_and_g
     assert sizes != default_group_sizes(batch, 0.5)  # unequal groups, so the reference can tell the partitions apart
     model = TinyVelocityNet((3,)).double()
     _assert_step_matches_reference(loss_fn, model, _data((batch, 3)), seed=3, guidance=0.0, distance=barron)
+
+
+@pytest.mark.parametrize("rule", [default_shares, default_rectify_time], ids=lambda rule: rule.__name__)
+@pytest.mark.parametrize("scale", [-0.5, float("nan"), float("inf")])
+def test_the_default_rules_refuse_a_guidance_scale_that_is_not_a_finite_number_at_least_0(rule, scale):
+    with pytest.raises(ValueError, match="guidance_scale"):
+        rule(scale)
 
 
 def test_the_default_partition_follows_the_guidance_and_an_explicit_one_is_kept():

@@ -19,6 +19,8 @@ def test_equal_remainders_go_to_the_smaller_share_first_so_a_small_group_is_not_
     eighth = GroupShares(7 / 24, 7 / 24, 7 / 24, 1 / 8)
     # at 6 rows every quota's remainder is 3/4 (1.75 three times, 0.75): the fake group, the smallest, goes first
     assert eighth.counts(6) == {"one_step": 2, "multi_step": 2, "any_step": 1, "fake": 1}
+    # float rounding does not break a tie: the float 7/24 is above 7/24, yet 54 rows tie at 3/4 as 6 do
+    assert eighth.counts(54) == {"one_step": 16, "multi_step": 16, "any_step": 15, "fake": 7}
     assert eighth.min_batch_size() == 4 and all(eighth.counts(n)["fake"] >= 1 for n in range(4, 64))
     # unequal remainders still decide first: at 128 rows the real groups' 1/3 beats the fake group's 0
     assert eighth.counts(128) == {"one_step": 38, "multi_step": 37, "any_step": 37, "fake": 16}

@@ -55,6 +55,7 @@ from twinloss.loss import default_shares  # noqa: E402
 
 BALANCES: dict[str, GroupShares] = {
     "twin share 1/3": GroupShares.from_twin_share(1 / 3),
+    # written out rather than twinloss.loss.UNGUIDED_SHARES: a stored run's partition must not follow a later default
     "fake share 1/8": GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8),
     "fake share 1/16": GroupShares(one_step=5 / 16, multi_step=5 / 16, any_step=5 / 16, fake=1 / 16),
     "equal quarters": GroupShares(),

@@ -193,8 +193,18 @@ def default_shares(guidance_scale: float) -> GroupShares:
     "Tenth round"); with guidance it was worse on the real patches, so the
     quarters stay there. Both partitions give every group a row from a
     batch of 4 on.
+
+    Raises:
+        ValueError: naming ``guidance_scale`` if it is not a finite number >= 0.
     """
-    return GroupShares() if guidance_scale > 0 else UNGUIDED_SHARES
+    return GroupShares() if _checked_scale(guidance_scale) > 0 else UNGUIDED_SHARES
+
+
+def _checked_scale(guidance_scale: object) -> float:
+    """``guidance_scale`` as a float, or a ``ValueError`` naming it if it is not a finite number >= 0."""
+    if not check_real(guidance_scale, "guidance_scale") >= 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+    return float(guidance_scale)
 
 
 def default_rectify_time(guidance_scale: float) -> TimeDistribution:
@@ -208,8 +218,11 @@ def default_rectify_time(guidance_scale: float) -> TimeDistribution:
     better on the guided real-image patches and at least even on every other
     guided benchmark; without guidance it was worse on both real-image tasks
     (docs/quality.md, "Seventh round" and "Eighth round").
+
+    Raises:
+        ValueError: naming ``guidance_scale`` if it is not a finite number >= 0.
     """
-    return LogitNormalTime(0.0, 1.0) if guidance_scale > 0 else BetaTime(1.0, 1.0)
+    return LogitNormalTime(0.0, 1.0) if _checked_scale(guidance_scale) > 0 else BetaTime(1.0, 1.0)
 
 
 def _check_rectify_field(
@@ -466,9 +479,9 @@ class TwinFlowLoss(nn.Module):
         for name, value in (("residual_clamp", residual_clamp), ("rectify_clamp", rectify_clamp)):
             if not check_real(value, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
-        for name, value in (("guidance_scale", guidance_scale), ("rectify_weight", rectify_weight)):
-            if not check_real(value, name) >= 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        _checked_scale(guidance_scale)
+        if not check_real(rectify_weight, "rectify_weight") >= 0:
+            raise ValueError(f"rectify_weight must be a finite number >= 0, got {rectify_weight}")
         low, high = _checked_interval(guidance_interval)
         _check_unused_settings(
             guidance_scale=guidance_scale, guidance_interval=(low, high), rectify_weight=rectify_weight,

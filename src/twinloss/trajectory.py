@@ -31,6 +31,8 @@ from twinloss.time_distributions import BetaTime, TimeDistribution
 __all__ = ["GROUPS", "GroupShares", "Trajectory", "TrajectorySampler"]
 
 GROUPS = ("one_step", "multi_step", "any_step", "fake")
+REMAINDER_DIGITS = 9
+"""Decimals to which :meth:`GroupShares.counts` compares remainders: closer ones are ties."""
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,17 @@ class GroupShares:
         return _min_batch_size(self)
 
     def _round(self, batch_size: int) -> dict[str, int]:
-        """Largest-remainder (Hamilton) rounding of ``share * batch_size``; ties to the smaller share."""
+        """Largest-remainder (Hamilton) rounding of ``share * batch_size``; ties to the smaller share.
+
+        Remainders are compared to :data:`REMAINDER_DIGITS` decimals, so that a tie of the exact quotas is
+        a tie here too (the float ``7/24`` is a little above ``7/24``, and ``54 * 7/24`` would otherwise
+        beat ``54 / 8`` by float rounding alone).
+        """
         shares = self.as_dict()
         exact = {name: share * batch_size for name, share in shares.items()}
         counts = {name: math.floor(value) for name, value in exact.items()}
-        by_remainder = sorted(GROUPS, key=lambda n: (-(exact[n] - counts[n]), shares[n], GROUPS.index(n)))
+        remainder = {name: round(exact[name] - counts[name], REMAINDER_DIGITS) for name in GROUPS}
+        by_remainder = sorted(GROUPS, key=lambda n: (-remainder[n], shares[n], GROUPS.index(n)))
         for name in by_remainder[: batch_size - sum(counts.values())]:
             counts[name] += 1
         return counts
