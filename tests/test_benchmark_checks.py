@@ -159,3 +159,25 @@ def test_eval_option_scores_the_given_sample_count_into_a_file_of_its_own_and_re
     assert default["curve"] != more["curve"]
     with pytest.raises(ValueError, match="--eval"):
         curves.main(argv=["--task", "ring", "--quick", "--skip-fm", "--eval", "1", "--out", str(tmp_path)])
+
+
+def test_task_checks_compare_means_only_over_the_seeds_both_sides_have():
+    curve = {1000: {"fd": 1.0, "diversity": 1.0}, 3000: {"fd": 0.9, "diversity": 1.0}}
+
+    def reference(fd4: float, fd50: float) -> dict:
+        report = _report({1000: {"fd": fd4}, 3000: {"fd": fd4}}, "power/4")
+        for step in ("1000", "3000"):
+            report["curve"][step]["power/50"] = {"fd": fd50}
+        return {**report, "data": {"diversity": 1.0}}
+
+    runs = {  # seed 1 exists only for the ablation and the reference; with it both verdicts would flip
+        "TwinFlow w 0": {0: _report(curve)},
+        "RCGM only w 0": {0: _report({1000: {"fd": 1.1}, 3000: {"fd": 1.0}}),
+                          1: _report({1000: {"fd": 0.1}, 3000: {"fd": 0.1}})},
+        "reference": {0: reference(fd4=1.2, fd50=0.85), 1: reference(fd4=0.1, fd50=0.05)},
+    }
+    lines = [line for line in curves_summary.task_checks("patches", runs) if "| w 0 | power |" in line]
+    verdicts = {line.split(" | ")[3].split(":")[0]: line.rsplit(" [", 1)[0].split()[-1] for line in lines}
+    assert verdicts["(A) at most RCGM-only"] == "PASS"  # 1.0 <= 1.1 and 0.9 <= 1.0 on seed 0
+    assert verdicts["(B) 1x at most FM4"] == "PASS" and verdicts["(B) 3x within 1.1x of FM50"] == "PASS"
+    assert all(line.endswith("[1 seeds, fewer than 3]") for line in lines)

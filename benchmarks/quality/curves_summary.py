@@ -11,7 +11,10 @@ Reads every ``{task}_seed{N}_*.json`` under ``--results`` (default
 (default ``docs/img``).
 
 The checks of issue 12, on seed means of the primary figure (lower is better),
-for the power average (the documented sampling) and for the raw weights:
+for the power average (the documented sampling) and for the raw weights. Each
+comparison averages both sides over the seeds they have in common (a
+reference or an ablation with more seeds would mix seed noise into the
+difference); the no-rise check reads every seed of the method:
 
 * (A) every task, each guidance setting: the full recipe at 1 NFE is at most
   its RCGM-only ablation at every checkpoint from 1x the budget on
@@ -265,6 +268,13 @@ def seeds_note(*groups: dict[int, dict]) -> str:
     return f"[{count} seeds]" if count >= REQUIRED_SEEDS else f"[{count} seeds, fewer than {REQUIRED_SEEDS}]"
 
 
+def on_common_seeds(first: dict[int, dict], second: dict[int, dict]) -> tuple[dict[int, dict], dict[int, dict]]:
+    """``first`` and ``second`` cut to the seeds both have."""
+    common = first.keys() & second.keys()
+    return ({seed: report for seed, report in first.items() if seed in common},
+            {seed: report for seed, report in second.items() if seed in common})
+
+
 def task_checks(task: str, task_runs: dict[str, dict[int, dict]]) -> list[str]:
     """The (A) and (B) lines of one task: ``task | setting | sampling | check: numbers VERDICT [seeds]``."""
     config = config_of(task_runs)
@@ -277,6 +287,10 @@ def task_checks(task: str, task_runs: dict[str, dict[int, dict]]) -> list[str]:
         if reason:
             lines.append(f"{task} | {setting} | (A) {reason}")
             continue
+        # every comparison on the seeds both sides have: means over different seeds would mix seed noise in
+        ours, theirs = on_common_seeds(ours, theirs)
+        own = task_runs.get(method, {})  # every seed of the method: the no-rise check needs no other side
+        ours_with_reference, reference_with_ours = on_common_seeds(own, reference)
         checks = []
         for sampling in CHECK_SAMPLINGS:
             key = f"{sampling}/1"
@@ -285,25 +299,25 @@ def task_checks(task: str, task_runs: dict[str, dict[int, dict]]) -> list[str]:
             found = dataclasses.replace(found, detail=f"{found.detail}; at {last}: {at_last}")
             checks.append((sampling, found, seeds_note(ours, theirs)))
             if task.split("-")[0] in REAL_IMAGE_TASKS:  # also the --budget runs, "patches-budget4000"
-                curve = mean_curve(ours, key, primary)
-                fm4 = mean_curve(reference, f"{sampling}/4", primary)
-                fm50 = mean_curve(reference, f"{sampling}/50", primary)
-                data = [report["data"]["diversity"] for report in reference.values()]
-                note = seeds_note(ours, reference)
+                curve = mean_curve(ours_with_reference, key, primary)
+                fm4 = mean_curve(reference_with_ours, f"{sampling}/4", primary)
+                fm50 = mean_curve(reference_with_ours, f"{sampling}/50", primary)
+                data = [report["data"]["diversity"] for report in reference_with_ours.values()]
+                note = seeds_note(ours_with_reference, reference_with_ours)
                 checks += [
                     (sampling, within(curve.get(budget), fm4.get(budget), FM4_FACTOR, "(B) 1x at most FM4"), note),
                     (sampling, within(curve.get(last), fm50.get(last), FM50_FACTOR,
                                       f"(B) 3x within {FM50_FACTOR:g}x of FM50"), note),
-                    (sampling, no_rise(curve, budget, last), note),
-                    (sampling, keeps_diversity(mean_curve(ours, key, "diversity"),
+                    (sampling, no_rise(mean_curve(own, key, primary), budget, last), seeds_note(own)),
+                    (sampling, keeps_diversity(mean_curve(ours_with_reference, key, "diversity"),
                                                statistics.fmean(data) if data else None, budget), note),
                 ]
-                if setting == GUIDED_SETTING and has_guided_reference(reference, GUIDED_FM4):
-                    fm4_cfg2 = mean_curve(reference, f"{sampling}/{GUIDED_FM4}", primary)
+                if setting == GUIDED_SETTING and has_guided_reference(reference_with_ours, GUIDED_FM4):
+                    fm4_cfg2 = mean_curve(reference_with_ours, f"{sampling}/{GUIDED_FM4}", primary)
                     checks.append((sampling, within(curve.get(budget), fm4_cfg2.get(budget), FM4_FACTOR,
                                                     "(B, like for like) 1x at most FM4 at CFG 2"), note))
-                if setting == GUIDED_SETTING and has_guided_reference(reference):
-                    fm50_cfg2 = mean_curve(reference, f"{sampling}/{GUIDED_FM}", primary)
+                if setting == GUIDED_SETTING and has_guided_reference(reference_with_ours):
+                    fm50_cfg2 = mean_curve(reference_with_ours, f"{sampling}/{GUIDED_FM}", primary)
                     checks.append((sampling, within(curve.get(last), fm50_cfg2.get(last), FM50_FACTOR,
                                                     f"(B, like for like) 3x within {FM50_FACTOR:g}x of FM50 at CFG 2"),
                                    note))
