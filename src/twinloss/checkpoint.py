@@ -135,12 +135,6 @@ def _check_module_state(module: nn.Module, state: Mapping[str, object], what: st
             submodule.check_extra_state(state[key])
 
 
-def _load_module_state(module: nn.Module, state: Mapping[str, object], what: str) -> None:
-    """``module.load_state_dict(state)`` after :func:`_check_module_state`."""
-    _check_module_state(module, state, what)
-    module.load_state_dict(dict(state))
-
-
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, object]) -> None:
     """Raise ValueError unless ``state``'s parameter groups have the optimizer's sizes (what its loading checks)."""
     saved = [len(group["params"]) for group in state["param_groups"]]
@@ -313,11 +307,20 @@ def load_sharded_training_state(
     Build and shard the model, optimizer and loss as for the first run
     before calling (tested with the same world size and sharding).
 
+    Nothing changes unless every part is accepted. The keys are compared
+    first; then the loss state (a teacher's average and decay) is read into
+    fresh tensors of the same sharding and checked by its teachers
+    (:func:`_check_module_state`), and only then do the model and optimizer
+    load. Reading the loss apart costs one extra copy of a teacher's local
+    shards while loading.
+
     Raises:
         ValueError: as :func:`load_training_state`, when this rank's RNG
-            state is not in the checkpoint (a different world size), and when
+            state is not in the checkpoint (a different world size), when
             the checkpoint holds keys the model, optimizer and loss do not ask
-            for or lacks some they do (checked before anything loads).
+            for or lacks some they do, and when a teacher refuses its saved
+            values (non-finite, another decay or profile); all before
+            anything loads.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -343,8 +346,22 @@ def load_sharded_training_state(
         rng_key: {name: torch.empty(entry.size, dtype=entry.properties.dtype) for name, entry in saved_rng.items()},
     }
     _check_sharded_keys(checkpoint_id, set(metadata.state_dict_metadata), state, rng_prefix="rng_rank")
+    loss_state = {"loss": _fresh_tensors(state.pop("loss"))}  # DCP loads in place: read the loss apart first
+    dcp.load(loss_state, checkpoint_id=os.fspath(checkpoint_id))
+    _check_module_state(loss_fn, loss_state["loss"], "loss_fn")
     dcp.load(state, checkpoint_id=os.fspath(checkpoint_id))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    _load_module_state(loss_fn, state["loss"], "loss_fn")
+    loss_fn.load_state_dict(loss_state["loss"])
     restore_rng(state[rng_key], generators or {})
     return int(state["step"])
+
+
+def _fresh_tensors(tree: object) -> object:
+    """``tree`` with every tensor replaced by an uninitialised one of the same shape, dtype and sharding."""
+    if isinstance(tree, Tensor):
+        return torch.empty_like(tree)
+    if isinstance(tree, Mapping):
+        return {key: _fresh_tensors(value) for key, value in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_fresh_tensors(value) for value in tree)
+    return tree

@@ -12,10 +12,10 @@ from twinloss.distributed import ShardedEMATeacher
 STEPS, SAVED_AT = 3, 2
 
 
-def setup(rank: int, seed: int):
+def setup(rank: int, seed: int, target_decay: float = 0.9):
     """A sharded model with a sharded EMA teacher and AdamW, and the rank's data and loss generators."""
     model = shard(make_model())
-    loss_fn = twinloss.TwinFlowLoss(teacher=ShardedEMATeacher(target_decay=0.9))
+    loss_fn = twinloss.TwinFlowLoss(teacher=ShardedEMATeacher(target_decay=target_decay))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     generators = {
         "data": torch.Generator().manual_seed(seed + rank),
@@ -48,13 +48,37 @@ def resume(rank: int, out_dir: str) -> dict:
     save_sharded_training_state(
         checkpoint, model=model, optimizer=optimizer, loss_fn=loss_fn, generators=generators, step=SAVED_AT
     )
-    model, loss_fn, optimizer, generators = setup(rank, seed=7)  # a new run: other generators, no EMA yet
+    return {**refused(rank, checkpoint), **resumed(rank, checkpoint), "uninterrupted": uninterrupted, "first": first}
+
+
+def local_values(model, optimizer, loss_fn) -> list[torch.Tensor]:
+    """Copies of this rank's model shards, Adam moments and teacher average."""
+    tensors = [*model.state_dict().values(), *loss_fn.teacher.shadow.values()]
+    tensors += [value for state in optimizer.state.values() for value in state.values()]
+    return [getattr(value, "_local_tensor", value).clone() for value in tensors]
+
+
+def refused(rank: int, checkpoint: str) -> dict:
+    """Load into a teacher of another decay, trained one step: the refusal's message and whether anything changed."""
+    model, loss_fn, optimizer, generators = setup(rank, seed=7, target_decay=0.99)
+    train(1, model, loss_fn, optimizer, generators)
+    before = local_values(model, optimizer, loss_fn)
+    try:
+        load_sharded_training_state(checkpoint, model=model, optimizer=optimizer, loss_fn=loss_fn, generators=generators)
+        message = None
+    except ValueError as error:
+        message = str(error)
+    after = local_values(model, optimizer, loss_fn)
+    return {"refusal": message, "refused_unchanged": all(torch.equal(a, b) for a, b in zip(before, after, strict=True))}
+
+
+def resumed(rank: int, checkpoint: str) -> dict:
+    """The saved state loaded into a new setup (other generators, no EMA yet), then trained to the end."""
+    model, loss_fn, optimizer, generators = setup(rank, seed=7)
     step = load_sharded_training_state(
         checkpoint, model=model, optimizer=optimizer, loss_fn=loss_fn, generators=generators
     )
     return {
-        "uninterrupted": uninterrupted,
-        "first": first,
         "step": step,
         "teacher_updates": loss_fn.teacher.num_updates,
         "resumed": train(STEPS - SAVED_AT, model, loss_fn, optimizer, generators),

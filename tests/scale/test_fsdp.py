@@ -170,3 +170,11 @@ def test_sharded_training_state_resumes_with_the_uninterrupted_losses(ranks):
         assert len(result["uninterrupted"]) == STEPS
         assert result["first"] + result["resumed"] == result["uninterrupted"]
     assert ranks[0]["resume"]["uninterrupted"] != ranks[1]["resume"]["uninterrupted"]  # each rank its own data and noise
+
+
+def test_a_sharded_state_whose_teacher_refuses_its_decay_changes_no_shard(ranks):
+    """A teacher of another decay refuses the saved average before DCP writes the model, optimizer or teacher shards."""
+    for rank in range(2):
+        result = ranks[rank]["resume"]
+        assert result["refusal"] is not None and "targets decay 0.9, this teacher 0.99" in result["refusal"]
+        assert result["refused_unchanged"]
