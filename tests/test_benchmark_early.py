@@ -12,7 +12,7 @@ import curves  # noqa: E402
 import early  # noqa: E402
 import guidance  # noqa: E402
 
-from twinloss import L2Distance, TwinFlowLoss, toy  # noqa: E402
+from twinloss import BarronDistance, L2Distance, TwinFlowLoss, toy  # noqa: E402
 from twinloss.loss import default_shares  # noqa: E402
 
 from default_loss import assert_default_loss_except  # noqa: E402
@@ -33,7 +33,8 @@ def test_each_variant_is_the_unguided_default_loss_with_its_partition_warm_up_or
     assert loss.trajectory.shares == (early.ONE_STEP_THIRD if third else early.FAKE_EIGHTH)
     assert isinstance(loss, early.RectificationWarmUp) == ("warm" in name)
     l2 = name.startswith("TwinFlow w 0, l2 rectification weight ")
-    assert isinstance(loss, guidance.RectificationDistance) == l2
+    assert isinstance(loss, guidance.RectificationDistance) == (l2 or "gap-scaled" in name)
+    assert isinstance(loss, early.GapScaledRectification) == ("gap-scaled" in name)
     if l2:
         assert isinstance(loss.rectify_distance, L2Distance)
         assert loss.rectify_weight == float(name.removeprefix("TwinFlow w 0, l2 rectification weight "))
@@ -59,3 +60,18 @@ def test_the_warm_up_ramps_the_rectification_weight_linearly_then_holds_it():
     assert not torch.equal(_step(early.RectificationWarmUp(4, guidance_scale=0.0), model, 1), _step(TwinFlowLoss(guidance_scale=0.0), model, 1))
     with pytest.raises(ValueError, match="warmup must be at least 1"):
         early.RectificationWarmUp(0)
+
+
+def test_the_gap_scaled_distance_is_barron_times_the_detached_mean_rms_gap_over_the_reference():
+    generator = torch.Generator().manual_seed(0)
+    prediction = torch.randn(5, 3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    gap = torch.randn(5, 3, 4, dtype=torch.float64, generator=generator).clamp(-1, 1)
+    target = prediction.detach() - gap
+    scaled = early._GapScaled(BarronDistance(), reference=0.25)(prediction, target)
+    scale = sum(row.square().mean().sqrt() for row in gap) / 5 / 0.25  # written out row by row
+    barron = BarronDistance()(prediction, target)
+    torch.testing.assert_close(scaled, barron * scale)
+    (grad,) = torch.autograd.grad(scaled.sum(), prediction)
+    (expected,) = torch.autograd.grad((barron * scale).sum(), prediction)
+    torch.testing.assert_close(grad, expected)  # the scale is a constant to the gradient
+    assert early.GapScaledRectification().rectify_distance.reference == early.REFERENCE_GAP
