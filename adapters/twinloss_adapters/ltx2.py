@@ -153,7 +153,7 @@ class LTX2Adapter(AdaptedTransformer):
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         super().check_cond(cond, batch_size)
         video, audio = cond["video_coords"], cond["audio_coords"]
-        if video.ndim != 4 or video.shape[1] != 3 or audio.ndim != 4 or audio.shape[1] != 1:
+        if video.ndim != 4 or video.shape[1::2] != (3, 2) or audio.ndim != 4 or audio.shape[1::2] != (1, 2):
             raise ValueError(
                 "cond['video_coords'] must be [B, 3, N_video, 2] and cond['audio_coords'] [B, 1, N_audio, 2] "
                 f"(see ltx2.coordinates), got {tuple(video.shape)} and {tuple(audio.shape)}"

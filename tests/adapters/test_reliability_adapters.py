@@ -135,3 +135,14 @@ def test_every_adapter_accepts_a_bad_input_finitely_or_refuses_it_naming_the_arg
         assert out.shape == x_in.shape and bool(torch.isfinite(out).all()), kind
     for before, after in zip(originals, (x_in, t_in, r_in, *cond_in.values()), strict=True):
         torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)  # the caller's tensors: unmodified
+
+
+@pytest.mark.parametrize("key", ["video_coords", "audio_coords"])
+def test_ltx2_coordinates_without_their_pair_of_bounds_are_refused_naming_them(key):
+    """Found by the fuzz above: coordinates with a third bound used to reach the rotary embedding and fail there."""
+    _, adapted, x, cond = _adapted("ltx2")
+    t = torch.full((BATCH,), 0.5)
+    value = cond[key]
+    widened = {**cond, key: torch.zeros(*value.shape[:-1], value.shape[-1] + 1, dtype=value.dtype)}
+    with pytest.raises(ValueError, match=rf"cond\['{key}'\] .*\[B, \d, N_\w+, 2\]"):
+        adapted(x, t, t, **widened)
