@@ -7,7 +7,7 @@ SETTINGS = ("estimate_order", "estimate_step", "residual_clamp", "guidance_scale
             "guidance_groups", "image_free", "rectify_weight", "rectify_clamp", "rectify_field")
 """Plain attributes compared by value."""
 
-MODULES = ("distance", "time_weight", "rectify_time")
+MODULES = ("distance", "time_weight", "rectify_time", "rectify_distance")
 """Submodules compared by class and settings."""
 
 

@@ -62,11 +62,12 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
                    clamp=1.0, rectify_weight=0.5, rectify_clamp=1.0, distance=l2, path=linear,
                    image_free=False, guidance_model=None,
                    guidance_groups=("one_step", "multi_step", "any_step"), rectify_field="guided",
-                   rectify_draw=None, record=None, sizes=None):
+                   rectify_draw=None, record=None, sizes=None, rectify_distance=None):
     """One step, row by row. ``path(t) -> (a, b)`` with ``x_t = a z + b x``;
     ``image_free`` follows the authors' ``use_image_free`` with their fixed
     teacher: every row starts from the online model's one-jump sample, and
     the guided rows' target is ``F_u + w (F_c - F_u)`` of ``guidance_model``.
+    ``rectify_distance`` is step 7's ``rho`` (*default* ``distance``).
     ``sizes`` are the rows of the one-step, multi-step, any-step and fake
     groups, in that order (*default* :func:`default_group_sizes`). Only rows
     of ``guidance_groups`` are guided. ``rectify_field="guidance_free"`` takes
@@ -159,5 +160,5 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     weight = torch.ones(batch, dtype=x.dtype)
     weight[real] = 1 + torch.tan((1 - (t[real].abs() - r[real].abs())) * math.pi / 2.5)
     base = (weight * distance(output, target)).sum() / batch
-    rectify = distance(output[one], (output[one] - gap).detach()).mean()
+    rectify = (rectify_distance or distance)(output[one], (output[one] - gap).detach()).mean()
     return base + rectify_weight * rectify, gap, n

@@ -38,7 +38,9 @@ def test_each_variant_is_the_unguided_default_loss_with_its_partition_warm_up_or
     if l2:
         assert isinstance(loss.rectify_distance, L2Distance)
         assert loss.rectify_weight == float(name.removeprefix("TwinFlow w 0, l2 rectification weight "))
-    assert_default_loss_except(loss, "guidance_scale", *(("shares",) if third else ()), *(("rectify_weight",) if l2 else ()))
+    scaled = "gap-scaled" in name
+    assert_default_loss_except(loss, "guidance_scale", *(("shares",) if third else ()), *(("rectify_weight",) if l2 else ()),
+                               *(("rectify_distance",) if l2 or scaled else ()))
     assert len({curves.slug(other) for other in early.VARIANTS}) == len(early.VARIANTS)
 
 

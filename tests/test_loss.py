@@ -81,6 +81,18 @@ def _assert_step_matches_reference(loss_fn, model, data, *, seed, **reference_op
     return out
 
 
+@pytest.mark.parametrize("guidance", [0.0, 0.5])
+def test_an_l2_rectification_under_a_barron_base_matches_float64_reference_in_value_and_gradient(guidance):
+    model = TinyVelocityNet((3,)).double()  # sees the signed times: the fake field differs from the real one
+    loss_fn = TwinFlowLoss(guidance_scale=guidance, rectify_distance=L2Distance(), rectify_weight=2.0)
+    assert isinstance(loss_fn.distance, BarronDistance) and isinstance(loss_fn.rectify_distance, L2Distance)
+    out = _assert_step_matches_reference(loss_fn, model, _data((8, 3)), seed=4, guidance=guidance, distance=barron,
+                                         rectify_distance=l2, rectify_weight=2.0)
+    assert out.terms["rectify"] > 0
+    default = TwinFlowLoss()
+    assert default.rectify_distance is default.distance  # the authors' recipe: one distance for every term
+
+
 def test_the_default_partitions_round_as_the_reference_writes_them_out_in_exact_fractions():
     # every batch to 512: ties of the exact quotas (6, 12, 54, ... rows without guidance) included
     for guidance in (0.0, 0.5):
@@ -414,6 +426,9 @@ def test_modes_make_the_documented_calls():
     [
         (lambda: TwinFlowLoss.rcgm(rectify_weight=0.5), "rectify_weight"),
         (lambda: TwinFlowLoss.rcgm(image_free=True), "image_free"),
+        (lambda: TwinFlowLoss.rcgm(rectify_distance=L2Distance()), "rectify_distance"),
+        (lambda: TwinFlowLoss.plain_flow_matching(rectify_distance=L2Distance()), "rectify_distance"),
+        (lambda: TwinFlowLoss(rectify_distance=L2Distance(), rectify_weight=0.0), "rectify_distance"),
         (lambda: TwinFlowLoss.rcgm(shares=GroupShares()), "shares"),
         (lambda: TwinFlowLoss.plain_flow_matching(shares=GroupShares()), "shares"),
         (lambda: TwinFlowLoss.plain_flow_matching(multi_step_gap=0.05), "multi_step_gap"),

@@ -158,18 +158,11 @@ class GuidedRectificationOnly(_RealFieldInRectification):
 
 
 class RectificationDistance(twinloss.TwinFlowLoss):
-    """The rectification term under its own distance (``rectify_distance``); every other term keeps the loss's."""
+    """The rectification term under its own distance (``TwinFlowLoss(rectify_distance=...)`` since the eleventh
+    round; these runs subclassed the loss before it had the option, with the same computation)."""
 
     def __init__(self, rectify_distance: twinloss.Distance, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.rectify_distance = rectify_distance
-
-    def _rectify(self, *args):
-        base, self.distance = self.distance, self.rectify_distance
-        try:
-            return super()._rectify(*args)
-        finally:
-            self.distance = base
+        super().__init__(rectify_distance=rectify_distance, **kwargs)
 
 
 def RectificationL2(**kwargs) -> RectificationDistance:

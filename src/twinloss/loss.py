@@ -122,12 +122,14 @@ def _checked_guidance_groups(groups: object, guidance_scale: float, shares: Grou
 
 
 def _check_components(
-    shares: object, time_distribution: object, path: object, distance: object, rectify_time: object
+    shares: object, time_distribution: object, path: object, distance: object, rectify_time: object,
+    rectify_distance: object,
 ) -> None:
     """A ``ValueError`` naming the first component argument that is neither ``None`` (its default) nor of its kind."""
     kinds = (
         ("shares", shares, GroupShares), ("time_distribution", time_distribution, TimeDistribution),
         ("path", path, AffinePath), ("distance", distance, Distance), ("rectify_time", rectify_time, TimeDistribution),
+        ("rectify_distance", rectify_distance, Distance),
     )
     for name, value, kind in kinds:
         if value is not None:
@@ -426,6 +428,15 @@ class TwinFlowLoss(nn.Module):
             helped the guided recipe ("Eighth round"). Pass ``BetaTime()``
             for the authors' uniform draw with guidance (the presets do).
             Needs ``rectify_weight > 0``.
+        rectify_distance: per-row ``rho`` of step 7 (*default* ``distance``,
+            the authors' recipe). Under the Barron distance every one-step
+            row is pushed by the same amount along its gap; under
+            :class:`~twinloss.distances.L2Distance` the push is proportional
+            to the gap. Without guidance ``rectify_distance=L2Distance()``
+            with ``rectify_weight=2`` was the one setting ahead of RCGM-only
+            at every checkpoint on the real-image patches (twenty seeds), and
+            it lost the unconditional shapes and the digits
+            (docs/quality.md, "Eleventh round"). Needs ``rectify_weight > 0``.
         share_random_stream: run every model pass from the random state of
             the main forward (matching dropout masks) and leave the global RNG
             as one forward would (*default* True).
@@ -466,13 +477,14 @@ class TwinFlowLoss(nn.Module):
         rectify_clamp: float = 1.0,
         rectify_field: Literal["guided", "guidance_free"] = "guided",
         rectify_time: TimeDistribution | None = None,
+        rectify_distance: Distance | None = None,
         share_random_stream: bool = True,
         check_finite: Literal["raise", "report", "off"] = "raise",
     ) -> None:
         super().__init__()
         if check_finite not in FINITE_CHECKS:
             raise ValueError(f"check_finite must be one of {FINITE_CHECKS}, got {check_finite!r}")
-        _check_components(shares, time_distribution, path, distance, rectify_time)
+        _check_components(shares, time_distribution, path, distance, rectify_time, rectify_distance)
         if not (0.0 < check_real(estimate_step, "estimate_step") < 1.0):
             raise ValueError(f"estimate_step must lie in (0, 1), got {estimate_step}")
         self.estimate_order = check_int(estimate_order, "estimate_order", minimum=0)
@@ -502,6 +514,8 @@ class TwinFlowLoss(nn.Module):
         _check_rectify_field(rectify_field, guidance_scale, rectify_weight, self.guidance_groups, image_free)
         if rectify_time is not None and rectify_weight == 0:
             raise ValueError("rectify_time sets the rectification's times, which rectify_weight=0 switches off")
+        if rectify_distance is not None and rectify_weight == 0:
+            raise ValueError("rectify_distance sets the rectification's distance, which rectify_weight=0 switches off")
         if image_free and guidance_scale == 0:
             raise ValueError(
                 "image_free=True regresses on the guidance teacher's guided velocity, which "
@@ -525,6 +539,7 @@ class TwinFlowLoss(nn.Module):
         self.rectify_clamp = float(rectify_clamp)
         self.rectify_field = rectify_field
         self.rectify_time = rectify_time if rectify_time is not None else default_rectify_time(guidance_scale)
+        self.rectify_distance = rectify_distance if rectify_distance is not None else self.distance
         self.share_random_stream = share_random_stream
         self.check_finite = check_finite
 
@@ -535,14 +550,15 @@ class TwinFlowLoss(nn.Module):
 
         Takes the constructor's arguments except the twin ones
         (``rectify_weight``, ``rectify_clamp``, ``rectify_field``,
-        ``rectify_time``, ``image_free``); ``shares`` defaults to thirds over
+        ``rectify_time``, ``rectify_distance``, ``image_free``); ``shares`` defaults to thirds over
         ``one_step``, ``multi_step``, ``any_step`` and must give the ``fake``
         group nothing.
 
         Raises:
             ValueError: naming a twin argument, or ``shares`` with a fake share.
         """
-        for name in ("rectify_weight", "rectify_clamp", "rectify_field", "rectify_time", "image_free"):
+        for name in ("rectify_weight", "rectify_clamp", "rectify_field", "rectify_time", "rectify_distance",
+                     "image_free"):
             if name in kwargs:
                 raise ValueError(f"{name} belongs to the twin terms, which TwinFlowLoss.rcgm has none of")
         shares = kwargs.pop("shares", None)
@@ -567,7 +583,8 @@ class TwinFlowLoss(nn.Module):
                 the multi-step gap, the RCGM and twin settings).
         """
         fixed = ("shares", "multi_step_gap", "estimate_order", "estimate_step", "residual_clamp", "teacher",
-                 "rcgm_teacher", "rectify_weight", "rectify_clamp", "rectify_field", "rectify_time", "image_free")
+                 "rcgm_teacher", "rectify_weight", "rectify_clamp", "rectify_field", "rectify_time",
+                 "rectify_distance", "image_free")
         for name in fixed:
             if name in kwargs:
                 raise ValueError(f"{name} is fixed by TwinFlowLoss.plain_flow_matching; build TwinFlowLoss(...) instead")
@@ -916,7 +933,7 @@ class TwinFlowLoss(nn.Module):
         del fake_velocity, real_velocity
         clamp_rates["rectify"] = clamp_rate(gap, self.rectify_clamp)
         target = clamped_correction_target(velocity, gap, clamp=self.rectify_clamp)
-        return self.distance(velocity, target).mean()
+        return self.rectify_distance(velocity, target).mean()
 
     def _gap_fields_guidance_free(
         self,
