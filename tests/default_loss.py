@@ -1,33 +1,37 @@
 """A check shared by the benchmark variant tests: a loss is the default ``TwinFlowLoss`` but for named settings."""
 
 from twinloss import TwinFlowLoss
-from twinloss.loss import default_rectify_time, default_shares
+from twinloss.loss import default_shares
 
 SETTINGS = ("estimate_order", "estimate_step", "residual_clamp", "guidance_scale", "guidance_interval",
             "guidance_groups", "image_free", "rectify_weight", "rectify_clamp", "rectify_field")
 """Plain attributes compared by value."""
 
-MODULES = ("distance", "time_weight", "rectify_time", "rectify_distance")
+MODULES = ("distance", "time_weight", "rectify_distance")
 """Submodules compared by class and settings."""
 
 
-def _settings(module) -> dict:
-    return {key: value for key, value in vars(module).items() if not key.startswith("_") and key != "training"}
+def module_settings(module) -> dict:
+    """A module's plain settings, its submodules' included (by name)."""
+    plain = {key: value for key, value in vars(module).items() if not key.startswith("_") and key != "training"}
+    return plain | {name: module_settings(child) for name, child in module.named_children()}
 
 
 def assert_default_loss_except(loss: TwinFlowLoss, *changed: str) -> None:
     """``loss`` equals ``TwinFlowLoss()`` in every setting of :data:`SETTINGS`, :data:`MODULES` and the
-    group shares (``"shares"``), except those named in ``changed``, each of which must differ. The default
-    ``rectify_time`` and group shares follow the guidance (``default_rectify_time``, ``default_shares``), so
-    they are compared with the defaults at ``loss.guidance_scale``."""
+    group shares (``"shares"``) and ``rectify_time``, except those named in ``changed``, each of which must
+    differ. The default group shares follow the guidance (``default_shares``), so they are compared with the
+    default at ``loss.guidance_scale``; the default ``rectify_time`` is ``None`` (its law follows each batch),
+    so any law given is a change."""
     default = TwinFlowLoss()
     for name in SETTINGS:
         same = getattr(loss, name) == getattr(default, name)
         assert same != (name in changed), f"{name}: {getattr(loss, name)!r} against {getattr(default, name)!r}"
-    defaults = {"rectify_time": default_rectify_time(loss.guidance_scale)}
+    same = loss.rectify_time is None
+    assert same != ("rectify_time" in changed), f"rectify_time: {loss.rectify_time!r} against the default's law"
     for name in MODULES:
-        mine, theirs = getattr(loss, name), defaults.get(name, getattr(default, name))
-        same = type(mine) is type(theirs) and _settings(mine) == _settings(theirs)
+        mine, theirs = getattr(loss, name), getattr(default, name)
+        same = type(mine) is type(theirs) and module_settings(mine) == module_settings(theirs)
         assert same != (name in changed), f"{name}: {mine!r} against {theirs!r}"
     expected = default_shares(loss.guidance_scale)
     same = loss.trajectory.shares == expected

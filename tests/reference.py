@@ -74,8 +74,9 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     ``guidance (G_c - G_u)`` of ``guidance_model`` at ``(y, s, s)`` out of the
     rectification's real field. ``rectify_draw(n, dtype, g)`` draws the
     rectification's times ``s``; by default the library's rule, written out
-    here: the authors' uniform ``s`` without guidance, ``sigmoid`` of a float32
-    standard normal with it. A ``record`` dict receives the unclamped
+    here for a labelled batch: without guidance the uniform ``u`` shifted
+    towards the data, ``s = u / (3 - 2u)``; with it ``sigmoid`` of a float32
+    standard normal. A ``record`` dict receives the unclamped
     corrections: ``"residual"`` (the real rows' RCGM residuals, stacked) and
     ``"gap"`` (the rectification's velocity gap).
     """
@@ -142,8 +143,9 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
             s = rectify_draw(n, x.dtype, g)
         elif guidance > 0:
             s = torch.sigmoid(torch.randn(n, dtype=torch.float32, generator=g)).to(x.dtype)
-        else:
-            s = torch.rand(n, dtype=x.dtype, generator=g)
+        else:  # the uniform draw shifted towards the data (these batches carry labels)
+            u = torch.rand(n, dtype=x.dtype, generator=g)
+            s = u / (3 - 2 * u)
         a_s, b_s = path(s)
         y_mix = a_s.reshape(view) * z2 + b_s.reshape(view) * x_hat
         real_field = model(y_mix, s, s, y=y[one])

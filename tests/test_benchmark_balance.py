@@ -9,10 +9,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "qua
 import balance  # noqa: E402
 import curves  # noqa: E402
 
-from twinloss import GroupShares, TwinFlowLoss  # noqa: E402
+from twinloss import BetaTime, GroupShares, TwinFlowLoss  # noqa: E402
 from twinloss.loss import default_shares  # noqa: E402
 
-from default_loss import assert_default_loss_except  # noqa: E402
+from default_loss import assert_default_loss_except, module_settings  # noqa: E402
 
 
 def test_the_partitions_give_the_shares_their_names_say():
@@ -38,9 +38,14 @@ def test_each_variant_is_the_default_loss_with_its_partition_guidance_and_rectif
     # a partition alone is a variant only where it is not the default; with a lighter rectification it may be
     moved = loss.trajectory.shares != default_shares(scale)
     assert moved or weight
-    changed = (*(("shares",) if moved else ()), *(("guidance_scale",) if setting == "w 0" else ()),
+    # without guidance the uniform s these variants ran with is written out (the unguided default until the
+    # twelfth round); with guidance the default law, unchanged since
+    unguided = setting == "w 0"
+    changed = (*(("shares",) if moved else ()), *(("guidance_scale", "rectify_time") if unguided else ()),
                *(("rectify_weight",) if weight else ()))
     assert_default_loss_except(loss, *changed)
+    if unguided:
+        assert type(loss.rectify_time) is BetaTime and module_settings(loss.rectify_time) == {"alpha": 1, "beta": 1}
     assert len({curves.slug(other) for other in balance.VARIANTS}) == len(balance.VARIANTS)
 
 

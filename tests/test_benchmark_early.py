@@ -15,7 +15,7 @@ import guidance  # noqa: E402
 from twinloss import BarronDistance, L2Distance, TwinFlowLoss, toy  # noqa: E402
 from twinloss.loss import default_shares  # noqa: E402
 
-from default_loss import assert_default_loss_except  # noqa: E402
+from default_loss import assert_default_loss_except, module_settings  # noqa: E402
 
 
 def test_the_partitions_give_the_shares_their_names_say():
@@ -39,7 +39,8 @@ def test_each_variant_is_the_unguided_default_loss_with_its_partition_warm_up_or
         assert isinstance(loss.rectify_distance, L2Distance)
         assert loss.rectify_weight == float(name.removeprefix("TwinFlow w 0, l2 rectification weight "))
     scaled = "gap-scaled" in name
-    assert_default_loss_except(loss, "guidance_scale", *(("shares",) if third else ()), *(("rectify_weight",) if l2 else ()),
+    assert loss.rectify_time is early.UNIFORM_S and module_settings(early.UNIFORM_S) == {"alpha": 1, "beta": 1}
+    assert_default_loss_except(loss, "guidance_scale", "rectify_time", *(("shares",) if third else ()), *(("rectify_weight",) if l2 else ()),
                                *(("rectify_distance",) if l2 or scaled else ()))
     assert len({curves.slug(other) for other in early.VARIANTS}) == len(early.VARIANTS)
 

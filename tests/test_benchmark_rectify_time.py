@@ -14,7 +14,7 @@ import rectify_time  # noqa: E402
 from twinloss import TwinFlowLoss  # noqa: E402
 from twinloss.loss import default_shares  # noqa: E402
 
-from default_loss import assert_default_loss_except  # noqa: E402
+from default_loss import assert_default_loss_except, module_settings  # noqa: E402
 
 
 def _median(law) -> float:
@@ -49,12 +49,25 @@ def test_each_variant_is_the_default_loss_with_its_rectify_time_partition_and_gu
     assert len({curves.slug(other) for other in rectify_time.VARIANTS}) == len(rectify_time.VARIANTS)
 
 
-def test_the_default_law_at_each_guidance_setting_is_left_to_curves_default_runs():
-    for setting, scale in balance.GUIDANCE.items():
-        default_law = TwinFlowLoss(guidance_scale=scale).rectify_time
-        named = rectify_time.RECTIFY_TIMES[rectify_time.DEFAULT_LAW[setting]]
-        assert type(named) is type(default_law) and vars(named) == vars(default_law)
-        assert f"TwinFlow {setting}, {rectify_time.DEFAULT_LAW[setting]}" not in rectify_time.VARIANTS
-    others = [law for law in rectify_time.RECTIFY_TIMES if law not in rectify_time.DEFAULT_LAW.values()]
-    assert {f"TwinFlow {setting}, {law}" for setting in balance.GUIDANCE for law in others} < set(rectify_time.VARIANTS)
-    assert "TwinFlow defaults, s uniform" in rectify_time.VARIANTS and "TwinFlow w 0, s mid" in rectify_time.VARIANTS
+def test_each_law_runs_once_per_setting_and_partition_and_the_guided_default_is_left_to_curves():
+    names = set(rectify_time.VARIANTS)
+    for setting in balance.GUIDANCE:
+        elsewhere = rectify_time.RUN_ELSEWHERE[setting]
+        assert {f"TwinFlow {setting}, {law}" for law in rectify_time.RECTIFY_TIMES if law != elsewhere} < names
+        assert f"TwinFlow {setting}, {elsewhere}" not in names
+    guided_default = TwinFlowLoss().rectify_law(conditioned=True)  # curves.py's TwinFlow defaults
+    named = rectify_time.RECTIFY_TIMES[rectify_time.RUN_ELSEWHERE["defaults"]]
+    assert type(named) is type(guided_default) and module_settings(named) == module_settings(guided_default)
+    unguided_quarters = balance.VARIANTS["TwinFlow w 0, equal quarters"](None)  # the unguided s uniform, quartered
+    assert type(unguided_quarters.rectify_time) is type(rectify_time.RECTIFY_TIMES["s uniform"])
+    assert "TwinFlow defaults, s uniform" in names and "TwinFlow w 0, s mid" in names
+
+
+def test_the_unguided_default_is_s_clean_with_a_fake_eighth_on_a_conditioned_batch_and_s_uniform_without():
+    default = TwinFlowLoss(guidance_scale=0.0)
+    for conditioned, name in ((True, "TwinFlow w 0, s clean, fake share 1/8"),
+                              (False, "TwinFlow w 0, s uniform, fake share 1/8")):
+        pinned = rectify_time.VARIANTS[name](None)
+        law, pinned_law = default.rectify_law(conditioned=conditioned), pinned.rectify_time
+        assert type(law) is type(pinned_law) and module_settings(law) == module_settings(pinned_law)
+        assert pinned.trajectory.shares == default.trajectory.shares

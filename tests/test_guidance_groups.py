@@ -94,7 +94,7 @@ def test_no_guidance_pass_when_no_row_of_the_named_groups_is_inside_the_interval
     assert bool((traj.t[: traj.groups["any_step"].start] < 1.0).any())  # while other real rows would
     model = TinyVelocityNet((3,))
     out, grads = _step(loss_fn, model, x, y, null_y, seed=seed)
-    same_law = loss_fn.rectify_time  # the guided default law of s; only the guidance may differ
+    same_law = loss_fn.rectify_law(conditioned=True)  # the guided default law of s; only the guidance may differ
     unguided, unguided_grads = _step(TwinFlowLoss(guidance_scale=0.0, rectify_time=same_law, shares=loss_fn.shares),
                                      model, x, y, null_y, seed=seed)
     assert out.calls_per_pass["guidance"] == 0

@@ -110,11 +110,18 @@ def test_the_unguided_default_partition_matches_float64_reference_in_value_and_g
     _assert_step_matches_reference(loss_fn, model, _data((batch, 3)), seed=3, guidance=0.0, distance=barron)
 
 
-@pytest.mark.parametrize("rule", [default_shares, default_rectify_time], ids=lambda rule: rule.__name__)
+DEFAULT_RULES = {
+    "default_shares": default_shares,
+    "default_rectify_time, conditioned": lambda scale: default_rectify_time(scale, conditioned=True),
+    "default_rectify_time, unconditioned": lambda scale: default_rectify_time(scale, conditioned=False),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(DEFAULT_RULES))
 @pytest.mark.parametrize("scale", [-0.5, float("nan"), float("inf")])
 def test_the_default_rules_refuse_a_guidance_scale_that_is_not_a_finite_number_at_least_0(rule, scale):
     with pytest.raises(ValueError, match="guidance_scale"):
-        rule(scale)
+        DEFAULT_RULES[rule](scale)
 
 
 def test_the_default_partition_follows_the_guidance_and_an_explicit_one_is_kept():
@@ -215,8 +222,10 @@ def _ema_moved(loss_fn, model):
 RECORDED_CASES = {  # name: (make loss, shape, dtype, uses uncond, prepare)
     "default": (lambda: TwinFlowLoss(rectify_time=BetaTime()), (8, 3), torch.float64, True, None),
     "l2_order1_noguide": (
-        # recorded with equal quarters, the unguided default partition then (a fake share of 1/8 since)
-        lambda: TwinFlowLoss(distance=L2Distance(), estimate_order=1, guidance_scale=0.0, shares=GroupShares()),
+        # recorded with equal quarters and the uniform s, the unguided defaults then (since: a fake share of 1/8,
+        # and s shifted towards the data on a conditioned batch)
+        lambda: TwinFlowLoss(distance=L2Distance(), estimate_order=1, guidance_scale=0.0, shares=GroupShares(),
+                             rectify_time=BetaTime()),
         (8, 3), torch.float64, False, None),
     "rcgm": (lambda: TwinFlowLoss.rcgm(), (9, 3), torch.float64, True, None),
     "flow_matching": (lambda: TwinFlowLoss.plain_flow_matching(), (8, 3), torch.float64, False, None),

@@ -4,11 +4,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from twinloss import BetaTime, KumaraswamyTime, LogitNormalTime, TwinFlowLoss, toy
-from twinloss.loss import default_rectify_time
+from twinloss import BetaTime, KumaraswamyTime, LogitNormalTime, ShiftedTime, TwinFlowLoss, toy
+from twinloss.loss import CONDITIONED_RECTIFY_SHIFT, default_rectify_time
 from twinloss.health import training_signals
 
 from core_models import TinyVelocityNet
+from default_loss import module_settings
 from reference import barron, reference_step
 from test_guidance_groups import _data, _step
 
@@ -35,31 +36,66 @@ def test_a_warped_rectify_time_matches_float64_reference_in_value_and_gradient()
     assert (gap - uniform_gap).abs().max() > 1e-3  # the law changes the gap, so the test can tell the two apart
 
 
-@pytest.mark.parametrize("guidance_scale,law", [(0.0, BetaTime(1.0, 1.0)), (0.5, LogitNormalTime(0.0, 1.0))],
-                         ids=["unguided: uniform", "guided: logit-normal"])
-def test_only_the_rectification_changes_and_the_default_law_follows_the_guidance(guidance_scale, law):
+def _step_on(loss_fn, model, x, y, null_y, seed, conditioned):
+    """:func:`_step` on a batch passed with the labels ``y``, or with no conditioning at all."""
+    if conditioned:
+        return _step(loss_fn, model, x, y, null_y, seed)
+    out = loss_fn(model, x, generator=torch.Generator().manual_seed(seed))
+    out.loss.backward()
+    model.zero_grad()
+    return out, None
+
+
+DEFAULT_LAWS = {  # the default law of s, written out: (guidance_scale, conditioned) -> law
+    "unguided, conditioned: shifted towards the data": (0.0, True, ShiftedTime(1 / 3)),
+    "unguided, unconditioned: uniform": (0.0, False, BetaTime(1.0, 1.0)),
+    "guided: logit-normal": (0.5, True, LogitNormalTime(0.0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEFAULT_LAWS))
+def test_only_the_rectification_changes_and_the_default_law_follows_the_guidance_and_the_conditioning(case):
+    guidance_scale, conditioned, law = DEFAULT_LAWS[case]
     torch.manual_seed(1)
     model = TinyVelocityNet((3,)).double()
     x, y, null_y = _data(batch=16, seed=1)
-    default, _ = _step(TwinFlowLoss(guidance_scale=guidance_scale), model, x, y, null_y, seed=2)
-    explicit, _ = _step(TwinFlowLoss(guidance_scale=guidance_scale, rectify_time=law), model, x, y, null_y, seed=2)
-    warped, _ = _step(TwinFlowLoss(guidance_scale=guidance_scale, rectify_time=KumaraswamyTime(3.0)),
-                      model, x, y, null_y, seed=2)
+
+    def step(**kwargs):
+        return _step_on(TwinFlowLoss(guidance_scale=guidance_scale, **kwargs), model, x, y, null_y, 2, conditioned)[0]
+
+    default, explicit, warped = step(), step(rectify_time=law), step(rectify_time=KumaraswamyTime(3.0))
     assert_close(explicit.loss, default.loss, rtol=0, atol=0)
     for name in ("base", "adv"):
         assert_close(warped.terms[name], default.terms[name], rtol=0, atol=0)
     assert (warped.terms["rectify"] - default.terms["rectify"]).abs() > 1e-6
 
 
+def test_the_two_unguided_default_laws_give_different_rectifications_on_either_batch():
+    """So the exact matches above tell which law each batch got."""
+    torch.manual_seed(1)
+    model = TinyVelocityNet((3,)).double()
+    x, y, null_y = _data(batch=16, seed=1)
+    for conditioned in (True, False):
+        shifted, uniform = (
+            _step_on(TwinFlowLoss(guidance_scale=0.0, rectify_time=law), model, x, y, null_y, 2, conditioned)[0]
+            for law in (ShiftedTime(1 / 3), BetaTime()))
+        assert (shifted.terms["rectify"] - uniform.terms["rectify"]).abs() > 1e-6
+        assert_close(shifted.terms["base"], uniform.terms["base"], rtol=0, atol=0)
+
+
 def test_the_default_law_is_named_by_default_rectify_time_and_an_explicit_law_is_kept():
-    for guidance_scale, kind in ((0.0, BetaTime), (0.5, LogitNormalTime), (4.0, LogitNormalTime)):
-        law = TwinFlowLoss(guidance_scale=guidance_scale).rectify_time
-        assert type(law) is kind and type(default_rectify_time(guidance_scale)) is kind
-    assert (law.mean, law.std) == (0.0, 1.0)
-    unguided = TwinFlowLoss(guidance_scale=0.0).rectify_time
-    assert (unguided.alpha, unguided.beta) == (1.0, 1.0)
+    for guidance_scale, conditioned, law in DEFAULT_LAWS.values():
+        named = default_rectify_time(guidance_scale, conditioned=conditioned)
+        used = TwinFlowLoss(guidance_scale=guidance_scale).rectify_law(conditioned=conditioned)
+        for got in (named, used):
+            assert type(got) is type(law) and module_settings(got) == module_settings(law), (guidance_scale, conditioned, got)
+    assert default_rectify_time(4.0, conditioned=False).mean == 0.0  # the guided law ignores the conditioning
+    assert TwinFlowLoss().rectify_time is None  # None: the law follows each batch
+    assert CONDITIONED_RECTIFY_SHIFT == 1 / 3
     uniform = BetaTime()
-    assert TwinFlowLoss(rectify_time=uniform).rectify_time is uniform  # the authors' draw with guidance
+    kept = TwinFlowLoss(guidance_scale=0.0, rectify_time=uniform)  # the authors' draw on every batch
+    assert kept.rectify_time is uniform
+    assert kept.rectify_law(conditioned=True) is uniform and kept.rectify_law(conditioned=False) is uniform
 
 
 def test_a_rectify_time_without_a_rectification_is_refused_naming_it():

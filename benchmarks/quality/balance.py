@@ -50,7 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
 
-from twinloss import GroupShares, TwinFlowLoss  # noqa: E402
+from twinloss import BetaTime, GroupShares, TwinFlowLoss  # noqa: E402
 from twinloss.loss import default_shares  # noqa: E402
 
 BALANCES: dict[str, GroupShares] = {
@@ -67,8 +67,15 @@ GUIDANCE: dict[str, float] = {"w 0": 0.0, "defaults": 0.5}
 
 
 def variant(shares: GroupShares, guidance_scale: float, rectify_weight: float = 0.5) -> curves.MethodFactory:
-    """A method factory: the default loss with ``shares``, ``guidance_scale`` and ``rectify_weight``."""
-    return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, shares=shares, rectify_weight=rectify_weight)
+    """A method factory: the default loss with ``shares``, ``guidance_scale`` and ``rectify_weight``.
+
+    Without guidance the rectification draws the authors' uniform ``s``, the unguided default when these
+    variants ran (since the twelfth round a conditioned batch draws it towards the data); with guidance the
+    default law, which has not changed since they ran.
+    """
+    rectify_time = BetaTime() if guidance_scale == 0 else None
+    return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, shares=shares, rectify_weight=rectify_weight,
+                                           rectify_time=rectify_time)
 
 
 VARIANTS: dict[str, curves.MethodFactory] = {

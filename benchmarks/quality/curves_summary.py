@@ -60,11 +60,15 @@ GUIDED_SETTING = "w 0.5 (defaults)"
 PAIRS = {
     GUIDED_SETTING: ("TwinFlow defaults", "RCGM only, defaults"),
     "w 0": ("TwinFlow w 0", "RCGM only w 0"),
+    "w 0, s uniform (the unguided default of the tenth and eleventh rounds)": (
+        "TwinFlow w 0, s uniform, fake share 1/8", "RCGM only w 0"),
     "w 0, equal quarters (the unguided default before the tenth round)": ("TwinFlow w 0, equal quarters", "RCGM only w 0"),
 }
 """Guidance setting -> (full recipe, its RCGM-only ablation), for check (A); the full recipe is also (B)'s subject.
-The unguided default partition became the fake share of 1/8 in the tenth round of issue 12; the runs of the
-quarters before it keep their checks."""
+The unguided default partition became the fake share of 1/8 in the tenth round of issue 12, and on a
+conditioned batch the rectification's ``s`` moved towards the data in the twelfth; the earlier defaults' runs
+keep their checks (on the unconditional shapes the twelfth round changed nothing, so ``TwinFlow w 0`` there
+is the tenth round's default)."""
 FM4_FACTOR, FM50_FACTOR, DIVERSITY_FRACTION = 1.0, 1.1, 0.85
 
 

@@ -44,7 +44,7 @@ import curves  # noqa: E402
 import guidance  # noqa: E402
 
 import twinloss  # noqa: E402
-from twinloss import GroupShares, TwinFlowLoss  # noqa: E402
+from twinloss import BetaTime, GroupShares, TwinFlowLoss  # noqa: E402
 
 FAKE_EIGHTH = GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)
 """The unguided default partition when these variants ran (written out: a stored run must not follow a later default)."""
@@ -98,20 +98,24 @@ class GapScaledRectification(guidance.RectificationDistance):
         super().__init__(_GapScaled(twinloss.BarronDistance(), reference), **kwargs)
 
 
+UNIFORM_S = BetaTime()
+"""The law of ``s`` of every variant here: the unguided default when they ran (written out: since the twelfth
+round a conditioned batch draws ``s`` towards the data)."""
+
 VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow w 0, rectification warm-up 1000": lambda pretrained: RectificationWarmUp(
-        WARMUP_CALLS, guidance_scale=0.0, shares=FAKE_EIGHTH),
+        WARMUP_CALLS, guidance_scale=0.0, shares=FAKE_EIGHTH, rectify_time=UNIFORM_S),
     "TwinFlow w 0, one-step share 1/3, fake 1/8": lambda pretrained: TwinFlowLoss(
-        guidance_scale=0.0, shares=ONE_STEP_THIRD),
+        guidance_scale=0.0, shares=ONE_STEP_THIRD, rectify_time=UNIFORM_S),
     "TwinFlow w 0, warmed, one-step 1/3, fake 1/8": lambda pretrained: RectificationWarmUp(
-        WARMUP_CALLS, guidance_scale=0.0, shares=ONE_STEP_THIRD),
+        WARMUP_CALLS, guidance_scale=0.0, shares=ONE_STEP_THIRD, rectify_time=UNIFORM_S),
     **{
         f"TwinFlow w 0, l2 rectification weight {weight}": lambda pretrained, weight=weight: guidance.RectificationL2(
-            guidance_scale=0.0, rectify_weight=float(weight), shares=FAKE_EIGHTH)
+            guidance_scale=0.0, rectify_weight=float(weight), shares=FAKE_EIGHTH, rectify_time=UNIFORM_S)
         for weight in (2, 4)
     },
     "TwinFlow w 0, gap-scaled rectification": lambda pretrained: GapScaledRectification(
-        guidance_scale=0.0, shares=FAKE_EIGHTH),
+        guidance_scale=0.0, shares=FAKE_EIGHTH, rectify_time=UNIFORM_S),
 }
 
 

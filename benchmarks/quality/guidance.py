@@ -102,10 +102,10 @@ class _RectifyWithRealField:
 class _RealFieldInRectification(twinloss.TwinFlowLoss):
     """A loss whose rectification gap uses ``self.real_field(F_c, F_u)`` (defined by each subclass) as the real field."""
 
-    def _rectify(self, evaluate, x_t, prediction, traj, cond, uncond, generator):
+    def _rectify(self, evaluate, x_t, prediction, traj, cond, uncond, generator, clamp_rates):
         uncond_one = select_rows(uncond, traj.groups["one_step"])
         mixed = _RectifyWithRealField(evaluate, uncond_one, self.real_field)
-        return super()._rectify(mixed, x_t, prediction, traj, cond, uncond, generator)
+        return super()._rectify(mixed, x_t, prediction, traj, cond, uncond, generator, clamp_rates)
 
 
 class _FakeRowsGuided:
@@ -175,31 +175,43 @@ QUARTERS = twinloss.GroupShares()
 """The partition of the unguided variants below: equal quarters, the default without guidance when they ran
 (since the tenth round it is a fake share of 1/8, ``curves.py``'s ``TwinFlow w 0``, whose runs include the
 second round's ``TwinFlow w 0, fake share 1/8``)."""
+UNIFORM_S = twinloss.BetaTime()
+"""The law of ``s`` of every variant below with a rectification: the authors' uniform draw, the default with
+and without guidance when they ran (written out: since the eighth round the guided default is logit-normal,
+since the twelfth a conditioned batch without guidance draws ``s`` towards the data)."""
 VARIANTS = {
-    "TwinFlow w 0.2": lambda pretrained: TwinFlowLoss(guidance_scale=0.2),
-    "TwinFlow w 0.8": lambda pretrained: TwinFlowLoss(guidance_scale=0.8),
-    "TwinFlow w 0.5, interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss(guidance_interval=(0.2, 0.7)),
-    "TwinFlow w 0.5, multi-step rows only": lambda pretrained: TwinFlowLoss(guidance_groups=("multi_step",)),
-    "TwinFlow w 0.5, any-step rows only": lambda pretrained: TwinFlowLoss(guidance_groups=("any_step",)),
+    "TwinFlow w 0.2": lambda pretrained: TwinFlowLoss(guidance_scale=0.2, rectify_time=UNIFORM_S),
+    "TwinFlow w 0.8": lambda pretrained: TwinFlowLoss(guidance_scale=0.8, rectify_time=UNIFORM_S),
+    "TwinFlow w 0.5, interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss(guidance_interval=(0.2, 0.7), rectify_time=UNIFORM_S),
+    "TwinFlow w 0.5, multi-step rows only": lambda pretrained: TwinFlowLoss(guidance_groups=("multi_step",), rectify_time=UNIFORM_S),
+    "TwinFlow w 0.5, any-step rows only": lambda pretrained: TwinFlowLoss(
+        guidance_groups=("any_step",), rectify_time=UNIFORM_S),
     "RCGM only w 0.5, any-step rows only": lambda pretrained: TwinFlowLoss.rcgm(guidance_groups=("any_step",)),
-    "TwinFlow w 0.5, unguided real field in rectification": lambda pretrained: TwinFlowLoss(rectify_field="guidance_free"),
-    "TwinFlow w 0.5, guided fake field": lambda pretrained: GuidedFakeField(),
-    "TwinFlow frozen teacher w 0.5": lambda pretrained: TwinFlowLoss(guidance_teacher=FrozenTeacher(pretrained)),
+    "TwinFlow w 0.5, unguided real field in rectification": lambda pretrained: TwinFlowLoss(
+        rectify_field="guidance_free", rectify_time=UNIFORM_S),
+    "TwinFlow w 0.5, guided fake field": lambda pretrained: GuidedFakeField(rectify_time=UNIFORM_S),
+    "TwinFlow frozen teacher w 0.5": lambda pretrained: TwinFlowLoss(
+        guidance_teacher=FrozenTeacher(pretrained), rectify_time=UNIFORM_S),
     "RCGM only frozen teacher w 0.5": lambda pretrained: TwinFlowLoss.rcgm(guidance_teacher=FrozenTeacher(pretrained)),
     "TwinFlow frozen teacher w 0.25": lambda pretrained: TwinFlowLoss(
-        guidance_scale=0.25, guidance_teacher=FrozenTeacher(pretrained)),
+        guidance_scale=0.25, guidance_teacher=FrozenTeacher(pretrained), rectify_time=UNIFORM_S),
     "TwinFlow image-free CFG 1.25, frozen teacher": lambda pretrained: TwinFlowLoss(
-        image_free=True, guidance_scale=1.25, guidance_teacher=FrozenTeacher(pretrained)),
-    "TwinFlow guided rectification only w 0.5": lambda pretrained: GuidedRectificationOnly(0.5, shares=QUARTERS),
-    "TwinFlow w 0, rectify weight 0.25": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=0.25, shares=QUARTERS),
-    "TwinFlow w 0, rectify weight 1": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=1.0, shares=QUARTERS),
-    "TwinFlow w 0, rectification l2": lambda pretrained: RectificationL2(guidance_scale=0.0, rectify_weight=1.0, shares=QUARTERS),
+        image_free=True, guidance_scale=1.25, guidance_teacher=FrozenTeacher(pretrained), rectify_time=UNIFORM_S),
+    "TwinFlow guided rectification only w 0.5": lambda pretrained: GuidedRectificationOnly(
+        0.5, shares=QUARTERS, rectify_time=UNIFORM_S),
+    "TwinFlow w 0, rectify weight 0.25": lambda pretrained: TwinFlowLoss(
+        guidance_scale=0.0, rectify_weight=0.25, shares=QUARTERS, rectify_time=UNIFORM_S),
+    "TwinFlow w 0, rectify weight 1": lambda pretrained: TwinFlowLoss(
+        guidance_scale=0.0, rectify_weight=1.0, shares=QUARTERS, rectify_time=UNIFORM_S),
+    "TwinFlow w 0, rectification l2": lambda pretrained: RectificationL2(
+        guidance_scale=0.0, rectify_weight=1.0, shares=QUARTERS, rectify_time=UNIFORM_S),
     "TwinFlow w 0, l2 rectification with fake share 1/8": lambda pretrained: RectificationL2(
         guidance_scale=0.0, rectify_weight=1.0,
-        shares=twinloss.GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)),
+        shares=twinloss.GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8), rectify_time=UNIFORM_S),
     "TwinFlow w 0, rectification Barron c 0.1": lambda pretrained: RectificationDistance(
-        twinloss.BarronDistance(alpha=1.0, c=0.1), guidance_scale=0.0, shares=QUARTERS),
-    "TwinFlow w 0, residual clamp 3": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, residual_clamp=3.0, shares=QUARTERS),
+        twinloss.BarronDistance(alpha=1.0, c=0.1), guidance_scale=0.0, shares=QUARTERS, rectify_time=UNIFORM_S),
+    "TwinFlow w 0, residual clamp 3": lambda pretrained: TwinFlowLoss(
+        guidance_scale=0.0, residual_clamp=3.0, shares=QUARTERS, rectify_time=UNIFORM_S),
     "TwinFlow w 0.5, no rectification": lambda pretrained: TwinFlowLoss(rectify_weight=0.0),
     "TwinFlow w 0, no rectification": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=0.0, shares=QUARTERS),
     "RCGM only w 0, residual clamp 3": lambda pretrained: TwinFlowLoss.rcgm(guidance_scale=0.0, residual_clamp=3.0),

@@ -31,8 +31,10 @@ from twinloss_demo.training import train  # noqa: E402
 
 METHODS = {
     "TwinFlow defaults (w 0.5)": lambda: twinloss.TwinFlowLoss(),
-    # equal quarters: the default without guidance when these runs were stored (a fake share of 1/8 since the tenth round)
-    "TwinFlow w 0": lambda: twinloss.TwinFlowLoss(guidance_scale=0.0, shares=twinloss.GroupShares()),
+    # equal quarters and the uniform s: the defaults without guidance when these runs were stored (since the tenth
+    # round a fake share of 1/8, since the twelfth s towards the data on a conditioned batch)
+    "TwinFlow w 0": lambda: twinloss.TwinFlowLoss(
+        guidance_scale=0.0, shares=twinloss.GroupShares(), rectify_time=twinloss.BetaTime()),
     "TwinFlow w 0.5, any-step rows only": lambda: twinloss.TwinFlowLoss(guidance_groups=("any_step",)),
     "RCGM only (w 0.5)": lambda: twinloss.TwinFlowLoss.rcgm(),
     "RCGM only (w 0)": lambda: twinloss.TwinFlowLoss.rcgm(guidance_scale=0.0),

@@ -37,16 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
 
 import twinloss  # noqa: E402
-from twinloss import EMATeacher, GroupShares, L2Distance, LogitNormalTime, TwinFlowLoss  # noqa: E402
+from twinloss import BetaTime, EMATeacher, GroupShares, L2Distance, LogitNormalTime, TwinFlowLoss  # noqa: E402
 
 
 def unguided(**changed) -> TwinFlowLoss:
     """``TwinFlowLoss`` without guidance, with ``changed`` constructor arguments.
 
-    The batch is split into equal quarters unless ``changed`` names ``shares``: the default partition without
-    guidance when these variants ran (since the tenth round of issue 12 it is a fake share of 1/8).
+    The batch is split into equal quarters unless ``changed`` names ``shares``, and the rectification draws
+    the uniform ``s``: the defaults without guidance when these variants ran (since the tenth round of issue
+    12 the partition is a fake share of 1/8, since the twelfth a conditioned batch draws ``s`` towards the data).
     """
-    return TwinFlowLoss(guidance_scale=0.0, **({"shares": GroupShares()} | changed))
+    return TwinFlowLoss(guidance_scale=0.0, **({"shares": GroupShares(), "rectify_time": BetaTime()} | changed))
 
 
 def with_ema_teacher(pretrained) -> tuple[TwinFlowLoss, twinloss.Teacher]:

@@ -10,27 +10,36 @@ resolves detail, where a small network's real field is least accurate. The
 authors draw ``s`` uniformly. Each variant here is the default loss with
 only ``rectify_time`` (and the guidance scale) changed, on ``curves.py``'s
 pretrained weights and batches (its results sit beside theirs in
-``results/curves``; the RCGM-only counterpart is ``curves.py``'s own). A law
-that is the default at its guidance scale
-(:func:`twinloss.loss.default_rectify_time`: uniform without guidance,
-``s mid`` with it since the eighth round) is ``curves.py``'s own default run
-and has no variant here:
+``results/curves``; the RCGM-only counterpart is ``curves.py``'s own). The
+laws:
 
 * ``s uniform``: ``BetaTime(1, 1)``, the authors' draw (the default without
-  guidance; with guidance, the default of the first seven rounds);
-* ``s mid``: ``LogitNormalTime(0, 1)``, most rows in the middle;
+  guidance until the twelfth round, and still on a batch without a
+  conditioning; with guidance, the default of the first seven rounds);
+* ``s mid``: ``LogitNormalTime(0, 1)``, most rows in the middle (the default
+  with guidance since the eighth round: ``curves.py``'s ``TwinFlow
+  defaults``, so it has no guided variant here);
 * ``s noisy``: ``ShiftedTime(3)``, the resolution shift towards noise;
 * ``s clean``: ``ShiftedTime(1/3)``, towards the data (median ``s`` 1/4);
 * ``s cleaner``: ``ShiftedTime(1/9)``, further towards the data (median 1/10);
 * ``s ends``: ``BetaTime(1/2, 1/2)`` (arcsine), rows at both ends and few in
-  the middle, where the gap is least repeatable;
-* ``s clean, fake share 1/8``: ``s clean`` with ``balance.py``'s fake share of
-  1/8, the two changes that each helped without guidance.
+  the middle, where the gap is least repeatable.
 
-The unguided variants (``w 0``) split the batch into equal quarters, the
-default partition when they were run; since the tenth round the default
-without guidance is the fake share of 1/8 (``s clean, fake share 1/8`` is
-that default with ``s clean``).
+Each law runs with the equal quarters, the default partition when the
+seventh round ran them (the unguided ``s uniform`` with the quarters is
+``balance.py``'s ``TwinFlow w 0, equal quarters``). Since the tenth round
+the partition without guidance is a fake share of 1/8, and two variants
+run with it:
+
+* ``s clean, fake share 1/8``: the two changes that each helped without
+  guidance. Since the twelfth round it is the unguided default on a batch
+  with a conditioning (:func:`twinloss.loss.default_rectify_time`), so on
+  the class-conditional tasks its runs are ``curves.py``'s ``TwinFlow w 0``;
+  on the unconditional shapes it is a variant;
+* ``w 0, s uniform, fake share 1/8``: the unguided default of the tenth and
+  eleventh rounds; on the class-conditional tasks their ``TwinFlow w 0`` runs
+  are stored under this name, and on shapes it is ``curves.py``'s
+  ``TwinFlow w 0``.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/rectify_time.py --task patches --seed 0 --skip-fm      # every variant
@@ -56,8 +65,9 @@ RECTIFY_TIMES: dict[str, TimeDistribution] = {
 }
 """The laws of the rectification's ``s`` compared."""
 
-DEFAULT_LAW: dict[str, str] = {"w 0": "s uniform", "defaults": "s mid"}
-"""The law that ``default_rectify_time`` gives at each guidance setting: ``curves.py``'s runs, not variants."""
+RUN_ELSEWHERE: dict[str, str] = {"w 0": "s uniform", "defaults": "s mid"}
+"""The law whose equal-quarters run at each guidance setting is another script's method (``balance.py``'s
+``TwinFlow w 0, equal quarters``, ``curves.py``'s ``TwinFlow defaults``), so it has no variant here."""
 
 
 def variant(rectify_time: TimeDistribution, guidance_scale: float, shares: GroupShares) -> curves.MethodFactory:
@@ -69,10 +79,12 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     f"TwinFlow {setting}, {name}": variant(law, scale, BALANCES["equal quarters"])
     for name, law in RECTIFY_TIMES.items()
     for setting, scale in GUIDANCE.items()
-    if name != DEFAULT_LAW[setting]
+    if name != RUN_ELSEWHERE[setting]
 } | {
     f"TwinFlow {setting}, s clean, fake share 1/8": variant(RECTIFY_TIMES["s clean"], scale, BALANCES["fake share 1/8"])
     for setting, scale in GUIDANCE.items()
+} | {
+    "TwinFlow w 0, s uniform, fake share 1/8": variant(RECTIFY_TIMES["s uniform"], 0.0, BALANCES["fake share 1/8"]),
 }
 
 

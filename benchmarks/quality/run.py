@@ -156,7 +156,8 @@ def run_ring(args, log):
         for label, share in (("1/6", 1 / 6), ("1/3", 1 / 3), ("2/3", 2 / 3)):
             finetune(f"TwinFlow lambda {label}", twinloss.TwinFlowLoss(shares=shares(share)))
         finetune("TwinFlow RCGM order 1", twinloss.TwinFlowLoss(estimate_order=1))
-        finetune("TwinFlow no guidance (w 0)", twinloss.TwinFlowLoss(guidance_scale=0.0, shares=twinloss.GroupShares()))
+        finetune("TwinFlow no guidance (w 0)",  # the unguided defaults when it was stored, written out
+                 twinloss.TwinFlowLoss(guidance_scale=0.0, shares=twinloss.GroupShares(), rectify_time=twinloss.BetaTime()))
         teacher = twinloss.EMATeacher()
         finetune("TwinFlow EMA teacher (0.99)", twinloss.TwinFlowLoss(teacher=teacher), teacher=teacher)
         finetune("TwinFlow l2 distance", twinloss.TwinFlowLoss(distance=twinloss.L2Distance()))

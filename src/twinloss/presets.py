@@ -28,7 +28,8 @@ with divisor 2.5. Two they fix which a constructor's default follows the
 guidance scale for, so a preset passes them: equal group shares
 (``shares=GroupShares()``; the default without guidance is a fake share of
 1/8) and the rectification's uniform time ``s``
-(``rectify_time=BetaTime()``; the default with guidance is logit-normal). The
+(``rectify_time=BetaTime()``; the default follows the guidance and the
+conditioning). The
 sampler settings of each file (``sample:``) are not loss arguments and are
 not part of a preset.
 """
