@@ -49,7 +49,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -231,14 +231,15 @@ def _checked_lora(
     caller's base without LoRA layers and with its ``requires_grad`` flags.
     """
     peft = require_peft()
-    from twinloss_adapters.persistence import check_exact_match, check_same_adapter, hub_arguments, read_twinloss_config
+    from twinloss_adapters.persistence import check_exact_match, check_same_adapter, read_twinloss_config
 
-    config = peft.PeftConfig.from_pretrained(str(model_id), **hub_kwargs)
+    folder = _local_adapter_folder(model_id, hub_kwargs)
+    config = peft.PeftConfig.from_pretrained(folder)
     if not isinstance(config, peft.LoraConfig):
         raise ValueError(f"{model_id} holds a {type(config).__name__}, expected a LoRA adapter (LoraConfig)")
     if not isinstance(adapted, AdaptedTransformer):
         raise ValueError(f"adapted must be a model returned by adapt() or from_pretrained(), got {type(adapted).__name__}")
-    saved_adapter = read_twinloss_config(model_id, hub_kwargs.get("subfolder"), hub_arguments(hub_kwargs))
+    saved_adapter = read_twinloss_config(folder, None, {})
     if saved_adapter is not None:  # LoRA folders saved before twinloss wrote it have none: nothing to compare
         check_same_adapter(saved_adapter, adapted, f"the LoRA in {model_id}")
     absent = sorted(set(_extra_module_names(adapted)) - set(config.modules_to_save or ()))
@@ -248,12 +249,47 @@ def _checked_lora(
             f"{config.modules_to_save}); their trained weights are not in it"
         )
     config.inference_mode = not is_trainable
-    saved = peft.utils.load_peft_weights(str(model_id), device="cpu", **hub_kwargs)
+    saved = peft.utils.load_peft_weights(folder, device="cpu")
     dry_run = add_lora(_weightless_copy(adapted), config, adapter_name=adapter_name)
     expected = peft.get_peft_model_state_dict(dry_run, adapter_name=adapter_name)
     # Names and shapes are compared in the saved naming; peft then maps them onto the adapter's parameters.
     check_exact_match(expected, saved, f"the adapter weights in {model_id}")
     return config, saved
+
+
+def _local_adapter_folder(model_id: str | os.PathLike, hub_kwargs: Mapping[str, object]) -> str:
+    """The local folder holding the peft adapter of ``model_id`` (``hub_kwargs["subfolder"]`` inside it).
+
+    A directory is used as it is. For a Hub repository its config, weights and
+    ``twinloss_config.json`` are fetched into (or, with ``local_files_only``,
+    found in) the Hub cache the way diffusers' loaders fetch files, honouring
+    every Hub argument; peft then reads that folder. (peft's own loader asks
+    the Hub whether a file exists before it looks in the cache, so it cannot
+    load offline.)
+
+    Raises:
+        ValueError: naming a keyword that is no Hub argument, or the
+            repository's missing config or weights file.
+    """
+    from twinloss_adapters.persistence import HUB_ARGUMENTS, hub_arguments, resolve_file
+
+    unknown = sorted(set(hub_kwargs) - {"subfolder", *HUB_ARGUMENTS})
+    if unknown:
+        raise ValueError(f"load_lora got {unknown}, which are no Hub arguments; expected subfolder or {list(HUB_ARGUMENTS)}")
+    subfolder = hub_kwargs.get("subfolder")
+    if Path(model_id).is_dir():
+        return str(Path(model_id) / (subfolder or ""))
+    from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+    from twinloss_adapters.persistence import TWINLOSS_CONFIG_NAME
+
+    hub = hub_arguments(hub_kwargs)
+    config = resolve_file(model_id, CONFIG_NAME, subfolder, hub)
+    if config is None:
+        raise ValueError(f"found no {CONFIG_NAME} in {str(model_id)!r} (subfolder {subfolder!r})")
+    if not any(resolve_file(model_id, name, subfolder, hub) for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        raise ValueError(f"found no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {str(model_id)!r} (subfolder {subfolder!r})")
+    resolve_file(model_id, TWINLOSS_CONFIG_NAME, subfolder, hub)  # beside the others in the cache, when saved
+    return str(Path(config).parent)
 
 
 def save_merged(

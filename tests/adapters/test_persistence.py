@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from adapter_backbones import CASES, BackboneCase, module_arguments  # noqa: E402
+from hub_cache import cache_repository  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from twinloss_adapters.persistence import (  # noqa: E402
@@ -397,6 +398,35 @@ def test_lora_and_its_ema_reload_onto_a_fresh_stock_base_exactly(name: str, tmp_
     assert not any(p.requires_grad for p in reloaded.parameters())
     ema = lora.load_lora(_fresh_base(case, name, tmp_path / "stock"), tmp_path / "lora" / "twinflow_ema")
     assert torch.equal(_outputs(ema, case), expected_ema)
+
+
+@needs_peft
+def test_a_stock_base_and_a_lora_with_its_ema_on_the_hub_load_by_repository_id_exactly(tmp_path) -> None:
+    """The Hub path (repository ids, the EMA in a subfolder), served from a cache the test writes, offline."""
+    from twinloss_adapters import lora
+
+    case = CASES["sana"]
+    model, teacher = _lora_trained(case, tmp_path / "stock")
+    expected = _outputs(model, case)
+    x, cond = _inputs(case, model.get_base_model().transformer)
+    expected_ema = teacher(model, x, T, R, cond)
+    model.save_pretrained(tmp_path / "lora")
+    hub = cache_repository(tmp_path / "hub", "twinloss-test/tiny-sana", tmp_path / "stock")
+    assert cache_repository(tmp_path / "hub", "twinloss-test/tiny-sana-lora", tmp_path / "lora") == hub
+
+    options, _ = split_construction_arguments(case.adapt(case.build()).construction_arguments)
+
+    def base():
+        return type(model.get_base_model()).from_pretrained("twinloss-test/tiny-sana", **options, **hub)
+
+    reloaded = lora.load_lora(base(), "twinloss-test/tiny-sana-lora", **hub)
+    assert torch.equal(_outputs(reloaded, case), expected)
+    ema = lora.load_lora(base(), "twinloss-test/tiny-sana-lora", subfolder="twinflow_ema", **hub)
+    assert torch.equal(_outputs(ema, case), expected_ema)
+    with pytest.raises(ValueError, match="revison"):  # a misspelled Hub argument is named, not passed on
+        lora.load_lora(base(), "twinloss-test/tiny-sana-lora", revison="main", **hub)
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        lora.load_lora(base(), "twinloss-test/tiny-sana", **hub)  # the stock base's repository holds no adapter
 
 
 # An option of each backbone whose other value gives other outputs: the base adapted with it must be refused.

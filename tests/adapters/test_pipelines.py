@@ -27,6 +27,7 @@ from twinloss_adapters.pipelines import twinflow_pipeline
 from twinloss_adapters.scheduler import TwinFlowScheduler
 
 from adapter_backbones import CASES, TEXT_LEN
+from hub_cache import cache_repository
 
 BATCH = 2
 
@@ -575,6 +576,31 @@ def test_a_saved_twinflow_pipeline_reloads_and_generates_the_same_images(tmp_pat
         **kwargs, output_type="pt", generator=torch.Generator().manual_seed(0)
     ).images
     assert torch.equal(after, before)
+
+
+def test_a_twinflow_pipeline_on_the_hub_loads_by_repository_id_and_generates_the_same_images(tmp_path):
+    """The Hub path (a repository id, not a directory), served from a cache the test writes, offline."""
+    from diffusers import SanaPipeline
+    from twinloss_adapters import sana
+
+    pipeline, _ = _sana_pipeline()
+    generate = twinflow_pipeline(pipeline, preset="qwenimage_2nfe")
+    kwargs = PIPELINES["SanaPipeline"].call_kwargs(torch.Generator().manual_seed(11))
+    before = generate(**kwargs, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    pipeline.save_pretrained(tmp_path / "saved")
+    hub = cache_repository(tmp_path / "hub", "twinloss-test/tiny-sana-twinflow", tmp_path / "saved")
+
+    model = sana.from_pretrained("twinloss-test/tiny-sana-twinflow", **hub)
+    reloaded = SanaPipeline.from_pretrained(
+        "twinloss-test/tiny-sana-twinflow", transformer=model.transformer, tokenizer=None, text_encoder=None, **hub)
+    assert type(reloaded.scheduler) is TwinFlowScheduler
+    reloaded.set_progress_bar_config(disable=True)
+    after = twinflow_pipeline(reloaded, scheduler=reloaded.scheduler, steps=2)(
+        **kwargs, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
+    assert torch.equal(after, before)
+    with pytest.raises(ValueError, match="not-cached"):  # the cache served it: another repository id is not there
+        sana.from_pretrained("twinloss-test/not-cached", **hub)
 
 
 def test_a_reloaded_lora_generates_through_the_pipeline_of_its_base(tmp_path):
