@@ -39,7 +39,10 @@ def test_each_variant_is_the_unguided_default_loss_with_its_partition_warm_up_or
         assert isinstance(loss.rectify_distance, L2Distance)
         assert loss.rectify_weight == float(name.removeprefix("TwinFlow w 0, l2 rectification weight "))
     scaled = "gap-scaled" in name
-    assert loss.rectify_time is early.UNIFORM_S and module_settings(early.UNIFORM_S) == {"alpha": 1, "beta": 1}
+    clean = "s clean" in name  # the twelfth round's conditioned default law, written out; the rest the uniform s
+    assert loss.rectify_time is (early.S_CLEAN if clean else early.UNIFORM_S)
+    assert module_settings(early.UNIFORM_S) == {"alpha": 1, "beta": 1}
+    assert module_settings(early.S_CLEAN) == {"shift": 1 / 3, "base": {"alpha": 1, "beta": 1}}
     assert_default_loss_except(loss, "guidance_scale", "rectify_time", *(("shares",) if third else ()), *(("rectify_weight",) if l2 else ()),
                                *(("rectify_distance",) if l2 or scaled else ()))
     assert len({curves.slug(other) for other in early.VARIANTS}) == len(early.VARIANTS)

@@ -24,6 +24,9 @@ sit beside theirs in ``results/curves``):
   and so small while the fake field is close to the real one, at two and
   four times the weight the third round's ``rectification l2`` had (which
   was even with RCGM-only on the patches and behind it on shapes);
+* ``s clean, one-step 1/3, fake 1/8`` (twelfth round): the one-step third
+  with the unguided default of a conditioned batch since the twelfth round,
+  ``s`` towards the data (``ShiftedTime(1/3)``, written out);
 * ``gap-scaled rectification``: each row keeps the Barron distance's unit
   push, and the term is scaled by the batch's mean root-mean-square gap
   over :data:`REFERENCE_GAP` (detached; :class:`GapScaledRectification`).
@@ -44,7 +47,7 @@ import curves  # noqa: E402
 import guidance  # noqa: E402
 
 import twinloss  # noqa: E402
-from twinloss import BetaTime, GroupShares, TwinFlowLoss  # noqa: E402
+from twinloss import BetaTime, GroupShares, ShiftedTime, TwinFlowLoss  # noqa: E402
 
 FAKE_EIGHTH = GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)
 """The unguided default partition when these variants ran (written out: a stored run must not follow a later default)."""
@@ -99,8 +102,11 @@ class GapScaledRectification(guidance.RectificationDistance):
 
 
 UNIFORM_S = BetaTime()
-"""The law of ``s`` of every variant here: the unguided default when they ran (written out: since the twelfth
-round a conditioned batch draws ``s`` towards the data)."""
+"""The law of ``s`` of the eleventh round's variants here: the unguided default when they ran (written out:
+since the twelfth round a conditioned batch draws ``s`` towards the data)."""
+
+S_CLEAN = ShiftedTime(1 / 3)
+"""The twelfth round's unguided default law of ``s`` on a conditioned batch, written out."""
 
 VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow w 0, rectification warm-up 1000": lambda pretrained: RectificationWarmUp(
@@ -116,6 +122,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     },
     "TwinFlow w 0, gap-scaled rectification": lambda pretrained: GapScaledRectification(
         guidance_scale=0.0, shares=FAKE_EIGHTH, rectify_time=UNIFORM_S),
+    "TwinFlow w 0, s clean, one-step 1/3, fake 1/8": lambda pretrained: TwinFlowLoss(
+        guidance_scale=0.0, shares=ONE_STEP_THIRD, rectify_time=S_CLEAN),
 }
 
 
