@@ -38,13 +38,14 @@ def test_each_variant_is_the_default_loss_with_its_partition_guidance_and_rectif
     # a partition alone is a variant only where it is not the default; with a lighter rectification it may be
     moved = loss.trajectory.shares != default_shares(scale)
     assert moved or weight
-    # without guidance the uniform s these variants ran with is written out (the unguided default until the
-    # twelfth round); with guidance the default law, unchanged since
+    # the uniform s the stored runs used is written out: without guidance (the unguided default until the
+    # twelfth round), and with it for the partitions whose every run predates the eighth round's guided law
     unguided = setting == "w 0"
-    changed = (*(("shares",) if moved else ()), *(("guidance_scale", "rectify_time") if unguided else ()),
-               *(("rectify_weight",) if weight else ()))
+    uniform = unguided or partition in balance.GUIDED_UNIFORM_S
+    changed = (*(("shares",) if moved else ()), *(("guidance_scale",) if unguided else ()),
+               *(("rectify_time",) if uniform else ()), *(("rectify_weight",) if weight else ()))
     assert_default_loss_except(loss, *changed)
-    if unguided:
+    if uniform:
         assert type(loss.rectify_time) is BetaTime and module_settings(loss.rectify_time) == {"alpha": 1, "beta": 1}
     assert len({curves.slug(other) for other in balance.VARIANTS}) == len(balance.VARIANTS)
 

@@ -66,25 +66,32 @@ GUIDANCE: dict[str, float] = {"w 0": 0.0, "defaults": 0.5}
 """Each partition runs with guidance off and at the default scale, as issue 12's checks ask."""
 
 
-def variant(shares: GroupShares, guidance_scale: float, rectify_weight: float = 0.5) -> curves.MethodFactory:
-    """A method factory: the default loss with ``shares``, ``guidance_scale`` and ``rectify_weight``.
+GUIDED_UNIFORM_S = ("twin share 1/3",)
+"""Guided partitions whose every stored run predates the eighth round's guided law of ``s`` (logit-normal):
+they write out the uniform ``s`` they ran with. The guided fake share of 1/8 ran both ways: with the uniform
+law at 1x = 1000 and width 512 (stored as ``rectify_time.py``'s ``TwinFlow defaults, s uniform, fake share
+1/8``) and with the guided default at the issue's budget (stored here)."""
 
-    Without guidance the rectification draws the authors' uniform ``s``, the unguided default when these
-    variants ran (since the twelfth round a conditioned batch draws it towards the data); with guidance the
-    default law, which has not changed since they ran.
-    """
-    rectify_time = BetaTime() if guidance_scale == 0 else None
+
+def variant(
+    shares: GroupShares, guidance_scale: float, rectify_weight: float = 0.5, *, uniform_s: bool
+) -> curves.MethodFactory:
+    """A method factory: the default loss with ``shares``, ``guidance_scale`` and ``rectify_weight``, and with
+    the authors' uniform ``s`` written out if ``uniform_s`` (the law the stored runs used: without guidance the
+    default until the twelfth round; with it, :data:`GUIDED_UNIFORM_S`), else the default law."""
+    rectify_time = BetaTime() if uniform_s else None
     return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, shares=shares, rectify_weight=rectify_weight,
                                            rectify_time=rectify_time)
 
 
 VARIANTS: dict[str, curves.MethodFactory] = {
-    f"TwinFlow {setting}, {balance}": variant(shares, scale)
+    f"TwinFlow {setting}, {balance}": variant(shares, scale, uniform_s=scale == 0 or balance in GUIDED_UNIFORM_S)
     for balance, shares in BALANCES.items()
     for setting, scale in GUIDANCE.items()
     if shares != default_shares(scale)
 }
-VARIANTS["TwinFlow w 0, fake share 1/8, rectify weight 0.25"] = variant(BALANCES["fake share 1/8"], 0.0, 0.25)
+VARIANTS["TwinFlow w 0, fake share 1/8, rectify weight 0.25"] = variant(
+    BALANCES["fake share 1/8"], 0.0, 0.25, uniform_s=True)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,12 @@ run with it:
   with a conditioning (:func:`twinloss.loss.default_rectify_time`), so on
   the class-conditional tasks its runs are ``curves.py``'s ``TwinFlow w 0``;
   on the unconditional shapes it is a variant;
-* ``w 0, s uniform, fake share 1/8``: the unguided default of the tenth and
-  eleventh rounds; on the class-conditional tasks their ``TwinFlow w 0`` runs
-  are stored under this name, and on shapes it is ``curves.py``'s
-  ``TwinFlow w 0``.
+* ``s uniform, fake share 1/8``: without guidance the unguided default of
+  the tenth and eleventh rounds; on the class-conditional tasks their
+  ``TwinFlow w 0`` runs are stored under this name, and on shapes it is
+  ``curves.py``'s ``TwinFlow w 0``. With guidance it holds ``balance.py``'s
+  ``TwinFlow defaults, fake share 1/8`` runs made before the eighth round's
+  guided law (1x = 1000, width 512).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/rectify_time.py --task patches --seed 0 --skip-fm      # every variant
@@ -84,7 +86,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     f"TwinFlow {setting}, s clean, fake share 1/8": variant(RECTIFY_TIMES["s clean"], scale, BALANCES["fake share 1/8"])
     for setting, scale in GUIDANCE.items()
 } | {
-    "TwinFlow w 0, s uniform, fake share 1/8": variant(RECTIFY_TIMES["s uniform"], 0.0, BALANCES["fake share 1/8"]),
+    f"TwinFlow {setting}, s uniform, fake share 1/8": variant(RECTIFY_TIMES["s uniform"], scale, BALANCES["fake share 1/8"])
+    for setting, scale in GUIDANCE.items()
 }
 
 
