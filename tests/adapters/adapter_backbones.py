@@ -898,14 +898,28 @@ def adapt_ltx_condition(transformer: nn.Module) -> nn.Module:
     return ltx_condition.adapt(transformer)
 
 
+KEYFRAME_INDEX = 9
+"""The pixel frame of the generic case's keyframe (latent frame 2's first pixel frame)."""
+
+
 def ltx_condition_cond(transformer: nn.Module, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
-    return {**ltx_video_cond(transformer, batch, generator), "condition_latent": _randn(generator, batch, 4, 1, 4, 4)}
+    """A strength-1 condition at frame 0 and a keyframe at pixel frame :data:`KEYFRAME_INDEX`."""
+    return {
+        **ltx_video_cond(transformer, batch, generator), "condition_latent": _randn(generator, batch, 4, 1, 4, 4),
+        "keyframe_latents": _randn(generator, batch, 4, 1, 4, 4),
+        "keyframe_frames": torch.full((batch, 1), float(KEYFRAME_INDEX)),
+    }
 
 
-def ltx_condition_pipeline_call(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-    """LTXConditionPipeline's denoising-loop call (its own helpers), a strength-1 condition at frame index 0.
+def ltx_condition_pipeline_call(
+    transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor], keyframes: tuple[tuple[Tensor, int], ...] = ()
+) -> Tensor:
+    """LTXConditionPipeline's denoising-loop call (its own helpers, its prepare_latents steps written out).
 
-    Each row at its timestep ``1000 t``; without ``cond['condition_latent']`` the pipeline's text-to-video call.
+    Each row at its timestep ``1000 t``; ``cond['condition_latent']`` is a strength-1 condition at frame
+    index 0, and each ``(latent [B, C, 1, H, W], frame_index)`` of ``keyframes`` a strength-1 image condition
+    at that later frame index, whose tokens the pipeline prepends and whose prediction it drops. Without
+    either, the pipeline's text-to-video call.
     """
     from diffusers import LTXConditionPipeline as Pipeline
 
@@ -917,24 +931,42 @@ def ltx_condition_pipeline_call(transformer: nn.Module, x: Tensor, t: Tensor, co
         conditioned = condition.shape[2]
         latents[:, :, :conditioned] = torch.lerp(latents[:, :, :conditioned], condition, 1.0)
         frames_mask[:, :conditioned] = 1.0
+    extra_latents, extra_ids, extra_masks = [], [], []
+    for keyframe, frame_index in keyframes:
+        keyframe = torch.lerp(torch.randn_like(keyframe), keyframe, 1.0)  # the pipeline blends noise at strength 1
+        ids = Pipeline._prepare_video_ids(batch, keyframe.shape[2], height, width)
+        extra_ids.append(Pipeline._scale_video_ids(ids, scale_factor=32, scale_factor_t=8, frame_index=frame_index))
+        extra_latents.append(Pipeline._pack_latents(keyframe))
+        extra_masks.append(torch.full(extra_latents[-1].shape[:2], 1.0))
     video_ids = Pipeline._prepare_video_ids(batch, frames, height, width)
     conditioning_mask = frames_mask.gather(1, video_ids[:, 0])
-    video_coords = Pipeline._scale_video_ids(video_ids, scale_factor=32, scale_factor_t=8, frame_index=0).float()
+    video_ids = Pipeline._scale_video_ids(video_ids, scale_factor=32, scale_factor_t=8, frame_index=0)
+    tokens = torch.cat([*extra_latents, Pipeline._pack_latents(latents)], dim=1)
+    video_coords = torch.cat([*extra_ids, video_ids], dim=2).float()
+    conditioning_mask = torch.cat([*extra_masks, conditioning_mask], dim=1)
     video_coords[:, 0] = video_coords[:, 0] * (1.0 / 25)
     timestep = (1000 * t)[:, None].float()
-    if condition is not None:
+    if condition is not None or keyframes:
         timestep = torch.min(timestep, (1 - conditioning_mask) * 1000.0)
     tokens = transformer(
-        hidden_states=Pipeline._pack_latents(latents), encoder_hidden_states=cond["encoder_hidden_states"],
+        hidden_states=tokens, encoder_hidden_states=cond["encoder_hidden_states"],
         timestep=timestep, encoder_attention_mask=cond["encoder_attention_mask"], video_coords=video_coords,
         return_dict=False,
     )[0]
-    return Pipeline._unpack_latents(tokens, frames, height, width)
+    prepended = sum(latent.shape[1] for latent in extra_latents)
+    return Pipeline._unpack_latents(tokens[:, prepended:], frames, height, width)
 
 
 def ltx_condition_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
     """The pipeline's call; the prediction on the conditioned frames, which the pipeline never applies, is 0."""
-    prediction = ltx_condition_pipeline_call(transformer, x, t, cond)
+    keyframes = ()
+    if "keyframe_latents" in cond:
+        frames = cond["keyframe_frames"]
+        assert bool((frames == frames[0, 0]).all()), "the pipeline takes one frame index per condition"
+        latents = cond["keyframe_latents"]
+        keyframes = tuple((latents[:, :, k : k + 1], int(frames[0, k])) for k in range(latents.shape[2]))
+    cond = {key: value for key, value in cond.items() if key not in ("keyframe_latents", "keyframe_frames")}
+    prediction = ltx_condition_pipeline_call(transformer, x, t, cond, keyframes)
     if "condition_latent" in cond:
         prediction[:, :, : cond["condition_latent"].shape[2]] = 0
     return prediction

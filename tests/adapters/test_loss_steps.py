@@ -12,8 +12,9 @@ STEPS = 3
 
 
 def _uncond(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Null conditioning: zero embeddings, masks and guidance kept."""
-    return {key: value if "mask" in key or key == "guidance" else torch.zeros_like(value) for key, value in cond.items()}
+    """Null conditioning: zero embeddings; masks, guidance and positions (LTX keyframes' frame indices) kept."""
+    kept = ("guidance", "keyframe_frames")
+    return {key: value if "mask" in key or key in kept else torch.zeros_like(value) for key, value in cond.items()}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -1,4 +1,5 @@
-"""LTX-Video conditioning: per-token timesteps, the twin embedding per token, the conditioned frames at (0, 0)."""
+"""LTX-Video conditioning: per-token timesteps, the twin embedding per token, the conditioned frames and the
+keyframes at (0, 0)."""
 
 import pytest
 import torch
@@ -81,6 +82,81 @@ def test_noisy_tokens_get_their_rows_twin_embedding_and_conditioned_tokens_the_s
     expected = stock[:, TOKENS_PER_FRAME:] + twin[:, None, :]
     torch.testing.assert_close(temb[:, TOKENS_PER_FRAME:], expected, rtol=1e-5, atol=1e-5)
     assert twin.abs().min(dim=1).values.max() > 0 and (twin[0] - twin[1]).abs().max() > 1e-2  # rows differ
+
+
+def _keyframes(batch: int = 2, count: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 4, count, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def test_keyframes_at_later_frames_match_the_pipelines_prepended_conditions_bit_exactly() -> None:
+    transformer, model = _adapted()
+    x, cond = _inputs(conditioned=1)
+    latents = _keyframes()
+    t = torch.tensor([0.9, 0.35])
+    with torch.no_grad():
+        expected = ltx_condition_pipeline_call(
+            transformer, x, t, cond, keyframes=((latents[:, :, :1], 9), (latents[:, :, 1:], 17)))
+        actual = model(x, t, t.clone(), **cond, keyframe_latents=latents, keyframe_frames=torch.tensor([[9.0, 17.0]] * 2))
+        without = model(x, t, t.clone(), **cond)
+    torch.testing.assert_close(actual[:, :, 1:], expected[:, :, 1:], rtol=0, atol=0)
+    assert (actual[:, :, :1] == 0).all()  # the frame-0 condition still holds its frame
+    assert (actual - without).abs().max() > 1e-3  # the keyframes reach the video's tokens
+
+
+def test_each_row_takes_its_own_keyframe_frame_index() -> None:
+    transformer, model = _adapted()
+    x, cond = _inputs(conditioned=1)
+    latents = _keyframes(count=1)
+    t = torch.tensor([0.9, 0.35])
+    with torch.no_grad():
+        batched = model(x, t, t.clone(), **cond, keyframe_latents=latents, keyframe_frames=torch.tensor([[9.0], [25.0]]))
+        for row, index in ((0, 9), (1, 25)):
+            one = {key: value[row : row + 1] for key, value in cond.items()}
+            expected = ltx_condition_pipeline_call(
+                transformer, x[row : row + 1], t[row : row + 1], one, keyframes=((latents[row : row + 1], index),))
+            torch.testing.assert_close(batched[row : row + 1, :, 1:], expected[:, :, 1:], rtol=1e-5, atol=1e-5)
+        moved = model(x, t, t.clone(), **cond, keyframe_latents=latents, keyframe_frames=torch.tensor([[25.0], [25.0]]))
+    assert (moved[0] - batched[0]).abs().max() > 1e-4 and torch.equal(moved[1], batched[1])  # the index is the row's
+
+
+def test_keyframe_tokens_get_the_stock_embedding_at_time_zero_on_both_trajectories() -> None:
+    transformer, model = _adapted()
+    x, cond = _inputs(conditioned=1)
+    t, r = torch.tensor([-0.8, 0.6]), torch.tensor([-0.3, 0.1])
+    seen = []
+    embedding = transformer.time_embed.emb
+    handle = embedding.timestep_embedder.register_forward_hook(lambda module, args, output: seen.append(output))
+    with torch.no_grad():
+        model(x, t, r, **cond, keyframe_latents=_keyframes(count=2), keyframe_frames=torch.tensor([[9.0, 17.0]] * 2))
+        handle.remove()
+        temb = seen[0].unflatten(0, (2, -1))  # [B, tokens, D], after the twin embedding was added
+        held = 3 * TOKENS_PER_FRAME  # two keyframes, then the conditioned frame
+        at_zero = embedding.timestep_embedder(embedding.time_proj(torch.zeros(1)))
+        timestep = (1000 * t.abs())[:, None].expand(2, (FRAMES - 1) * TOKENS_PER_FRAME)
+        stock = embedding.timestep_embedder(embedding.time_proj(timestep.flatten())).unflatten(0, timestep.shape)
+        twin = transformer.get_submodule(DEFAULT_MODULE_NAME)(t, r)
+    assert temb.shape == (2, held + (FRAMES - 1) * TOKENS_PER_FRAME, 24)
+    torch.testing.assert_close(temb[:, :held], at_zero.expand(2, held, 24), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(temb[:, held:], stock + twin[:, None, :], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_keyframes_raise_naming_the_key() -> None:
+    _, model = _adapted()
+    x, cond = _inputs(conditioned=1)
+    t = torch.tensor([0.9, 0.35])
+    good = {"keyframe_latents": _keyframes(count=1), "keyframe_frames": torch.tensor([[9.0], [9.0]])}
+    cases = [
+        ({"keyframe_latents": good["keyframe_latents"]}, "keyframe_latents.*needs.*keyframe_frames"),
+        ({"keyframe_frames": good["keyframe_frames"]}, "keyframe_frames.*needs.*keyframe_latents"),
+        ({**good, "keyframe_frames": torch.tensor([[9.0, 17.0], [9.0, 17.0]])}, "keyframe_frames.*must be \\[B, K\\]"),
+        ({**good, "keyframe_frames": torch.tensor([[0.0], [9.0]])}, "keyframe_frames.*whole numbers >= 1"),
+        ({**good, "keyframe_frames": torch.tensor([[8.5], [9.0]])}, "keyframe_frames.*whole numbers >= 1"),
+        ({**good, "keyframe_latents": torch.zeros(2, 3, 1, 4, 4)}, "keyframe_latents.*must be"),
+        ({**good, "keyframe_latents": torch.zeros(2, 4, 1, 4, 2)}, "keyframe_latents.*spans"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(x, t, t, **cond, **extra)
 
 
 def test_bad_conditions_and_patched_transformers_raise() -> None:
