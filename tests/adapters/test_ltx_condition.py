@@ -33,6 +33,17 @@ def _adapted(seed: int = 0) -> tuple[torch.nn.Module, ltx_condition.LTXCondition
     return transformer, model
 
 
+def _embeddings(transformer, model, x, t, r, cond) -> torch.Tensor:
+    """The per-token time embeddings ``[B, tokens, D]`` of one call of ``model``, the twin embedding added."""
+    seen = []
+    embedder = transformer.time_embed.emb.timestep_embedder
+    handle = embedder.register_forward_hook(lambda module, args, output: seen.append(output))
+    with torch.no_grad():
+        model(x, t, r, **cond)
+    handle.remove()
+    return seen[0].unflatten(0, (x.shape[0], -1))
+
+
 def test_without_a_condition_matches_the_condition_pipelines_text_to_video_call_bit_exactly() -> None:
     transformer, model = _adapted()
     x, cond = _inputs()
@@ -65,13 +76,9 @@ def test_noisy_tokens_get_their_rows_twin_embedding_and_conditioned_tokens_the_s
     transformer, model = _adapted()
     x, cond = _inputs(conditioned=1)
     t, r = torch.tensor([-0.8, 0.6]), torch.tensor([-0.3, 0.1])
-    seen = []
     embedding = transformer.time_embed.emb
-    handle = embedding.timestep_embedder.register_forward_hook(lambda module, args, output: seen.append(output))
+    temb = _embeddings(transformer, model, x, t, r, cond)
     with torch.no_grad():
-        model(x, t, r, **cond)
-        handle.remove()
-        temb = seen[0].unflatten(0, (2, -1))  # [B, tokens, D], after the twin embedding was added
         noisy = torch.ones(FRAMES, TOKENS_PER_FRAME)
         noisy[0] = 0
         timestep = 1000 * t.abs()[:, None] * noisy.flatten()  # the pipeline's per-token timesteps
@@ -123,13 +130,10 @@ def test_keyframe_tokens_get_the_stock_embedding_at_time_zero_on_both_trajectori
     transformer, model = _adapted()
     x, cond = _inputs(conditioned=1)
     t, r = torch.tensor([-0.8, 0.6]), torch.tensor([-0.3, 0.1])
-    seen = []
     embedding = transformer.time_embed.emb
-    handle = embedding.timestep_embedder.register_forward_hook(lambda module, args, output: seen.append(output))
+    keyframes = {"keyframe_latents": _keyframes(count=2), "keyframe_frames": torch.tensor([[9.0, 17.0]] * 2)}
+    temb = _embeddings(transformer, model, x, t, r, {**cond, **keyframes})
     with torch.no_grad():
-        model(x, t, r, **cond, keyframe_latents=_keyframes(count=2), keyframe_frames=torch.tensor([[9.0, 17.0]] * 2))
-        handle.remove()
-        temb = seen[0].unflatten(0, (2, -1))  # [B, tokens, D], after the twin embedding was added
         held = 3 * TOKENS_PER_FRAME  # two keyframes, then the conditioned frame
         at_zero = embedding.timestep_embedder(embedding.time_proj(torch.zeros(1)))
         timestep = (1000 * t.abs())[:, None].expand(2, (FRAMES - 1) * TOKENS_PER_FRAME)
