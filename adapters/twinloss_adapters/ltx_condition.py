@@ -165,8 +165,9 @@ class LTXConditionAdapter(LTXVideoAdapter):
         for strength-1 conditions.
         """
         frames, height, width = x_t.shape[2:]
-        noisy = torch.ones(self.keyframe_count(x_t, cond) + frames, height * width, dtype=torch.float32, device=x_t.device)
-        noisy[: self.keyframe_count(x_t, cond) + self.conditioned_frames(x_t, cond)] = 0.0
+        keyframes = self.keyframe_count(x_t, cond)
+        noisy = torch.ones(keyframes + frames, height * width, dtype=torch.float32, device=x_t.device)
+        noisy[: keyframes + self.conditioned_frames(x_t, cond)] = 0.0
         return noisy.flatten()
 
     def keyframe_coords(self, x_t: Tensor, frames: Tensor) -> Float[Tensor, "batch 3 tokens"]:
