@@ -126,7 +126,7 @@ def test_each_row_takes_its_own_keyframe_frame_index() -> None:
     assert (moved[0] - batched[0]).abs().max() > 1e-4 and torch.equal(moved[1], batched[1])  # the index is the row's
 
 
-def test_keyframe_tokens_get_the_stock_embedding_at_time_zero_on_both_trajectories() -> None:
+def test_keyframe_tokens_get_the_stock_embedding_at_time_zero_and_noisy_tokens_their_rows_twin_embedding() -> None:
     transformer, model = _adapted()
     x, cond = _inputs(conditioned=1)
     t, r = torch.tensor([-0.8, 0.6]), torch.tensor([-0.3, 0.1])

@@ -401,7 +401,7 @@ def test_lora_and_its_ema_reload_onto_a_fresh_stock_base_exactly(name: str, tmp_
 
 
 @needs_peft
-def test_a_stock_base_and_a_lora_with_its_ema_on_the_hub_load_by_repository_id_exactly(tmp_path) -> None:
+def test_a_stock_base_and_a_lora_with_its_ema_on_the_hub_load_by_repository_id_exactly_and_bad_hub_arguments_are_named(tmp_path) -> None:
     """The Hub path (repository ids, the EMA in a subfolder), served from a cache the test writes, offline."""
     from twinloss_adapters import lora
 
