@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 import curves  # noqa: E402
-from gap_time import gap_by_time, write_rows  # noqa: E402
+from gap_time import gap_by_time  # noqa: E402
 
 from twinloss import toy  # noqa: E402
 
@@ -59,7 +59,7 @@ def test_load_weights_copies_the_pretrained_model_with_the_kept_weights_or_names
 
 def test_a_new_report_keeps_the_rows_of_methods_it_does_not_name(tmp_path):
     path = tmp_path / "gaptime_ring_seed0.json"
-    write_rows(path, {"A": {"0.5": {"rms": 1.0}}, "B": {"0.5": {"rms": 2.0}}})
-    write_rows(path, {"B": {"0.5": {"rms": 3.0}}, "C": {"0.5": {"rms": 4.0}}})
+    curves.write_rows(path, {"A": {"0.5": {"rms": 1.0}}, "B": {"0.5": {"rms": 2.0}}})
+    curves.write_rows(path, {"B": {"0.5": {"rms": 3.0}}, "C": {"0.5": {"rms": 4.0}}})
     assert json.loads(path.read_text()) == {"A": {"0.5": {"rms": 1.0}}, "B": {"0.5": {"rms": 3.0}},
                                             "C": {"0.5": {"rms": 4.0}}}

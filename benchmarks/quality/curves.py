@@ -375,6 +375,12 @@ def save_weights(path: Path, final: dict) -> None:
     os.replace(partial, path)
 
 
+def write_rows(path: Path, rows: dict[str, dict]) -> None:
+    """Write ``rows`` (one per method) into the JSON report at ``path``, keeping the other methods' rows."""
+    report = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(report | rows, indent=1) + "\n")
+
+
 def saved_runs_parser(description: str, tasks: list[str], methods_help: str) -> argparse.ArgumentParser:
     """The command line of a script that reads the weights runs kept: ``--task``, ``--seed`` (repeatable),
     ``--methods`` (names) and ``--results`` (where the runs wrote)."""
@@ -386,11 +392,12 @@ def saved_runs_parser(description: str, tasks: list[str], methods_help: str) -> 
     return parser
 
 
-def load_weights(bench: Bench, results: Path, task: str, seed: int, name: str, which: str) -> nn.Module:
+def load_weights(bench: Bench, results: Path, task: str, seed: int, name: str, which: str,
+                 variant: str = "") -> nn.Module:
     """A copy of ``bench``'s pretrained model holding the final ``which`` weights (``"raw"`` or ``"power"``)
-    that :func:`save_weights` kept for method ``name`` under ``results``; a ``ValueError`` naming the
-    method when that run kept none."""
-    path = results / "weights" / f"{task}_seed{seed}_{slug(name)}.pt"
+    that :func:`save_weights` kept for method ``name`` under ``results`` (``variant``: the run's name
+    suffix, e.g. ``"_eval16000"``); a ``ValueError`` naming the method when that run kept none."""
+    path = results / "weights" / f"{task}_seed{seed}_{slug(name)}{variant}.pt"
     if not path.exists():
         raise ValueError(f"--methods {name!r}: no saved weights at {path}; run curves.py for it first")
     model = copy.deepcopy(bench.pretrained)

@@ -26,7 +26,6 @@ Writes the named methods' rows into ``results/curves/gaptime_{task}_seed{N}.json
 (rows of other methods already there are kept) and prints a table.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -70,12 +69,6 @@ def gap_by_time(
     return report
 
 
-def write_rows(path: Path, rows: dict[str, dict]) -> None:
-    """Write ``rows`` (one per method) into the JSON report at ``path``, keeping the other methods' rows."""
-    report = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps(report | rows, indent=1) + "\n")
-
-
 def main() -> None:
     args = curves.saved_runs_parser(__doc__, sorted(curves.TASKS), "method names (default: TwinFlow w 0)").parse_args()
     torch.set_num_threads(1)
@@ -91,7 +84,7 @@ def main() -> None:
             cells = " | ".join(f"s {s}: {row['rms']:.3f}, cos {row['repeatability']:.2f}"
                                for s, row in report[name].items())
             print(f"{task.name} seed {seed} | {name} | {cells}", flush=True)
-        write_rows(args.results / f"gaptime_{task.name}_seed{seed}.json", report)
+        curves.write_rows(args.results / f"gaptime_{task.name}_seed{seed}.json", report)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,14 @@ functions serve 2-D points, images, clips and sequences.
   from Inception; it is comparable across runs of this library, because the
   same seed always builds the same network.
 * :func:`mode_statistics`: for data drawn from a mixture with known centres,
-  assign each sample to its nearest centre and report mode coverage and the
-  *diversity ratio*: within-mode spread of the samples over that of the data
-  (1 is ideal; near 0 is mode collapse onto the centres, > 1 is blur).
+  assign each sample to its nearest centre and report mode coverage, the
+  *mode weight error* (total variation between the samples' and the data's
+  mode weights) and the *diversity ratio*: within-mode spread of the samples
+  over that of the data (1 is ideal; near 0 is mode collapse onto the
+  centres, > 1 is blur).
+* :func:`rebalance_modes`: the samples resampled within each mode to the
+  data's mode weights, so a distance between the result and the data reads
+  the shape of the modes without the error in their weights.
 * :func:`within_mode_spread`: the per-mode spread behind :func:`mode_statistics` and the monitor.
 * :func:`mean_pairwise_distance`: a model-free diversity figure.
 """
@@ -45,6 +50,7 @@ __all__ = [
     "mmd_rbf",
     "mode_statistics",
     "nearest_mode",
+    "rebalance_modes",
     "sliced_wasserstein",
     "within_mode_spread",
 ]
@@ -318,7 +324,11 @@ class ModeStatistics:
             fair share ``n / modes`` of the samples.
         off_mode_fraction: fraction of samples farther than ``radius`` from
             every centre (0 without a radius): the samples between the modes.
-        mode_fractions: fraction of the samples assigned to each mode.
+        mode_weight_error: :math:`\\tfrac12 \\sum_k |p_k - q_k|`, the total
+            variation distance between the samples' mode weights :math:`p`
+            and the data's :math:`q` (0 is ideal, 1 is disjoint modes).
+        mode_fractions: fraction of the samples assigned to each mode (:math:`p`).
+        data_mode_fractions: fraction of the data assigned to each mode (:math:`q`).
         within_spread_samples: per-mode spread of the samples (NaN if unpopulated).
         within_spread_data: per-mode spread of the reference data.
     """
@@ -326,7 +336,9 @@ class ModeStatistics:
     diversity_ratio: float
     coverage: float
     off_mode_fraction: float
+    mode_weight_error: float
     mode_fractions: tuple[float, ...]
+    data_mode_fractions: tuple[float, ...]
     within_spread_samples: tuple[float, ...] = field(repr=False)
     within_spread_data: tuple[float, ...] = field(repr=False)
 
@@ -368,6 +380,7 @@ def mode_statistics(
     sample_labels, data_labels = nearest_mode(a, c), nearest_mode(d, c)
     counts = torch.bincount(sample_labels, minlength=modes).to(torch.float64)
     fractions = counts / a.shape[0]
+    data_fractions = torch.bincount(data_labels, minlength=modes).to(torch.float64) / d.shape[0]
     coverage = float((counts >= min_share * a.shape[0] / modes).to(torch.float64).mean())
     off_mode = 0.0
     if radius is not None:
@@ -388,10 +401,54 @@ def mode_statistics(
         diversity_ratio=ratio,
         coverage=coverage,
         off_mode_fraction=off_mode,
+        mode_weight_error=0.5 * float((fractions - data_fractions).abs().sum()),
         mode_fractions=tuple(fractions.tolist()),
+        data_mode_fractions=tuple(data_fractions.tolist()),
         within_spread_samples=tuple(spread_samples.tolist()),
         within_spread_data=tuple(spread_data.tolist()),
     )
+
+
+def rebalance_modes(
+    samples: Float[Tensor, "n dim_samples"],
+    data: Float[Tensor, "m dim_data"],
+    centers: Float[Tensor, "modes dim"],
+    *,
+    generator: torch.Generator | None = None,
+) -> Float[Tensor, "n_balanced dim_samples"]:
+    r"""``samples`` redrawn within each mode to the data's mode weights.
+
+    Each sample and data point goes to its nearest centre. Mode :math:`k`
+    then gets :math:`\operatorname{round}(n q_k)` samples, drawn with
+    replacement from the samples assigned to it, where :math:`q_k` is the
+    data's weight of mode :math:`k` and ``n`` the number of samples. A
+    distance between the result and the data therefore reads the shape of
+    each mode, without the error in how the samples weigh the modes
+    (:attr:`ModeStatistics.mode_weight_error`). Samples keep their own shape.
+
+    Args:
+        samples: generated samples. data: reference samples of the mixture.
+        centers: the mixture's mode centres.
+        generator: draws the picks; pass a seeded one for a repeatable result.
+
+    Raises:
+        ValueError: when a mode holds data but no sample, so no weight can move onto it.
+    """
+    a, d, c = _flat(samples, "samples"), _flat(data, "data"), _flat(centers, "centers")
+    _same_width(a, c, ("samples", "centers"))
+    _same_width(d, c, ("data", "centers"))
+    modes = c.shape[0]
+    sample_labels, data_labels = nearest_mode(a, c), nearest_mode(d, c)
+    weights = torch.bincount(data_labels, minlength=modes).to(torch.float64) / d.shape[0]
+    wanted = (weights * a.shape[0]).round().long()
+    picks = []
+    for mode in range(modes):
+        members = (sample_labels == mode).nonzero().flatten()
+        if int(wanted[mode]) and not len(members):
+            raise ValueError(f"samples hold no point of mode {mode}, which carries {float(weights[mode]):.3g} of data")
+        index = torch.randint(len(members), (int(wanted[mode]),), generator=generator) if len(members) else members
+        picks.append(members[index])
+    return samples[torch.cat(picks)]
 
 
 def mean_pairwise_distance(x: Float[Tensor, " n *shape"], *, max_samples: int = 2048) -> Float[Tensor, ""]:

@@ -116,6 +116,47 @@ def test_mode_statistics_collapse_blur_and_coverage():
     assert stats.coverage == 0.5 and stats.diversity_ratio < 0.05
 
 
+def test_mode_weight_error_is_the_total_variation_between_mode_weights():
+    centers = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    data = centers[torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])]  # weights 1/4, 1/4, 1/2
+    samples = centers[torch.tensor([0, 0, 0, 1, 2, 2, 2, 2, 2, 2])]  # weights 3/10, 1/10, 6/10
+    stats = metrics.mode_statistics(samples + 0.01, data, centers)
+    assert stats.data_mode_fractions == (0.25, 0.25, 0.5)
+    assert stats.mode_weight_error == pytest.approx(0.5 * (0.05 + 0.15 + 0.1), abs=1e-12)
+    assert metrics.mode_statistics(data + 0.01, data, centers).mode_weight_error == 0.0
+
+
+def _two_modes(weight: float, n: int, seed: int) -> torch.Tensor:
+    """``n`` points, a share ``weight`` of them around (-2, 0) and the rest around (2, 0), std 0.1."""
+    g = torch.Generator().manual_seed(seed)
+    left = torch.rand(n, generator=g) < weight
+    return torch.where(left[:, None], torch.tensor([-2.0, 0.0]), torch.tensor([2.0, 0.0])) + 0.1 * torch.randn(
+        n, 2, generator=g
+    )
+
+
+def test_rebalance_modes_gives_the_data_weights_from_each_modes_own_samples():
+    centers = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
+    data, samples = _two_modes(0.5, 4000, seed=0), _two_modes(0.7, 3000, seed=1)
+    kept = samples.clone()
+    balanced = metrics.rebalance_modes(samples, data, centers, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(samples, kept)
+    data_left = float((metrics.nearest_mode(data, centers) == 0).double().mean())
+    assert int((metrics.nearest_mode(balanced, centers) == 0).sum()) == round(data_left * 3000)
+    assert len(balanced) == 3000 and metrics.mode_statistics(balanced, data, centers).mode_weight_error < 1e-3
+    assert all(bool((samples == row).all(dim=1).any()) for row in balanced[:200])  # every point is a sample
+    # Same shape, wrong weights (0.7 against 0.5 of the mass 4 apart): the redraw removes the distance.
+    wrong = float(metrics.sliced_wasserstein(samples, data, generator=torch.Generator().manual_seed(5)))
+    fixed = float(metrics.sliced_wasserstein(balanced, data, generator=torch.Generator().manual_seed(5)))
+    assert wrong > 1.0 and fixed < 0.05 * wrong
+
+
+def test_rebalance_modes_refuses_a_mode_without_samples():
+    centers = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
+    with pytest.raises(ValueError, match="mode 1"):
+        metrics.rebalance_modes(_two_modes(1.0, 100, seed=0), _two_modes(0.5, 100, seed=1), centers)
+
+
 def test_mean_pairwise_distance_closed_form():
     # Two points at distance 5: every distinct pair has distance 5.
     x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
