@@ -6,9 +6,9 @@ of training. On the ring's figure a split off by a few percent outweighs
 everything else: over 80 fine-tuned models (`docs/quality.md`, thirteenth
 round) the sliced Wasserstein ``sw`` correlates at 0.885 with
 ``mode_weight_error``, the total variation between the samples' and the
-data's mode weights. ``sw_balanced`` redraws the samples within each mode to
-the data's weights (``twinloss.metrics.rebalance_modes``) and scores them
-again: what is left is the shape of the modes.
+data's mode weights. ``sw_balanced`` weights the samples so that each mode
+holds the data's share (``twinloss.metrics.mode_balancing_weights``) and
+scores them again: what is left is the shape of the modes.
 
 ``curves.py`` records all three figures at every checkpoint of a run since
 they were added; this script scores the runs kept before then. For each
@@ -20,6 +20,7 @@ error, seeds where the method is lower).
 
     python benchmarks/quality/ring_modes.py --eval 16000 --seed 0 --seed 1 \
         --methods "TwinFlow w 0" "RCGM only w 0" --against "RCGM only w 0"
+    python benchmarks/quality/ring_modes.py --scored ...   # the gaps again, from the figures written
 
 Writes ``results/curves/ring_modes_seed{N}_eval{E}.json``: for each method
 the 3x power-average figures, ``{name: evaluate_ring(...)}``, keeping the
@@ -27,6 +28,7 @@ rows of methods it does not name.
 """
 
 import dataclasses
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -67,6 +69,8 @@ def main() -> None:
     parser = curves.saved_runs_parser(__doc__, ["ring"], "method names (required)")
     parser.add_argument("--eval", type=int, default=16000, help="held-out count of the runs (their --eval)")
     parser.add_argument("--against", default=None, help="print the paired gap of every other method to this one")
+    parser.add_argument("--scored", action="store_true",
+                        help="read the figures an earlier call wrote for these seeds instead of scoring again")
     args = parser.parse_args()
     if not args.methods:
         parser.error("--methods: name the runs to score")
@@ -75,8 +79,16 @@ def main() -> None:
     torch.set_num_threads(1)
     reports = []
     for seed in args.seed:
-        report = score_saved_runs(seed, args.methods, args.results, args.eval)
-        curves.write_rows(args.results / f"ring_modes_seed{seed}_eval{args.eval}.json", report)
+        path = args.results / f"ring_modes_seed{seed}_eval{args.eval}.json"
+        if args.scored:
+            written = json.loads(path.read_text()) if path.exists() else {}
+            missing = [name for name in args.methods if name not in written]
+            if missing:
+                parser.error(f"--scored: {path} holds no figures for {missing}; score them first")
+            report = {name: written[name] for name in args.methods}
+        else:
+            report = score_saved_runs(seed, args.methods, args.results, args.eval)
+            curves.write_rows(path, report)
         for name, row in report.items():
             print(f"seed {seed} | {name} | " + " | ".join(f"{figure} {row[figure]:.4f}" for figure in FIGURES), flush=True)
         reports.append(report)

@@ -69,23 +69,23 @@ MMD_SAMPLES = 2000
 
 
 def evaluate_ring(samples, labels, held_out, seed=0):
-    """The ring's figures. ``sw_balanced`` is the sliced Wasserstein distance after
-    ``metrics.rebalance_modes``: ``sw`` without the part that ``mode_weight_error`` reads
-    (how the samples weigh the modes), so it reads the shape of the modes alone; NaN when
-    a mode holds data but no sample, which no redraw can fill."""
+    """The ring's figures. ``sw_balanced`` is the sliced Wasserstein distance with the samples
+    weighted by ``metrics.mode_balancing_weights``: ``sw`` without the part that
+    ``mode_weight_error`` reads (how the samples weigh the modes), so it reads the shape of the
+    modes alone; NaN when a mode holds data but no sample, which no weight can fill."""
     centers = toy.ring_centers(RING_MODES)
     stats = metrics.mode_statistics(samples, held_out, centers, radius=0.5)
     accuracy = float((metrics.nearest_mode(samples, centers) % RING_CLASSES == labels).float().mean())
 
-    def sliced_wasserstein(points):
-        return float(metrics.sliced_wasserstein(points, held_out, generator=torch.Generator().manual_seed(seed)))
+    def sliced_wasserstein(weights=None):
+        generator = torch.Generator().manual_seed(seed)
+        return float(metrics.sliced_wasserstein(samples, held_out, generator=generator, x_weights=weights))
 
     balanced = float("nan")
     if all(p > 0 or q == 0 for p, q in zip(stats.mode_fractions, stats.data_mode_fractions, strict=True)):
-        generator = torch.Generator().manual_seed(seed)
-        balanced = sliced_wasserstein(metrics.rebalance_modes(samples, held_out, centers, generator=generator))
+        balanced = sliced_wasserstein(metrics.mode_balancing_weights(samples, held_out, centers))
     return {
-        "sw": sliced_wasserstein(samples),
+        "sw": sliced_wasserstein(),
         "sw_balanced": balanced,
         "mmd": float(metrics.mmd_rbf(samples[:MMD_SAMPLES], held_out[:MMD_SAMPLES], bandwidths=(0.1, 0.3, 1.0))),
         "diversity": stats.diversity_ratio,

@@ -23,9 +23,10 @@ functions serve 2-D points, images, clips and sequences.
   mode weights) and the *diversity ratio*: within-mode spread of the samples
   over that of the data (1 is ideal; near 0 is mode collapse onto the
   centres, > 1 is blur).
-* :func:`rebalance_modes`: the samples resampled within each mode to the
-  data's mode weights, so a distance between the result and the data reads
-  the shape of the modes without the error in their weights.
+* :func:`mode_balancing_weights`: per-sample weights that give each mode
+  the data's weight; passed to :func:`sliced_wasserstein` as ``x_weights``,
+  the distance reads the shape of the modes without the error in their
+  weights.
 * :func:`within_mode_spread`: the per-mode spread behind :func:`mode_statistics` and the monitor.
 * :func:`mean_pairwise_distance`: a model-free diversity figure.
 """
@@ -48,9 +49,9 @@ __all__ = [
     "image_frechet_distance",
     "mean_pairwise_distance",
     "mmd_rbf",
+    "mode_balancing_weights",
     "mode_statistics",
     "nearest_mode",
-    "rebalance_modes",
     "sliced_wasserstein",
     "within_mode_spread",
 ]
@@ -91,17 +92,26 @@ def sliced_wasserstein(
     projections: int = 256,
     p: float = 2.0,
     generator: torch.Generator | None = None,
+    x_weights: Float[Tensor, " n_weights"] | None = None,
 ) -> Float[Tensor, ""]:
     r"""Sliced Wasserstein-``p`` distance :math:`\big(\mathbb E_\theta W_p^p(\theta^\top x, \theta^\top y)\big)^{1/p}`.
 
     Directions are uniform on the unit sphere. Sets of different sizes are
     compared through their quantile functions at ``max(n, m)`` levels.
 
+    With ``x_weights`` the points of ``x`` carry those probabilities (``y``'s
+    stay equal), and each 1-D distance is the exact one between the two step
+    quantile functions, :math:`\int_0^1 |F_x^{-1}(u) - F_y^{-1}(u)|^p\,du`,
+    summed over the intervals between both sets' cumulative weights. Equal
+    weights on sets of equal size give the unweighted figure.
+
     Args:
         x, y: sample sets (trailing dims flattened; same feature count).
         projections: number of random directions (>= 1; *default* 256).
         p: order (>= 1; *default* 2).
         generator: draws the directions; pass a seeded one for a repeatable figure.
+        x_weights: ``[n]`` non-negative weights of the points of ``x`` with a
+            positive sum (normalised here); *default* equal.
     """
     check_int(projections, "projections", minimum=1)
     if not (p >= 1 and math.isfinite(p)):
@@ -112,12 +122,50 @@ def sliced_wasserstein(
     a, b = a.to(dtype), b.to(dtype)
     directions = torch.randn(a.shape[1], projections, generator=generator, dtype=dtype).to(a.device)
     directions = directions / directions.norm(dim=0, keepdim=True)
+    if x_weights is not None:
+        weights = _probabilities(x_weights, a.shape[0]).to(device=a.device, dtype=torch.float64)
+        return _weighted_sliced_wasserstein(a @ directions, weights, b @ directions, p).to(dtype)
     pa, pb = (a @ directions).sort(dim=0).values, (b @ directions).sort(dim=0).values
     if pa.shape[0] != pb.shape[0]:
         count = max(pa.shape[0], pb.shape[0])
         levels = (torch.arange(count, device=a.device, dtype=dtype) + 0.5) / count
         pa, pb = _quantiles(pa, levels), _quantiles(pb, levels)
     return (pa - pb).abs().pow(p).mean().pow(1.0 / p)
+
+
+def _probabilities(weights: Tensor, count: int) -> Tensor:
+    """``weights`` checked (``[count]``, finite, non-negative, positive sum) and divided by their sum."""
+    if not isinstance(weights, Tensor) or weights.shape != (count,):
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"x_weights must be a tensor of shape [{count}] (one weight per point of x), got {shape}")
+    w = weights.to(torch.float64)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise ValueError("x_weights must be finite and non-negative with a positive sum")
+    return w / w.sum()
+
+
+def _weighted_sliced_wasserstein(pa: Tensor, weights: Tensor, pb: Tensor, p: float) -> Tensor:
+    r""":math:`\big(\operatorname{mean}_\theta \int_0^1 |F_a^{-1} - F_b^{-1}|^p\,du\big)^{1/p}` for projections
+    ``pa`` ``[n, P]`` weighted by ``weights`` and ``pb`` ``[m, P]`` weighted equally, in float64.
+
+    Both quantile functions are steps; between consecutive breakpoints (the
+    two sets' cumulative weights, merged) both are constant, so the integral
+    is a sum over those intervals of their length times the gap's power.
+    """
+    pa, pb = pa.to(torch.float64).T, pb.to(torch.float64).T  # [P, n], [P, m]
+    order = pa.argsort(dim=1)
+    values_a = pa.gather(1, order)
+    cumulative_a = weights[order].cumsum(dim=1)
+    values_b = pb.sort(dim=1).values
+    m = values_b.shape[1]
+    cumulative_b = (torch.arange(1, m + 1, dtype=torch.float64, device=pb.device) / m).expand_as(values_b)
+    breaks = torch.cat([cumulative_a, cumulative_b], dim=1).clamp(max=1.0).sort(dim=1).values
+    lengths = torch.diff(breaks, dim=1, prepend=torch.zeros_like(breaks[:, :1]))
+    middles = (breaks - lengths / 2).contiguous()
+    index_a = torch.searchsorted(cumulative_a.contiguous(), middles).clamp(max=values_a.shape[1] - 1)
+    index_b = torch.searchsorted(cumulative_b.contiguous(), middles).clamp(max=m - 1)
+    gap = (values_a.gather(1, index_a) - values_b.gather(1, index_b)).abs().pow(p)
+    return (lengths * gap).sum(dim=1).mean().pow(1.0 / p)
 
 
 def _median_bandwidth(a: Tensor, b: Tensor) -> float:
@@ -409,27 +457,19 @@ def mode_statistics(
     )
 
 
-def rebalance_modes(
+def mode_balancing_weights(
     samples: Float[Tensor, "n dim_samples"],
     data: Float[Tensor, "m dim_data"],
     centers: Float[Tensor, "modes dim"],
-    *,
-    generator: torch.Generator | None = None,
-) -> Float[Tensor, "n_balanced dim_samples"]:
-    r"""``samples`` redrawn within each mode to the data's mode weights.
+) -> Float[Tensor, " n"]:
+    r"""Per-sample weights that give each mode the data's weight: :math:`w_i = q_k / n_k` for a sample in mode :math:`k`.
 
-    Each sample and data point goes to its nearest centre. Mode :math:`k`
-    then gets :math:`\operatorname{round}(n q_k)` samples, drawn with
-    replacement from the samples assigned to it, where :math:`q_k` is the
-    data's weight of mode :math:`k` and ``n`` the number of samples. A
-    distance between the result and the data therefore reads the shape of
-    each mode, without the error in how the samples weigh the modes
-    (:attr:`ModeStatistics.mode_weight_error`). Samples keep their own shape.
-
-    Args:
-        samples: generated samples. data: reference samples of the mixture.
-        centers: the mixture's mode centres.
-        generator: draws the picks; pass a seeded one for a repeatable result.
+    Each sample and data point goes to its nearest centre; :math:`q_k` is the
+    data's share of mode :math:`k` and :math:`n_k` the number of samples
+    assigned to it. Weighted this way (``sliced_wasserstein(samples, data,
+    x_weights=...)``) the samples weigh the modes exactly as the data do, so
+    the distance reads the shape of each mode without the error in their
+    weights (:attr:`ModeStatistics.mode_weight_error`). The weights sum to 1.
 
     Raises:
         ValueError: when a mode holds data but no sample, so no weight can move onto it.
@@ -438,17 +478,13 @@ def rebalance_modes(
     _same_width(a, c, ("samples", "centers"))
     _same_width(d, c, ("data", "centers"))
     modes = c.shape[0]
-    sample_labels, data_labels = nearest_mode(a, c), nearest_mode(d, c)
-    weights = torch.bincount(data_labels, minlength=modes).to(torch.float64) / d.shape[0]
-    wanted = (weights * a.shape[0]).round().long()
-    picks = []
-    for mode in range(modes):
-        members = (sample_labels == mode).nonzero().flatten()
-        if int(wanted[mode]) and not len(members):
-            raise ValueError(f"samples hold no point of mode {mode}, which carries {float(weights[mode]):.3g} of data")
-        index = torch.randint(len(members), (int(wanted[mode]),), generator=generator) if len(members) else members
-        picks.append(members[index])
-    return samples[torch.cat(picks)]
+    sample_labels = nearest_mode(a, c)
+    shares = torch.bincount(nearest_mode(d, c), minlength=modes).to(torch.float64) / d.shape[0]
+    counts = torch.bincount(sample_labels, minlength=modes).to(torch.float64)
+    empty = ((counts == 0) & (shares > 0)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"samples hold no point of modes {empty}, which carry data ({shares[empty].tolist()})")
+    return (shares / counts.clamp(min=1))[sample_labels]
 
 
 def mean_pairwise_distance(x: Float[Tensor, " n *shape"], *, max_samples: int = 2048) -> Float[Tensor, ""]:

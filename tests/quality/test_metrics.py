@@ -135,26 +135,57 @@ def _two_modes(weight: float, n: int, seed: int) -> torch.Tensor:
     )
 
 
-def test_rebalance_modes_gives_the_data_weights_from_each_modes_own_samples():
+def test_weighted_sliced_wasserstein_closed_form_in_one_dimension():
+    # x = {0, 1}, y = {0, 0, 0, 1}: with equal weights the quantile functions differ by 1 on (1/2, 3/4],
+    # so W2 = sqrt(1/4); weighted 3/4 and 1/4, x is y's law and the distance is 0.
+    x, y = torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [0.0], [0.0], [1.0]])
+    half = metrics.sliced_wasserstein(x, y, projections=8, x_weights=torch.tensor([1.0, 1.0]))
+    assert float(half) == pytest.approx(0.5, abs=1e-12)
+    assert float(metrics.sliced_wasserstein(x, y, projections=8, x_weights=torch.tensor([3.0, 1.0]))) == 0.0
+
+
+def test_integer_weights_equal_repeating_the_points():
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    repeated = x[torch.tensor([0, 1, 1, 2, 2, 2])]
+    for p in (1.0, 2.0):
+        weighted = metrics.sliced_wasserstein(x, y, p=p, x_weights=torch.tensor([1.0, 2.0, 3.0]),
+                                              generator=torch.Generator().manual_seed(0))
+        plain = metrics.sliced_wasserstein(repeated, y, p=p, generator=torch.Generator().manual_seed(0))
+        assert_close(weighted, plain, rtol=1e-10, atol=1e-12)
+    equal = metrics.sliced_wasserstein(repeated, y, x_weights=torch.ones(6), generator=torch.Generator().manual_seed(0))
+    assert_close(equal, metrics.sliced_wasserstein(repeated, y, generator=torch.Generator().manual_seed(0)))
+
+
+def _two_modes(weight: float, n: int, seed: int) -> torch.Tensor:
+    """``n`` points, a share ``weight`` of them around (-2, 0) and the rest around (2, 0), std 0.1."""
+    g = torch.Generator().manual_seed(seed)
+    left = torch.rand(n, generator=g) < weight
+    return torch.where(left[:, None], torch.tensor([-2.0, 0.0]), torch.tensor([2.0, 0.0])) + 0.1 * torch.randn(
+        n, 2, generator=g
+    )
+
+
+def test_mode_balancing_weights_give_each_mode_the_data_share():
     centers = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
     data, samples = _two_modes(0.5, 4000, seed=0), _two_modes(0.7, 3000, seed=1)
     kept = samples.clone()
-    balanced = metrics.rebalance_modes(samples, data, centers, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(samples, kept)
-    data_left = float((metrics.nearest_mode(data, centers) == 0).double().mean())
-    assert int((metrics.nearest_mode(balanced, centers) == 0).sum()) == round(data_left * 3000)
-    assert len(balanced) == 3000 and metrics.mode_statistics(balanced, data, centers).mode_weight_error < 1e-3
-    assert all(bool((samples == row).all(dim=1).any()) for row in balanced[:200])  # every point is a sample
-    # Same shape, wrong weights (0.7 against 0.5 of the mass 4 apart): the redraw removes the distance.
+    weights = metrics.mode_balancing_weights(samples, data, centers)
+    assert torch.equal(samples, kept) and weights.shape == (3000,)
+    left, data_left = metrics.nearest_mode(samples, centers) == 0, metrics.nearest_mode(data, centers) == 0
+    assert float(weights[left].sum()) == pytest.approx(float(data_left.double().mean()), abs=1e-12)
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-12)
+    # Same shape, wrong weights (0.7 against 0.5 of the mass 4 apart): weighted, the distance is gone.
     wrong = float(metrics.sliced_wasserstein(samples, data, generator=torch.Generator().manual_seed(5)))
-    fixed = float(metrics.sliced_wasserstein(balanced, data, generator=torch.Generator().manual_seed(5)))
-    assert wrong > 1.0 and fixed < 0.05 * wrong
+    fixed = float(metrics.sliced_wasserstein(samples, data, generator=torch.Generator().manual_seed(5),
+                                             x_weights=weights))
+    assert wrong > 1.0 and fixed < 0.02 * wrong
 
 
-def test_rebalance_modes_refuses_a_mode_without_samples():
+def test_mode_balancing_weights_refuse_a_mode_without_samples():
     centers = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
-    with pytest.raises(ValueError, match="mode 1"):
-        metrics.rebalance_modes(_two_modes(1.0, 100, seed=0), _two_modes(0.5, 100, seed=1), centers)
+    with pytest.raises(ValueError, match=r"modes \[1\]"):
+        metrics.mode_balancing_weights(_two_modes(1.0, 100, seed=0), _two_modes(0.5, 100, seed=1), centers)
 
 
 def test_mean_pairwise_distance_closed_form():
@@ -173,6 +204,10 @@ def test_mean_pairwise_distance_closed_form():
         (lambda: metrics.mmd_rbf(torch.full((4, 2), float("nan")), torch.zeros(4, 2)), "NaN"),
         (lambda: metrics.frechet_distance(torch.zeros(1, 2), torch.zeros(4, 2)), "at least 2"),
         (lambda: metrics.mode_statistics(torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(2, 2), min_share=0.0), "min_share"),
+        (lambda: metrics.sliced_wasserstein(torch.zeros(4, 2), torch.zeros(4, 2), x_weights=torch.ones(3)), "x_weights"),
+        (lambda: metrics.sliced_wasserstein(torch.zeros(2, 2), torch.zeros(4, 2), x_weights=torch.tensor([1.0, -1.0])),
+         "x_weights"),
+        (lambda: metrics.sliced_wasserstein(torch.zeros(2, 2), torch.zeros(4, 2), x_weights=torch.zeros(2)), "x_weights"),
     ],
 )
 def test_bad_input_raises_value_error_naming_it(call, message):
