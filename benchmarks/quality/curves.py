@@ -40,6 +40,9 @@ same run (the held-out draws have their own generator). The ring needs it:
 at 2000 samples two draws of the data itself are 0.157 SW apart, about as
 far as the methods are from the data, while at 16000 they are 0.065 apart
 (the ring's MMD reads the first 2000 samples of each set, ``run.MMD_SAMPLES``).
+Most of the ring's SW is how the one-step samples weigh the two modes of
+each class; its records split that off (``mode_weight_error``) from the
+shape of the modes (``sw_balanced``): see ``ring_modes.py``.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/curves.py --task ring --seed 0                     # reference + every method

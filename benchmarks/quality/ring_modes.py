@@ -29,6 +29,7 @@ rows of methods it does not name.
 
 import dataclasses
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -92,6 +93,12 @@ def main() -> None:
         for name, row in report.items():
             print(f"seed {seed} | {name} | " + " | ".join(f"{figure} {row[figure]:.4f}" for figure in FIGURES), flush=True)
         reports.append(report)
+    rows = [row for report in reports for row in report.values() if math.isfinite(row["sw_balanced"])]
+    if len(rows) > 2:
+        print(f"over {len(rows)} runs, sw correlates with mode_weight_error at "
+              f"{statistics.correlation([row['sw'] for row in rows], [row['mode_weight_error'] for row in rows]):.3f}; "
+              f"standard deviation of sw {statistics.stdev(row['sw'] for row in rows):.4f}, "
+              f"of sw_balanced {statistics.stdev(row['sw_balanced'] for row in rows):.4f}")
     if args.against is not None:
         for name, row in paired_gaps(reports, args.against).items():
             print(f"{name} minus {args.against} | " + " | ".join(f"{figure} {gap}" for figure, gap in row.items()))

@@ -8,7 +8,8 @@ and 50 Euler steps, on
   *opposite* modes (so a class is bimodal and its mean lies between modes; null class 4 for
   guidance),
   scored by sliced Wasserstein / MMD to held-out data, the within-mode diversity ratio,
-  the off-mode fraction, mode coverage and class accuracy;
+  the off-mode fraction, mode coverage, class accuracy, and SW's two parts: the mode weight
+  error and the SW with the modes weighted to the data's shares (``evaluate_ring``);
 * ``shapes``: procedurally generated 8x8 images (squares, disks, bars, crosses), scored by the
   Fréchet distance in a fixed random-conv feature space (``twinloss.metrics.RandomConvFeatures``,
   seed 0) and a pairwise-distance diversity ratio.
