@@ -157,15 +157,6 @@ def test_integer_weights_equal_repeating_the_points():
     assert_close(equal, metrics.sliced_wasserstein(repeated, y, generator=torch.Generator().manual_seed(0)))
 
 
-def _two_modes(weight: float, n: int, seed: int) -> torch.Tensor:
-    """``n`` points, a share ``weight`` of them around (-2, 0) and the rest around (2, 0), std 0.1."""
-    g = torch.Generator().manual_seed(seed)
-    left = torch.rand(n, generator=g) < weight
-    return torch.where(left[:, None], torch.tensor([-2.0, 0.0]), torch.tensor([2.0, 0.0])) + 0.1 * torch.randn(
-        n, 2, generator=g
-    )
-
-
 def test_mode_balancing_weights_give_each_mode_the_data_share():
     centers = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
     data, samples = _two_modes(0.5, 4000, seed=0), _two_modes(0.7, 3000, seed=1)
