@@ -27,7 +27,7 @@ def ring_draw(n: int, seed: int, first_mode_share: float | None = None) -> toy.L
     return toy.LabelledPoints(x=points.x - centers[points.y] + centers[y], y=y)
 
 
-def test_evaluate_ring_reads_a_lopsided_class_as_mode_weight_error_and_balances_it_away():
+def test_evaluate_ring_keeps_sw_reads_a_lopsided_class_as_mode_weight_error_and_balances_it_away():
     held = ring_draw(8000, seed=0)
     fair, lopsided = ring_draw(8000, seed=1), ring_draw(8000, seed=1, first_mode_share=0.7)
     scores = {name: run.evaluate_ring(x.x, x.y % run.RING_CLASSES, held.x) for name, x in

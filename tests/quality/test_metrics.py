@@ -144,7 +144,7 @@ def test_weighted_sliced_wasserstein_closed_form_in_one_dimension():
     assert float(metrics.sliced_wasserstein(x, y, projections=8, x_weights=torch.tensor([3.0, 1.0]))) == 0.0
 
 
-def test_integer_weights_equal_repeating_the_points():
+def test_integer_weights_equal_repeating_the_points_and_equal_weights_change_nothing():
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
     repeated = x[torch.tensor([0, 1, 1, 2, 2, 2])]
