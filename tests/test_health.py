@@ -118,7 +118,7 @@ def test_clamp_rates_are_the_loss_steps_own_with_a_frozen_teacher_image_free_or_
     step = loss_fn(model, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(4))
     assert signals.residual_clamp_rate == float(step.clamp_rates["residual"])
     assert signals.rectify_clamp_rate == float(step.clamp_rates["rectify"])
-    assert signals.terms["loss"] == pytest.approx(float(step.loss), rel=1e-6)
+    assert signals.terms["loss"] == pytest.approx(float(step.loss.detach()), rel=1e-6)
 
 
 def test_a_plain_callable_is_refused() -> None:
