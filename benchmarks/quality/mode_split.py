@@ -20,7 +20,7 @@ The summary reads two things from a run after 1x:
   were read (every class), i.e. whether the one-step map's split is its own
   or the velocity field's.
 
-Methods are ``curves.py``'s and ``guided_push.py``'s, on ``curves.py``'s
+Methods are ``curves.py``'s and ``split_variants.py``'s, on ``curves.py``'s
 ring (the same pretrained weights and batches; 16000 held-out samples).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import curves  # noqa: E402
-import guided_push  # noqa: E402
+import split_variants  # noqa: E402
 import run  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -109,7 +109,7 @@ def split_curve(bench: curves.Bench, task: curves.Task, sizes: curves.Sizes, los
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", action="append", required=True, help="method names (curves.py's or guided_push.py's)")
+    parser.add_argument("--methods", action="append", required=True, help="method names (curves.py's or split_variants.py's)")
     parser.add_argument("--every", type=int, default=50, help="fine-tune steps between one-step readings")
     parser.add_argument("--ode-every", type=int, default=400, help="fine-tune steps between ODE readings")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds: a smoke run")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     task = curves.TASKS["ring"]
     sizes = task.quick if args.quick else dataclasses.replace(task.full, eval=EVAL)
-    methods = curves.select({**curves.METHODS, **guided_push.VARIANTS}, args.methods)
+    methods = curves.select({**curves.METHODS, **split_variants.VARIANTS}, args.methods)
     bench = task.prepare(args.seed, sizes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

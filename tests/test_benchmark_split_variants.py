@@ -1,4 +1,4 @@
-"""The variants of ``benchmarks/quality/guided_push.py``: the default loss with one setting of the twin terms changed."""
+"""The variants of ``benchmarks/quality/split_variants.py``: the guided default loss with one thing changed."""
 
 import sys
 from pathlib import Path
@@ -8,12 +8,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 import curves  # noqa: E402
-import guided_push  # noqa: E402
+import split_variants  # noqa: E402
 
-from twinloss import BarronDistance, L2Distance, LogitNormalTime, ShiftedTime, TwinFlowLoss  # noqa: E402
+from twinloss import BarronDistance, GroupShares, L2Distance, LogitNormalTime, ShiftedTime, TwinFlowLoss  # noqa: E402
 from twinloss.trajectory import TrajectorySampler  # noqa: E402
 
-from default_loss import assert_default_loss_except  # noqa: E402
+from default_loss import assert_default_loss_except, module_settings  # noqa: E402
 
 CHANGED = {
     "TwinFlow defaults, l2 rectification weight 2": ("rectify_distance", "rectify_weight"),
@@ -21,12 +21,14 @@ CHANGED = {
     "TwinFlow defaults, no rectification": ("rectify_weight",),
     "TwinFlow defaults, fake times from s": (),
     "TwinFlow w 0, fake times from s": ("guidance_scale",),
+    "TwinFlow defaults, twin share 1/3, default law of s": ("shares",),
 }
+RCGM_VARIANT = "RCGM only, defaults, one-step half"
 
 
-@pytest.mark.parametrize("name", sorted(guided_push.VARIANTS))
+@pytest.mark.parametrize("name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT}))
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
-    loss = guided_push.VARIANTS[name](None)
+    loss = split_variants.VARIANTS[name](None)
     assert isinstance(loss, TwinFlowLoss)
     assert loss.guidance_scale == (0.0 if name.startswith("TwinFlow w 0,") else 0.5)
     assert_default_loss_except(loss, *CHANGED[name])
@@ -36,14 +38,25 @@ def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(
         assert isinstance(loss.rectify_distance, BarronDistance)
     expected_weight = {"rectify weight 0.25": 0.25, "no rectification": 0.0, "l2": 2.0}
     assert loss.rectify_weight == next((w for key, w in expected_weight.items() if key in name), 0.5)
-    assert isinstance(loss.trajectory, guided_push.FakeTimesFrom) == ("fake times" in name)
-    assert len({curves.slug(other) for other in guided_push.VARIANTS}) == len(guided_push.VARIANTS)
-    assert not set(map(curves.slug, guided_push.VARIANTS)) & set(map(curves.slug, curves.METHODS))
+    assert isinstance(loss.trajectory, split_variants.FakeTimesFrom) == ("fake times" in name)
+    assert len({curves.slug(other) for other in split_variants.VARIANTS}) == len(split_variants.VARIANTS)
+    assert not set(map(curves.slug, split_variants.VARIANTS)) & set(map(curves.slug, curves.METHODS))
+    if "twin share 1/3" in name:
+        assert loss.trajectory.shares == GroupShares.from_twin_share(1 / 3) and loss.rectify_time is None
+
+
+def test_the_rcgm_variant_is_rcgm_only_with_the_guided_defaults_anchor_of_half_the_batch():
+    loss, plain = split_variants.VARIANTS[RCGM_VARIANT](None), TwinFlowLoss.rcgm()
+    shares = loss.trajectory.shares
+    assert shares.one_step == 0.5 and shares.fake == 0.0
+    assert shares.multi_step + shares.any_step == TwinFlowLoss().trajectory.shares.multi_step * 2 == 0.5
+    assert loss.rectify_weight == 0.0 and loss.guidance_scale == plain.guidance_scale == 0.5
+    assert module_settings(loss) == module_settings(plain) | {"trajectory": module_settings(loss.trajectory)}
 
 
 @pytest.mark.parametrize(("scale", "law"), [(0.5, LogitNormalTime), (0.0, ShiftedTime)])
 def test_fake_times_follow_the_conditioned_law_of_s_and_leave_every_other_row_as_the_default_draws_it(scale, law):
-    loss = guided_push.fake_times_from_rectify_law(scale)
+    loss = split_variants.fake_times_from_rectify_law(scale)
     assert isinstance(loss.trajectory.fake_law, law) and loss.trajectory.fake_law is loss.rectify_law(conditioned=True)
     plain = TrajectorySampler(shares=loss.trajectory.shares)
     batch, seed = 48, 3

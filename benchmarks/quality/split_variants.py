@@ -1,28 +1,34 @@
-r"""How hard the guided rectification pushes (issue 12, fourteenth round).
+r"""Variants of the twin terms run against the ring's class split (issue 12, fourteenth round).
 
 After thirteen rounds the default guided recipe loses the ring to its
 RCGM-only ablation (SW +0.017 ± 0.005 over 1x-3x, 49 seeds), all of it in
 how the one-step samples split each class between its two opposite modes.
-The split is not a property of the one-step map alone: the model's own
-50-step ODE splits each class the same way at every checkpoint, and it
-wanders along a fine-tune under both objectives, more under the twin terms.
+``mode_split.py`` shows that the split is the velocity field's: the model's
+own 50-step ODE splits each class as its one-step map does, at every
+checkpoint. Each variant below is the guided default loss (``TwinFlowLoss()``, or without guidance where its name says ``w 0``)
+with one thing changed, on ``curves.py``'s pretrained weights and batches
+(results beside theirs in ``results/curves``; the counterparts are
+``curves.py``'s ``TwinFlow defaults`` and ``RCGM only, defaults``):
 
-The default rectification (Barron distance) gives every one-step row a unit
-push along its gap, however small or noisy that gap is. These variants push
-in proportion to the gap or more lightly, with the default guidance and
-everything else the default (the logit-normal law of ``s``, equal quarters),
-on ``curves.py``'s pretrained weights and batches (results beside theirs in
-``results/curves``; the RCGM-only counterpart is ``curves.py``'s ``RCGM
-only, defaults``):
-
-* ``l2 rectification weight 2``: ``rectify_distance=L2Distance()``,
-  ``rectify_weight=2``, the switch that passes every unguided check on the
-  issue's patches (eleventh round), never run with guidance;
-* ``rectify weight 0.25``: the default unit push at half the weight.
+* how hard the rectification pushes: ``l2 rectification weight 2``
+  (``rectify_distance=L2Distance()``, ``rectify_weight=2``, the switch that
+  passes every unguided check on the issue's patches, eleventh round) and
+  ``rectify weight 0.25`` (the default unit push at half the weight);
+* what the fake rows do alone: ``no rectification`` (``rectify_weight=0``:
+  the fake field is trained and never read);
+* where the fake field is trained: ``fake times from s`` (the fake rows take
+  ``t = -s`` with ``s`` from the conditioned law of the rectification's
+  time instead of the batch's uniform law, :class:`FakeTimesFrom`), with
+  and without guidance;
+* how many rows anchor the real field: ``twin share 1/3, default law of s``
+  (``GroupShares.from_twin_share(1/3)``: the multi-step and any-step rows
+  two thirds of the batch, as in RCGM-only, instead of half), and its
+  converse, ``RCGM only, defaults, one-step half`` (RCGM-only whose
+  multi-step and any-step rows are half the batch, as in the default).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
-    python benchmarks/quality/guided_push.py --task ring --seed 40 --skip-fm --eval 16000
-    python benchmarks/quality/guided_push.py --task patches --seed 0 --skip-fm --budget 4000 --methods "l2"
+    python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
+    python benchmarks/quality/mode_split.py --seed 40 --methods "RCGM only, defaults, one-step half"
 """
 
 import sys
@@ -31,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
 
-from twinloss import L2Distance, TimeDistribution, TwinFlowLoss  # noqa: E402
+from twinloss import GroupShares, L2Distance, TimeDistribution, TwinFlowLoss  # noqa: E402
 from twinloss.trajectory import Trajectory, TrajectorySampler  # noqa: E402
 
 
@@ -51,6 +57,10 @@ class FakeTimesFrom(TrajectorySampler):
         return Trajectory(t=t, r=r, groups=trajectory.groups)
 
 
+ONE_STEP_HALF = GroupShares(one_step=1 / 2, multi_step=1 / 4, any_step=1 / 4, fake=0.0)
+"""RCGM-only with the default's anchor: the multi-step and any-step rows half the batch, as in the guided quarters."""
+
+
 def fake_times_from_rectify_law(guidance_scale: float) -> TwinFlowLoss:
     """The default loss at ``guidance_scale`` whose fake field is trained at the times the rectification reads it
     (the conditioned law of ``s``: every task here that runs it has a class label)."""
@@ -66,6 +76,9 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow defaults, no rectification": lambda pretrained: TwinFlowLoss(rectify_weight=0.0),
     "TwinFlow defaults, fake times from s": lambda pretrained: fake_times_from_rectify_law(0.5),
     "TwinFlow w 0, fake times from s": lambda pretrained: fake_times_from_rectify_law(0.0),
+    "TwinFlow defaults, twin share 1/3, default law of s": lambda pretrained: TwinFlowLoss(
+        shares=GroupShares.from_twin_share(1 / 3)),
+    "RCGM only, defaults, one-step half": lambda pretrained: TwinFlowLoss.rcgm(shares=ONE_STEP_HALF),
 }
 
 
