@@ -64,5 +64,9 @@ def test_a_quick_run_writes_every_checkpoint_with_the_ode_where_asked(tmp_path):
     assert [row["step"] for row in report["rows"] if "ode" in row] == [0, 4, 8, 12, 16, 20, 24]
     assert "power" not in report["rows"][0] and all("power" in row for row in report["rows"][1:])
     assert set(report["summary"]) == {"deviation/raw", "deviation/power", "deviation/ode", "one_step_ode_correlation"}
-    with pytest.raises(ValueError, match="--every"):
-        mode_split.parse(["--methods", "RCGM only w 0", "--every", "0"])
+
+
+@pytest.mark.parametrize("option", ["--every", "--ode-every"])
+def test_the_command_line_refuses_a_reading_interval_below_one_step(option):
+    with pytest.raises(ValueError, match=option):
+        mode_split.parse(["--methods", "RCGM only w 0", option, "0"])

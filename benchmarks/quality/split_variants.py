@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
+import torch  # noqa: E402
 
 from twinloss import GroupShares, L2Distance, TimeDistribution, TwinFlowLoss  # noqa: E402
 from twinloss.trajectory import Trajectory, TrajectorySampler  # noqa: E402
@@ -48,7 +49,7 @@ class FakeTimesFrom(TrajectorySampler):
         super().__init__(sampler.time_distribution, sampler.shares, sampler.multi_step_gap)
         self.fake_law = fake_law
 
-    def forward(self, batch_size: int, *, device="cpu", dtype=None, generator=None) -> Trajectory:
+    def forward(self, batch_size: int, *, device="cpu", dtype=torch.float32, generator=None) -> Trajectory:
         trajectory = super().forward(batch_size, device=device, dtype=dtype, generator=generator)
         fake = trajectory.groups["fake"]
         times = -self.fake_law(fake.stop - fake.start, device=device, dtype=dtype, generator=generator)
