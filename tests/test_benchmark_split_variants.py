@@ -22,6 +22,7 @@ CHANGED = {
     "TwinFlow defaults, fake times from s": (),
     "TwinFlow w 0, fake times from s": ("guidance_scale",),
     "TwinFlow defaults, twin share 1/3, default law of s": ("shares",),
+    "TwinFlow defaults, twin share 1/3, fake times from s": ("shares",),
 }
 RCGM_VARIANT = "RCGM only, defaults, one-step half"
 

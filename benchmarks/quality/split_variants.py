@@ -24,7 +24,9 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   (``GroupShares.from_twin_share(1/3)``: the multi-step and any-step rows
   two thirds of the batch, as in RCGM-only, instead of half), and its
   converse, ``RCGM only, defaults, one-step half`` (RCGM-only whose
-  multi-step and any-step rows are half the batch, as in the default).
+  multi-step and any-step rows are half the batch, as in the default);
+* both of the two that halved the ring's deficit (fifteenth round):
+  ``twin share 1/3, fake times from s``.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -62,10 +64,10 @@ ONE_STEP_HALF = GroupShares(one_step=1 / 2, multi_step=1 / 4, any_step=1 / 4, fa
 """RCGM-only with the default's anchor: the multi-step and any-step rows half the batch, as in the guided quarters."""
 
 
-def fake_times_from_rectify_law(guidance_scale: float) -> TwinFlowLoss:
-    """The default loss at ``guidance_scale`` whose fake field is trained at the times the rectification reads it
-    (the conditioned law of ``s``: every task here that runs it has a class label)."""
-    loss = TwinFlowLoss(guidance_scale=guidance_scale)
+def fake_times_from_rectify_law(guidance_scale: float, **settings) -> TwinFlowLoss:
+    """The default loss at ``guidance_scale`` (with ``settings`` changed) whose fake field is trained at the times
+    the rectification reads it (the conditioned law of ``s``: every task here that runs it has a class label)."""
+    loss = TwinFlowLoss(guidance_scale=guidance_scale, **settings)
     loss.trajectory = FakeTimesFrom(loss.trajectory, loss.rectify_law(conditioned=True))
     return loss
 
@@ -79,6 +81,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow w 0, fake times from s": lambda pretrained: fake_times_from_rectify_law(0.0),
     "TwinFlow defaults, twin share 1/3, default law of s": lambda pretrained: TwinFlowLoss(
         shares=GroupShares.from_twin_share(1 / 3)),
+    "TwinFlow defaults, twin share 1/3, fake times from s": lambda pretrained: fake_times_from_rectify_law(
+        0.5, shares=GroupShares.from_twin_share(1 / 3)),
     "RCGM only, defaults, one-step half": lambda pretrained: TwinFlowLoss.rcgm(shares=ONE_STEP_HALF),
 }
 
