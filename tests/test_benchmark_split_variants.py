@@ -23,15 +23,18 @@ CHANGED = {
     "TwinFlow w 0, fake times from s": ("guidance_scale",),
     "TwinFlow defaults, twin share 1/3, default law of s": ("shares",),
     "TwinFlow defaults, twin share 1/3, fake times from s": ("shares",),
+    "TwinFlow defaults at w 0.2": ("guidance_scale",),
 }
 RCGM_VARIANT = "RCGM only, defaults, one-step half"
+RCGM_SMALLER_SCALE = "RCGM only, defaults at w 0.2"
 
 
-@pytest.mark.parametrize("name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT}))
+@pytest.mark.parametrize("name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT, RCGM_SMALLER_SCALE}))
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
     assert isinstance(loss, TwinFlowLoss)
-    assert loss.guidance_scale == (0.0 if name.startswith("TwinFlow w 0,") else 0.5)
+    expected_scale = 0.0 if name.startswith("TwinFlow w 0,") else 0.2 if name.endswith("w 0.2") else 0.5
+    assert loss.guidance_scale == expected_scale
     assert_default_loss_except(loss, *CHANGED[name])
     if "l2" in name:
         assert isinstance(loss.rectify_distance, L2Distance) and loss.rectify_weight == 2.0
@@ -53,6 +56,13 @@ def test_the_rcgm_variant_is_rcgm_only_with_the_guided_defaults_anchor_of_half_t
     assert shares.multi_step + shares.any_step == TwinFlowLoss().trajectory.shares.multi_step * 2 == 0.5
     assert loss.rectify_weight == 0.0 and loss.guidance_scale == plain.guidance_scale == 0.5
     assert module_settings(loss) == module_settings(plain) | {"trajectory": module_settings(loss.trajectory)}
+
+
+def test_the_smaller_scale_pair_differs_from_the_default_pair_only_in_the_guidance_scale():
+    twin, rcgm = (split_variants.VARIANTS[name](None) for name in ("TwinFlow defaults at w 0.2", RCGM_SMALLER_SCALE))
+    assert twin.guidance_scale == rcgm.guidance_scale == 0.2
+    assert module_settings(rcgm) == module_settings(TwinFlowLoss.rcgm()) | {"guidance_scale": 0.2}
+    assert module_settings(twin) == module_settings(TwinFlowLoss()) | {"guidance_scale": 0.2}
 
 
 @pytest.mark.parametrize(("scale", "law"), [(0.5, LogitNormalTime), (0.0, ShiftedTime)])

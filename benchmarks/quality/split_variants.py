@@ -26,7 +26,11 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   converse, ``RCGM only, defaults, one-step half`` (RCGM-only whose
   multi-step and any-step rows are half the batch, as in the default);
 * both of the two that halved the ring's deficit (fifteenth round):
-  ``twin share 1/3, fake times from s``.
+  ``twin share 1/3, fake times from s``;
+* a smaller guidance scale, the one the guidance advice recommends for small
+  class-conditional data (fifth round): ``TwinFlow defaults at w 0.2`` and
+  its ablation ``RCGM only, defaults at w 0.2`` (online, CFG 1.25; the
+  rest of the guided defaults unchanged), sixteenth round.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -84,6 +88,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow defaults, twin share 1/3, fake times from s": lambda pretrained: fake_times_from_rectify_law(
         0.5, shares=GroupShares.from_twin_share(1 / 3)),
     "RCGM only, defaults, one-step half": lambda pretrained: TwinFlowLoss.rcgm(shares=ONE_STEP_HALF),
+    "TwinFlow defaults at w 0.2": lambda pretrained: TwinFlowLoss(guidance_scale=0.2),
+    "RCGM only, defaults at w 0.2": lambda pretrained: TwinFlowLoss.rcgm(guidance_scale=0.2),
 }
 
 
