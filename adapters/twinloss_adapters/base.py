@@ -263,12 +263,7 @@ class AdaptedTransformer(nn.Module, abc.ABC):
                 tensor without the batch dimension, times outside the protocol
                 or beyond the declared capabilities, or a latent of the wrong shape.
         """
-        batch_size = x_t.shape[0] if x_t.ndim else 0
-        if t.shape != (batch_size,):
-            raise ValueError(f"t must have shape [B] = [{batch_size}], got {tuple(t.shape)}")
-        self.capabilities.check_times(t, r)
-        self.check_cond(cond, batch_size)
-        self.check_latent(x_t)
+        self.check_call(x_t, t, r, cond)
         # Full precision for the timestep: each backbone casts it where its own code does.
         timestep = self.time_convention.to_backbone(t.to(at_least_float32(t.dtype)))
         if self.injection is None:
@@ -277,6 +272,15 @@ class AdaptedTransformer(nn.Module, abc.ABC):
             with self.injection.times(*self.injection_times(x_t, t, r, cond)):
                 prediction = self.run_backbone_to(x_t, timestep, r, cond)
         return self.time_convention.to_twinloss_velocity(prediction)
+
+    def check_call(self, x_t: Tensor, t: Tensor, r: Tensor, cond: Mapping[str, Tensor]) -> None:
+        """Raise the ``ValueError`` of :meth:`forward` for times, ``cond`` or a latent it cannot take."""
+        batch_size = x_t.shape[0] if x_t.ndim else 0
+        if t.shape != (batch_size,):
+            raise ValueError(f"t must have shape [B] = [{batch_size}], got {tuple(t.shape)}")
+        self.capabilities.check_times(t, r)
+        self.check_cond(cond, batch_size)
+        self.check_latent(x_t)
 
     def injection_times(
         self, x_t: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], cond: Mapping[str, Tensor]

@@ -912,14 +912,17 @@ def ltx_condition_cond(transformer: nn.Module, batch: int, generator: torch.Gene
 
 
 def ltx_condition_pipeline_call(
-    transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor], keyframes: tuple[tuple[Tensor, int], ...] = ()
+    transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor], keyframes: tuple[tuple[Tensor, int], ...] = (),
+    strength: Tensor | None = None,
 ) -> Tensor:
     """LTXConditionPipeline's denoising-loop call (its own helpers, its prepare_latents steps written out).
 
-    Each row at its timestep ``1000 t``; ``cond['condition_latent']`` is a strength-1 condition at frame
-    index 0, and each ``(latent [B, C, 1, H, W], frame_index)`` of ``keyframes`` a strength-1 image condition
-    at that later frame index, whose tokens the pipeline prepends and whose prediction it drops. Without
-    either, the pipeline's text-to-video call.
+    Each row at its timestep ``1000 t``; ``cond['condition_latent']`` is a condition at frame index 0, and
+    each ``(latent [B, C, 1, H, W], frame_index)`` of ``keyframes`` a strength-1 image condition at that
+    later frame index, whose tokens the pipeline prepends and whose prediction it drops. Without either,
+    the pipeline's text-to-video call. At strength 1 (``strength=None``) the condition replaces its frames
+    of ``x``, as prepare_latents leaves them for the whole loop; with ``strength`` ``[B]`` ``x`` is the
+    loop's latents as they stand, the conditioned frames included.
     """
     from diffusers import LTXConditionPipeline as Pipeline
 
@@ -929,8 +932,9 @@ def ltx_condition_pipeline_call(
     condition = cond.get("condition_latent")
     if condition is not None:
         conditioned = condition.shape[2]
-        latents[:, :, :conditioned] = torch.lerp(latents[:, :, :conditioned], condition, 1.0)
-        frames_mask[:, :conditioned] = 1.0
+        if strength is None:
+            latents[:, :, :conditioned] = torch.lerp(latents[:, :, :conditioned], condition, 1.0)
+        frames_mask[:, :conditioned] = 1.0 if strength is None else strength[:, None]
     extra_latents, extra_ids, extra_masks = [], [], []
     for keyframe, frame_index in keyframes:
         keyframe = torch.lerp(torch.randn_like(keyframe), keyframe, 1.0)  # the pipeline blends noise at strength 1
@@ -958,7 +962,8 @@ def ltx_condition_pipeline_call(
 
 
 def ltx_condition_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-    """The pipeline's call; the prediction on the conditioned frames, which the pipeline never applies, is 0."""
+    """The pipeline's call; on the strength-1 conditioned frames, which the pipeline holds at the condition ``x_c``,
+    the protocol's velocity along the line from ``x_c`` through ``x``: ``(x - x_c) / t``."""
     keyframes = ()
     if "keyframe_latents" in cond:
         frames = cond["keyframe_frames"]
@@ -968,7 +973,8 @@ def ltx_condition_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict
     cond = {key: value for key, value in cond.items() if key not in ("keyframe_latents", "keyframe_frames")}
     prediction = ltx_condition_pipeline_call(transformer, x, t, cond, keyframes)
     if "condition_latent" in cond:
-        prediction[:, :, : cond["condition_latent"].shape[2]] = 0
+        condition = cond["condition_latent"]
+        prediction[:, :, : condition.shape[2]] = (x[:, :, : condition.shape[2]] - condition) / t.view(-1, 1, 1, 1, 1)
     return prediction
 
 
