@@ -37,9 +37,17 @@ Conditioning: as LTX-Video, plus
   latent ``k`` (one latent frame, normalised as above) at pixel frame index
   ``keyframe_frames[:, k]``, a whole number >= 1 (the pipeline's
   ``frame_index``; frame 0 is ``condition_latent``'s). They are prepended in
-  order, as the pipeline prepends its conditions.
+  order, as the pipeline prepends its conditions;
+* ``video_condition_latent`` ``[B, C, n, H, W]``, ``n >= 2``, with
+  ``video_condition_frame`` ``[B]``, optional and together: a video of
+  strength 1 at pixel frame index ``k >= 1``. As the pipeline splits it, its
+  first two latent frames are prepended after the keyframes, at pixel frames
+  ``k`` and ``k + 1``, and the other ``n - 2`` replace the latent frames from
+  ``k // 8 + 2`` on (8 the VAE's temporal compression), which must lie inside
+  ``x_t`` and apart from ``condition_latent``'s.
 
-**The conditioned frames on the protocol's path.** The protocol's state is
+**The replaced frames on the protocol's path** (``condition_latent``'s and a
+later video's). The protocol's state is
 the interpolant ``x_t = |t| z + (1 - |t|) x`` on every frame, so on a
 conditioned frame it sits on the line from the condition ``x_c`` (when the
 video's first frames are the condition, as in image-to-video training)
@@ -72,11 +80,10 @@ frame is held. Keyframes are data on both trajectories and not part of the
 state: their tokens get ``(t, r) = (0, 0)``, the stock timestep 0 as in the
 pipeline, no jump and no sign.
 
-Not expressed: keyframes with strength below 1 (the pipeline generates
-their tokens with the video's, so they would have to be part of the
-state), a video (several frames) as a condition at a later frame index
-(the pipeline splits it between a prepended frame and replaced ones), and
-the pipeline's ``image_cond_noise_scale`` jitter of the condition during
+Not expressed: keyframes and later videos with strength below 1 (the
+pipeline generates their prepended tokens with the video's, so they would
+have to be part of the state), more than one later video per call, and the
+pipeline's ``image_cond_noise_scale`` jitter of the condition during
 sampling (a sampler may pass the jittered latent as ``condition_latent`` or
 ``keyframe_latents``).
 """
@@ -92,8 +99,8 @@ from twinloss_adapters.ltx_video import LTXVideoAdapter
 from twinloss_adapters.packing import pack_video_patches, unpack_video_patches
 
 __all__ = [
-    "CONDITION", "KEYFRAMES", "KEYFRAME_FRAMES", "STRENGTH", "LTXConditionAdapter", "adapt", "condition_level",
-    "from_pretrained", "generated_share", "unadapt",
+    "CONDITION", "KEYFRAMES", "KEYFRAME_FRAMES", "PREFIX_FRAMES", "STRENGTH", "VIDEO", "VIDEO_FRAME",
+    "LTXConditionAdapter", "adapt", "condition_level", "from_pretrained", "generated_share", "unadapt",
 ]
 
 CONDITION = "condition_latent"
@@ -108,15 +115,22 @@ KEYFRAMES = "keyframe_latents"
 KEYFRAME_FRAMES = "keyframe_frames"
 """The conditioning key of the keyframes' pixel frame indices ``[B, K]`` (whole numbers >= 1)."""
 
+VIDEO = "video_condition_latent"
+"""The conditioning key of a video condition at a later frame index ``[B, C, n, H, W]``, ``n >= 2`` latent frames."""
 
-def condition_level(time: Float[Tensor, " batch"], hold: Float[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+VIDEO_FRAME = "video_condition_frame"
+"""The conditioning key of that video's pixel frame index per row ``[B]`` (a whole number >= 1)."""
+
+PREFIX_FRAMES = 2
+"""The latent frames of a later video condition that the pipeline prepends (its ``num_prefix_latent_frames``)."""
+
+
+def condition_level(time: Float[Tensor, "..."], hold: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
     r"""A conditioned frame's time on its own clock, held at the level ``c = 1 - m``: :math:`\operatorname{sign}(t) \min(|t|, c)`."""
     return time.sign() * torch.minimum(time.abs(), hold)
 
 
-def generated_share(
-    t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], hold: Float[Tensor, " batch"]
-) -> Float[Tensor, " batch"]:
+def generated_share(t: Float[Tensor, "..."], r: Float[Tensor, "..."], hold: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
     r"""The share of the jump from ``|t|`` to ``|r|`` in which a frame held at level ``c`` is generated,
 
     .. math:: \phi = \frac{\min(|t|, c) - \min(|r|, c)}{|t| - |r|},
@@ -137,7 +151,7 @@ class LTXConditionAdapter(LTXVideoAdapter):
     Args: as :class:`~twinloss_adapters.ltx_video.LTXVideoAdapter`.
     """
 
-    optional_cond = (*LTXVideoAdapter.optional_cond, CONDITION, STRENGTH, KEYFRAMES, KEYFRAME_FRAMES)
+    optional_cond = (*LTXVideoAdapter.optional_cond, CONDITION, STRENGTH, KEYFRAMES, KEYFRAME_FRAMES, VIDEO, VIDEO_FRAME)
     per_token_timesteps = True
 
     def check_config(self, config: object) -> None:
@@ -151,107 +165,139 @@ class LTXConditionAdapter(LTXVideoAdapter):
 
     def check_cond(self, cond: Mapping[str, Tensor], batch_size: int) -> None:
         super().check_cond(cond, batch_size)
-        condition = cond.get(CONDITION)
-        if condition is not None and (
-            condition.ndim != 5 or condition.shape[1] != self.latent_channels or condition.shape[2] < 1
-        ):
-            raise ValueError(
-                f"cond[{CONDITION!r}] must be [B, {self.latent_channels}, F_c, H, W] with F_c >= 1, "
-                f"got {tuple(condition.shape)}"
-            )
+        for key, least in ((CONDITION, 1), (KEYFRAMES, 1), (VIDEO, PREFIX_FRAMES)):
+            latent = cond.get(key)
+            if latent is not None and (latent.ndim != 5 or latent.shape[1] != self.latent_channels or latent.shape[2] < least):
+                raise ValueError(
+                    f"cond[{key!r}] must be [B, {self.latent_channels}, frames, H, W] with frames >= {least}, "
+                    f"got {tuple(latent.shape)}" + (f" (an image at a later frame is cond[{KEYFRAMES!r}])" if key == VIDEO else "")
+                )
         strength = cond.get(STRENGTH)
-        if strength is not None and condition is None:
+        if strength is not None and CONDITION not in cond:
             raise ValueError(f"cond[{STRENGTH!r}] needs cond[{CONDITION!r}]: it is the strength of that condition")
         if strength is not None and (strength.shape != (batch_size,) or not bool(((strength > 0) & (strength <= 1)).all())):
             raise ValueError(
                 f"cond[{STRENGTH!r}] must be [B] = [{batch_size}] with 0 < strength <= 1 (a strength of 0 would "
                 f"ignore the condition), got shape {tuple(strength.shape)} and values {strength.tolist()}"
             )
-        if (KEYFRAMES in cond) != (KEYFRAME_FRAMES in cond):
-            given, absent = (KEYFRAMES, KEYFRAME_FRAMES) if KEYFRAMES in cond else (KEYFRAME_FRAMES, KEYFRAMES)
-            raise ValueError(f"cond[{given!r}] needs cond[{absent!r}]: a keyframe is a latent and its frame index")
-        if KEYFRAMES not in cond:
-            return
-        latents, frames = cond[KEYFRAMES], cond[KEYFRAME_FRAMES]
-        if latents.ndim != 5 or latents.shape[1] != self.latent_channels or latents.shape[2] < 1:
+        for latents, frames, shape in ((KEYFRAMES, KEYFRAME_FRAMES, "[B, K]"), (VIDEO, VIDEO_FRAME, "[B]")):
+            if (latents in cond) != (frames in cond):
+                given, absent = (latents, frames) if latents in cond else (frames, latents)
+                raise ValueError(f"cond[{given!r}] needs cond[{absent!r}]: a condition there is a latent and its frame index")
+            if latents not in cond:
+                continue
+            expected = cond[latents].shape[:1] + (cond[latents].shape[2:3] if latents == KEYFRAMES else ())
+            if cond[frames].shape != expected:
+                raise ValueError(
+                    f"cond[{frames!r}] must be {shape} = {list(expected)}, one pixel frame index per row"
+                    f"{' and keyframe' if latents == KEYFRAMES else ''} of cond[{latents!r}], got {tuple(cond[frames].shape)}"
+                )
+            if not bool(((cond[frames] >= 1) & (cond[frames] == cond[frames].round())).all()):
+                raise ValueError(
+                    f"cond[{frames!r}] must hold whole numbers >= 1 (pixel frame indices; frame 0 is "
+                    f"cond[{CONDITION!r}]'s), got {cond[frames].tolist()}"
+                )
+
+    def _check_grid(self, key: str, latent: Tensor, x_t: Tensor) -> None:
+        if latent.shape[3:] != x_t.shape[3:]:
             raise ValueError(
-                f"cond[{KEYFRAMES!r}] must be [B, {self.latent_channels}, K, H, W] with K >= 1, "
-                f"got {tuple(latents.shape)}"
-            )
-        if frames.shape != latents.shape[:1] + latents.shape[2:3]:
-            raise ValueError(
-                f"cond[{KEYFRAME_FRAMES!r}] must be [B, K] = {[latents.shape[0], latents.shape[2]]}, one frame "
-                f"index per keyframe of cond[{KEYFRAMES!r}], got {tuple(frames.shape)}"
-            )
-        if not bool(((frames >= 1) & (frames == frames.round())).all()):
-            raise ValueError(
-                f"cond[{KEYFRAME_FRAMES!r}] must hold whole numbers >= 1 (pixel frame indices; frame 0 is "
-                f"cond[{CONDITION!r}]'s), got {frames.tolist()}"
+                f"cond[{key!r}] spans {tuple(latent.shape[3:])} (height, width); x_t spans "
+                f"{tuple(x_t.shape[3:])}: expected the same height and width"
             )
 
-    def conditioned_frames(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> int:
-        """How many leading latent frames ``cond['condition_latent']`` replaces (0 without it).
-
-        Raises:
-            ValueError: if the condition has more frames than ``x_t`` or another height and width.
-        """
-        condition = cond.get(CONDITION)
-        if condition is None:
-            return 0
-        if condition.shape[2] > x_t.shape[2] or condition.shape[3:] != x_t.shape[3:]:
-            raise ValueError(
-                f"cond[{CONDITION!r}] spans {tuple(condition.shape[2:])} (frames, height, width); x_t spans "
-                f"{tuple(x_t.shape[2:])}: expected at most as many frames and the same height and width"
-            )
-        return condition.shape[2]
-
-    def keyframe_count(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> int:
-        """How many keyframes ``cond`` prepends (0 without them).
+    def prepended(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+        """What the pipeline prepends to the video's tokens, as one-frame latents ``[B, C, P, H, W]`` and their pixel
+        frame indices ``[B, P]`` (``None`` when nothing is): the keyframes, then the first :data:`PREFIX_FRAMES`
+        latent frames of a later video condition at pixel frames ``k`` and ``k + 1``, where the pipeline's
+        ``_scale_video_ids`` places a two-frame latent (the causal frame at ``k``, the next one pixel frame later).
 
         Raises:
             ValueError: if their height and width are not those of ``x_t``.
         """
-        keyframes = cond.get(KEYFRAMES)
-        if keyframes is None:
-            return 0
-        if keyframes.shape[3:] != x_t.shape[3:]:
-            raise ValueError(
-                f"cond[{KEYFRAMES!r}] spans {tuple(keyframes.shape[3:])} (height, width); x_t spans "
-                f"{tuple(x_t.shape[3:])}: expected the same height and width"
-            )
-        return keyframes.shape[2]
+        latents, frames = [], []
+        if KEYFRAMES in cond:
+            self._check_grid(KEYFRAMES, cond[KEYFRAMES], x_t)
+            latents.append(cond[KEYFRAMES])
+            frames.append(cond[KEYFRAME_FRAMES].to(torch.float32))
+        if VIDEO in cond:
+            self._check_grid(VIDEO, cond[VIDEO], x_t)
+            latents.append(cond[VIDEO][:, :, :PREFIX_FRAMES])
+            index = cond[VIDEO_FRAME].to(torch.float32)
+            frames.append(torch.stack([index + offset for offset in range(PREFIX_FRAMES)], dim=1))
+        if not latents:
+            return None
+        return torch.cat(latents, dim=2).to(x_t.dtype), torch.cat(frames, dim=1)
 
-    def hold(self, t: Float[Tensor, " batch"], cond: Mapping[str, Tensor]) -> Float[Tensor, " batch"]:
-        """The level ``c = 1 - m`` each row holds its condition at: 0 at the default strength 1."""
-        strength = cond.get(STRENGTH)
-        return torch.zeros_like(t) if strength is None else 1.0 - strength.to(t.dtype)
+    def replaced_frames(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> list[tuple[str, int, int, int]]:
+        """The frames of ``x_t`` a condition replaces, as ``(key, row, start, stop)``: ``condition_latent``'s first
+        ``F_c`` frames in every row, and a later video's frames after its prefix from the pipeline's
+        ``start_frame = k // c_t + 2`` (``c_t`` the VAE's temporal compression) in each row.
+
+        Raises:
+            ValueError: if a condition does not fit into ``x_t``'s frames or grid, or two of them overlap.
+        """
+        frames = x_t.shape[2]
+        spans = []
+        if CONDITION in cond:
+            condition = cond[CONDITION]
+            self._check_grid(CONDITION, condition, x_t)
+            if condition.shape[2] > frames:
+                raise ValueError(
+                    f"cond[{CONDITION!r}] spans {condition.shape[2]} frames; x_t has {frames}: expected at most as many"
+                )
+            spans += [(CONDITION, row, 0, condition.shape[2]) for row in range(x_t.shape[0])]
+        rest = cond[VIDEO].shape[2] - PREFIX_FRAMES if VIDEO in cond else 0
+        if rest:
+            self._check_grid(VIDEO, cond[VIDEO], x_t)
+            for row, index in enumerate(cond[VIDEO_FRAME].tolist()):
+                start = int(index) // self.vae_compression[0] + PREFIX_FRAMES
+                if start + rest > frames:
+                    raise ValueError(
+                        f"cond[{VIDEO!r}] at pixel frame {int(index)} (cond[{VIDEO_FRAME!r}], row {row}) replaces "
+                        f"latent frames {start}..{start + rest - 1}; x_t has {frames}: trim the video or move it earlier"
+                    )
+                if CONDITION in cond and start < cond[CONDITION].shape[2]:
+                    raise ValueError(
+                        f"cond[{VIDEO!r}] at pixel frame {int(index)} (row {row}) replaces latent frame {start}, "
+                        f"which cond[{CONDITION!r}] replaces too: expected conditions on distinct frames"
+                    )
+                spans.append((VIDEO, row, start, start + rest))
+        return spans
+
+    def frame_conditions(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> tuple[Tensor, Float[Tensor, "batch frames"]]:
+        """Per latent frame of ``x_t``: the condition that replaces it ``[B, C, F, H, W]`` (0 where none) and its
+        strength ``[B, F]``: ``condition_strength`` (*default* 1) on ``condition_latent``'s frames, 1 on a later
+        video's, 0 on the frames generated from noise."""
+        latent = torch.zeros_like(x_t)
+        strength = torch.zeros(x_t.shape[:1] + x_t.shape[2:3], dtype=torch.float32, device=x_t.device)
+        for key, row, start, stop in self.replaced_frames(x_t, cond):
+            source = cond[key][row, :, : stop - start] if key == CONDITION else cond[key][row, :, PREFIX_FRAMES:]
+            latent[row, :, start:stop] = source.to(x_t.dtype)
+            strength[row, start:stop] = float(cond[STRENGTH][row]) if key == CONDITION and STRENGTH in cond else 1.0
+        return latent, strength
 
     def conditioning_mask(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> Float[Tensor, "batch tokens"]:
-        """The pipeline's ``conditioning_mask``: 1 on the keyframes, ``m`` on the conditioned frames, 0 elsewhere.
+        """The pipeline's ``conditioning_mask``: 1 on the prepended tokens, each frame's strength on its tokens.
 
-        Token order as the pipeline's: the keyframes' tokens first, then those
+        Token order as the pipeline's: the prepended tokens first, then those
         of ``x_t`` (frame, row, column).
         """
-        frames, height, width = x_t.shape[2:]
-        keyframes, conditioned = self.keyframe_count(x_t, cond), self.conditioned_frames(x_t, cond)
-        mask = torch.zeros(x_t.shape[0], keyframes + frames, dtype=torch.float32, device=x_t.device)
-        mask[:, :keyframes] = 1.0
-        strength = cond.get(STRENGTH)
-        mask[:, keyframes : keyframes + conditioned] = 1.0 if strength is None else strength.float()[:, None]
-        return mask.repeat_interleave(height * width, dim=1)
+        prepended = self.prepended(x_t, cond)
+        count = 0 if prepended is None else prepended[0].shape[2]
+        strength = self.frame_conditions(x_t, cond)[1]
+        mask = torch.cat([strength.new_ones(strength.shape[0], count), strength], dim=1)
+        return mask.repeat_interleave(x_t.shape[3] * x_t.shape[4], dim=1)
 
     def token_times(
         self, x_t: Tensor, times: Float[Tensor, " batch"], cond: Mapping[str, Tensor]
     ) -> Float[Tensor, "batch tokens"]:
-        """Each token's signed time for the rows' ``times``: 0 on the keyframes, :func:`condition_level` on the
-        conditioned frames, the row's time elsewhere."""
-        frames, height, width = x_t.shape[2:]
-        keyframes, conditioned = self.keyframe_count(x_t, cond), self.conditioned_frames(x_t, cond)
-        per_frame = times[:, None].repeat(1, keyframes + frames)
-        per_frame[:, :keyframes] = 0.0
-        if conditioned:
-            per_frame[:, keyframes : keyframes + conditioned] = condition_level(times, self.hold(times, cond))[:, None]
-        return per_frame.repeat_interleave(height * width, dim=1)
+        """Each token's signed time for the rows' ``times``: 0 on the prepended tokens, :func:`condition_level` at
+        its frame's hold ``1 - m`` elsewhere (the row's time on a frame generated from noise, ``m = 0``)."""
+        prepended = self.prepended(x_t, cond)
+        count = 0 if prepended is None else prepended[0].shape[2]
+        strength = self.frame_conditions(x_t, cond)[1].to(times.dtype)
+        per_frame = torch.cat([times.new_zeros(times.shape[0], count), condition_level(times[:, None], 1 - strength)], 1)
+        return per_frame.repeat_interleave(x_t.shape[3] * x_t.shape[4], dim=1)
 
     def keyframe_coords(self, x_t: Tensor, frames: Tensor) -> Float[Tensor, "batch 3 tokens"]:
         r"""The pipeline's ``video_coords`` of keyframes at pixel frames ``frames`` ``[B, K]``: each a one-frame grid,
@@ -293,45 +339,44 @@ class LTXConditionAdapter(LTXVideoAdapter):
     def injection_times(
         self, x_t: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], cond: Mapping[str, Tensor]
     ) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
-        """The row's ``(t, r)``; with a condition or keyframes one pair per token, batch-major (:meth:`token_times`)."""
-        if CONDITION not in cond and KEYFRAMES not in cond:
+        """The row's ``(t, r)``; with any condition one pair per token, batch-major (:meth:`token_times`)."""
+        if not any(key in cond for key in (CONDITION, KEYFRAMES, VIDEO)):
             return t, r
         return self.token_times(x_t, t, cond).flatten(), self.token_times(x_t, r, cond).flatten()
 
     def forward(self, x_t: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], **cond: Tensor) -> Tensor:
-        r"""As :meth:`AdaptedTransformer.forward`; on the conditioned frames the backbone reads the state at their
-        own level and the velocity slides along the line to the condition while they are held (module docstring):
+        r"""As :meth:`AdaptedTransformer.forward`; on each replaced frame the backbone reads the state at the frame's
+        own level and the velocity slides along the line to its condition ``x_c`` while it is held (module docstring):
 
         .. math:: u = \phi F(p) + (1 - \phi) (x_t - x_c) / |t|, \qquad p = x_c + \frac{\min(|t|, c)}{|t|} (x_t - x_c).
+
+        On the frames generated from noise (``c = 1``) ``p = x_t`` and ``phi = 1``: the backbone's ``F`` itself.
         """
-        if CONDITION not in cond:
+        if CONDITION not in cond and VIDEO not in cond:
             return super().forward(x_t, t, r, **cond)
         self.check_call(x_t, t, r, cond)
-        conditioned, hold = self.conditioned_frames(x_t, cond), self.hold(t, cond)
+        condition, strength = self.frame_conditions(x_t, cond)
+        hold = 1 - strength  # the level c each frame is held at: 0 at strength 1, 1 (never held) where generated
         shape = (-1, 1, 1, 1, 1)
-        start, level = t.abs().to(x_t.dtype).view(shape), hold.to(x_t.dtype).view(shape)
+        start, level = t.abs().to(x_t.dtype).view(shape), hold.to(x_t.dtype)[:, None, :, None, None]
         divisor = start.clamp_min(torch.finfo(x_t.dtype).tiny)  # |t| > c >= 0 wherever the line is read
-        frames, condition = x_t[:, :, :conditioned], cond[CONDITION].to(x_t.dtype)
-        offset = frames - condition
-        on_line = condition + (torch.minimum(start, level) / divisor) * offset
-        state = torch.cat([torch.where(start > level, on_line, frames), x_t[:, :, conditioned:]], dim=2)
+        offset = x_t - condition
+        state = torch.where(start > level, condition + (torch.minimum(start, level) / divisor) * offset, x_t)
         velocity = super().forward(state, t, r, **cond)
-        share = generated_share(t, r, hold).to(velocity.dtype).view(shape)
-        line = offset / divisor
-        generated = velocity[:, :, :conditioned]
-        mixed = torch.where(share == 1, generated, share * generated + (1 - share) * line)
-        return torch.cat([mixed, velocity[:, :, conditioned:]], dim=2)
+        share = generated_share(t[:, None], r[:, None], hold.to(t.dtype)).to(velocity.dtype)[:, None, :, None, None]
+        return torch.where(share == 1, velocity, share * velocity + (1 - share) * offset / divisor)
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
-        """The pipeline's call: keyframe tokens prepended, per-token timesteps ``min(timestep, 1000 (1 - mask))``;
-        the keyframes' prediction dropped. ``x_t`` already holds each conditioned frame at its level (:meth:`forward`)."""
-        keyframes = self.keyframe_count(x_t, cond)
+        """The pipeline's call: the prepended tokens first, per-token timesteps ``min(timestep, 1000 (1 - mask))``;
+        their prediction dropped. ``x_t`` already holds each replaced frame at its level (:meth:`forward`)."""
+        prepended = self.prepended(x_t, cond)
+        count = 0 if prepended is None else prepended[0].shape[2]
         timesteps = timestep[:, None]  # the pipeline's [B, 1] without a condition
         tokens, coords = pack_video_patches(x_t), self.video_coords(x_t)
-        if keyframes:
-            tokens = torch.cat([pack_video_patches(cond[KEYFRAMES].to(x_t.dtype)), tokens], dim=1)
-            coords = torch.cat([self.keyframe_coords(x_t, cond[KEYFRAME_FRAMES]), coords], dim=2)
-        if CONDITION in cond or keyframes:
+        if prepended is not None:
+            tokens = torch.cat([pack_video_patches(prepended[0]), tokens], dim=1)
+            coords = torch.cat([self.keyframe_coords(x_t, prepended[1]), coords], dim=2)
+        if any(key in cond for key in (CONDITION, KEYFRAMES, VIDEO)):
             ceiling = (1 - self.conditioning_mask(x_t, cond)) * self.time_convention.scale
             timesteps = torch.minimum(timesteps, ceiling.to(timesteps.dtype))
         tokens = self.transformer(
@@ -343,7 +388,7 @@ class LTXConditionAdapter(LTXVideoAdapter):
             return_dict=False,
         )[0]
         frames, height, width = x_t.shape[2:]
-        return unpack_video_patches(tokens[:, keyframes * height * width:], frames, height, width)
+        return unpack_video_patches(tokens[:, count * height * width:], frames, height, width)
 
 
 def adapt(

@@ -913,7 +913,7 @@ def ltx_condition_cond(transformer: nn.Module, batch: int, generator: torch.Gene
 
 def ltx_condition_pipeline_call(
     transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor], keyframes: tuple[tuple[Tensor, int], ...] = (),
-    strength: Tensor | None = None,
+    strength: Tensor | None = None, video: tuple[Tensor, int] | None = None,
 ) -> Tensor:
     """LTXConditionPipeline's denoising-loop call (its own helpers, its prepare_latents steps written out).
 
@@ -922,7 +922,10 @@ def ltx_condition_pipeline_call(
     later frame index, whose tokens the pipeline prepends and whose prediction it drops. Without either,
     the pipeline's text-to-video call. At strength 1 (``strength=None``) the condition replaces its frames
     of ``x``, as prepare_latents leaves them for the whole loop; with ``strength`` ``[B]`` ``x`` is the
-    loop's latents as they stand, the conditioned frames included.
+    loop's latents as they stand, the conditioned frames included. ``video`` is ``(latent [B, C, n, H, W],
+    frame_index)``, a strength-1 video condition at a later frame index, prepended after the keyframes:
+    its first two latent frames go before the video's tokens, the rest replace latent frames from
+    ``frame_index // 8 + 2`` on.
     """
     from diffusers import LTXConditionPipeline as Pipeline
 
@@ -942,6 +945,18 @@ def ltx_condition_pipeline_call(
         extra_ids.append(Pipeline._scale_video_ids(ids, scale_factor=32, scale_factor_t=8, frame_index=frame_index))
         extra_latents.append(Pipeline._pack_latents(keyframe))
         extra_masks.append(torch.full(extra_latents[-1].shape[:2], 1.0))
+    if video is not None:  # prepare_latents' branch for a video at frame_index > 0, num_prefix_latent_frames 2
+        latent, frame_index = video
+        if latent.shape[2] > 2:
+            start_frame = frame_index // 8 + 2
+            end_frame = start_frame + latent.shape[2] - 2
+            latents[:, :, start_frame:end_frame] = torch.lerp(latents[:, :, start_frame:end_frame], latent[:, :, 2:], 1.0)
+            frames_mask[:, start_frame:end_frame] = 1.0
+        prefix = torch.lerp(torch.randn_like(latent[:, :, :2]), latent[:, :, :2], 1.0)
+        ids = Pipeline._prepare_video_ids(batch, 2, height, width)
+        extra_ids.append(Pipeline._scale_video_ids(ids, scale_factor=32, scale_factor_t=8, frame_index=frame_index))
+        extra_latents.append(Pipeline._pack_latents(prefix))
+        extra_masks.append(torch.full(extra_latents[-1].shape[:2], 1.0))
     video_ids = Pipeline._prepare_video_ids(batch, frames, height, width)
     conditioning_mask = frames_mask.gather(1, video_ids[:, 0])
     video_ids = Pipeline._scale_video_ids(video_ids, scale_factor=32, scale_factor_t=8, frame_index=0)
@@ -950,7 +965,7 @@ def ltx_condition_pipeline_call(
     conditioning_mask = torch.cat([*extra_masks, conditioning_mask], dim=1)
     video_coords[:, 0] = video_coords[:, 0] * (1.0 / 25)
     timestep = (1000 * t)[:, None].float()
-    if condition is not None or keyframes:
+    if condition is not None or keyframes or video is not None:
         timestep = torch.min(timestep, (1 - conditioning_mask) * 1000.0)
     tokens = transformer(
         hidden_states=tokens, encoder_hidden_states=cond["encoder_hidden_states"],

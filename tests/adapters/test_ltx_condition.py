@@ -290,6 +290,91 @@ def test_keyframe_tokens_get_the_stock_embedding_at_time_zero_and_noisy_tokens_t
     torch.testing.assert_close(temb[:, held:], stock + twin[:, None, :], rtol=1e-5, atol=1e-5)
 
 
+LONG = 5  # latent frames of the video in the later-video tests
+
+
+def _long_inputs(batch: int = 2) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    x, cond = _inputs(batch=batch, conditioned=1)
+    x = torch.randn(batch, 4, LONG, 4, 4, generator=torch.Generator().manual_seed(7))
+    video = torch.randn(batch, 4, 4, 4, 4, generator=torch.Generator().manual_seed(8))  # n = 4 latent frames
+    return x, cond, video
+
+
+@pytest.mark.parametrize("with_first_frame", [True, False])
+def test_a_video_at_a_later_frame_matches_the_pipelines_prefix_and_replaced_frames_bit_exactly(with_first_frame) -> None:
+    transformer, model = _adapted()
+    x, cond, video = _long_inputs()
+    if not with_first_frame:
+        del cond["condition_latent"]
+    keyframe = _keyframes(count=1)
+    t = torch.tensor([0.9, 0.35])
+    later = {"video_condition_latent": video, "video_condition_frame": torch.tensor([9.0, 9.0]),
+             "keyframe_latents": keyframe, "keyframe_frames": torch.tensor([[33.0], [33.0]])}
+    with torch.no_grad():
+        expected = ltx_condition_pipeline_call(transformer, x, t, cond, keyframes=((keyframe, 33),), video=(video, 9))
+        actual = model(x, t, t.clone(), **cond, **later)
+    generated = [1, 2] if with_first_frame else [0, 1, 2]  # 9 // 8 + 2 = 3: frames 3 and 4 are the video's last two
+    torch.testing.assert_close(actual[:, :, generated], expected[:, :, generated], rtol=0, atol=0)
+    torch.testing.assert_close(actual[:, :, 3:], _line(x[:, :, 3:], video[:, :, 2:], t), rtol=0, atol=0)
+    if with_first_frame:
+        torch.testing.assert_close(actual[:, :, :1], _line(x, cond["condition_latent"], t), rtol=0, atol=0)
+
+
+def test_a_two_frame_video_at_a_later_frame_is_two_keyframes_one_pixel_frame_apart() -> None:
+    transformer, model = _adapted()
+    x, cond, video = _long_inputs()
+    t, r = torch.tensor([-0.9, 0.35]), torch.tensor([-0.2, 0.1])
+    prefix = video[:, :, :2]
+    with torch.no_grad():
+        as_video = model(x, t, r, **cond, video_condition_latent=prefix, video_condition_frame=torch.tensor([9.0, 17.0]))
+        as_keyframes = model(x, t, r, **cond, keyframe_latents=prefix,
+                             keyframe_frames=torch.tensor([[9.0, 10.0], [17.0, 18.0]]))
+        expected = ltx_condition_pipeline_call(transformer, x, t.abs(), cond, video=(prefix, 9))
+        plain = model(x, t.abs(), t.abs(), **cond, video_condition_latent=prefix, video_condition_frame=torch.tensor([9.0, 9.0]))
+    torch.testing.assert_close(as_video, as_keyframes, rtol=0, atol=0)
+    torch.testing.assert_close(plain[:, :, 1:], expected[:, :, 1:], rtol=0, atol=0)
+
+
+def test_each_row_places_its_later_video_at_its_own_frame() -> None:
+    transformer, model = _adapted()
+    x, cond, video = _long_inputs()
+    t = torch.tensor([0.9, 0.35])
+    with torch.no_grad():
+        batched = model(x, t, t.clone(), **cond, video_condition_latent=video,
+                        video_condition_frame=torch.tensor([1.0, 9.0]))
+        for row, index in ((0, 1), (1, 9)):
+            one = {key: value[row : row + 1] for key, value in cond.items()}
+            expected = ltx_condition_pipeline_call(transformer, x[row : row + 1], t[row : row + 1], one,
+                                                   video=(video[row : row + 1], index))
+            start = index // 8 + 2
+            generated = [frame for frame in range(1, LONG) if not start <= frame < start + 2]
+            torch.testing.assert_close(batched[row : row + 1, :, generated], expected[:, :, generated], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_later_videos_raise_naming_the_key() -> None:
+    _, model = _adapted()
+    x, cond, video = _long_inputs()
+    t = torch.tensor([0.9, 0.35])
+    at = torch.tensor([9.0, 9.0])
+    cases = [
+        ({"video_condition_latent": video}, "video_condition_latent.*needs.*video_condition_frame"),
+        ({"video_condition_frame": at}, "video_condition_frame.*needs.*video_condition_latent"),
+        ({"video_condition_latent": video[:, :, :1], "video_condition_frame": at}, "frames >= 2.*keyframe_latents"),
+        ({"video_condition_latent": video, "video_condition_frame": torch.tensor([[9.0], [9.0]])},
+         "video_condition_frame.*must be \\[B\\]"),
+        ({"video_condition_latent": video, "video_condition_frame": torch.tensor([9.5, 9.0])}, "whole numbers >= 1"),
+        ({"video_condition_latent": video, "video_condition_frame": torch.tensor([9.0, 17.0])},
+         "row 1.*replaces latent frames 4..5; x_t has 5"),
+        ({"video_condition_latent": video[..., :2], "video_condition_frame": at}, "video_condition_latent.*spans"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(x, t, t, **cond, **extra)
+    three = {**cond, "condition_latent": torch.zeros(2, 4, 3, 4, 4)}
+    with pytest.raises(ValueError, match="replaces latent frame 2, which cond\\['condition_latent'\\] replaces too"):
+        model(x, t, t, **three, video_condition_latent=video, video_condition_frame=torch.tensor([1.0, 1.0]))
+
+
 def test_bad_keyframes_raise_naming_the_key() -> None:
     _, model = _adapted()
     x, cond = _inputs(conditioned=1)
