@@ -47,36 +47,14 @@ Conditioning: as LTX-Video, plus
   ``x_t`` and apart from ``condition_latent``'s.
 
 **The replaced frames on the protocol's path** (``condition_latent``'s and a
-later video's). The protocol's state is
-the interpolant ``x_t = |t| z + (1 - |t|) x`` on every frame, so on a
-conditioned frame it sits on the line from the condition ``x_c`` (when the
-video's first frames are the condition, as in image-to-video training)
-through the noise. Each conditioned token runs on its own clock, the
-pipeline's: its level is ``min(|t|, c)``. The adapter feeds the backbone the
-state at that level, read off the line,
-
-.. math:: p = x_c + \frac{\min(|t|, c)}{|t|} \,(x_t - x_c),
-
-(``lerp(z, x_c, m)`` while held; ``x_t`` itself once generated), at the
-stock timestep ``1000 min(|t|, c)`` and the twin times
-``(sign(t) min(|t|, c), sign(r) min(|r|, c))``, and returns the average
-velocity of the jump from ``|t|`` to ``|r|``: the held part of the jump slides
-along the line, the generated part is the backbone's ``F``,
-
-.. math:: u = \phi F + (1 - \phi) \frac{x_t - x_c}{|t|}, \qquad
-   \phi = \frac{\min(|t|, c) - \min(|r|, c)}{|t| - |r|}
-   \quad (\phi = [\,|t| \le c\,] \text{ when } r = t),
-
-the share of the jump the token is generated in. So a sampler started from
-noise passes ``lerp(z, x_c, m)`` at level ``c``, as the pipeline starts
-there, and a strength-1 condition (``c = 0``, ``phi = 0``) ends at ``x_c``
-(up to rounding): the sample's first frames are the condition. When ``c``
-lies on a sampler's time grid its Euler steps are the pipeline's loop; off
-the grid the pipeline carries the held frame from level ``c`` into the next
-step as if it sat at that step's time, which the adapter does not copy. The loss sends
-gradient through a conditioned frame only in its generated share ``phi``
-(none at strength 1), and its target there is met exactly while the
-frame is held. Keyframes are data on both trajectories and not part of the
+later video's) run on the pipeline's clock, each at its level
+``min(|t|, 1 - m)``: the stock timestep ``1000 min(|t|, 1 - m)``, the twin
+times ``(sign(t) min(|t|, 1 - m), sign(r) min(|r|, 1 - m))``, the state read
+off the line from the condition through ``x_t`` and the velocity sliding
+along it while held (:mod:`twinloss_adapters.held_frames`). A sampler thus
+passes ``lerp(z, x_c, m)`` at level ``1 - m`` and ends a strength-1 frame at
+the condition; train with the condition as the video's frames there.
+Keyframes are data on both trajectories and not part of the
 state: their tokens get ``(t, r) = (0, 0)``, the stock timestep 0 as in the
 pipeline, no jump and no sign.
 
@@ -95,12 +73,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from twinloss_adapters.base import pipeline_from_pretrained, unadapt
+from twinloss_adapters.held_frames import condition_level, held_frames_velocity
 from twinloss_adapters.ltx_video import LTXVideoAdapter
 from twinloss_adapters.packing import pack_video_patches, unpack_video_patches
 
 __all__ = [
     "CONDITION", "KEYFRAMES", "KEYFRAME_FRAMES", "PREFIX_FRAMES", "STRENGTH", "VIDEO", "VIDEO_FRAME",
-    "LTXConditionAdapter", "adapt", "condition_level", "from_pretrained", "generated_share", "unadapt",
+    "LTXConditionAdapter", "adapt", "from_pretrained", "unadapt",
 ]
 
 CONDITION = "condition_latent"
@@ -123,26 +102,6 @@ VIDEO_FRAME = "video_condition_frame"
 
 PREFIX_FRAMES = 2
 """The latent frames of a later video condition that the pipeline prepends (its ``num_prefix_latent_frames``)."""
-
-
-def condition_level(time: Float[Tensor, "..."], hold: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
-    r"""A conditioned frame's time on its own clock, held at the level ``c = 1 - m``: :math:`\operatorname{sign}(t) \min(|t|, c)`."""
-    return time.sign() * torch.minimum(time.abs(), hold)
-
-
-def generated_share(t: Float[Tensor, "..."], r: Float[Tensor, "..."], hold: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
-    r"""The share of the jump from ``|t|`` to ``|r|`` in which a frame held at level ``c`` is generated,
-
-    .. math:: \phi = \frac{\min(|t|, c) - \min(|r|, c)}{|t| - |r|},
-
-    and its limit ``[|t| <= c]`` when ``|r| = |t|`` (the pipeline updates a
-    held token from the step whose ``t`` reaches ``c``).
-    """
-    start, stop = t.abs(), r.abs()
-    jump = start - stop
-    moving = jump > 0
-    share = (torch.minimum(start, hold) - torch.minimum(stop, hold)) / torch.where(moving, jump, 1.0)
-    return torch.where(moving, share, (start <= hold).to(share.dtype))
 
 
 class LTXConditionAdapter(LTXVideoAdapter):
@@ -345,26 +304,14 @@ class LTXConditionAdapter(LTXVideoAdapter):
         return self.token_times(x_t, t, cond).flatten(), self.token_times(x_t, r, cond).flatten()
 
     def forward(self, x_t: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], **cond: Tensor) -> Tensor:
-        r"""As :meth:`AdaptedTransformer.forward`; on each replaced frame the backbone reads the state at the frame's
-        own level and the velocity slides along the line to its condition ``x_c`` while it is held (module docstring):
-
-        .. math:: u = \phi F(p) + (1 - \phi) (x_t - x_c) / |t|, \qquad p = x_c + \frac{\min(|t|, c)}{|t|} (x_t - x_c).
-
-        On the frames generated from noise (``c = 1``) ``p = x_t`` and ``phi = 1``: the backbone's ``F`` itself.
-        """
+        """As :meth:`AdaptedTransformer.forward`, each replaced frame on its own clock
+        (:func:`~twinloss_adapters.held_frames.held_frames_velocity`, held at ``1 - m``)."""
         if CONDITION not in cond and VIDEO not in cond:
             return super().forward(x_t, t, r, **cond)
         self.check_call(x_t, t, r, cond)
         condition, strength = self.frame_conditions(x_t, cond)
-        hold = 1 - strength  # the level c each frame is held at: 0 at strength 1, 1 (never held) where generated
-        shape = (-1, 1, 1, 1, 1)
-        start, level = t.abs().to(x_t.dtype).view(shape), hold.to(x_t.dtype)[:, None, :, None, None]
-        divisor = start.clamp_min(torch.finfo(x_t.dtype).tiny)  # |t| > c >= 0 wherever the line is read
-        offset = x_t - condition
-        state = torch.where(start > level, condition + (torch.minimum(start, level) / divisor) * offset, x_t)
-        velocity = super().forward(state, t, r, **cond)
-        share = generated_share(t[:, None], r[:, None], hold.to(t.dtype)).to(velocity.dtype)[:, None, :, None, None]
-        return torch.where(share == 1, velocity, share * velocity + (1 - share) * offset / divisor)
+        return held_frames_velocity(lambda state: super(LTXConditionAdapter, self).forward(state, t, r, **cond),
+                                    x_t, t, r, condition, 1 - strength)
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         """The pipeline's call: the prepended tokens first, per-token timesteps ``min(timestep, 1000 (1 - mask))``;

@@ -16,15 +16,15 @@ Conditioning: as Wan text-to-video, plus
 * ``first_frame_latent`` ``[B, C, 1, H, W]``, optional: the image's latent,
   normalised with the VAE's mean and std (the pipeline's ``condition``).
 
-The twin times on the conditioned frame: it is data, not noise, on both
-trajectories, so its tokens get ``(t, r) = (0, 0)``: the stock timestep 0 as
-in the pipeline, no jump and no sign, hence exactly the pipeline's modulation
-there at every ``(t, r)`` and on both trajectories. It does not move either:
-the adapter returns the velocity 0 on that frame (the pipeline discards its
-prediction there and puts the condition back), so a sampler leaves that frame
-of its state as it is and the loss sends no gradient through it. The sample's
-first frame is the condition: put ``first_frame_latent`` there, as the
-pipeline does after its last step.
+The conditioned frame is held at the image for the whole run (strength 1):
+the backbone reads the image there, its tokens get ``(t, r) = (0, 0)`` (the
+stock timestep 0 as in the pipeline, no jump and no sign, hence exactly the
+pipeline's modulation there at every ``(t, r)`` and on both trajectories), and
+the velocity there slides along the line from the image through ``x_t``,
+``(x_t - x_c) / |t|`` (:mod:`twinloss_adapters.held_frames` at ``c = 0``). So
+a sampler ends that frame at the image, as the pipeline's output has it, the
+loss sends no gradient through it, and its target there is met when the
+video's first frame is the image.
 """
 
 from collections.abc import Mapping
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from twinloss_adapters._imports import require_diffusers
 from twinloss_adapters.base import check_backbone_class, pipeline_from_pretrained, unadapt
+from twinloss_adapters.held_frames import held_frames_velocity
 from twinloss_adapters.wan import WanAdapter
 
 __all__ = ["FIRST_FRAME", "WanTI2VAdapter", "adapt", "from_pretrained", "unadapt"]
@@ -94,26 +95,32 @@ class WanTI2VAdapter(WanAdapter):
         noisy = self.noisy_tokens(x_t, cond).to(t.dtype)
         return (t[:, None] * noisy).flatten(), (r[:, None] * noisy).flatten()
 
+    def forward(self, x_t: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], **cond: Tensor) -> Tensor:
+        """As :meth:`AdaptedTransformer.forward`; the conditioned first frame held at the image
+        (:func:`~twinloss_adapters.held_frames.held_frames_velocity` at level 0)."""
+        if FIRST_FRAME not in cond:
+            return super().forward(x_t, t, r, **cond)
+        self.check_call(x_t, t, r, cond)
+        first_frame = cond[FIRST_FRAME]
+        if first_frame.shape[3:] != x_t.shape[3:]:
+            raise ValueError(f"cond[{FIRST_FRAME!r}] spans {tuple(first_frame.shape[3:])} but x_t spans {tuple(x_t.shape[3:])}")
+        condition = torch.zeros_like(x_t)
+        condition[:, :, :1] = first_frame.to(x_t.dtype)
+        hold = torch.ones(x_t.shape[:1] + x_t.shape[2:3], dtype=torch.float32, device=x_t.device)
+        hold[:, 0] = 0.0
+        return held_frames_velocity(lambda state: super(WanTI2VAdapter, self).forward(state, t, r, **cond),
+                                    x_t, t, r, condition, hold)
+
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
-        """The pipeline's call: the first frame replaced by the condition, ``[B, tokens]`` timesteps; velocity 0 there."""
-        first_frame = cond.get(FIRST_FRAME)
-        hidden_states = x_t
-        if first_frame is not None:
-            if first_frame.shape[3:] != x_t.shape[3:]:
-                raise ValueError(
-                    f"cond[{FIRST_FRAME!r}] spans {tuple(first_frame.shape[3:])} but x_t spans {tuple(x_t.shape[3:])}"
-                )
-            hidden_states = torch.cat([first_frame.to(x_t.dtype), x_t[:, :, 1:]], dim=2)
-        prediction = self.transformer(
-            hidden_states=hidden_states,
+        """The pipeline's call, ``[B, tokens]`` timesteps (0 on a conditioned first frame, which :meth:`forward`
+        has set to the image)."""
+        return self.transformer(
+            hidden_states=x_t,
             timestep=timestep[:, None] * self.noisy_tokens(x_t, cond),
             encoder_hidden_states=cond["encoder_hidden_states"],
             encoder_hidden_states_image=cond.get("encoder_hidden_states_image"),
             return_dict=False,
         )[0]
-        if first_frame is None:
-            return prediction
-        return torch.cat([torch.zeros_like(prediction[:, :, :1]), prediction[:, :, 1:]], dim=2)
 
 
 def adapt(transformer: object, *, target_time: bool = True, sign: bool = True) -> WanTI2VAdapter:

@@ -878,9 +878,10 @@ def wan_ti2v_pipeline_call(transformer: nn.Module, x: Tensor, t: Tensor, cond: d
 
 
 def wan_ti2v_stock(transformer: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-    """The pipeline's call; the prediction on the conditioned first frame, which the pipeline discards, is 0."""
+    """The pipeline's call; on the conditioned first frame, which the pipeline holds at the image ``x_c``, the
+    protocol's velocity along the line from ``x_c`` through ``x``: ``(x - x_c) / t``."""
     prediction = wan_ti2v_pipeline_call(transformer, x, t, cond)
-    prediction[:, :, 0] = 0
+    prediction[:, :, :1] = (x[:, :, :1] - cond["first_frame_latent"]) / t.view(-1, 1, 1, 1, 1)
     return prediction
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adapter_backbones import TEXT_LEN, build_ltx_video, ltx_condition_pipeline_call, perturb_twin_embedding
-from twinloss_adapters import ltx_condition
+from twinloss_adapters import held_frames, ltx_condition
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME, find_injection
 
 FRAMES = 3
@@ -219,7 +219,7 @@ def test_conditioned_tokens_below_strength_one_get_the_twin_embedding_of_their_o
         twin = transformer.get_submodule(DEFAULT_MODULE_NAME)(own_t, own_r)
     expected = (stock + twin)[:, None, :].expand(2, TOKENS_PER_FRAME, 24)
     torch.testing.assert_close(temb[:, :TOKENS_PER_FRAME], expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ltx_condition.condition_level(t, 1 - strength), own_t, rtol=0, atol=0)
+    torch.testing.assert_close(held_frames.condition_level(t, 1 - strength), own_t, rtol=0, atol=0)
 
 
 def test_bad_strengths_raise_naming_the_key() -> None:

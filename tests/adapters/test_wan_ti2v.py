@@ -42,7 +42,7 @@ def test_text_to_video_matches_wan_pipeline_per_token_call_bit_exactly() -> None
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
-def test_conditioned_frame_matches_the_pipeline_elsewhere_and_is_zero_and_independent_of_x_t() -> None:
+def test_conditioned_frame_matches_the_pipeline_elsewhere_and_slides_along_the_line_to_the_image() -> None:
     transformer, model = _adapted()
     x, text, image = _inputs()
     t = torch.tensor([0.9, 0.35])
@@ -55,8 +55,17 @@ def test_conditioned_frame_matches_the_pipeline_elsewhere_and_is_zero_and_indepe
         moved = model(other_first_frame, -t, 0.5 * -t, **cond)
         jumped = model(x, -t, 0.5 * -t, **cond)
     torch.testing.assert_close(actual[:, :, 1:], expected[:, :, 1:], rtol=0, atol=0)
-    assert (actual[:, :, 0] == 0).all() and (moved[:, :, 0] == 0).all()
-    torch.testing.assert_close(moved, jumped, rtol=0, atol=0)  # the noisy first frame of x_t is never read
+
+    def line(state: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        return (state[:, :, :1] - image) / time.abs().view(-1, 1, 1, 1, 1)
+
+    torch.testing.assert_close(actual[:, :, :1], line(x, t), rtol=0, atol=0)
+    torch.testing.assert_close(moved[:, :, :1], line(other_first_frame, t), rtol=0, atol=0)
+    torch.testing.assert_close(moved[:, :, 1:], jumped[:, :, 1:], rtol=0, atol=0)  # the backbone reads the image there
+    with torch.no_grad():  # one step from noise lands on the image
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+        sample = noise - model(noise, torch.ones(2), torch.zeros(2), **cond)
+    torch.testing.assert_close(sample[:, :, :1], image, rtol=0, atol=1e-6)
     assert (jumped[:, :, 1:] - actual[:, :, 1:]).abs().max() > 1e-3  # the twin times reach the noisy tokens
 
 
