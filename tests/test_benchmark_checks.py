@@ -86,11 +86,12 @@ def test_load_keeps_budget_width_lr_eval_and_network_runs_apart_from_the_task_th
     write("twinflow-w-0_quick", 0, quick=True)
     write("twinflow-w-0_eval16000", 2, eval_override=16000)  # scored on more samples: another instrument
     write("twinflow-w-0_twinblocks", 0, twin_per_block=True)  # another network: must not replace seed 0's run
+    write("twinflow-w-0_twinseparate", 0, twin_separate=True)  # and another
     runs = curves_summary.load(tmp_path, quick=False, scale=1.0)
     assert sorted(runs) == ["patches", "patches-budget4000", "patches-budget4000-width512", "patches-eval16000",
-                            "patches-lr0.0003", "patches-twinblocks", "patches-width512"]
+                            "patches-lr0.0003", "patches-twinblocks", "patches-twinseparate", "patches-width512"]
     seeds = [sorted(runs[task]["TwinFlow w 0"]) for task in sorted(runs)]
-    assert seeds == [[0], [0], [2], [2], [1], [0], [1]]
+    assert seeds == [[0], [0], [2], [2], [1], [0], [0], [1]]
     assert not runs["patches"]["TwinFlow w 0"][0]["config"].get("twin_per_block")
 
 
@@ -181,3 +182,27 @@ def test_task_checks_compare_means_only_over_the_seeds_both_sides_have():
     assert verdicts["(A) at most RCGM-only"] == "PASS"  # 1.0 <= 1.1 and 0.9 <= 1.0 on seed 0
     assert verdicts["(B) 1x at most FM4"] == "PASS" and verdicts["(B) 3x within 1.1x of FM50"] == "PASS"
     assert all(line.endswith("[1 seeds, fewer than 3]") for line in lines)
+
+
+def test_separate_twin_routes_twin_rows_to_a_copy_that_shares_no_weight_with_the_real_network():
+    import torch
+
+    from twinloss import toy
+
+    torch.manual_seed(0)
+    real = toy.TimeMLP((2,), width=16, depth=2, num_classes=3)
+    model = curves.SeparateTwin(real)
+    with torch.no_grad():
+        for parameter in model.fake.parameters():
+            parameter.add_(0.1)  # a fake field that has moved away from the real one
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 3])
+    t, r = torch.tensor([0.9, -0.7, 0.4, -0.2]), torch.tensor([0.1, -0.7, 0.4, -0.2])
+    out = model(x, t, r, y=y)
+    real_rows, fake_rows = t >= 0, t < 0
+    torch.testing.assert_close(out[real_rows], real(x[real_rows], t[real_rows], r[real_rows], y=y[real_rows]))
+    torch.testing.assert_close(out[fake_rows], model.fake(x[fake_rows], t[fake_rows], r[fake_rows], y=y[fake_rows]))
+    out[fake_rows].sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.real.parameters())
+    assert all(p.grad is not None for p in model.fake.parameters())
+    plain = torch.tensor([0.9, 0.7, 0.4, 0.2])
+    assert torch.equal(model(x, plain, plain, y=y), real(x, plain, plain, y=y))  # no twin rows: real's own call

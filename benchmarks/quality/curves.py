@@ -142,6 +142,30 @@ class Sizes:
                                    classifier_steps=steps(self.classifier_steps))
 
 
+class SeparateTwin(nn.Module):
+    """The twin field in a network of its own: rows at ``t < 0`` go to ``fake``, a copy of the pretrained ``real``.
+
+    TwinFlow's one network shares every weight between the real field and the
+    fake one; this wrapper shares none, so the fake rows cannot move the real
+    field through shared weights (``--twin-separate``, sixteenth round). A batch
+    without twin rows is ``real``'s own call, so RCGM-only is unchanged by it.
+    """
+
+    def __init__(self, real: nn.Module) -> None:
+        super().__init__()
+        self.real, self.fake = real, copy.deepcopy(real)
+
+    def forward(self, x_t: Tensor, t: Tensor, r: Tensor, **cond: Tensor) -> Tensor:
+        twin = t < 0
+        if not bool(twin.any()):
+            return self.real(x_t, t, r, **cond)
+        out = torch.empty_like(x_t)
+        for rows, network in ((twin, self.fake), (~twin, self.real)):
+            if bool(rows.any()):
+                out[rows] = network(x_t[rows], t[rows], r[rows], **{key: value[rows] for key, value in cond.items()})
+        return out
+
+
 @dataclass
 class Bench:
     """One seed of a task, pretrained and ready: what the protocol fine-tunes, draws and scores.
@@ -450,6 +474,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--twin-per-block", action="store_true",
                         help="the network's twin (t < 0) rows get a zero-initialised shift before every block, "
                              "not only the first layer (toy.TimeMLP's twin_per_block)")
+    parser.add_argument("--twin-separate", action="store_true",
+                        help="the twin (t < 0) rows go to a network of their own, a copy of the pretrained one "
+                             "(SeparateTwin): no weight is shared between the real and the fake field")
     parser.add_argument("--out", default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
@@ -491,6 +518,8 @@ def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] 
     variant += f"_lr{args.lr:g}" if args.lr is not None else ""
     variant += f"_eval{args.eval}" if args.eval is not None else ""
     variant += "_twinblocks" if args.twin_per_block else ""
+    variant += "_twinseparate" if args.twin_separate else ""
+    config["twin_separate"] = args.twin_separate
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -504,6 +533,8 @@ def main(extra_methods: dict[str, MethodFactory] | None = None, argv: list[str] 
         log(f"wrote {path}")
 
     bench = task.prepare(args.seed, sizes)
+    if args.twin_separate:
+        bench.pretrained = SeparateTwin(bench.pretrained)
     config["pretrain_s"] = round(time.perf_counter() - started, 1)
     log(f"pretrained {sizes.pretrain} steps in {config['pretrain_s']}s; data floor {bench.floor}")
     if not args.skip_fm:

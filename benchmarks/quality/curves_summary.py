@@ -146,9 +146,9 @@ def keeps_diversity(diversity: dict[int, float], data: float | None, from_step: 
 def load(results: Path, quick: bool, scale: float) -> dict[str, dict[str, dict[int, dict]]]:
     """``{task: {method: {seed: report}}}`` of the runs made with these sizes.
 
-    Runs with ``--budget``, ``--width``, ``--lr``, ``--eval`` or ``--twin-per-block`` form their own task,
-    ``"patches-budget4000"``, ``"patches-width256"``, ``"patches-lr0.0003"``, ``"ring-eval8000"``,
-    ``"patches-twinblocks"``.
+    Runs with ``--budget``, ``--width``, ``--lr``, ``--eval``, ``--twin-per-block`` or ``--twin-separate`` form
+    their own task, ``"patches-budget4000"``, ``"patches-width256"``, ``"patches-lr0.0003"``, ``"ring-eval8000"``,
+    ``"patches-twinblocks"``, ``"ring-eval16000-twinseparate"``.
     """
     runs: dict[str, dict[str, dict[int, dict]]] = {}
     for path in sorted(results.glob("*_seed*_*.json")):
@@ -160,7 +160,8 @@ def load(results: Path, quick: bool, scale: float) -> dict[str, dict[str, dict[i
         width, lr, count = config.get("width_override"), config.get("lr_override"), config.get("eval_override")
         task = (report["task"] + (f"-budget{override}" if override is not None else "")
                 + (f"-width{width}" if width is not None else "") + (f"-lr{lr:g}" if lr is not None else "") + (f"-eval{count}" if count is not None else "")
-                + ("-twinblocks" if config.get("twin_per_block") else ""))
+                + ("-twinblocks" if config.get("twin_per_block") else "")
+                + ("-twinseparate" if config.get("twin_separate") else ""))
         runs.setdefault(task, {}).setdefault(report["method"], {})[report["seed"]] = report
     return runs
 
