@@ -1064,3 +1064,23 @@ def perturb_twin_embedding(transformer: nn.Module, seed: int = 5) -> None:
     with torch.no_grad():
         for parameter in transformer.get_submodule(DEFAULT_MODULE_NAME).parameters():
             parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+
+
+def train_steps(loss_fn, model: nn.Module, x: Tensor, cond: dict[str, Tensor], uncond: dict[str, Tensor], optimizer,
+                steps: int = 3, after_step: Callable[[object], None] | None = None) -> list[float]:
+    """``steps`` optimizer steps of ``loss_fn`` on one fixed batch and draw (generator seed 1); the losses.
+
+    With the same draws every step, the loss moves only because the weights do. Every term must be finite.
+    ``after_step`` receives each step's loss output after the optimizer step (teacher updates, checks).
+    """
+    losses = []
+    for _ in range(steps):
+        out = loss_fn(model, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(1))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(out)
+        losses.append(out.loss.item())
+        assert all(torch.isfinite(term).all() for term in out.terms.values())
+    return losses

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 import twinloss
-from adapter_backbones import CASES, BackboneCase
+from adapter_backbones import CASES, BackboneCase, train_steps
 from twinloss_adapters import lora
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME
 
@@ -206,14 +206,7 @@ def test_twinflow_steps_with_a_lora_teacher(teacher_class: type) -> None:
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and "twinflow_ema" not in n}
-    losses = []
-    for _ in range(3):
-        out = loss_fn(model, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(1))
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        loss_fn.update_teachers(model)
-        losses.append(out.loss.item())
+    losses = train_steps(loss_fn, model, x, cond, uncond, optimizer, after_step=lambda out: loss_fn.update_teachers(model))
     assert all(torch.isfinite(torch.tensor(losses))) and len(set(losses)) == 3, losses
     for n, p in model.named_parameters():
         if n in frozen:

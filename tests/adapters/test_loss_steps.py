@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import twinloss
-from adapter_backbones import CASES, BackboneCase
+from adapter_backbones import CASES, BackboneCase, train_steps
 from twinloss_adapters.time_embedding import DEFAULT_MODULE_NAME
 
 BATCH = 4
@@ -33,16 +33,11 @@ def test_twinflow_steps_train_the_adapted_backbone(name: str) -> None:
     initial_twin = [p.detach().clone() for p in twin.parameters()]
     x_before, cond_before = x.clone(), {key: value.clone() for key, value in cond.items()}
 
-    losses = []
-    for _ in range(STEPS):
-        out = loss_fn(model, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(1))
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    def after_step(out) -> None:
         loss_fn.teacher.update(model)
-        losses.append(out.loss.item())
         assert out.model_calls > 1
-        assert all(torch.isfinite(term).all() for term in out.terms.values())
+
+    losses = train_steps(loss_fn, model, x, cond, uncond, optimizer, STEPS, after_step)
 
     assert all(torch.isfinite(torch.tensor(losses)))
     # Same draws every step (fixed generator): the loss moves only because the weights do.

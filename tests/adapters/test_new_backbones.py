@@ -14,6 +14,7 @@ from adapter_backbones import (
     anyflow_stock,
     build_anyflow,
     build_flux2,
+    train_steps,
     build_hidream,
     build_hunyuan_video15,
     build_lumina2,
@@ -259,13 +260,7 @@ def test_ace_step_twinflow_lora_fine_tune_trains_only_lora_and_the_sign() -> Non
     assert any("negative_time_embedding" in n for n in trained) and any("lora_B" in n for n in trained)
     loss_fn = twinloss.TwinFlowLoss(guidance_teacher=lora.BaseModelTeacher(), guidance_scale=0.5)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(3):
-        out = loss_fn(model, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(1))
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    losses = train_steps(loss_fn, model, x, cond, uncond, optimizer)
     assert all(torch.isfinite(torch.tensor(losses))) and len(set(losses)) == 3, losses
     parameters = dict(model.named_parameters())
     for name, value in frozen.items():
