@@ -223,17 +223,21 @@ class LTXConditionAdapter(LTXVideoAdapter):
                 spans.append((VIDEO, row, start, start + rest))
         return spans
 
-    def frame_conditions(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> tuple[Tensor, Float[Tensor, "batch frames"]]:
-        """Per latent frame of ``x_t``: the condition that replaces it ``[B, C, F, H, W]`` (0 where none) and its
-        strength ``[B, F]``: ``condition_strength`` (*default* 1) on ``condition_latent``'s frames, 1 on a later
-        video's, 0 on the frames generated from noise."""
-        latent = torch.zeros_like(x_t)
+    def frame_strengths(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> Float[Tensor, "batch frames"]:
+        """Each latent frame's strength ``[B, F]``: ``condition_strength`` (*default* 1) on ``condition_latent``'s
+        frames, 1 on a later video's, 0 on the frames generated from noise."""
         strength = torch.zeros(x_t.shape[:1] + x_t.shape[2:3], dtype=torch.float32, device=x_t.device)
+        for key, row, start, stop in self.replaced_frames(x_t, cond):
+            strength[row, start:stop] = float(cond[STRENGTH][row]) if key == CONDITION and STRENGTH in cond else 1.0
+        return strength
+
+    def frame_conditions(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """The condition that replaces each latent frame of ``x_t``, ``[B, C, F, H, W]`` (0 on the generated ones)."""
+        latent = torch.zeros_like(x_t)
         for key, row, start, stop in self.replaced_frames(x_t, cond):
             source = cond[key][row, :, : stop - start] if key == CONDITION else cond[key][row, :, PREFIX_FRAMES:]
             latent[row, :, start:stop] = source.to(x_t.dtype)
-            strength[row, start:stop] = float(cond[STRENGTH][row]) if key == CONDITION and STRENGTH in cond else 1.0
-        return latent, strength
+        return latent
 
     def conditioning_mask(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> Float[Tensor, "batch tokens"]:
         """The pipeline's ``conditioning_mask``: 1 on the prepended tokens, each frame's strength on its tokens.
@@ -243,7 +247,7 @@ class LTXConditionAdapter(LTXVideoAdapter):
         """
         prepended = self.prepended(x_t, cond)
         count = 0 if prepended is None else prepended[0].shape[2]
-        strength = self.frame_conditions(x_t, cond)[1]
+        strength = self.frame_strengths(x_t, cond)
         mask = torch.cat([strength.new_ones(strength.shape[0], count), strength], dim=1)
         return mask.repeat_interleave(x_t.shape[3] * x_t.shape[4], dim=1)
 
@@ -254,7 +258,7 @@ class LTXConditionAdapter(LTXVideoAdapter):
         its frame's hold ``1 - m`` elsewhere (the row's time on a frame generated from noise, ``m = 0``)."""
         prepended = self.prepended(x_t, cond)
         count = 0 if prepended is None else prepended[0].shape[2]
-        strength = self.frame_conditions(x_t, cond)[1].to(times.dtype)
+        strength = self.frame_strengths(x_t, cond).to(times.dtype)
         per_frame = torch.cat([times.new_zeros(times.shape[0], count), condition_level(times[:, None], 1 - strength)], 1)
         return per_frame.repeat_interleave(x_t.shape[3] * x_t.shape[4], dim=1)
 
@@ -309,9 +313,9 @@ class LTXConditionAdapter(LTXVideoAdapter):
         if CONDITION not in cond and VIDEO not in cond:
             return super().forward(x_t, t, r, **cond)
         self.check_call(x_t, t, r, cond)
-        condition, strength = self.frame_conditions(x_t, cond)
+        hold = 1 - self.frame_strengths(x_t, cond)
         return held_frames_velocity(lambda state: super(LTXConditionAdapter, self).forward(state, t, r, **cond),
-                                    x_t, t, r, condition, 1 - strength)
+                                    x_t, t, r, self.frame_conditions(x_t, cond), hold)
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         """The pipeline's call: the prepended tokens first, per-token timesteps ``min(timestep, 1000 (1 - mask))``;
