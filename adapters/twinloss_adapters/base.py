@@ -264,6 +264,10 @@ class AdaptedTransformer(nn.Module, abc.ABC):
                 or beyond the declared capabilities, or a latent of the wrong shape.
         """
         self.check_call(x_t, t, r, cond)
+        return self.velocity(x_t, t, r, cond)
+
+    def velocity(self, x_t: Tensor, t: Tensor, r: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """:meth:`forward` for inputs that :meth:`check_call` accepted: the stock call with the twin times injected."""
         # Full precision for the timestep: each backbone casts it where its own code does.
         timestep = self.time_convention.to_backbone(t.to(at_least_float32(t.dtype)))
         if self.injection is None:

@@ -187,56 +187,69 @@ class LTXConditionAdapter(LTXVideoAdapter):
             return None
         return torch.cat(latents, dim=2).to(x_t.dtype), torch.cat(frames, dim=1)
 
-    def replaced_frames(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> list[tuple[str, int, int, int]]:
-        """The frames of ``x_t`` a condition replaces, as ``(key, row, start, stop)``: ``condition_latent``'s first
-        ``F_c`` frames in every row, and a later video's frames after its prefix from the pipeline's
-        ``start_frame = k // c_t + 2`` (``c_t`` the VAE's temporal compression) in each row.
+    def conditioned_frames(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> int:
+        """How many leading latent frames ``condition_latent`` replaces (0 without it).
 
         Raises:
-            ValueError: if a condition does not fit into ``x_t``'s frames or grid, or two of them overlap.
+            ValueError: if it has more frames than ``x_t`` or another height and width.
         """
-        frames = x_t.shape[2]
-        spans = []
-        if CONDITION in cond:
-            condition = cond[CONDITION]
-            self._check_grid(CONDITION, condition, x_t)
-            if condition.shape[2] > frames:
-                raise ValueError(
-                    f"cond[{CONDITION!r}] spans {condition.shape[2]} frames; x_t has {frames}: expected at most as many"
-                )
-            spans += [(CONDITION, row, 0, condition.shape[2]) for row in range(x_t.shape[0])]
+        if CONDITION not in cond:
+            return 0
+        condition = cond[CONDITION]
+        self._check_grid(CONDITION, condition, x_t)
+        if condition.shape[2] > x_t.shape[2]:
+            raise ValueError(
+                f"cond[{CONDITION!r}] spans {condition.shape[2]} frames; x_t has {x_t.shape[2]}: expected at most as many"
+            )
+        return condition.shape[2]
+
+    def video_starts(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> list[int]:
+        """Per row, the first latent frame a later video replaces: the pipeline's ``start_frame = k // c_t + 2``
+        (``c_t`` the VAE's temporal compression); empty without a later video or with one of two frames only.
+
+        Raises:
+            ValueError: if its replaced frames do not fit into ``x_t`` or overlap ``condition_latent``'s.
+        """
         rest = cond[VIDEO].shape[2] - PREFIX_FRAMES if VIDEO in cond else 0
-        if rest:
-            self._check_grid(VIDEO, cond[VIDEO], x_t)
-            for row, index in enumerate(cond[VIDEO_FRAME].tolist()):
-                start = int(index) // self.vae_compression[0] + PREFIX_FRAMES
-                if start + rest > frames:
-                    raise ValueError(
-                        f"cond[{VIDEO!r}] at pixel frame {int(index)} (cond[{VIDEO_FRAME!r}], row {row}) replaces "
-                        f"latent frames {start}..{start + rest - 1}; x_t has {frames}: trim the video or move it earlier"
-                    )
-                if CONDITION in cond and start < cond[CONDITION].shape[2]:
-                    raise ValueError(
-                        f"cond[{VIDEO!r}] at pixel frame {int(index)} (row {row}) replaces latent frame {start}, "
-                        f"which cond[{CONDITION!r}] replaces too: expected conditions on distinct frames"
-                    )
-                spans.append((VIDEO, row, start, start + rest))
-        return spans
+        if not rest:
+            return []
+        self._check_grid(VIDEO, cond[VIDEO], x_t)
+        frames, first = x_t.shape[2], self.conditioned_frames(x_t, cond)
+        starts = []
+        for row, index in enumerate(cond[VIDEO_FRAME].tolist()):
+            start = int(index) // self.vae_compression[0] + PREFIX_FRAMES
+            if start + rest > frames:
+                raise ValueError(
+                    f"cond[{VIDEO!r}] at pixel frame {int(index)} (cond[{VIDEO_FRAME!r}], row {row}) replaces "
+                    f"latent frames {start}..{start + rest - 1}; x_t has {frames}: trim the video or move it earlier"
+                )
+            if start < first:
+                raise ValueError(
+                    f"cond[{VIDEO!r}] at pixel frame {int(index)} (row {row}) replaces latent frame {start}, "
+                    f"which cond[{CONDITION!r}] replaces too: expected conditions on distinct frames"
+                )
+            starts.append(start)
+        return starts
 
     def frame_strengths(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> Float[Tensor, "batch frames"]:
         """Each latent frame's strength ``[B, F]``: ``condition_strength`` (*default* 1) on ``condition_latent``'s
         frames, 1 on a later video's, 0 on the frames generated from noise."""
         strength = torch.zeros(x_t.shape[:1] + x_t.shape[2:3], dtype=torch.float32, device=x_t.device)
-        for key, row, start, stop in self.replaced_frames(x_t, cond):
-            strength[row, start:stop] = float(cond[STRENGTH][row]) if key == CONDITION and STRENGTH in cond else 1.0
+        first = self.conditioned_frames(x_t, cond)
+        strength[:, :first] = cond[STRENGTH].to(torch.float32)[:, None] if STRENGTH in cond else 1.0
+        rest = cond[VIDEO].shape[2] - PREFIX_FRAMES if VIDEO in cond else 0
+        for row, start in enumerate(self.video_starts(x_t, cond)):
+            strength[row, start : start + rest] = 1.0
         return strength
 
     def frame_conditions(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         """The condition that replaces each latent frame of ``x_t``, ``[B, C, F, H, W]`` (0 on the generated ones)."""
         latent = torch.zeros_like(x_t)
-        for key, row, start, stop in self.replaced_frames(x_t, cond):
-            source = cond[key][row, :, : stop - start] if key == CONDITION else cond[key][row, :, PREFIX_FRAMES:]
-            latent[row, :, start:stop] = source.to(x_t.dtype)
+        first = self.conditioned_frames(x_t, cond)
+        latent[:, :, :first] = cond[CONDITION].to(x_t.dtype) if first else 0.0
+        for row, start in enumerate(self.video_starts(x_t, cond)):
+            rest = cond[VIDEO][row, :, PREFIX_FRAMES:]
+            latent[row, :, start : start + rest.shape[1]] = rest.to(x_t.dtype)
         return latent
 
     def conditioning_mask(self, x_t: Tensor, cond: Mapping[str, Tensor]) -> Float[Tensor, "batch tokens"]:
@@ -307,14 +320,13 @@ class LTXConditionAdapter(LTXVideoAdapter):
             return t, r
         return self.token_times(x_t, t, cond).flatten(), self.token_times(x_t, r, cond).flatten()
 
-    def forward(self, x_t: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], **cond: Tensor) -> Tensor:
-        """As :meth:`AdaptedTransformer.forward`, each replaced frame on its own clock
+    def velocity(self, x_t: Tensor, t: Tensor, r: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """The stock call with each replaced frame on its own clock
         (:func:`~twinloss_adapters.held_frames.held_frames_velocity`, held at ``1 - m``)."""
         if CONDITION not in cond and VIDEO not in cond:
-            return super().forward(x_t, t, r, **cond)
-        self.check_call(x_t, t, r, cond)
+            return super().velocity(x_t, t, r, cond)
         hold = 1 - self.frame_strengths(x_t, cond)
-        return held_frames_velocity(lambda state: super(LTXConditionAdapter, self).forward(state, t, r, **cond),
+        return held_frames_velocity(lambda state: super(LTXConditionAdapter, self).velocity(state, t, r, cond),
                                     x_t, t, r, self.frame_conditions(x_t, cond), hold)
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:

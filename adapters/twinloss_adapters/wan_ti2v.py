@@ -95,12 +95,11 @@ class WanTI2VAdapter(WanAdapter):
         noisy = self.noisy_tokens(x_t, cond).to(t.dtype)
         return (t[:, None] * noisy).flatten(), (r[:, None] * noisy).flatten()
 
-    def forward(self, x_t: Tensor, t: Float[Tensor, " batch"], r: Float[Tensor, " batch"], **cond: Tensor) -> Tensor:
-        """As :meth:`AdaptedTransformer.forward`; the conditioned first frame held at the image
+    def velocity(self, x_t: Tensor, t: Tensor, r: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """The stock call; a conditioned first frame held at the image
         (:func:`~twinloss_adapters.held_frames.held_frames_velocity` at level 0)."""
         if FIRST_FRAME not in cond:
-            return super().forward(x_t, t, r, **cond)
-        self.check_call(x_t, t, r, cond)
+            return super().velocity(x_t, t, r, cond)
         first_frame = cond[FIRST_FRAME]
         if first_frame.shape[3:] != x_t.shape[3:]:
             raise ValueError(f"cond[{FIRST_FRAME!r}] spans {tuple(first_frame.shape[3:])} but x_t spans {tuple(x_t.shape[3:])}")
@@ -108,7 +107,7 @@ class WanTI2VAdapter(WanAdapter):
         condition[:, :, :1] = first_frame.to(x_t.dtype)
         hold = torch.ones(x_t.shape[:1] + x_t.shape[2:3], dtype=torch.float32, device=x_t.device)
         hold[:, 0] = 0.0
-        return held_frames_velocity(lambda state: super(WanTI2VAdapter, self).forward(state, t, r, **cond),
+        return held_frames_velocity(lambda state: super(WanTI2VAdapter, self).velocity(state, t, r, cond),
                                     x_t, t, r, condition, hold)
 
     def run_backbone(self, x_t: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
