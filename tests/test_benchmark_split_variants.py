@@ -27,9 +27,10 @@ CHANGED = {
 }
 RCGM_VARIANT = "RCGM only, defaults, one-step half"
 RCGM_SMALLER_SCALE = "RCGM only, defaults at w 0.2"
+EXTRA_ROWS = {"TwinFlow defaults, extra fake rows": 0.5, "TwinFlow w 0, extra fake rows": 0.0}
 
 
-@pytest.mark.parametrize("name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT, RCGM_SMALLER_SCALE}))
+@pytest.mark.parametrize("name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT, RCGM_SMALLER_SCALE, *EXTRA_ROWS}))
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
     assert isinstance(loss, TwinFlowLoss)
@@ -81,3 +82,32 @@ def test_fake_times_follow_the_conditioned_law_of_s_and_leave_every_other_row_as
     rest = torch.ones(batch, dtype=torch.bool)
     rest[fake] = False
     assert torch.equal(drawn.t[rest], default.t[rest]) and torch.equal(drawn.r[rest], default.r[rest])
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA_ROWS))
+@pytest.mark.parametrize("batch", [256, 100, 7])
+def test_extra_fake_rows_keep_rcgm_onlys_real_rows_and_add_the_default_ratio_of_fake_rows(name, batch, monkeypatch):
+    loss = split_variants.VARIANTS[name](None)
+    scale = EXTRA_ROWS[name]
+    assert type(loss) is split_variants.ExtraFakeRows and loss.guidance_scale == scale
+    fake_share = 0.25 if scale > 0 else 0.125
+    settings = module_settings(loss) | {"trajectory": None}
+    assert settings == module_settings(TwinFlowLoss(guidance_scale=scale)) | {"trajectory": None, "fake_share": fake_share}
+    seen = {}
+
+    def record(self, model, x, *, cond=None, uncond=None, generator=None):
+        seen.update(x=x, cond=cond, uncond=uncond, counts=self.trajectory.shares.counts(x.shape[0]))
+
+    monkeypatch.setattr(TwinFlowLoss, "forward", record)
+    x = torch.randn(batch, 2)
+    labels = torch.randint(0, 4, (batch,))
+    cond, uncond = {"y": labels}, {"y": torch.full_like(labels, 4)}
+    kept = x.clone(), labels.clone()
+    loss(None, x, cond=cond, uncond=uncond)
+    extra = round(batch * fake_share / (1 - fake_share))
+    thirds = TwinFlowLoss.rcgm().trajectory.shares.counts(batch)
+    assert seen["counts"] == {**thirds, "fake": extra}
+    assert torch.equal(seen["x"], torch.cat([x, x[:extra]]))
+    assert torch.equal(seen["cond"]["y"], torch.cat([labels, labels[:extra]]))
+    assert torch.equal(seen["uncond"]["y"], torch.full((batch + extra,), 4))
+    assert torch.equal(x, kept[0]) and torch.equal(labels, kept[1]) and cond["y"] is labels
