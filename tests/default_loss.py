@@ -19,7 +19,7 @@ def module_settings(module) -> dict:
 
 def assert_default_loss_except(loss: TwinFlowLoss, *changed: str) -> None:
     """``loss`` equals ``TwinFlowLoss()`` in every setting of :data:`SETTINGS`, :data:`MODULES` and the
-    group shares (``"shares"``) and ``rectify_time``, except those named in ``changed``, each of which must
+    group shares (``"shares"``), where the fake rows come from (``"fake_rows"``) and ``rectify_time``, except those named in ``changed``, each of which must
     differ. The default group shares follow the guidance (``default_shares``), so they are compared with the
     default at ``loss.guidance_scale``; the default ``rectify_time`` is ``None`` (its law follows each batch),
     so any law given is a change."""
@@ -36,3 +36,5 @@ def assert_default_loss_except(loss: TwinFlowLoss, *changed: str) -> None:
     expected = default_shares(loss.guidance_scale)
     same = loss.trajectory.shares == expected
     assert same != ("shares" in changed), f"shares: {loss.trajectory.shares} against {expected}"
+    same = loss.trajectory.fake_rows == default.trajectory.fake_rows
+    assert same != ("fake_rows" in changed), f"fake_rows: {loss.trajectory.fake_rows!r} against the default's"

@@ -24,13 +24,15 @@ CHANGED = {
     "TwinFlow defaults, twin share 1/3, default law of s": ("shares",),
     "TwinFlow defaults, twin share 1/3, fake times from s": ("shares",),
     "TwinFlow defaults at w 0.2": ("guidance_scale",),
+    "TwinFlow defaults, extra fake rows": ("fake_rows",),
+    "TwinFlow w 0, extra fake rows": ("guidance_scale", "fake_rows"),
+    "TwinFlow defaults, extra fake rows, fake times from s": ("fake_rows",),
 }
 RCGM_VARIANT = "RCGM only, defaults, one-step half"
 RCGM_SMALLER_SCALE = "RCGM only, defaults at w 0.2"
-EXTRA_ROWS = {"TwinFlow defaults, extra fake rows": 0.5, "TwinFlow w 0, extra fake rows": 0.0}
 
 
-@pytest.mark.parametrize("name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT, RCGM_SMALLER_SCALE, *EXTRA_ROWS}))
+@pytest.mark.parametrize("name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT, RCGM_SMALLER_SCALE}))
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
     assert isinstance(loss, TwinFlowLoss)
@@ -46,6 +48,7 @@ def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(
     assert isinstance(loss.trajectory, split_variants.FakeTimesFrom) == ("fake times" in name)
     assert len({curves.slug(other) for other in split_variants.VARIANTS}) == len(split_variants.VARIANTS)
     assert not set(map(curves.slug, split_variants.VARIANTS)) & set(map(curves.slug, curves.METHODS))
+    assert loss.trajectory.fake_rows == ("added" if "extra fake rows" in name else "from_batch")
     if "twin share 1/3" in name:
         assert loss.trajectory.shares == GroupShares.from_twin_share(1 / 3) and loss.rectify_time is None
 
@@ -83,31 +86,3 @@ def test_fake_times_follow_the_conditioned_law_of_s_and_leave_every_other_row_as
     rest[fake] = False
     assert torch.equal(drawn.t[rest], default.t[rest]) and torch.equal(drawn.r[rest], default.r[rest])
 
-
-@pytest.mark.parametrize("name", sorted(EXTRA_ROWS))
-@pytest.mark.parametrize("batch", [256, 100, 7])
-def test_extra_fake_rows_keep_rcgm_onlys_real_rows_and_add_the_default_ratio_of_fake_rows(name, batch, monkeypatch):
-    loss = split_variants.VARIANTS[name](None)
-    scale = EXTRA_ROWS[name]
-    assert type(loss) is split_variants.ExtraFakeRows and loss.guidance_scale == scale
-    fake_share = 0.25 if scale > 0 else 0.125
-    settings = module_settings(loss) | {"trajectory": None}
-    assert settings == module_settings(TwinFlowLoss(guidance_scale=scale)) | {"trajectory": None, "fake_share": fake_share}
-    seen = {}
-
-    def record(self, model, x, *, cond=None, uncond=None, generator=None):
-        seen.update(x=x, cond=cond, uncond=uncond, counts=self.trajectory.shares.counts(x.shape[0]))
-
-    monkeypatch.setattr(TwinFlowLoss, "forward", record)
-    x = torch.randn(batch, 2)
-    labels = torch.randint(0, 4, (batch,))
-    cond, uncond = {"y": labels}, {"y": torch.full_like(labels, 4)}
-    kept = x.clone(), labels.clone()
-    loss(None, x, cond=cond, uncond=uncond)
-    extra = round(batch * fake_share / (1 - fake_share))
-    thirds = TwinFlowLoss.rcgm().trajectory.shares.counts(batch)
-    assert seen["counts"] == {**thirds, "fake": extra}
-    assert torch.equal(seen["x"], torch.cat([x, x[:extra]]))
-    assert torch.equal(seen["cond"]["y"], torch.cat([labels, labels[:extra]]))
-    assert torch.equal(seen["uncond"]["y"], torch.full((batch + extra,), 4))
-    assert torch.equal(x, kept[0]) and torch.equal(labels, kept[1]) and cond["y"] is labels

@@ -34,10 +34,11 @@ def _backward_gradient(loss_fn, model, x, cond, uncond, seed):
     return out, grad
 
 
+@pytest.mark.parametrize("fake_rows", ["from_batch", "added"])
 @pytest.mark.parametrize("guidance", [0.0, 0.5])
-def test_term_gradients_add_up_to_the_backward_gradient(guidance) -> None:
+def test_term_gradients_add_up_to_the_backward_gradient(guidance, fake_rows) -> None:
     model, x, cond, uncond = _setup()
-    loss_fn = twinloss.TwinFlowLoss(guidance_scale=guidance)
+    loss_fn = twinloss.TwinFlowLoss(guidance_scale=guidance, fake_rows=fake_rows)
     parameters = list(model.parameters())
     state = RandomState(x.device)
     out, gradients = _term_gradients(

@@ -32,10 +32,12 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   its ablation ``RCGM only, defaults at w 0.2`` (online, CFG 1.25; the
   rest of the guided defaults unchanged), sixteenth round;
 * fake rows that take no data row: ``TwinFlow defaults, extra fake rows``
-  and ``TwinFlow w 0, extra fake rows`` (:class:`ExtraFakeRows`: the data
+  and ``TwinFlow w 0, extra fake rows`` (``fake_rows="added"``: the data
   rows split between the three real groups as RCGM-only splits them, and
-  the fake rows, which the recipe regenerates from noise anyway, added on
-  top in the default's ratio to the one-step rows), seventeenth round.
+  the fake rows, whose data the recipe replaces by samples anyway, appended
+  in the default's ratio), and with the fake rows at the rectification's
+  times as well (``TwinFlow defaults, extra fake rows, fake times from
+  s``), seventeenth round.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -50,7 +52,6 @@ import curves  # noqa: E402
 import torch  # noqa: E402
 
 from twinloss import GroupShares, L2Distance, TimeDistribution, TwinFlowLoss  # noqa: E402
-from twinloss.loss import default_shares  # noqa: E402
 from twinloss.trajectory import Trajectory, TrajectorySampler  # noqa: E402
 
 
@@ -58,7 +59,7 @@ class FakeTimesFrom(TrajectorySampler):
     """A trajectory sampler whose fake rows take ``t = r = -s``, ``s`` from ``fake_law``, not the batch's law."""
 
     def __init__(self, sampler: TrajectorySampler, fake_law: TimeDistribution) -> None:
-        super().__init__(sampler.time_distribution, sampler.shares, sampler.multi_step_gap)
+        super().__init__(sampler.time_distribution, sampler.shares, sampler.multi_step_gap, sampler.fake_rows)
         self.fake_law = fake_law
 
     def forward(self, batch_size: int, *, device="cpu", dtype=torch.float32, generator=None) -> Trajectory:
@@ -82,49 +83,6 @@ def fake_times_from_rectify_law(guidance_scale: float, **settings) -> TwinFlowLo
     return loss
 
 
-THIRDS = GroupShares(one_step=1 / 3, multi_step=1 / 3, any_step=1 / 3, fake=0.0)
-"""RCGM-only's partition: the data rows in thirds."""
-
-
-def with_extra_rows(rows, extra: int):
-    """``rows`` (a tensor or a dict of per-row tensors, or None) with its first ``extra`` rows appended."""
-    if rows is None:
-        return None
-    if isinstance(rows, dict):
-        return {key: with_extra_rows(value, extra) for key, value in rows.items()}
-    return torch.cat([rows, rows[:extra]])
-
-
-class ExtraFakeRows(TwinFlowLoss):
-    """TwinFlow whose fake rows are added to the batch instead of taken from it.
-
-    The partitioned recipe overwrites the fake group's data rows with the
-    model's one-jump samples, so a quarter of every batch's data is drawn
-    and never used, and the three real groups anchor the real field with
-    fewer rows than RCGM-only's thirds. Here the ``B`` data rows split as
-    RCGM-only splits them, and ``n = round(B f / (1 - f))`` fake rows (``f``
-    the default fake share at this guidance scale: the quarters' one fake
-    row per one-step row with guidance, 1/8 without) are appended, their
-    conditions copied from the batch's first ``n`` rows (the labels are
-    drawn at random, so that is a random draw of them).
-    """
-
-    def __init__(self, guidance_scale: float, **settings) -> None:
-        super().__init__(guidance_scale=guidance_scale, **settings)
-        self.fake_share = default_shares(guidance_scale).fake
-
-    def forward(self, model, x, *, cond=None, uncond=None, generator=None):
-        batch = x.shape[0]
-        extra = round(batch * self.fake_share / (1 - self.fake_share))
-        real = THIRDS.counts(batch)
-        total = batch + extra
-        self.trajectory.shares = GroupShares(
-            one_step=real["one_step"] / total, multi_step=real["multi_step"] / total,
-            any_step=real["any_step"] / total, fake=extra / total)
-        return super().forward(model, with_extra_rows(x, extra), cond=with_extra_rows(cond, extra),
-                               uncond=with_extra_rows(uncond, extra), generator=generator)
-
-
 VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow defaults, l2 rectification weight 2": lambda pretrained: TwinFlowLoss(
         rectify_distance=L2Distance(), rectify_weight=2.0),
@@ -139,8 +97,10 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "RCGM only, defaults, one-step half": lambda pretrained: TwinFlowLoss.rcgm(shares=ONE_STEP_HALF),
     "TwinFlow defaults at w 0.2": lambda pretrained: TwinFlowLoss(guidance_scale=0.2),
     "RCGM only, defaults at w 0.2": lambda pretrained: TwinFlowLoss.rcgm(guidance_scale=0.2),
-    "TwinFlow defaults, extra fake rows": lambda pretrained: ExtraFakeRows(0.5),
-    "TwinFlow w 0, extra fake rows": lambda pretrained: ExtraFakeRows(0.0),
+    "TwinFlow defaults, extra fake rows": lambda pretrained: TwinFlowLoss(fake_rows="added"),
+    "TwinFlow w 0, extra fake rows": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, fake_rows="added"),
+    "TwinFlow defaults, extra fake rows, fake times from s": lambda pretrained: fake_times_from_rectify_law(
+        0.5, fake_rows="added"),
 }
 
 

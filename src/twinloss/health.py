@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from twinloss._random import RandomState
 from twinloss.loss import TwinFlowLoss
 from twinloss.protocol import Conditioning, VelocityModel
-from twinloss.trajectory import GROUPS
+from twinloss.trajectory import GROUPS, contiguous_groups
 
 __all__ = ["TrainingSignals", "training_signals"]
 
@@ -178,11 +178,7 @@ def _term_gradients(
     full, prediction_full = evaluate(loss_fn)
     grad_full = torch.autograd.grad(full.loss, prediction_full)[0]
 
-    counts = loss_fn.shares.counts(x.shape[0])
-    rows, begin = {}, 0
-    for name in GROUPS:
-        rows[name] = slice(begin, begin + counts[name])
-        begin += counts[name]
+    rows = contiguous_groups(loss_fn.trajectory.counts(x.shape[0]))
     pieces = {f"base/{name}": (grad_without, rows[name]) for name in GROUPS if name != "fake"}
     pieces["adv"] = (grad_without, rows["fake"])
     pieces["rectify"] = (grad_full - grad_without, rows["one_step"])

@@ -51,6 +51,7 @@ from twinloss.protocol import (
     check_uncond_matches,
     concat_conditioning,
     select_rows,
+    with_first_rows_appended,
 )
 from twinloss.targets import (
     fake_samples,
@@ -349,6 +350,21 @@ class TwinFlowLoss(nn.Module):
     Args:
         shares: the group partition (*default* :func:`default_shares`:
             equal quarters with guidance, a fake share of 1/8 without).
+        fake_rows: where the fake group's rows come from. ``"from_batch"``
+            (*default*, the authors' recipe): the last ``shares.fake`` of the
+            batch's rows, whose data is replaced by the model's one-jump
+            samples, so that share of ``x`` is never trained on (only its
+            conditioning is read). ``"added"``: every row of ``x`` is a real
+            row, split between the real groups in the proportions of their
+            shares, and :math:`n = \lfloor B f / (1 - f) + 1/2 \rfloor`
+            fake rows (``f = shares.fake``) are appended, with the
+            conditioning of the batch's first ``n`` rows (of ``cond`` and
+            ``uncond``): the same step as ``"from_batch"`` on ``B + n`` rows,
+            at that cost, without drawing data that is thrown away; and the
+            real rows are the ones :meth:`rcgm` trains with the same shares'
+            real part, so the twin terms are an addition to RCGM's step, not
+            a share of it (docs/method.md, section 2.1). Needs
+            ``0 < shares.fake < 1`` and ``image_free=False``.
         time_distribution: law of ``t`` (*default* uniform, ``Beta(1, 1)``).
         multi_step_gap: ``r = t - u t g`` for multi-step rows (*default* 0.05).
         path: the interpolation path (*default* linear).
@@ -483,6 +499,7 @@ class TwinFlowLoss(nn.Module):
         self,
         *,
         shares: GroupShares | None = None,
+        fake_rows: Literal["from_batch", "added"] = "from_batch",
         time_distribution: TimeDistribution | None = None,
         multi_step_gap: float = 0.05,
         path: AffinePath | None = None,
@@ -541,13 +558,18 @@ class TwinFlowLoss(nn.Module):
             raise ValueError("rectify_time sets the rectification's times, which rectify_weight=0 switches off")
         if rectify_distance is not None and rectify_weight == 0:
             raise ValueError("rectify_distance sets the rectification's distance, which rectify_weight=0 switches off")
+        if image_free and fake_rows == "added":
+            raise ValueError(
+                "fake_rows='added' keeps every row of x as data, but image_free=True trains on no data row: "
+                "pass fake_rows='from_batch'"
+            )
         if image_free and guidance_scale == 0:
             raise ValueError(
                 "image_free=True regresses on the guidance teacher's guided velocity, which "
                 "guidance_scale=0 switches off: pass guidance_scale > 0"
             )
 
-        self.trajectory = TrajectorySampler(time_distribution, shares, multi_step_gap)
+        self.trajectory = TrajectorySampler(time_distribution, shares, multi_step_gap, fake_rows)
         self.path = path if path is not None else LinearPath()
         self.distance = distance if distance is not None else BarronDistance()
         self.time_weight = time_weight
@@ -726,7 +748,7 @@ class TwinFlowLoss(nn.Module):
 
     @property
     def min_batch_size(self) -> int:
-        return self.shares.min_batch_size()
+        return self.trajectory.min_batch_size()
 
     # ------------------------------------------------------------------ checks
     def _check_inputs(
@@ -782,7 +804,8 @@ class TwinFlowLoss(nn.Module):
         work = at_least_float32(x.dtype)  # targets in >= float32
         traj = self.trajectory(x.shape[0], device=x.device, dtype=work, generator=generator)
         fake_noise = self._fake_noise(x, traj, work, generator)
-        noise = torch.randn(x.shape, device=x.device, dtype=work, generator=generator)
+        rows = (traj.t.shape[0], *x.shape[1:])  # x's rows, and the added fake rows after them
+        noise = torch.randn(rows, device=x.device, dtype=work, generator=generator)
         # every model pass starts from the random state left after the loss's own draws above
         evaluate = StepEvaluator(
             model, guidance_teacher=self.guidance_teacher, rcgm_teacher=self.rcgm_teacher,
@@ -792,6 +815,9 @@ class TwinFlowLoss(nn.Module):
         )
         evaluate.watch_inputs(x, cond, uncond)
         real = traj.rows(*REAL_GROUPS)
+        added = self.trajectory.added_rows(x.shape[0])
+        cond = with_first_rows_appended(cond, added)
+        uncond = None if uncond is None else with_first_rows_appended(uncond, added)
 
         x_rows = self._training_rows(evaluate, x.to(work), fake_noise, traj, cond)  # 1. fake samples
         del fake_noise
@@ -825,8 +851,11 @@ class TwinFlowLoss(nn.Module):
         fake_noise: Tensor | None,
         traj: Trajectory,
         cond: dict[str, Tensor],
-    ) -> Float[Tensor, " batch *shape"]:
-        """Step 1: the data each row is interpolated from; fake rows hold the model's one-jump samples."""
+    ) -> Float[Tensor, " rows *shape"]:
+        """Step 1: the data each row is interpolated from; fake rows hold the model's one-jump samples.
+
+        ``rows`` is ``batch``, or ``batch`` plus the fake rows with ``fake_rows="added"``.
+        """
         if fake_noise is None:
             return x
         rows = slice(None) if self.image_free else traj.groups["fake"]
@@ -835,6 +864,8 @@ class TwinFlowLoss(nn.Module):
         samples = fake_samples(fake_noise, velocity)
         if self.image_free:
             return samples
+        if self.trajectory.fake_rows == "added":
+            return torch.cat([x, samples])
         rows = x.clone()  # never written into the caller's x
         rows[traj.groups["fake"]] = samples
         return rows

@@ -35,6 +35,7 @@ __all__ = [
     "check_uncond_matches",
     "concat_conditioning",
     "select_rows",
+    "with_first_rows_appended",
 ]
 
 Conditioning = Mapping[str, Tensor]
@@ -177,6 +178,17 @@ def check_model_keywords(model: object, cond: Conditioning, *, name: str = "cond
 def select_rows(cond: Conditioning, rows: slice | Tensor) -> dict[str, Tensor]:
     """Index every conditioning tensor by the same rows (a view for slices)."""
     return {key: value[rows] for key, value in cond.items()}
+
+
+def with_first_rows_appended(cond: Conditioning, count: int) -> dict[str, Tensor]:
+    """Every conditioning tensor followed by copies of its first ``count`` rows (cycling past the end): new tensors."""
+    if count == 0:
+        return dict(cond)
+    out = {}
+    for key, value in cond.items():
+        rows = torch.arange(count, device=value.device) % value.shape[0]
+        out[key] = torch.cat([value, value[rows]])
+    return out
 
 
 def concat_conditioning(*conds: Conditioning) -> dict[str, Tensor]:

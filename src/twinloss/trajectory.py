@@ -15,6 +15,11 @@ group          times ``(t, r)``                         trains
 with ``t`` from a :class:`~twinloss.time_distributions.TimeDistribution` and
 ``u ~ U(0, 1)``. The rows of ``x`` are taken in that order: the first
 ``counts["one_step"]`` rows form the one-step group, and so on.
+
+The fake rows hold the model's own one-jump samples, so the data in the
+batch's fake rows is never read, only their conditioning. With
+``fake_rows="added"`` every row of ``x`` is a real row and the fake rows
+are appended after them (:class:`TrajectorySampler`).
 """
 
 import functools
@@ -28,9 +33,11 @@ from torch import Tensor, nn
 
 from twinloss.time_distributions import BetaTime, TimeDistribution
 
-__all__ = ["GROUPS", "GroupShares", "Trajectory", "TrajectorySampler"]
+__all__ = ["FAKE_ROWS", "GROUPS", "GroupShares", "Trajectory", "TrajectorySampler", "contiguous_groups"]
 
 GROUPS = ("one_step", "multi_step", "any_step", "fake")
+FAKE_ROWS = ("from_batch", "added")
+"""Where the fake group's rows come from: the batch's last rows (the authors' recipe), or rows added after it."""
 REMAINDER_DIGITS = 9
 """Decimals to which :meth:`GroupShares.counts` compares remainders: closer ones are ties."""
 
@@ -79,6 +86,19 @@ class GroupShares:
 
     def as_dict(self) -> dict[str, float]:
         return {name: float(getattr(self, name)) for name in GROUPS}
+
+    def without_fake(self) -> "GroupShares":
+        """The real groups' shares scaled to sum to 1, fake 0: how ``fake_rows="added"`` splits the data rows.
+
+        Raises:
+            ValueError: if the fake group has every row (no real share to scale).
+        """
+        real = 1.0 - self.fake
+        if real <= 0:
+            raise ValueError(f"shares {self.as_dict()} give the real groups no row")
+        return GroupShares(
+            one_step=self.one_step / real, multi_step=self.multi_step / real, any_step=self.any_step / real, fake=0.0
+        )
 
     def min_batch_size(self) -> int:
         r"""The smallest batch from which on every batch gives each positive group a row.
@@ -140,6 +160,15 @@ class GroupShares:
         return counts
 
 
+def contiguous_groups(counts: dict[str, int]) -> dict[str, slice]:
+    """The rows of each group: contiguous, in the order of :data:`GROUPS`, ``counts[name]`` rows each."""
+    groups, start = {}, 0
+    for name in GROUPS:
+        groups[name] = slice(start, start + counts[name])
+        start += counts[name]
+    return groups
+
+
 @dataclass(frozen=True)
 class Trajectory:
     """Signed times per row and the contiguous rows of each group.
@@ -183,13 +212,25 @@ class Trajectory:
 
 
 class TrajectorySampler(nn.Module):
-    """Draws ``(t, r)`` for every row of a batch, group by group.
+    r"""Draws ``(t, r)`` for every row of a batch, group by group.
 
     Args:
         time_distribution: law of ``t`` (*default* ``Beta(1, 1)``, uniform).
         shares: the group partition (*default* equal shares).
         multi_step_gap: ``g`` in ``r = t - u t g`` for ``multi_step`` rows
             (*default* 0.05); ``0`` gives ``r = t`` exactly.
+        fake_rows: where the fake rows come from, for a batch of ``B`` rows
+            of ``x``:
+
+            * ``"from_batch"`` (*default*, the authors' recipe): the shares
+              partition the ``B`` rows, and the last ``shares.fake`` of them
+              are the fake group, whose data the loss replaces by samples;
+            * ``"added"``: the real groups split the ``B`` rows in the
+              proportions of their shares (:meth:`GroupShares.without_fake`),
+              and :math:`n = \lfloor B f / (1 - f) + 1/2 \rfloor` fake rows
+              (``f = shares.fake``) follow them, so the trajectory has
+              ``B + n`` rows in about the shares' proportions. Needs
+              ``0 < shares.fake < 1``.
     """
 
     def __init__(
@@ -197,13 +238,58 @@ class TrajectorySampler(nn.Module):
         time_distribution: TimeDistribution | None = None,
         shares: GroupShares | None = None,
         multi_step_gap: float = 0.05,
+        fake_rows: str = "from_batch",
     ) -> None:
         super().__init__()
         if not (0.0 <= multi_step_gap <= 1.0):
             raise ValueError(f"multi_step_gap must lie in [0, 1], got {multi_step_gap}")
+        if fake_rows not in FAKE_ROWS:
+            raise ValueError(f"fake_rows must be one of {FAKE_ROWS}, got {fake_rows!r}")
         self.time_distribution = time_distribution if time_distribution is not None else BetaTime()
         self.shares = shares if shares is not None else GroupShares()
+        if fake_rows == "added" and not 0 < self.shares.fake < 1:
+            raise ValueError(
+                f"fake_rows='added' appends the fake group's rows to the batch, which needs 0 < shares.fake < 1, "
+                f"got shares {self.shares.as_dict()}"
+            )
         self.multi_step_gap = float(multi_step_gap)
+        self.fake_rows = fake_rows
+
+    def added_rows(self, batch_size: int) -> int:
+        r"""Fake rows appended to ``batch_size`` rows of ``x``: :math:`\lfloor B f / (1 - f) + 1/2 \rfloor` when
+        ``fake_rows="added"``, else 0."""
+        if self.fake_rows == "from_batch":
+            return 0
+        fake = self.shares.fake
+        return math.floor(batch_size * fake / (1 - fake) + 0.5)
+
+    def counts(self, batch_size: int) -> dict[str, int]:
+        """Rows per group for ``batch_size`` rows of ``x`` (with ``fake_rows="added"`` the fake rows come on top).
+
+        Raises:
+            ValueError: if a group with a positive share would get no row.
+        """
+        if self.fake_rows == "from_batch":
+            return self.shares.counts(batch_size)
+        added = self.added_rows(batch_size)
+        if added == 0:
+            raise ValueError(
+                f"batch_size={batch_size} is too small to add a fake row at shares.fake={self.shares.fake}; use a "
+                f"batch of at least {self.min_batch_size()}"
+            )
+        return {**self.shares.without_fake().counts(batch_size), "fake": added}
+
+    def min_batch_size(self) -> int:
+        """The smallest ``x`` batch from which on every batch gives each positive group a row."""
+        if self.fake_rows == "from_batch":
+            return self.shares.min_batch_size()
+        fake = self.shares.fake
+        batch = max(1, math.ceil((1 - fake) / (2 * fake)))  # the closed form, then a step either way for rounding
+        while batch > 1 and self.added_rows(batch - 1) > 0:
+            batch -= 1
+        while self.added_rows(batch) == 0:
+            batch += 1
+        return max(batch, self.shares.without_fake().min_batch_size())
 
     def forward(
         self,
@@ -213,15 +299,13 @@ class TrajectorySampler(nn.Module):
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
     ) -> Trajectory:
-        counts = self.shares.counts(batch_size)
-        groups, start = {}, 0
-        for name in GROUPS:
-            groups[name] = slice(start, start + counts[name])
-            start += counts[name]
+        counts = self.counts(batch_size)
+        groups = contiguous_groups(counts)
+        rows = sum(counts.values())  # batch_size, plus the added fake rows
 
-        t = self.time_distribution(batch_size, device=device, dtype=dtype, generator=generator)
-        u = torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
-        gap = torch.zeros(batch_size, device=device, dtype=dtype)
+        t = self.time_distribution(rows, device=device, dtype=dtype, generator=generator)
+        u = torch.rand(rows, device=device, dtype=dtype, generator=generator)
+        gap = torch.zeros(rows, device=device, dtype=dtype)
         gap[groups["multi_step"]] = self.multi_step_gap
         gap[groups["any_step"]] = 1.0
         r = t - u * t * gap  # fake rows: gap 0, so r = t
@@ -229,7 +313,7 @@ class TrajectorySampler(nn.Module):
         one_step = groups["one_step"]
         t = torch.cat([torch.ones_like(t[one_step]), t[one_step.stop :]])
         r = torch.cat([torch.zeros_like(r[one_step]), r[one_step.stop :]])
-        sign = torch.ones(batch_size, device=device, dtype=dtype)
+        sign = torch.ones(rows, device=device, dtype=dtype)
         sign[groups["fake"]] = -1.0
         return Trajectory(t=sign * t, r=sign * r, groups=groups)
 
