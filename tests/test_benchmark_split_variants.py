@@ -27,6 +27,7 @@ CHANGED = {
     "TwinFlow defaults, extra fake rows": ("fake_rows",),
     "TwinFlow w 0, extra fake rows": ("guidance_scale", "fake_rows"),
     "TwinFlow defaults, extra fake rows, fake times from s": ("fake_rows",),
+    "TwinFlow defaults, extra fake rows, no rectification": ("fake_rows", "rectify_weight"),
 }
 RCGM_VARIANT = "RCGM only, defaults, one-step half"
 RCGM_SMALLER_SCALE = "RCGM only, defaults at w 0.2"

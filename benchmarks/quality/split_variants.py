@@ -37,7 +37,8 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   the fake rows, whose data the recipe replaces by samples anyway, appended
   in the default's ratio), and with the fake rows at the rectification's
   times as well (``TwinFlow defaults, extra fake rows, fake times from
-  s``), seventeenth round.
+  s``) or with the rectification off (``TwinFlow defaults, extra fake rows,
+  no rectification``), seventeenth round.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -101,6 +102,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow w 0, extra fake rows": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, fake_rows="added"),
     "TwinFlow defaults, extra fake rows, fake times from s": lambda pretrained: fake_times_from_rectify_law(
         0.5, fake_rows="added"),
+    "TwinFlow defaults, extra fake rows, no rectification": lambda pretrained: TwinFlowLoss(
+        fake_rows="added", rectify_weight=0.0),
 }
 
 
