@@ -38,7 +38,14 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   in the default's ratio), and with the fake rows at the rectification's
   times as well (``TwinFlow defaults, extra fake rows, fake times from
   s``) or with the rectification off (``TwinFlow defaults, extra fake rows,
-  no rectification``), seventeenth round.
+  no rectification``), seventeenth round;
+* what evaluates the guidance pass, with the RCGM-only counterpart of each
+  (eighteenth round): ``frozen guidance teacher`` (the pretrained weights,
+  :class:`~twinloss.FrozenTeacher`: a fixed ``F_c - F_u``, CFG ``1 + w``, no
+  feedback from the model being trained) and ``average as guidance
+  teacher`` (a power-profile weight average with the sampling average's
+  profile, updated after every step: the online direction without its
+  latest fluctuations).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -52,7 +59,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
 import torch  # noqa: E402
 
-from twinloss import GroupShares, L2Distance, TimeDistribution, TwinFlowLoss  # noqa: E402
+from twinloss import (  # noqa: E402
+    FrozenTeacher, GroupShares, L2Distance, PowerFunctionDecay, TimeDistribution, TwinFlowLoss, WeightAverage,
+)
 from twinloss.trajectory import Trajectory, TrajectorySampler  # noqa: E402
 
 
@@ -84,6 +93,14 @@ def fake_times_from_rectify_law(guidance_scale: float, **settings) -> TwinFlowLo
     return loss
 
 
+def average_guided(make_loss) -> tuple[TwinFlowLoss, WeightAverage]:
+    """The loss from ``make_loss(guidance_teacher=...)`` whose guidance pass reads a power-profile weight average
+    (the sampling average's profile), updated after every step: the target's ``F_c - F_u`` without the online
+    model's latest fluctuations."""
+    average = WeightAverage(PowerFunctionDecay(6.94))
+    return make_loss(guidance_teacher=average), average
+
+
 VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow defaults, l2 rectification weight 2": lambda pretrained: TwinFlowLoss(
         rectify_distance=L2Distance(), rectify_weight=2.0),
@@ -104,6 +121,12 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         0.5, fake_rows="added"),
     "TwinFlow defaults, extra fake rows, no rectification": lambda pretrained: TwinFlowLoss(
         fake_rows="added", rectify_weight=0.0),
+    "TwinFlow defaults, frozen guidance teacher": lambda pretrained: TwinFlowLoss(
+        guidance_teacher=FrozenTeacher(pretrained)),
+    "RCGM only, defaults, frozen guidance teacher": lambda pretrained: TwinFlowLoss.rcgm(
+        guidance_teacher=FrozenTeacher(pretrained)),
+    "TwinFlow defaults, average as guidance teacher": lambda pretrained: average_guided(TwinFlowLoss),
+    "RCGM only, defaults, average as guidance teacher": lambda pretrained: average_guided(TwinFlowLoss.rcgm),
 }
 
 
