@@ -45,7 +45,8 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   feedback from the model being trained) and ``average as guidance
   teacher`` (a power-profile weight average with the sampling average's
   profile, updated after every step: the online direction without its
-  latest fluctuations).
+  latest fluctuations); the frozen teacher with added fake rows as well
+  (``TwinFlow defaults, extra fake rows, frozen guidance teacher``).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -125,6 +126,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         guidance_teacher=FrozenTeacher(pretrained)),
     "RCGM only, defaults, frozen guidance teacher": lambda pretrained: TwinFlowLoss.rcgm(
         guidance_teacher=FrozenTeacher(pretrained)),
+    "TwinFlow defaults, extra fake rows, frozen guidance teacher": lambda pretrained: TwinFlowLoss(
+        fake_rows="added", guidance_teacher=FrozenTeacher(pretrained)),
     "TwinFlow defaults, average as guidance teacher": lambda pretrained: average_guided(TwinFlowLoss),
     "RCGM only, defaults, average as guidance teacher": lambda pretrained: average_guided(TwinFlowLoss.rcgm),
 }
