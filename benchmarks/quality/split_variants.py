@@ -57,11 +57,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import curves  # noqa: E402
 import torch  # noqa: E402
 
 from twinloss import (  # noqa: E402
-    FrozenTeacher, GroupShares, L2Distance, PowerFunctionDecay, TimeDistribution, TwinFlowLoss, WeightAverage,
+    FrozenTeacher, GroupShares, L2Distance, TimeDistribution, TwinFlowLoss, WeightAverage,
 )
 from twinloss.trajectory import Trajectory, TrajectorySampler  # noqa: E402
 
@@ -98,7 +99,7 @@ def average_guided(make_loss) -> tuple[TwinFlowLoss, WeightAverage]:
     """The loss from ``make_loss(guidance_teacher=...)`` whose guidance pass reads a power-profile weight average
     (the sampling average's profile), updated after every step: the target's ``F_c - F_u`` without the online
     model's latest fluctuations."""
-    average = WeightAverage(PowerFunctionDecay(6.94))
+    average = common.averages()["power"]
     return make_loss(guidance_teacher=average), average
 
 
