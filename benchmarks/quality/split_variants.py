@@ -131,6 +131,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         fake_rows="added", guidance_teacher=FrozenTeacher(pretrained)),
     "TwinFlow defaults, average as guidance teacher": lambda pretrained: average_guided(TwinFlowLoss),
     "RCGM only, defaults, average as guidance teacher": lambda pretrained: average_guided(TwinFlowLoss.rcgm),
+    "TwinFlow defaults, data guidance difference": lambda pretrained: TwinFlowLoss(guidance_difference="data"),
+    "RCGM only, defaults, data guidance difference": lambda pretrained: TwinFlowLoss.rcgm(guidance_difference="data"),
 }
 
 

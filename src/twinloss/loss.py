@@ -50,11 +50,13 @@ from twinloss.protocol import (
     check_model_keywords,
     check_uncond_matches,
     concat_conditioning,
+    conditioned_rows,
     select_rows,
     with_first_rows_appended,
 )
 from twinloss.targets import (
     fake_samples,
+    data_guidance_target,
     guidance_free_velocity,
     guidance_target,
     clamp_rate,
@@ -184,6 +186,24 @@ def _check_unused_settings(
 
 
 RECTIFY_FIELDS = ("guided", "guidance_free")
+GUIDANCE_DIFFERENCES = ("teacher", "data")
+
+
+def _check_guidance_difference(difference: object, guidance_scale: float, image_free: bool) -> None:
+    """A ``ValueError`` naming ``guidance_difference`` when its value is unknown or the configuration cannot honour it."""
+    if difference not in GUIDANCE_DIFFERENCES:
+        raise ValueError(f"guidance_difference must be one of {GUIDANCE_DIFFERENCES}, got {difference!r}")
+    if difference == "teacher":
+        return
+    if guidance_scale == 0:
+        raise ValueError("guidance_difference='data' is given, but guidance_scale=0 runs no guidance pass; "
+                         "leave guidance_difference at its default")
+    if guidance_scale >= 1:
+        raise ValueError(f"guidance_scale must be < 1 with guidance_difference='data' (its gain is w / (1 - w), "
+                         f"CFG 1 / (1 - w)), got {guidance_scale}")
+    if image_free:
+        raise ValueError("guidance_difference='data' reads the data velocity v, which image_free=True drops: "
+                         "pass guidance_difference='teacher'")
 
 
 UNGUIDED_SHARES = GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)
@@ -428,6 +448,21 @@ class TwinFlowLoss(nn.Module):
             1-NFE quality on the real-patch benchmark, gave the best guided
             FD on the digits and was even with the default on the ring
             (docs/quality.md, "Which guidance setting").
+        guidance_difference: where step 4's guidance difference is read.
+            ``"teacher"`` (*default*, the authors' recipe): the guidance
+            teacher's :math:`v + w (G_c - G_u)`, one call on the conditional
+            and the null conditioning. ``"data"``: the row's own velocity,
+            :math:`v + \frac{w}{1 - w} (v - G_u)`
+            (:func:`~twinloss.targets.data_guidance_target`, guidance-free
+            training's target, Chen et al. 2025), one call on the null
+            conditioning only, and rows whose ``cond`` equals ``uncond`` (the
+            dropped labels) keep ``v``. It trains CFG :math:`1 / (1 - w)`,
+            the online teacher's fixed point, with any teacher, and reads no
+            conditional velocity, so nothing that pushes :math:`F_c` (the
+            twin terms do) is fed back into its own target: the feedback
+            that made the twin terms lose to RCGM-only with the online
+            teacher (docs/quality.md, "Eighteenth round"). Needs
+            ``0 < guidance_scale < 1`` and ``image_free=False``.
         image_free: the authors' ``use_image_free`` (*default* False): every
             row is interpolated from the online model's own one-step samples
             instead of ``x`` (only ``x``'s shape and dtype are used), and the
@@ -514,6 +549,7 @@ class TwinFlowLoss(nn.Module):
         guidance_scale: float = 0.5,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
         guidance_groups: tuple[str, ...] = REAL_GROUPS,
+        guidance_difference: Literal["teacher", "data"] = "teacher",
         image_free: bool = False,
         rectify_weight: float = 0.5,
         rectify_clamp: float = 1.0,
@@ -554,6 +590,7 @@ class TwinFlowLoss(nn.Module):
             )
         self.guidance_groups = _checked_guidance_groups(guidance_groups, guidance_scale, shares)
         _check_rectify_field(rectify_field, guidance_scale, rectify_weight, self.guidance_groups, image_free)
+        _check_guidance_difference(guidance_difference, guidance_scale, image_free)
         if rectify_time is not None and rectify_weight == 0:
             raise ValueError("rectify_time sets the rectification's times, which rectify_weight=0 switches off")
         if rectify_distance is not None and rectify_weight == 0:
@@ -581,6 +618,7 @@ class TwinFlowLoss(nn.Module):
         self.residual_clamp = float(residual_clamp)
         self.guidance_scale = float(guidance_scale)
         self.guidance_interval = (float(low), float(high))
+        self.guidance_difference = guidance_difference
         self.image_free = bool(image_free)
         self.rectify_weight = float(rectify_weight)
         self.rectify_clamp = float(rectify_clamp)
@@ -881,15 +919,23 @@ class TwinFlowLoss(nn.Module):
         uncond: dict[str, Tensor] | None,
     ) -> Float[Tensor, " real *shape"]:
         """Step 4: the real rows' velocity, guided on the rows of ``guidance_groups`` whose ``t``
-        lies inside ``guidance_interval``; no guidance pass when no row qualifies."""
+        lies inside ``guidance_interval`` (and, for ``guidance_difference="data"``, whose ``cond`` is not
+        the null one); no guidance pass when no row qualifies."""
         v_real = v[real]
         if self.guidance_scale == 0 or uncond is None or traj.count(*self.guidance_groups) == 0:
             return v_real
-        positions = self.guided_rows(traj)[real].nonzero().squeeze(1)  # among the real rows
+        rows = self.guided_rows(traj)
+        if self.guidance_difference == "data":  # the null rows keep v: they train F_u, which the target reads
+            rows = rows & conditioned_rows(cond, uncond)
+        positions = rows[real].nonzero().squeeze(1)  # among the real rows
         if positions.numel() == 0:
             return v_real
         inside = positions + real.start if isinstance(real, slice) else real[positions]
         x_in, t_in = x_t[inside], traj.t[inside]
+        if self.guidance_difference == "data":
+            uncond_velocity = evaluate("guidance", x_in, t_in, t_in, select_rows(uncond, inside))
+            return v_real.index_copy(0, positions, data_guidance_target(v[inside], uncond_velocity,
+                                                                         self.guidance_scale))
         both = evaluate(
             "guidance", torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), torch.cat([t_in, t_in]),
             concat_conditioning(select_rows(cond, inside), select_rows(uncond, inside)),
@@ -1010,17 +1056,25 @@ class TwinFlowLoss(nn.Module):
         cond_one: dict[str, Tensor],
         uncond_one: dict[str, Tensor],
     ) -> tuple[Tensor, Tensor]:
-        """``rectify_field="guidance_free"``: the fake field and the real one with step 4's guidance taken out
+        r"""``rectify_field="guidance_free"``: the fake field and the real one with step 4's guidance taken out
         on the rows whose ``s`` lies inside ``guidance_interval``.
 
         With the plain online guidance teacher its :math:`G_c(y, s, s)` is the
         rectify pass's own real half, so :math:`G_u` joins that call (one call
         on ``[y, y, y_in]``); any other teacher gets its own guidance pass.
+        With ``guidance_difference="data"`` step 4 trained
+        :math:`F_c = v_c + \frac{w}{1-w}(v_c - G_u)`, so :math:`G_c` is the
+        online :math:`F_c` itself whatever the teacher (the guidance-free field
+        :math:`(1 - w) F_c + w G_u` is :math:`v_c`), only :math:`G_u` is read,
+        and null rows are left as they are.
         ``evaluate(name, x, t, r, cond)`` runs a pass: the step's
         :class:`~twinloss.evaluator.StepEvaluator`, or the health module's own.
         """
         low, high = self.guidance_interval
-        inside = ((s > low) & (s < high)).nonzero().squeeze(1)
+        rows = (s > low) & (s < high)
+        if self.guidance_difference == "data":
+            rows = rows & conditioned_rows(cond_one, uncond_one)
+        inside = rows.nonzero().squeeze(1)
         y_in, s_in = y[inside], s[inside]
         uncond_in = select_rows(uncond_one, inside)
         online = type(self.guidance_teacher) is OnlineTeacher
@@ -1036,6 +1090,10 @@ class TwinFlowLoss(nn.Module):
             fake_velocity, real_velocity = both.chunk(2)
             if inside.numel() == 0:
                 return fake_velocity, real_velocity
+            if self.guidance_difference == "data":
+                free = guidance_free_velocity(real_velocity[inside], real_velocity[inside],
+                                              evaluate("guidance", y_in, s_in, s_in, uncond_in), self.guidance_scale)
+                return fake_velocity, real_velocity.index_copy(0, inside, free)
             guided = evaluate("guidance", torch.cat([y_in, y_in]), torch.cat([s_in, s_in]), torch.cat([s_in, s_in]),
                               concat_conditioning(select_rows(cond_one, inside), uncond_in))
             cond_velocity, uncond_velocity = guided.chunk(2)

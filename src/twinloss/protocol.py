@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 __all__ = [
@@ -178,6 +178,22 @@ def check_model_keywords(model: object, cond: Conditioning, *, name: str = "cond
 def select_rows(cond: Conditioning, rows: slice | Tensor) -> dict[str, Tensor]:
     """Index every conditioning tensor by the same rows (a view for slices)."""
     return {key: value[rows] for key, value in cond.items()}
+
+
+def conditioned_rows(cond: Conditioning, uncond: Conditioning) -> Bool[Tensor, " batch"]:
+    """The rows whose conditioning differs from the null one in some tensor (dropped rows are ``False``).
+
+    ``cond`` and ``uncond`` have the same keys and shapes (:func:`check_uncond_matches`).
+    """
+    rows = None
+    for key, value in cond.items():
+        differs = value != uncond[key]
+        if differs.dim() > 1:
+            differs = differs.flatten(1).any(dim=1)
+        rows = differs if rows is None else rows | differs
+    if rows is None:
+        raise ValueError("cond is empty: there is no conditioning to compare with uncond")
+    return rows
 
 
 def with_first_rows_appended(cond: Conditioning, count: int) -> dict[str, Tensor]:

@@ -74,6 +74,27 @@ def guidance_target(
     return velocity + scale * (cond_velocity.to(velocity.dtype) - uncond_velocity.to(velocity.dtype))
 
 
+def data_guidance_target(
+    velocity: Float[Tensor, " batch *shape"],
+    uncond_velocity: Float[Tensor, " batch *shape"],
+    scale: float,
+) -> Float[Tensor, " batch *shape"]:
+    r"""Step 4, ``guidance_difference="data"``: :math:`v + \frac{w}{1 - w} (v - F_\text{uncond})`, for ``0 <= w < 1``.
+
+    The guidance difference is read from the row's own velocity ``v`` instead
+    of the teacher's conditional one: guidance-free training's target for the
+    sampling model (Chen et al., ICML 2025, "Visual Generation Without
+    Guidance", with their temperature :math:`\beta = 1 - w`). In expectation
+    over the data at :math:`(x_t, c)` it is
+    :math:`v_c + \frac{w}{1 - w} (v_c - F_u)`; with :math:`F_u = v_u` that is
+    CFG of scale :math:`1 / (1 - w)`, the online teacher's fixed point
+    (:func:`guidance_target`) reached without reading the conditional field,
+    so nothing that pushes :math:`F_c` returns in its own target.
+    """
+    gain = scale / (1 - scale)
+    return velocity + gain * (velocity - uncond_velocity.to(velocity.dtype))
+
+
 def guidance_free_velocity(
     velocity: Float[Tensor, " batch *shape"],
     cond_velocity: Float[Tensor, " batch *shape"],
