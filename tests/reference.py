@@ -62,7 +62,7 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
                    clamp=1.0, rectify_weight=0.5, rectify_clamp=1.0, distance=l2, path=linear,
                    image_free=False, guidance_model=None,
                    guidance_groups=("one_step", "multi_step", "any_step"), rectify_field="guided",
-                   rectify_draw=None, record=None, sizes=None, rectify_distance=None):
+                   rectify_draw=None, record=None, sizes=None, rectify_distance=None, guidance_difference="teacher"):
     """One step, row by row. ``path(t) -> (a, b)`` with ``x_t = a z + b x``;
     ``image_free`` follows the authors' ``use_image_free`` with their fixed
     teacher: every row starts from the online model's one-jump sample, and
@@ -73,7 +73,9 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     of ``guidance_groups`` are guided. ``rectify_field="guidance_free"`` takes
     ``guidance (G_c - G_u)`` of ``guidance_model`` at ``(y, s, s)`` out of the
     rectification's real field. ``rectify_draw(n, dtype, g)`` draws the
-    rectification's times ``s``; by default the library's rule, written out
+    rectification's times ``s``; ``guidance_difference="data"`` guides the
+    labelled rows (``y != null_y``) with ``v + w / (1 - w) (v - G_u)`` and
+    takes ``w (F - G_u)`` out of the guidance-free field; by default the library's rule, written out
     here for a labelled batch: without guidance the uniform ``u`` shifted
     towards the data, ``s = u / (3 - 2u)``; with it ``sigmoid`` of a float32
     standard normal. A ``record`` dict receives the unclamped
@@ -117,7 +119,11 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
             ti, ri = t[i : i + 1], r[i : i + 1]
             xi, vi = x_t[i : i + 1], v[i : i + 1].clone()
             group = ("one_step", "multi_step", "any_step")[sum(i >= end for end in ends[:2])]
-            if guidance > 0 and 0 < ti.item() < 1 and group in guidance_groups:
+            if guidance > 0 and 0 < ti.item() < 1 and group in guidance_groups and guidance_difference == "data":
+                if y[i] != null_y[i]:  # the dropped labels keep v
+                    fu = guidance_model(xi, ti, ti, y=null_y[i : i + 1])
+                    vi = vi + guidance / (1 - guidance) * (vi - fu)
+            elif guidance > 0 and 0 < ti.item() < 1 and group in guidance_groups:
                 fc = guidance_model(xi, ti, ti, y=y[i : i + 1])
                 fu = guidance_model(xi, ti, ti, y=null_y[i : i + 1])
                 vi = fu + guidance * (fc - fu) if image_free else vi + guidance * (fc - fu)
@@ -149,7 +155,10 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
         a_s, b_s = path(s)
         y_mix = a_s.reshape(view) * z2 + b_s.reshape(view) * x_hat
         real_field = model(y_mix, s, s, y=y[one])
-        if rectify_field == "guidance_free":
+        if rectify_field == "guidance_free" and guidance_difference == "data":
+            labelled = (y[one] != null_y[one]).reshape(view).to(x.dtype)
+            real_field = real_field - labelled * guidance * (real_field - guidance_model(y_mix, s, s, y=null_y[one]))
+        elif rectify_field == "guidance_free":
             real_field = real_field - guidance * (
                 guidance_model(y_mix, s, s, y=y[one]) - guidance_model(y_mix, s, s, y=null_y[one]))
         raw_gap = model(y_mix, -s, -s, y=y[one]) - real_field

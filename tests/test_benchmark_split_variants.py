@@ -34,6 +34,12 @@ CHANGED = {
 }
 RCGM_VARIANT = "RCGM only, defaults, one-step half"
 RCGM_SMALLER_SCALE = "RCGM only, defaults at w 0.2"
+SETTING_PAIRS = {
+    ("TwinFlow defaults at w 0.2", RCGM_SMALLER_SCALE): {"guidance_scale": 0.2},
+    ("TwinFlow defaults, data guidance difference", "RCGM only, defaults, data guidance difference"):
+        {"guidance_difference": "data"},
+}
+"""TwinFlow and RCGM-only variants that change one setting of both defaults alike, with the setting."""
 TEACHER_VARIANTS = {
     "TwinFlow defaults, frozen guidance teacher": TwinFlowLoss,
     "RCGM only, defaults, frozen guidance teacher": TwinFlowLoss.rcgm,
@@ -45,7 +51,7 @@ TEACHER_VARIANTS = {
 
 
 @pytest.mark.parametrize(
-    "name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT, RCGM_SMALLER_SCALE} - set(TEACHER_VARIANTS))
+    "name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT} - set(TEACHER_VARIANTS) - set().union(*SETTING_PAIRS))
 )
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
@@ -76,11 +82,12 @@ def test_the_rcgm_variant_is_rcgm_only_with_the_guided_defaults_anchor_of_half_t
     assert module_settings(loss) == module_settings(plain) | {"trajectory": module_settings(loss.trajectory)}
 
 
-def test_the_smaller_scale_pair_differs_from_the_default_pair_only_in_the_guidance_scale():
-    twin, rcgm = (split_variants.VARIANTS[name](None) for name in ("TwinFlow defaults at w 0.2", RCGM_SMALLER_SCALE))
-    assert twin.guidance_scale == rcgm.guidance_scale == 0.2
-    assert module_settings(rcgm) == module_settings(TwinFlowLoss.rcgm()) | {"guidance_scale": 0.2}
-    assert module_settings(twin) == module_settings(TwinFlowLoss()) | {"guidance_scale": 0.2}
+@pytest.mark.parametrize(("names", "setting"), list(SETTING_PAIRS.items()), ids=lambda v: str(v))
+def test_each_setting_pair_differs_from_the_default_pair_only_in_its_setting(names, setting):
+    twin, rcgm = (split_variants.VARIANTS[name](None) for name in names)
+    for loss, default in ((twin, TwinFlowLoss()), (rcgm, TwinFlowLoss.rcgm())):
+        assert all(getattr(default, key) != value for key, value in setting.items())
+        assert module_settings(loss) == module_settings(default) | setting
 
 
 @pytest.mark.parametrize(("scale", "law"), [(0.5, LogitNormalTime), (0.0, ShiftedTime)])

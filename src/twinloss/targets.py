@@ -5,6 +5,7 @@ step                                         function
 ============================================ ===================================
 1. fake samples ``x_hat(F(z', 1, 0))``       :func:`fake_samples`
 4. guidance-enhanced target                  :func:`guidance_target`,
+                                             :func:`data_guidance_target`,
                                              :func:`image_free_guidance_target`
 5. RCGM any-step target                      :func:`rcgm_target` (=
                                              :func:`rcgm_displacement` then
@@ -31,6 +32,7 @@ from twinloss._tensors import per_row
 __all__ = [
     "clamp_rate",
     "clamped_correction_target",
+    "data_guidance_target",
     "fake_samples",
     "guidance_free_velocity",
     "guidance_target",
