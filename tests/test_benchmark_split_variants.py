@@ -38,6 +38,8 @@ SETTING_PAIRS = {
     ("TwinFlow defaults at w 0.2", RCGM_SMALLER_SCALE): {"guidance_scale": 0.2},
     ("TwinFlow defaults, data guidance difference", "RCGM only, defaults, data guidance difference"):
         {"guidance_difference": "data"},
+    ("TwinFlow defaults, data guidance difference at w 1/3", "RCGM only, defaults, data guidance difference at w 1/3"):
+        {"guidance_difference": "data", "guidance_scale": 1 / 3},
 }
 """TwinFlow and RCGM-only variants that change one setting of both defaults alike, with the setting."""
 TEACHER_VARIANTS = {

@@ -133,6 +133,10 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "RCGM only, defaults, average as guidance teacher": lambda pretrained: average_guided(TwinFlowLoss.rcgm),
     "TwinFlow defaults, data guidance difference": lambda pretrained: TwinFlowLoss(guidance_difference="data"),
     "RCGM only, defaults, data guidance difference": lambda pretrained: TwinFlowLoss.rcgm(guidance_difference="data"),
+    "TwinFlow defaults, data guidance difference at w 1/3": lambda pretrained: TwinFlowLoss(
+        guidance_difference="data", guidance_scale=1 / 3),
+    "RCGM only, defaults, data guidance difference at w 1/3": lambda pretrained: TwinFlowLoss.rcgm(
+        guidance_difference="data", guidance_scale=1 / 3),
 }
 
 
