@@ -459,9 +459,11 @@ class TwinFlowLoss(nn.Module):
             dropped labels) keep ``v``. It trains CFG :math:`1 / (1 - w)`,
             the online teacher's fixed point, with any teacher, and reads no
             conditional velocity, so nothing that pushes :math:`F_c` (the
-            twin terms do) is fed back into its own target: the feedback
-            that made the twin terms lose to RCGM-only with the online
-            teacher (docs/quality.md, "Eighteenth round"). Needs
+            twin terms do) is fed back into its own target; on the ring
+            benchmark that feedback was two fifths of the twin terms'
+            guided deficit against RCGM-only. ``guidance_scale=1/3`` (CFG
+            1.5) put TwinFlow ahead of RCGM-only on the digits without a
+            copy of the weights (docs/quality.md, "Nineteenth round"). Needs
             ``0 < guidance_scale < 1`` and ``image_free=False``.
         image_free: the authors' ``use_image_free`` (*default* False): every
             row is interpolated from the online model's own one-step samples
