@@ -48,6 +48,8 @@ TEACHER_VARIANTS = {
     "TwinFlow defaults, extra fake rows, frozen guidance teacher": lambda: TwinFlowLoss(fake_rows="added"),
     "TwinFlow defaults, average as guidance teacher": TwinFlowLoss,
     "RCGM only, defaults, average as guidance teacher": TwinFlowLoss.rcgm,
+    "TwinFlow defaults, data guidance difference at w 1/3, frozen guidance teacher": lambda: TwinFlowLoss(
+        guidance_difference="data", guidance_scale=1 / 3),
 }
 """The variants that change what evaluates the guidance pass, each with the loss it otherwise equals."""
 

@@ -46,7 +46,12 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   teacher`` (a power-profile weight average with the sampling average's
   profile, updated after every step: the online direction without its
   latest fluctuations); the frozen teacher with added fake rows as well
-  (``TwinFlow defaults, extra fake rows, frozen guidance teacher``).
+  (``TwinFlow defaults, extra fake rows, frozen guidance teacher``);
+* where the guidance difference is read (nineteenth round): ``data guidance
+  difference`` (``guidance_difference="data"``: ``v + w / (1 - w) (v - G_u)``,
+  no conditional teacher velocity) at the default ``w = 0.5`` (CFG 2) and at
+  ``w = 1/3`` (CFG 1.5), with the RCGM-only counterpart of each, and at
+  ``w = 1/3`` with ``G_u`` from the frozen pretrained weights.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -137,6 +142,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         guidance_difference="data", guidance_scale=1 / 3),
     "RCGM only, defaults, data guidance difference at w 1/3": lambda pretrained: TwinFlowLoss.rcgm(
         guidance_difference="data", guidance_scale=1 / 3),
+    "TwinFlow defaults, data guidance difference at w 1/3, frozen guidance teacher": lambda pretrained: TwinFlowLoss(
+        guidance_difference="data", guidance_scale=1 / 3, guidance_teacher=FrozenTeacher(pretrained)),
 }
 
 
