@@ -51,7 +51,13 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   difference`` (``guidance_difference="data"``: ``v + w / (1 - w) (v - G_u)``,
   no conditional teacher velocity) at the default ``w = 0.5`` (CFG 2) and at
   ``w = 1/3`` (CFG 1.5), with the RCGM-only counterpart of each, and at
-  ``w = 1/3`` with ``G_u`` from the frozen pretrained weights.
+  ``w = 1/3`` with ``G_u`` from the frozen pretrained weights;
+* where along the path the guidance applies (twentieth round): ``guidance
+  interval (0.2, 0.7)`` (``guidance_interval=(0.2, 0.7)``: the guided target
+  only on rows with ``0.2 < t < 0.7``, the middle of the path that
+  Kynkaanniemi et al. (NeurIPS 2024) found guidance helps in; the plain
+  velocity near the noise, where the ring decides each class's split, and
+  near the data), with its RCGM-only counterpart.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -90,6 +96,11 @@ class FakeTimesFrom(TrajectorySampler):
 
 ONE_STEP_HALF = GroupShares(one_step=1 / 2, multi_step=1 / 4, any_step=1 / 4, fake=0.0)
 """RCGM-only with the default's anchor: the multi-step and any-step rows half the batch, as in the guided quarters."""
+
+
+GUIDANCE_INTERVAL = (0.2, 0.7)
+"""The middle of the path (``t`` is the noise level): in the EDM parametrisation of Kynkaanniemi et al. (NeurIPS
+2024), ``sigma = t / (1 - t)`` in ``(0.25, 2.33)``, about where they found guidance to help."""
 
 
 def fake_times_from_rectify_law(guidance_scale: float, **settings) -> TwinFlowLoss:
@@ -144,6 +155,10 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         guidance_difference="data", guidance_scale=1 / 3),
     "TwinFlow defaults, data guidance difference at w 1/3, frozen guidance teacher": lambda pretrained: TwinFlowLoss(
         guidance_difference="data", guidance_scale=1 / 3, guidance_teacher=FrozenTeacher(pretrained)),
+    "TwinFlow defaults, guidance interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss(
+        guidance_interval=GUIDANCE_INTERVAL),
+    "RCGM only, defaults, guidance interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss.rcgm(
+        guidance_interval=GUIDANCE_INTERVAL),
 }
 
 
