@@ -42,6 +42,8 @@ SETTING_PAIRS = {
         {"guidance_difference": "data", "guidance_scale": 1 / 3},
     ("TwinFlow defaults, guidance interval (0.2, 0.7)", "RCGM only, defaults, guidance interval (0.2, 0.7)"):
         {"guidance_interval": (0.2, 0.7)},
+    ("TwinFlow defaults, guidance interval (0, 0.7)", "RCGM only, defaults, guidance interval (0, 0.7)"):
+        {"guidance_interval": (0.0, 0.7)},
 }
 """TwinFlow and RCGM-only variants that change one setting of both defaults alike, with the setting."""
 TEACHER_VARIANTS = {

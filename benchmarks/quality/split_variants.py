@@ -57,7 +57,8 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   only on rows with ``0.2 < t < 0.7``, the middle of the path that
   Kynkaanniemi et al. (NeurIPS 2024) found guidance helps in; the plain
   velocity near the noise, where the ring decides each class's split, and
-  near the data), with its RCGM-only counterpart.
+  near the data), and ``guidance interval (0, 0.7)`` (the guided target
+  everywhere but near the noise), each with its RCGM-only counterpart.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -159,6 +160,10 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         guidance_interval=GUIDANCE_INTERVAL),
     "RCGM only, defaults, guidance interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss.rcgm(
         guidance_interval=GUIDANCE_INTERVAL),
+    "TwinFlow defaults, guidance interval (0, 0.7)": lambda pretrained: TwinFlowLoss(
+        guidance_interval=(0.0, GUIDANCE_INTERVAL[1])),
+    "RCGM only, defaults, guidance interval (0, 0.7)": lambda pretrained: TwinFlowLoss.rcgm(
+        guidance_interval=(0.0, GUIDANCE_INTERVAL[1])),
 }
 
 
