@@ -44,6 +44,11 @@ SETTING_PAIRS = {
         {"guidance_interval": (0.2, 0.7)},
     ("TwinFlow defaults, guidance interval (0, 0.7)", "RCGM only, defaults, guidance interval (0, 0.7)"):
         {"guidance_interval": (0.0, 0.7)},
+    ("TwinFlow defaults, guidance interval (0.2, 1)", "RCGM only, defaults, guidance interval (0.2, 1)"):
+        {"guidance_interval": (0.2, 1.0)},
+    ("TwinFlow defaults, data guidance difference at w 1/3, guidance interval (0.2, 0.7)",
+     "RCGM only, defaults, data guidance difference at w 1/3, guidance interval (0.2, 0.7)"):
+        {"guidance_difference": "data", "guidance_scale": 1 / 3, "guidance_interval": (0.2, 0.7)},
 }
 """TwinFlow and RCGM-only variants that change one setting of both defaults alike, with the setting."""
 TEACHER_VARIANTS = {

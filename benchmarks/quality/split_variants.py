@@ -58,7 +58,12 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   Kynkaanniemi et al. (NeurIPS 2024) found guidance helps in; the plain
   velocity near the noise, where the ring decides each class's split, and
   near the data), and ``guidance interval (0, 0.7)`` (the guided target
-  everywhere but near the noise), each with its RCGM-only counterpart.
+  everywhere but near the noise), each with its RCGM-only counterpart;
+* the two no-copy settings combined, and the other end (twenty-first
+  round): ``data guidance difference at w 1/3, guidance interval (0.2,
+  0.7)`` (the nineteenth round's target at CFG 1.5, only on the middle of
+  the path) and ``guidance interval (0.2, 1)`` (the online target
+  everywhere but near the data), each with its RCGM-only counterpart.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -164,6 +169,14 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         guidance_interval=(0.0, GUIDANCE_INTERVAL[1])),
     "RCGM only, defaults, guidance interval (0, 0.7)": lambda pretrained: TwinFlowLoss.rcgm(
         guidance_interval=(0.0, GUIDANCE_INTERVAL[1])),
+    "TwinFlow defaults, data guidance difference at w 1/3, guidance interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss(
+        guidance_difference="data", guidance_scale=1 / 3, guidance_interval=GUIDANCE_INTERVAL),
+    "RCGM only, defaults, data guidance difference at w 1/3, guidance interval (0.2, 0.7)": lambda pretrained: (
+        TwinFlowLoss.rcgm(guidance_difference="data", guidance_scale=1 / 3, guidance_interval=GUIDANCE_INTERVAL)),
+    "TwinFlow defaults, guidance interval (0.2, 1)": lambda pretrained: TwinFlowLoss(
+        guidance_interval=(GUIDANCE_INTERVAL[0], 1.0)),
+    "RCGM only, defaults, guidance interval (0.2, 1)": lambda pretrained: TwinFlowLoss.rcgm(
+        guidance_interval=(GUIDANCE_INTERVAL[0], 1.0)),
 }
 
 
