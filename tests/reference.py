@@ -62,7 +62,8 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
                    clamp=1.0, rectify_weight=0.5, rectify_clamp=1.0, distance=l2, path=linear,
                    image_free=False, guidance_model=None,
                    guidance_groups=("one_step", "multi_step", "any_step"), rectify_field="guided",
-                   rectify_draw=None, record=None, sizes=None, rectify_distance=None, guidance_difference="teacher"):
+                   rectify_draw=None, record=None, sizes=None, rectify_distance=None, guidance_difference="teacher",
+                   balance_feedback=False):
     """One step, row by row. ``path(t) -> (a, b)`` with ``x_t = a z + b x``;
     ``image_free`` follows the authors' ``use_image_free`` with their fixed
     teacher: every row starts from the online model's one-jump sample, and
@@ -75,7 +76,8 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     rectification's real field. ``rectify_draw(n, dtype, g)`` draws the
     rectification's times ``s``; ``guidance_difference="data"`` guides the
     labelled rows (``y != null_y``) with ``v + w / (1 - w) (v - G_u)`` and
-    takes ``w (F - G_u)`` out of the guidance-free field; by default the library's rule, written out
+    takes ``w (F - G_u)`` out of the guidance-free field; ``balance_feedback``
+    weighs the teacher-guided labelled rows' base term by ``1 / (1 - w)``; by default the library's rule, written out
     here for a labelled batch: without guidance the uniform ``u`` shifted
     towards the data, ``s = u / (3 - 2u)``; with it ``sigmoid`` of a float32
     standard normal. A ``record`` dict receives the unclamped
@@ -112,6 +114,7 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     x_t = a.reshape(view) * z + b.reshape(view) * x_rows
     v = da.reshape(view) * z + db.reshape(view) * x_rows
 
+    balanced = torch.zeros(batch, dtype=torch.bool)  # rows whose base term is weighed by 1 / (1 - w)
     with torch.no_grad():
         prediction = model(x_t, t, r, y=y)
         target = v.clone()
@@ -127,6 +130,7 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
                 fc = guidance_model(xi, ti, ti, y=y[i : i + 1])
                 fu = guidance_model(xi, ti, ti, y=null_y[i : i + 1])
                 vi = fu + guidance * (fc - fu) if image_free else vi + guidance * (fc - fu)
+                balanced[i] = balance_feedback and bool(y[i] != null_y[i])
             t_mid = max(ti.item() - step, ri.item())
             xs = xi - step * vi
             s, disp = t_mid, torch.zeros_like(xi)
@@ -170,6 +174,7 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     output = model(x_t, t, r, y=y)  # the only forward with grad
     weight = torch.ones(batch, dtype=x.dtype)
     weight[real] = 1 + torch.tan((1 - (t[real].abs() - r[real].abs())) * math.pi / 2.5)
+    weight = torch.where(balanced, weight / (1 - guidance), weight)
     base = (weight * distance(output, target)).sum() / batch
     rectify = (rectify_distance or distance)(output[one], (output[one] - gap).detach()).mean()
     return base + rectify_weight * rectify, gap, n

@@ -49,6 +49,8 @@ SETTING_PAIRS = {
     ("TwinFlow defaults, data guidance difference at w 1/3, guidance interval (0.2, 0.7)",
      "RCGM only, defaults, data guidance difference at w 1/3, guidance interval (0.2, 0.7)"):
         {"guidance_difference": "data", "guidance_scale": 1 / 3, "guidance_interval": (0.2, 0.7)},
+    ("TwinFlow defaults, balanced guidance feedback", "RCGM only, defaults, balanced guidance feedback"):
+        {"balance_guidance_feedback": True},
 }
 """TwinFlow and RCGM-only variants that change one setting of both defaults alike, with the setting."""
 TEACHER_VARIANTS = {

@@ -63,7 +63,12 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   round): ``data guidance difference at w 1/3, guidance interval (0.2,
   0.7)`` (the nineteenth round's target at CFG 1.5, only on the middle of
   the path) and ``guidance interval (0.2, 1)`` (the online target
-  everywhere but near the data), each with its RCGM-only counterpart.
+  everywhere but near the data), each with its RCGM-only counterpart;
+* the online teacher's feedback balanced by a weight (twenty-second round):
+  ``balanced guidance feedback`` (``balance_guidance_feedback=True``: the
+  guided rows' base term weighed by ``1 / (1 - w)``, so a push on ``F_c`` is
+  pulled back at the unguided rate; no copy of the weights, no extra pass),
+  with its RCGM-only counterpart.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -177,6 +182,9 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         guidance_interval=(GUIDANCE_INTERVAL[0], 1.0)),
     "RCGM only, defaults, guidance interval (0.2, 1)": lambda pretrained: TwinFlowLoss.rcgm(
         guidance_interval=(GUIDANCE_INTERVAL[0], 1.0)),
+    "TwinFlow defaults, balanced guidance feedback": lambda pretrained: TwinFlowLoss(balance_guidance_feedback=True),
+    "RCGM only, defaults, balanced guidance feedback": lambda pretrained: TwinFlowLoss.rcgm(
+        balance_guidance_feedback=True),
 }
 
 

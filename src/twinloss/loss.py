@@ -67,7 +67,7 @@ from twinloss.targets import (
     unchecked_rcgm_displacement,
     velocity_gap,
 )
-from twinloss.teachers import OnlineTeacher, Teacher
+from twinloss.teachers import MovingAverageTeacher, OnlineTeacher, Teacher
 from twinloss.time_distributions import BetaTime, LogitNormalTime, ShiftedTime, TimeDistribution
 from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
 
@@ -204,6 +204,30 @@ def _check_guidance_difference(difference: object, guidance_scale: float, image_
     if image_free:
         raise ValueError("guidance_difference='data' reads the data velocity v, which image_free=True drops: "
                          "pass guidance_difference='teacher'")
+
+
+def _check_feedback_balance(
+    balance: bool, guidance_scale: float, difference: str, image_free: bool, guidance_teacher: Teacher
+) -> None:
+    """A ``ValueError`` naming ``balance_guidance_feedback`` when the configuration has no feedback to balance."""
+    if not balance:
+        return
+    if guidance_scale == 0:
+        raise ValueError("balance_guidance_feedback=True weighs the guided rows, but guidance_scale=0 guides none; "
+                         "leave balance_guidance_feedback at its default")
+    if guidance_scale >= 1:
+        raise ValueError(f"guidance_scale must be < 1 with balance_guidance_feedback=True (the guided rows' weight "
+                         f"is 1 / (1 - w)), got {guidance_scale}")
+    if difference != "teacher" or image_free:
+        raise ValueError("balance_guidance_feedback=True balances the feedback of the teacher's guidance difference "
+                         "on the data rows: pass guidance_difference='teacher' and image_free=False")
+    if not isinstance(guidance_teacher, (OnlineTeacher, MovingAverageTeacher)):
+        raise ValueError(
+            f"balance_guidance_feedback=True undoes the feedback of a guidance teacher that follows the model "
+            f"(the online model or a moving average of it), but the guidance teacher "
+            f"{type(guidance_teacher).__name__} has fixed weights and feeds nothing back: leave "
+            "balance_guidance_feedback at its default"
+        )
 
 
 UNGUIDED_SHARES = GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)
@@ -465,6 +489,21 @@ class TwinFlowLoss(nn.Module):
             1.5) put TwinFlow ahead of RCGM-only on the digits without a
             copy of the weights (docs/quality.md, "Nineteenth round"). Needs
             ``0 < guidance_scale < 1`` and ``image_free=False``.
+        balance_guidance_feedback: weigh the base term of each guided row whose
+            ``cond`` is not the null one by :math:`1 / (1 - w)` (*default*
+            False, the authors' recipe). A guidance teacher that follows the
+            model (the default online one, or a moving average) puts
+            :math:`w F_c` into :math:`F_c`'s own target, so the data pulls a
+            displacement of :math:`F_c` back at the rate :math:`1 - w`, and a
+            lasting push on the conditional field (the twin terms push it)
+            settles :math:`1 / (1 - w)` times as far as on an unguided row.
+            The weight restores the unguided rate without a copy of the
+            weights or another pass; the fixed point, CFG :math:`1 / (1 - w)`,
+            is unchanged (under L2 the weighted gradient is that of the fixed
+            target :math:`(v - w F_u) / (1 - w)`). Needs ``0 < guidance_scale < 1``,
+            ``guidance_difference="teacher"``, ``image_free=False`` and a
+            guidance teacher that follows the model (a fixed one,
+            :class:`~twinloss.FrozenTeacher`, feeds nothing back).
         image_free: the authors' ``use_image_free`` (*default* False): every
             row is interpolated from the online model's own one-step samples
             instead of ``x`` (only ``x``'s shape and dtype are used), and the
@@ -552,6 +591,7 @@ class TwinFlowLoss(nn.Module):
         guidance_interval: tuple[float, float] = (0.0, 1.0),
         guidance_groups: tuple[str, ...] = REAL_GROUPS,
         guidance_difference: Literal["teacher", "data"] = "teacher",
+        balance_guidance_feedback: bool = False,
         image_free: bool = False,
         rectify_weight: float = 0.5,
         rectify_clamp: float = 1.0,
@@ -616,6 +656,9 @@ class TwinFlowLoss(nn.Module):
             teacher, guidance_teacher, rcgm_teacher,
             guidance_used=guidance_scale > 0, rcgm_used=self.estimate_order > 0,
         )
+        _check_feedback_balance(balance_guidance_feedback, guidance_scale, guidance_difference, image_free,
+                                self.guidance_teacher)
+        self.balance_guidance_feedback = balance_guidance_feedback
         self.estimate_step = float(estimate_step)
         self.residual_clamp = float(residual_clamp)
         self.guidance_scale = float(guidance_scale)
@@ -870,7 +913,7 @@ class TwinFlowLoss(nn.Module):
         clamp_rates: dict[str, Tensor] = {}
         target = self._regression_target(prediction, v, v_real, displacement, traj, real, clamp_rates)  # 5b.
         del displacement, v, v_real
-        weighted = self._row_weights(traj) * self.distance(prediction, target)  # 6. base loss per row
+        weighted = self._row_weights(traj, cond, uncond) * self.distance(prediction, target)  # 6. base loss per row
         del target
         rectify = self._rectify(evaluate, x_t, prediction, traj, cond, uncond, generator, clamp_rates)  # 7.
         return self._output(weighted, rectify, traj, real, evaluate, clamp_rates)  # 8. total
@@ -1006,13 +1049,27 @@ class TwinFlowLoss(nn.Module):
         target[real] = target_real
         return target
 
-    def _row_weights(self, traj: Trajectory) -> Float[Tensor, " batch"]:
-        """Step 6: the time weight on real rows, 1 on fake rows (and everywhere without a time weight)."""
-        if self.time_weight is None:
-            return torch.ones_like(traj.t)
+    def _row_weights(
+        self, traj: Trajectory, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None
+    ) -> Float[Tensor, " batch"]:
+        r"""Step 6: the time weight on real rows (1 everywhere without one), 1 on fake rows; with
+        ``balance_guidance_feedback``, times :math:`1 / (1 - w)` on the guided rows whose ``cond`` is not the null one.
+
+        The online target :math:`v + w\,\mathrm{sg}(F_c - F_u)` moves by :math:`w\,\delta` when :math:`F_c`
+        does by :math:`\delta`, so its residual, and the pull back, shrink to :math:`(1 - w)\,\delta`; the
+        weight restores the rate of an unguided row. Under L2 the weighted gradient is
+        :math:`F_c - (v - w F_u) / (1 - w)`, that of a fixed target at the same fixed point (CFG
+        :math:`1 / (1 - w)`). Null rows' target is ``v`` whatever the teacher, so they keep weight 1.
+        """
         fake = torch.zeros_like(traj.t, dtype=torch.bool)
         fake[traj.groups["fake"]] = True
-        return torch.where(fake, torch.ones_like(traj.t), self.time_weight(traj.t, traj.r))
+        weights = torch.ones_like(traj.t)
+        if self.time_weight is not None:
+            weights = torch.where(fake, weights, self.time_weight(traj.t, traj.r))
+        if self.balance_guidance_feedback and uncond is not None:
+            balanced = self.guided_rows(traj) & conditioned_rows(cond, uncond)
+            weights = torch.where(balanced, weights / (1.0 - self.guidance_scale), weights)
+        return weights
 
     def _rectify(
         self,
