@@ -51,6 +51,8 @@ SETTING_PAIRS = {
         {"guidance_difference": "data", "guidance_scale": 1 / 3, "guidance_interval": (0.2, 0.7)},
     ("TwinFlow defaults, balanced guidance feedback", "RCGM only, defaults, balanced guidance feedback"):
         {"balance_guidance_feedback": True},
+    ("TwinFlow defaults, balanced guidance feedback at w 1/3", "RCGM only, defaults, balanced guidance feedback at w 1/3"):
+        {"balance_guidance_feedback": True, "guidance_scale": 1 / 3},
 }
 """TwinFlow and RCGM-only variants that change one setting of both defaults alike, with the setting."""
 TEACHER_VARIANTS = {

@@ -68,7 +68,8 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   ``balanced guidance feedback`` (``balance_guidance_feedback=True``: the
   guided rows' base term weighed by ``1 / (1 - w)``, so a push on ``F_c`` is
   pulled back at the unguided rate; no copy of the weights, no extra pass),
-  with its RCGM-only counterpart.
+  at the default ``w = 0.5`` (CFG 2) and at ``w = 1/3`` (CFG 1.5, the
+  frozen teacher's), each with its RCGM-only counterpart.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -185,6 +186,10 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow defaults, balanced guidance feedback": lambda pretrained: TwinFlowLoss(balance_guidance_feedback=True),
     "RCGM only, defaults, balanced guidance feedback": lambda pretrained: TwinFlowLoss.rcgm(
         balance_guidance_feedback=True),
+    "TwinFlow defaults, balanced guidance feedback at w 1/3": lambda pretrained: TwinFlowLoss(
+        balance_guidance_feedback=True, guidance_scale=1 / 3),
+    "RCGM only, defaults, balanced guidance feedback at w 1/3": lambda pretrained: TwinFlowLoss.rcgm(
+        balance_guidance_feedback=True, guidance_scale=1 / 3),
 }
 
 
