@@ -24,6 +24,23 @@ def _data_with_dropped_labels(batch=16, seed=0):
     return x, y, null_y
 
 
+def assert_matches_reference(loss_fn, model, x, y, null_y, *, seed, setting=None, **options):
+    """Assert one step of ``loss_fn`` matches ``reference_step(..., **options)`` in value and parameter gradients
+    (the model's grads are cleared afterwards). With ``setting``, the name of one of ``options``, also assert that
+    the reference without it gives another loss, so the match could not hold without the setting."""
+    out, grads = _step(loss_fn, model, x, y, null_y, seed=seed)
+    expected, _, _ = reference_step(model, x, y, null_y, seed=seed, **options)
+    expected.backward()
+    assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, [p.grad for p in model.parameters()], strict=True):
+        assert_close(got, want, rtol=1e-9, atol=1e-12)
+    model.zero_grad()
+    if setting is not None:
+        without = {name: value for name, value in options.items() if name != setting}
+        other, _, _ = reference_step(model, x, y, null_y, seed=seed, **without)
+        assert abs(other.item() - expected.item()) > 1e-4
+
+
 class ConditioningRecordingTeacher(OnlineTeacher):
     """The online teacher, recording the conditioning of every call it evaluates."""
 
@@ -56,16 +73,10 @@ def test_data_guidance_matches_float64_reference_in_value_and_gradient(teacher, 
     x, y, null_y = _data_with_dropped_labels()
     loss_fn = TwinFlowLoss(guidance_difference="data", guidance_scale=0.6, rectify_field=rectify_field,
                            rectify_weight=1.0, **kwargs)
-    out, grads = _step(loss_fn, model, x, y, null_y, seed=4)
     options = dict(guidance=0.6, rectify_weight=1.0, distance=barron, guidance_model=guidance_model,
                    rectify_field=rectify_field)
-    expected, _, _ = reference_step(model, x, y, null_y, seed=4, guidance_difference="data", **options)
-    expected.backward()
-    assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
-    for got, want in zip(grads, [p.grad for p in model.parameters()], strict=True):
-        assert_close(got, want, rtol=1e-9, atol=1e-12)
-    teacher_difference, _, _ = reference_step(model, x, y, null_y, seed=4, **options)
-    assert abs(teacher_difference.item() - expected.item()) > 1e-4  # the reference tells the two targets apart
+    assert_matches_reference(loss_fn, model, x, y, null_y, seed=4, guidance_difference="data",
+                             setting="guidance_difference", **options)
 
 
 def test_data_guidance_on_named_groups_matches_float64_reference():
@@ -73,13 +84,8 @@ def test_data_guidance_on_named_groups_matches_float64_reference():
     model = TinyVelocityNet((3,)).double()
     x, y, null_y = _data_with_dropped_labels(seed=2)
     loss_fn = TwinFlowLoss(guidance_difference="data", guidance_groups=("any_step",))
-    out, grads = _step(loss_fn, model, x, y, null_y, seed=3)
-    expected, _, _ = reference_step(model, x, y, null_y, seed=3, distance=barron, guidance_groups=("any_step",),
-                                    guidance_difference="data")
-    expected.backward()
-    assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
-    for got, want in zip(grads, [p.grad for p in model.parameters()], strict=True):
-        assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert_matches_reference(loss_fn, model, x, y, null_y, seed=3, distance=barron, guidance_groups=("any_step",),
+                             guidance_difference="data")
 
 
 def test_the_data_target_is_the_teacher_target_read_at_the_online_fixed_point():

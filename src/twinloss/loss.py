@@ -189,18 +189,23 @@ RECTIFY_FIELDS = ("guided", "guidance_free")
 GUIDANCE_DIFFERENCES = ("teacher", "data")
 
 
+def _require_scale_inside_unit_interval(setting: str, guidance_scale: float, why: str) -> None:
+    """A ``ValueError`` naming ``setting`` unless ``0 < guidance_scale < 1``, the range it needs (``why``)."""
+    if guidance_scale == 0:
+        name = setting.split("=")[0]
+        raise ValueError(f"{setting} is given, but guidance_scale=0 runs no guidance pass; leave {name} at its default")
+    if guidance_scale >= 1:
+        raise ValueError(f"guidance_scale must be < 1 with {setting} ({why}), got {guidance_scale}")
+
+
 def _check_guidance_difference(difference: object, guidance_scale: float, image_free: bool) -> None:
     """A ``ValueError`` naming ``guidance_difference`` when its value is unknown or the configuration cannot honour it."""
     if difference not in GUIDANCE_DIFFERENCES:
         raise ValueError(f"guidance_difference must be one of {GUIDANCE_DIFFERENCES}, got {difference!r}")
     if difference == "teacher":
         return
-    if guidance_scale == 0:
-        raise ValueError("guidance_difference='data' is given, but guidance_scale=0 runs no guidance pass; "
-                         "leave guidance_difference at its default")
-    if guidance_scale >= 1:
-        raise ValueError(f"guidance_scale must be < 1 with guidance_difference='data' (its gain is w / (1 - w), "
-                         f"CFG 1 / (1 - w)), got {guidance_scale}")
+    _require_scale_inside_unit_interval("guidance_difference='data'", guidance_scale,
+                                        "its gain is w / (1 - w), CFG 1 / (1 - w)")
     if image_free:
         raise ValueError("guidance_difference='data' reads the data velocity v, which image_free=True drops: "
                          "pass guidance_difference='teacher'")
@@ -212,12 +217,8 @@ def _check_feedback_balance(
     """A ``ValueError`` naming ``balance_guidance_feedback`` when the configuration has no feedback to balance."""
     if not balance:
         return
-    if guidance_scale == 0:
-        raise ValueError("balance_guidance_feedback=True weighs the guided rows, but guidance_scale=0 guides none; "
-                         "leave balance_guidance_feedback at its default")
-    if guidance_scale >= 1:
-        raise ValueError(f"guidance_scale must be < 1 with balance_guidance_feedback=True (the guided rows' weight "
-                         f"is 1 / (1 - w)), got {guidance_scale}")
+    _require_scale_inside_unit_interval("balance_guidance_feedback=True", guidance_scale,
+                                        "the guided rows' weight is 1 / (1 - w)")
     if difference != "teacher" or image_free:
         raise ValueError("balance_guidance_feedback=True balances the feedback of the teacher's guidance difference "
                          "on the data rows: pass guidance_difference='teacher' and image_free=False")
