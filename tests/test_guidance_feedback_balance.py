@@ -76,7 +76,7 @@ def test_balanced_loss_matches_float64_reference_in_value_and_gradient():
                              balance_feedback=True, setting="balance_feedback")
 
 
-def test_balance_keeps_the_null_rows_and_the_fake_rows_at_weight_one():
+def test_balance_changes_nothing_on_a_batch_whose_labels_are_all_dropped():
     torch.manual_seed(4)
     model = TinyVelocityNet((3,)).double()
     x, y, null_y = _data_with_dropped_labels(seed=5)
