@@ -4,7 +4,8 @@ from twinloss import TwinFlowLoss
 from twinloss.loss import default_shares
 
 SETTINGS = ("estimate_order", "estimate_step", "residual_clamp", "guidance_scale", "guidance_interval",
-            "guidance_groups", "guidance_difference", "image_free", "rectify_weight", "rectify_clamp", "rectify_field")
+            "guidance_groups", "guidance_difference", "balance_guidance_feedback", "twin_rows", "image_free",
+            "rectify_weight", "rectify_clamp", "rectify_field")
 """Plain attributes compared by value."""
 
 MODULES = ("distance", "time_weight", "rectify_distance")

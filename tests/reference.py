@@ -63,7 +63,7 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
                    image_free=False, guidance_model=None,
                    guidance_groups=("one_step", "multi_step", "any_step"), rectify_field="guided",
                    rectify_draw=None, record=None, sizes=None, rectify_distance=None, guidance_difference="teacher",
-                   balance_feedback=False):
+                   balance_feedback=False, twin_rows="all"):
     """One step, row by row. ``path(t) -> (a, b)`` with ``x_t = a z + b x``;
     ``image_free`` follows the authors' ``use_image_free`` with their fixed
     teacher: every row starts from the online model's one-jump sample, and
@@ -77,7 +77,8 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     rectification's times ``s``; ``guidance_difference="data"`` guides the
     labelled rows (``y != null_y``) with ``v + w / (1 - w) (v - G_u)`` and
     takes ``w (F - G_u)`` out of the guidance-free field; ``balance_feedback``
-    weighs the teacher-guided labelled rows' base term by ``1 / (1 - w)``; by default the library's rule, written out
+    weighs the teacher-guided labelled rows' base term by ``1 / (1 - w)``; ``twin_rows="conditioned"`` weighs the
+    fake rows and the rectification rows whose label is the null one by 0; by default the library's rule, written out
     here for a labelled batch: without guidance the uniform ``u`` shifted
     towards the data, ``s = u / (3 - 2u)``; with it ``sigmoid`` of a float32
     standard normal. A ``record`` dict receives the unclamped
@@ -175,6 +176,10 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     weight = torch.ones(batch, dtype=x.dtype)
     weight[real] = 1 + torch.tan((1 - (t[real].abs() - r[real].abs())) * math.pi / 2.5)
     weight = torch.where(balanced, weight / (1 - guidance), weight)
+    twin_weight = torch.ones(batch, dtype=x.dtype)  # the fake rows' and the rectification rows' weight
+    if twin_rows == "conditioned":
+        twin_weight = (y != null_y).to(x.dtype)
+    weight[fake] = twin_weight[fake]
     base = (weight * distance(output, target)).sum() / batch
-    rectify = (rectify_distance or distance)(output[one], (output[one] - gap).detach()).mean()
+    rectify = (twin_weight[one] * (rectify_distance or distance)(output[one], (output[one] - gap).detach())).mean()
     return base + rectify_weight * rectify, gap, n

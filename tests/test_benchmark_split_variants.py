@@ -53,8 +53,17 @@ SETTING_PAIRS = {
         {"balance_guidance_feedback": True},
     ("TwinFlow defaults, balanced guidance feedback at w 1/3", "RCGM only, defaults, balanced guidance feedback at w 1/3"):
         {"balance_guidance_feedback": True, "guidance_scale": 1 / 3},
+    ("TwinFlow defaults, guidance on any-step rows", "RCGM only, defaults, guidance on any-step rows"):
+        {"guidance_groups": ("any_step",)},
 }
 """TwinFlow and RCGM-only variants that change one setting of both defaults alike, with the setting."""
+TWIN_ONLY_SETTINGS = {
+    "TwinFlow defaults, twin terms on labelled rows": {"twin_rows": "conditioned"},
+    "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows":
+        {"balance_guidance_feedback": True, "guidance_scale": 1 / 3, "twin_rows": "conditioned"},
+}
+"""TwinFlow variants of a setting that only the twin terms have (their RCGM-only counterpart is the pair without
+it), with the settings they change from ``TwinFlowLoss()``."""
 TEACHER_VARIANTS = {
     "TwinFlow defaults, frozen guidance teacher": TwinFlowLoss,
     "RCGM only, defaults, frozen guidance teacher": TwinFlowLoss.rcgm,
@@ -68,7 +77,8 @@ TEACHER_VARIANTS = {
 
 
 @pytest.mark.parametrize(
-    "name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT} - set(TEACHER_VARIANTS) - set().union(*SETTING_PAIRS))
+    "name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT} - set(TEACHER_VARIANTS) - set().union(*SETTING_PAIRS)
+                   - set(TWIN_ONLY_SETTINGS))
 )
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
@@ -105,6 +115,13 @@ def test_each_setting_pair_differs_from_the_default_pair_only_in_its_setting(nam
     for loss, default in ((twin, TwinFlowLoss()), (rcgm, TwinFlowLoss.rcgm())):
         assert all(getattr(default, key) != value for key, value in setting.items())
         assert module_settings(loss) == module_settings(default) | setting
+
+
+@pytest.mark.parametrize(("name", "setting"), list(TWIN_ONLY_SETTINGS.items()))
+def test_each_twin_only_variant_differs_from_the_default_only_in_its_settings(name, setting):
+    loss, default = split_variants.VARIANTS[name](None), TwinFlowLoss()
+    assert all(getattr(default, key) != value for key, value in setting.items())
+    assert module_settings(loss) == module_settings(default) | setting
 
 
 @pytest.mark.parametrize(("scale", "law"), [(0.5, LogitNormalTime), (0.0, ShiftedTime)])

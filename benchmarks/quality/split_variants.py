@@ -190,6 +190,12 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         balance_guidance_feedback=True, guidance_scale=1 / 3),
     "RCGM only, defaults, balanced guidance feedback at w 1/3": lambda pretrained: TwinFlowLoss.rcgm(
         balance_guidance_feedback=True, guidance_scale=1 / 3),
+    "TwinFlow defaults, guidance on any-step rows": lambda pretrained: TwinFlowLoss(guidance_groups=("any_step",)),
+    "RCGM only, defaults, guidance on any-step rows": lambda pretrained: TwinFlowLoss.rcgm(
+        guidance_groups=("any_step",)),
+    "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
+    "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
+        TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
 }
 
 

@@ -231,6 +231,29 @@ def _check_feedback_balance(
         )
 
 
+TWIN_ROWS = ("all", "conditioned")
+
+
+def _check_twin_rows(
+    twin_rows: object, guidance_scale: float, image_free: bool, shares: GroupShares, rectify_weight: float
+) -> None:
+    """A ``ValueError`` naming ``twin_rows`` when its value is unknown or the configuration cannot honour it."""
+    if twin_rows not in TWIN_ROWS:
+        raise ValueError(f"twin_rows must be one of {TWIN_ROWS}, got {twin_rows!r}")
+    if twin_rows == "all":
+        return
+    if guidance_scale == 0:
+        raise ValueError("twin_rows='conditioned' keeps the twin terms off the null-conditioned rows, whose field only "
+                         "the guidance target reads, but guidance_scale=0 runs no guidance pass: leave twin_rows "
+                         "at its default")
+    if image_free:
+        raise ValueError("twin_rows='conditioned' weighs the fake and rectification rows by their conditioning, but "
+                         "image_free=True trains every row on the model's samples: pass image_free=False")
+    if shares.fake == 0 and rectify_weight == 0:
+        raise ValueError("twin_rows='conditioned' selects the rows of the twin terms, but this loss has none "
+                         "(shares.fake=0 and rectify_weight=0): leave twin_rows at its default")
+
+
 UNGUIDED_SHARES = GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)
 """The default partition without guidance: a fake share of 1/8, the three real groups 7/24 each."""
 
@@ -509,6 +532,20 @@ class TwinFlowLoss(nn.Module):
             benchmark's guided deficit against RCGM-only, the share the
             data difference takes; at ``w = 0.5`` it also reached CFG 2
             faster and cost FD on the real patches and the digits.
+        twin_rows: the rows the twin terms train. ``"all"`` (*default*, the
+            authors' recipe): every fake row and every one-step row of the
+            rectification. ``"conditioned"``: those whose ``cond`` is the null
+            one (the dropped labels) weigh 0 in ``L_adv`` and in the
+            rectification's mean (the other rows keep their weight, so each
+            row pushes as before), and the twin terms never push the
+            unconditional field :math:`F_u` that the guidance target reads.
+            At the online teacher's fixed point
+            :math:`F_c = (v_c - w F_u) / (1 - w)`, a push on :math:`F_u` moves
+            the conditional field by :math:`w / (1 - w)` times as much, against
+            it. The null rows' fake samples are still drawn (that pass keeps
+            its size). Needs ``guidance_scale > 0`` (nothing else reads
+            :math:`F_u`), ``image_free=False`` and twin terms (a fake share
+            or ``rectify_weight > 0``).
         image_free: the authors' ``use_image_free`` (*default* False): every
             row is interpolated from the online model's own one-step samples
             instead of ``x`` (only ``x``'s shape and dtype are used), and the
@@ -597,6 +634,7 @@ class TwinFlowLoss(nn.Module):
         guidance_groups: tuple[str, ...] = REAL_GROUPS,
         guidance_difference: Literal["teacher", "data"] = "teacher",
         balance_guidance_feedback: bool = False,
+        twin_rows: Literal["all", "conditioned"] = "all",
         image_free: bool = False,
         rectify_weight: float = 0.5,
         rectify_clamp: float = 1.0,
@@ -664,6 +702,8 @@ class TwinFlowLoss(nn.Module):
         _check_feedback_balance(balance_guidance_feedback, guidance_scale, guidance_difference, image_free,
                                 self.guidance_teacher)
         self.balance_guidance_feedback = balance_guidance_feedback
+        _check_twin_rows(twin_rows, guidance_scale, image_free, shares, rectify_weight)
+        self.twin_rows = twin_rows
         self.estimate_step = float(estimate_step)
         self.residual_clamp = float(residual_clamp)
         self.guidance_scale = float(guidance_scale)
@@ -703,7 +743,7 @@ class TwinFlowLoss(nn.Module):
             ValueError: naming a twin argument, or ``shares`` with a fake share.
         """
         for name in ("rectify_weight", "rectify_clamp", "rectify_field", "rectify_time", "rectify_distance",
-                     "image_free"):
+                     "image_free", "twin_rows"):
             if name in kwargs:
                 raise ValueError(f"{name} belongs to the twin terms, which TwinFlowLoss.rcgm has none of")
         shares = kwargs.pop("shares", None)
@@ -729,7 +769,7 @@ class TwinFlowLoss(nn.Module):
         """
         fixed = ("shares", "multi_step_gap", "estimate_order", "estimate_step", "residual_clamp", "teacher",
                  "rcgm_teacher", "rectify_weight", "rectify_clamp", "rectify_field", "rectify_time",
-                 "rectify_distance", "image_free")
+                 "rectify_distance", "image_free", "twin_rows")
         for name in fixed:
             if name in kwargs:
                 raise ValueError(f"{name} is fixed by TwinFlowLoss.plain_flow_matching; build TwinFlowLoss(...) instead")
@@ -1058,7 +1098,8 @@ class TwinFlowLoss(nn.Module):
         self, traj: Trajectory, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None
     ) -> Float[Tensor, " batch"]:
         r"""Step 6: the time weight on real rows (1 everywhere without one), 1 on fake rows; with
-        ``balance_guidance_feedback``, times :math:`1 / (1 - w)` on the guided rows whose ``cond`` is not the null one.
+        ``balance_guidance_feedback``, times :math:`1 / (1 - w)` on the guided rows whose ``cond`` is not the null one;
+        with ``twin_rows="conditioned"``, 0 on the fake rows whose ``cond`` is the null one.
 
         The online target :math:`v + w\,\mathrm{sg}(F_c - F_u)` moves by :math:`w\,\delta` when :math:`F_c`
         does by :math:`\delta`, so its residual, and the pull back, shrink to :math:`(1 - w)\,\delta`; the
@@ -1074,6 +1115,8 @@ class TwinFlowLoss(nn.Module):
         if self.balance_guidance_feedback and uncond is not None:
             balanced = self.guided_rows(traj) & conditioned_rows(cond, uncond)
             weights = torch.where(balanced, weights / (1.0 - self.guidance_scale), weights)
+        if self.twin_rows == "conditioned" and uncond is not None:
+            weights = torch.where(fake & ~conditioned_rows(cond, uncond), torch.zeros_like(weights), weights)
         return weights
 
     def _rectify(
@@ -1088,7 +1131,8 @@ class TwinFlowLoss(nn.Module):
         clamp_rates: dict[str, Tensor],
     ) -> Float[Tensor, ""]:
         r"""Step 7: :math:`\rho(F_\theta, \mathrm{sg}(F_\theta - \mathrm{clamp}(\Delta v)))` averaged over the
-        one-step rows; records the gap's clamp rate in ``clamp_rates["rectify"]``."""
+        one-step rows (with ``twin_rows="conditioned"``, those whose ``cond`` is the null one count 0); records the
+        gap's clamp rate in ``clamp_rates["rectify"]``."""
         one = traj.groups["one_step"]
         if self.rectify_weight == 0 or traj.size("one_step") == 0:
             return prediction.new_zeros(())
@@ -1110,7 +1154,10 @@ class TwinFlowLoss(nn.Module):
         del fake_velocity, real_velocity
         clamp_rates["rectify"] = clamp_rate(gap, self.rectify_clamp)
         target = clamped_correction_target(velocity, gap, clamp=self.rectify_clamp)
-        return self.rectify_distance(velocity, target).mean()
+        per_row = self.rectify_distance(velocity, target)
+        if self.twin_rows == "conditioned" and uncond is not None:
+            per_row = per_row * conditioned_rows(cond_one, select_rows(uncond, one)).to(per_row.dtype)
+        return per_row.mean()
 
     def _gap_fields_guidance_free(
         self,
