@@ -545,7 +545,12 @@ class TwinFlowLoss(nn.Module):
             it. The null rows' fake samples are still drawn (that pass keeps
             its size). Needs ``guidance_scale > 0`` (nothing else reads
             :math:`F_u`), ``image_free=False`` and twin terms (a fake share
-            or ``rectify_weight > 0``).
+            or ``rectify_weight > 0``). Measured (docs/quality.md,
+            "Twenty-third round"): a diagnostic that did not help. On the ring
+            benchmark's guided deficit against RCGM-only it moved SW by
+            -0.005 ± 0.006 with the online teacher and -0.001 ± 0.002 with
+            the balanced one (10 seeds), so the direct push on :math:`F_u` is
+            not what a fixed guidance teacher removes.
         image_free: the authors' ``use_image_free`` (*default* False): every
             row is interpolated from the online model's own one-step samples
             instead of ``x`` (only ``x``'s shape and dtype are used), and the
