@@ -113,6 +113,8 @@ def test_an_unknown_twin_rows_is_refused_naming_it():
         TwinFlowLoss(twin_rows="labelled")
 
 
-def test_rcgm_refuses_twin_rows_naming_it():
-    with pytest.raises(ValueError, match="twin_rows belongs to the twin terms"):
-        TwinFlowLoss.rcgm(twin_rows="conditioned")
+@pytest.mark.parametrize(("factory", "match"), [(TwinFlowLoss.rcgm, "twin_rows belongs to the twin terms"),
+                                                 (TwinFlowLoss.plain_flow_matching, "twin_rows is fixed")])
+def test_factories_without_twin_terms_refuse_twin_rows_naming_it(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory(twin_rows="conditioned")
