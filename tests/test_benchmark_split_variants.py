@@ -72,6 +72,9 @@ TEACHER_VARIANTS = {
     "RCGM only, defaults, average as guidance teacher": TwinFlowLoss.rcgm,
     "TwinFlow defaults, data guidance difference at w 1/3, frozen guidance teacher": lambda: TwinFlowLoss(
         guidance_difference="data", guidance_scale=1 / 3),
+    "TwinFlow defaults, any-step rows guided by the frozen teacher": lambda: TwinFlowLoss(guidance_groups=("any_step",)),
+    "RCGM only, defaults, any-step rows guided by the frozen teacher": lambda: TwinFlowLoss.rcgm(
+        guidance_groups=("any_step",)),
 }
 """The variants that change what evaluates the guidance pass, each with the loss it otherwise equals."""
 

@@ -69,7 +69,17 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   guided rows' base term weighed by ``1 / (1 - w)``, so a push on ``F_c`` is
   pulled back at the unguided rate; no copy of the weights, no extra pass),
   at the default ``w = 0.5`` (CFG 2) and at ``w = 1/3`` (CFG 1.5, the
-  frozen teacher's), each with its RCGM-only counterpart.
+  frozen teacher's), each with its RCGM-only counterpart;
+* what the frozen teacher's gain on the ring is made of (twenty-third
+  round): ``twin terms on labelled rows`` (``twin_rows="conditioned"``: the
+  fake and rectification rows whose label is the null one weigh 0, so the
+  twin terms never push ``F_u``), with the online teacher and with the
+  balanced one at ``w = 1/3`` (their RCGM-only counterparts are the pairs
+  without it); ``guidance on any-step rows`` (``guidance_groups=("any_step",)``:
+  no feedback, CFG ``1 + w``, the direction read from the online weights)
+  and ``any-step rows guided by the frozen teacher`` (the same rows, the
+  direction read from the pretrained weights), each with its RCGM-only
+  counterpart.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -193,6 +203,10 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow defaults, guidance on any-step rows": lambda pretrained: TwinFlowLoss(guidance_groups=("any_step",)),
     "RCGM only, defaults, guidance on any-step rows": lambda pretrained: TwinFlowLoss.rcgm(
         guidance_groups=("any_step",)),
+    "TwinFlow defaults, any-step rows guided by the frozen teacher": lambda pretrained: TwinFlowLoss(
+        guidance_groups=("any_step",), guidance_teacher=FrozenTeacher(pretrained)),
+    "RCGM only, defaults, any-step rows guided by the frozen teacher": lambda pretrained: TwinFlowLoss.rcgm(
+        guidance_groups=("any_step",), guidance_teacher=FrozenTeacher(pretrained)),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
