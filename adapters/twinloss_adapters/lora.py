@@ -456,6 +456,9 @@ class LoRAEMATeacher(MovingAverageTeacher):
         online = peft_model.active_adapter
         with torch.no_grad(), _keep_requires_grad(peft_model):
             peft_model.set_adapter(self.ema_adapter)
+            # set_adapter makes the average trainable; frozen, the pass rounds as the saved average reloaded does
+            # (on some CPUs a LoRA layer whose weights require grad rounds differently, even under no_grad)
+            peft_model.requires_grad_(False)
             try:
                 return peft_model(x_t, t, r, **cond)
             finally:

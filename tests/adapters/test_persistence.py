@@ -1,5 +1,6 @@
 """Saving and reloading adapted models, full and LoRA, loses nothing TwinFlow learned (docs/saving.md)."""
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -365,6 +366,19 @@ def _lora_trained(case: BackboneCase, stock_dir):
     return model, teacher
 
 
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module):
+    """Every parameter frozen inside, as a reloaded model's are, and restored after: on some CPUs a LoRA layer
+    whose weights require grad rounds differently from a frozen one with the same weights, even under no_grad."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
 def _fresh_base(case: BackboneCase, name: str, stock_dir):
     """The stock base adapted with the training options (load_lora's contract), e.g. HunyuanVideo 1.5's vision_tokens."""
     from diffusers import AutoModel
@@ -388,9 +402,10 @@ def test_lora_and_its_ema_reload_onto_a_fresh_stock_base_exactly(name: str, tmp_
 
     case = CASES[name]
     model, teacher = _lora_trained(case, tmp_path / "stock")
-    expected = _outputs(model, case)
     x, cond = _inputs(case, model.get_base_model().transformer)
-    expected_ema = teacher(model, x, T, R, cond)
+    with _frozen(model):
+        expected = _outputs(model, case)
+        expected_ema = teacher(model, x, T, R, cond)
     model.save_pretrained(tmp_path / "lora")  # peft's own saving: the trained adapter, the EMA in twinflow_ema/
 
     reloaded = lora.load_lora(_fresh_base(case, name, tmp_path / "stock"), tmp_path / "lora")
@@ -407,9 +422,10 @@ def test_a_stock_base_and_a_lora_with_its_ema_on_the_hub_load_by_repository_id_e
 
     case = CASES["sana"]
     model, teacher = _lora_trained(case, tmp_path / "stock")
-    expected = _outputs(model, case)
     x, cond = _inputs(case, model.get_base_model().transformer)
-    expected_ema = teacher(model, x, T, R, cond)
+    with _frozen(model):
+        expected = _outputs(model, case)
+        expected_ema = teacher(model, x, T, R, cond)
     model.save_pretrained(tmp_path / "lora")
     hub = cache_repository(tmp_path / "hub", "twinloss-test/tiny-sana", tmp_path / "stock")
     assert cache_repository(tmp_path / "hub", "twinloss-test/tiny-sana-lora", tmp_path / "lora") == hub
@@ -473,7 +489,8 @@ def test_lora_saved_without_the_twinloss_file_still_loads_exactly(name: str, tmp
 
     case = CASES[name]
     model, _ = _lora_trained(case, tmp_path / "stock")
-    expected = _outputs(model, case)
+    with _frozen(model):
+        expected = _outputs(model, case)
     model.save_pretrained(tmp_path / "lora")
     (tmp_path / "lora" / TWINLOSS_CONFIG_NAME).unlink()  # as a LoRA folder saved before twinloss wrote the file
     reloaded = lora.load_lora(_fresh_base(case, name, tmp_path / "stock"), tmp_path / "lora")
