@@ -55,6 +55,8 @@ SETTING_PAIRS = {
         {"balance_guidance_feedback": True, "guidance_scale": 1 / 3},
     ("TwinFlow defaults, guidance on any-step rows", "RCGM only, defaults, guidance on any-step rows"):
         {"guidance_groups": ("any_step",)},
+    ("TwinFlow defaults, guidance on multi-step rows", "RCGM only, defaults, guidance on multi-step rows"):
+        {"guidance_groups": ("multi_step",)},
 }
 """TwinFlow and RCGM-only variants that change one setting of both defaults alike, with the setting."""
 TWIN_ONLY_SETTINGS = {
@@ -75,6 +77,10 @@ TEACHER_VARIANTS = {
     "TwinFlow defaults, any-step rows guided by the frozen teacher": lambda: TwinFlowLoss(guidance_groups=("any_step",)),
     "RCGM only, defaults, any-step rows guided by the frozen teacher": lambda: TwinFlowLoss.rcgm(
         guidance_groups=("any_step",)),
+    "TwinFlow defaults, multi-step rows guided by the frozen teacher": lambda: TwinFlowLoss(
+        guidance_groups=("multi_step",)),
+    "RCGM only, defaults, multi-step rows guided by the frozen teacher": lambda: TwinFlowLoss.rcgm(
+        guidance_groups=("multi_step",)),
 }
 """The variants that change what evaluates the guidance pass, each with the loss it otherwise equals."""
 

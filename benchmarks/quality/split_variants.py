@@ -79,7 +79,13 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   no feedback, CFG ``1 + w``, the direction read from the online weights)
   and ``any-step rows guided by the frozen teacher`` (the same rows, the
   direction read from the pretrained weights), each with its RCGM-only
-  counterpart.
+  counterpart;
+* where the frozen teacher's gain sits (twenty-fourth round): ``guidance on
+  multi-step rows`` (``guidance_groups=("multi_step",)``: the rows that
+  train the instantaneous field ``F(x, t, t)``, whose online target feeds
+  back, CFG ``1 / (1 - w)``) and ``multi-step rows guided by the frozen
+  teacher`` (the same rows, CFG ``1 + w``, the direction read from the
+  pretrained weights), each with its RCGM-only counterpart.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -207,6 +213,13 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         guidance_groups=("any_step",), guidance_teacher=FrozenTeacher(pretrained)),
     "RCGM only, defaults, any-step rows guided by the frozen teacher": lambda pretrained: TwinFlowLoss.rcgm(
         guidance_groups=("any_step",), guidance_teacher=FrozenTeacher(pretrained)),
+    "TwinFlow defaults, guidance on multi-step rows": lambda pretrained: TwinFlowLoss(guidance_groups=("multi_step",)),
+    "RCGM only, defaults, guidance on multi-step rows": lambda pretrained: TwinFlowLoss.rcgm(
+        guidance_groups=("multi_step",)),
+    "TwinFlow defaults, multi-step rows guided by the frozen teacher": lambda pretrained: TwinFlowLoss(
+        guidance_groups=("multi_step",), guidance_teacher=FrozenTeacher(pretrained)),
+    "RCGM only, defaults, multi-step rows guided by the frozen teacher": lambda pretrained: TwinFlowLoss.rcgm(
+        guidance_groups=("multi_step",), guidance_teacher=FrozenTeacher(pretrained)),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
