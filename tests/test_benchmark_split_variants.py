@@ -57,6 +57,9 @@ SETTING_PAIRS = {
         {"guidance_groups": ("any_step",)},
     ("TwinFlow defaults, guidance on multi-step rows", "RCGM only, defaults, guidance on multi-step rows"):
         {"guidance_groups": ("multi_step",)},
+    ("TwinFlow defaults, multi-step rows guided by the data difference at w 1/3",
+     "RCGM only, defaults, multi-step rows guided by the data difference at w 1/3"):
+        {"guidance_groups": ("multi_step",), "guidance_difference": "data", "guidance_scale": 1 / 3},
 }
 """TwinFlow and RCGM-only variants that change one setting of both defaults alike, with the setting."""
 TWIN_ONLY_SETTINGS = {

@@ -85,7 +85,10 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   train the instantaneous field ``F(x, t, t)``, whose online target feeds
   back, CFG ``1 / (1 - w)``) and ``multi-step rows guided by the frozen
   teacher`` (the same rows, CFG ``1 + w``, the direction read from the
-  pretrained weights), each with its RCGM-only counterpart.
+  pretrained weights), and ``multi-step rows guided by the data
+  difference at w 1/3`` (the same rows, CFG 1.5, the direction read from
+  the data with no copy of the weights), each with its RCGM-only
+  counterpart.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -220,6 +223,10 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         guidance_groups=("multi_step",), guidance_teacher=FrozenTeacher(pretrained)),
     "RCGM only, defaults, multi-step rows guided by the frozen teacher": lambda pretrained: TwinFlowLoss.rcgm(
         guidance_groups=("multi_step",), guidance_teacher=FrozenTeacher(pretrained)),
+    "TwinFlow defaults, multi-step rows guided by the data difference at w 1/3": lambda pretrained: TwinFlowLoss(
+        guidance_groups=("multi_step",), guidance_difference="data", guidance_scale=1 / 3),
+    "RCGM only, defaults, multi-step rows guided by the data difference at w 1/3": lambda pretrained: (
+        TwinFlowLoss.rcgm(guidance_groups=("multi_step",), guidance_difference="data", guidance_scale=1 / 3)),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
