@@ -150,6 +150,20 @@ def average_guided(make_loss) -> tuple[TwinFlowLoss, WeightAverage]:
     return make_loss(guidance_teacher=average), average
 
 
+def both_objectives(label: str, *, frozen_teacher: bool = False, **settings) -> dict[str, curves.MethodFactory]:
+    """``TwinFlow defaults, {label}`` and its RCGM-only ablation ``RCGM only, defaults, {label}``: both default
+    losses with ``settings`` changed, and with ``frozen_teacher`` guided by a copy of the pretrained weights."""
+
+    def factory(make_loss) -> curves.MethodFactory:
+        def build(pretrained):
+            teacher = {"guidance_teacher": FrozenTeacher(pretrained)} if frozen_teacher else {}
+            return make_loss(**settings, **teacher)
+        return build
+
+    return {f"TwinFlow defaults, {label}": factory(TwinFlowLoss),
+            f"RCGM only, defaults, {label}": factory(TwinFlowLoss.rcgm)}
+
+
 VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow defaults, l2 rectification weight 2": lambda pretrained: TwinFlowLoss(
         rectify_distance=L2Distance(), rectify_weight=2.0),
@@ -202,31 +216,16 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         guidance_interval=(GUIDANCE_INTERVAL[0], 1.0)),
     "RCGM only, defaults, guidance interval (0.2, 1)": lambda pretrained: TwinFlowLoss.rcgm(
         guidance_interval=(GUIDANCE_INTERVAL[0], 1.0)),
-    "TwinFlow defaults, balanced guidance feedback": lambda pretrained: TwinFlowLoss(balance_guidance_feedback=True),
-    "RCGM only, defaults, balanced guidance feedback": lambda pretrained: TwinFlowLoss.rcgm(
-        balance_guidance_feedback=True),
-    "TwinFlow defaults, balanced guidance feedback at w 1/3": lambda pretrained: TwinFlowLoss(
-        balance_guidance_feedback=True, guidance_scale=1 / 3),
-    "RCGM only, defaults, balanced guidance feedback at w 1/3": lambda pretrained: TwinFlowLoss.rcgm(
-        balance_guidance_feedback=True, guidance_scale=1 / 3),
-    "TwinFlow defaults, guidance on any-step rows": lambda pretrained: TwinFlowLoss(guidance_groups=("any_step",)),
-    "RCGM only, defaults, guidance on any-step rows": lambda pretrained: TwinFlowLoss.rcgm(
-        guidance_groups=("any_step",)),
-    "TwinFlow defaults, any-step rows guided by the frozen teacher": lambda pretrained: TwinFlowLoss(
-        guidance_groups=("any_step",), guidance_teacher=FrozenTeacher(pretrained)),
-    "RCGM only, defaults, any-step rows guided by the frozen teacher": lambda pretrained: TwinFlowLoss.rcgm(
-        guidance_groups=("any_step",), guidance_teacher=FrozenTeacher(pretrained)),
-    "TwinFlow defaults, guidance on multi-step rows": lambda pretrained: TwinFlowLoss(guidance_groups=("multi_step",)),
-    "RCGM only, defaults, guidance on multi-step rows": lambda pretrained: TwinFlowLoss.rcgm(
-        guidance_groups=("multi_step",)),
-    "TwinFlow defaults, multi-step rows guided by the frozen teacher": lambda pretrained: TwinFlowLoss(
-        guidance_groups=("multi_step",), guidance_teacher=FrozenTeacher(pretrained)),
-    "RCGM only, defaults, multi-step rows guided by the frozen teacher": lambda pretrained: TwinFlowLoss.rcgm(
-        guidance_groups=("multi_step",), guidance_teacher=FrozenTeacher(pretrained)),
-    "TwinFlow defaults, multi-step rows guided by the data difference at w 1/3": lambda pretrained: TwinFlowLoss(
-        guidance_groups=("multi_step",), guidance_difference="data", guidance_scale=1 / 3),
-    "RCGM only, defaults, multi-step rows guided by the data difference at w 1/3": lambda pretrained: (
-        TwinFlowLoss.rcgm(guidance_groups=("multi_step",), guidance_difference="data", guidance_scale=1 / 3)),
+    **both_objectives("balanced guidance feedback", balance_guidance_feedback=True),
+    **both_objectives("balanced guidance feedback at w 1/3", balance_guidance_feedback=True, guidance_scale=1 / 3),
+    **both_objectives("guidance on any-step rows", guidance_groups=("any_step",)),
+    **both_objectives("any-step rows guided by the frozen teacher", frozen_teacher=True,
+                      guidance_groups=("any_step",)),
+    **both_objectives("guidance on multi-step rows", guidance_groups=("multi_step",)),
+    **both_objectives("multi-step rows guided by the frozen teacher", frozen_teacher=True,
+                      guidance_groups=("multi_step",)),
+    **both_objectives("multi-step rows guided by the data difference at w 1/3", guidance_groups=("multi_step",),
+                      guidance_difference="data", guidance_scale=1 / 3),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
