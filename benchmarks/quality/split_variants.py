@@ -83,9 +83,9 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
 * where the frozen teacher's gain sits (twenty-fourth round): ``guidance on
   multi-step rows`` (``guidance_groups=("multi_step",)``: the rows that
   train the instantaneous field ``F(x, t, t)``, whose online target feeds
-  back, CFG ``1 / (1 - w)``) and ``multi-step rows guided by the frozen
+  back, CFG ``1 / (1 - w)``), ``multi-step rows guided by the frozen
   teacher`` (the same rows, CFG ``1 + w``, the direction read from the
-  pretrained weights), and ``multi-step rows guided by the data
+  pretrained weights) and ``multi-step rows guided by the data
   difference at w 1/3`` (the same rows, CFG 1.5, the direction read from
   the data with no copy of the weights), each with its RCGM-only
   counterpart.
