@@ -104,7 +104,7 @@ import curves  # noqa: E402
 import torch  # noqa: E402
 
 from twinloss import (  # noqa: E402
-    FrozenTeacher, GroupShares, L2Distance, TimeDistribution, TwinFlowLoss, WeightAverage,
+    EMATeacher, FrozenTeacher, GroupShares, L2Distance, TimeDistribution, TwinFlowLoss, WeightAverage,
 )
 from twinloss.trajectory import Trajectory, TrajectorySampler  # noqa: E402
 
@@ -148,6 +148,18 @@ def average_guided(make_loss) -> tuple[TwinFlowLoss, WeightAverage]:
     model's latest fluctuations."""
     average = common.averages()["power"]
     return make_loss(guidance_teacher=average), average
+
+
+def ema_taught(make_loss, decay: float, **settings) -> curves.MethodFactory:
+    """``make_loss(**settings)`` whose no-grad passes (guidance and the RCGM chain) both read an EMA of the online
+    weights with target ``decay``, updated after every step; the rectification still reads the online model. The
+    authors' full fine-tunes keep such a copy (``sd35_full`` 0.99, ``openuni_full`` 0.999): every target near
+    ``t = 1`` then reads a field that moves slower than the one it trains."""
+
+    def build(pretrained):
+        teacher = EMATeacher(decay)
+        return make_loss(teacher=teacher, **settings), teacher
+    return build
 
 
 def both_objectives(label: str, *, frozen_teacher: bool = False, **settings) -> dict[str, curves.MethodFactory]:
@@ -226,6 +238,10 @@ VARIANTS: dict[str, curves.MethodFactory] = {
                       guidance_groups=("multi_step",)),
     **both_objectives("multi-step rows guided by the data difference at w 1/3", guidance_groups=("multi_step",),
                       guidance_difference="data", guidance_scale=1 / 3),
+    "TwinFlow defaults, EMA teacher 0.99": ema_taught(TwinFlowLoss, 0.99),
+    "RCGM only, defaults, EMA teacher 0.99": ema_taught(TwinFlowLoss.rcgm, 0.99),
+    "TwinFlow w 0, RCGM chain on an EMA 0.99": ema_taught(TwinFlowLoss, 0.99, guidance_scale=0.0),
+    "RCGM only w 0, RCGM chain on an EMA 0.99": ema_taught(TwinFlowLoss.rcgm, 0.99, guidance_scale=0.0),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
