@@ -11,7 +11,7 @@ import curves  # noqa: E402
 import split_variants  # noqa: E402
 
 from twinloss import (  # noqa: E402
-    BarronDistance, FrozenTeacher, GroupShares, L2Distance, LogitNormalTime, OnlineTeacher, PowerFunctionDecay,
+    BarronDistance, EMATeacher, FrozenTeacher, GroupShares, L2Distance, LogitNormalTime, OnlineTeacher, PowerFunctionDecay,
     ShiftedTime, TwinFlowLoss, WeightAverage,
 )
 from twinloss.trajectory import TrajectorySampler  # noqa: E402
@@ -86,11 +86,21 @@ TEACHER_VARIANTS = {
         guidance_groups=("multi_step",)),
 }
 """The variants that change what evaluates the guidance pass, each with the loss it otherwise equals."""
+EMA_VARIANTS = {
+    "TwinFlow defaults, EMA teacher 0.99": (TwinFlowLoss, False),
+    "RCGM only, defaults, EMA teacher 0.99": (TwinFlowLoss.rcgm, False),
+    "TwinFlow w 0, RCGM chain on an EMA 0.99": (lambda: TwinFlowLoss(guidance_scale=0.0), False),
+    "RCGM only w 0, RCGM chain on an EMA 0.99": (lambda: TwinFlowLoss.rcgm(guidance_scale=0.0), False),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": (TwinFlowLoss, True),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": (TwinFlowLoss.rcgm, True),
+}
+"""The variants whose RCGM chain reads an EMA (0.99) of the online weights, each with the loss it otherwise equals
+and whether its guidance pass reads the pretrained weights instead of the same EMA."""
 
 
 @pytest.mark.parametrize(
     "name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT} - set(TEACHER_VARIANTS) - set().union(*SETTING_PAIRS)
-                   - set(TWIN_ONLY_SETTINGS))
+                   - set(TWIN_ONLY_SETTINGS) - set(EMA_VARIANTS))
 )
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
@@ -176,3 +186,23 @@ def test_the_teacher_variants_differ_from_their_loss_only_in_what_evaluates_the_
         assert isinstance(teacher.profile, PowerFunctionDecay) and teacher.profile.gamma == 6.94
     again, _ = curves.unpack(split_variants.VARIANTS[name](pretrained))
     assert again.guidance_teacher is not guidance  # each run its own reference
+
+
+@pytest.mark.parametrize("name", sorted(EMA_VARIANTS))
+def test_the_ema_variants_differ_from_their_loss_only_in_an_updated_ema_teacher_of_decay_0_99(name):
+    pretrained = torch.nn.Linear(3, 2)
+    make_plain, frozen_guidance = EMA_VARIANTS[name]
+    loss, teacher = curves.unpack(split_variants.VARIANTS[name](pretrained))
+    plain = make_plain()
+    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(plain))
+    assert loss.guidance_scale == plain.guidance_scale == (0.0 if " w 0," in name else 0.5)
+    assert isinstance(teacher, EMATeacher) and teacher.target_decay == 0.99
+    assert loss.rcgm_teacher is teacher  # the loop updates the teacher the chain reads, after every step
+    if frozen_guidance:
+        guidance = loss.guidance_teacher
+        assert isinstance(guidance, FrozenTeacher)
+        assert all(torch.equal(guidance.frozen[key], p) for key, p in pretrained.named_parameters())
+    else:
+        assert loss.guidance_teacher is teacher
+    again, _ = curves.unpack(split_variants.VARIANTS[name](pretrained))
+    assert again.rcgm_teacher is not teacher  # each run its own average
