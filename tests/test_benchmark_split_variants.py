@@ -87,15 +87,21 @@ TEACHER_VARIANTS = {
 }
 """The variants that change what evaluates the guidance pass, each with the loss it otherwise equals."""
 EMA_VARIANTS = {
-    "TwinFlow defaults, EMA teacher 0.99": (TwinFlowLoss, False),
-    "RCGM only, defaults, EMA teacher 0.99": (TwinFlowLoss.rcgm, False),
-    "TwinFlow w 0, RCGM chain on an EMA 0.99": (lambda: TwinFlowLoss(guidance_scale=0.0), False),
-    "RCGM only w 0, RCGM chain on an EMA 0.99": (lambda: TwinFlowLoss.rcgm(guidance_scale=0.0), False),
-    "TwinFlow defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": (TwinFlowLoss, True),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": (TwinFlowLoss.rcgm, True),
+    "TwinFlow defaults, EMA teacher 0.99": (TwinFlowLoss, 0.99, "ema"),
+    "RCGM only, defaults, EMA teacher 0.99": (TwinFlowLoss.rcgm, 0.99, "ema"),
+    "TwinFlow w 0, RCGM chain on an EMA 0.99": (lambda: TwinFlowLoss(guidance_scale=0.0), 0.99, "ema"),
+    "RCGM only w 0, RCGM chain on an EMA 0.99": (lambda: TwinFlowLoss.rcgm(guidance_scale=0.0), 0.99, "ema"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": (TwinFlowLoss, 0.99, "frozen"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": (TwinFlowLoss.rcgm, 0.99, "frozen"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99, online guidance teacher": (TwinFlowLoss, 0.99, "online"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99, online guidance teacher": (TwinFlowLoss.rcgm, 0.99, "online"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.9, online guidance teacher": (TwinFlowLoss, 0.9, "online"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.9, online guidance teacher": (TwinFlowLoss.rcgm, 0.9, "online"),
+    "TwinFlow w 0, RCGM chain on an EMA 0.9": (lambda: TwinFlowLoss(guidance_scale=0.0), 0.9, "ema"),
+    "RCGM only w 0, RCGM chain on an EMA 0.9": (lambda: TwinFlowLoss.rcgm(guidance_scale=0.0), 0.9, "ema"),
 }
-"""The variants whose RCGM chain reads an EMA (0.99) of the online weights, each with the loss it otherwise equals
-and whether its guidance pass reads the pretrained weights instead of the same EMA."""
+"""The variants whose RCGM chain reads an EMA of the online weights, each with the loss it otherwise equals, the
+EMA's target decay and what its guidance pass reads: the same EMA, the online model or the pretrained weights."""
 
 
 @pytest.mark.parametrize(
@@ -189,20 +195,26 @@ def test_the_teacher_variants_differ_from_their_loss_only_in_what_evaluates_the_
 
 
 @pytest.mark.parametrize("name", sorted(EMA_VARIANTS))
-def test_the_ema_variants_differ_from_their_loss_only_in_an_updated_ema_teacher_of_decay_0_99(name):
+def test_the_ema_variants_differ_from_their_loss_only_in_an_updated_ema_teacher_on_the_chain(name):
     pretrained = torch.nn.Linear(3, 2)
-    make_plain, frozen_guidance = EMA_VARIANTS[name]
+    make_plain, decay, guidance = EMA_VARIANTS[name]
     loss, teacher = curves.unpack(split_variants.VARIANTS[name](pretrained))
     plain = make_plain()
     assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(plain))
     assert loss.guidance_scale == plain.guidance_scale == (0.0 if " w 0," in name else 0.5)
-    assert isinstance(teacher, EMATeacher) and teacher.target_decay == 0.99
+    assert isinstance(teacher, EMATeacher) and teacher.target_decay == decay
     assert loss.rcgm_teacher is teacher  # the loop updates the teacher the chain reads, after every step
-    if frozen_guidance:
-        guidance = loss.guidance_teacher
-        assert isinstance(guidance, FrozenTeacher)
-        assert all(torch.equal(guidance.frozen[key], p) for key, p in pretrained.named_parameters())
+    if guidance == "frozen":
+        assert isinstance(loss.guidance_teacher, FrozenTeacher)
+        assert all(torch.equal(loss.guidance_teacher.frozen[key], p) for key, p in pretrained.named_parameters())
+    elif guidance == "online":
+        assert isinstance(loss.guidance_teacher, OnlineTeacher)
     else:
         assert loss.guidance_teacher is teacher
     again, _ = curves.unpack(split_variants.VARIANTS[name](pretrained))
     assert again.rcgm_teacher is not teacher  # each run its own average
+
+
+def test_an_ema_variant_with_an_unknown_guidance_pass_is_refused_by_name():
+    with pytest.raises(ValueError, match="guidance must be 'ema', 'online' or 'frozen', got 'teacher'"):
+        split_variants.ema_taught(TwinFlowLoss, 0.99, guidance="teacher")

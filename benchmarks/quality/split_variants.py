@@ -150,17 +150,21 @@ def average_guided(make_loss) -> tuple[TwinFlowLoss, WeightAverage]:
     return make_loss(guidance_teacher=average), average
 
 
-def ema_taught(make_loss, decay: float, *, frozen_guidance: bool = False, **settings) -> curves.MethodFactory:
-    """``make_loss(**settings)`` whose no-grad passes (guidance and the RCGM chain) both read an EMA of the online
-    weights with target ``decay``, updated after every step; the rectification still reads the online model. The
-    authors' full fine-tunes keep such a copy (``sd35_full`` 0.99, ``openuni_full`` 0.999): every target near
-    ``t = 1`` then reads a field that moves slower than the one it trains. With ``frozen_guidance`` the EMA serves
-    the RCGM chain only and the guidance pass reads the pretrained weights (CFG ``1 + w``)."""
+def ema_taught(make_loss, decay: float, *, guidance: str = "ema", **settings) -> curves.MethodFactory:
+    """``make_loss(**settings)`` whose RCGM chain reads an EMA of the online weights with target ``decay``,
+    updated after every step; the rectification still reads the online model. The authors' full fine-tunes keep
+    such a copy (``sd35_full`` 0.99, ``openuni_full`` 0.999): every target near ``t = 1`` then reads a field that
+    moves slower than the one it trains. ``guidance`` says what the guidance pass reads: ``"ema"`` the same EMA
+    (the authors' setting), ``"online"`` the online model (the library's default teacher), ``"frozen"`` the
+    pretrained weights (CFG ``1 + w``)."""
+    if guidance not in ("ema", "online", "frozen"):
+        raise ValueError(f"guidance must be 'ema', 'online' or 'frozen', got {guidance!r}")
 
     def build(pretrained):
         teacher = EMATeacher(decay)
-        teachers = ({"rcgm_teacher": teacher, "guidance_teacher": FrozenTeacher(pretrained)} if frozen_guidance
-                    else {"teacher": teacher})
+        teachers = {"ema": {"teacher": teacher},
+                    "online": {"rcgm_teacher": teacher},
+                    "frozen": {"rcgm_teacher": teacher, "guidance_teacher": FrozenTeacher(pretrained)}}[guidance]
         return make_loss(**teachers, **settings), teacher
     return build
 
@@ -246,9 +250,19 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow w 0, RCGM chain on an EMA 0.99": ema_taught(TwinFlowLoss, 0.99, guidance_scale=0.0),
     "RCGM only w 0, RCGM chain on an EMA 0.99": ema_taught(TwinFlowLoss.rcgm, 0.99, guidance_scale=0.0),
     "TwinFlow defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": ema_taught(
-        TwinFlowLoss, 0.99, frozen_guidance=True),
+        TwinFlowLoss, 0.99, guidance="frozen"),
     "RCGM only, defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": ema_taught(
-        TwinFlowLoss.rcgm, 0.99, frozen_guidance=True),
+        TwinFlowLoss.rcgm, 0.99, guidance="frozen"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99, online guidance teacher": ema_taught(
+        TwinFlowLoss, 0.99, guidance="online"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99, online guidance teacher": ema_taught(
+        TwinFlowLoss.rcgm, 0.99, guidance="online"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.9, online guidance teacher": ema_taught(
+        TwinFlowLoss, 0.9, guidance="online"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.9, online guidance teacher": ema_taught(
+        TwinFlowLoss.rcgm, 0.9, guidance="online"),
+    "TwinFlow w 0, RCGM chain on an EMA 0.9": ema_taught(TwinFlowLoss, 0.9, guidance_scale=0.0),
+    "RCGM only w 0, RCGM chain on an EMA 0.9": ema_taught(TwinFlowLoss.rcgm, 0.9, guidance_scale=0.0),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
