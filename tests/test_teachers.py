@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from twinloss import EMATeacher, FrozenTeacher, OnlineTeacher, teachers
+from twinloss import EMATeacher, FrozenTeacher, OnlineTeacher, TwinFlowLoss, teachers
 
 from core_models import TinyVelocityNet
 
@@ -183,3 +183,34 @@ def test_warn_after_steps_must_be_a_positive_int():
     for bad in (0, -3):
         with pytest.raises(ValueError, match="^warn_after_steps"):
             EMATeacher(warn_after_steps=bad)
+
+
+@pytest.mark.parametrize("argument", ["teacher", "rcgm_teacher", "guidance_teacher"])
+def test_an_ema_of_decay_0_updated_every_step_trains_exactly_as_the_online_teacher(argument):
+    """Decay 0 holds the weights of the last update, which are the online ones at the next step: any difference
+    in a run (a pass evaluated differently, a missed first update, another random stream under dropout) shows."""
+    start = TinyVelocityNet((6,), dropout=0.1)
+
+    def train(teacher):
+        model, generator = copy.deepcopy(start), torch.Generator().manual_seed(1)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        loss_fn = TwinFlowLoss(**({argument: teacher} if teacher is not None else {}))
+        torch.manual_seed(5)
+        losses = []
+        for _ in range(8):
+            x = torch.randn(16, 6, generator=generator)
+            labels = torch.randint(0, 4, (16,), generator=generator)
+            out = loss_fn(model, x, cond={"y": labels}, uncond={"y": torch.full_like(labels, 4)}, generator=generator)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            loss_fn.update_teachers(model)
+            losses.append(out.loss.detach())
+        return torch.stack(losses), model
+
+    online_losses, online_model = train(None)
+    ema_losses, ema_model = train(EMATeacher(0.0))
+    assert torch.equal(ema_losses, online_losses)
+    assert all(torch.equal(p, q) for p, q in zip(ema_model.parameters(), online_model.parameters(), strict=True))
+    moved_losses, _ = train(EMATeacher(0.5))  # the check can fail: a lagging average changes the run
+    assert not torch.equal(moved_losses, online_losses)
