@@ -89,6 +89,8 @@ TEACHER_VARIANTS = {
 EMA_VARIANTS = {
     "TwinFlow defaults, EMA teacher 0.99": (TwinFlowLoss, 0.99, "ema"),
     "RCGM only, defaults, EMA teacher 0.99": (TwinFlowLoss.rcgm, 0.99, "ema"),
+    "TwinFlow defaults, EMA teacher 0.999": (TwinFlowLoss, 0.999, "ema"),
+    "RCGM only, defaults, EMA teacher 0.999": (TwinFlowLoss.rcgm, 0.999, "ema"),
     "TwinFlow w 0, RCGM chain on an EMA 0.99": (lambda: TwinFlowLoss(guidance_scale=0.0), 0.99, "ema"),
     "RCGM only w 0, RCGM chain on an EMA 0.99": (lambda: TwinFlowLoss.rcgm(guidance_scale=0.0), 0.99, "ema"),
     "TwinFlow defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": (TwinFlowLoss, 0.99, "frozen"),

@@ -247,6 +247,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
                       guidance_difference="data", guidance_scale=1 / 3),
     "TwinFlow defaults, EMA teacher 0.99": ema_taught(TwinFlowLoss, 0.99),
     "RCGM only, defaults, EMA teacher 0.99": ema_taught(TwinFlowLoss.rcgm, 0.99),
+    "TwinFlow defaults, EMA teacher 0.999": ema_taught(TwinFlowLoss, 0.999),
+    "RCGM only, defaults, EMA teacher 0.999": ema_taught(TwinFlowLoss.rcgm, 0.999),
     "TwinFlow w 0, RCGM chain on an EMA 0.99": ema_taught(TwinFlowLoss, 0.99, guidance_scale=0.0),
     "RCGM only w 0, RCGM chain on an EMA 0.99": ema_taught(TwinFlowLoss.rcgm, 0.99, guidance_scale=0.0),
     "TwinFlow defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": ema_taught(
