@@ -52,7 +52,8 @@ def test_a_quick_run_writes_a_row_per_guidance_scale_and_decay(tmp_path):
     teacher_lag.main(["--task", "ring", "--seed", "0", "--quick", "--steps", "8", "--every", "2",
                       "--results", str(tmp_path)])
     report = json.loads((tmp_path / "teacherlag_ring_seed0.json").read_text())
-    assert sorted(report) == ["w 0, EMA 0.9", "w 0, EMA 0.99", "w 0.5, EMA 0.9", "w 0.5, EMA 0.99"]
-    for row in report.values():
-        assert 0.0 < row["lag"]["late"] < 1.0
+    assert sorted(report) == [f"w {w}, EMA {d}" for w in ("0", "0.5") for d in ("0", "0.9", "0.99")]
+    for name, row in report.items():
+        assert (row["lag"]["late"] == 0.0) == name.endswith("EMA 0")  # decay 0 reads the online weights
+        assert row["lag"]["late"] < 1.0
         assert 0.0 <= row["residual_clamp_rate"]["late"] <= 1.0

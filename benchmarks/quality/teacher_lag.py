@@ -34,7 +34,8 @@ from common import finetune  # noqa: E402
 import twinloss  # noqa: E402
 
 GUIDANCE_SCALES = (0.5, 0.0)
-DECAYS = (0.9, 0.99)
+DECAYS = (0.0, 0.9, 0.99)
+"""0 holds the weights of the last update, so it reads the online field (lag 0): the clamp rate's baseline."""
 
 
 @torch.no_grad()
