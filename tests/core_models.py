@@ -1,4 +1,4 @@
-"""Small velocity fields that satisfy the twinloss protocol, for the core tests."""
+"""Small velocity fields that satisfy the twinloss protocol, and a training loop for them, for the core tests."""
 
 import math
 
@@ -62,3 +62,21 @@ class GaussianFlow(nn.Module):
         span = t - r
         average = (x_t - x_r) / torch.where(span > 0, span, torch.ones_like(span))
         return torch.where(span > 0, average, instantaneous) + 0 * self.dummy
+
+
+def labelled_training_steps(count: int, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
+                            generator: torch.Generator, *, shape: tuple[int, ...], batch: int = 8) -> list[float]:
+    """``count`` optimizer steps on standard-normal data of ``shape`` with labels ``y`` in 0-3 (null class 4),
+    each followed by ``loss_fn.update_teachers(model)``; the data comes from the global torch RNG, the loss's
+    noise from ``generator``. Returns each step's loss."""
+    losses = []
+    for _ in range(count):
+        x = torch.randn(batch, *shape)
+        y = torch.randint(0, 4, (batch,))
+        out = loss_fn(model, x, cond={"y": y}, uncond={"y": torch.full_like(y, 4)}, generator=generator)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        loss_fn.update_teachers(model)
+        losses.append(out.loss.item())
+    return losses

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from core_models import TinyVelocityNet
+from core_models import TinyVelocityNet, labelled_training_steps
 
 import twinloss
 from twinloss.checkpoint import load_training_state, save_training_state
@@ -23,17 +23,7 @@ def _setup(seed: int = 0):
 
 def _steps(count: int, model, loss_fn, optimizer, loss_generator: torch.Generator) -> list[float]:
     """``count`` training steps; data comes from the global torch RNG, noise from ``loss_generator``."""
-    losses = []
-    for _ in range(count):
-        x = torch.randn(BATCH, *SHAPE)
-        y = torch.randint(0, 4, (BATCH,))
-        out = loss_fn(model, x, cond={"y": y}, uncond={"y": torch.full_like(y, 4)}, generator=loss_generator)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        loss_fn.update_teachers(model)
-        losses.append(out.loss.item())
-    return losses
+    return labelled_training_steps(count, model, loss_fn, optimizer, loss_generator, shape=SHAPE, batch=BATCH)
 
 
 def _start(seed: int = 0) -> torch.Generator:

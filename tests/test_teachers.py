@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 from twinloss import EMATeacher, FrozenTeacher, OnlineTeacher, TwinFlowLoss, teachers
 
-from core_models import TinyVelocityNet
+from core_models import TinyVelocityNet, labelled_training_steps
 
 
 def _inputs():
@@ -192,25 +192,16 @@ def test_an_ema_of_decay_0_updated_every_step_trains_exactly_as_the_online_teach
     start = TinyVelocityNet((6,), dropout=0.1)
 
     def train(teacher):
-        model, generator = copy.deepcopy(start), torch.Generator().manual_seed(1)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model = copy.deepcopy(start)
         loss_fn = TwinFlowLoss(**({argument: teacher} if teacher is not None else {}))
         torch.manual_seed(5)
-        losses = []
-        for _ in range(8):
-            x = torch.randn(16, 6, generator=generator)
-            labels = torch.randint(0, 4, (16,), generator=generator)
-            out = loss_fn(model, x, cond={"y": labels}, uncond={"y": torch.full_like(labels, 4)}, generator=generator)
-            optimizer.zero_grad()
-            out.loss.backward()
-            optimizer.step()
-            loss_fn.update_teachers(model)
-            losses.append(out.loss.detach())
-        return torch.stack(losses), model
+        losses = labelled_training_steps(8, model, loss_fn, torch.optim.Adam(model.parameters(), lr=1e-2),
+                                         torch.Generator().manual_seed(1), shape=(6,), batch=16)
+        return losses, model
 
     online_losses, online_model = train(None)
     ema_losses, ema_model = train(EMATeacher(0.0))
-    assert torch.equal(ema_losses, online_losses)
+    assert ema_losses == online_losses
     assert all(torch.equal(p, q) for p, q in zip(ema_model.parameters(), online_model.parameters(), strict=True))
     moved_losses, _ = train(EMATeacher(0.5))  # the check can fail: a lagging average changes the run
-    assert not torch.equal(moved_losses, online_losses)
+    assert moved_losses != online_losses
