@@ -106,9 +106,23 @@ EMA_VARIANTS = {
 EMA's target decay and what its guidance pass reads: the same EMA, the online model or the pretrained weights."""
 
 
+GROUP_CHAIN_VARIANTS = {
+    "TwinFlow defaults, one-step chain on an EMA 0.99": (TwinFlowLoss, split_variants.ONE_STEP_CHAIN),
+    "RCGM only, defaults, one-step chain on an EMA 0.99": (TwinFlowLoss.rcgm, split_variants.ONE_STEP_CHAIN),
+    "TwinFlow w 0, one-step chain on an EMA 0.99": (lambda: TwinFlowLoss(guidance_scale=0.0),
+                                                     split_variants.ONE_STEP_CHAIN),
+    "RCGM only w 0, one-step chain on an EMA 0.99": (lambda: TwinFlowLoss.rcgm(guidance_scale=0.0),
+                                                      split_variants.ONE_STEP_CHAIN),
+    "TwinFlow defaults, any-step chain on an EMA 0.99": (TwinFlowLoss, split_variants.ANY_STEP_CHAIN),
+    "RCGM only, defaults, any-step chain on an EMA 0.99": (TwinFlowLoss.rcgm, split_variants.ANY_STEP_CHAIN),
+}
+"""The variants whose RCGM chain reads an EMA on some groups only, with the loss they otherwise equal and the
+groups whose chain reads the EMA."""
+
+
 @pytest.mark.parametrize(
     "name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT} - set(TEACHER_VARIANTS) - set().union(*SETTING_PAIRS)
-                   - set(TWIN_ONLY_SETTINGS) - set(EMA_VARIANTS))
+                   - set(TWIN_ONLY_SETTINGS) - set(EMA_VARIANTS) - set(GROUP_CHAIN_VARIANTS))
 )
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
@@ -220,3 +234,57 @@ def test_the_ema_variants_differ_from_their_loss_only_in_an_updated_ema_teacher_
 def test_an_ema_variant_with_an_unknown_guidance_pass_is_refused_by_name():
     with pytest.raises(ValueError, match="guidance must be 'ema', 'online' or 'frozen', got 'teacher'"):
         split_variants.ema_taught(TwinFlowLoss, 0.99, guidance="teacher")
+
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_CHAIN_VARIANTS))
+def test_the_group_chain_variants_differ_from_their_loss_only_in_an_ema_on_their_groups_chain(name):
+    make_plain, groups = GROUP_CHAIN_VARIANTS[name]
+    loss, teacher = curves.unpack(split_variants.VARIANTS[name](torch.nn.Linear(3, 2)))
+    plain = make_plain()
+    settings = {key: value for key, value in module_settings(loss).items() if key not in ("average", "average_groups")}
+    assert settings == module_settings(plain)
+    assert isinstance(loss, split_variants.GroupChainLoss) and loss.average_groups == groups
+    assert isinstance(teacher, EMATeacher) and teacher.target_decay == 0.99
+    assert loss.average is teacher  # the loop updates the average the chain reads, after every step
+    assert isinstance(loss.rcgm_teacher, OnlineTeacher) and isinstance(loss.guidance_teacher, OnlineTeacher)
+
+
+def _terms(loss_fn, model, x, y):
+    generator = torch.Generator().manual_seed(5)
+    return loss_fn(model, x, cond={"y": y}, uncond={"y": torch.full_like(y, 4)}, generator=generator).terms
+
+
+@pytest.mark.parametrize("groups", [split_variants.ONE_STEP_CHAIN, split_variants.ANY_STEP_CHAIN])
+def test_a_group_chain_loss_reads_the_ema_on_its_groups_rows_and_the_online_model_on_the_others(groups):
+    from core_models import TinyVelocityNet
+
+    torch.manual_seed(0)
+    model = TinyVelocityNet((2,))
+    average = EMATeacher(0.5)
+    average.update(model)
+    with torch.no_grad():  # the online weights move away from the average's
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))  # small enough that the residual stays inside its clamp
+    x, y = torch.randn(24, 2), torch.randint(0, 4, (24,))
+    grouped = _terms(split_variants.GroupChainLoss(average=average, average_groups=groups), model, x, y)
+    everywhere = _terms(TwinFlowLoss(rcgm_teacher=average), model, x, y)
+    online = _terms(TwinFlowLoss(), model, x, y)
+    for name in ("one_step", "multi_step", "any_step"):
+        expected = everywhere if name in groups else online
+        other = online if name in groups else everywhere
+        assert torch.allclose(grouped[f"base/{name}"], expected[f"base/{name}"], rtol=1e-6, atol=1e-8), name
+        assert (grouped[f"base/{name}"] - other[f"base/{name}"]).abs() > 1e-4, name  # the two teachers differ here
+    assert torch.allclose(grouped["rectify"], online["rectify"], rtol=1e-6, atol=1e-8)  # read online either way
+
+
+@pytest.mark.parametrize(("groups", "match"), [((), "average_groups must name real groups"),
+                                               (("fake",), "average_groups must name real groups")])
+def test_a_group_chain_loss_refuses_groups_without_a_chain_by_name(groups, match):
+    with pytest.raises(ValueError, match=match):
+        split_variants.GroupChainLoss(average=EMATeacher(0.99), average_groups=groups)
+
+
+def test_a_group_chain_loss_without_a_chain_is_refused_by_name():
+    with pytest.raises(ValueError, match="estimate_order=0"):
+        split_variants.GroupChainLoss(average=EMATeacher(0.99), average_groups=("one_step",), estimate_order=0)

@@ -88,7 +88,14 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   pretrained weights) and ``multi-step rows guided by the data
   difference at w 1/3`` (the same rows, CFG 1.5, the direction read from
   the data with no copy of the weights), each with its RCGM-only
-  counterpart.
+  counterpart;
+* which rows' chain reads the EMA (twenty-eighth round): ``one-step chain on
+  an EMA 0.99`` (the one-step rows, which train the 1-NFE map
+  ``F(z, 1, 0)``, read their chain from an EMA; every other real row reads
+  the online model, as does the guidance pass) and its complement
+  ``any-step chain on an EMA 0.99`` (the multi-step and any-step rows read
+  the EMA, the one-step rows the online model), with and without guidance,
+  each with its RCGM-only counterpart (:class:`GroupChainLoss`).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -106,6 +113,8 @@ import torch  # noqa: E402
 from twinloss import (  # noqa: E402
     EMATeacher, FrozenTeacher, GroupShares, L2Distance, TimeDistribution, TwinFlowLoss, WeightAverage,
 )
+from twinloss.protocol import select_rows  # noqa: E402
+from twinloss.targets import unchecked_rcgm_displacement  # noqa: E402
 from twinloss.trajectory import Trajectory, TrajectorySampler  # noqa: E402
 
 
@@ -167,6 +176,56 @@ def ema_taught(make_loss, decay: float, *, guidance: str = "ema", **settings) ->
                     "frozen": {"rcgm_teacher": teacher, "guidance_teacher": FrozenTeacher(pretrained)}}[guidance]
         return make_loss(**teachers, **settings), teacher
     return build
+
+
+class GroupChainLoss(TwinFlowLoss):
+    """A :class:`~twinloss.TwinFlowLoss` whose RCGM chain reads ``average`` on the rows of ``average_groups`` and
+    the online model on the other real rows: step 5's displacement ``D`` per group. Everything else (guidance
+    pass, rectification) reads what the settings say. The loop updates ``average`` after every step."""
+
+    def __init__(self, *, average: EMATeacher, average_groups: tuple[str, ...], **settings) -> None:
+        super().__init__(**settings)
+        unknown = set(average_groups) - {"one_step", "multi_step", "any_step"}
+        if not average_groups or unknown:
+            raise ValueError(f"average_groups must name real groups, got {average_groups!r}")
+        if self.estimate_order == 0:
+            raise ValueError("average_groups sets the RCGM chain's teacher, which estimate_order=0 switches off")
+        self.average = average
+        self.average_groups = tuple(average_groups)
+
+    def _rcgm_displacement(self, evaluate, x_t, v_real, traj, real, cond):
+        displacement = super()._rcgm_displacement(evaluate, x_t, v_real, traj, real, cond)  # online, every row
+        chosen = torch.zeros_like(traj.t, dtype=torch.bool)
+        for name in self.average_groups:
+            chosen[traj.groups[name]] = True
+        positions = chosen[real].nonzero().squeeze(1)  # among the real rows
+        if displacement is None or positions.numel() == 0:
+            return displacement
+        inside = torch.arange(traj.t.shape[0], device=traj.t.device)[real][positions]
+        cond_inside = select_rows(cond, inside)
+
+        def averaged_field(x_in, t_in, r_in):
+            out = self.average(evaluate.model, x_in.to(evaluate.input_dtype), t_in, r_in, cond_inside)
+            return out.to(evaluate.output_dtype)
+
+        own = unchecked_rcgm_displacement(averaged_field, x_t[inside], traj.t[inside], traj.r[inside],
+                                          v_real[positions], step=self.estimate_step, order=self.estimate_order)
+        return displacement.index_copy(0, positions, own)
+
+
+def group_chain_taught(objective: str, decay: float, groups: tuple[str, ...], **settings) -> curves.MethodFactory:
+    """``objective`` (``"twinflow"`` or ``"rcgm"``) with ``settings``, whose RCGM chain reads an EMA of the online
+    weights with target ``decay`` on the rows of ``groups`` alone (:class:`GroupChainLoss`)."""
+    make_loss = {"twinflow": GroupChainLoss, "rcgm": GroupChainLoss.rcgm}[objective]
+
+    def build(pretrained):
+        teacher = EMATeacher(decay)
+        return make_loss(average=teacher, average_groups=groups, **settings), teacher
+    return build
+
+
+ONE_STEP_CHAIN = ("one_step",)
+ANY_STEP_CHAIN = ("multi_step", "any_step")
 
 
 def both_objectives(label: str, *, frozen_teacher: bool = False, **settings) -> dict[str, curves.MethodFactory]:
@@ -265,6 +324,14 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         TwinFlowLoss.rcgm, 0.9, guidance="online"),
     "TwinFlow w 0, RCGM chain on an EMA 0.9": ema_taught(TwinFlowLoss, 0.9, guidance_scale=0.0),
     "RCGM only w 0, RCGM chain on an EMA 0.9": ema_taught(TwinFlowLoss.rcgm, 0.9, guidance_scale=0.0),
+    "TwinFlow defaults, one-step chain on an EMA 0.99": group_chain_taught("twinflow", 0.99, ONE_STEP_CHAIN),
+    "RCGM only, defaults, one-step chain on an EMA 0.99": group_chain_taught("rcgm", 0.99, ONE_STEP_CHAIN),
+    "TwinFlow w 0, one-step chain on an EMA 0.99": group_chain_taught(
+        "twinflow", 0.99, ONE_STEP_CHAIN, guidance_scale=0.0),
+    "RCGM only w 0, one-step chain on an EMA 0.99": group_chain_taught(
+        "rcgm", 0.99, ONE_STEP_CHAIN, guidance_scale=0.0),
+    "TwinFlow defaults, any-step chain on an EMA 0.99": group_chain_taught("twinflow", 0.99, ANY_STEP_CHAIN),
+    "RCGM only, defaults, any-step chain on an EMA 0.99": group_chain_taught("rcgm", 0.99, ANY_STEP_CHAIN),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
