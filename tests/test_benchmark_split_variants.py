@@ -113,6 +113,8 @@ GROUP_CHAIN_VARIANTS = {
                                                      split_variants.ONE_STEP_CHAIN),
     "RCGM only w 0, one-step chain on an EMA 0.99": (lambda: TwinFlowLoss.rcgm(guidance_scale=0.0),
                                                       split_variants.ONE_STEP_CHAIN),
+    "TwinFlow defaults, multi-step chain on an EMA 0.99": (TwinFlowLoss, split_variants.MULTI_STEP_CHAIN),
+    "RCGM only, defaults, multi-step chain on an EMA 0.99": (TwinFlowLoss.rcgm, split_variants.MULTI_STEP_CHAIN),
     "TwinFlow defaults, any-step chain on an EMA 0.99": (TwinFlowLoss, split_variants.ANY_STEP_CHAIN),
     "RCGM only, defaults, any-step chain on an EMA 0.99": (TwinFlowLoss.rcgm, split_variants.ANY_STEP_CHAIN),
 }
@@ -255,7 +257,8 @@ def _terms(loss_fn, model, x, y):
     return loss_fn(model, x, cond={"y": y}, uncond={"y": torch.full_like(y, 4)}, generator=generator).terms
 
 
-@pytest.mark.parametrize("groups", [split_variants.ONE_STEP_CHAIN, split_variants.ANY_STEP_CHAIN])
+@pytest.mark.parametrize("groups", [split_variants.ONE_STEP_CHAIN, split_variants.MULTI_STEP_CHAIN,
+                                    split_variants.ANY_STEP_CHAIN, ("multi_step", "any_step")])
 def test_a_group_chain_loss_reads_the_ema_on_its_groups_rows_and_the_online_model_on_the_others(groups):
     from core_models import TinyVelocityNet
 
