@@ -63,3 +63,9 @@ def test_a_new_report_keeps_the_rows_of_methods_it_does_not_name(tmp_path):
     curves.write_rows(path, {"B": {"0.5": {"rms": 3.0}}, "C": {"0.5": {"rms": 4.0}}})
     assert json.loads(path.read_text()) == {"A": {"0.5": {"rms": 1.0}}, "B": {"0.5": {"rms": 3.0}},
                                             "C": {"0.5": {"rms": 4.0}}}
+
+
+def test_a_report_in_a_folder_that_does_not_exist_yet_is_written(tmp_path):
+    path = tmp_path / "fresh" / "results" / "gaptime_ring_seed0.json"
+    curves.write_rows(path, {"A": {"0.5": {"rms": 1.0}}})
+    assert json.loads(path.read_text()) == {"A": {"0.5": {"rms": 1.0}}}

@@ -403,8 +403,10 @@ def save_weights(path: Path, final: dict) -> None:
 
 
 def write_rows(path: Path, rows: dict[str, dict]) -> None:
-    """Write ``rows`` (one per method) into the JSON report at ``path``, keeping the other methods' rows."""
+    """Write ``rows`` (one per method) into the JSON report at ``path``, keeping the other methods' rows; the
+    report's folder is made if missing (a run is never lost to a fresh ``--results``)."""
     report = json.loads(path.read_text()) if path.exists() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report | rows, indent=1) + "\n")
 
 
