@@ -1,5 +1,6 @@
 """The variants of ``benchmarks/quality/split_variants.py``: the guided default loss with one thing changed."""
 
+import copy
 import sys
 from pathlib import Path
 
@@ -118,13 +119,20 @@ GROUP_CHAIN_VARIANTS = {
     "TwinFlow defaults, any-step chain on an EMA 0.99": (TwinFlowLoss, split_variants.ANY_STEP_CHAIN),
     "RCGM only, defaults, any-step chain on an EMA 0.99": (TwinFlowLoss.rcgm, split_variants.ANY_STEP_CHAIN),
 }
+CLASS_DIRECTION_VARIANTS = {
+    "TwinFlow defaults, RCGM chain on an EMA 0.99, online class direction": TwinFlowLoss,
+    "RCGM only, defaults, RCGM chain on an EMA 0.99, online class direction": TwinFlowLoss.rcgm,
+}
+"""The variants whose chain reads the EMA's unconditional field plus the online class direction, with the loss
+they otherwise equal."""
 """The variants whose RCGM chain reads an EMA on some groups only, with the loss they otherwise equal and the
 groups whose chain reads the EMA."""
 
 
 @pytest.mark.parametrize(
     "name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT} - set(TEACHER_VARIANTS) - set().union(*SETTING_PAIRS)
-                   - set(TWIN_ONLY_SETTINGS) - set(EMA_VARIANTS) - set(GROUP_CHAIN_VARIANTS))
+                   - set(TWIN_ONLY_SETTINGS) - set(EMA_VARIANTS) - set(GROUP_CHAIN_VARIANTS)
+                   - set(CLASS_DIRECTION_VARIANTS))
 )
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
@@ -291,3 +299,37 @@ def test_a_group_chain_loss_refuses_groups_without_a_chain_by_name(groups, match
 def test_a_group_chain_loss_without_a_chain_is_refused_by_name():
     with pytest.raises(ValueError, match="estimate_order=0"):
         split_variants.GroupChainLoss(average=EMATeacher(0.99), average_groups=("one_step",), estimate_order=0)
+
+
+@pytest.mark.parametrize("name", sorted(CLASS_DIRECTION_VARIANTS))
+def test_the_class_direction_variants_differ_from_their_loss_only_in_the_chain_teacher(name):
+    from twinloss import toy
+
+    pretrained = toy.TimeMLP((2,), width=8, depth=2, num_classes=4)
+    loss, teacher = curves.unpack(split_variants.VARIANTS[name](pretrained))
+    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(CLASS_DIRECTION_VARIANTS[name]()))
+    assert isinstance(teacher, split_variants.OnlineClassDirectionTeacher) and loss.rcgm_teacher is teacher
+    assert teacher.null_label == 4 and teacher.average.target_decay == 0.99
+    assert isinstance(loss.guidance_teacher, OnlineTeacher)
+
+
+def test_the_class_direction_teacher_is_the_averages_null_field_plus_the_online_class_direction():
+    from twinloss import toy
+
+    torch.manual_seed(0)
+    model = toy.TimeMLP((2,), width=16, depth=2, num_classes=4)
+    teacher = split_variants.OnlineClassDirectionTeacher(EMATeacher(0.5), null_label=4)
+    teacher.update(model)  # the average starts at these weights
+    averaged = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t, r = torch.randn(6, 2), torch.rand(6), torch.rand(6) * 0.5
+    y, null = torch.tensor([0, 1, 2, 3, 4, 1]), torch.full((6,), 4)
+    with torch.no_grad():
+        expected = averaged(x, t, r, y=null) + model(x, t, r, y=y) - model(x, t, r, y=null)
+        got = teacher(model, x, t, r, {"y": y})
+        assert torch.allclose(got, expected, atol=1e-6)
+        assert torch.allclose(got[4], averaged(x, t, r, y=null)[4], atol=1e-6)  # a null row reads the average
+        assert not torch.allclose(got, averaged(x, t, r, y=y), atol=1e-3)  # not the average's own field
+        assert not torch.allclose(got, model(x, t, r, y=y), atol=1e-3)  # nor the online one

@@ -97,7 +97,11 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   train the instantaneous field ``F(x, t, t)``) and ``any-step chain on an
   EMA 0.99`` (only the any-step rows, which train the jumps ``F(x, t, r)``
   with ``0 <= r < t``), each with its RCGM-only counterpart
-  (:class:`GroupChainLoss`).
+  (:class:`GroupChainLoss`); and the chain on every row read from the
+  EMA's unconditional field plus the online model's class direction,
+  ``RCGM chain on an EMA 0.99, online class direction``
+  (:class:`OnlineClassDirectionTeacher`: the guided field's drift is along
+  the class direction, which this chain reads without lag).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -113,7 +117,7 @@ import curves  # noqa: E402
 import torch  # noqa: E402
 
 from twinloss import (  # noqa: E402
-    EMATeacher, FrozenTeacher, GroupShares, L2Distance, TimeDistribution, TwinFlowLoss, WeightAverage,
+    EMATeacher, FrozenTeacher, GroupShares, L2Distance, Teacher, TimeDistribution, TwinFlowLoss, WeightAverage,
 )
 from twinloss.protocol import select_rows  # noqa: E402
 from twinloss.targets import unchecked_rcgm_displacement  # noqa: E402
@@ -223,6 +227,43 @@ def group_chain_taught(objective: str, decay: float, groups: tuple[str, ...], **
     def build(pretrained):
         teacher = EMATeacher(decay)
         return make_loss(average=teacher, average_groups=groups, **settings), teacher
+    return build
+
+
+class OnlineClassDirectionTeacher(Teacher):
+    r"""The RCGM chain's teacher :math:`F_{\bar\theta}(x, t, r, \varnothing) + F_\theta(x, t, r, c) -
+    F_\theta(x, t, r, \varnothing)`: the EMA's unconditional field plus the online model's class direction.
+
+    With guidance the online field runs ahead of its average along the guidance direction (twenty-eighth round,
+    ``teacher_lag.py``): CFG ``1 / (1 - w)`` is being trained in. This teacher reads that direction from the
+    online model, without lag, and everything else from the average. On a row whose label is the null one it is
+    the average's field. ``null_label`` is the model's null class; :meth:`update` updates the average.
+    """
+
+    def __init__(self, average: EMATeacher, null_label: int) -> None:
+        super().__init__()
+        self.average = average
+        self.null_label = null_label
+
+    def forward(self, model, x_t, t, r, cond):
+        labels = cond["y"]
+        null = torch.full_like(labels, self.null_label)
+        with torch.no_grad():
+            both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([r, r]), y=torch.cat([labels, null]))
+        conditional, unconditional = both.chunk(2)
+        return self.average(model, x_t, t, r, {"y": null}) + conditional - unconditional
+
+    def update(self, model) -> None:
+        self.average.update(model)
+
+
+def online_class_direction(make_loss, decay: float) -> curves.MethodFactory:
+    """``make_loss()`` whose RCGM chain reads :class:`OnlineClassDirectionTeacher` on an EMA of target ``decay``
+    (updated after every step by the loop); the guidance pass and the rectification read the online model."""
+
+    def build(pretrained):
+        teacher = OnlineClassDirectionTeacher(EMATeacher(decay), null_label=pretrained.num_classes)
+        return make_loss(rcgm_teacher=teacher), teacher
     return build
 
 
@@ -337,6 +378,10 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "RCGM only, defaults, multi-step chain on an EMA 0.99": group_chain_taught("rcgm", 0.99, MULTI_STEP_CHAIN),
     "TwinFlow defaults, any-step chain on an EMA 0.99": group_chain_taught("twinflow", 0.99, ANY_STEP_CHAIN),
     "RCGM only, defaults, any-step chain on an EMA 0.99": group_chain_taught("rcgm", 0.99, ANY_STEP_CHAIN),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99, online class direction": online_class_direction(
+        TwinFlowLoss, 0.99),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99, online class direction": online_class_direction(
+        TwinFlowLoss.rcgm, 0.99),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
