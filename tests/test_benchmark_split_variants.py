@@ -120,11 +120,13 @@ GROUP_CHAIN_VARIANTS = {
     "RCGM only, defaults, any-step chain on an EMA 0.99": (TwinFlowLoss.rcgm, split_variants.ANY_STEP_CHAIN),
 }
 CLASS_DIRECTION_VARIANTS = {
-    "TwinFlow defaults, RCGM chain on an EMA 0.99, online class direction": TwinFlowLoss,
-    "RCGM only, defaults, RCGM chain on an EMA 0.99, online class direction": TwinFlowLoss.rcgm,
+    "TwinFlow defaults, RCGM chain on an EMA 0.99, online class direction": (TwinFlowLoss, "online"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99, online class direction": (TwinFlowLoss.rcgm, "online"),
+    "TwinFlow defaults, RCGM chain online, class direction from an EMA 0.99": (TwinFlowLoss, "average"),
+    "RCGM only, defaults, RCGM chain online, class direction from an EMA 0.99": (TwinFlowLoss.rcgm, "average"),
 }
-"""The variants whose chain reads the EMA's unconditional field plus the online class direction, with the loss
-they otherwise equal."""
+"""The variants whose chain reads the unconditional field and the class direction from different weights, with the
+loss they otherwise equal and where the class direction is read."""
 """The variants whose RCGM chain reads an EMA on some groups only, with the loss they otherwise equal and the
 groups whose chain reads the EMA."""
 
@@ -307,18 +309,22 @@ def test_the_class_direction_variants_differ_from_their_loss_only_in_the_chain_t
 
     pretrained = toy.TimeMLP((2,), width=8, depth=2, num_classes=4)
     loss, teacher = curves.unpack(split_variants.VARIANTS[name](pretrained))
-    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(CLASS_DIRECTION_VARIANTS[name]()))
-    assert isinstance(teacher, split_variants.OnlineClassDirectionTeacher) and loss.rcgm_teacher is teacher
+    make_plain, class_direction = CLASS_DIRECTION_VARIANTS[name]
+    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(make_plain()))
+    assert isinstance(teacher, split_variants.SplitFieldTeacher) and loss.rcgm_teacher is teacher
+    assert teacher.class_direction == class_direction
     assert teacher.null_label == 4 and teacher.average.target_decay == 0.99
     assert isinstance(loss.guidance_teacher, OnlineTeacher)
 
 
-def test_the_class_direction_teacher_is_the_averages_null_field_plus_the_online_class_direction():
+@pytest.mark.parametrize("class_direction", ["online", "average"])
+def test_the_split_field_teacher_reads_the_null_field_and_the_class_direction_from_the_weights_it_names(
+        class_direction):
     from twinloss import toy
 
     torch.manual_seed(0)
     model = toy.TimeMLP((2,), width=16, depth=2, num_classes=4)
-    teacher = split_variants.OnlineClassDirectionTeacher(EMATeacher(0.5), null_label=4)
+    teacher = split_variants.SplitFieldTeacher(EMATeacher(0.5), null_label=4, class_direction=class_direction)
     teacher.update(model)  # the average starts at these weights
     averaged = copy.deepcopy(model)
     with torch.no_grad():
@@ -326,10 +332,16 @@ def test_the_class_direction_teacher_is_the_averages_null_field_plus_the_online_
             p.add_(0.1 * torch.randn_like(p))
     x, t, r = torch.randn(6, 2), torch.rand(6), torch.rand(6) * 0.5
     y, null = torch.tensor([0, 1, 2, 3, 4, 1]), torch.full((6,), 4)
+    field, direction = (averaged, model) if class_direction == "online" else (model, averaged)
     with torch.no_grad():
-        expected = averaged(x, t, r, y=null) + model(x, t, r, y=y) - model(x, t, r, y=null)
+        expected = field(x, t, r, y=null) + direction(x, t, r, y=y) - direction(x, t, r, y=null)
         got = teacher(model, x, t, r, {"y": y})
         assert torch.allclose(got, expected, atol=1e-6)
-        assert torch.allclose(got[4], averaged(x, t, r, y=null)[4], atol=1e-6)  # a null row reads the average
+        assert torch.allclose(got[4], field(x, t, r, y=null)[4], atol=1e-6)  # a null row reads the null field alone
         assert not torch.allclose(got, averaged(x, t, r, y=y), atol=1e-3)  # not the average's own field
         assert not torch.allclose(got, model(x, t, r, y=y), atol=1e-3)  # nor the online one
+
+
+def test_a_split_field_teacher_with_an_unknown_class_direction_is_refused_by_name():
+    with pytest.raises(ValueError, match="class_direction must be 'online' or 'average', got 'ema'"):
+        split_variants.SplitFieldTeacher(EMATeacher(0.99), null_label=4, class_direction="ema")

@@ -100,8 +100,10 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   (:class:`GroupChainLoss`); and the chain on every row read from the
   EMA's unconditional field plus the online model's class direction,
   ``RCGM chain on an EMA 0.99, online class direction``
-  (:class:`OnlineClassDirectionTeacher`: the guided field's drift is along
-  the class direction, which this chain reads without lag).
+  (:class:`SplitFieldTeacher`: the guided field's drift is along the class
+  direction, which this chain reads without lag), and its converse,
+  ``RCGM chain online, class direction from an EMA 0.99`` (the online
+  unconditional field plus the average's class direction).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -230,39 +232,52 @@ def group_chain_taught(objective: str, decay: float, groups: tuple[str, ...], **
     return build
 
 
-class OnlineClassDirectionTeacher(Teacher):
-    r"""The RCGM chain's teacher :math:`F_{\bar\theta}(x, t, r, \varnothing) + F_\theta(x, t, r, c) -
-    F_\theta(x, t, r, \varnothing)`: the EMA's unconditional field plus the online model's class direction.
+class SplitFieldTeacher(Teacher):
+    r"""The RCGM chain's teacher that reads the unconditional field and the class direction from different weights.
 
-    With guidance the online field runs ahead of its average along the guidance direction (twenty-eighth round,
-    ``teacher_lag.py``): CFG ``1 / (1 - w)`` is being trained in. This teacher reads that direction from the
-    online model, without lag, and everything else from the average. On a row whose label is the null one it is
-    the average's field. ``null_label`` is the model's null class; :meth:`update` updates the average.
+    With ``class_direction="online"`` it is :math:`F_{\bar\theta}(x, t, r, \varnothing) + F_\theta(x, t, r, c) -
+    F_\theta(x, t, r, \varnothing)`: the EMA's unconditional field plus the online model's class direction. With
+    guidance the online field runs ahead of its average along the guidance direction (twenty-eighth round,
+    ``teacher_lag.py``): CFG ``1 / (1 - w)`` is being trained in, and this teacher reads that direction without lag.
+    With ``class_direction="average"`` it is the converse, :math:`F_\theta(x, t, r, \varnothing) +
+    F_{\bar\theta}(x, t, r, c) - F_{\bar\theta}(x, t, r, \varnothing)`: the online unconditional field plus the
+    average's class direction, where the twenty-eighth round found the ring's gain. On a row whose label is the
+    null one it is the unconditional field's reader alone. ``null_label`` is the model's null class; :meth:`update`
+    updates the average.
     """
 
-    def __init__(self, average: EMATeacher, null_label: int) -> None:
+    def __init__(self, average: EMATeacher, null_label: int, class_direction: str = "online") -> None:
         super().__init__()
+        if class_direction not in ("online", "average"):
+            raise ValueError(f"class_direction must be 'online' or 'average', got {class_direction!r}")
         self.average = average
         self.null_label = null_label
+        self.class_direction = class_direction
 
     def forward(self, model, x_t, t, r, cond):
         labels = cond["y"]
         null = torch.full_like(labels, self.null_label)
         with torch.no_grad():
             both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([r, r]), y=torch.cat([labels, null]))
-        conditional, unconditional = both.chunk(2)
-        return self.average(model, x_t, t, r, {"y": null}) + conditional - unconditional
+        online_conditional, online_unconditional = both.chunk(2)
+        if self.class_direction == "online":
+            return self.average(model, x_t, t, r, {"y": null}) + online_conditional - online_unconditional
+        averaged = self.average(model, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([r, r]),
+                                {"y": torch.cat([labels, null])})
+        averaged_conditional, averaged_unconditional = averaged.chunk(2)
+        return online_unconditional + averaged_conditional - averaged_unconditional
 
     def update(self, model) -> None:
         self.average.update(model)
 
 
-def online_class_direction(make_loss, decay: float) -> curves.MethodFactory:
-    """``make_loss()`` whose RCGM chain reads :class:`OnlineClassDirectionTeacher` on an EMA of target ``decay``
-    (updated after every step by the loop); the guidance pass and the rectification read the online model."""
+def split_field(make_loss, decay: float, class_direction: str) -> curves.MethodFactory:
+    """``make_loss()`` whose RCGM chain reads :class:`SplitFieldTeacher` on an EMA of target ``decay`` (updated after
+    every step by the loop); the guidance pass and the rectification read the online model."""
 
     def build(pretrained):
-        teacher = OnlineClassDirectionTeacher(EMATeacher(decay), null_label=pretrained.num_classes)
+        teacher = SplitFieldTeacher(EMATeacher(decay), null_label=pretrained.num_classes,
+                                    class_direction=class_direction)
         return make_loss(rcgm_teacher=teacher), teacher
     return build
 
@@ -378,10 +393,14 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "RCGM only, defaults, multi-step chain on an EMA 0.99": group_chain_taught("rcgm", 0.99, MULTI_STEP_CHAIN),
     "TwinFlow defaults, any-step chain on an EMA 0.99": group_chain_taught("twinflow", 0.99, ANY_STEP_CHAIN),
     "RCGM only, defaults, any-step chain on an EMA 0.99": group_chain_taught("rcgm", 0.99, ANY_STEP_CHAIN),
-    "TwinFlow defaults, RCGM chain on an EMA 0.99, online class direction": online_class_direction(
-        TwinFlowLoss, 0.99),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99, online class direction": online_class_direction(
-        TwinFlowLoss.rcgm, 0.99),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99, online class direction": split_field(
+        TwinFlowLoss, 0.99, "online"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99, online class direction": split_field(
+        TwinFlowLoss.rcgm, 0.99, "online"),
+    "TwinFlow defaults, RCGM chain online, class direction from an EMA 0.99": split_field(
+        TwinFlowLoss, 0.99, "average"),
+    "RCGM only, defaults, RCGM chain online, class direction from an EMA 0.99": split_field(
+        TwinFlowLoss.rcgm, 0.99, "average"),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
