@@ -127,6 +127,11 @@ CLASS_DIRECTION_VARIANTS = {
 }
 """The variants whose chain reads the unconditional field and the class direction from different weights, with the
 loss they otherwise equal and where the class direction is read."""
+TIME_SPLIT_VARIANTS = {
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": TwinFlowLoss,
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": TwinFlowLoss.rcgm,
+}
+"""The variants whose chain reads the EMA on the jumps that start above t = 0.5, with the loss they otherwise equal."""
 """The variants whose RCGM chain reads an EMA on some groups only, with the loss they otherwise equal and the
 groups whose chain reads the EMA."""
 
@@ -134,7 +139,7 @@ groups whose chain reads the EMA."""
 @pytest.mark.parametrize(
     "name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT} - set(TEACHER_VARIANTS) - set().union(*SETTING_PAIRS)
                    - set(TWIN_ONLY_SETTINGS) - set(EMA_VARIANTS) - set(GROUP_CHAIN_VARIANTS)
-                   - set(CLASS_DIRECTION_VARIANTS))
+                   - set(CLASS_DIRECTION_VARIANTS) - set(TIME_SPLIT_VARIANTS))
 )
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
@@ -345,3 +350,43 @@ def test_the_split_field_teacher_reads_the_null_field_and_the_class_direction_fr
 def test_a_split_field_teacher_with_an_unknown_class_direction_is_refused_by_name():
     with pytest.raises(ValueError, match="class_direction must be 'online' or 'average', got 'ema'"):
         split_variants.SplitFieldTeacher(EMATeacher(0.99), null_label=4, class_direction="ema")
+
+
+@pytest.mark.parametrize("name", sorted(TIME_SPLIT_VARIANTS))
+def test_the_time_split_variants_differ_from_their_loss_only_in_the_chain_teacher(name):
+    loss, teacher = curves.unpack(split_variants.VARIANTS[name](None))
+    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(TIME_SPLIT_VARIANTS[name]()))
+    assert isinstance(teacher, split_variants.TimeSplitTeacher) and loss.rcgm_teacher is teacher
+    assert teacher.above == 0.5 and teacher.average.target_decay == 0.99
+    assert isinstance(loss.guidance_teacher, OnlineTeacher)
+
+
+def test_the_time_split_teacher_reads_the_average_above_its_time_and_the_online_model_at_or_below_it():
+    from twinloss import toy
+
+    torch.manual_seed(0)
+    model = toy.TimeMLP((2,), width=16, depth=2, num_classes=4)
+    teacher = split_variants.TimeSplitTeacher(EMATeacher(0.5), above=0.5)
+    teacher.update(model)  # the average starts at these weights
+    averaged = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 3, 4, 1])
+    t = torch.tensor([0.99, 0.2, 0.5, 0.51, 0.7, 0.05])
+    r = t * 0.5
+    above = t > 0.5
+    with torch.no_grad():
+        expected = torch.where(above[:, None], averaged(x, t, r, y=y), model(x, t, r, y=y))
+        got = teacher(model, x, t, r, {"y": y})
+        assert torch.allclose(got, expected, atol=1e-6)
+        assert not torch.allclose(got[above], model(x, t, r, y=y)[above], atol=1e-3)  # the average differs there
+        low = t[~above]
+        assert torch.allclose(teacher(model, x[~above], low, low * 0.5, {"y": y[~above]}),
+                              model(x[~above], low, low * 0.5, y=y[~above]), atol=1e-6)  # no row above: online
+
+
+@pytest.mark.parametrize("above", [0.0, 1.0, -0.5])
+def test_a_time_split_teacher_outside_the_path_is_refused_by_name(above):
+    with pytest.raises(ValueError, match="above must be a time in"):
+        split_variants.TimeSplitTeacher(EMATeacher(0.99), above=above)

@@ -103,7 +103,10 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   (:class:`SplitFieldTeacher`: the guided field's drift is along the class
   direction, which this chain reads without lag), and its converse,
   ``RCGM chain online, class direction from an EMA 0.99`` (the online
-  unconditional field plus the average's class direction).
+  unconditional field plus the average's class direction); and the chain
+  read from the EMA only on the jumps that start at high noise, where the
+  ring decides each class's split, ``RCGM chain on an EMA 0.99 above t 0.5``
+  (:class:`TimeSplitTeacher`, twenty-ninth round).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -282,6 +285,48 @@ def split_field(make_loss, decay: float, class_direction: str) -> curves.MethodF
     return build
 
 
+class TimeSplitTeacher(Teacher):
+    r"""The RCGM chain's teacher that reads ``average`` on the jumps that start at high noise and the online model on
+    the others: :math:`F_{\bar\theta}(x, t, r)` where :math:`t > \tau` (``above``), :math:`F_\theta(x, t, r)`
+    where :math:`t \le \tau`.
+
+    The ring's split of each class between its two modes is decided at high noise (fourteenth round), and an EMA
+    chain on every row closes most of the ring's gap while it costs the guided patches and digits FD (twenty-sixth
+    to twenty-eighth rounds), on every group of rows alike. This teacher asks whether the two sides part along the
+    path instead: a one-step row's chain (order 2) then reads ``F(x, 0.99, 0.495)`` from the average and
+    ``F(x, 0.495, 0)`` online at ``above = 0.5``. :meth:`update` updates the average.
+    """
+
+    def __init__(self, average: EMATeacher, above: float) -> None:
+        super().__init__()
+        if not 0.0 < above < 1.0:
+            raise ValueError(f"above must be a time in (0, 1), got {above!r}")
+        self.average = average
+        self.above = above
+
+    def forward(self, model, x_t, t, r, cond):
+        with torch.no_grad():
+            field = model(x_t, t, r, **cond)
+        noisy = (t > self.above).nonzero().squeeze(1)
+        if noisy.numel() == 0:
+            return field
+        averaged = self.average(model, x_t[noisy], t[noisy], r[noisy], select_rows(cond, noisy))
+        return field.index_copy(0, noisy, averaged.to(field.dtype))
+
+    def update(self, model) -> None:
+        self.average.update(model)
+
+
+def time_split(make_loss, decay: float, above: float) -> curves.MethodFactory:
+    """``make_loss()`` whose RCGM chain reads :class:`TimeSplitTeacher` on an EMA of target ``decay`` (updated after
+    every step by the loop) above ``above``; the guidance pass and the rectification read the online model."""
+
+    def build(pretrained):
+        teacher = TimeSplitTeacher(EMATeacher(decay), above=above)
+        return make_loss(rcgm_teacher=teacher), teacher
+    return build
+
+
 ONE_STEP_CHAIN = ("one_step",)
 MULTI_STEP_CHAIN = ("multi_step",)
 ANY_STEP_CHAIN = ("any_step",)
@@ -401,6 +446,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         TwinFlowLoss, 0.99, "average"),
     "RCGM only, defaults, RCGM chain online, class direction from an EMA 0.99": split_field(
         TwinFlowLoss.rcgm, 0.99, "average"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": time_split(TwinFlowLoss, 0.99, 0.5),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": time_split(TwinFlowLoss.rcgm, 0.99, 0.5),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
