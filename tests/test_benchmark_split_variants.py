@@ -128,10 +128,13 @@ CLASS_DIRECTION_VARIANTS = {
 """The variants whose chain reads the unconditional field and the class direction from different weights, with the
 loss they otherwise equal and where the class direction is read."""
 TIME_SPLIT_VARIANTS = {
-    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": TwinFlowLoss,
-    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": TwinFlowLoss.rcgm,
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": (TwinFlowLoss, "noise"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": (TwinFlowLoss.rcgm, "noise"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 below t 0.5": (TwinFlowLoss, "data"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 below t 0.5": (TwinFlowLoss.rcgm, "data"),
 }
-"""The variants whose chain reads the EMA on the jumps that start above t = 0.5, with the loss they otherwise equal."""
+"""The variants whose chain reads the EMA on one side of t = 0.5, with the loss they otherwise equal and the end of
+the path whose jumps read the EMA."""
 """The variants whose RCGM chain reads an EMA on some groups only, with the loss they otherwise equal and the
 groups whose chain reads the EMA."""
 
@@ -355,18 +358,21 @@ def test_a_split_field_teacher_with_an_unknown_class_direction_is_refused_by_nam
 @pytest.mark.parametrize("name", sorted(TIME_SPLIT_VARIANTS))
 def test_the_time_split_variants_differ_from_their_loss_only_in_the_chain_teacher(name):
     loss, teacher = curves.unpack(split_variants.VARIANTS[name](None))
-    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(TIME_SPLIT_VARIANTS[name]()))
+    make_plain, averaged_end = TIME_SPLIT_VARIANTS[name]
+    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(make_plain()))
     assert isinstance(teacher, split_variants.TimeSplitTeacher) and loss.rcgm_teacher is teacher
-    assert teacher.above == 0.5 and teacher.average.target_decay == 0.99
+    assert teacher.split == 0.5 and teacher.averaged_end == averaged_end and teacher.average.target_decay == 0.99
     assert isinstance(loss.guidance_teacher, OnlineTeacher)
 
 
-def test_the_time_split_teacher_reads_the_average_above_its_time_and_the_online_model_at_or_below_it():
+@pytest.mark.parametrize("averaged_end", ["noise", "data"])
+def test_the_time_split_teacher_reads_the_average_on_its_side_of_the_split_and_the_online_model_on_the_other(
+        averaged_end):
     from twinloss import toy
 
     torch.manual_seed(0)
     model = toy.TimeMLP((2,), width=16, depth=2, num_classes=4)
-    teacher = split_variants.TimeSplitTeacher(EMATeacher(0.5), above=0.5)
+    teacher = split_variants.TimeSplitTeacher(EMATeacher(0.5), split=0.5, averaged_end=averaged_end)
     teacher.update(model)  # the average starts at these weights
     averaged = copy.deepcopy(model)
     with torch.no_grad():
@@ -375,18 +381,21 @@ def test_the_time_split_teacher_reads_the_average_above_its_time_and_the_online_
     x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 3, 4, 1])
     t = torch.tensor([0.99, 0.2, 0.5, 0.51, 0.7, 0.05])
     r = t * 0.5
-    above = t > 0.5
+    chosen = t > 0.5 if averaged_end == "noise" else t <= 0.5
     with torch.no_grad():
-        expected = torch.where(above[:, None], averaged(x, t, r, y=y), model(x, t, r, y=y))
+        expected = torch.where(chosen[:, None], averaged(x, t, r, y=y), model(x, t, r, y=y))
         got = teacher(model, x, t, r, {"y": y})
         assert torch.allclose(got, expected, atol=1e-6)
-        assert not torch.allclose(got[above], model(x, t, r, y=y)[above], atol=1e-3)  # the average differs there
-        low = t[~above]
-        assert torch.allclose(teacher(model, x[~above], low, low * 0.5, {"y": y[~above]}),
-                              model(x[~above], low, low * 0.5, y=y[~above]), atol=1e-6)  # no row above: online
+        assert not torch.allclose(got[chosen], model(x, t, r, y=y)[chosen], atol=1e-3)  # the average differs there
+        other = ~chosen  # a batch with no row on the averaged side reads the online model alone
+        assert torch.allclose(teacher(model, x[other], t[other], r[other], {"y": y[other]}),
+                              model(x[other], t[other], r[other], y=y[other]), atol=1e-6)
 
 
-@pytest.mark.parametrize("above", [0.0, 1.0, -0.5])
-def test_a_time_split_teacher_outside_the_path_is_refused_by_name(above):
-    with pytest.raises(ValueError, match="above must be a time in"):
-        split_variants.TimeSplitTeacher(EMATeacher(0.99), above=above)
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"split": 0.0}, "split must be a time in"), ({"split": 1.0}, "split must be a time in"),
+    ({"split": 0.5, "averaged_end": "middle"}, "averaged_end must be 'noise' or 'data', got 'middle'"),
+])
+def test_a_time_split_teacher_with_a_bad_split_or_end_is_refused_by_name(settings, match):
+    with pytest.raises(ValueError, match=match):
+        split_variants.TimeSplitTeacher(EMATeacher(0.99), **settings)

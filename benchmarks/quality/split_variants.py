@@ -106,7 +106,9 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   unconditional field plus the average's class direction); and the chain
   read from the EMA only on the jumps that start at high noise, where the
   ring decides each class's split, ``RCGM chain on an EMA 0.99 above t 0.5``
-  (:class:`TimeSplitTeacher`, twenty-ninth round).
+  (:class:`TimeSplitTeacher`, twenty-ninth round), and its converse, ``RCGM
+  chain on an EMA 0.99 below t 0.5`` (the EMA on the jumps that start near
+  the data).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -286,43 +288,49 @@ def split_field(make_loss, decay: float, class_direction: str) -> curves.MethodF
 
 
 class TimeSplitTeacher(Teacher):
-    r"""The RCGM chain's teacher that reads ``average`` on the jumps that start at high noise and the online model on
-    the others: :math:`F_{\bar\theta}(x, t, r)` where :math:`t > \tau` (``above``), :math:`F_\theta(x, t, r)`
-    where :math:`t \le \tau`.
+    r"""The RCGM chain's teacher that reads ``average`` on one side of a time along the path and the online model on
+    the other: with ``averaged_end="noise"``, :math:`F_{\bar\theta}(x, t, r)` on the jumps that start above
+    :math:`\tau` (``split``, :math:`t > \tau`) and :math:`F_\theta(x, t, r)` on the others; with
+    ``averaged_end="data"`` the converse, the average on the jumps that start at or below :math:`\tau`.
 
     The ring's split of each class between its two modes is decided at high noise (fourteenth round), and an EMA
     chain on every row closes most of the ring's gap while it costs the guided patches and digits FD (twenty-sixth
     to twenty-eighth rounds), on every group of rows alike. This teacher asks whether the two sides part along the
-    path instead: a one-step row's chain (order 2) then reads ``F(x, 0.99, 0.495)`` from the average and
-    ``F(x, 0.495, 0)`` online at ``above = 0.5``. :meth:`update` updates the average.
+    path instead: at ``split = 0.5`` a one-step row's chain (order 2) reads ``F(x, 0.99, 0.495)`` from one side and
+    ``F(x, 0.495, 0)`` from the other. :meth:`update` updates the average.
     """
 
-    def __init__(self, average: EMATeacher, above: float) -> None:
+    def __init__(self, average: EMATeacher, split: float, averaged_end: str = "noise") -> None:
         super().__init__()
-        if not 0.0 < above < 1.0:
-            raise ValueError(f"above must be a time in (0, 1), got {above!r}")
+        if not 0.0 < split < 1.0:
+            raise ValueError(f"split must be a time in (0, 1), got {split!r}")
+        if averaged_end not in ("noise", "data"):
+            raise ValueError(f"averaged_end must be 'noise' or 'data', got {averaged_end!r}")
         self.average = average
-        self.above = above
+        self.split = split
+        self.averaged_end = averaged_end
 
     def forward(self, model, x_t, t, r, cond):
         with torch.no_grad():
             field = model(x_t, t, r, **cond)
-        noisy = (t > self.above).nonzero().squeeze(1)
-        if noisy.numel() == 0:
+        noisy = t > self.split
+        chosen = (noisy if self.averaged_end == "noise" else ~noisy).nonzero().squeeze(1)
+        if chosen.numel() == 0:
             return field
-        averaged = self.average(model, x_t[noisy], t[noisy], r[noisy], select_rows(cond, noisy))
-        return field.index_copy(0, noisy, averaged.to(field.dtype))
+        averaged = self.average(model, x_t[chosen], t[chosen], r[chosen], select_rows(cond, chosen))
+        return field.index_copy(0, chosen, averaged.to(field.dtype))
 
     def update(self, model) -> None:
         self.average.update(model)
 
 
-def time_split(make_loss, decay: float, above: float) -> curves.MethodFactory:
+def time_split(make_loss, decay: float, split: float, averaged_end: str) -> curves.MethodFactory:
     """``make_loss()`` whose RCGM chain reads :class:`TimeSplitTeacher` on an EMA of target ``decay`` (updated after
-    every step by the loop) above ``above``; the guidance pass and the rectification read the online model."""
+    every step by the loop) on the ``averaged_end`` side of ``split``; the guidance pass and the rectification
+    read the online model."""
 
     def build(pretrained):
-        teacher = TimeSplitTeacher(EMATeacher(decay), above=above)
+        teacher = TimeSplitTeacher(EMATeacher(decay), split=split, averaged_end=averaged_end)
         return make_loss(rcgm_teacher=teacher), teacher
     return build
 
@@ -446,8 +454,10 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         TwinFlowLoss, 0.99, "average"),
     "RCGM only, defaults, RCGM chain online, class direction from an EMA 0.99": split_field(
         TwinFlowLoss.rcgm, 0.99, "average"),
-    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": time_split(TwinFlowLoss, 0.99, 0.5),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": time_split(TwinFlowLoss.rcgm, 0.99, 0.5),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": time_split(TwinFlowLoss, 0.99, 0.5, "noise"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": time_split(TwinFlowLoss.rcgm, 0.99, 0.5, "noise"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 below t 0.5": time_split(TwinFlowLoss, 0.99, 0.5, "data"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 below t 0.5": time_split(TwinFlowLoss.rcgm, 0.99, 0.5, "data"),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
