@@ -135,6 +135,11 @@ TIME_SPLIT_VARIANTS = {
 }
 """The variants whose chain reads the EMA on one side of t = 0.5, with the loss they otherwise equal and the end of
 the path whose jumps read the EMA."""
+DOUBLE_EMA_VARIANTS = {
+    "TwinFlow defaults, RCGM chain on a double EMA 0.99": TwinFlowLoss,
+    "RCGM only, defaults, RCGM chain on a double EMA 0.99": TwinFlowLoss.rcgm,
+}
+"""The variants whose chain reads a double EMA of the online weights, with the loss they otherwise equal."""
 """The variants whose RCGM chain reads an EMA on some groups only, with the loss they otherwise equal and the
 groups whose chain reads the EMA."""
 
@@ -142,7 +147,7 @@ groups whose chain reads the EMA."""
 @pytest.mark.parametrize(
     "name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT} - set(TEACHER_VARIANTS) - set().union(*SETTING_PAIRS)
                    - set(TWIN_ONLY_SETTINGS) - set(EMA_VARIANTS) - set(GROUP_CHAIN_VARIANTS)
-                   - set(CLASS_DIRECTION_VARIANTS) - set(TIME_SPLIT_VARIANTS))
+                   - set(CLASS_DIRECTION_VARIANTS) - set(TIME_SPLIT_VARIANTS) - set(DOUBLE_EMA_VARIANTS))
 )
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
@@ -399,3 +404,59 @@ def test_the_time_split_teacher_reads_the_average_on_its_side_of_the_split_and_t
 def test_a_time_split_teacher_with_a_bad_split_or_end_is_refused_by_name(settings, match):
     with pytest.raises(ValueError, match=match):
         split_variants.TimeSplitTeacher(EMATeacher(0.99), **settings)
+
+
+
+@pytest.mark.parametrize("name", sorted(DOUBLE_EMA_VARIANTS))
+def test_the_double_ema_variants_differ_from_their_loss_only_in_the_chain_teacher(name):
+    loss, teacher = curves.unpack(split_variants.VARIANTS[name](None))
+    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(DOUBLE_EMA_VARIANTS[name]()))
+    assert isinstance(teacher, split_variants.DoubleEMATeacher) and loss.rcgm_teacher is teacher
+    assert teacher.target_decay == 0.99 and isinstance(loss.guidance_teacher, OnlineTeacher)
+
+
+def test_the_double_ema_teacher_reads_twice_the_average_minus_the_average_of_the_average():
+    from twinloss import toy
+
+    torch.manual_seed(0)
+    model = toy.TimeMLP((2,), width=16, depth=2, num_classes=4)
+    teacher = split_variants.DoubleEMATeacher(0.9)
+    x, t, r, y = torch.randn(5, 2), torch.rand(5), torch.rand(5) * 0.3, torch.tensor([0, 1, 2, 3, 4])
+    with torch.no_grad():
+        assert torch.equal(teacher(model, x, t, r, {"y": y}), model(x, t, r, y=y))  # before any update: online
+    reference = copy.deepcopy(model).double()
+    average = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    average_of_average = {n: p.clone() for n, p in average.items()}
+    decay = 0.0
+    for _ in range(6):
+        teacher.update(model)
+        for n, p in model.named_parameters():  # the schedule written out: d starts at 0 and rises towards 0.9
+            average[n] = decay * average[n] + (1 - decay) * p.detach().double()
+            average_of_average[n] = decay * average_of_average[n] + (1 - decay) * average[n]
+        decay = decay + 0.5 * (1 - decay) * (0.9 - decay)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            p.copy_(2 * average[n] - average_of_average[n])
+        expected = reference(x.double(), t.double(), r.double(), y=y).float()
+        assert torch.allclose(teacher(model, x, t, r, {"y": y}), expected, atol=1e-5)
+        assert not torch.allclose(expected, model(x, t, r, y=y), atol=1e-3)
+
+
+def test_the_double_ema_teacher_follows_a_steady_drift_of_the_weights_that_an_ema_lags():
+    model = torch.nn.Linear(3, 3)
+    drift = {n: 0.01 * torch.randn_like(p) for n, p in model.named_parameters()}
+    double, single = split_variants.DoubleEMATeacher(0.9), EMATeacher(0.9)
+    for _ in range(300):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.add_(drift[n])
+        double.update(model)
+        single.update(model)
+    for n, p in model.named_parameters():
+        lag_double = (p.detach() - double.weights[n]).abs().max() / drift[n].abs().max()
+        lag_single = (p.detach() - single.shadow[n]).abs().max() / drift[n].abs().max()
+        assert lag_double < 0.05  # steps behind the weights
+        assert 8.5 < lag_single < 9.5  # d / (1 - d) = 9 steps

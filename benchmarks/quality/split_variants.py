@@ -108,7 +108,9 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   ring decides each class's split, ``RCGM chain on an EMA 0.99 above t 0.5``
   (:class:`TimeSplitTeacher`, twenty-ninth round), and its converse, ``RCGM
   chain on an EMA 0.99 below t 0.5`` (the EMA on the jumps that start near
-  the data).
+  the data); and the chain read from a double EMA that follows a steady
+  drift of the weights without lag, ``RCGM chain on a double EMA 0.99``
+  (:class:`DoubleEMATeacher`).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -122,12 +124,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import curves  # noqa: E402
 import torch  # noqa: E402
+from torch.func import functional_call  # noqa: E402
 
 from twinloss import (  # noqa: E402
     EMATeacher, FrozenTeacher, GroupShares, L2Distance, Teacher, TimeDistribution, TwinFlowLoss, WeightAverage,
 )
 from twinloss.protocol import select_rows  # noqa: E402
 from twinloss.targets import unchecked_rcgm_displacement  # noqa: E402
+from twinloss.teachers import MovingAverageTeacher, as_module  # noqa: E402
 from twinloss.trajectory import Trajectory, TrajectorySampler  # noqa: E402
 
 
@@ -335,6 +339,56 @@ def time_split(make_loss, decay: float, split: float, averaged_end: str) -> curv
     return build
 
 
+class DoubleEMATeacher(MovingAverageTeacher):
+    r"""The RCGM chain's teacher read from a double EMA of the online weights (Mulloy's DEMA):
+
+    .. math::
+        \bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta, \qquad
+        \bar{\bar\theta} \leftarrow d\,\bar{\bar\theta} + (1 - d)\,\bar\theta, \qquad
+        \theta_\text{teacher} = 2\,\bar\theta - \bar{\bar\theta},
+
+    with :class:`~twinloss.EMATeacher`'s warm-up of ``d``. An EMA lags weights that drift at a steady rate ``a``
+    per step by ``d / (1 - d)`` steps, and its average of the average by twice that, so :math:`2\bar\theta -
+    \bar{\bar\theta}` follows a steady drift without lag, while it still smooths the step-to-step
+    fluctuations over about the same length. The EMA chain's gain on the ring is a pull back against the twin
+    terms' fluctuations of each class's split; its cost on the guided patches and digits may be the lag behind
+    the drift guidance trains in (CFG ``1 / (1 - w)`` into a field that starts at CFG 1). This teacher keeps the
+    first and removes the second, to first order.
+    """
+
+    def __init__(self, target_decay: float = 0.99) -> None:
+        super().__init__(target_decay)
+        self.average: dict[str, torch.Tensor] = {}
+        self.average_of_average: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def update(self, model) -> None:
+        params = {name: p.detach() for name, p in as_module(model, "DoubleEMATeacher").named_parameters()}
+        if not self.average:
+            self.average, self.average_of_average = self.start_average(params), self.start_average(params)
+        for name, p in params.items():
+            self.average[name].lerp_(p.to(self.average[name].dtype), self.average_weight)
+            self.average_of_average[name].lerp_(self.average[name], self.average_weight)
+            self.weights[name] = (2 * self.average[name] - self.average_of_average[name]).to(p.dtype)
+        self.advance()
+
+    def forward(self, model, x_t, t, r, cond):
+        with torch.no_grad():
+            if not self.weights:  # first use before any update: the current weights
+                return model(x_t, t, r, **cond)
+            return functional_call(as_module(model, "DoubleEMATeacher"), self.weights, (x_t, t, r), dict(cond))
+
+
+def double_ema_taught(make_loss, decay: float) -> curves.MethodFactory:
+    """``make_loss()`` whose RCGM chain reads :class:`DoubleEMATeacher` of target ``decay`` (updated after every step
+    by the loop); the guidance pass and the rectification read the online model."""
+
+    def build(pretrained):
+        teacher = DoubleEMATeacher(decay)
+        return make_loss(rcgm_teacher=teacher), teacher
+    return build
+
+
 ONE_STEP_CHAIN = ("one_step",)
 MULTI_STEP_CHAIN = ("multi_step",)
 ANY_STEP_CHAIN = ("any_step",)
@@ -458,6 +512,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": time_split(TwinFlowLoss.rcgm, 0.99, 0.5, "noise"),
     "TwinFlow defaults, RCGM chain on an EMA 0.99 below t 0.5": time_split(TwinFlowLoss, 0.99, 0.5, "data"),
     "RCGM only, defaults, RCGM chain on an EMA 0.99 below t 0.5": time_split(TwinFlowLoss.rcgm, 0.99, 0.5, "data"),
+    "TwinFlow defaults, RCGM chain on a double EMA 0.99": double_ema_taught(TwinFlowLoss, 0.99),
+    "RCGM only, defaults, RCGM chain on a double EMA 0.99": double_ema_taught(TwinFlowLoss.rcgm, 0.99),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
