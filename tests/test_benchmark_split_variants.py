@@ -140,6 +140,11 @@ DOUBLE_EMA_VARIANTS = {
     "RCGM only, defaults, RCGM chain on a double EMA 0.99": TwinFlowLoss.rcgm,
 }
 """The variants whose chain reads a double EMA of the online weights, with the loss they otherwise equal."""
+BLENDED_VARIANTS = {
+    "TwinFlow defaults, RCGM chain a quarter of the way to an EMA 0.99": TwinFlowLoss,
+    "RCGM only, defaults, RCGM chain a quarter of the way to an EMA 0.99": TwinFlowLoss.rcgm,
+}
+"""The variants whose chain reads a quarter of the way from the online field to an EMA's, with their plain loss."""
 """The variants whose RCGM chain reads an EMA on some groups only, with the loss they otherwise equal and the
 groups whose chain reads the EMA."""
 
@@ -147,7 +152,8 @@ groups whose chain reads the EMA."""
 @pytest.mark.parametrize(
     "name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT} - set(TEACHER_VARIANTS) - set().union(*SETTING_PAIRS)
                    - set(TWIN_ONLY_SETTINGS) - set(EMA_VARIANTS) - set(GROUP_CHAIN_VARIANTS)
-                   - set(CLASS_DIRECTION_VARIANTS) - set(TIME_SPLIT_VARIANTS) - set(DOUBLE_EMA_VARIANTS))
+                   - set(CLASS_DIRECTION_VARIANTS) - set(TIME_SPLIT_VARIANTS) - set(DOUBLE_EMA_VARIANTS)
+                   - set(BLENDED_VARIANTS))
 )
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
@@ -460,3 +466,36 @@ def test_the_double_ema_teacher_follows_a_steady_drift_of_the_weights_that_an_em
         lag_single = (p.detach() - single.shadow[n]).abs().max() / drift[n].abs().max()
         assert lag_double < 0.05  # steps behind the weights
         assert 8.5 < lag_single < 9.5  # d / (1 - d) = 9 steps
+
+
+@pytest.mark.parametrize("name", sorted(BLENDED_VARIANTS))
+def test_the_blended_variants_differ_from_their_loss_only_in_the_chain_teacher(name):
+    loss, teacher = curves.unpack(split_variants.VARIANTS[name](None))
+    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(BLENDED_VARIANTS[name]()))
+    assert isinstance(teacher, split_variants.BlendedTeacher) and loss.rcgm_teacher is teacher
+    assert teacher.weight == 0.25 and teacher.average.target_decay == 0.99
+    assert isinstance(loss.guidance_teacher, OnlineTeacher)
+
+
+def test_the_blended_teacher_reads_its_weight_of_the_way_from_the_online_field_to_the_average():
+    from twinloss import toy
+
+    torch.manual_seed(0)
+    model = toy.TimeMLP((2,), width=16, depth=2, num_classes=4)
+    teacher = split_variants.BlendedTeacher(EMATeacher(0.5), weight=0.25)
+    teacher.update(model)  # the average starts at these weights
+    averaged = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t, r, y = torch.randn(5, 2), torch.rand(5), torch.rand(5) * 0.3, torch.tensor([0, 1, 2, 3, 4])
+    with torch.no_grad():
+        online, average = model(x, t, r, y=y), averaged(x, t, r, y=y)
+        assert not torch.allclose(online, average, atol=1e-3)
+        assert torch.allclose(teacher(model, x, t, r, {"y": y}), 0.75 * online + 0.25 * average, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0, 1.5])
+def test_a_blended_teacher_outside_the_open_unit_interval_is_refused_by_name(weight):
+    with pytest.raises(ValueError, match="weight must lie in"):
+        split_variants.BlendedTeacher(EMATeacher(0.99), weight=weight)

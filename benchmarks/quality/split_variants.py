@@ -110,7 +110,9 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   chain on an EMA 0.99 below t 0.5`` (the EMA on the jumps that start near
   the data); and the chain read from a double EMA that follows a steady
   drift of the weights without lag, ``RCGM chain on a double EMA 0.99``
-  (:class:`DoubleEMATeacher`).
+  (:class:`DoubleEMATeacher`); and the chain a quarter of the way from the
+  online field to the EMA's, ``RCGM chain a quarter of the way to an EMA
+  0.99`` (:class:`BlendedTeacher`: the same average, a softer pull).
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -379,6 +381,44 @@ class DoubleEMATeacher(MovingAverageTeacher):
             return functional_call(as_module(model, "DoubleEMATeacher"), self.weights, (x_t, t, r), dict(cond))
 
 
+class BlendedTeacher(Teacher):
+    r"""The RCGM chain's teacher that moves the online field a fraction :math:`\lambda` (``weight``) of the way to
+    the average's: :math:`F_\theta(x, t, r) + \lambda\,(F_{\bar\theta}(x, t, r) - F_\theta(x, t, r))`.
+
+    Step 5's residual divides the chain by the step ``d``, so a chain read from other weights pulls
+    :math:`F_\theta(x_t, t, r)` towards them with a mismatch amplified by :math:`(t - r) / d` (up to 100 at the
+    default step): a stiff spring, cut only by the clamp. An EMA of ten steps (0.9) costs the guided patches
+    nearly what one of a hundred does (twenty-seventh round), which says the spring's stiffness, not the length
+    of the average, sets the cost. This teacher keeps the hundred-step average that the ring's gain needs and
+    softens the spring by :math:`\lambda`. :meth:`update` updates the average.
+    """
+
+    def __init__(self, average: EMATeacher, weight: float) -> None:
+        super().__init__()
+        if not 0.0 < weight < 1.0:
+            raise ValueError(f"weight must lie in (0, 1), got {weight!r}")
+        self.average = average
+        self.weight = weight
+
+    def forward(self, model, x_t, t, r, cond):
+        with torch.no_grad():
+            field = model(x_t, t, r, **cond)
+        return field.lerp(self.average(model, x_t, t, r, cond).to(field.dtype), self.weight)
+
+    def update(self, model) -> None:
+        self.average.update(model)
+
+
+def blended(make_loss, decay: float, weight: float) -> curves.MethodFactory:
+    """``make_loss()`` whose RCGM chain reads :class:`BlendedTeacher` on an EMA of target ``decay`` (updated after
+    every step by the loop) at ``weight``; the guidance pass and the rectification read the online model."""
+
+    def build(pretrained):
+        teacher = BlendedTeacher(EMATeacher(decay), weight=weight)
+        return make_loss(rcgm_teacher=teacher), teacher
+    return build
+
+
 def double_ema_taught(make_loss, decay: float) -> curves.MethodFactory:
     """``make_loss()`` whose RCGM chain reads :class:`DoubleEMATeacher` of target ``decay`` (updated after every step
     by the loop); the guidance pass and the rectification read the online model."""
@@ -514,6 +554,8 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "RCGM only, defaults, RCGM chain on an EMA 0.99 below t 0.5": time_split(TwinFlowLoss.rcgm, 0.99, 0.5, "data"),
     "TwinFlow defaults, RCGM chain on a double EMA 0.99": double_ema_taught(TwinFlowLoss, 0.99),
     "RCGM only, defaults, RCGM chain on a double EMA 0.99": double_ema_taught(TwinFlowLoss.rcgm, 0.99),
+    "TwinFlow defaults, RCGM chain a quarter of the way to an EMA 0.99": blended(TwinFlowLoss, 0.99, 0.25),
+    "RCGM only, defaults, RCGM chain a quarter of the way to an EMA 0.99": blended(TwinFlowLoss.rcgm, 0.99, 0.25),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
