@@ -141,10 +141,13 @@ DOUBLE_EMA_VARIANTS = {
 }
 """The variants whose chain reads a double EMA of the online weights, with the loss they otherwise equal."""
 BLENDED_VARIANTS = {
-    "TwinFlow defaults, RCGM chain a quarter of the way to an EMA 0.99": TwinFlowLoss,
-    "RCGM only, defaults, RCGM chain a quarter of the way to an EMA 0.99": TwinFlowLoss.rcgm,
+    "TwinFlow defaults, RCGM chain a quarter of the way to an EMA 0.99": (TwinFlowLoss, 0.25),
+    "RCGM only, defaults, RCGM chain a quarter of the way to an EMA 0.99": (TwinFlowLoss.rcgm, 0.25),
+    "TwinFlow defaults, RCGM chain a thirty-second of the way to an EMA 0.99": (TwinFlowLoss, 1 / 32),
+    "RCGM only, defaults, RCGM chain a thirty-second of the way to an EMA 0.99": (TwinFlowLoss.rcgm, 1 / 32),
 }
-"""The variants whose chain reads a quarter of the way from the online field to an EMA's, with their plain loss."""
+"""The variants whose chain reads part of the way from the online field to an EMA's, with their plain loss and the
+fraction of the way."""
 """The variants whose RCGM chain reads an EMA on some groups only, with the loss they otherwise equal and the
 groups whose chain reads the EMA."""
 
@@ -471,9 +474,10 @@ def test_the_double_ema_teacher_follows_a_steady_drift_of_the_weights_that_an_em
 @pytest.mark.parametrize("name", sorted(BLENDED_VARIANTS))
 def test_the_blended_variants_differ_from_their_loss_only_in_the_chain_teacher(name):
     loss, teacher = curves.unpack(split_variants.VARIANTS[name](None))
-    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(BLENDED_VARIANTS[name]()))
+    make_plain, weight = BLENDED_VARIANTS[name]
+    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(make_plain()))
     assert isinstance(teacher, split_variants.BlendedTeacher) and loss.rcgm_teacher is teacher
-    assert teacher.weight == 0.25 and teacher.average.target_decay == 0.99
+    assert teacher.weight == weight and teacher.average.target_decay == 0.99
     assert isinstance(loss.guidance_teacher, OnlineTeacher)
 
 

@@ -112,7 +112,9 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   drift of the weights without lag, ``RCGM chain on a double EMA 0.99``
   (:class:`DoubleEMATeacher`); and the chain a quarter of the way from the
   online field to the EMA's, ``RCGM chain a quarter of the way to an EMA
-  0.99`` (:class:`BlendedTeacher`: the same average, a softer pull).
+  0.99`` (:class:`BlendedTeacher`: the same average, a softer pull), and
+  a thirty-second of the way, where the amplified mismatch stays below the
+  field.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
@@ -556,6 +558,9 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "RCGM only, defaults, RCGM chain on a double EMA 0.99": double_ema_taught(TwinFlowLoss.rcgm, 0.99),
     "TwinFlow defaults, RCGM chain a quarter of the way to an EMA 0.99": blended(TwinFlowLoss, 0.99, 0.25),
     "RCGM only, defaults, RCGM chain a quarter of the way to an EMA 0.99": blended(TwinFlowLoss.rcgm, 0.99, 0.25),
+    "TwinFlow defaults, RCGM chain a thirty-second of the way to an EMA 0.99": blended(TwinFlowLoss, 0.99, 1 / 32),
+    "RCGM only, defaults, RCGM chain a thirty-second of the way to an EMA 0.99": blended(
+        TwinFlowLoss.rcgm, 0.99, 1 / 32),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
