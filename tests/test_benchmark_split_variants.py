@@ -15,6 +15,7 @@ from twinloss import (  # noqa: E402
     BarronDistance, EMATeacher, FrozenTeacher, GroupShares, L2Distance, LogitNormalTime, OnlineTeacher, PowerFunctionDecay,
     ShiftedTime, TwinFlowLoss, WeightAverage,
 )
+from twinloss.teachers import MovingAverageTeacher  # noqa: E402
 from twinloss.trajectory import TrajectorySampler  # noqa: E402
 
 from default_loss import assert_default_loss_except, module_settings  # noqa: E402
@@ -325,33 +326,55 @@ def test_a_group_chain_loss_without_a_chain_is_refused_by_name():
         split_variants.GroupChainLoss(average=EMATeacher(0.99), average_groups=("one_step",), estimate_order=0)
 
 
-@pytest.mark.parametrize("name", sorted(CLASS_DIRECTION_VARIANTS))
-def test_the_class_direction_variants_differ_from_their_loss_only_in_the_chain_teacher(name):
+CHAIN_TEACHERS = {
+    **{name: (make_plain, split_variants.SplitFieldTeacher,
+              {"class_direction": class_direction, "null_label": 4})
+       for name, (make_plain, class_direction) in CLASS_DIRECTION_VARIANTS.items()},
+    **{name: (make_plain, split_variants.TimeSplitTeacher, {"split": 0.5, "averaged_end": averaged_end})
+       for name, (make_plain, averaged_end) in TIME_SPLIT_VARIANTS.items()},
+    **{name: (make_plain, split_variants.DoubleEMATeacher, {"target_decay": 0.99})
+       for name, make_plain in DOUBLE_EMA_VARIANTS.items()},
+    **{name: (make_plain, split_variants.BlendedTeacher, {"weight": weight})
+       for name, (make_plain, weight) in BLENDED_VARIANTS.items()},
+}
+"""Every variant whose chain reads a teacher of this module: its plain loss, the teacher's class and settings."""
+
+
+@pytest.mark.parametrize("name", sorted(CHAIN_TEACHERS))
+def test_the_chain_teacher_variants_differ_from_their_loss_only_in_the_chain_teacher_they_name(name):
     from twinloss import toy
 
     pretrained = toy.TimeMLP((2,), width=8, depth=2, num_classes=4)
     loss, teacher = curves.unpack(split_variants.VARIANTS[name](pretrained))
-    make_plain, class_direction = CLASS_DIRECTION_VARIANTS[name]
+    make_plain, kind, settings = CHAIN_TEACHERS[name]
     assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(make_plain()))
-    assert isinstance(teacher, split_variants.SplitFieldTeacher) and loss.rcgm_teacher is teacher
-    assert teacher.class_direction == class_direction
-    assert teacher.null_label == 4 and teacher.average.target_decay == 0.99
+    assert isinstance(teacher, kind) and loss.rcgm_teacher is teacher
+    assert {key: getattr(teacher, key) for key in settings} == settings
+    averaged = teacher if isinstance(teacher, MovingAverageTeacher) else teacher.average  # the EMA it reads
+    assert averaged.target_decay == 0.99
     assert isinstance(loss.guidance_teacher, OnlineTeacher)
 
 
-@pytest.mark.parametrize("class_direction", ["online", "average"])
-def test_the_split_field_teacher_reads_the_null_field_and_the_class_direction_from_the_weights_it_names(
-        class_direction):
+def _moved_away_from_the_average_in(teacher) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A toy model whose weights ``teacher``'s EMA averaged once, then moved by noise, and a copy holding the
+    average's weights: ``(model, averaged)``."""
     from twinloss import toy
 
     torch.manual_seed(0)
     model = toy.TimeMLP((2,), width=16, depth=2, num_classes=4)
-    teacher = split_variants.SplitFieldTeacher(EMATeacher(0.5), null_label=4, class_direction=class_direction)
     teacher.update(model)  # the average starts at these weights
     averaged = copy.deepcopy(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    return model, averaged
+
+
+@pytest.mark.parametrize("class_direction", ["online", "average"])
+def test_the_split_field_teacher_reads_the_null_field_and_the_class_direction_from_the_weights_it_names(
+        class_direction):
+    teacher = split_variants.SplitFieldTeacher(EMATeacher(0.5), null_label=4, class_direction=class_direction)
+    model, averaged = _moved_away_from_the_average_in(teacher)
     x, t, r = torch.randn(6, 2), torch.rand(6), torch.rand(6) * 0.5
     y, null = torch.tensor([0, 1, 2, 3, 4, 1]), torch.full((6,), 4)
     field, direction = (averaged, model) if class_direction == "online" else (model, averaged)
@@ -369,29 +392,11 @@ def test_a_split_field_teacher_with_an_unknown_class_direction_is_refused_by_nam
         split_variants.SplitFieldTeacher(EMATeacher(0.99), null_label=4, class_direction="ema")
 
 
-@pytest.mark.parametrize("name", sorted(TIME_SPLIT_VARIANTS))
-def test_the_time_split_variants_differ_from_their_loss_only_in_the_chain_teacher(name):
-    loss, teacher = curves.unpack(split_variants.VARIANTS[name](None))
-    make_plain, averaged_end = TIME_SPLIT_VARIANTS[name]
-    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(make_plain()))
-    assert isinstance(teacher, split_variants.TimeSplitTeacher) and loss.rcgm_teacher is teacher
-    assert teacher.split == 0.5 and teacher.averaged_end == averaged_end and teacher.average.target_decay == 0.99
-    assert isinstance(loss.guidance_teacher, OnlineTeacher)
-
-
 @pytest.mark.parametrize("averaged_end", ["noise", "data"])
 def test_the_time_split_teacher_reads_the_average_on_its_side_of_the_split_and_the_online_model_on_the_other(
         averaged_end):
-    from twinloss import toy
-
-    torch.manual_seed(0)
-    model = toy.TimeMLP((2,), width=16, depth=2, num_classes=4)
     teacher = split_variants.TimeSplitTeacher(EMATeacher(0.5), split=0.5, averaged_end=averaged_end)
-    teacher.update(model)  # the average starts at these weights
-    averaged = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    model, averaged = _moved_away_from_the_average_in(teacher)
     x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 3, 4, 1])
     t = torch.tensor([0.99, 0.2, 0.5, 0.51, 0.7, 0.05])
     r = t * 0.5
@@ -414,14 +419,6 @@ def test_a_time_split_teacher_with_a_bad_split_or_end_is_refused_by_name(setting
     with pytest.raises(ValueError, match=match):
         split_variants.TimeSplitTeacher(EMATeacher(0.99), **settings)
 
-
-
-@pytest.mark.parametrize("name", sorted(DOUBLE_EMA_VARIANTS))
-def test_the_double_ema_variants_differ_from_their_loss_only_in_the_chain_teacher(name):
-    loss, teacher = curves.unpack(split_variants.VARIANTS[name](None))
-    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(DOUBLE_EMA_VARIANTS[name]()))
-    assert isinstance(teacher, split_variants.DoubleEMATeacher) and loss.rcgm_teacher is teacher
-    assert teacher.target_decay == 0.99 and isinstance(loss.guidance_teacher, OnlineTeacher)
 
 
 def test_the_double_ema_teacher_reads_twice_the_average_minus_the_average_of_the_average():
@@ -471,27 +468,9 @@ def test_the_double_ema_teacher_follows_a_steady_drift_of_the_weights_that_an_em
         assert 8.5 < lag_single < 9.5  # d / (1 - d) = 9 steps
 
 
-@pytest.mark.parametrize("name", sorted(BLENDED_VARIANTS))
-def test_the_blended_variants_differ_from_their_loss_only_in_the_chain_teacher(name):
-    loss, teacher = curves.unpack(split_variants.VARIANTS[name](None))
-    make_plain, weight = BLENDED_VARIANTS[name]
-    assert _without_teachers(module_settings(loss)) == _without_teachers(module_settings(make_plain()))
-    assert isinstance(teacher, split_variants.BlendedTeacher) and loss.rcgm_teacher is teacher
-    assert teacher.weight == weight and teacher.average.target_decay == 0.99
-    assert isinstance(loss.guidance_teacher, OnlineTeacher)
-
-
 def test_the_blended_teacher_reads_its_weight_of_the_way_from_the_online_field_to_the_average():
-    from twinloss import toy
-
-    torch.manual_seed(0)
-    model = toy.TimeMLP((2,), width=16, depth=2, num_classes=4)
     teacher = split_variants.BlendedTeacher(EMATeacher(0.5), weight=0.25)
-    teacher.update(model)  # the average starts at these weights
-    averaged = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    model, averaged = _moved_away_from_the_average_in(teacher)
     x, t, r, y = torch.randn(5, 2), torch.rand(5), torch.rand(5) * 0.3, torch.tensor([0, 1, 2, 3, 4])
     with torch.no_grad():
         online, average = model(x, t, r, y=y), averaged(x, t, r, y=y)

@@ -284,17 +284,6 @@ class SplitFieldTeacher(Teacher):
         self.average.update(model)
 
 
-def split_field(make_loss, decay: float, class_direction: str) -> curves.MethodFactory:
-    """``make_loss()`` whose RCGM chain reads :class:`SplitFieldTeacher` on an EMA of target ``decay`` (updated after
-    every step by the loop); the guidance pass and the rectification read the online model."""
-
-    def build(pretrained):
-        teacher = SplitFieldTeacher(EMATeacher(decay), null_label=pretrained.num_classes,
-                                    class_direction=class_direction)
-        return make_loss(rcgm_teacher=teacher), teacher
-    return build
-
-
 class TimeSplitTeacher(Teacher):
     r"""The RCGM chain's teacher that reads ``average`` on one side of a time along the path and the online model on
     the other: with ``averaged_end="noise"``, :math:`F_{\bar\theta}(x, t, r)` on the jumps that start above
@@ -330,17 +319,6 @@ class TimeSplitTeacher(Teacher):
 
     def update(self, model) -> None:
         self.average.update(model)
-
-
-def time_split(make_loss, decay: float, split: float, averaged_end: str) -> curves.MethodFactory:
-    """``make_loss()`` whose RCGM chain reads :class:`TimeSplitTeacher` on an EMA of target ``decay`` (updated after
-    every step by the loop) on the ``averaged_end`` side of ``split``; the guidance pass and the rectification
-    read the online model."""
-
-    def build(pretrained):
-        teacher = TimeSplitTeacher(EMATeacher(decay), split=split, averaged_end=averaged_end)
-        return make_loss(rcgm_teacher=teacher), teacher
-    return build
 
 
 class DoubleEMATeacher(MovingAverageTeacher):
@@ -411,24 +389,20 @@ class BlendedTeacher(Teacher):
         self.average.update(model)
 
 
-def blended(make_loss, decay: float, weight: float) -> curves.MethodFactory:
-    """``make_loss()`` whose RCGM chain reads :class:`BlendedTeacher` on an EMA of target ``decay`` (updated after
-    every step by the loop) at ``weight``; the guidance pass and the rectification read the online model."""
+def chain_taught(make_loss, make_teacher) -> curves.MethodFactory:
+    """``make_loss()`` whose RCGM chain reads ``make_teacher(pretrained)``, a teacher the loop updates after every
+    step; the guidance pass and the rectification read the online model."""
 
     def build(pretrained):
-        teacher = BlendedTeacher(EMATeacher(decay), weight=weight)
+        teacher = make_teacher(pretrained)
         return make_loss(rcgm_teacher=teacher), teacher
     return build
 
 
-def double_ema_taught(make_loss, decay: float) -> curves.MethodFactory:
-    """``make_loss()`` whose RCGM chain reads :class:`DoubleEMATeacher` of target ``decay`` (updated after every step
-    by the loop); the guidance pass and the rectification read the online model."""
-
-    def build(pretrained):
-        teacher = DoubleEMATeacher(decay)
-        return make_loss(rcgm_teacher=teacher), teacher
-    return build
+def split_field(make_loss, decay: float, class_direction: str) -> curves.MethodFactory:
+    """The chain on :class:`SplitFieldTeacher` over an EMA of target ``decay`` (:func:`chain_taught`)."""
+    return chain_taught(make_loss, lambda pretrained: SplitFieldTeacher(
+        EMATeacher(decay), null_label=pretrained.num_classes, class_direction=class_direction))
 
 
 ONE_STEP_CHAIN = ("one_step",)
@@ -550,17 +524,17 @@ VARIANTS: dict[str, curves.MethodFactory] = {
         TwinFlowLoss, 0.99, "average"),
     "RCGM only, defaults, RCGM chain online, class direction from an EMA 0.99": split_field(
         TwinFlowLoss.rcgm, 0.99, "average"),
-    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": time_split(TwinFlowLoss, 0.99, 0.5, "noise"),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": time_split(TwinFlowLoss.rcgm, 0.99, 0.5, "noise"),
-    "TwinFlow defaults, RCGM chain on an EMA 0.99 below t 0.5": time_split(TwinFlowLoss, 0.99, 0.5, "data"),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99 below t 0.5": time_split(TwinFlowLoss.rcgm, 0.99, 0.5, "data"),
-    "TwinFlow defaults, RCGM chain on a double EMA 0.99": double_ema_taught(TwinFlowLoss, 0.99),
-    "RCGM only, defaults, RCGM chain on a double EMA 0.99": double_ema_taught(TwinFlowLoss.rcgm, 0.99),
-    "TwinFlow defaults, RCGM chain a quarter of the way to an EMA 0.99": blended(TwinFlowLoss, 0.99, 0.25),
-    "RCGM only, defaults, RCGM chain a quarter of the way to an EMA 0.99": blended(TwinFlowLoss.rcgm, 0.99, 0.25),
-    "TwinFlow defaults, RCGM chain a thirty-second of the way to an EMA 0.99": blended(TwinFlowLoss, 0.99, 1 / 32),
-    "RCGM only, defaults, RCGM chain a thirty-second of the way to an EMA 0.99": blended(
-        TwinFlowLoss.rcgm, 0.99, 1 / 32),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": chain_taught(TwinFlowLoss, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "noise")),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": chain_taught(TwinFlowLoss.rcgm, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "noise")),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 below t 0.5": chain_taught(TwinFlowLoss, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "data")),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 below t 0.5": chain_taught(TwinFlowLoss.rcgm, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "data")),
+    "TwinFlow defaults, RCGM chain on a double EMA 0.99": chain_taught(TwinFlowLoss, lambda _: DoubleEMATeacher(0.99)),
+    "RCGM only, defaults, RCGM chain on a double EMA 0.99": chain_taught(TwinFlowLoss.rcgm, lambda _: DoubleEMATeacher(0.99)),
+    "TwinFlow defaults, RCGM chain a quarter of the way to an EMA 0.99": chain_taught(TwinFlowLoss, lambda _: BlendedTeacher(EMATeacher(0.99), 0.25)),
+    "RCGM only, defaults, RCGM chain a quarter of the way to an EMA 0.99": chain_taught(TwinFlowLoss.rcgm, lambda _: BlendedTeacher(EMATeacher(0.99), 0.25)),
+    "TwinFlow defaults, RCGM chain a thirty-second of the way to an EMA 0.99": chain_taught(TwinFlowLoss, lambda _: BlendedTeacher(EMATeacher(0.99), 1 / 32)),
+    "RCGM only, defaults, RCGM chain a thirty-second of the way to an EMA 0.99": chain_taught(
+        TwinFlowLoss.rcgm, lambda _: BlendedTeacher(EMATeacher(0.99), 1 / 32)),
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
