@@ -16,6 +16,7 @@ from twinloss import (  # noqa: E402
     ShiftedTime, TwinFlowLoss, WeightAverage,
 )
 from twinloss.teachers import MovingAverageTeacher  # noqa: E402
+from twinloss.loss import UNGUIDED_SHARES, default_rectify_time  # noqa: E402
 from twinloss.trajectory import TrajectorySampler  # noqa: E402
 
 from default_loss import assert_default_loss_except, module_settings  # noqa: E402
@@ -33,6 +34,10 @@ CHANGED = {
     "TwinFlow w 0, extra fake rows": ("guidance_scale", "fake_rows"),
     "TwinFlow defaults, extra fake rows, fake times from s": ("fake_rows",),
     "TwinFlow defaults, extra fake rows, no rectification": ("fake_rows", "rectify_weight"),
+    "TwinFlow defaults, guidance interval (0.2, 0.7), unguided partition and law of s":
+        ("guidance_interval", "shares", "rectify_time"),
+    "TwinFlow defaults, guidance interval (0.2, 0.7), unguided partition": ("guidance_interval", "shares"),
+    "TwinFlow defaults, guidance interval (0.2, 0.7), unguided law of s": ("guidance_interval", "rectify_time"),
 }
 RCGM_VARIANT = "RCGM only, defaults, one-step half"
 RCGM_SMALLER_SCALE = "RCGM only, defaults at w 0.2"
@@ -177,6 +182,12 @@ def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(
     assert loss.trajectory.fake_rows == ("added" if "extra fake rows" in name else "from_batch")
     if "twin share 1/3" in name:
         assert loss.trajectory.shares == GroupShares.from_twin_share(1 / 3) and loss.rectify_time is None
+    if "guidance interval (0.2, 0.7)" in name:
+        assert loss.guidance_interval == (0.2, 0.7)
+        assert (loss.trajectory.shares == UNGUIDED_SHARES) == ("unguided partition" in name)
+        law, unguided_law = loss.rectify_law(conditioned=True), default_rectify_time(0.0, conditioned=True)
+        same_law = type(law) is type(unguided_law) and module_settings(law) == module_settings(unguided_law)
+        assert same_law == ("law of s" in name)
 
 
 def test_the_rcgm_variant_is_rcgm_only_with_the_guided_defaults_anchor_of_half_the_batch():

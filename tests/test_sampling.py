@@ -123,9 +123,35 @@ def test_guidance_is_one_batched_call_per_step():
     assert_close(out.sample, -(2 + 1.5 * (2 - 0)) * torch.ones(3, 2))
 
 
+def test_a_guidance_interval_guides_only_the_steps_that_start_inside_it():
+    """Euler in float64, written out: CFG ``F_c + w (F_c - F_u)`` on the steps with ``0.2 < s < 0.7``, the
+    conditional velocity alone elsewhere, and one batched call per guided step, one plain call per other."""
+    calls = []
+
+    def model(x_t, t, r, y):
+        calls.append(x_t.shape[0])
+        return x_t * t[:, None] + y[:, None].to(x_t.dtype)  # cond and uncond differ by y
+
+    z = torch.randn(3, 2, dtype=torch.float64)
+    y, null = torch.full((3,), 2), torch.zeros(3, dtype=torch.long)
+    w, schedule = 1.5, [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]  # starts 1 and 0.8 outside, 0.6 and 0.4 inside, 0.2 on the edge
+    out = AnyStepSampler(5, mode="multi", guidance_scale=w, guidance_interval=(0.2, 0.7))(
+        model, z, cond={"y": y}, uncond={"y": null})
+    x = z.clone()
+    for s, s_next in zip(schedule[:-1], schedule[1:]):
+        velocity = x * s + 2.0 + (w * (2.0 - 0.0) if 0.2 < s < 0.7 else 0.0)
+        x = x - (s - s_next) * velocity
+    assert_close(out.sample, x)
+    assert calls == [3, 3, 6, 6, 3] and out.model_calls == 5
+    every_step = AnyStepSampler(5, mode="multi", guidance_scale=w)(model, z, cond={"y": y}, uncond={"y": null})
+    assert not torch.allclose(every_step.sample, out.sample)  # without the interval every step is guided
+
+
 @pytest.mark.parametrize(
     "make,match",
     [
+        (lambda: AnyStepSampler(2, guidance_interval=(0.2, 0.7)), r"^guidance_interval=\(0.2, 0.7\) limits guidance"),
+        (lambda: AnyStepSampler(2, guidance_scale=1.0, guidance_interval=(0.7, 0.2)), "^guidance_interval must "),
         (lambda: AnyStepSampler(0), "^steps "),
         (lambda: AnyStepSampler(2, mode="jump"), "^mode "),
         (lambda: AnyStepSampler(2, mode="few", heun=True), "^heun"),

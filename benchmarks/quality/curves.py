@@ -91,16 +91,23 @@ from twinloss_demo.training import DrawBatch, train  # noqa: E402
 PRETRAIN_LR = 1e-3
 FM_STEPS = (1, 2, 4, 50)
 SAMPLINGS = ("raw", "ema", "power")
-GUIDED_REFERENCES = (("50-cfg2", 50, 1.0), ("50-cfg1.5", 50, 0.5), ("50-cfg1.25", 50, 0.25), ("50-cfg3", 50, 2.0),
-                     ("4-cfg2", 4, 1.0))
-"""Label, Euler steps and sampling ``guidance_scale`` of the guided references (conditional tasks).
+MIDDLE = (0.2, 0.7)
+"""The middle of the path, ``0.2 < t < 0.7``, where the loss's and the sampler's ``guidance_interval`` guide."""
+GUIDED_REFERENCES = (("50-cfg2", 50, 1.0, None), ("50-cfg1.5", 50, 0.5, None), ("50-cfg1.25", 50, 0.25, None),
+                     ("50-cfg3", 50, 2.0, None), ("4-cfg2", 4, 1.0, None),
+                     ("50-cfg2-middle", 50, 1.0, MIDDLE), ("4-cfg2-middle", 4, 1.0, MIDDLE))
+"""Label, Euler steps, sampling ``guidance_scale`` and ``guidance_interval`` of the guided references
+(conditional tasks).
 
 ``w = 0.5`` with the online teacher trains classifier-free guidance of scale
 ``1 / (1 - w) = 2`` into the model (``TwinFlowLoss``'s ``guidance_scale``), so
 its like-for-like multi-step references are flow matching sampled at CFG 2,
 ``F_c + 1 (F_c - F_u)``, at 50 and at 4 Euler steps (issue 12's two
-bars). CFG 1.25, 1.5 and 3 draw the multi-step frontier
-the settings of ``guidance_sweep.py`` are placed against.
+bars). Trained with ``guidance_interval=(0.2, 0.7)`` it is CFG 2 on the
+middle of the path and none elsewhere, so its references are flow matching
+sampled with CFG 2 on the steps that start there (``-middle``). CFG 1.25,
+1.5 and 3 draw the multi-step frontier the settings of
+``guidance_sweep.py`` are placed against.
 """
 SAMPLE_SEED = 0
 DEFAULT_OUT = "benchmarks/quality/results/curves"
@@ -337,30 +344,34 @@ def unpack(made: Made) -> tuple[twinloss.TwinFlowLoss, twinloss.Teacher | None]:
     raise ValueError(f"a method factory must return a TwinFlowLoss or (TwinFlowLoss, teacher), got {made!r}")
 
 
-def sample(model, bench: Bench, steps: int, mode: str, guidance: float = 0.0) -> Tensor:
-    sampler = twinloss.AnyStepSampler(steps, mode=mode, guidance_scale=guidance)
+def sample(model, bench: Bench, steps: int, mode: str, guidance: float = 0.0,
+           interval: tuple[float, float] | None = None) -> Tensor:
+    sampler = twinloss.AnyStepSampler(steps, mode=mode, guidance_scale=guidance, guidance_interval=interval)
     uncond = bench.uncond if guidance > 0 else None
     return sampler(model, bench.noise, cond=bench.cond, uncond=uncond,
                    generator=torch.Generator().manual_seed(SAMPLE_SEED)).sample
 
 
 def score_point(bench: Bench, model: nn.Module, kept: dict, steps: tuple[int, ...], mode: str,
-                guided: tuple[tuple[str, int, float], ...] = ()) -> dict[str, dict]:
+                guided: tuple[tuple[str, int, float, tuple[float, float] | None], ...] = ()) -> dict[str, dict]:
     """``{"raw/K": scores, "ema/K": ..., "power/K": ...}`` for every step count ``K`` in ``steps``.
 
-    Each ``(label, K, scale)`` of ``guided`` adds ``"raw/label"`` etc.: ``K`` steps at sampling guidance ``scale``.
+    Each ``(label, K, scale, interval)`` of ``guided`` adds ``"raw/label"`` etc.: ``K`` steps at sampling
+    guidance ``scale``, on the steps that start inside ``interval`` (every step if None).
     """
-    runs = [(str(count), count, 0.0) for count in steps] + list(guided)
+    runs = [(str(count), count, 0.0, None) for count in steps] + list(guided)
     point = {}
-    for label, count, scale in runs:
-        point[f"raw/{label}"] = bench.score(sample(model, bench, count, mode, scale))
+    for label, count, scale, interval in runs:
+        point[f"raw/{label}"] = bench.score(sample(model, bench, count, mode, scale, interval))
         for name, average in kept.items():
-            point[f"{name}/{label}"] = bench.score(sample(average.sampling_model(model), bench, count, mode, scale))
+            point[f"{name}/{label}"] = bench.score(
+                sample(average.sampling_model(model), bench, count, mode, scale, interval))
     return point
 
 
 def fine_tune_curve(bench: Bench, task: Task, sizes: Sizes, loss_fn, teacher, steps: tuple[int, ...], mode: str,
-                    final: dict | None = None, guided: tuple[tuple[str, int, float], ...] = ()) -> dict:
+                    final: dict | None = None,
+                    guided: tuple[tuple[str, int, float, tuple[float, float] | None], ...] = ()) -> dict:
     """Fine-tune a copy of the pretrained model for 3x budget; ``{str(step): score_point(...)}`` at each checkpoint.
 
     ``final``, when given, receives the last checkpoint's weights: ``"raw"`` (the
@@ -383,8 +394,8 @@ def fine_tune_curve(bench: Bench, task: Task, sizes: Sizes, loss_fn, teacher, st
 def reference(bench: Bench, task: Task, sizes: Sizes) -> dict:
     """Data floor, the pretrained model at 1/2/4/50 Euler steps, and flow matching continued (same checkpoints).
 
-    Conditional tasks add 50 steps at CFG 2, 1.5, 1.25 and 3 and 4 steps at CFG 2 (``GUIDED_REFERENCES``), the
-    references of guided recipes.
+    Conditional tasks add 50 steps at CFG 2, 1.5, 1.25 and 3 and 4 steps at CFG 2, on the whole path and (CFG
+    2) on its middle (``GUIDED_REFERENCES``), the references of guided recipes.
     """
     guided = GUIDED_REFERENCES if bench.uncond is not None else ()
     start = {key.split("/", 1)[1]: scores

@@ -131,8 +131,10 @@ import torch  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 from twinloss import (  # noqa: E402
-    EMATeacher, FrozenTeacher, GroupShares, L2Distance, Teacher, TimeDistribution, TwinFlowLoss, WeightAverage,
+    EMATeacher, FrozenTeacher, GroupShares, L2Distance, ShiftedTime, Teacher, TimeDistribution, TwinFlowLoss,
+    WeightAverage,
 )
+from twinloss.loss import UNGUIDED_SHARES  # noqa: E402
 from twinloss.protocol import select_rows  # noqa: E402
 from twinloss.targets import unchecked_rcgm_displacement  # noqa: E402
 from twinloss.teachers import MovingAverageTeacher, as_module  # noqa: E402
@@ -538,6 +540,12 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
         TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
+    "TwinFlow defaults, guidance interval (0.2, 0.7), unguided partition and law of s": lambda pretrained: (
+        TwinFlowLoss(guidance_interval=(0.2, 0.7), shares=UNGUIDED_SHARES, rectify_time=ShiftedTime(1 / 3))),
+    "TwinFlow defaults, guidance interval (0.2, 0.7), unguided partition": lambda pretrained: TwinFlowLoss(
+        guidance_interval=(0.2, 0.7), shares=UNGUIDED_SHARES),
+    "TwinFlow defaults, guidance interval (0.2, 0.7), unguided law of s": lambda pretrained: TwinFlowLoss(
+        guidance_interval=(0.2, 0.7), rectify_time=ShiftedTime(1 / 3)),
 }
 
 

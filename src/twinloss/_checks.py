@@ -6,7 +6,7 @@ expected, as the rest of twinloss does for a caller's input.
 
 import math
 
-__all__ = ["check_instance", "check_int", "check_real"]
+__all__ = ["check_guidance_interval", "check_instance", "check_int", "check_real"]
 
 
 def check_int(value: object, name: str, *, minimum: int) -> int:
@@ -39,3 +39,18 @@ def check_instance(value: object, name: str, kind: type) -> None:
     """
     if not isinstance(value, kind):
         raise ValueError(f"{name} must be a {kind.__name__} instance, got {value!r}")
+
+
+def check_guidance_interval(interval: object) -> tuple[float, float]:
+    """``guidance_interval`` as ``(low, high)`` with ``0 <= low < high <= 1``: the open interval of times
+    ``low < t < high`` where classifier-free guidance applies (the loss's step 4 and the sampler alike).
+
+    Raises:
+        ValueError: naming ``guidance_interval``, for anything but such a pair.
+    """
+    if not (isinstance(interval, tuple | list) and len(interval) == 2):
+        raise ValueError(f"guidance_interval must be a pair (low, high), got {interval!r}")
+    low, high = (check_real(bound, "guidance_interval") for bound in interval)
+    if not (0.0 <= low < high <= 1.0):
+        raise ValueError(f"guidance_interval must satisfy 0 <= low < high <= 1, got {interval}")
+    return low, high

@@ -37,7 +37,7 @@ from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor, nn
 
 from twinloss import presets
-from twinloss._checks import check_instance, check_int, check_real
+from twinloss._checks import check_guidance_interval, check_instance, check_int, check_real
 from twinloss._random import RandomState
 from twinloss._tensors import at_least_float32
 from twinloss.distances import BarronDistance, Distance, L2Distance
@@ -146,16 +146,6 @@ def _check_components(
     for name, value, kind in kinds:
         if value is not None:
             check_instance(value, name, kind)
-
-
-def _checked_interval(interval: object) -> tuple[float, float]:
-    """``guidance_interval`` as ``(low, high)`` with ``0 <= low < high <= 1``, or a ``ValueError`` naming it."""
-    if not (isinstance(interval, tuple | list) and len(interval) == 2):
-        raise ValueError(f"guidance_interval must be a pair (low, high), got {interval!r}")
-    low, high = (check_real(bound, "guidance_interval") for bound in interval)
-    if not (0.0 <= low < high <= 1.0):
-        raise ValueError(f"guidance_interval must satisfy 0 <= low < high <= 1, got {interval}")
-    return low, high
 
 
 UNUSED_SETTING_DEFAULTS: dict[str, object] = {
@@ -662,7 +652,7 @@ class TwinFlowLoss(nn.Module):
         _checked_scale(guidance_scale)
         if not check_real(rectify_weight, "rectify_weight") >= 0:
             raise ValueError(f"rectify_weight must be a finite number >= 0, got {rectify_weight}")
-        low, high = _checked_interval(guidance_interval)
+        low, high = check_guidance_interval(guidance_interval)
         _check_unused_settings(
             guidance_scale=guidance_scale, guidance_interval=(low, high), rectify_weight=rectify_weight,
             rectify_clamp=rectify_clamp, estimate_order=estimate_order, estimate_step=estimate_step,

@@ -27,7 +27,7 @@ from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 
 from twinloss._tensors import at_least_float32
-from twinloss._checks import check_int
+from twinloss._checks import check_guidance_interval, check_int
 from twinloss.evaluator import StepEvaluator
 from twinloss.paths import AffinePath, LinearPath
 from twinloss.protocol import (
@@ -372,6 +372,13 @@ class AnyStepSampler(nn.Module):
             none, the trained model has guidance baked in). ``uncond`` is
             required when it is > 0 and refused when it is 0 (it would be
             ignored).
+        guidance_interval: ``(low, high)``: guide only the steps whose start
+            time lies in the open interval ``low < s < high``, as the loss's
+            ``guidance_interval`` guides only the rows inside it; a step
+            outside makes one conditional call (*default* None: every step).
+            Guidance on the middle of the path (Kynkaanniemi et al., NeurIPS
+            2024) samples a multi-step model like for like with a TwinFlow
+            model trained with the same interval. Needs ``guidance_scale > 0``.
         return_trajectory: keep every intermediate state.
         path: the path used to re-noise in few mode (*default* linear); the
             other modes never re-noise, so they refuse it.
@@ -389,6 +396,7 @@ class AnyStepSampler(nn.Module):
         shift: float = 1.0,
         heun: bool = False,
         guidance_scale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         return_trajectory: bool = False,
         path: AffinePath | None = None,
     ) -> None:
@@ -405,6 +413,13 @@ class AnyStepSampler(nn.Module):
         )
         if not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        if guidance_interval is not None:
+            guidance_interval = check_guidance_interval(guidance_interval)
+            if guidance_scale == 0:
+                raise ValueError(
+                    f"guidance_interval={guidance_interval} limits guidance, but guidance_scale=0 applies none: "
+                    "pass guidance_scale > 0 or leave guidance_interval out"
+                )
         if path is not None and mode != "few":
             raise ValueError(
                 f"path is given, but mode={mode!r} never re-noises (its step x - (t - r) F holds on any path); "
@@ -419,6 +434,7 @@ class AnyStepSampler(nn.Module):
         self.shift = float(shift)
         self.heun = heun
         self.guidance_scale = float(guidance_scale)
+        self.guidance_interval = guidance_interval
         self.return_trajectory = return_trajectory
         self.path = path if path is not None else LinearPath()
 
@@ -427,7 +443,7 @@ class AnyStepSampler(nn.Module):
         """A sampler with the settings of :data:`SAMPLER_PRESETS` ``[name]``.
 
         ``overrides`` may set the arguments a preset leaves open
-        (``guidance_scale``, ``return_trajectory``, ``path``, ``heun``, ``shift``).
+        (``guidance_scale``, ``guidance_interval``, ``return_trajectory``, ``path``, ``heun``, ``shift``).
 
         Raises:
             ValueError: for an unknown name, or an override of a setting the
@@ -517,20 +533,29 @@ class AnyStepSampler(nn.Module):
             schedule = schedule.to(device=noise.device, dtype=work)
         calls = 0
 
+        def guided_at(s: Tensor) -> bool:
+            if self.guidance_scale == 0:
+                return False
+            if self.guidance_interval is None:
+                return True
+            low, high = self.guidance_interval
+            return low < float(s) < high
+
         def velocity(x: Tensor, s: Tensor, s_target: Tensor) -> Tensor:
             nonlocal calls
             calls += 1
             t = s.expand(batch).clone()
             r = s_target.expand(batch).clone()
-            if self.guidance_scale == 0:
+            guided = guided_at(s)
+            if not guided:
                 out = model(x.to(noise.dtype), t, r, **cond)
             else:
                 out = model(
                     torch.cat([x, x]).to(noise.dtype), torch.cat([t, t]), torch.cat([r, r]), **both_cond
                 )
-            StepEvaluator.checked("sampler", ((1 if self.guidance_scale == 0 else 2) * batch, *x.shape[1:]), out)
+            StepEvaluator.checked("sampler", ((2 if guided else 1) * batch, *x.shape[1:]), out)
             out = out.to(work)
-            if self.guidance_scale == 0:
+            if not guided:
                 return out
             cond_velocity, uncond_velocity = out.chunk(2)
             return guidance_target(cond_velocity, cond_velocity, uncond_velocity, self.guidance_scale)
