@@ -138,7 +138,7 @@ def test_a_guidance_interval_guides_only_the_steps_that_start_inside_it():
     out = AnyStepSampler(5, mode="multi", guidance_scale=w, guidance_interval=(0.2, 0.7))(
         model, z, cond={"y": y}, uncond={"y": null})
     x = z.clone()
-    for s, s_next in zip(schedule[:-1], schedule[1:]):
+    for s, s_next in zip(schedule[:-1], schedule[1:], strict=True):
         velocity = x * s + 2.0 + (w * (2.0 - 0.0) if 0.2 < s < 0.7 else 0.0)
         x = x - (s - s_next) * velocity
     assert_close(out.sample, x)
