@@ -114,7 +114,15 @@ with one thing changed, on ``curves.py``'s pretrained weights and batches
   online field to the EMA's, ``RCGM chain a quarter of the way to an EMA
   0.99`` (:class:`BlendedTeacher`: the same average, a softer pull), and
   a thirty-second of the way, where the amplified mismatch stays below the
-  field.
+  field;
+* guidance on the middle of the path with the unguided default's other
+  settings (thirtieth round): ``guidance interval (0.2, 0.7), unguided
+  partition and law of s`` (``guidance_interval=(0.2, 0.7)``, a fake share
+  of 1/8, :data:`~twinloss.loss.UNGUIDED_SHARES`, and ``s`` towards the
+  data, ``ShiftedTime(1/3)``), and each of the two alone (``unguided
+  partition``, ``unguided law of s``); their RCGM-only counterpart is
+  ``RCGM only, defaults, guidance interval (0.2, 0.7)``, which neither
+  setting changes.
 
     export PYTHONPATH=$PWD/src:$PWD/adapters:$PWD/demo OMP_NUM_THREADS=1
     python benchmarks/quality/split_variants.py --task ring --seed 40 --skip-fm --eval 16000 --methods "no rectification"
