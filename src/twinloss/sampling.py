@@ -372,10 +372,11 @@ class AnyStepSampler(nn.Module):
             none, the trained model has guidance baked in). ``uncond`` is
             required when it is > 0 and refused when it is 0 (it would be
             ignored).
-        guidance_interval: ``(low, high)``: guide only the steps whose start
-            time lies in the open interval ``low < s < high``, as the loss's
-            ``guidance_interval`` guides only the rows inside it; a step
-            outside makes one conditional call (*default* None: every step).
+        guidance_interval: ``(low, high)``: guide only the model calls
+            whose time lies in the open interval ``low < s < high`` (each
+            step's start time; Heun's correction call its end time), as the
+            loss's ``guidance_interval`` guides only the rows inside it; a
+            call outside is one conditional call (*default* None: every call).
             Guidance on the middle of the path (Kynkaanniemi et al., NeurIPS
             2024) samples a multi-step model like for like with a TwinFlow
             model trained with the same interval. Needs ``guidance_scale > 0``.
