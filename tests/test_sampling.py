@@ -145,6 +145,10 @@ def test_a_guidance_interval_guides_only_the_steps_that_start_inside_it():
     assert calls == [3, 3, 6, 6, 3] and out.model_calls == 5
     every_step = AnyStepSampler(5, mode="multi", guidance_scale=w)(model, z, cond={"y": y}, uncond={"y": null})
     assert not torch.allclose(every_step.sample, out.sample)  # without the interval every step is guided
+    calls.clear()  # Heun's correction call is guided by its own time, the step's end
+    AnyStepSampler(5, mode="multi", heun=True, guidance_scale=w, guidance_interval=(0.2, 0.7))(
+        model, z, cond={"y": y}, uncond={"y": null})
+    assert calls == [3, 3, 3, 6, 6, 6, 6, 3, 3]  # (1, 0.8), (0.8, 0.6), (0.6, 0.4), (0.4, 0.2), then 0.2 alone
 
 
 @pytest.mark.parametrize(
