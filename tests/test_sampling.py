@@ -123,7 +123,7 @@ def test_guidance_is_one_batched_call_per_step():
     assert_close(out.sample, -(2 + 1.5 * (2 - 0)) * torch.ones(3, 2))
 
 
-def test_a_guidance_interval_guides_only_the_steps_that_start_inside_it():
+def test_a_guidance_interval_guides_only_the_model_calls_whose_time_lies_inside_it():
     """Euler in float64, written out: CFG ``F_c + w (F_c - F_u)`` on the steps with ``0.2 < s < 0.7``, the
     conditional velocity alone elsewhere, and one batched call per guided step, one plain call per other."""
     calls = []
