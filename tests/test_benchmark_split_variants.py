@@ -38,6 +38,8 @@ CHANGED = {
         ("guidance_interval", "shares", "rectify_time"),
     "TwinFlow defaults, guidance interval (0.2, 0.7), unguided partition": ("guidance_interval", "shares"),
     "TwinFlow defaults, guidance interval (0.2, 0.7), unguided law of s": ("guidance_interval", "rectify_time"),
+    "TwinFlow defaults at w 0.2, guidance interval (0.2, 0.7), unguided partition and law of s":
+        ("guidance_scale", "guidance_interval", "shares", "rectify_time"),
 }
 RCGM_VARIANT = "RCGM only, defaults, one-step half"
 RCGM_SMALLER_SCALE = "RCGM only, defaults at w 0.2"
@@ -69,6 +71,11 @@ SETTING_PAIRS = {
         {"guidance_groups": ("multi_step",), "guidance_difference": "data", "guidance_scale": 1 / 3},
 }
 """TwinFlow and RCGM-only variants that change one setting of both defaults alike, with the setting."""
+RCGM_SETTINGS = {
+    "RCGM only, defaults at w 0.2, guidance interval (0.2, 0.7)": {"guidance_scale": 0.2, "guidance_interval": (0.2, 0.7)},
+}
+"""RCGM-only variants that are the ablation of a TwinFlow variant which also changes settings RCGM-only does not have
+(the fake share, the rectification's law of ``s``), with the settings they change from ``TwinFlowLoss.rcgm()``."""
 TWIN_ONLY_SETTINGS = {
     "TwinFlow defaults, twin terms on labelled rows": {"twin_rows": "conditioned"},
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows":
@@ -160,14 +167,14 @@ groups whose chain reads the EMA."""
 
 @pytest.mark.parametrize(
     "name", sorted(set(split_variants.VARIANTS) - {RCGM_VARIANT} - set(TEACHER_VARIANTS) - set().union(*SETTING_PAIRS)
-                   - set(TWIN_ONLY_SETTINGS) - set(EMA_VARIANTS) - set(GROUP_CHAIN_VARIANTS)
+                   - set(TWIN_ONLY_SETTINGS) - set(RCGM_SETTINGS) - set(EMA_VARIANTS) - set(GROUP_CHAIN_VARIANTS)
                    - set(CLASS_DIRECTION_VARIANTS) - set(TIME_SPLIT_VARIANTS) - set(DOUBLE_EMA_VARIANTS)
                    - set(BLENDED_VARIANTS))
 )
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
     assert isinstance(loss, TwinFlowLoss)
-    expected_scale = 0.0 if name.startswith("TwinFlow w 0,") else 0.2 if name.endswith("w 0.2") else 0.5
+    expected_scale = 0.0 if name.startswith("TwinFlow w 0,") else 0.2 if "at w 0.2" in name else 0.5
     assert loss.guidance_scale == expected_scale
     assert_default_loss_except(loss, *CHANGED[name])
     if "l2" in name:
@@ -210,6 +217,13 @@ def test_each_setting_pair_differs_from_the_default_pair_only_in_its_setting(nam
 @pytest.mark.parametrize(("name", "setting"), list(TWIN_ONLY_SETTINGS.items()))
 def test_each_twin_only_variant_differs_from_the_default_only_in_its_settings(name, setting):
     loss, default = split_variants.VARIANTS[name](None), TwinFlowLoss()
+    assert all(getattr(default, key) != value for key, value in setting.items())
+    assert module_settings(loss) == module_settings(default) | setting
+
+
+@pytest.mark.parametrize(("name", "setting"), list(RCGM_SETTINGS.items()))
+def test_each_rcgm_only_ablation_differs_from_rcgm_only_in_its_settings(name, setting):
+    loss, default = split_variants.VARIANTS[name](None), TwinFlowLoss.rcgm()
     assert all(getattr(default, key) != value for key, value in setting.items())
     assert module_settings(loss) == module_settings(default) | setting
 

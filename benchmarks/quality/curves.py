@@ -95,7 +95,8 @@ MIDDLE = (0.2, 0.7)
 """The middle of the path, ``0.2 < t < 0.7``, where the loss's and the sampler's ``guidance_interval`` guide."""
 GUIDED_REFERENCES = (("50-cfg2", 50, 1.0, None), ("50-cfg1.5", 50, 0.5, None), ("50-cfg1.25", 50, 0.25, None),
                      ("50-cfg3", 50, 2.0, None), ("4-cfg2", 4, 1.0, None),
-                     ("50-cfg2-middle", 50, 1.0, MIDDLE), ("4-cfg2-middle", 4, 1.0, MIDDLE))
+                     ("50-cfg2-middle", 50, 1.0, MIDDLE), ("4-cfg2-middle", 4, 1.0, MIDDLE),
+                     ("50-cfg1.25-middle", 50, 0.25, MIDDLE), ("4-cfg1.25-middle", 4, 0.25, MIDDLE))
 """Label, Euler steps, sampling ``guidance_scale`` and ``guidance_interval`` of the guided references
 (conditional tasks).
 
@@ -395,7 +396,7 @@ def reference(bench: Bench, task: Task, sizes: Sizes) -> dict:
     """Data floor, the pretrained model at 1/2/4/50 Euler steps, and flow matching continued (same checkpoints).
 
     Conditional tasks add 50 steps at CFG 2, 1.5, 1.25 and 3 and 4 steps at CFG 2, on the whole path and (CFG
-    2) on its middle (``GUIDED_REFERENCES``), the references of guided recipes.
+    2 and 1.25) on its middle (``GUIDED_REFERENCES``), the references of guided recipes.
     """
     guided = GUIDED_REFERENCES if bench.uncond is not None else ()
     start = {key.split("/", 1)[1]: scores
