@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", action="store_true", help="bf16 params, fp32 reduce")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--ema", action="store_true", help="sharded EMA teacher")
-    parser.add_argument("--guidance-scale", type=float, default=0.5)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="the loss's guidance_scale (default: TwinFlowLoss's own, on its default interval)")
     parser.add_argument("--checkpoint", default=None, help="directory for a DCP training state, saved at the end")
     parser.add_argument("--resume", default=None, help="directory of a DCP training state to continue from")
     parser.add_argument("--seed", type=int, default=0)
@@ -81,7 +82,8 @@ def main(argv=None) -> list[float]:
     fully_shard(model, mp_policy=policy)
 
     teacher = ShardedEMATeacher() if args.ema else None
-    loss_fn = twinloss.TwinFlowLoss(guidance_scale=args.guidance_scale, teacher=teacher)
+    guidance = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    loss_fn = twinloss.TwinFlowLoss(teacher=teacher, **guidance)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     data_gen = torch.Generator(device).manual_seed(1000 + rank)
     loss_gen = torch.Generator(device).manual_seed(2000 + rank)

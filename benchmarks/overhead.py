@@ -52,13 +52,14 @@ from torch import Tensor, nn
 from toy_models import BlockMLP
 
 import twinloss
+from twinloss.loss import RELEASED_GUIDANCE
 
 CONFIGS: dict[str, Callable[[], twinloss.TwinFlowLoss]] = {
     "fm": lambda: twinloss.TwinFlowLoss.plain_flow_matching(),
     "rcgm": lambda: twinloss.TwinFlowLoss.rcgm(guidance_scale=0.0),
     "twinflow": lambda: twinloss.TwinFlowLoss(guidance_scale=0.0),
-    "twinflow+cfg": lambda: twinloss.TwinFlowLoss(guidance_scale=0.5),
-    "twinflow+cfg, free rectify": lambda: twinloss.TwinFlowLoss(guidance_scale=0.5, rectify_field="guidance_free"),
+    "twinflow+cfg": lambda: twinloss.TwinFlowLoss(**RELEASED_GUIDANCE),
+    "twinflow+cfg, free rectify": lambda: twinloss.TwinFlowLoss(**RELEASED_GUIDANCE, rectify_field="guidance_free"),
 }
 
 

@@ -44,12 +44,17 @@ def barron(p, q, c=1e-3):
     return mse * ((mse.detach() / c**2 + 1) ** -0.5) / c
 
 
-def default_group_sizes(batch, guidance):
+def guided_to_noise(guidance, interval):
+    """Whether the guided target reaches the noise end: ``w > 0`` on an interval ``(low, 1)``."""
+    return guidance > 0 and interval[1] == 1
+
+
+def default_group_sizes(batch, guidance, interval=(0.2, 0.7)):
     """Rows of the one-step, multi-step, any-step and fake groups under the library's default partition,
-    written out in exact fractions: equal quarters with guidance; without it 7/24 for each real group and
-    1/8 for the fake one. Largest remainders get the leftover rows, equal remainders the smaller share first,
+    written out in exact fractions: equal quarters with guidance that reaches the noise end; otherwise 7/24
+    for each real group and 1/8 for the fake one. Largest remainders get the leftover rows, equal remainders the smaller share first,
     then the groups in this order."""
-    shares = [Fraction(1, 4)] * 4 if guidance > 0 else [Fraction(7, 24)] * 3 + [Fraction(1, 8)]
+    shares = [Fraction(1, 4)] * 4 if guided_to_noise(guidance, interval) else [Fraction(7, 24)] * 3 + [Fraction(1, 8)]
     exact = [share * batch for share in shares]
     sizes = [math.floor(quota) for quota in exact]
     ranked = sorted(range(4), key=lambda k: (sizes[k] - exact[k], shares[k], k))
@@ -58,7 +63,7 @@ def default_group_sizes(batch, guidance):
     return sizes
 
 
-def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=2,
+def reference_step(model, x, y, null_y, seed, *, guidance=0.2, interval=(0.2, 0.7), step=0.01, order=2,
                    clamp=1.0, rectify_weight=0.5, rectify_clamp=1.0, distance=l2, path=linear,
                    image_free=False, guidance_model=None,
                    guidance_groups=("one_step", "multi_step", "any_step"), rectify_field="guided",
@@ -71,24 +76,24 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
     ``rectify_distance`` is step 7's ``rho`` (*default* ``distance``).
     ``sizes`` are the rows of the one-step, multi-step, any-step and fake
     groups, in that order (*default* :func:`default_group_sizes`). Only rows
-    of ``guidance_groups`` are guided. ``rectify_field="guidance_free"`` takes
+    of ``guidance_groups`` whose ``t`` lies strictly inside ``interval`` are guided. ``rectify_field="guidance_free"`` takes
     ``guidance (G_c - G_u)`` of ``guidance_model`` at ``(y, s, s)`` out of the
-    rectification's real field. ``rectify_draw(n, dtype, g)`` draws the
+    rectification's real field where ``s`` lies inside ``interval``. ``rectify_draw(n, dtype, g)`` draws the
     rectification's times ``s``; ``guidance_difference="data"`` guides the
     labelled rows (``y != null_y``) with ``v + w / (1 - w) (v - G_u)`` and
     takes ``w (F - G_u)`` out of the guidance-free field; ``balance_feedback``
     weighs the teacher-guided labelled rows' base term by ``1 / (1 - w)``; ``twin_rows="conditioned"`` weighs the
     fake rows and the rectification rows whose label is the null one by 0; by default the library's rule, written out
-    here for a labelled batch: without guidance the uniform ``u`` shifted
-    towards the data, ``s = u / (3 - 2u)``; with it ``sigmoid`` of a float32
-    standard normal. A ``record`` dict receives the unclamped
+    here for a labelled batch: ``sigmoid`` of a float32 standard normal with guidance that reaches the noise
+    end, otherwise the uniform ``u`` shifted towards the data, ``s = u / (3 - 2u)``. A ``record`` dict receives the unclamped
     corrections: ``"residual"`` (the real rows' RCGM residuals, stacked) and
     ``"gap"`` (the rectification's velocity gap).
     """
     guidance_model = model if guidance_model is None else guidance_model
     g = torch.Generator().manual_seed(seed)
     batch = x.shape[0]
-    sizes = default_group_sizes(batch, guidance) if sizes is None else list(sizes)
+    sizes = default_group_sizes(batch, guidance, interval) if sizes is None else list(sizes)
+    low, high = interval
     assert sum(sizes) == batch
     ends = [sum(sizes[: k + 1]) for k in range(4)]
     one, multi, anys, fake = (slice(end - size, end) for size, end in zip(sizes, ends, strict=True))
@@ -123,11 +128,12 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
             ti, ri = t[i : i + 1], r[i : i + 1]
             xi, vi = x_t[i : i + 1], v[i : i + 1].clone()
             group = ("one_step", "multi_step", "any_step")[sum(i >= end for end in ends[:2])]
-            if guidance > 0 and 0 < ti.item() < 1 and group in guidance_groups and guidance_difference == "data":
+            inside = low < ti.item() < high
+            if guidance > 0 and inside and group in guidance_groups and guidance_difference == "data":
                 if y[i] != null_y[i]:  # the dropped labels keep v
                     fu = guidance_model(xi, ti, ti, y=null_y[i : i + 1])
                     vi = vi + guidance / (1 - guidance) * (vi - fu)
-            elif guidance > 0 and 0 < ti.item() < 1 and group in guidance_groups:
+            elif guidance > 0 and inside and group in guidance_groups:
                 fc = guidance_model(xi, ti, ti, y=y[i : i + 1])
                 fu = guidance_model(xi, ti, ti, y=null_y[i : i + 1])
                 vi = fu + guidance * (fc - fu) if image_free else vi + guidance * (fc - fu)
@@ -152,7 +158,7 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
         z2 = torch.randn(x_hat.shape, dtype=x.dtype, generator=g)
         if rectify_draw is not None:
             s = rectify_draw(n, x.dtype, g)
-        elif guidance > 0:
+        elif guided_to_noise(guidance, interval):
             s = torch.sigmoid(torch.randn(n, dtype=torch.float32, generator=g)).to(x.dtype)
         else:  # the uniform draw shifted towards the data (these batches carry labels)
             u = torch.rand(n, dtype=x.dtype, generator=g)
@@ -160,11 +166,12 @@ def reference_step(model, x, y, null_y, seed, *, guidance=0.5, step=0.01, order=
         a_s, b_s = path(s)
         y_mix = a_s.reshape(view) * z2 + b_s.reshape(view) * x_hat
         real_field = model(y_mix, s, s, y=y[one])
+        guided_s = ((low < s) & (s < high)).reshape(view).to(x.dtype)  # where step 4 trained F(y, s, s) guided
         if rectify_field == "guidance_free" and guidance_difference == "data":
-            labelled = (y[one] != null_y[one]).reshape(view).to(x.dtype)
+            labelled = (y[one] != null_y[one]).reshape(view).to(x.dtype) * guided_s
             real_field = real_field - labelled * guidance * (real_field - guidance_model(y_mix, s, s, y=null_y[one]))
         elif rectify_field == "guidance_free":
-            real_field = real_field - guidance * (
+            real_field = real_field - guided_s * guidance * (
                 guidance_model(y_mix, s, s, y=y[one]) - guidance_model(y_mix, s, s, y=null_y[one]))
         raw_gap = model(y_mix, -s, -s, y=y[one]) - real_field
         gap = raw_gap.clamp(-rectify_clamp, rectify_clamp)

@@ -7,10 +7,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 import balance  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 import curves  # noqa: E402
 
-from twinloss import BetaTime, GroupShares, TwinFlowLoss  # noqa: E402
-from twinloss.loss import default_shares  # noqa: E402
+from twinloss import BetaTime, GroupShares  # noqa: E402
+from twinloss.loss import RELEASED_GUIDANCE, default_shares  # noqa: E402
 
 from default_loss import assert_default_loss_except, module_settings  # noqa: E402
 
@@ -32,11 +33,11 @@ def test_each_variant_is_the_default_loss_with_its_partition_guidance_and_rectif
     setting, partition, *weight = name.removeprefix("TwinFlow ").split(", ")
     loss = balance.VARIANTS[name](None)
     scale = {"w 0": 0.0, "defaults": 0.5}[setting]
-    assert isinstance(loss, TwinFlowLoss) and loss.trajectory.shares == balance.BALANCES[partition]
+    assert isinstance(loss, BenchmarkLoss) and loss.trajectory.shares == balance.BALANCES[partition]
     assert loss.guidance_scale == scale
     assert loss.rectify_weight == (float(weight[0].removeprefix("rectify weight ")) if weight else 0.5)
     # a partition alone is a variant only where it is not the default; with a lighter rectification it may be
-    moved = loss.trajectory.shares != default_shares(scale)
+    moved = loss.trajectory.shares != default_shares(scale, RELEASED_GUIDANCE["guidance_interval"])
     assert moved or weight
     # the uniform s the stored runs used is written out: without guidance (the unguided default until the
     # twelfth round), and with it for the partitions whose every run predates the eighth round's guided law

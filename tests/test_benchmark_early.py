@@ -8,11 +8,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 import balance  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 import curves  # noqa: E402
 import early  # noqa: E402
 import guidance  # noqa: E402
 
-from twinloss import BarronDistance, L2Distance, TwinFlowLoss, toy  # noqa: E402
+from twinloss import BarronDistance, L2Distance, toy  # noqa: E402
 from twinloss.loss import default_shares  # noqa: E402
 
 from default_loss import assert_default_loss_except, module_settings  # noqa: E402
@@ -28,7 +29,7 @@ def test_the_partitions_give_the_shares_their_names_say():
 @pytest.mark.parametrize("name", sorted(early.VARIANTS))
 def test_each_variant_is_the_unguided_default_loss_with_its_partition_warm_up_or_rectification_only(name):
     loss = early.VARIANTS[name](None)
-    assert isinstance(loss, TwinFlowLoss) and loss.guidance_scale == 0.0
+    assert isinstance(loss, BenchmarkLoss) and loss.guidance_scale == 0.0
     third = "1/3" in name
     assert loss.trajectory.shares == (early.ONE_STEP_THIRD if third else early.FAKE_EIGHTH)
     assert isinstance(loss, early.RectificationWarmUp) == ("warm" in name)
@@ -48,7 +49,7 @@ def test_each_variant_is_the_unguided_default_loss_with_its_partition_warm_up_or
     assert len({curves.slug(other) for other in early.VARIANTS}) == len(early.VARIANTS)
 
 
-def _step(loss: TwinFlowLoss, model: torch.nn.Module, seed: int) -> torch.Tensor:
+def _step(loss: BenchmarkLoss, model: torch.nn.Module, seed: int) -> torch.Tensor:
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(100 + seed))
     return loss(model, x, generator=torch.Generator().manual_seed(seed)).loss
 
@@ -61,9 +62,9 @@ def test_the_warm_up_ramps_the_rectification_weight_linearly_then_holds_it():
     warm = early.RectificationWarmUp(4, guidance_scale=0.0)
     for call in range(1, 7):
         weight = 0.5 * min(1.0, call / 4)
-        assert torch.equal(_step(warm, model, call), _step(TwinFlowLoss(guidance_scale=0.0, rectify_weight=weight), model, call))
+        assert torch.equal(_step(warm, model, call), _step(BenchmarkLoss(guidance_scale=0.0, rectify_weight=weight), model, call))
         assert warm.rectify_weight == weight and warm.full_rectify_weight == 0.5
-    assert not torch.equal(_step(early.RectificationWarmUp(4, guidance_scale=0.0), model, 1), _step(TwinFlowLoss(guidance_scale=0.0), model, 1))
+    assert not torch.equal(_step(early.RectificationWarmUp(4, guidance_scale=0.0), model, 1), _step(BenchmarkLoss(guidance_scale=0.0), model, 1))
     with pytest.raises(ValueError, match="warmup must be at least 1"):
         early.RectificationWarmUp(0)
 

@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 import guidance_sweep  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 
 import twinloss  # noqa: E402
 from twinloss import toy  # noqa: E402
@@ -18,7 +19,7 @@ def pretrained():
     return toy.TimeMLP((1, 8, 8), width=16, depth=2, num_classes=10)
 
 
-def is_rcgm(loss: twinloss.TwinFlowLoss) -> bool:
+def is_rcgm(loss: BenchmarkLoss) -> bool:
     return loss.trajectory.shares.fake == 0 and loss.rectify_weight == 0
 
 

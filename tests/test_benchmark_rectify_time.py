@@ -8,11 +8,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 import balance  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 import curves  # noqa: E402
 import rectify_time  # noqa: E402
 
-from twinloss import TwinFlowLoss  # noqa: E402
-from twinloss.loss import default_shares  # noqa: E402
+from twinloss.loss import RELEASED_GUIDANCE, default_shares  # noqa: E402
 
 from default_loss import assert_default_loss_except, module_settings  # noqa: E402
 
@@ -37,13 +37,13 @@ def test_the_laws_put_the_median_s_where_their_names_say():
 def test_each_variant_is_the_default_loss_with_its_rectify_time_partition_and_guidance_only(name):
     setting, law, *partition = name.removeprefix("TwinFlow ").split(", ")
     loss = rectify_time.VARIANTS[name](None)
-    assert isinstance(loss, TwinFlowLoss) and loss.rectify_time is rectify_time.RECTIFY_TIMES[law]
+    assert isinstance(loss, BenchmarkLoss) and loss.rectify_time is rectify_time.RECTIFY_TIMES[law]
     assert loss.guidance_scale == {"w 0": 0.0, "defaults": 0.5}[setting]
     # without a named partition a variant keeps the equal quarters it was run with (the default with guidance;
     # without it, the default before the tenth round)
     shares = balance.BALANCES[partition[0] if partition else "equal quarters"]
     assert loss.trajectory.shares == shares
-    moved = shares != default_shares(loss.guidance_scale)
+    moved = shares != default_shares(loss.guidance_scale, RELEASED_GUIDANCE["guidance_interval"])
     changed = ("rectify_time", *(("shares",) if moved else ()), *(("guidance_scale",) if setting == "w 0" else ()))
     assert_default_loss_except(loss, *changed)
     assert len({curves.slug(other) for other in rectify_time.VARIANTS}) == len(rectify_time.VARIANTS)
@@ -55,7 +55,7 @@ def test_each_law_runs_once_per_setting_and_partition_and_the_guided_default_is_
         elsewhere = rectify_time.RUN_ELSEWHERE[setting]
         assert {f"TwinFlow {setting}, {law}" for law in rectify_time.RECTIFY_TIMES if law != elsewhere} < names
         assert f"TwinFlow {setting}, {elsewhere}" not in names
-    guided_default = TwinFlowLoss().rectify_law(conditioned=True)  # curves.py's TwinFlow defaults
+    guided_default = BenchmarkLoss().rectify_law(conditioned=True)  # curves.py's TwinFlow defaults
     named = rectify_time.RECTIFY_TIMES[rectify_time.RUN_ELSEWHERE["defaults"]]
     assert type(named) is type(guided_default) and module_settings(named) == module_settings(guided_default)
     unguided_quarters = balance.VARIANTS["TwinFlow w 0, equal quarters"](None)  # the unguided s uniform, quartered
@@ -64,7 +64,7 @@ def test_each_law_runs_once_per_setting_and_partition_and_the_guided_default_is_
 
 
 def test_the_unguided_default_is_s_clean_with_a_fake_eighth_on_a_conditioned_batch_and_s_uniform_without():
-    default = TwinFlowLoss(guidance_scale=0.0)
+    default = BenchmarkLoss(guidance_scale=0.0)
     for conditioned, name in ((True, "TwinFlow w 0, s clean, fake share 1/8"),
                               (False, "TwinFlow w 0, s uniform, fake share 1/8")):
         pinned = rectify_time.VARIANTS[name](None)

@@ -9,11 +9,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 import curves  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 import split_variants  # noqa: E402
 
 from twinloss import (  # noqa: E402
     BarronDistance, EMATeacher, FrozenTeacher, GroupShares, L2Distance, LogitNormalTime, OnlineTeacher, PowerFunctionDecay,
-    ShiftedTime, TwinFlowLoss, WeightAverage,
+    ShiftedTime, WeightAverage,
 )
 from twinloss.teachers import MovingAverageTeacher  # noqa: E402
 from twinloss.loss import UNGUIDED_SHARES, default_rectify_time  # noqa: E402
@@ -84,80 +85,80 @@ TWIN_ONLY_SETTINGS = {
 """TwinFlow variants of a setting that only the twin terms have (their RCGM-only counterpart is the pair without
 it), with the settings they change from ``TwinFlowLoss()``."""
 TEACHER_VARIANTS = {
-    "TwinFlow defaults, frozen guidance teacher": TwinFlowLoss,
-    "RCGM only, defaults, frozen guidance teacher": TwinFlowLoss.rcgm,
-    "TwinFlow defaults, extra fake rows, frozen guidance teacher": lambda: TwinFlowLoss(fake_rows="added"),
-    "TwinFlow defaults, average as guidance teacher": TwinFlowLoss,
-    "RCGM only, defaults, average as guidance teacher": TwinFlowLoss.rcgm,
-    "TwinFlow defaults, data guidance difference at w 1/3, frozen guidance teacher": lambda: TwinFlowLoss(
+    "TwinFlow defaults, frozen guidance teacher": BenchmarkLoss,
+    "RCGM only, defaults, frozen guidance teacher": BenchmarkLoss.rcgm,
+    "TwinFlow defaults, extra fake rows, frozen guidance teacher": lambda: BenchmarkLoss(fake_rows="added"),
+    "TwinFlow defaults, average as guidance teacher": BenchmarkLoss,
+    "RCGM only, defaults, average as guidance teacher": BenchmarkLoss.rcgm,
+    "TwinFlow defaults, data guidance difference at w 1/3, frozen guidance teacher": lambda: BenchmarkLoss(
         guidance_difference="data", guidance_scale=1 / 3),
-    "TwinFlow defaults, any-step rows guided by the frozen teacher": lambda: TwinFlowLoss(guidance_groups=("any_step",)),
-    "RCGM only, defaults, any-step rows guided by the frozen teacher": lambda: TwinFlowLoss.rcgm(
+    "TwinFlow defaults, any-step rows guided by the frozen teacher": lambda: BenchmarkLoss(guidance_groups=("any_step",)),
+    "RCGM only, defaults, any-step rows guided by the frozen teacher": lambda: BenchmarkLoss.rcgm(
         guidance_groups=("any_step",)),
-    "TwinFlow defaults, multi-step rows guided by the frozen teacher": lambda: TwinFlowLoss(
+    "TwinFlow defaults, multi-step rows guided by the frozen teacher": lambda: BenchmarkLoss(
         guidance_groups=("multi_step",)),
-    "RCGM only, defaults, multi-step rows guided by the frozen teacher": lambda: TwinFlowLoss.rcgm(
+    "RCGM only, defaults, multi-step rows guided by the frozen teacher": lambda: BenchmarkLoss.rcgm(
         guidance_groups=("multi_step",)),
 }
 """The variants that change what evaluates the guidance pass, each with the loss it otherwise equals."""
 EMA_VARIANTS = {
-    "TwinFlow defaults, EMA teacher 0.99": (TwinFlowLoss, 0.99, "ema"),
-    "RCGM only, defaults, EMA teacher 0.99": (TwinFlowLoss.rcgm, 0.99, "ema"),
-    "TwinFlow defaults, EMA teacher 0.999": (TwinFlowLoss, 0.999, "ema"),
-    "RCGM only, defaults, EMA teacher 0.999": (TwinFlowLoss.rcgm, 0.999, "ema"),
-    "TwinFlow w 0, RCGM chain on an EMA 0.99": (lambda: TwinFlowLoss(guidance_scale=0.0), 0.99, "ema"),
-    "RCGM only w 0, RCGM chain on an EMA 0.99": (lambda: TwinFlowLoss.rcgm(guidance_scale=0.0), 0.99, "ema"),
-    "TwinFlow defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": (TwinFlowLoss, 0.99, "frozen"),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": (TwinFlowLoss.rcgm, 0.99, "frozen"),
-    "TwinFlow defaults, RCGM chain on an EMA 0.99, online guidance teacher": (TwinFlowLoss, 0.99, "online"),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99, online guidance teacher": (TwinFlowLoss.rcgm, 0.99, "online"),
-    "TwinFlow defaults, RCGM chain on an EMA 0.9, online guidance teacher": (TwinFlowLoss, 0.9, "online"),
-    "RCGM only, defaults, RCGM chain on an EMA 0.9, online guidance teacher": (TwinFlowLoss.rcgm, 0.9, "online"),
-    "TwinFlow w 0, RCGM chain on an EMA 0.9": (lambda: TwinFlowLoss(guidance_scale=0.0), 0.9, "ema"),
-    "RCGM only w 0, RCGM chain on an EMA 0.9": (lambda: TwinFlowLoss.rcgm(guidance_scale=0.0), 0.9, "ema"),
+    "TwinFlow defaults, EMA teacher 0.99": (BenchmarkLoss, 0.99, "ema"),
+    "RCGM only, defaults, EMA teacher 0.99": (BenchmarkLoss.rcgm, 0.99, "ema"),
+    "TwinFlow defaults, EMA teacher 0.999": (BenchmarkLoss, 0.999, "ema"),
+    "RCGM only, defaults, EMA teacher 0.999": (BenchmarkLoss.rcgm, 0.999, "ema"),
+    "TwinFlow w 0, RCGM chain on an EMA 0.99": (lambda: BenchmarkLoss(guidance_scale=0.0), 0.99, "ema"),
+    "RCGM only w 0, RCGM chain on an EMA 0.99": (lambda: BenchmarkLoss.rcgm(guidance_scale=0.0), 0.99, "ema"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": (BenchmarkLoss, 0.99, "frozen"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": (BenchmarkLoss.rcgm, 0.99, "frozen"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99, online guidance teacher": (BenchmarkLoss, 0.99, "online"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99, online guidance teacher": (BenchmarkLoss.rcgm, 0.99, "online"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.9, online guidance teacher": (BenchmarkLoss, 0.9, "online"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.9, online guidance teacher": (BenchmarkLoss.rcgm, 0.9, "online"),
+    "TwinFlow w 0, RCGM chain on an EMA 0.9": (lambda: BenchmarkLoss(guidance_scale=0.0), 0.9, "ema"),
+    "RCGM only w 0, RCGM chain on an EMA 0.9": (lambda: BenchmarkLoss.rcgm(guidance_scale=0.0), 0.9, "ema"),
 }
 """The variants whose RCGM chain reads an EMA of the online weights, each with the loss it otherwise equals, the
 EMA's target decay and what its guidance pass reads: the same EMA, the online model or the pretrained weights."""
 
 
 GROUP_CHAIN_VARIANTS = {
-    "TwinFlow defaults, one-step chain on an EMA 0.99": (TwinFlowLoss, split_variants.ONE_STEP_CHAIN),
-    "RCGM only, defaults, one-step chain on an EMA 0.99": (TwinFlowLoss.rcgm, split_variants.ONE_STEP_CHAIN),
-    "TwinFlow w 0, one-step chain on an EMA 0.99": (lambda: TwinFlowLoss(guidance_scale=0.0),
+    "TwinFlow defaults, one-step chain on an EMA 0.99": (BenchmarkLoss, split_variants.ONE_STEP_CHAIN),
+    "RCGM only, defaults, one-step chain on an EMA 0.99": (BenchmarkLoss.rcgm, split_variants.ONE_STEP_CHAIN),
+    "TwinFlow w 0, one-step chain on an EMA 0.99": (lambda: BenchmarkLoss(guidance_scale=0.0),
                                                      split_variants.ONE_STEP_CHAIN),
-    "RCGM only w 0, one-step chain on an EMA 0.99": (lambda: TwinFlowLoss.rcgm(guidance_scale=0.0),
+    "RCGM only w 0, one-step chain on an EMA 0.99": (lambda: BenchmarkLoss.rcgm(guidance_scale=0.0),
                                                       split_variants.ONE_STEP_CHAIN),
-    "TwinFlow defaults, multi-step chain on an EMA 0.99": (TwinFlowLoss, split_variants.MULTI_STEP_CHAIN),
-    "RCGM only, defaults, multi-step chain on an EMA 0.99": (TwinFlowLoss.rcgm, split_variants.MULTI_STEP_CHAIN),
-    "TwinFlow defaults, any-step chain on an EMA 0.99": (TwinFlowLoss, split_variants.ANY_STEP_CHAIN),
-    "RCGM only, defaults, any-step chain on an EMA 0.99": (TwinFlowLoss.rcgm, split_variants.ANY_STEP_CHAIN),
+    "TwinFlow defaults, multi-step chain on an EMA 0.99": (BenchmarkLoss, split_variants.MULTI_STEP_CHAIN),
+    "RCGM only, defaults, multi-step chain on an EMA 0.99": (BenchmarkLoss.rcgm, split_variants.MULTI_STEP_CHAIN),
+    "TwinFlow defaults, any-step chain on an EMA 0.99": (BenchmarkLoss, split_variants.ANY_STEP_CHAIN),
+    "RCGM only, defaults, any-step chain on an EMA 0.99": (BenchmarkLoss.rcgm, split_variants.ANY_STEP_CHAIN),
 }
 CLASS_DIRECTION_VARIANTS = {
-    "TwinFlow defaults, RCGM chain on an EMA 0.99, online class direction": (TwinFlowLoss, "online"),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99, online class direction": (TwinFlowLoss.rcgm, "online"),
-    "TwinFlow defaults, RCGM chain online, class direction from an EMA 0.99": (TwinFlowLoss, "average"),
-    "RCGM only, defaults, RCGM chain online, class direction from an EMA 0.99": (TwinFlowLoss.rcgm, "average"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99, online class direction": (BenchmarkLoss, "online"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99, online class direction": (BenchmarkLoss.rcgm, "online"),
+    "TwinFlow defaults, RCGM chain online, class direction from an EMA 0.99": (BenchmarkLoss, "average"),
+    "RCGM only, defaults, RCGM chain online, class direction from an EMA 0.99": (BenchmarkLoss.rcgm, "average"),
 }
 """The variants whose chain reads the unconditional field and the class direction from different weights, with the
 loss they otherwise equal and where the class direction is read."""
 TIME_SPLIT_VARIANTS = {
-    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": (TwinFlowLoss, "noise"),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": (TwinFlowLoss.rcgm, "noise"),
-    "TwinFlow defaults, RCGM chain on an EMA 0.99 below t 0.5": (TwinFlowLoss, "data"),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99 below t 0.5": (TwinFlowLoss.rcgm, "data"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": (BenchmarkLoss, "noise"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": (BenchmarkLoss.rcgm, "noise"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 below t 0.5": (BenchmarkLoss, "data"),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 below t 0.5": (BenchmarkLoss.rcgm, "data"),
 }
 """The variants whose chain reads the EMA on one side of t = 0.5, with the loss they otherwise equal and the end of
 the path whose jumps read the EMA."""
 DOUBLE_EMA_VARIANTS = {
-    "TwinFlow defaults, RCGM chain on a double EMA 0.99": TwinFlowLoss,
-    "RCGM only, defaults, RCGM chain on a double EMA 0.99": TwinFlowLoss.rcgm,
+    "TwinFlow defaults, RCGM chain on a double EMA 0.99": BenchmarkLoss,
+    "RCGM only, defaults, RCGM chain on a double EMA 0.99": BenchmarkLoss.rcgm,
 }
 """The variants whose chain reads a double EMA of the online weights, with the loss they otherwise equal."""
 BLENDED_VARIANTS = {
-    "TwinFlow defaults, RCGM chain a quarter of the way to an EMA 0.99": (TwinFlowLoss, 0.25),
-    "RCGM only, defaults, RCGM chain a quarter of the way to an EMA 0.99": (TwinFlowLoss.rcgm, 0.25),
-    "TwinFlow defaults, RCGM chain a thirty-second of the way to an EMA 0.99": (TwinFlowLoss, 1 / 32),
-    "RCGM only, defaults, RCGM chain a thirty-second of the way to an EMA 0.99": (TwinFlowLoss.rcgm, 1 / 32),
+    "TwinFlow defaults, RCGM chain a quarter of the way to an EMA 0.99": (BenchmarkLoss, 0.25),
+    "RCGM only, defaults, RCGM chain a quarter of the way to an EMA 0.99": (BenchmarkLoss.rcgm, 0.25),
+    "TwinFlow defaults, RCGM chain a thirty-second of the way to an EMA 0.99": (BenchmarkLoss, 1 / 32),
+    "RCGM only, defaults, RCGM chain a thirty-second of the way to an EMA 0.99": (BenchmarkLoss.rcgm, 1 / 32),
 }
 """The variants whose chain reads part of the way from the online field to an EMA's, with their plain loss and the
 fraction of the way."""
@@ -173,7 +174,7 @@ groups whose chain reads the EMA."""
 )
 def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(name):
     loss = split_variants.VARIANTS[name](None)
-    assert isinstance(loss, TwinFlowLoss)
+    assert isinstance(loss, BenchmarkLoss)
     expected_scale = 0.0 if name.startswith("TwinFlow w 0,") else 0.2 if "at w 0.2" in name else 0.5
     assert loss.guidance_scale == expected_scale
     assert_default_loss_except(loss, *CHANGED[name])
@@ -198,10 +199,10 @@ def test_each_variant_is_the_default_loss_with_only_the_settings_its_name_gives(
 
 
 def test_the_rcgm_variant_is_rcgm_only_with_the_guided_defaults_anchor_of_half_the_batch():
-    loss, plain = split_variants.VARIANTS[RCGM_VARIANT](None), TwinFlowLoss.rcgm()
+    loss, plain = split_variants.VARIANTS[RCGM_VARIANT](None), BenchmarkLoss.rcgm()
     shares = loss.trajectory.shares
     assert shares.one_step == 0.5 and shares.fake == 0.0
-    assert shares.multi_step + shares.any_step == TwinFlowLoss().trajectory.shares.multi_step * 2 == 0.5
+    assert shares.multi_step + shares.any_step == BenchmarkLoss().trajectory.shares.multi_step * 2 == 0.5
     assert loss.rectify_weight == 0.0 and loss.guidance_scale == plain.guidance_scale == 0.5
     assert module_settings(loss) == module_settings(plain) | {"trajectory": module_settings(loss.trajectory)}
 
@@ -209,21 +210,21 @@ def test_the_rcgm_variant_is_rcgm_only_with_the_guided_defaults_anchor_of_half_t
 @pytest.mark.parametrize(("names", "setting"), list(SETTING_PAIRS.items()), ids=lambda v: str(v))
 def test_each_setting_pair_differs_from_the_default_pair_only_in_its_setting(names, setting):
     twin, rcgm = (split_variants.VARIANTS[name](None) for name in names)
-    for loss, default in ((twin, TwinFlowLoss()), (rcgm, TwinFlowLoss.rcgm())):
+    for loss, default in ((twin, BenchmarkLoss()), (rcgm, BenchmarkLoss.rcgm())):
         assert all(getattr(default, key) != value for key, value in setting.items())
         assert module_settings(loss) == module_settings(default) | setting
 
 
 @pytest.mark.parametrize(("name", "setting"), list(TWIN_ONLY_SETTINGS.items()))
 def test_each_twin_only_variant_differs_from_the_default_only_in_its_settings(name, setting):
-    loss, default = split_variants.VARIANTS[name](None), TwinFlowLoss()
+    loss, default = split_variants.VARIANTS[name](None), BenchmarkLoss()
     assert all(getattr(default, key) != value for key, value in setting.items())
     assert module_settings(loss) == module_settings(default) | setting
 
 
 @pytest.mark.parametrize(("name", "setting"), list(RCGM_SETTINGS.items()))
 def test_each_rcgm_only_ablation_differs_from_rcgm_only_in_its_settings(name, setting):
-    loss, default = split_variants.VARIANTS[name](None), TwinFlowLoss.rcgm()
+    loss, default = split_variants.VARIANTS[name](None), BenchmarkLoss.rcgm()
     assert all(getattr(default, key) != value for key, value in setting.items())
     assert module_settings(loss) == module_settings(default) | setting
 
@@ -293,7 +294,7 @@ def test_the_ema_variants_differ_from_their_loss_only_in_an_updated_ema_teacher_
 
 def test_an_ema_variant_with_an_unknown_guidance_pass_is_refused_by_name():
     with pytest.raises(ValueError, match="guidance must be 'ema', 'online' or 'frozen', got 'teacher'"):
-        split_variants.ema_taught(TwinFlowLoss, 0.99, guidance="teacher")
+        split_variants.ema_taught(BenchmarkLoss, 0.99, guidance="teacher")
 
 
 
@@ -329,8 +330,8 @@ def test_a_group_chain_loss_reads_the_ema_on_its_groups_rows_and_the_online_mode
             p.add_(1e-3 * torch.randn_like(p))  # small enough that the residual stays inside its clamp
     x, y = torch.randn(24, 2), torch.randint(0, 4, (24,))
     grouped = _terms(split_variants.GroupChainLoss(average=average, average_groups=groups), model, x, y)
-    everywhere = _terms(TwinFlowLoss(rcgm_teacher=average), model, x, y)
-    online = _terms(TwinFlowLoss(), model, x, y)
+    everywhere = _terms(BenchmarkLoss(rcgm_teacher=average), model, x, y)
+    online = _terms(BenchmarkLoss(), model, x, y)
     for name in ("one_step", "multi_step", "any_step"):
         expected = everywhere if name in groups else online
         other = online if name in groups else everywhere

@@ -8,6 +8,7 @@ from jaxtyping import TypeCheckError
 from torch.testing import assert_close
 
 from twinloss import FrozenTeacher, OnlineTeacher, TwinFlowLoss
+from twinloss.loss import RELEASED_GUIDANCE
 from twinloss.protocol import conditioned_rows
 from twinloss.targets import data_guidance_target, guidance_free_velocity, guidance_target
 
@@ -101,7 +102,8 @@ def test_the_data_target_is_the_teacher_target_read_at_the_online_fixed_point():
 
 def test_the_guidance_pass_reads_only_the_null_conditioning_of_the_labelled_guided_rows():
     teacher = ConditioningRecordingTeacher()
-    loss_fn = TwinFlowLoss(guidance_difference="data", guidance_teacher=teacher, rcgm_teacher=OnlineTeacher())
+    loss_fn = TwinFlowLoss(guidance_difference="data", guidance_teacher=teacher, rcgm_teacher=OnlineTeacher(),
+                           **RELEASED_GUIDANCE)  # every real row at 0 < t < 1 guided
     x, y, null_y = _data_with_dropped_labels(batch=64)
     out = loss_fn(TinyVelocityNet((3,)).double(), x, cond={"y": y}, uncond={"y": null_y},
                   generator=torch.Generator().manual_seed(1))

@@ -44,15 +44,16 @@ def test_guidance_on_named_groups_matches_float64_reference_in_value_and_gradien
     torch.manual_seed(0)
     model = TinyVelocityNet((3,)).double()
     x, y, null_y = _data()
-    loss_fn = TwinFlowLoss(distance=L2Distance(), guidance_groups=groups, guidance_scale=0.7)
+    whole = (0.0, 1.0)  # every real row at 0 < t < 1, so each group has guided rows
+    loss_fn = TwinFlowLoss(distance=L2Distance(), guidance_groups=groups, guidance_scale=0.7, guidance_interval=whole)
     out, grads = _step(loss_fn, model, x, y, null_y, seed=3)
-    expected, _, _ = reference_step(model, x, y, null_y, seed=3, guidance=0.7, guidance_groups=groups)
+    expected, _, _ = reference_step(model, x, y, null_y, seed=3, guidance=0.7, interval=whole, guidance_groups=groups)
     expected.backward()
     assert_close(out.loss, expected, rtol=1e-10, atol=1e-12)
     for got, want in zip(grads, [p.grad for p in model.parameters()], strict=True):
         assert_close(got, want, rtol=1e-9, atol=1e-12)
     # the restriction matters: guiding every real row gives another loss
-    everywhere, _, _ = reference_step(model, x, y, null_y, seed=3, guidance=0.7)
+    everywhere, _, _ = reference_step(model, x, y, null_y, seed=3, guidance=0.7, interval=whole)
     assert (everywhere - expected).abs() > 1e-6
 
 

@@ -11,7 +11,7 @@ from jaxtyping import TypeCheckError
 from torch.testing import assert_close
 
 import twinloss
-from twinloss.loss import UNGUIDED_SHARES, default_rectify_time, default_shares
+from twinloss.loss import RELEASED_GUIDANCE, UNGUIDED_SHARES, default_rectify_time, default_shares, guides_near_noise
 from twinloss import (
     BarronDistance,
     BetaTime,
@@ -58,12 +58,14 @@ def _grads(model):
     return [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("guidance", [{}, RELEASED_GUIDANCE], ids=["default guidance", "whole path"])
 @pytest.mark.parametrize("distance,reference_distance", [(L2Distance(), l2), (BarronDistance(), barron)])
 @pytest.mark.parametrize("shape", [(8, 3), (8, 2, 3, 3)], ids=str)
-def test_matches_float64_reference_in_value_and_gradient(distance, reference_distance, shape):
+def test_matches_float64_reference_in_value_and_gradient(distance, reference_distance, shape, guidance):
     model = TinyVelocityNet(shape[1:]).double()
-    _assert_step_matches_reference(TwinFlowLoss(distance=distance), model, _data(shape), seed=5,
-                                   distance=reference_distance)
+    reference_guidance = {"guidance": guidance["guidance_scale"], "interval": guidance["guidance_interval"]} if guidance else {}
+    _assert_step_matches_reference(TwinFlowLoss(distance=distance, **guidance), model, _data(shape), seed=5,
+                                   distance=reference_distance, **reference_guidance)
 
 
 def _assert_step_matches_reference(loss_fn, model, data, *, seed, **reference_options):
@@ -100,20 +102,37 @@ def test_the_default_partitions_round_as_the_reference_writes_them_out_in_exact_
         assert all(list(shares.counts(n).values()) == default_group_sizes(n, guidance) for n in range(4, 513))
 
 
+def test_the_default_guides_the_real_rows_in_the_middle_of_the_path_and_no_other():
+    model = Recorder(TinyVelocityNet((3,)).double())
+    x, y, null_y = _data((32, 3))
+    loss_fn = TwinFlowLoss()
+    assert (loss_fn.guidance_scale, loss_fn.guidance_interval) == (0.2, (0.2, 0.7))
+    loss_fn(model, x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(1))
+    t = next(c for c in model.calls if c["grad"])["t"]
+    inside = ((t > 0.2) & (t < 0.7)).nonzero().squeeze(1)  # fake rows sit at negative times
+    assert 0 < inside.numel() < int((t > 0).sum())
+    guidance_call = model.calls[1]  # after the fake samples: conditional and null rows in one call
+    assert torch.equal(guidance_call["t"], t[inside].repeat(2)) and torch.equal(guidance_call["r"], guidance_call["t"])
+    assert torch.equal(guidance_call["y"], torch.cat([y[inside], null_y[inside]]))
+
+
 @pytest.mark.parametrize("batch", [10, 12, 16])  # 12: every quota has the remainder 1/2, a tie the rule breaks
 def test_the_unguided_default_partition_matches_float64_reference_in_value_and_gradient(batch):
     loss_fn = TwinFlowLoss(guidance_scale=0.0)
     sizes = default_group_sizes(batch, 0.0)
     assert list(loss_fn.shares.counts(batch).values()) == sizes
-    assert sizes != default_group_sizes(batch, 0.5)  # unequal groups, so the reference can tell the partitions apart
+    assert sizes != default_group_sizes(batch, 0.5, (0.0, 1.0))  # unequal groups: the reference tells them apart
     model = TinyVelocityNet((3,)).double()
     _assert_step_matches_reference(loss_fn, model, _data((batch, 3)), seed=3, guidance=0.0, distance=barron)
 
 
 DEFAULT_RULES = {
     "default_shares": default_shares,
-    "default_rectify_time, conditioned": lambda scale: default_rectify_time(scale, conditioned=True),
-    "default_rectify_time, unconditioned": lambda scale: default_rectify_time(scale, conditioned=False),
+    "default_rectify_time, conditioned": lambda scale, *interval: default_rectify_time(
+        scale, conditioned=True, **({"guidance_interval": interval[0]} if interval else {})),
+    "default_rectify_time, unconditioned": lambda scale, *interval: default_rectify_time(
+        scale, conditioned=False, **({"guidance_interval": interval[0]} if interval else {})),
+    "guides_near_noise": guides_near_noise,
 }
 
 
@@ -124,8 +143,26 @@ def test_the_default_rules_refuse_a_guidance_scale_that_is_not_a_finite_number_a
         DEFAULT_RULES[rule](scale)
 
 
+@pytest.mark.parametrize("rule", sorted(DEFAULT_RULES))
+@pytest.mark.parametrize("interval", [(0.7, 0.2), (0.0, 1.5), (0.3, 0.3)], ids=str)
+def test_the_default_rules_refuse_a_guidance_interval_that_is_not_an_increasing_pair_in_0_1(rule, interval):
+    with pytest.raises(ValueError, match="guidance_interval"):
+        DEFAULT_RULES[rule](0.5, interval)
+
+
+def test_guidance_reaches_the_noise_end_only_with_a_positive_scale_on_an_interval_up_to_1():
+    assert guides_near_noise(0.5, (0.0, 1.0)) and guides_near_noise(0.2, (0.2, 1.0))
+    assert not guides_near_noise(0.0, (0.0, 1.0))  # no guidance
+    assert not guides_near_noise(0.5, (0.0, 0.7)) and not guides_near_noise(0.2)  # the default's (0.2, 0.7)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        guides_near_noise(-0.1, (0.0, 1.0))
+
+
 def test_the_default_partition_follows_the_guidance_and_an_explicit_one_is_kept():
-    assert TwinFlowLoss().shares == default_shares(0.5) == GroupShares()  # guided: equal quarters
+    # equal quarters only where the guidance reaches the noise end; the default guides the middle of the path
+    assert TwinFlowLoss(**RELEASED_GUIDANCE).shares == default_shares(0.5, (0.0, 1.0)) == GroupShares()
+    assert TwinFlowLoss(guidance_interval=(0.2, 1.0)).shares == default_shares(0.2, (0.2, 1.0)) == GroupShares()
+    assert TwinFlowLoss().shares == default_shares(0.2) == default_shares(0.5, (0.0, 0.7)) == UNGUIDED_SHARES
     assert TwinFlowLoss(guidance_scale=0.0).shares == default_shares(0.0) == UNGUIDED_SHARES
     assert UNGUIDED_SHARES == GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)
     assert UNGUIDED_SHARES.min_batch_size() == GroupShares().min_batch_size() == 4
@@ -220,23 +257,26 @@ def _ema_moved(loss_fn, model):
 
 
 RECORDED_CASES = {  # name: (make loss, shape, dtype, uses uncond, prepare)
-    "default": (lambda: TwinFlowLoss(rectify_time=BetaTime()), (8, 3), torch.float64, True, None),
+    "default": (lambda: TwinFlowLoss(rectify_time=BetaTime(), **RELEASED_GUIDANCE), (8, 3), torch.float64, True, None),
     "l2_order1_noguide": (
         # recorded with equal quarters and the uniform s, the unguided defaults then (since: a fake share of 1/8,
         # and s shifted towards the data on a conditioned batch)
         lambda: TwinFlowLoss(distance=L2Distance(), estimate_order=1, guidance_scale=0.0, shares=GroupShares(),
                              rectify_time=BetaTime()),
         (8, 3), torch.float64, False, None),
-    "rcgm": (lambda: TwinFlowLoss.rcgm(), (9, 3), torch.float64, True, None),
+    "rcgm": (lambda: TwinFlowLoss.rcgm(**RELEASED_GUIDANCE), (9, 3), torch.float64, True, None),
     "flow_matching": (lambda: TwinFlowLoss.plain_flow_matching(), (8, 3), torch.float64, False, None),
     "custom": (lambda: TwinFlowLoss(
         shares=GroupShares.from_twin_share(1 / 3), time_distribution=LogitNormalTime(), multi_step_gap=0.1,
         rectify_weight=1.0, guidance_interval=(0.1, 0.9), estimate_step=0.05, residual_clamp=0.5,
         rectify_clamp=0.3, guidance_scale=0.8, estimate_order=3, rectify_time=BetaTime()), (12, 2, 3), torch.float64, True, None),
-    "cosine": (lambda: TwinFlowLoss(path=CosinePath(), rectify_time=BetaTime()), (8, 3), torch.float64, True, None),
-    "vp": (lambda: TwinFlowLoss(path=VPPath(), rectify_time=BetaTime()), (8, 3), torch.float64, True, None),
-    "ema": (lambda: TwinFlowLoss(teacher=EMATeacher(0.9), rectify_time=BetaTime()), (8, 3), torch.float64, True, _ema_moved),
-    "float32": (lambda: TwinFlowLoss(rectify_time=BetaTime()), (8, 2, 2), torch.float32, True, None),
+    "cosine": (lambda: TwinFlowLoss(path=CosinePath(), rectify_time=BetaTime(), **RELEASED_GUIDANCE), (8, 3), torch.float64,
+               True, None),
+    "vp": (lambda: TwinFlowLoss(path=VPPath(), rectify_time=BetaTime(), **RELEASED_GUIDANCE), (8, 3), torch.float64, True,
+           None),
+    "ema": (lambda: TwinFlowLoss(teacher=EMATeacher(0.9), rectify_time=BetaTime(), **RELEASED_GUIDANCE), (8, 3),
+            torch.float64, True, _ema_moved),
+    "float32": (lambda: TwinFlowLoss(rectify_time=BetaTime(), **RELEASED_GUIDANCE), (8, 2, 2), torch.float32, True, None),
 }
 
 
@@ -288,7 +328,7 @@ def test_every_pass_sees_the_draw_of_the_grad_forward(seeded):
 def test_exactly_one_forward_carries_grad_and_no_target_does():
     model = Recorder(TinyVelocityNet((3,)).double())
     x, y, null_y = _data((8, 3))
-    out = TwinFlowLoss(estimate_order=2)(model, x, cond={"y": y}, uncond={"y": null_y})
+    out = TwinFlowLoss(estimate_order=2, **RELEASED_GUIDANCE)(model, x, cond={"y": y}, uncond={"y": null_y})
     with_grad = [c for c in model.calls if c["grad"]]
     assert len(with_grad) == 1 and with_grad[0]["x_t"].shape[0] == 8
     assert all(not c["out"].requires_grad for c in model.calls if not c["grad"])
@@ -336,7 +376,7 @@ def test_rectify_gradient_is_the_clamped_velocity_gap():
 
     def output_grad(rectify_weight):
         model = Recorder(copy.deepcopy(base_model))
-        loss_fn = TwinFlowLoss(distance=L2Distance(), rectify_weight=rectify_weight, rectify_clamp=1.0)
+        loss_fn = TwinFlowLoss(distance=L2Distance(), rectify_weight=rectify_weight, rectify_clamp=1.0, **RELEASED_GUIDANCE)
         out = loss_fn(model, x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(3))
         main = next(c for c in model.calls if c["grad"])
         main["out"].retain_grad()
@@ -485,7 +525,7 @@ class RecordingTeacher(OnlineTeacher):
 
 def test_guidance_and_rcgm_teachers_get_only_their_own_pass():
     guidance, rcgm = RecordingTeacher(), RecordingTeacher()
-    loss_fn = TwinFlowLoss(guidance_teacher=guidance, rcgm_teacher=rcgm, estimate_order=3)
+    loss_fn = TwinFlowLoss(guidance_teacher=guidance, rcgm_teacher=rcgm, estimate_order=3, **RELEASED_GUIDANCE)
     x, y, null_y = _data((8, 3), dtype=torch.float32)
     out = loss_fn(TinyVelocityNet((3,)), x, cond={"y": y}, uncond={"y": null_y})
     assert guidance.rows == [2 * 4] and rcgm.rows == [6, 6, 6]
@@ -774,8 +814,8 @@ def test_the_step_does_not_depend_on_the_order_of_the_groups_in_the_batch(monkey
         model.zero_grad()
         return out, grads
 
-    default, default_grads = step(TwinFlowLoss(), x, y, null_y)
-    reordered_fn = TwinFlowLoss()
+    default, default_grads = step(TwinFlowLoss(**RELEASED_GUIDANCE), x, y, null_y)  # four groups of two rows
+    reordered_fn = TwinFlowLoss(**RELEASED_GUIDANCE)
     reordered_fn.trajectory = ReversedGroupOrder()
     real_randn = torch.randn
 

@@ -17,6 +17,7 @@ from twinloss import (
     TwinFlowLoss,
     WeightAverage,
 )
+from twinloss.loss import RELEASED_GUIDANCE
 from twinloss.presets import PRESETS, PresetName
 from twinloss.teachers import Teacher
 
@@ -96,10 +97,13 @@ def test_preset_numbers_match_its_file(name):
         assert isinstance(loss_fn.rcgm_teacher, OnlineTeacher)
 
 
-def test_paper_defaults_stay_the_constructor_defaults():
+def test_paper_defaults_stay_the_constructor_defaults_but_the_guidance_whose_released_value_is_one_argument_away():
     loss_fn = TwinFlowLoss()
-    assert (loss_fn.guidance_scale, loss_fn.estimate_order, loss_fn.rectify_weight) == (0.5, 2, 0.5)
+    assert (loss_fn.estimate_order, loss_fn.rectify_weight) == (2, 0.5)
     assert isinstance(loss_fn.guidance_teacher, OnlineTeacher) and loss_fn.image_free is False
+    assert (loss_fn.guidance_scale, loss_fn.guidance_interval) == (0.2, (0.2, 0.7))  # issue 12, thirty-first round
+    released = TwinFlowLoss(**RELEASED_GUIDANCE)
+    assert (released.guidance_scale, released.guidance_interval) == (0.5, (0.0, 1.0))  # the released step's
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from twinloss import BetaTime, KumaraswamyTime, LogitNormalTime, ShiftedTime, TwinFlowLoss, toy
-from twinloss.loss import CONDITIONED_RECTIFY_SHIFT, default_rectify_time
+from twinloss.loss import CONDITIONED_RECTIFY_SHIFT, RELEASED_GUIDANCE, default_rectify_time
 from twinloss.health import training_signals
 
 from core_models import TinyVelocityNet
@@ -46,22 +46,29 @@ def _step_on(loss_fn, model, x, y, null_y, seed, conditioned):
     return out, None
 
 
-DEFAULT_LAWS = {  # the default law of s, written out: (guidance_scale, conditioned) -> law
-    "unguided, conditioned: shifted towards the data": (0.0, True, ShiftedTime(1 / 3)),
-    "unguided, unconditioned: uniform": (0.0, False, BetaTime(1.0, 1.0)),
-    "guided: logit-normal": (0.5, True, LogitNormalTime(0.0, 1.0)),
+MIDDLE = {"guidance_scale": 0.2, "guidance_interval": (0.2, 0.7)}  # the default guidance, written out
+DEFAULT_LAWS = {  # the default law of s, written out: (guidance settings, conditioned) -> law
+    "unguided, conditioned: shifted towards the data": ({"guidance_scale": 0.0}, True, ShiftedTime(1 / 3)),
+    "unguided, unconditioned: uniform": ({"guidance_scale": 0.0}, False, BetaTime(1.0, 1.0)),
+    "guided on the middle, conditioned: shifted towards the data": (MIDDLE, True, ShiftedTime(1 / 3)),
+    "guided to the noise end: logit-normal": (RELEASED_GUIDANCE, True, LogitNormalTime(0.0, 1.0)),
+}
+UNCONDITIONED_GUIDED_LAWS = {  # named only: a guided step needs the null conditioning, so no batch goes without one
+    "guided on the middle, unconditioned: uniform": (MIDDLE, False, BetaTime(1.0, 1.0)),
+    "guided to the noise end, unconditioned: logit-normal": (
+        {"guidance_scale": 0.5, "guidance_interval": (0.2, 1.0)}, False, LogitNormalTime(0.0, 1.0)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(DEFAULT_LAWS))
 def test_only_the_rectification_changes_and_the_default_law_follows_the_guidance_and_the_conditioning(case):
-    guidance_scale, conditioned, law = DEFAULT_LAWS[case]
+    guidance, conditioned, law = DEFAULT_LAWS[case]
     torch.manual_seed(1)
     model = TinyVelocityNet((3,)).double()
     x, y, null_y = _data(batch=16, seed=1)
 
     def step(**kwargs):
-        return _step_on(TwinFlowLoss(guidance_scale=guidance_scale, **kwargs), model, x, y, null_y, 2, conditioned)[0]
+        return _step_on(TwinFlowLoss(**guidance, **kwargs), model, x, y, null_y, 2, conditioned)[0]
 
     default, explicit, warped = step(), step(rectify_time=law), step(rectify_time=KumaraswamyTime(3.0))
     assert_close(explicit.loss, default.loss, rtol=0, atol=0)
@@ -84,12 +91,14 @@ def test_the_two_unguided_default_laws_give_different_rectifications_on_either_b
 
 
 def test_the_default_law_is_named_by_default_rectify_time_and_an_explicit_law_is_kept():
-    for guidance_scale, conditioned, law in DEFAULT_LAWS.values():
-        named = default_rectify_time(guidance_scale, conditioned=conditioned)
-        used = TwinFlowLoss(guidance_scale=guidance_scale).rectify_law(conditioned=conditioned)
+    for guidance, conditioned, law in (DEFAULT_LAWS | UNCONDITIONED_GUIDED_LAWS).values():
+        named = default_rectify_time(guidance["guidance_scale"], conditioned=conditioned,
+                                     **({"guidance_interval": guidance["guidance_interval"]} if len(guidance) > 1 else {}))
+        used = TwinFlowLoss(**guidance).rectify_law(conditioned=conditioned)
         for got in (named, used):
-            assert type(got) is type(law) and module_settings(got) == module_settings(law), (guidance_scale, conditioned, got)
-    assert default_rectify_time(4.0, conditioned=False).mean == 0.0  # the guided law ignores the conditioning
+            assert type(got) is type(law) and module_settings(got) == module_settings(law), (guidance, conditioned, got)
+    # guidance up to the noise end: the logit-normal law, whatever the conditioning
+    assert default_rectify_time(4.0, conditioned=False, guidance_interval=(0.0, 1.0)).mean == 0.0
     assert TwinFlowLoss().rectify_time is None  # None: the law follows each batch
     assert CONDITIONED_RECTIFY_SHIFT == 1 / 3
     uniform = BetaTime()
@@ -123,9 +132,9 @@ def test_the_loss_and_the_health_signals_draw_the_rectify_times_from_the_same_la
     model = toy.TimeMLP((3,), width=16, depth=2, num_classes=4)
     x, y, null_y = _data(batch=16, dtype=torch.float32)
     law = RecordingTime()
-    loss_fn = TwinFlowLoss(rectify_time=law)
+    loss_fn = TwinFlowLoss(rectify_time=law, **RELEASED_GUIDANCE)
     loss_fn(model, x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(0))
-    assert law.draws == [4]  # one s per one-step row
+    assert law.draws == [4]  # one s per one-step row (quarters of 16)
     law.draws.clear()
     training_signals(loss_fn, model, x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(0))
     assert law.draws and set(law.draws) == {4}

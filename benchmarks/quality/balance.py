@@ -6,7 +6,7 @@ guidance) split each batch so that the twin groups (``one_step`` and ``fake``) g
 small network the fake rows (the flow of the model's own one-step samples at
 negative times) share every weight with the real field, so they are also
 the rows that compete with the base terms for capacity. Each variant is a
-``twinloss.TwinFlowLoss`` with other ``shares``, with guidance off (``w 0``)
+``BenchmarkLoss`` with other ``shares``, with guidance off (``w 0``)
 and at the default guidance (``defaults``), on the same pretrained weights
 and batches as ``curves.py``'s methods (its results sit beside theirs in
 ``results/curves``; the RCGM-only counterpart of every variant is
@@ -49,9 +49,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 
-from twinloss import BetaTime, GroupShares, TwinFlowLoss  # noqa: E402
-from twinloss.loss import default_shares  # noqa: E402
+from twinloss import BetaTime, GroupShares  # noqa: E402
+from twinloss.loss import RELEASED_GUIDANCE, default_shares  # noqa: E402
 
 BALANCES: dict[str, GroupShares] = {
     "twin share 1/3": GroupShares.from_twin_share(1 / 3),
@@ -80,7 +81,7 @@ def variant(
     the authors' uniform ``s`` written out if ``uniform_s`` (the law the stored runs used: without guidance the
     default until the twelfth round; with it, :data:`GUIDED_UNIFORM_S`), else the default law."""
     rectify_time = BetaTime() if uniform_s else None
-    return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, shares=shares, rectify_weight=rectify_weight,
+    return lambda pretrained: BenchmarkLoss(guidance_scale=guidance_scale, shares=shares, rectify_weight=rectify_weight,
                                            rectify_time=rectify_time)
 
 
@@ -88,7 +89,7 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     f"TwinFlow {setting}, {balance}": variant(shares, scale, uniform_s=scale == 0 or balance in GUIDED_UNIFORM_S)
     for balance, shares in BALANCES.items()
     for setting, scale in GUIDANCE.items()
-    if shares != default_shares(scale)
+    if shares != default_shares(scale, RELEASED_GUIDANCE["guidance_interval"])
 }
 VARIANTS["TwinFlow w 0, fake share 1/8, rectify weight 0.25"] = variant(
     BALANCES["fake share 1/8"], 0.0, 0.25, uniform_s=True)

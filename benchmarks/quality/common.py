@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import twinloss
+from twinloss.loss import RELEASED_GUIDANCE
 
 CHECKPOINT_QUARTERS = (1, 2, 4, 6, 8, 12)
 """Checkpoints in quarters of the fine-tune budget: 0.25, 0.5, 1, 1.5, 2 and 3 x budget."""
@@ -56,6 +57,32 @@ def fit_classifier(make: Callable[[], nn.Module], data: dict, steps: int, seed: 
     with torch.no_grad():
         accuracy = float((classifier(data["held_x"]).argmax(1) == data["held_y"]).float().mean())
     return classifier.eval(), accuracy
+
+
+class BenchmarkLoss(twinloss.TwinFlowLoss):
+    """``TwinFlowLoss`` with the guided defaults of the first thirty rounds of issue 12.
+
+    Where guidance is on, the guidance defaults to the released step's (:data:`twinloss.loss.RELEASED_GUIDANCE`:
+    ``w = 0.5`` on the whole path), and the partition and the rectification's law of ``s`` that are not given
+    follow the scale alone, as they did then: equal quarters and ``LogitNormalTime(0, 1)`` for any ``w > 0``,
+    whatever the interval (the library's rule now gives the unguided ones to an interval below ``t = 1``,
+    :func:`twinloss.loss.guides_near_noise`). The stored runs name that recipe "defaults" ("TwinFlow defaults",
+    "RCGM only, defaults", "... guidance interval (0.2, 0.7)"): every benchmark builds its losses from this
+    class, so those names keep meaning what they were measured with. With ``guidance_scale=0`` it is the
+    library's own loss.
+    """
+
+    def __init__(self, **settings) -> None:
+        guided = settings.get("guidance_scale", RELEASED_GUIDANCE["guidance_scale"]) > 0
+        if guided:
+            settings = {**RELEASED_GUIDANCE, **settings}
+            if "shares" not in settings:
+                settings["shares"] = twinloss.GroupShares()
+        super().__init__(**settings)
+        if guided and self.rectify_time is None:
+            # the default law, as it was for every w > 0 (registered modules: the repr and settings name it)
+            self.conditioned_rectify_time = twinloss.LogitNormalTime(0.0, 1.0)
+            self.unconditioned_rectify_time = twinloss.LogitNormalTime(0.0, 1.0)
 
 
 def checkpoint_steps(budget: int) -> list[int]:

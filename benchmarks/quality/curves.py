@@ -82,7 +82,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits  # noqa: E402
 import patches  # noqa: E402
 import run  # noqa: E402
-from common import checkpoint_steps, finetune  # noqa: E402
+from common import BenchmarkLoss, checkpoint_steps, finetune  # noqa: E402
 
 import twinloss  # noqa: E402
 from twinloss import toy  # noqa: E402
@@ -113,15 +113,15 @@ sampled with CFG 2 on the steps that start there (``-middle``). CFG 1.25,
 SAMPLE_SEED = 0
 DEFAULT_OUT = "benchmarks/quality/results/curves"
 
-Made = twinloss.TwinFlowLoss | tuple[twinloss.TwinFlowLoss, twinloss.Teacher]
+Made = BenchmarkLoss | tuple[BenchmarkLoss, twinloss.Teacher]
 MethodFactory = Callable[[nn.Module], Made]
 """``factory(pretrained_model) -> loss`` or ``(loss, teacher)``; the teacher gets ``update(model)`` each step."""
 
 METHODS: dict[str, MethodFactory] = {
-    "TwinFlow defaults": lambda pretrained: twinloss.TwinFlowLoss(),
-    "RCGM only, defaults": lambda pretrained: twinloss.TwinFlowLoss.rcgm(),
-    "TwinFlow w 0": lambda pretrained: twinloss.TwinFlowLoss(guidance_scale=0.0),
-    "RCGM only w 0": lambda pretrained: twinloss.TwinFlowLoss.rcgm(guidance_scale=0.0),
+    "TwinFlow defaults": lambda pretrained: BenchmarkLoss(),
+    "RCGM only, defaults": lambda pretrained: BenchmarkLoss.rcgm(),
+    "TwinFlow w 0": lambda pretrained: BenchmarkLoss(guidance_scale=0.0),
+    "RCGM only w 0": lambda pretrained: BenchmarkLoss.rcgm(guidance_scale=0.0),
 }
 
 
@@ -227,7 +227,7 @@ class Task:
 
 def pretrain(model: nn.Module, draw: DrawBatch, steps: int, generator: torch.Generator) -> nn.Module:
     """Plain flow matching from the freshly initialised ``model`` (Adam 1e-3, as the other scripts)."""
-    train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=steps, lr=PRETRAIN_LR, generator=generator)
+    train(model, BenchmarkLoss.plain_flow_matching(), draw, steps=steps, lr=PRETRAIN_LR, generator=generator)
     return model
 
 
@@ -336,13 +336,13 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def unpack(made: Made) -> tuple[twinloss.TwinFlowLoss, twinloss.Teacher | None]:
+def unpack(made: Made) -> tuple[BenchmarkLoss, twinloss.Teacher | None]:
     """A factory's result as ``(loss, teacher or None)``."""
-    if isinstance(made, twinloss.TwinFlowLoss):
+    if isinstance(made, BenchmarkLoss):
         return made, None
-    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], twinloss.TwinFlowLoss):
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], BenchmarkLoss):
         return made
-    raise ValueError(f"a method factory must return a TwinFlowLoss or (TwinFlowLoss, teacher), got {made!r}")
+    raise ValueError(f"a method factory must return a BenchmarkLoss or (BenchmarkLoss, teacher), got {made!r}")
 
 
 def sample(model, bench: Bench, steps: int, mode: str, guidance: float = 0.0,
@@ -401,7 +401,7 @@ def reference(bench: Bench, task: Task, sizes: Sizes) -> dict:
     guided = GUIDED_REFERENCES if bench.uncond is not None else ()
     start = {key.split("/", 1)[1]: scores
              for key, scores in score_point(bench, bench.pretrained, {}, FM_STEPS, "multi", guided).items()}
-    fm = fine_tune_curve(bench, task, sizes, twinloss.TwinFlowLoss.plain_flow_matching(), None, FM_STEPS, "multi",
+    fm = fine_tune_curve(bench, task, sizes, BenchmarkLoss.plain_flow_matching(), None, FM_STEPS, "multi",
                          guided=guided)
     return {"data": bench.floor, "notes": bench.notes, "start": start, "curve": fm}
 

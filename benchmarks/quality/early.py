@@ -44,10 +44,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 import guidance  # noqa: E402
 
 import twinloss  # noqa: E402
-from twinloss import BetaTime, GroupShares, ShiftedTime, TwinFlowLoss  # noqa: E402
+from twinloss import BetaTime, GroupShares, ShiftedTime  # noqa: E402
 
 FAKE_EIGHTH = GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8)
 """The unguided default partition when these variants ran (written out: a stored run must not follow a later default)."""
@@ -59,7 +60,7 @@ WARMUP_CALLS = 1000
 """Calls of the loss over which the rectification weight ramps up (a quarter of the issue's 1x, 1x at 1000)."""
 
 
-class RectificationWarmUp(TwinFlowLoss):
+class RectificationWarmUp(BenchmarkLoss):
     r"""The default loss whose rectification weight ramps up linearly over its first ``warmup`` calls.
 
     Call :math:`k` (from 1) uses :math:`c_\mathrm{rect} \min(1, k / \mathrm{warmup})`, never 0, so
@@ -111,7 +112,7 @@ S_CLEAN = ShiftedTime(1 / 3)
 VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow w 0, rectification warm-up 1000": lambda pretrained: RectificationWarmUp(
         WARMUP_CALLS, guidance_scale=0.0, shares=FAKE_EIGHTH, rectify_time=UNIFORM_S),
-    "TwinFlow w 0, one-step share 1/3, fake 1/8": lambda pretrained: TwinFlowLoss(
+    "TwinFlow w 0, one-step share 1/3, fake 1/8": lambda pretrained: BenchmarkLoss(
         guidance_scale=0.0, shares=ONE_STEP_THIRD, rectify_time=UNIFORM_S),
     "TwinFlow w 0, warmed, one-step 1/3, fake 1/8": lambda pretrained: RectificationWarmUp(
         WARMUP_CALLS, guidance_scale=0.0, shares=ONE_STEP_THIRD, rectify_time=UNIFORM_S),
@@ -122,7 +123,7 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     },
     "TwinFlow w 0, gap-scaled rectification": lambda pretrained: GapScaledRectification(
         guidance_scale=0.0, shares=FAKE_EIGHTH, rectify_time=UNIFORM_S),
-    "TwinFlow w 0, s clean, one-step 1/3, fake 1/8": lambda pretrained: TwinFlowLoss(
+    "TwinFlow w 0, s clean, one-step 1/3, fake 1/8": lambda pretrained: BenchmarkLoss(
         guidance_scale=0.0, shares=ONE_STEP_THIRD, rectify_time=S_CLEAN),
 }
 

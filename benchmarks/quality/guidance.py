@@ -2,7 +2,7 @@ r"""Guidance against the twin terms: variants of where the guidance enters (any 
 
 The group placements are the loss's own ``guidance_groups`` option; the
 rectification and fake-field variants are benchmark-side subclasses of
-``twinloss.TwinFlowLoss`` (the library's loss is not edited); the first round (issue 12)
+``BenchmarkLoss`` (the library's loss is not edited); the first round (issue 12)
 also logged ``twinloss.health`` signals at each
 checkpoint. With ``w`` the guidance scale, ``F_c`` / ``F_u`` the model's
 conditional / unconditional outputs:
@@ -71,6 +71,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 
 import twinloss  # noqa: E402
 from twinloss.protocol import concat_conditioning, select_rows  # noqa: E402
@@ -99,7 +100,7 @@ class _RectifyWithRealField:
         return torch.cat([fake_velocity, self.real_field(cond_velocity, uncond_velocity)])
 
 
-class _RealFieldInRectification(twinloss.TwinFlowLoss):
+class _RealFieldInRectification(BenchmarkLoss):
     """A loss whose rectification gap uses ``self.real_field(F_c, F_u)`` (defined by each subclass) as the real field."""
 
     def _rectify(self, evaluate, x_t, prediction, traj, cond, uncond, generator, clamp_rates):
@@ -138,7 +139,7 @@ class _FakeRowsGuided:
         return out - shift
 
 
-class GuidedFakeField(twinloss.TwinFlowLoss):
+class GuidedFakeField(BenchmarkLoss):
     def forward(self, model, x, *, cond=None, uncond=None, generator=None):
         if uncond is None or "y" not in uncond:
             raise ValueError("GuidedFakeField needs uncond={'y': null labels} to find the task's null class")
@@ -157,7 +158,7 @@ class GuidedRectificationOnly(_RealFieldInRectification):
         return cond_velocity + self.rectify_guidance * (cond_velocity - uncond_velocity)
 
 
-class RectificationDistance(twinloss.TwinFlowLoss):
+class RectificationDistance(BenchmarkLoss):
     """The rectification term under its own distance (``TwinFlowLoss(rectify_distance=...)`` since the eleventh
     round; these runs subclassed the loss before it had the option, with the same computation)."""
 
@@ -170,7 +171,7 @@ def RectificationL2(**kwargs) -> RectificationDistance:
     return RectificationDistance(twinloss.L2Distance(), **kwargs)
 
 
-TwinFlowLoss, FrozenTeacher = twinloss.TwinFlowLoss, twinloss.FrozenTeacher
+BenchmarkLoss, FrozenTeacher = BenchmarkLoss, twinloss.FrozenTeacher
 QUARTERS = twinloss.GroupShares()
 """The partition of the unguided variants below: equal quarters, the default without guidance when they ran
 (since the tenth round it is a fake share of 1/8, ``curves.py``'s ``TwinFlow w 0``, whose runs include the
@@ -180,28 +181,28 @@ UNIFORM_S = twinloss.BetaTime()
 and without guidance when they ran (written out: since the eighth round the guided default is logit-normal,
 since the twelfth a conditioned batch without guidance draws ``s`` towards the data)."""
 VARIANTS = {
-    "TwinFlow w 0.2": lambda pretrained: TwinFlowLoss(guidance_scale=0.2, rectify_time=UNIFORM_S),
-    "TwinFlow w 0.8": lambda pretrained: TwinFlowLoss(guidance_scale=0.8, rectify_time=UNIFORM_S),
-    "TwinFlow w 0.5, interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss(guidance_interval=(0.2, 0.7), rectify_time=UNIFORM_S),
-    "TwinFlow w 0.5, multi-step rows only": lambda pretrained: TwinFlowLoss(guidance_groups=("multi_step",), rectify_time=UNIFORM_S),
-    "TwinFlow w 0.5, any-step rows only": lambda pretrained: TwinFlowLoss(
+    "TwinFlow w 0.2": lambda pretrained: BenchmarkLoss(guidance_scale=0.2, rectify_time=UNIFORM_S),
+    "TwinFlow w 0.8": lambda pretrained: BenchmarkLoss(guidance_scale=0.8, rectify_time=UNIFORM_S),
+    "TwinFlow w 0.5, interval (0.2, 0.7)": lambda pretrained: BenchmarkLoss(guidance_interval=(0.2, 0.7), rectify_time=UNIFORM_S),
+    "TwinFlow w 0.5, multi-step rows only": lambda pretrained: BenchmarkLoss(guidance_groups=("multi_step",), rectify_time=UNIFORM_S),
+    "TwinFlow w 0.5, any-step rows only": lambda pretrained: BenchmarkLoss(
         guidance_groups=("any_step",), rectify_time=UNIFORM_S),
-    "RCGM only w 0.5, any-step rows only": lambda pretrained: TwinFlowLoss.rcgm(guidance_groups=("any_step",)),
-    "TwinFlow w 0.5, unguided real field in rectification": lambda pretrained: TwinFlowLoss(
+    "RCGM only w 0.5, any-step rows only": lambda pretrained: BenchmarkLoss.rcgm(guidance_groups=("any_step",)),
+    "TwinFlow w 0.5, unguided real field in rectification": lambda pretrained: BenchmarkLoss(
         rectify_field="guidance_free", rectify_time=UNIFORM_S),
     "TwinFlow w 0.5, guided fake field": lambda pretrained: GuidedFakeField(rectify_time=UNIFORM_S),
-    "TwinFlow frozen teacher w 0.5": lambda pretrained: TwinFlowLoss(
+    "TwinFlow frozen teacher w 0.5": lambda pretrained: BenchmarkLoss(
         guidance_teacher=FrozenTeacher(pretrained), rectify_time=UNIFORM_S),
-    "RCGM only frozen teacher w 0.5": lambda pretrained: TwinFlowLoss.rcgm(guidance_teacher=FrozenTeacher(pretrained)),
-    "TwinFlow frozen teacher w 0.25": lambda pretrained: TwinFlowLoss(
+    "RCGM only frozen teacher w 0.5": lambda pretrained: BenchmarkLoss.rcgm(guidance_teacher=FrozenTeacher(pretrained)),
+    "TwinFlow frozen teacher w 0.25": lambda pretrained: BenchmarkLoss(
         guidance_scale=0.25, guidance_teacher=FrozenTeacher(pretrained), rectify_time=UNIFORM_S),
-    "TwinFlow image-free CFG 1.25, frozen teacher": lambda pretrained: TwinFlowLoss(
+    "TwinFlow image-free CFG 1.25, frozen teacher": lambda pretrained: BenchmarkLoss(
         image_free=True, guidance_scale=1.25, guidance_teacher=FrozenTeacher(pretrained), rectify_time=UNIFORM_S),
     "TwinFlow guided rectification only w 0.5": lambda pretrained: GuidedRectificationOnly(
         0.5, shares=QUARTERS, rectify_time=UNIFORM_S),
-    "TwinFlow w 0, rectify weight 0.25": lambda pretrained: TwinFlowLoss(
+    "TwinFlow w 0, rectify weight 0.25": lambda pretrained: BenchmarkLoss(
         guidance_scale=0.0, rectify_weight=0.25, shares=QUARTERS, rectify_time=UNIFORM_S),
-    "TwinFlow w 0, rectify weight 1": lambda pretrained: TwinFlowLoss(
+    "TwinFlow w 0, rectify weight 1": lambda pretrained: BenchmarkLoss(
         guidance_scale=0.0, rectify_weight=1.0, shares=QUARTERS, rectify_time=UNIFORM_S),
     "TwinFlow w 0, rectification l2": lambda pretrained: RectificationL2(
         guidance_scale=0.0, rectify_weight=1.0, shares=QUARTERS, rectify_time=UNIFORM_S),
@@ -210,11 +211,11 @@ VARIANTS = {
         shares=twinloss.GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 24, fake=1 / 8), rectify_time=UNIFORM_S),
     "TwinFlow w 0, rectification Barron c 0.1": lambda pretrained: RectificationDistance(
         twinloss.BarronDistance(alpha=1.0, c=0.1), guidance_scale=0.0, shares=QUARTERS, rectify_time=UNIFORM_S),
-    "TwinFlow w 0, residual clamp 3": lambda pretrained: TwinFlowLoss(
+    "TwinFlow w 0, residual clamp 3": lambda pretrained: BenchmarkLoss(
         guidance_scale=0.0, residual_clamp=3.0, shares=QUARTERS, rectify_time=UNIFORM_S),
-    "TwinFlow w 0.5, no rectification": lambda pretrained: TwinFlowLoss(rectify_weight=0.0),
-    "TwinFlow w 0, no rectification": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, rectify_weight=0.0, shares=QUARTERS),
-    "RCGM only w 0, residual clamp 3": lambda pretrained: TwinFlowLoss.rcgm(guidance_scale=0.0, residual_clamp=3.0),
+    "TwinFlow w 0.5, no rectification": lambda pretrained: BenchmarkLoss(rectify_weight=0.0),
+    "TwinFlow w 0, no rectification": lambda pretrained: BenchmarkLoss(guidance_scale=0.0, rectify_weight=0.0, shares=QUARTERS),
+    "RCGM only w 0, residual clamp 3": lambda pretrained: BenchmarkLoss.rcgm(guidance_scale=0.0, residual_clamp=3.0),
 }
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import configure  # noqa: E402
+from common import BenchmarkLoss, configure  # noqa: E402
 from run import NULL, RING_CLASSES, RING_MODES, RING_STD, evaluate_ring, ring_batch, sample  # noqa: E402
 
 import twinloss  # noqa: E402
@@ -30,14 +30,14 @@ from twinloss import toy  # noqa: E402
 from twinloss_demo.training import train  # noqa: E402
 
 METHODS = {
-    "TwinFlow defaults (w 0.5)": lambda: twinloss.TwinFlowLoss(),
+    "TwinFlow defaults (w 0.5)": lambda: BenchmarkLoss(),
     # equal quarters and the uniform s: the defaults without guidance when these runs were stored (since the tenth
     # round a fake share of 1/8, since the twelfth s towards the data on a conditioned batch)
-    "TwinFlow w 0": lambda: twinloss.TwinFlowLoss(
+    "TwinFlow w 0": lambda: BenchmarkLoss(
         guidance_scale=0.0, shares=twinloss.GroupShares(), rectify_time=twinloss.BetaTime()),
-    "TwinFlow w 0.5, any-step rows only": lambda: twinloss.TwinFlowLoss(guidance_groups=("any_step",)),
-    "RCGM only (w 0.5)": lambda: twinloss.TwinFlowLoss.rcgm(),
-    "RCGM only (w 0)": lambda: twinloss.TwinFlowLoss.rcgm(guidance_scale=0.0),
+    "TwinFlow w 0.5, any-step rows only": lambda: BenchmarkLoss(guidance_groups=("any_step",)),
+    "RCGM only (w 0.5)": lambda: BenchmarkLoss.rcgm(),
+    "RCGM only (w 0)": lambda: BenchmarkLoss.rcgm(guidance_scale=0.0),
 }
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = toy.TimeMLP((2,), width=args.width, depth=4, num_classes=RING_CLASSES)
     g = torch.Generator().manual_seed(args.seed + 1)
-    train(model, twinloss.TwinFlowLoss.plain_flow_matching(), ring_batch(args.batch), steps=args.pretrain,
+    train(model, BenchmarkLoss.plain_flow_matching(), ring_batch(args.batch), steps=args.pretrain,
               lr=1e-3, generator=g)
     pretrained, state = copy.deepcopy(model), (torch.get_rng_state(), g.get_state())
     ev = torch.Generator().manual_seed(args.seed + 1000)

@@ -52,6 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 from curves_summary import ROOT, load, per_seed  # noqa: E402
 from plotting import line_chart  # noqa: E402
 
@@ -69,38 +70,38 @@ class Placement:
     """Where the guidance enters: the loss for a scale ``w`` (``rcgm`` picks the ablation), the scales swept."""
 
     name: str
-    make: Callable[[float, object, bool], twinloss.TwinFlowLoss]
+    make: Callable[[float, object, bool], BenchmarkLoss]
     scales: tuple[float, ...]
     cfg: Callable[[float], float]
     twin_only: bool = False
     """True when the placement exists only with the twin terms; its RCGM-only counterpart is ``online``."""
 
 
-def _uniform_s(**kwargs) -> twinloss.TwinFlowLoss:
+def _uniform_s(**kwargs) -> BenchmarkLoss:
     """The full recipe with the authors' uniform ``s`` and equal quarters, with which the fifth round swept it
     (since the tenth round the default partition without guidance, its ``w 0`` run, is a fake share of 1/8)."""
-    return twinloss.TwinFlowLoss(rectify_time=twinloss.BetaTime(), shares=twinloss.GroupShares(), **kwargs)
+    return BenchmarkLoss(rectify_time=twinloss.BetaTime(), shares=twinloss.GroupShares(), **kwargs)
 
 
-def _online(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
-    return twinloss.TwinFlowLoss.rcgm(guidance_scale=w) if rcgm else _uniform_s(guidance_scale=w)
+def _online(w: float, pretrained, rcgm: bool) -> BenchmarkLoss:
+    return BenchmarkLoss.rcgm(guidance_scale=w) if rcgm else _uniform_s(guidance_scale=w)
 
 
-def _online_s_mid(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
-    return twinloss.TwinFlowLoss(guidance_scale=w, rectify_time=twinloss.LogitNormalTime(0.0, 1.0))
+def _online_s_mid(w: float, pretrained, rcgm: bool) -> BenchmarkLoss:
+    return BenchmarkLoss(guidance_scale=w, rectify_time=twinloss.LogitNormalTime(0.0, 1.0))
 
 
-def _guidance_free(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
+def _guidance_free(w: float, pretrained, rcgm: bool) -> BenchmarkLoss:
     return _uniform_s(guidance_scale=w, rectify_field="guidance_free")
 
 
-def _any_step(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
-    make = twinloss.TwinFlowLoss.rcgm if rcgm else _uniform_s
+def _any_step(w: float, pretrained, rcgm: bool) -> BenchmarkLoss:
+    make = BenchmarkLoss.rcgm if rcgm else _uniform_s
     return make(guidance_scale=w, guidance_groups=("any_step",))
 
 
-def _frozen(w: float, pretrained, rcgm: bool) -> twinloss.TwinFlowLoss:
-    make = twinloss.TwinFlowLoss.rcgm if rcgm else _uniform_s
+def _frozen(w: float, pretrained, rcgm: bool) -> BenchmarkLoss:
+    make = BenchmarkLoss.rcgm if rcgm else _uniform_s
     return make(guidance_scale=w, guidance_teacher=twinloss.FrozenTeacher(pretrained))
 
 

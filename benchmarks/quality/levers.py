@@ -1,6 +1,6 @@
 r"""What limits 1-NFE quality without guidance: the loss's own knobs, on the curves protocol (issue 12).
 
-Every variant is ``twinloss.TwinFlowLoss(guidance_scale=0, ...)`` with one
+Every variant is ``BenchmarkLoss(guidance_scale=0, ...)`` with one
 constructor argument changed from its default, fine-tuned from the same
 pretrained weights on the same batches as the default methods of
 ``curves.py`` (its results sit beside theirs in ``results/curves``):
@@ -35,22 +35,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 
 import twinloss  # noqa: E402
-from twinloss import BetaTime, EMATeacher, GroupShares, L2Distance, LogitNormalTime, TwinFlowLoss  # noqa: E402
+from twinloss import BetaTime, EMATeacher, GroupShares, L2Distance, LogitNormalTime  # noqa: E402
 
 
-def unguided(**changed) -> TwinFlowLoss:
+def unguided(**changed) -> BenchmarkLoss:
     """``TwinFlowLoss`` without guidance, with ``changed`` constructor arguments.
 
     The batch is split into equal quarters unless ``changed`` names ``shares``, and the rectification draws
     the uniform ``s``: the defaults without guidance when these variants ran (since the tenth round of issue
     12 the partition is a fake share of 1/8, since the twelfth a conditioned batch draws ``s`` towards the data).
     """
-    return TwinFlowLoss(guidance_scale=0.0, **({"shares": GroupShares(), "rectify_time": BetaTime()} | changed))
+    return BenchmarkLoss(guidance_scale=0.0, **({"shares": GroupShares(), "rectify_time": BetaTime()} | changed))
 
 
-def with_ema_teacher(pretrained) -> tuple[TwinFlowLoss, twinloss.Teacher]:
+def with_ema_teacher(pretrained) -> tuple[BenchmarkLoss, twinloss.Teacher]:
     """Unguided loss whose no-grad passes read an EMA (0.99) of the online weights; the protocol updates it."""
     teacher = EMATeacher(0.99)
     return unguided(teacher=teacher), teacher

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import checkpoint_steps, configure, finetune, fit_classifier
+from common import BenchmarkLoss, checkpoint_steps, configure, finetune, fit_classifier
 from torch import nn
 
 import twinloss
@@ -169,15 +169,15 @@ def mean_signals(loss_fn, model, probes) -> dict[str, float]:
     return {key: sum(reading[key] for reading in readings) / len(readings) for key in readings[0]}
 
 
-def methods(quick: bool) -> dict[str, Callable[[], twinloss.TwinFlowLoss]]:
+def methods(quick: bool) -> dict[str, Callable[[], BenchmarkLoss]]:
     table = {
-        "TwinFlow defaults (w 0.5)": lambda: twinloss.TwinFlowLoss(),
+        "TwinFlow defaults (w 0.5)": lambda: BenchmarkLoss(),
         # equal quarters and the uniform s: the defaults without guidance when these runs were stored (since the
         # tenth round a fake share of 1/8, since the twelfth s towards the data on a conditioned batch)
-        "TwinFlow w 0": lambda: twinloss.TwinFlowLoss(
+        "TwinFlow w 0": lambda: BenchmarkLoss(
             guidance_scale=0.0, shares=twinloss.GroupShares(), rectify_time=twinloss.BetaTime()),
-        "RCGM only (w 0.5)": lambda: twinloss.TwinFlowLoss.rcgm(),
-        "RCGM only (w 0)": lambda: twinloss.TwinFlowLoss.rcgm(guidance_scale=0.0),
+        "RCGM only (w 0.5)": lambda: BenchmarkLoss.rcgm(),
+        "RCGM only (w 0)": lambda: BenchmarkLoss.rcgm(guidance_scale=0.0),
     }
     return dict(list(table.items())[:2]) if quick else table
 
@@ -194,7 +194,7 @@ def run(args, log, extra_methods: dict | None = None) -> dict:
     model = toy.TimeMLP((1, SIZE, SIZE), width=args.width, depth=4, num_classes=CLASSES)
     g = torch.Generator().manual_seed(args.seed + 1)
     started = time.perf_counter()
-    train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=args.pretrain, lr=1e-3, generator=g)
+    train(model, BenchmarkLoss.plain_flow_matching(), draw, steps=args.pretrain, lr=1e-3, generator=g)
     log(f"pretrained {args.pretrain} steps in {time.perf_counter() - started:.0f}s")
     pretrained = copy.deepcopy(model)
     state = torch.get_rng_state(), g.get_state()
@@ -233,10 +233,10 @@ def run(args, log, extra_methods: dict | None = None) -> dict:
             f"ema {last['ema/' + key]['fd']:.3f} power {last['power/' + key]['fd']:.3f} ({time.perf_counter() - t0:.0f}s)")
 
     if not args.skip_fm:
-        fine("FM continued", twinloss.TwinFlowLoss.plain_flow_matching(), (1, 2, 4, 50), "multi")
+        fine("FM continued", BenchmarkLoss.plain_flow_matching(), (1, 2, 4, 50), "multi")
     for name, make in {**(methods(args.quick) if not args.skip_main else {}), **(extra_methods or {})}.items():
         made = make()
-        loss_fn, teacher, before = (made, None, None) if isinstance(made, twinloss.TwinFlowLoss) else made
+        loss_fn, teacher, before = (made, None, None) if isinstance(made, BenchmarkLoss) else made
         fine(name, loss_fn, (1,), "few", teacher=teacher, before_step=before)
     return report
 

@@ -53,9 +53,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 from balance import BALANCES, GUIDANCE  # noqa: E402
 
-from twinloss import BetaTime, GroupShares, LogitNormalTime, ShiftedTime, TimeDistribution, TwinFlowLoss  # noqa: E402
+from twinloss import BetaTime, GroupShares, LogitNormalTime, ShiftedTime, TimeDistribution  # noqa: E402
 
 RECTIFY_TIMES: dict[str, TimeDistribution] = {
     "s uniform": BetaTime(1.0, 1.0),
@@ -74,7 +75,7 @@ RUN_ELSEWHERE: dict[str, str] = {"w 0": "s uniform", "defaults": "s mid"}
 
 def variant(rectify_time: TimeDistribution, guidance_scale: float, shares: GroupShares) -> curves.MethodFactory:
     """A method factory: the default loss with ``rectify_time``, ``guidance_scale`` and ``shares``."""
-    return lambda pretrained: TwinFlowLoss(guidance_scale=guidance_scale, rectify_time=rectify_time, shares=shares)
+    return lambda pretrained: BenchmarkLoss(guidance_scale=guidance_scale, rectify_time=rectify_time, shares=shares)
 
 
 VARIANTS: dict[str, curves.MethodFactory] = {

@@ -1,7 +1,7 @@
 """Fine-tuning quality benchmark: 1-NFE TwinFlow against the flow-matching model it started from.
 
 Protocol (issue 5): pretrain with plain flow matching, fine-tune the *same* weights with
-TwinFlowLoss for a fixed budget, and compare 1-NFE TwinFlow with the starting model at 1, 2, 4
+BenchmarkLoss for a fixed budget, and compare 1-NFE TwinFlow with the starting model at 1, 2, 4
 and 50 Euler steps, on
 
 * ``ring``: 8 Gaussians on a ring (std 0.1), class-conditional with 4 classes that each own two
@@ -33,7 +33,7 @@ import json
 import time
 
 import torch
-from common import configure
+from common import BenchmarkLoss, configure
 
 import twinloss
 from twinloss import metrics, toy
@@ -130,7 +130,7 @@ def run_ring(args, log):
     model = toy.TimeMLP((2,), width=args.width, depth=4, num_classes=RING_CLASSES)
     g = torch.Generator().manual_seed(args.seed + 1)
     started = time.perf_counter()
-    train(model, twinloss.TwinFlowLoss.plain_flow_matching(), ring_batch(args.batch), steps=args.pretrain,
+    train(model, BenchmarkLoss.plain_flow_matching(), ring_batch(args.batch), steps=args.pretrain,
               lr=1e-3, generator=g)
     log(f"ring: pretrained {args.pretrain} steps in {time.perf_counter() - started:.0f}s")
     pretrained = copy.deepcopy(model)
@@ -165,19 +165,19 @@ def run_ring(args, log):
         log(f"ring: {name}: {rows[f'{name}, 1 NFE']} ({seconds:.0f}s)")
 
     shares = twinloss.GroupShares.from_twin_share
-    finetune("FM continued (control)", twinloss.TwinFlowLoss.plain_flow_matching(), fm_control=True)
-    finetune("TwinFlow default (lambda 1/2, order 2, w 0.5, online)", twinloss.TwinFlowLoss())
+    finetune("FM continued (control)", BenchmarkLoss.plain_flow_matching(), fm_control=True)
+    finetune("TwinFlow default (lambda 1/2, order 2, w 0.5, online)", BenchmarkLoss())
     if not args.quick:
         for label, share in (("1/6", 1 / 6), ("1/3", 1 / 3), ("2/3", 2 / 3)):
-            finetune(f"TwinFlow lambda {label}", twinloss.TwinFlowLoss(shares=shares(share)))
-        finetune("TwinFlow RCGM order 1", twinloss.TwinFlowLoss(estimate_order=1))
+            finetune(f"TwinFlow lambda {label}", BenchmarkLoss(shares=shares(share)))
+        finetune("TwinFlow RCGM order 1", BenchmarkLoss(estimate_order=1))
         finetune("TwinFlow no guidance (w 0)",  # the unguided defaults when it was stored, written out
-                 twinloss.TwinFlowLoss(guidance_scale=0.0, shares=twinloss.GroupShares(), rectify_time=twinloss.BetaTime()))
+                 BenchmarkLoss(guidance_scale=0.0, shares=twinloss.GroupShares(), rectify_time=twinloss.BetaTime()))
         teacher = twinloss.EMATeacher()
-        finetune("TwinFlow EMA teacher (0.99)", twinloss.TwinFlowLoss(teacher=teacher), teacher=teacher)
-        finetune("TwinFlow l2 distance", twinloss.TwinFlowLoss(distance=twinloss.L2Distance()))
-        finetune("TwinFlow no time weight", twinloss.TwinFlowLoss(time_weight=None))
-        finetune("RCGM only (no twin terms)", twinloss.TwinFlowLoss.rcgm())
+        finetune("TwinFlow EMA teacher (0.99)", BenchmarkLoss(teacher=teacher), teacher=teacher)
+        finetune("TwinFlow l2 distance", BenchmarkLoss(distance=twinloss.L2Distance()))
+        finetune("TwinFlow no time weight", BenchmarkLoss(time_weight=None))
+        finetune("RCGM only (no twin terms)", BenchmarkLoss.rcgm())
     return rows
 
 
@@ -191,7 +191,7 @@ def run_shapes(args, log):
         return shapes(args.batch, generator), None, None
 
     started = time.perf_counter()
-    train(model, twinloss.TwinFlowLoss.plain_flow_matching(), draw, steps=args.image_pretrain, lr=1e-3,
+    train(model, BenchmarkLoss.plain_flow_matching(), draw, steps=args.image_pretrain, lr=1e-3,
               generator=g)
     log(f"shapes: pretrained {args.image_pretrain} steps in {time.perf_counter() - started:.0f}s")
     pretrained = copy.deepcopy(model)
@@ -215,12 +215,12 @@ def run_shapes(args, log):
             rows[f"{name}, {steps} NFE"] = {"nfe": steps, **evaluate_shapes(x, held), "train_s": round(seconds, 1)}
         log(f"shapes: {name}: {rows[f'{name}, 1 NFE']} ({seconds:.0f}s)")
 
-    finetune("FM continued (control)", twinloss.TwinFlowLoss.plain_flow_matching(), fm_control=True)
-    finetune("TwinFlow (w 0, lambda 1/2)", twinloss.TwinFlowLoss(guidance_scale=0.0, shares=twinloss.GroupShares()))
+    finetune("FM continued (control)", BenchmarkLoss.plain_flow_matching(), fm_control=True)
+    finetune("TwinFlow (w 0, lambda 1/2)", BenchmarkLoss(guidance_scale=0.0, shares=twinloss.GroupShares()))
     if not args.quick:
-        finetune("RCGM only (no twin terms, w 0)", twinloss.TwinFlowLoss.rcgm(guidance_scale=0.0))
+        finetune("RCGM only (no twin terms, w 0)", BenchmarkLoss.rcgm(guidance_scale=0.0))
         finetune("TwinFlow (w 0, lambda 1/3)",
-                 twinloss.TwinFlowLoss(guidance_scale=0.0, shares=twinloss.GroupShares.from_twin_share(1 / 3)))
+                 BenchmarkLoss(guidance_scale=0.0, shares=twinloss.GroupShares.from_twin_share(1 / 3)))
     return rows
 
 

@@ -139,12 +139,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import curves  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 import torch  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 from twinloss import (  # noqa: E402
-    EMATeacher, FrozenTeacher, GroupShares, L2Distance, ShiftedTime, Teacher, TimeDistribution, TwinFlowLoss,
-    WeightAverage,
+    EMATeacher, FrozenTeacher, GroupShares, L2Distance, ShiftedTime, Teacher, TimeDistribution, WeightAverage,
 )
 from twinloss.loss import UNGUIDED_SHARES  # noqa: E402
 from twinloss.protocol import select_rows  # noqa: E402
@@ -178,15 +178,15 @@ GUIDANCE_INTERVAL = (0.2, 0.7)
 2024), ``sigma = t / (1 - t)`` in ``(0.25, 2.33)``, about where they found guidance to help."""
 
 
-def fake_times_from_rectify_law(guidance_scale: float, **settings) -> TwinFlowLoss:
+def fake_times_from_rectify_law(guidance_scale: float, **settings) -> BenchmarkLoss:
     """The default loss at ``guidance_scale`` (with ``settings`` changed) whose fake field is trained at the times
     the rectification reads it (the conditioned law of ``s``: every task here that runs it has a class label)."""
-    loss = TwinFlowLoss(guidance_scale=guidance_scale, **settings)
+    loss = BenchmarkLoss(guidance_scale=guidance_scale, **settings)
     loss.trajectory = FakeTimesFrom(loss.trajectory, loss.rectify_law(conditioned=True))
     return loss
 
 
-def average_guided(make_loss) -> tuple[TwinFlowLoss, WeightAverage]:
+def average_guided(make_loss) -> tuple[BenchmarkLoss, WeightAverage]:
     """The loss from ``make_loss(guidance_teacher=...)`` whose guidance pass reads a power-profile weight average
     (the sampling average's profile), updated after every step: the target's ``F_c - F_u`` without the online
     model's latest fluctuations."""
@@ -213,8 +213,8 @@ def ema_taught(make_loss, decay: float, *, guidance: str = "ema", **settings) ->
     return build
 
 
-class GroupChainLoss(TwinFlowLoss):
-    """A :class:`~twinloss.TwinFlowLoss` whose RCGM chain reads ``average`` on the rows of ``average_groups`` and
+class GroupChainLoss(BenchmarkLoss):
+    """A :class:`~BenchmarkLoss` whose RCGM chain reads ``average`` on the rows of ``average_groups`` and
     the online model on the other real rows: step 5's displacement ``D`` per group. Everything else (guidance
     pass, rectification) reads what the settings say. The loop updates ``average`` after every step."""
 
@@ -434,61 +434,61 @@ def both_objectives(label: str, *, frozen_teacher: bool = False, **settings) -> 
             return make_loss(**settings, **teacher)
         return build
 
-    return {f"TwinFlow defaults, {label}": factory(TwinFlowLoss),
-            f"RCGM only, defaults, {label}": factory(TwinFlowLoss.rcgm)}
+    return {f"TwinFlow defaults, {label}": factory(BenchmarkLoss),
+            f"RCGM only, defaults, {label}": factory(BenchmarkLoss.rcgm)}
 
 
 VARIANTS: dict[str, curves.MethodFactory] = {
-    "TwinFlow defaults, l2 rectification weight 2": lambda pretrained: TwinFlowLoss(
+    "TwinFlow defaults, l2 rectification weight 2": lambda pretrained: BenchmarkLoss(
         rectify_distance=L2Distance(), rectify_weight=2.0),
-    "TwinFlow defaults, rectify weight 0.25": lambda pretrained: TwinFlowLoss(rectify_weight=0.25),
-    "TwinFlow defaults, no rectification": lambda pretrained: TwinFlowLoss(rectify_weight=0.0),
+    "TwinFlow defaults, rectify weight 0.25": lambda pretrained: BenchmarkLoss(rectify_weight=0.25),
+    "TwinFlow defaults, no rectification": lambda pretrained: BenchmarkLoss(rectify_weight=0.0),
     "TwinFlow defaults, fake times from s": lambda pretrained: fake_times_from_rectify_law(0.5),
     "TwinFlow w 0, fake times from s": lambda pretrained: fake_times_from_rectify_law(0.0),
-    "TwinFlow defaults, twin share 1/3, default law of s": lambda pretrained: TwinFlowLoss(
+    "TwinFlow defaults, twin share 1/3, default law of s": lambda pretrained: BenchmarkLoss(
         shares=GroupShares.from_twin_share(1 / 3)),
     "TwinFlow defaults, twin share 1/3, fake times from s": lambda pretrained: fake_times_from_rectify_law(
         0.5, shares=GroupShares.from_twin_share(1 / 3)),
-    "RCGM only, defaults, one-step half": lambda pretrained: TwinFlowLoss.rcgm(shares=ONE_STEP_HALF),
-    "TwinFlow defaults at w 0.2": lambda pretrained: TwinFlowLoss(guidance_scale=0.2),
-    "RCGM only, defaults at w 0.2": lambda pretrained: TwinFlowLoss.rcgm(guidance_scale=0.2),
-    "TwinFlow defaults, extra fake rows": lambda pretrained: TwinFlowLoss(fake_rows="added"),
-    "TwinFlow w 0, extra fake rows": lambda pretrained: TwinFlowLoss(guidance_scale=0.0, fake_rows="added"),
+    "RCGM only, defaults, one-step half": lambda pretrained: BenchmarkLoss.rcgm(shares=ONE_STEP_HALF),
+    "TwinFlow defaults at w 0.2": lambda pretrained: BenchmarkLoss(guidance_scale=0.2),
+    "RCGM only, defaults at w 0.2": lambda pretrained: BenchmarkLoss.rcgm(guidance_scale=0.2),
+    "TwinFlow defaults, extra fake rows": lambda pretrained: BenchmarkLoss(fake_rows="added"),
+    "TwinFlow w 0, extra fake rows": lambda pretrained: BenchmarkLoss(guidance_scale=0.0, fake_rows="added"),
     "TwinFlow defaults, extra fake rows, fake times from s": lambda pretrained: fake_times_from_rectify_law(
         0.5, fake_rows="added"),
-    "TwinFlow defaults, extra fake rows, no rectification": lambda pretrained: TwinFlowLoss(
+    "TwinFlow defaults, extra fake rows, no rectification": lambda pretrained: BenchmarkLoss(
         fake_rows="added", rectify_weight=0.0),
-    "TwinFlow defaults, frozen guidance teacher": lambda pretrained: TwinFlowLoss(
+    "TwinFlow defaults, frozen guidance teacher": lambda pretrained: BenchmarkLoss(
         guidance_teacher=FrozenTeacher(pretrained)),
-    "RCGM only, defaults, frozen guidance teacher": lambda pretrained: TwinFlowLoss.rcgm(
+    "RCGM only, defaults, frozen guidance teacher": lambda pretrained: BenchmarkLoss.rcgm(
         guidance_teacher=FrozenTeacher(pretrained)),
-    "TwinFlow defaults, extra fake rows, frozen guidance teacher": lambda pretrained: TwinFlowLoss(
+    "TwinFlow defaults, extra fake rows, frozen guidance teacher": lambda pretrained: BenchmarkLoss(
         fake_rows="added", guidance_teacher=FrozenTeacher(pretrained)),
-    "TwinFlow defaults, average as guidance teacher": lambda pretrained: average_guided(TwinFlowLoss),
-    "RCGM only, defaults, average as guidance teacher": lambda pretrained: average_guided(TwinFlowLoss.rcgm),
-    "TwinFlow defaults, data guidance difference": lambda pretrained: TwinFlowLoss(guidance_difference="data"),
-    "RCGM only, defaults, data guidance difference": lambda pretrained: TwinFlowLoss.rcgm(guidance_difference="data"),
-    "TwinFlow defaults, data guidance difference at w 1/3": lambda pretrained: TwinFlowLoss(
+    "TwinFlow defaults, average as guidance teacher": lambda pretrained: average_guided(BenchmarkLoss),
+    "RCGM only, defaults, average as guidance teacher": lambda pretrained: average_guided(BenchmarkLoss.rcgm),
+    "TwinFlow defaults, data guidance difference": lambda pretrained: BenchmarkLoss(guidance_difference="data"),
+    "RCGM only, defaults, data guidance difference": lambda pretrained: BenchmarkLoss.rcgm(guidance_difference="data"),
+    "TwinFlow defaults, data guidance difference at w 1/3": lambda pretrained: BenchmarkLoss(
         guidance_difference="data", guidance_scale=1 / 3),
-    "RCGM only, defaults, data guidance difference at w 1/3": lambda pretrained: TwinFlowLoss.rcgm(
+    "RCGM only, defaults, data guidance difference at w 1/3": lambda pretrained: BenchmarkLoss.rcgm(
         guidance_difference="data", guidance_scale=1 / 3),
-    "TwinFlow defaults, data guidance difference at w 1/3, frozen guidance teacher": lambda pretrained: TwinFlowLoss(
+    "TwinFlow defaults, data guidance difference at w 1/3, frozen guidance teacher": lambda pretrained: BenchmarkLoss(
         guidance_difference="data", guidance_scale=1 / 3, guidance_teacher=FrozenTeacher(pretrained)),
-    "TwinFlow defaults, guidance interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss(
+    "TwinFlow defaults, guidance interval (0.2, 0.7)": lambda pretrained: BenchmarkLoss(
         guidance_interval=GUIDANCE_INTERVAL),
-    "RCGM only, defaults, guidance interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss.rcgm(
+    "RCGM only, defaults, guidance interval (0.2, 0.7)": lambda pretrained: BenchmarkLoss.rcgm(
         guidance_interval=GUIDANCE_INTERVAL),
-    "TwinFlow defaults, guidance interval (0, 0.7)": lambda pretrained: TwinFlowLoss(
+    "TwinFlow defaults, guidance interval (0, 0.7)": lambda pretrained: BenchmarkLoss(
         guidance_interval=(0.0, GUIDANCE_INTERVAL[1])),
-    "RCGM only, defaults, guidance interval (0, 0.7)": lambda pretrained: TwinFlowLoss.rcgm(
+    "RCGM only, defaults, guidance interval (0, 0.7)": lambda pretrained: BenchmarkLoss.rcgm(
         guidance_interval=(0.0, GUIDANCE_INTERVAL[1])),
-    "TwinFlow defaults, data guidance difference at w 1/3, guidance interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss(
+    "TwinFlow defaults, data guidance difference at w 1/3, guidance interval (0.2, 0.7)": lambda pretrained: BenchmarkLoss(
         guidance_difference="data", guidance_scale=1 / 3, guidance_interval=GUIDANCE_INTERVAL),
     "RCGM only, defaults, data guidance difference at w 1/3, guidance interval (0.2, 0.7)": lambda pretrained: (
-        TwinFlowLoss.rcgm(guidance_difference="data", guidance_scale=1 / 3, guidance_interval=GUIDANCE_INTERVAL)),
-    "TwinFlow defaults, guidance interval (0.2, 1)": lambda pretrained: TwinFlowLoss(
+        BenchmarkLoss.rcgm(guidance_difference="data", guidance_scale=1 / 3, guidance_interval=GUIDANCE_INTERVAL)),
+    "TwinFlow defaults, guidance interval (0.2, 1)": lambda pretrained: BenchmarkLoss(
         guidance_interval=(GUIDANCE_INTERVAL[0], 1.0)),
-    "RCGM only, defaults, guidance interval (0.2, 1)": lambda pretrained: TwinFlowLoss.rcgm(
+    "RCGM only, defaults, guidance interval (0.2, 1)": lambda pretrained: BenchmarkLoss.rcgm(
         guidance_interval=(GUIDANCE_INTERVAL[0], 1.0)),
     **both_objectives("balanced guidance feedback", balance_guidance_feedback=True),
     **both_objectives("balanced guidance feedback at w 1/3", balance_guidance_feedback=True, guidance_scale=1 / 3),
@@ -500,26 +500,26 @@ VARIANTS: dict[str, curves.MethodFactory] = {
                       guidance_groups=("multi_step",)),
     **both_objectives("multi-step rows guided by the data difference at w 1/3", guidance_groups=("multi_step",),
                       guidance_difference="data", guidance_scale=1 / 3),
-    "TwinFlow defaults, EMA teacher 0.99": ema_taught(TwinFlowLoss, 0.99),
-    "RCGM only, defaults, EMA teacher 0.99": ema_taught(TwinFlowLoss.rcgm, 0.99),
-    "TwinFlow defaults, EMA teacher 0.999": ema_taught(TwinFlowLoss, 0.999),
-    "RCGM only, defaults, EMA teacher 0.999": ema_taught(TwinFlowLoss.rcgm, 0.999),
-    "TwinFlow w 0, RCGM chain on an EMA 0.99": ema_taught(TwinFlowLoss, 0.99, guidance_scale=0.0),
-    "RCGM only w 0, RCGM chain on an EMA 0.99": ema_taught(TwinFlowLoss.rcgm, 0.99, guidance_scale=0.0),
+    "TwinFlow defaults, EMA teacher 0.99": ema_taught(BenchmarkLoss, 0.99),
+    "RCGM only, defaults, EMA teacher 0.99": ema_taught(BenchmarkLoss.rcgm, 0.99),
+    "TwinFlow defaults, EMA teacher 0.999": ema_taught(BenchmarkLoss, 0.999),
+    "RCGM only, defaults, EMA teacher 0.999": ema_taught(BenchmarkLoss.rcgm, 0.999),
+    "TwinFlow w 0, RCGM chain on an EMA 0.99": ema_taught(BenchmarkLoss, 0.99, guidance_scale=0.0),
+    "RCGM only w 0, RCGM chain on an EMA 0.99": ema_taught(BenchmarkLoss.rcgm, 0.99, guidance_scale=0.0),
     "TwinFlow defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": ema_taught(
-        TwinFlowLoss, 0.99, guidance="frozen"),
+        BenchmarkLoss, 0.99, guidance="frozen"),
     "RCGM only, defaults, RCGM chain on an EMA 0.99, frozen guidance teacher": ema_taught(
-        TwinFlowLoss.rcgm, 0.99, guidance="frozen"),
+        BenchmarkLoss.rcgm, 0.99, guidance="frozen"),
     "TwinFlow defaults, RCGM chain on an EMA 0.99, online guidance teacher": ema_taught(
-        TwinFlowLoss, 0.99, guidance="online"),
+        BenchmarkLoss, 0.99, guidance="online"),
     "RCGM only, defaults, RCGM chain on an EMA 0.99, online guidance teacher": ema_taught(
-        TwinFlowLoss.rcgm, 0.99, guidance="online"),
+        BenchmarkLoss.rcgm, 0.99, guidance="online"),
     "TwinFlow defaults, RCGM chain on an EMA 0.9, online guidance teacher": ema_taught(
-        TwinFlowLoss, 0.9, guidance="online"),
+        BenchmarkLoss, 0.9, guidance="online"),
     "RCGM only, defaults, RCGM chain on an EMA 0.9, online guidance teacher": ema_taught(
-        TwinFlowLoss.rcgm, 0.9, guidance="online"),
-    "TwinFlow w 0, RCGM chain on an EMA 0.9": ema_taught(TwinFlowLoss, 0.9, guidance_scale=0.0),
-    "RCGM only w 0, RCGM chain on an EMA 0.9": ema_taught(TwinFlowLoss.rcgm, 0.9, guidance_scale=0.0),
+        BenchmarkLoss.rcgm, 0.9, guidance="online"),
+    "TwinFlow w 0, RCGM chain on an EMA 0.9": ema_taught(BenchmarkLoss, 0.9, guidance_scale=0.0),
+    "RCGM only w 0, RCGM chain on an EMA 0.9": ema_taught(BenchmarkLoss.rcgm, 0.9, guidance_scale=0.0),
     "TwinFlow defaults, one-step chain on an EMA 0.99": group_chain_taught("twinflow", 0.99, ONE_STEP_CHAIN),
     "RCGM only, defaults, one-step chain on an EMA 0.99": group_chain_taught("rcgm", 0.99, ONE_STEP_CHAIN),
     "TwinFlow w 0, one-step chain on an EMA 0.99": group_chain_taught(
@@ -531,37 +531,37 @@ VARIANTS: dict[str, curves.MethodFactory] = {
     "TwinFlow defaults, any-step chain on an EMA 0.99": group_chain_taught("twinflow", 0.99, ANY_STEP_CHAIN),
     "RCGM only, defaults, any-step chain on an EMA 0.99": group_chain_taught("rcgm", 0.99, ANY_STEP_CHAIN),
     "TwinFlow defaults, RCGM chain on an EMA 0.99, online class direction": split_field(
-        TwinFlowLoss, 0.99, "online"),
+        BenchmarkLoss, 0.99, "online"),
     "RCGM only, defaults, RCGM chain on an EMA 0.99, online class direction": split_field(
-        TwinFlowLoss.rcgm, 0.99, "online"),
+        BenchmarkLoss.rcgm, 0.99, "online"),
     "TwinFlow defaults, RCGM chain online, class direction from an EMA 0.99": split_field(
-        TwinFlowLoss, 0.99, "average"),
+        BenchmarkLoss, 0.99, "average"),
     "RCGM only, defaults, RCGM chain online, class direction from an EMA 0.99": split_field(
-        TwinFlowLoss.rcgm, 0.99, "average"),
-    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": chain_taught(TwinFlowLoss, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "noise")),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": chain_taught(TwinFlowLoss.rcgm, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "noise")),
-    "TwinFlow defaults, RCGM chain on an EMA 0.99 below t 0.5": chain_taught(TwinFlowLoss, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "data")),
-    "RCGM only, defaults, RCGM chain on an EMA 0.99 below t 0.5": chain_taught(TwinFlowLoss.rcgm, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "data")),
-    "TwinFlow defaults, RCGM chain on a double EMA 0.99": chain_taught(TwinFlowLoss, lambda _: DoubleEMATeacher(0.99)),
-    "RCGM only, defaults, RCGM chain on a double EMA 0.99": chain_taught(TwinFlowLoss.rcgm, lambda _: DoubleEMATeacher(0.99)),
-    "TwinFlow defaults, RCGM chain a quarter of the way to an EMA 0.99": chain_taught(TwinFlowLoss, lambda _: BlendedTeacher(EMATeacher(0.99), 0.25)),
-    "RCGM only, defaults, RCGM chain a quarter of the way to an EMA 0.99": chain_taught(TwinFlowLoss.rcgm, lambda _: BlendedTeacher(EMATeacher(0.99), 0.25)),
-    "TwinFlow defaults, RCGM chain a thirty-second of the way to an EMA 0.99": chain_taught(TwinFlowLoss, lambda _: BlendedTeacher(EMATeacher(0.99), 1 / 32)),
+        BenchmarkLoss.rcgm, 0.99, "average"),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 above t 0.5": chain_taught(BenchmarkLoss, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "noise")),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 above t 0.5": chain_taught(BenchmarkLoss.rcgm, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "noise")),
+    "TwinFlow defaults, RCGM chain on an EMA 0.99 below t 0.5": chain_taught(BenchmarkLoss, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "data")),
+    "RCGM only, defaults, RCGM chain on an EMA 0.99 below t 0.5": chain_taught(BenchmarkLoss.rcgm, lambda _: TimeSplitTeacher(EMATeacher(0.99), 0.5, "data")),
+    "TwinFlow defaults, RCGM chain on a double EMA 0.99": chain_taught(BenchmarkLoss, lambda _: DoubleEMATeacher(0.99)),
+    "RCGM only, defaults, RCGM chain on a double EMA 0.99": chain_taught(BenchmarkLoss.rcgm, lambda _: DoubleEMATeacher(0.99)),
+    "TwinFlow defaults, RCGM chain a quarter of the way to an EMA 0.99": chain_taught(BenchmarkLoss, lambda _: BlendedTeacher(EMATeacher(0.99), 0.25)),
+    "RCGM only, defaults, RCGM chain a quarter of the way to an EMA 0.99": chain_taught(BenchmarkLoss.rcgm, lambda _: BlendedTeacher(EMATeacher(0.99), 0.25)),
+    "TwinFlow defaults, RCGM chain a thirty-second of the way to an EMA 0.99": chain_taught(BenchmarkLoss, lambda _: BlendedTeacher(EMATeacher(0.99), 1 / 32)),
     "RCGM only, defaults, RCGM chain a thirty-second of the way to an EMA 0.99": chain_taught(
-        TwinFlowLoss.rcgm, lambda _: BlendedTeacher(EMATeacher(0.99), 1 / 32)),
-    "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: TwinFlowLoss(twin_rows="conditioned"),
+        BenchmarkLoss.rcgm, lambda _: BlendedTeacher(EMATeacher(0.99), 1 / 32)),
+    "TwinFlow defaults, twin terms on labelled rows": lambda pretrained: BenchmarkLoss(twin_rows="conditioned"),
     "TwinFlow defaults, balanced guidance feedback at w 1/3, twin terms on labelled rows": lambda pretrained: (
-        TwinFlowLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
+        BenchmarkLoss(balance_guidance_feedback=True, guidance_scale=1 / 3, twin_rows="conditioned")),
     "TwinFlow defaults, guidance interval (0.2, 0.7), unguided partition and law of s": lambda pretrained: (
-        TwinFlowLoss(guidance_interval=(0.2, 0.7), shares=UNGUIDED_SHARES, rectify_time=ShiftedTime(1 / 3))),
-    "TwinFlow defaults, guidance interval (0.2, 0.7), unguided partition": lambda pretrained: TwinFlowLoss(
+        BenchmarkLoss(guidance_interval=(0.2, 0.7), shares=UNGUIDED_SHARES, rectify_time=ShiftedTime(1 / 3))),
+    "TwinFlow defaults, guidance interval (0.2, 0.7), unguided partition": lambda pretrained: BenchmarkLoss(
         guidance_interval=(0.2, 0.7), shares=UNGUIDED_SHARES),
-    "TwinFlow defaults, guidance interval (0.2, 0.7), unguided law of s": lambda pretrained: TwinFlowLoss(
+    "TwinFlow defaults, guidance interval (0.2, 0.7), unguided law of s": lambda pretrained: BenchmarkLoss(
         guidance_interval=(0.2, 0.7), rectify_time=ShiftedTime(1 / 3)),
     "TwinFlow defaults at w 0.2, guidance interval (0.2, 0.7), unguided partition and law of s": lambda pretrained: (
-        TwinFlowLoss(guidance_scale=0.2, guidance_interval=(0.2, 0.7), shares=UNGUIDED_SHARES,
+        BenchmarkLoss(guidance_scale=0.2, guidance_interval=(0.2, 0.7), shares=UNGUIDED_SHARES,
                      rectify_time=ShiftedTime(1 / 3))),
-    "RCGM only, defaults at w 0.2, guidance interval (0.2, 0.7)": lambda pretrained: TwinFlowLoss.rcgm(
+    "RCGM only, defaults at w 0.2, guidance interval (0.2, 0.7)": lambda pretrained: BenchmarkLoss.rcgm(
         guidance_scale=0.2, guidance_interval=(0.2, 0.7)),
 }
 

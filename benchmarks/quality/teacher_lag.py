@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import curves  # noqa: E402
+from common import BenchmarkLoss  # noqa: E402
 from common import finetune  # noqa: E402
 
 import twinloss  # noqa: E402
@@ -75,7 +76,7 @@ def mid_path_probe(x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
 class ClampRecorder:
     """Calls the loss and keeps each step's residual clamp rate (0 without an RCGM chain)."""
 
-    def __init__(self, loss_fn: twinloss.TwinFlowLoss) -> None:
+    def __init__(self, loss_fn: BenchmarkLoss) -> None:
         self.loss_fn = loss_fn
         self.rates: list[float] = []
 
@@ -101,7 +102,7 @@ def lag_run(bench: curves.Bench, lr: float, guidance_scale: float, decay: float,
     if steps < 4 * every:
         raise ValueError(f"steps must be at least 4 * every = {4 * every} so each half holds a reading, got {steps}")
     teacher = twinloss.EMATeacher(decay)
-    recorder = ClampRecorder(twinloss.TwinFlowLoss(guidance_scale=guidance_scale, rcgm_teacher=teacher))
+    recorder = ClampRecorder(BenchmarkLoss(guidance_scale=guidance_scale, rcgm_teacher=teacher))
     lags: list[float] = []
     alignments: list[float] = []
 

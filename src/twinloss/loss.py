@@ -30,7 +30,7 @@ left after ``z`` (see :class:`~twinloss._random.RandomState`).
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int, Shaped
@@ -72,8 +72,10 @@ from twinloss.time_distributions import BetaTime, LogitNormalTime, ShiftedTime, 
 from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
 
 __all__ = [
-    "CONDITIONED_RECTIFY_SHIFT", "FINITE_CHECKS", "REAL_GROUPS", "UNGUIDED_SHARES", "TangentTimeWeight",
-    "TwinFlowLoss", "TwinFlowOutput", "default_rectify_time", "default_shares",
+    "CONDITIONED_RECTIFY_SHIFT", "DEFAULT_GUIDANCE_INTERVAL", "FINITE_CHECKS", "REAL_GROUPS", "RELEASED_GUIDANCE",
+    "UNGUIDED_SHARES",
+    "TangentTimeWeight", "TwinFlowLoss", "TwinFlowOutput", "default_rectify_time", "default_shares",
+    "guides_near_noise",
 ]
 
 FINITE_CHECKS = ("raise", "report", "off")
@@ -148,8 +150,16 @@ def _check_components(
             check_instance(value, name, kind)
 
 
+DEFAULT_GUIDANCE_INTERVAL = (0.2, 0.7)
+"""The default ``guidance_interval``: guidance on the middle of the path, ``0.2 < t < 0.7`` (docs/quality.md,
+"Thirtieth round" and "Thirty-first round")."""
+RELEASED_GUIDANCE: dict[str, Any] = {"guidance_scale": 0.5, "guidance_interval": (0.0, 1.0)}
+"""The guidance of the authors' released step (docs/method.md, step 4): ``w = 0.5`` on every real row at
+``0 < t < 1``, CFG 2 with the online teacher, with the quarters and the logit-normal law of ``s`` it selects
+(:func:`guides_near_noise`). This library's default until the thirty-first round of issue 12, and the recipe
+every benchmark run named "defaults" was measured with: ``TwinFlowLoss(**RELEASED_GUIDANCE)``."""
 UNUSED_SETTING_DEFAULTS: dict[str, object] = {
-    "guidance_interval": (0.0, 1.0), "rectify_clamp": 1.0, "estimate_step": 0.01, "residual_clamp": 1.0,
+    "guidance_interval": DEFAULT_GUIDANCE_INTERVAL, "rectify_clamp": 1.0, "estimate_step": 0.01, "residual_clamp": 1.0,
 }
 """The defaults of the settings that a switched-off pass never reads (see :func:`_check_unused_settings`)."""
 
@@ -248,26 +258,49 @@ UNGUIDED_SHARES = GroupShares(one_step=7 / 24, multi_step=7 / 24, any_step=7 / 2
 """The default partition without guidance: a fake share of 1/8, the three real groups 7/24 each."""
 
 
-def default_shares(guidance_scale: float) -> GroupShares:
+def guides_near_noise(guidance_scale: float, guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL) -> bool:
+    r"""Whether the guided target reaches the noise end of the path: ``guidance_scale > 0`` and an interval
+    ``(low, 1)``.
+
+    The default partition (:func:`default_shares`) and law of ``s``
+    (:func:`default_rectify_time`) follow this, not the scale alone. With
+    guidance up to the noise end (the authors' ``(0, 1)``) the field the
+    rectification compares against is guided everywhere it reads it, and
+    the quarters and the logit-normal law were better there. With guidance
+    on the middle of the path (the default ``(0.2, 0.7)``) the field near the
+    data is the plain conditional one, and the unguided partition and law
+    were better: the twin terms went from 0.047 FD behind RCGM-only to level
+    on the real patches and from level to 4.0 FD ahead on the digits
+    (docs/quality.md, "Thirtieth round").
+
+    Raises:
+        ValueError: naming ``guidance_scale`` or ``guidance_interval`` for a value out of range.
+    """
+    _checked_scale(guidance_scale)
+    return guidance_scale > 0 and check_guidance_interval(guidance_interval)[1] == 1.0
+
+
+def default_shares(guidance_scale: float, guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL) -> GroupShares:
     r"""The group partition when ``shares`` is not given.
 
-    With guidance (``guidance_scale > 0``) equal quarters, the authors'
-    balance :math:`\lambda = 1/2` (the twin groups ``one_step`` and ``fake``
-    get half of each batch). Without guidance the fake group gets 1/8 of
+    With guidance up to the noise end (:func:`guides_near_noise`) equal
+    quarters, the authors' balance :math:`\lambda = 1/2` (the twin groups
+    ``one_step`` and ``fake`` get half of each batch). Otherwise, as without
+    guidance, the fake group gets 1/8 of
     the batch and the three real groups 7/24 each
     (:data:`UNGUIDED_SHARES`): the rectification keeps its one-step rows and
     the fake field, which shares every weight with the real one, gets half
     the rows. Without guidance that partition was better than the quarters
     or even with them on every benchmark (ring, shapes, the real patches at
     both budgets and widths, the digits; docs/quality.md, "Sixth round" to
-    "Tenth round"); with guidance it was worse on the real patches, so the
-    quarters stay there. Both partitions give every group a row from a
-    batch of 4 on.
+    "Tenth round"); with guidance on the whole path it was worse on the real
+    patches, so the quarters stay there. Both partitions give every group a
+    row from a batch of 4 on.
 
     Raises:
-        ValueError: naming ``guidance_scale`` if it is not a finite number >= 0.
+        ValueError: naming ``guidance_scale`` or ``guidance_interval`` for a value out of range.
     """
-    return GroupShares() if _checked_scale(guidance_scale) > 0 else UNGUIDED_SHARES
+    return GroupShares() if guides_near_noise(guidance_scale, guidance_interval) else UNGUIDED_SHARES
 
 
 def _checked_scale(guidance_scale: object) -> float:
@@ -277,20 +310,23 @@ def _checked_scale(guidance_scale: object) -> float:
     return float(guidance_scale)
 
 
-def default_rectify_time(guidance_scale: float, *, conditioned: bool) -> TimeDistribution:
+def default_rectify_time(
+    guidance_scale: float, *, conditioned: bool, guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL
+) -> TimeDistribution:
     r"""The law of the rectification's time ``s`` when ``rectify_time`` is not given.
 
-    * With guidance (``guidance_scale > 0``): the logit-normal
+    * With guidance up to the noise end (:func:`guides_near_noise`): the logit-normal
       :math:`s = \sigma(n)`, :math:`n \sim N(0, 1)` (``LogitNormalTime(0, 1)``),
       which spends the rectification's unit pushes in the middle of the path
       rather than evenly along it.
-    * Without guidance, on a batch that carries a conditioning (``cond``):
+    * Otherwise (no guidance, or guidance on an interval below ``t = 1``), on a batch that carries a
+      conditioning (``cond``):
       the uniform draw shifted towards the data,
       :math:`s = u / (3 - 2u)`, :math:`u \sim U(0, 1)` (``ShiftedTime(1/3)``,
       median 1/4). A class label fixes the sample's global structure, and
       what the gap has left to correct is detail, which it reads
       repeatably only near the data.
-    * Without guidance and without a conditioning: the authors' uniform
+    * Otherwise, without a conditioning: the authors' uniform
       draw, :math:`s \sim U(0, 1)` (``BetaTime(1, 1)``). Which mode an
       unconditional sample lands in is decided at high noise, and a law
       that starves the middle of the path loses those pushes.
@@ -303,11 +339,12 @@ def default_rectify_time(guidance_scale: float, *, conditioned: bool) -> TimeDis
     Args:
         guidance_scale: the loss's ``w`` (a finite number >= 0).
         conditioned: whether the batch comes with a (non-empty) ``cond``.
+        guidance_interval: the loss's ``guidance_interval``.
 
     Raises:
-        ValueError: naming ``guidance_scale`` if it is not a finite number >= 0.
+        ValueError: naming ``guidance_scale`` or ``guidance_interval`` for a value out of range.
     """
-    if _checked_scale(guidance_scale) > 0:
+    if guides_near_noise(guidance_scale, guidance_interval):
         return LogitNormalTime(0.0, 1.0)
     return ShiftedTime(CONDITIONED_RECTIFY_SHIFT) if conditioned else BetaTime(1.0, 1.0)
 
@@ -407,7 +444,8 @@ class TwinFlowLoss(nn.Module):
 
     Args:
         shares: the group partition (*default* :func:`default_shares`:
-            equal quarters with guidance, a fake share of 1/8 without).
+            equal quarters with guidance up to the noise end, a fake share of
+            1/8 otherwise, the default's guidance on the middle included).
         fake_rows: where the fake group's rows come from. ``"from_batch"``
             (*default*, the authors' recipe): the last ``shares.fake`` of the
             batch's rows, whose data is replaced by the model's one-jump
@@ -450,7 +488,9 @@ class TwinFlowLoss(nn.Module):
             RCGM chain and regresses on the (guided) velocity ``v`` directly.
         residual_clamp: bound on the RCGM residual (*default* 1).
         guidance_scale: ``w`` of the guidance-enhanced target
-            :math:`v + w (F_c - F_u)` (*default* 0.5; 0 disables it and skips
+            :math:`v + w (F_c - F_u)` (*default* 0.2, CFG 1.25 with the online
+            teacher, on ``guidance_interval``; the authors' is 0.5 on the
+            whole path, see the presets; 0 disables it and skips
             its pass). Needs ``uncond`` when > 0; with 0 a given ``uncond``
             is still checked but not read, so a trainer may pass its null
             conditioning whatever the scale (the sampler, whose scale defaults
@@ -474,7 +514,14 @@ class TwinFlowLoss(nn.Module):
             RCGM alone: choose ``w`` by the adherence you want
             (docs/quality.md, "Fifth round").
         guidance_interval: open interval of ``t`` where guidance applies
-            (*default* ``(0, 1)``, which leaves ``t = 1`` rows alone).
+            (*default* ``(0.2, 0.7)``, the middle of the path; the authors'
+            ``(0, 1)`` guides every row but the one-step rows at ``t = 1``).
+            Which end it reaches sets the default partition and law of ``s``
+            (:func:`guides_near_noise`). With the default, the twin terms were
+            ahead of their RCGM-only ablation on the real patches and the
+            digits and level with it on the ring, and 1-NFE FD fell to a
+            quarter of the authors' setting's on the patches at the same class
+            accuracy (docs/quality.md, "Thirty-first round").
         guidance_groups: the real groups whose rows get the guided target
             (*default* all of ``"one_step"``, ``"multi_step"``,
             ``"any_step"``: the authors' recipe); rows of the other groups
@@ -573,10 +620,11 @@ class TwinFlowLoss(nn.Module):
         rectify_time: law of the re-noising time ``s`` of step 7, at which the
             gap ``dv`` is read (*default* ``None``: for each batch,
             :func:`default_rectify_time`, which follows the guidance and the
-            conditioning: ``LogitNormalTime(0, 1)`` with ``guidance_scale > 0``;
-            without guidance ``ShiftedTime(1/3)``, towards the data, on a batch
-            passed with ``cond``, and the authors' uniform ``Beta(1, 1)`` on one
-            without; independent of ``time_distribution``). The Barron
+            conditioning: ``LogitNormalTime(0, 1)`` with guidance up to the
+            noise end (:func:`guides_near_noise`); otherwise, the default's
+            guidance on the middle included, ``ShiftedTime(1/3)``, towards the
+            data, on a batch passed with ``cond``, and the authors' uniform
+            ``Beta(1, 1)`` on one without; independent of ``time_distribution``). The Barron
             distance pushes every row with a unit direction, so the law
             decides where along the path the pushes go. :meth:`rectify_law`
             names the law a batch gets. Pass ``BetaTime()`` for the authors'
@@ -624,8 +672,8 @@ class TwinFlowLoss(nn.Module):
         estimate_step: float = 0.01,
         estimate_order: int = 2,
         residual_clamp: float = 1.0,
-        guidance_scale: float = 0.5,
-        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        guidance_scale: float = 0.2,
+        guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL,
         guidance_groups: tuple[str, ...] = REAL_GROUPS,
         guidance_difference: Literal["teacher", "data"] = "teacher",
         balance_guidance_feedback: bool = False,
@@ -662,7 +710,7 @@ class TwinFlowLoss(nn.Module):
             time_weight = TangentTimeWeight()
         elif not (time_weight is None or isinstance(time_weight, TangentTimeWeight)):
             raise ValueError(f"time_weight must be 'tangent', a TangentTimeWeight or None, got {time_weight!r}")
-        shares = shares if shares is not None else default_shares(guidance_scale)
+        shares = shares if shares is not None else default_shares(guidance_scale, (low, high))
         if rectify_weight > 0 and shares.one_step == 0:
             raise ValueError(
                 f"rectify_weight={rectify_weight} acts on one-step rows, but shares.one_step is 0: "
@@ -710,8 +758,10 @@ class TwinFlowLoss(nn.Module):
         self.rectify_field = rectify_field
         self.rectify_time = rectify_time
         if rectify_time is None:  # registered, so the loss's repr names both
-            self.unconditioned_rectify_time = default_rectify_time(guidance_scale, conditioned=False)
-            self.conditioned_rectify_time = default_rectify_time(guidance_scale, conditioned=True)
+            self.unconditioned_rectify_time = default_rectify_time(
+                guidance_scale, conditioned=False, guidance_interval=(low, high))
+            self.conditioned_rectify_time = default_rectify_time(
+                guidance_scale, conditioned=True, guidance_interval=(low, high))
         self.rectify_distance = rectify_distance if rectify_distance is not None else self.distance
         self.share_random_stream = share_random_stream
         self.check_finite = check_finite
