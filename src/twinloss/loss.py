@@ -519,9 +519,9 @@ class TwinFlowLoss(nn.Module):
             Which end it reaches sets the default partition and law of ``s``
             (:func:`guides_near_noise`). With the default, the twin terms were
             ahead of their RCGM-only ablation on the real patches and the
-            digits and level with it on the ring, and 1-NFE FD fell to a
-            quarter of the authors' setting's on the patches at the same class
-            accuracy (docs/quality.md, "Thirty-first round").
+            digits and behind it on the ring by the unguided gap, and 1-NFE
+            FD fell to a quarter of the authors' setting's on the patches at
+            the same class accuracy (docs/quality.md, "Thirty-first round").
         guidance_groups: the real groups whose rows get the guided target
             (*default* all of ``"one_step"``, ``"multi_step"``,
             ``"any_step"``: the authors' recipe); rows of the other groups
