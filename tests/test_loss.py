@@ -544,9 +544,9 @@ class WrongShapeTeacher(OnlineTeacher):
 @pytest.mark.parametrize("argument,name", [("guidance_teacher", "guidance"), ("rcgm_teacher", "rcgm")])
 def test_teacher_output_of_the_wrong_shape_raises_naming_the_pass(argument, name):
     x, y, null_y = _data((8, 3), dtype=torch.float32)
-    loss_fn = TwinFlowLoss(**{argument: WrongShapeTeacher()})
+    loss_fn = TwinFlowLoss(**{argument: WrongShapeTeacher()}, **RELEASED_GUIDANCE)  # every real row at 0 < t < 1 guided
     with pytest.raises(ValueError, match=rf"^the {name} teacher must return a velocity of shape \(\d+, 3\)"):
-        loss_fn(TinyVelocityNet((3,)), x, cond={"y": y}, uncond={"y": null_y})
+        loss_fn(TinyVelocityNet((3,)), x, cond={"y": y}, uncond={"y": null_y}, generator=torch.Generator().manual_seed(0))
 
 
 def test_an_ema_teacher_never_updated_warns_once_at_the_configured_step():

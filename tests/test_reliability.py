@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from twinloss import EMATeacher, TwinFlowLoss
 from twinloss.evaluator import StepEvaluator
+from twinloss.loss import RELEASED_GUIDANCE
 
 SHAPE = (4,)
 BATCH = 8
@@ -64,7 +65,7 @@ def test_a_nan_in_the_guidance_pass_is_named():
     torch.manual_seed(0)
     model = NaNInPass(lambda t, r, grad: not grad and t.shape[0] % 2 == 0 and bool((t == r).all()) and bool((t > 0).all()))
     x, cond, uncond = _batch()
-    loss_fn = TwinFlowLoss(estimate_order=0, rectify_weight=0.0)
+    loss_fn = TwinFlowLoss(estimate_order=0, rectify_weight=0.0, **RELEASED_GUIDANCE)  # every real row at 0 < t < 1
     with pytest.raises(ValueError, match="the guidance pass produced NaN"):
         loss_fn(model, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(1))
 
@@ -122,7 +123,7 @@ def test_the_finite_check_reads_the_device_once_per_step(monkeypatch):
 
     monkeypatch.setattr(StepEvaluator, "nonfinite_source", counting)
     x, cond, uncond = _batch()
-    TwinFlowLoss()(TinyVelocityNet(SHAPE), x, cond=cond, uncond=uncond)
+    TwinFlowLoss(**RELEASED_GUIDANCE)(TinyVelocityNet(SHAPE), x, cond=cond, uncond=uncond)  # every pass runs
     # x, cond['y'] is an int tensor (always finite), uncond likewise; 5 passes and the loss
     assert reads == [1 + 5 + 1]
 
