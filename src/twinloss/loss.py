@@ -28,8 +28,9 @@ left after ``z`` (see :class:`~twinloss._random.RandomState`).
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -73,9 +74,8 @@ from twinloss.trajectory import GroupShares, Trajectory, TrajectorySampler
 
 __all__ = [
     "CONDITIONED_RECTIFY_SHIFT", "DEFAULT_GUIDANCE_INTERVAL", "FINITE_CHECKS", "REAL_GROUPS", "RELEASED_GUIDANCE",
-    "UNGUIDED_SHARES",
-    "TangentTimeWeight", "TwinFlowLoss", "TwinFlowOutput", "default_rectify_time", "default_shares",
-    "guides_near_noise",
+    "UNGUIDED_SHARES", "TangentTimeWeight", "TwinFlowLoss", "TwinFlowOutput", "default_rectify_time",
+    "default_shares", "guides_near_noise",
 ]
 
 FINITE_CHECKS = ("raise", "report", "off")
@@ -153,11 +153,11 @@ def _check_components(
 DEFAULT_GUIDANCE_INTERVAL = (0.2, 0.7)
 """The default ``guidance_interval``: guidance on the middle of the path, ``0.2 < t < 0.7`` (docs/quality.md,
 "Thirtieth round" and "Thirty-first round")."""
-RELEASED_GUIDANCE: dict[str, Any] = {"guidance_scale": 0.5, "guidance_interval": (0.0, 1.0)}
+RELEASED_GUIDANCE: Mapping[str, Any] = MappingProxyType({"guidance_scale": 0.5, "guidance_interval": (0.0, 1.0)})
 """The guidance of the authors' released step (docs/method.md, step 4): ``w = 0.5`` on every real row at
 ``0 < t < 1``, CFG 2 with the online teacher, with the quarters and the logit-normal law of ``s`` it selects
 (:func:`guides_near_noise`). This library's default until the thirty-first round of issue 12, and the recipe
-every benchmark run named "defaults" was measured with: ``TwinFlowLoss(**RELEASED_GUIDANCE)``."""
+every benchmark run named "defaults" was measured with: ``TwinFlowLoss(**RELEASED_GUIDANCE)`` (read-only)."""
 UNUSED_SETTING_DEFAULTS: dict[str, object] = {
     "guidance_interval": DEFAULT_GUIDANCE_INTERVAL, "rectify_clamp": 1.0, "estimate_step": 0.01, "residual_clamp": 1.0,
 }
