@@ -519,7 +519,8 @@ class TwinFlowLoss(nn.Module):
             Which end it reaches sets the default partition and law of ``s``
             (:func:`guides_near_noise`). With the default, the twin terms were
             ahead of their RCGM-only ablation on the real patches and the
-            digits and behind it on the ring by the unguided gap, and 1-NFE
+            digits and behind it on the ring only at noise level (less than
+            without guidance), and 1-NFE
             FD fell to a quarter of the authors' setting's on the patches at
             the same class accuracy (docs/quality.md, "Thirty-first round").
         guidance_groups: the real groups whose rows get the guided target
