@@ -563,6 +563,9 @@ VARIANTS: dict[str, curves.MethodFactory] = {
                      rectify_time=ShiftedTime(1 / 3))),
     "RCGM only, defaults at w 0.2, guidance interval (0.2, 0.7)": lambda pretrained: BenchmarkLoss.rcgm(
         guidance_scale=0.2, guidance_interval=(0.2, 0.7)),
+    "TwinFlow defaults at w 0.2, guidance interval (0.2, 0.7), unguided partition and law of s, extra fake rows": (
+        lambda pretrained: BenchmarkLoss(guidance_scale=0.2, guidance_interval=(0.2, 0.7), shares=UNGUIDED_SHARES,
+                                         rectify_time=ShiftedTime(1 / 3), fake_rows="added")),
 }
 
 
