@@ -41,6 +41,8 @@ CHANGED = {
     "TwinFlow defaults, guidance interval (0.2, 0.7), unguided law of s": ("guidance_interval", "rectify_time"),
     "TwinFlow defaults at w 0.2, guidance interval (0.2, 0.7), unguided partition and law of s":
         ("guidance_scale", "guidance_interval", "shares", "rectify_time"),
+    "TwinFlow defaults at w 0.2, guidance interval (0.2, 0.7), unguided partition and law of s, extra fake rows":
+        ("guidance_scale", "guidance_interval", "shares", "rectify_time", "fake_rows"),
 }
 RCGM_VARIANT = "RCGM only, defaults, one-step half"
 RCGM_SMALLER_SCALE = "RCGM only, defaults at w 0.2"
